@@ -1,0 +1,471 @@
+"""The one typed configuration of a training run and of a prediction run.
+
+The command line, the Slicer module's parameter node and the console API all fill these
+dataclasses; the checkpoint stores ``TrainConfig`` as plain JSON-compatible data so that a
+model file says exactly how it was made. Every field has a default and a ``help`` text;
+``buseg train --help`` is generated from them (see :func:`add_dataclass_arguments`).
+
+Axis conventions: sizes a user types (``patch_size``) are in image order *x, y[, z]*, as
+ITK and Slicer show them; arrays inside the engine are numpy order *(z, y, x)*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+METHODS = ("supervised", "mean-teacher", "bcp", "buarl")
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None) -> Any:
+    """A dataclass field with its documentation (used for ``--help``)."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if flag is not None:
+        metadata["flag"] = flag
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they are prepared."""
+
+    source: Literal["files", "acdc", "la"] = opt(
+        "files",
+        "Data layout: 'files' (folders or a manifest of NIfTI/NRRD/MHA/.seg.nrrd), or the benchmark "
+        "layouts 'acdc' (HDF5 slices) and 'la' (HDF5 volumes) under --data-root.",
+        choices=("files", "acdc", "la"),
+    )
+    labeled: str | None = opt(
+        None,
+        "Labeled data: a folder with images/ and labels/ sub-folders, or a manifest (.csv or .json) "
+        "listing image/label pairs (and optionally unlabeled and validation images). See docs/data.md.",
+    )
+    unlabeled: str | None = opt(None, "Unlabeled images: a folder of images or a manifest.")
+    validation: str | None = opt(
+        None,
+        "Validation image/label pairs for model selection (folder or manifest); optional. Benchmark "
+        "layouts: a list file of validation volume/case names (ACDC default: val.list).",
+    )
+    data_root: str | None = opt(None, "Root folder of a benchmark layout (with --source acdc|la).")
+    labeled_count: int = opt(
+        7,
+        "Benchmark layouts only: number of labeled patients (ACDC: 3 or 7) or cases (LA: 4 or 8), "
+        "taken from the start of the standard list; the rest of the training list is unlabeled.",
+    )
+    exclude_cases: list[str] = opt(
+        [], "Benchmark layouts: case names left out of training entirely (held-out evaluation cases)."
+    )
+    normalization: Literal["auto", "zscore", "minmax", "percentile", "none"] = opt(
+        "auto",
+        "Intensity normalisation per image, recorded in the model and repeated at inference: "
+        "'zscore' (mean 0, sd 1 over the image), 'minmax' (0..1), 'percentile' (0.5-99.5 percentile "
+        "window to 0..1, robust for CT/MR), 'none'; 'auto' = minmax for 2D, zscore for 3D "
+        "(the benchmark data's own preprocessing).",
+        choices=("auto", "zscore", "minmax", "percentile", "none"),
+    )
+    resample_labels_to_image: bool = opt(
+        False,
+        "If a label's geometry differs from its image, resample the label (nearest neighbour) onto "
+        "the image grid instead of refusing. Off by default: a mismatch usually means a wrong pairing.",
+    )
+    augment: bool = opt(True, "Random rot90/flip or rotation (2D) and crop/flip/rot90 (3D), as the reference.")
+
+
+@dataclass
+class ModelConfig:
+    """The network and the geometry of its input."""
+
+    dimension: Literal["2d", "3d"] = opt(
+        "2d", "2d: slice-wise U-Net (ACDC style); 3d: patch-wise V-Net (LA style).", choices=("2d", "3d")
+    )
+    network: Literal["auto", "unet2d", "vnet"] = opt(
+        "auto", "Network: 'unet2d' or 'vnet'; 'auto' picks from --dimension.", choices=("auto", "unet2d", "vnet")
+    )
+    base_channels: int = opt(16, "Channels of the first level (doubled at each of the lower levels).")
+    dropout: bool = opt(True, "Use dropout as the reference networks do (needed for MC-dropout).")
+    patch_size: list[int] = opt(
+        [256, 256],
+        "Network input size in image order x y [z]: 2D slices are resized to it, 3D patches are "
+        "cropped at it (reference: 256 256 for ACDC, 112 112 80 for LA).",
+    )
+    slice_axis: int = opt(
+        2, "2D only: image axis (0=x, 1=y, 2=z) along which volumes are cut into slices."
+    )
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation schedule (shared by every method)."""
+
+    iterations: int = opt(30000, "Training iterations after pre-training (each one batch).")
+    pretrain_iterations: int = opt(
+        10000, "bcp/buarl only: supervised copy-paste pre-training iterations before self-training."
+    )
+    batch_size: int = opt(
+        24,
+        "Images per iteration. Semi-supervised methods split it into half labeled, half unlabeled "
+        "(BCP: 24 = 12 labeled + 12 unlabeled, in two groups each).",
+    )
+    lr: float = opt(0.01, "Learning rate (SGD).")
+    lr_schedule: Literal["constant", "poly", "step"] = opt(
+        "constant",
+        "'constant' (BCP ACDC), 'poly' (lr*(1-t)^0.9, SSL4MIS), 'step' (x lr_step_gamma every "
+        "lr_step_iterations, BCP LA).",
+        choices=("constant", "poly", "step"),
+    )
+    lr_step_iterations: int = opt(2500, "With lr_schedule=step: iterations between decays.")
+    lr_step_gamma: float = opt(0.1, "With lr_schedule=step: decay factor.")
+    self_training_lr: float | None = opt(
+        None, "Learning rate for the self-training stage (bcp/buarl); default: same as --lr."
+    )
+    momentum: float = opt(0.9, "SGD momentum.")
+    weight_decay: float = opt(1e-4, "SGD weight decay.")
+    amp: bool = opt(True, "Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU.")
+
+
+@dataclass
+class MethodConfig:
+    """The semi-supervised method and its own parameters."""
+
+    name: Literal["supervised", "mean-teacher", "bcp", "buarl"] = opt(
+        "buarl",
+        "supervised (labeled only), mean-teacher, bcp (bidirectional copy-paste), buarl (ours: bcp + "
+        "uncertainty-aware region learning on labeled pixels + certainty-aware region learning on "
+        "pseudo-labeled pixels).",
+        choices=METHODS,
+        flag="--method",
+    )
+    ema_decay: float = opt(0.99, "Teacher = exponential moving average of the student with this decay.")
+    teacher_mode: Literal["eval", "train"] = opt(
+        "eval",
+        "Teacher forward mode: 'eval' (no dropout, running BatchNorm statistics; stable on small "
+        "batches) or 'train' (the public BCP code's behaviour).",
+        choices=("eval", "train"),
+    )
+    consistency_weight: float = opt(0.1, "mean-teacher: weight of the MSE consistency loss.")
+    consistency_rampup_iterations: int = opt(
+        12000, "mean-teacher: sigmoid ramp-up length of the consistency weight (in iterations)."
+    )
+    noise_std: float = opt(0.1, "mean-teacher: std of the Gaussian noise (clipped at 2 std) on teacher input.")
+    mask_ratio: float = opt(2 / 3, "bcp/buarl: side of the copy-paste box as a fraction of each image side.")
+    unlabeled_weight: float = opt(0.5, "bcp/buarl: loss weight of pseudo-labeled pixels (labeled: 1).")
+    pseudo_label_lcc: bool = opt(
+        True, "bcp/buarl: keep only the largest connected component per class in pseudo-labels."
+    )
+
+
+@dataclass
+class UncertaintyConfig:
+    """How the voxel-wise uncertainty map is computed (training and inference alike)."""
+
+    method: Literal["entropy", "mc-dropout"] = opt(
+        "entropy",
+        "'entropy': normalised entropy of the teacher's softmax (free: the teacher predicts anyway); "
+        "'mc-dropout': entropy of the mean of --uncertainty-samples teacher passes with dropout on.",
+        choices=("entropy", "mc-dropout"),
+        flag="--uncertainty",
+    )
+    samples: int = opt(4, "mc-dropout: number of stochastic teacher passes.", flag="--uncertainty-samples")
+
+
+@dataclass
+class URLConfig:
+    """URL: uncertainty-aware region learning on ground-truth (labeled) pixels."""
+
+    enabled: bool = opt(True, "buarl: raise the loss weight of high-uncertainty labeled pixels.", flag="--url")
+    weight: float = opt(
+        1.0,
+        "Extra weight: a selected labeled pixel weighs (1 + url_weight) in CE and Dice "
+        "(see docs/method.md).",
+    )
+    quantile: float = opt(
+        0.8,
+        "Labeled pixels whose uncertainty is above this quantile (per image, over its ground-truth "
+        "pixels) form the high-uncertainty region.",
+    )
+    source: Literal["teacher", "student"] = opt(
+        "teacher",
+        "Uncertainty of labeled pixels from the teacher (its batched pass is extended to the labeled "
+        "images) or from the student's own detached prediction (free).",
+        choices=("teacher", "student"),
+    )
+    min_uncertainty: float = opt(
+        0.05, "...and above this absolute normalised uncertainty (so that a confident image selects nothing)."
+    )
+
+
+@dataclass
+class CRLConfig:
+    """CRL: certainty-aware region learning on pseudo-labeled pixels."""
+
+    enabled: bool = opt(True, "buarl: train pseudo-labeled pixels only where the teacher is certain.", flag="--crl")
+    mode: Literal["hard", "soft"] = opt(
+        "hard",
+        "'hard': pixels above the threshold get weight 0; 'soft': weight (1 - u/threshold) clipped to 0..1.",
+        choices=("hard", "soft"),
+    )
+    threshold_mode: Literal["fixed", "quantile", "ramp"] = opt(
+        "ramp",
+        "'fixed': normalised uncertainty threshold crl_threshold; 'quantile': keep the crl_quantile "
+        "most certain pseudo-labeled pixels of the batch; 'ramp': threshold ramped from "
+        "crl_threshold_start to crl_threshold over crl_ramp_iterations (UA-MT style).",
+        choices=("fixed", "quantile", "ramp"),
+    )
+    threshold: float = opt(0.5, "Normalised-uncertainty threshold (0..1; final value of the ramp).")
+    threshold_start: float = opt(0.3, "ramp: threshold at the start of self-training.")
+    ramp_iterations: int = opt(5000, "ramp: iterations over which the threshold rises.")
+    quantile: float = opt(0.8, "quantile: fraction of pseudo-labeled pixels kept (most certain first).")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    url: URLConfig = field(default_factory=URLConfig)
+    crl: CRLConfig = field(default_factory=CRLConfig)
+    out_dir: str = opt("runs/train", "Output folder (model files, logs); created if missing.", flag="--out")
+    seed: int = opt(1337, "Random seed (data order, augmentation, masks, initialisation).")
+    device: str = opt("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.")
+    num_threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
+    validation_interval: int = opt(
+        200, "Iterations between validations (needs validation data; 0 = never)."
+    )
+    checkpoint_interval: int = opt(500, "Iterations between resumable checkpoints (last.pt).")
+    log_interval: int = opt(10, "Iterations between progress events/log lines.")
+
+    def validate(self) -> TrainConfig:
+        """Check values and combinations; raise :class:`ConfigError` naming the option."""
+        m, o = self.model, self.optim
+        if self.method.name not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not {self.method.name!r}")
+        expected = 2 if m.dimension == "2d" else 3
+        if len(m.patch_size) != expected:
+            raise ConfigError(
+                f"--patch-size needs {expected} numbers for a {m.dimension} model, got {m.patch_size}"
+            )
+        if any(int(s) < 16 for s in m.patch_size):
+            raise ConfigError(f"--patch-size must be at least 16 along each axis, got {m.patch_size}")
+        divisor = 16
+        if any(int(s) % divisor for s in m.patch_size):
+            raise ConfigError(
+                f"--patch-size {m.patch_size}: each size must be a multiple of {divisor} "
+                "(the network halves the resolution four times)"
+            )
+        if (m.network == "unet2d" and m.dimension != "2d") or (m.network == "vnet" and m.dimension != "3d"):
+            raise ConfigError(f"--network {m.network} does not fit --dimension {m.dimension}")
+        if m.slice_axis not in (0, 1, 2):
+            raise ConfigError(f"--slice-axis must be 0, 1 or 2, got {m.slice_axis}")
+        if o.iterations < 0 or o.pretrain_iterations < 0:
+            raise ConfigError("--iterations and --pretrain-iterations must not be negative")
+        semi = self.method.name != "supervised"
+        min_batch = 4 if semi else 1
+        if o.batch_size < min_batch or (semi and o.batch_size % 4):
+            raise ConfigError(
+                f"--batch-size {o.batch_size}: semi-supervised methods need a multiple of 4 "
+                "(two labeled and two unlabeled groups)"
+                if semi
+                else f"--batch-size must be at least 1, got {o.batch_size}"
+            )
+        if not 0 < self.method.mask_ratio < 1:
+            raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.method.mask_ratio}")
+        if not 0 <= self.method.ema_decay < 1:
+            raise ConfigError(f"--ema-decay must be in [0, 1), got {self.method.ema_decay}")
+        if not 0 < self.url.quantile < 1 or not 0 < self.crl.quantile <= 1:
+            raise ConfigError("--url-quantile must be in (0, 1) and --crl-quantile in (0, 1]")
+        if not 0 < self.crl.threshold <= 1 or not 0 < self.crl.threshold_start <= 1:
+            raise ConfigError("--crl-threshold and --crl-threshold-start must be in (0, 1]")
+        if self.uncertainty.samples < 1:
+            raise ConfigError("--uncertainty-samples must be at least 1")
+        if self.data.source == "files" and not self.data.labeled:
+            raise ConfigError("--labeled is required (a folder or a manifest of labeled images)")
+        if self.data.source in ("acdc", "la") and not self.data.data_root:
+            raise ConfigError(f"--data-root is required with --source {self.data.source}")
+        return self
+
+    @property
+    def network_name(self) -> str:
+        if self.model.network != "auto":
+            return self.model.network
+        return "unet2d" if self.model.dimension == "2d" else "vnet"
+
+
+@dataclass
+class PredictConfig:
+    """Everything that defines an inference run (``buseg predict``)."""
+
+    model_path: str = opt("", "Model file written by `buseg train` (best.pt or final model).", flag="--model")
+    out_dir: str = opt("predictions", "Output folder; one sub-folder per input case.", flag="--out")
+    uncertainty: Literal["entropy", "mc-dropout", "tta"] = opt(
+        "entropy",
+        "'entropy': one pass, normalised entropy of the softmax; 'mc-dropout': mean of --samples passes "
+        "with dropout on, entropy of the mean; 'tta': mean over flips, entropy of the mean.",
+        choices=("entropy", "mc-dropout", "tta"),
+    )
+    samples: int = opt(8, "Passes for mc-dropout (tta uses all flips up to this number).")
+    region_threshold: float = opt(
+        0.5, "Voxels with normalised uncertainty above this are candidates for flagged regions."
+    )
+    min_region_mm3: float = opt(10.0, "Flagged regions smaller than this volume (mm^3) are dropped.")
+    max_regions: int = opt(50, "At most this many regions are kept (the most worth reviewing).")
+    largest_component: bool = opt(False, "Keep only the largest connected component of each class.")
+    overlap: float = opt(0.5, "3D: sliding-window overlap (0..<1); --stride overrides it.")
+    stride: list[int] | None = opt(None, "3D: sliding-window stride in image order x y z (reference LA: 18 18 4).")
+    sw_batch_size: int = opt(4, "3D: windows per forward pass (lowered automatically on out-of-memory).")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
+    num_threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
+    overwrite: bool = opt(False, "Replace existing outputs of the same case (never done silently).")
+
+
+# --------------------------------------------------------------------------------------
+# Plain-data round trip (checkpoint metadata, JSON config files, the Slicer parameter node)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as JSON-compatible nested dicts."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
+    """Build a config dataclass from nested dicts, refusing unknown keys (typos must not pass)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, where=f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where}: must not be empty")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {hint.__name__}") from None
+    return value
+
+
+def save_json(config: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# Command-line flags generated from the dataclasses
+
+
+def _flag_for(prefix: str, f: dataclasses.Field) -> str:
+    if "flag" in f.metadata:
+        return f.metadata["flag"]
+    name = f.name.replace("_", "-")
+    if prefix in ("url", "crl") or (prefix == "uncertainty"):
+        return f"--{prefix}-{name}"
+    return f"--{name}"
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Add one ``--flag`` per (nested) field of ``cls``, with its help text and default."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    group = parser if not prefix else parser.add_argument_group(
+        f"{prefix} options", (cls.__doc__ or "").strip().splitlines()[0]
+    )
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            add_dataclass_arguments(parser, hint, prefix=f.name)
+            continue
+        flag = _flag_for(prefix, f)
+        dest = f"{prefix}.{f.name}" if prefix else f.name
+        default = getattr(defaults, f.name)
+        help_text = f.metadata.get("help", "")
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        base_hint = base[0] if typing.get_origin(hint) is not list else hint
+        if base_hint is bool:
+            group.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                help=f"{help_text} (default: {'on' if default else 'off'})",
+            )
+        elif typing.get_origin(base_hint) is list:
+            item = typing.get_args(base_hint)[0]
+            group.add_argument(
+                flag, dest=dest, nargs="+", type=item, default=None, metavar="N",
+                help=f"{help_text} (default: {' '.join(map(str, default)) if default else 'none'})",
+            )
+        else:
+            choices = f.metadata.get("choices")
+            typ = typing.get_args(base_hint)[0].__class__ if typing.get_origin(base_hint) is Literal else base_hint
+            if typ not in (int, float, str):
+                typ = str
+            group.add_argument(
+                flag, dest=dest, type=typ, choices=choices, default=None, metavar=None if choices else f.name.upper(),
+                help=f"{help_text} (default: {default})",
+            )
+
+
+def apply_arguments(config: Any, args: argparse.Namespace, prefix: str = "") -> Any:
+    """Copy the flags the user gave (not None) onto ``config``; return it."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        if dataclasses.is_dataclass(hints[f.name]):
+            apply_arguments(getattr(config, f.name), args, prefix=f.name)
+            continue
+        dest = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(args, dest, None)
+        if value is not None:
+            setattr(config, f.name, _coerce(value, hints[f.name], _flag_for(prefix, f)))
+    return config

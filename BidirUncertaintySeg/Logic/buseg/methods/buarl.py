@@ -1,0 +1,116 @@
+"""Ours: bidirectional uncertainty-aware region learning on top of BCP.
+
+Every pixel of a copy-paste mixed image knows whether its target is ground truth or a
+pseudo-label, and has an uncertainty ``u`` in 0..1 (normalised predictive entropy, see
+:mod:`buseg.uncertainty`). Two region rules act on the per-pixel loss weights:
+
+* **URL** (labeled pixels): the high-uncertainty region of the truth pixels of each mixed
+  image, S = {truth pixels with u >= their per-image ``url.quantile`` and u > ``url.min_uncertainty``},
+  gets an extra loss term ``url.weight * region_loss(truth pixels, w = 1[S])``: exact labels
+  teach the model where it is unsure.
+* **CRL** (pseudo-labeled pixels): the pseudo-label loss keeps only the certain pixels,
+  ``w = 1[u <= tau]`` (hard) or ``w = clip(1 - u / tau, 0, 1)`` (soft), tau fixed, ramped
+  (default, from ``crl.threshold_start`` to ``crl.threshold``) or a batch quantile.
+
+Where u comes from: for pseudo-labeled pixels, the teacher's prediction on the unlabeled
+image, which BCP computes anyway (free). For truth pixels, by default the same teacher
+pass extended to the labeled images (``url_source='teacher'``) or, at no cost, the
+student's own detached prediction on the mixed image (``url_source='student'``). With
+``uncertainty.method='mc-dropout'`` the teacher probabilities are the mean of
+``uncertainty.samples`` dropout passes. Switching both parts off gives exactly BCP.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..uncertainty import mc_dropout_probabilities, normalized_entropy
+from .base import StepContext, StepOutput
+from .bcp import BidirectionalCopyPaste, MixedBatch
+
+
+def crl_threshold(config, stage_iteration: int) -> float:
+    """The ramped/fixed uncertainty threshold tau at a self-training iteration."""
+    c = config.crl
+    if c.threshold_mode == "ramp" and c.ramp_iterations > 0:
+        t = min(1.0, stage_iteration / c.ramp_iterations)
+        return c.threshold_start + (c.threshold - c.threshold_start) * t
+    return c.threshold
+
+
+def certainty_weights(uncertainty: torch.Tensor, pseudo_region: torch.Tensor, *, mode: str,
+                      threshold_mode: str, threshold: float, quantile: float) -> tuple[torch.Tensor, float]:
+    """CRL weights of pseudo-labeled pixels (0 elsewhere) and the threshold used."""
+    if threshold_mode == "quantile":
+        values = uncertainty[pseudo_region > 0]
+        threshold = float(torch.quantile(values.float(), quantile)) if values.numel() else 1.0
+        threshold = max(threshold, 1e-6)
+    if mode == "hard":
+        weights = (uncertainty <= threshold).float()
+    else:
+        weights = (1 - uncertainty / threshold).clamp(0, 1)
+    return weights * pseudo_region, threshold
+
+
+def url_selection(uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quantile: float,
+                  min_uncertainty: float) -> torch.Tensor:
+    """1 on the truth pixels of each image whose uncertainty is in its top (1 - quantile) and > min."""
+    selected = torch.zeros_like(uncertainty)
+    for index in range(uncertainty.shape[0]):
+        region = truth_region[index] > 0
+        values = uncertainty[index][region]
+        if values.numel() == 0:
+            continue
+        cut = torch.quantile(values.float(), quantile) if values.numel() < 2**24 else values.float().kthvalue(
+            max(1, int(quantile * values.numel()))).values
+        selected[index] = (region & (uncertainty[index] >= cut) & (uncertainty[index] > min_uncertainty)).float()
+    return selected
+
+
+class BUARL(BidirectionalCopyPaste):
+    name = "buarl"
+
+    def teacher_sees_labeled(self) -> bool:
+        return self.config.url.enabled and self.url_source == "teacher"
+
+    @property
+    def url_source(self) -> str:
+        return self.config.url.source
+
+    def teacher_probabilities(self, ctx: StepContext, images: torch.Tensor) -> torch.Tensor:
+        u = self.config.uncertainty
+        if u.method == "mc-dropout" and (self.config.url.enabled or self.config.crl.enabled):
+            return mc_dropout_probabilities(ctx.teacher, images, u.samples, forward=ctx.teacher_forward)
+        return super().teacher_probabilities(ctx, images)
+
+    def weighted_loss(self, ctx: StepContext, logits: torch.Tensor, mixed: MixedBatch) -> StepOutput:
+        url, crl = self.config.url, self.config.crl
+        truth = mixed.truth_mask
+        pseudo_region = 1 - truth
+        logs: dict[str, float] = {}
+        with torch.no_grad():
+            teacher_uncertainty = normalized_entropy(mixed.teacher_probabilities)
+            if crl.enabled:
+                pseudo_weight, tau = certainty_weights(
+                    teacher_uncertainty, pseudo_region, mode=crl.mode, threshold_mode=crl.threshold_mode,
+                    threshold=crl_threshold(self.config, ctx.stage_iteration), quantile=crl.quantile,
+                )
+                logs["crl_threshold"] = tau
+                logs["crl_kept_fraction"] = float(pseudo_weight.sum() / pseudo_region.sum().clamp_min(1))
+            else:
+                pseudo_weight = torch.ones_like(truth)
+            selected = None
+            if url.enabled:
+                if self.url_source == "student":
+                    truth_uncertainty = normalized_entropy(torch.softmax(logits.detach().float(), dim=1))
+                else:
+                    truth_uncertainty = teacher_uncertainty
+                selected = url_selection(truth_uncertainty, truth, quantile=url.quantile,
+                                         min_uncertainty=url.min_uncertainty)
+                logs["url_selected_fraction"] = float(selected.sum() / truth.sum().clamp_min(1))
+        output = self.mixed_loss(logits, mixed, pseudo_weight=pseudo_weight, url_selected=selected,
+                                 url_weight=url.weight if url.enabled else 0.0)
+        if crl.enabled:
+            output.logs["crl"] = output.logs.pop("pseudo_label")
+        output.logs.update(logs)
+        return output

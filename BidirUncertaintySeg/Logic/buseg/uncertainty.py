@@ -1,0 +1,59 @@
+"""Voxel-wise uncertainty: the same functions feed training (URL/CRL) and the maps shown to users.
+
+All maps are *normalised predictive entropy* in 0..1: the entropy of a class-probability
+vector divided by ln(C), so 0 means one class has probability 1 and 1 means all C classes
+are equally likely. What differs between methods is which probability vector:
+
+* ``entropy``: the softmax of one deterministic pass (dropout off). Free: the prediction
+  is computed anyway. Measures how ambiguous the model finds a voxel.
+* ``mc-dropout``: the mean softmax of T passes with dropout on (BatchNorm in eval mode),
+  then its entropy. Costs T passes; adds the model's own disagreement (epistemic part).
+  With T = 1 it is the entropy of a single dropout-perturbed pass, *not* of the
+  deterministic pass - use ``entropy`` for that.
+* ``tta`` (inference only): the mean softmax over flips of the input, then its entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .networks import set_dropout
+
+
+def normalized_entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Entropy of ``probabilities`` along ``dim`` divided by ln(C); result in [0, 1]."""
+    classes = probabilities.shape[dim]
+    if classes < 2:
+        raise ValueError("entropy needs at least two classes")
+    p = probabilities.float().clamp_min(1e-8)
+    entropy = -(p * p.log()).sum(dim=dim)
+    return (entropy / math.log(classes)).clamp_(0.0, 1.0)
+
+
+@torch.no_grad()
+def mc_dropout_probabilities(model: nn.Module, inputs: torch.Tensor, samples: int,
+                             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean softmax of ``samples`` passes with dropout active and BatchNorm in eval mode.
+
+    The model's train/eval state is restored afterwards. ``forward`` may wrap the model call
+    (autocast, channels-last); it receives the inputs and returns logits.
+    """
+    if samples < 1:
+        raise ValueError("samples must be at least 1")
+    was_training = model.training
+    model.eval()
+    set_dropout(model, True)
+    call = forward or model
+    try:
+        total = None
+        for _ in range(samples):
+            p = torch.softmax(call(inputs).float(), dim=1)
+            total = p if total is None else total.add_(p)
+        return total / samples
+    finally:
+        set_dropout(model, False)
+        model.train(was_training)
