@@ -3,7 +3,8 @@
 Sources (``DataConfig.source``):
 
 * ``files`` - images and label maps as NIfTI/NRRD/MHA, labels also as Slicer ``.seg.nrrd``,
-  given as folders or a manifest (CSV or JSON; format in docs/data.md);
+  given as folders (``images/`` + ``labels/``, optional ``classes.json`` naming label values)
+  or a manifest (CSV or JSON; format in docs/data.md);
 * ``acdc`` - the ACDC HDF5 layout (2D training slices, validation volumes), labeled subset
   = the slices of the first ``labeled_count`` patients of ``train_slices.list``;
 * ``la`` - the LA HDF5 layout (3D volumes), labeled subset = the first ``labeled_count``
@@ -253,6 +254,20 @@ def _add_case(result: CaseList, split: str, case: CaseRef, where: str, manifest:
         raise InputError(f"{where}: unknown split {split!r} (labeled, unlabeled or validation)", path=manifest)
 
 
+def classes_from_file(path: Path) -> list[dict[str, Any]]:
+    """A ``classes.json``: ``{"1": "liver", "2": "tumor"}`` or a list of {value, name[, color]}."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot be read as JSON: {exc}", path=path) from None
+    if isinstance(data, dict):
+        try:
+            data = [{"value": int(k), "name": str(v)} for k, v in data.items()]
+        except ValueError:
+            raise InputError('keys must be label values, e.g. {"1": "liver"}', path=path) from None
+    return _parse_declared_classes(data, path)
+
+
 def _from_path(path_text: str, *, labeled: bool) -> CaseList:
     path = Path(path_text)
     if path.is_file() and path.suffix.lower() in (".csv", ".json"):
@@ -260,7 +275,10 @@ def _from_path(path_text: str, *, labeled: bool) -> CaseList:
     if not path.exists():
         raise InputError("not found (expected a folder or a .csv/.json manifest)", path=path)
     cases = cases_from_folder(path, labeled=labeled)
-    return CaseList(labeled=cases, source=str(path)) if labeled else CaseList(unlabeled=cases, source=str(path))
+    if not labeled:
+        return CaseList(unlabeled=cases, source=str(path))
+    declared = classes_from_file(path / "classes.json") if (path / "classes.json").is_file() else None
+    return CaseList(labeled=cases, source=str(path), declared_classes=declared)
 
 
 def discover_cases(config: TrainConfig) -> CaseList:

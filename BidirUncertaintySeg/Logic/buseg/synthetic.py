@@ -101,8 +101,9 @@ def write_dataset(
 ) -> dict[str, Path]:
     """Write a synthetic dataset as NIfTI under ``root``.
 
-    Layout: ``labeled/images``, ``labeled/labels``, ``unlabeled/``, ``test/images``,
-    ``test/labels`` and ``classes.json`` (label value -> name). Returns those folders.
+    Layout: ``labeled/images``, ``labeled/labels``, ``labeled/classes.json`` (label value ->
+    name), ``unlabeled/``, ``test/images``, ``test/labels``, ``test/classes.json``. Returns the
+    folders ``labeled``, ``unlabeled`` and ``test``.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -118,5 +119,7 @@ def write_dataset(
             else:
                 write_image(case.image, folders[kind] / "images" / name, overwrite=True)
                 write_image(case.label, folders[kind] / "labels" / name, overwrite=True)
-    write_json_atomic(root / "classes.json", {str(i + 1): n for i, n in enumerate(CLASS_NAMES[:num_classes])})
+    names = {str(i + 1): n for i, n in enumerate(CLASS_NAMES[:num_classes])}
+    for kind in ("labeled", "test"):
+        write_json_atomic(folders[kind] / "classes.json", names)
     return folders

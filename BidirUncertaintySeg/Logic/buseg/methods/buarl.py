@@ -5,7 +5,7 @@ pseudo-label, and has an uncertainty ``u`` in 0..1 (normalised predictive entrop
 :mod:`buseg.uncertainty`). Two region rules act on the per-pixel loss weights:
 
 * **URL** (labeled pixels): the high-uncertainty region of the truth pixels of each mixed
-  image, S = {truth pixels with u >= their per-image ``url.quantile`` and u > ``url.min_uncertainty``},
+  image, S = {truth pixels with u > their per-image ``url.quantile`` and u > ``url.min_uncertainty``},
   gets an extra loss term ``url.weight * region_loss(truth pixels, w = 1[S])``: exact labels
   teach the model where it is unsure.
 * **CRL** (pseudo-labeled pixels): the pseudo-label loss keeps only the certain pixels,
@@ -63,7 +63,7 @@ def url_selection(uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quan
             continue
         cut = torch.quantile(values.float(), quantile) if values.numel() < 2**24 else values.float().kthvalue(
             max(1, int(quantile * values.numel()))).values
-        selected[index] = (region & (uncertainty[index] >= cut) & (uncertainty[index] > min_uncertainty)).float()
+        selected[index] = (region & (uncertainty[index] > cut) & (uncertainty[index] > min_uncertainty)).float()
     return selected
 
 

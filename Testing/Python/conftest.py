@@ -1,0 +1,30 @@
+"""Shared pytest fixtures: small generated datasets (never the benchmark data)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from buseg.synthetic import write_dataset
+
+# Two cores: one intra-op thread per test process keeps timings stable and avoids
+# oversubscription when a test launches worker subprocesses.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> dict[str, Path]:
+    """2 labeled, 3 unlabeled, 1 test volume of 16x48x48 with 3 classes (read-only: copy to modify)."""
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    return write_dataset(root, labeled=2, unlabeled=3, test=1, shape_zyx=(16, 48, 48), seed=7)
+
+
+@pytest.fixture()
+def dataset_copy(tiny_dataset, tmp_path) -> dict[str, Path]:
+    """A private, writable copy of ``tiny_dataset``."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset["labeled"].parent, root)
+    return {k: root / v.name for k, v in tiny_dataset.items()}

@@ -1,0 +1,217 @@
+"""The methods' building blocks: URL, CRL, copy-paste mixing, EMA, pseudo-label clean-up."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from buseg.config import TrainConfig
+from buseg.copy_paste import box_mask, largest_component_per_class, mix
+from buseg.losses import region_loss, segmentation_loss
+from buseg.methods import BUARL, Batch, BidirectionalCopyPaste, StepContext
+from buseg.methods.bcp import MixedBatch
+from buseg.methods.buarl import certainty_weights, crl_threshold, url_selection
+from buseg.train import ema_update
+from buseg.uncertainty import normalized_entropy
+
+
+def _probs(confident: float, shape=(1, 8, 8), classes: int = 2) -> torch.Tensor:
+    p = torch.full((shape[0], classes, *shape[1:]), (1 - confident) / (classes - 1))
+    p[:, 0] = confident
+    return p
+
+
+def test_normalized_entropy_bounds():
+    certain = torch.zeros(1, 4, 2, 2)
+    certain[:, 1] = 1
+    uniform = torch.full((1, 4, 2, 2), 0.25)
+    assert torch.allclose(normalized_entropy(certain), torch.zeros(1, 2, 2), atol=1e-5)
+    assert torch.allclose(normalized_entropy(uniform), torch.ones(1, 2, 2), atol=1e-5)
+
+
+def test_url_selects_exactly_the_high_uncertainty_truth_pixels():
+    # 1 image, 8x8: truth pixels are the left half; uncertainty rises with the column index.
+    uncertainty = torch.arange(8.0).repeat(8, 1)[None] / 10.0
+    truth = torch.zeros(1, 8, 8)
+    truth[:, :, :4] = 1
+    selected = url_selection(uncertainty, truth, quantile=0.5, min_uncertainty=0.05)
+    # Among truth pixels (columns 0..3, u = 0.0..0.3) the upper half is columns 2 and 3.
+    expected = torch.zeros(1, 8, 8)
+    expected[:, :, 2:4] = 1
+    assert torch.equal(selected, expected)
+    # Pseudo-labeled pixels are never selected, however uncertain.
+    assert selected[:, :, 4:].sum() == 0
+    # A confident image selects nothing (min_uncertainty).
+    assert url_selection(uncertainty * 0.01, truth, quantile=0.5, min_uncertainty=0.05).sum() == 0
+
+
+def test_url_raises_the_loss_weight_of_selected_pixels_only():
+    config = TrainConfig()
+    config.method.name = "buarl"
+    config.crl.enabled = False
+    config.url.source = "teacher"
+    config.url.quantile = 0.5
+    config.url.weight = 2.0
+    method = BUARL(config, num_classes=2)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8, requires_grad=True)
+    targets = torch.randint(0, 2, (2, 8, 8))
+    truth = torch.ones(2, 8, 8)
+    teacher = _probs(0.99, (2, 8, 8))
+    teacher[:, :, :, 6:] = 0.5  # columns 6, 7 uncertain
+    mixed = MixedBatch(images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=truth, teacher_probabilities=teacher)
+    ctx = StepContext(student=None, teacher=None, teacher_forward=None, iteration=0, stage="train",
+                      stage_iteration=0, generator=torch.Generator(), device=torch.device("cpu"))
+    out = method.weighted_loss(ctx, logits, mixed)
+    out.loss.backward()
+    with_url = logits.grad.abs().sum(1).clone()
+    assert out.logs["url_selected_fraction"] == pytest.approx(0.25)
+    logits.grad = None
+    config.url.enabled = False
+    BUARL(config, num_classes=2).weighted_loss(ctx, logits, mixed).loss.backward()
+    without_url = logits.grad.abs().sum(1)
+    # The extra term weighs the uncertain columns far more than the others.
+    ratio_uncertain = (with_url[:, :, 6:] / without_url[:, :, 6:].clamp_min(1e-12)).mean()
+    ratio_certain = (with_url[:, :, :6] / without_url[:, :, :6].clamp_min(1e-12)).mean()
+    assert ratio_uncertain > 1.5 * ratio_certain
+
+
+def test_crl_uncertain_pseudo_label_pixels_get_no_gradient():
+    config = TrainConfig()
+    config.method.name = "buarl"
+    config.url.enabled = False
+    config.crl.threshold_mode = "fixed"
+    config.crl.threshold = 0.5
+    method = BUARL(config, num_classes=2)
+    logits = torch.randn(2, 2, 8, 8, requires_grad=True)
+    targets = torch.randint(0, 2, (2, 8, 8))
+    truth = torch.zeros(2, 8, 8)
+    truth[:, :4] = 1  # top rows ground truth, bottom rows pseudo-labels
+    teacher = _probs(0.99, (2, 8, 8))
+    teacher[:, :, 6:, :] = 0.5  # rows 6, 7 (pseudo-labeled) uncertain: normalised entropy 1
+    mixed = MixedBatch(images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=truth, teacher_probabilities=teacher)
+    ctx = StepContext(student=None, teacher=None, teacher_forward=None, iteration=0, stage="train",
+                      stage_iteration=0, generator=torch.Generator(), device=torch.device("cpu"))
+    out = method.weighted_loss(ctx, logits, mixed)
+    out.loss.backward()
+    grad = logits.grad.abs().sum(1)
+    assert torch.all(grad[:, 6:, :] == 0)
+    assert torch.all(grad[:, 4:6, :] > 0)
+    assert torch.all(grad[:, :4, :] > 0)
+    assert out.logs["crl_kept_fraction"] == pytest.approx(0.5)
+    # Without CRL the same pixels do get gradient.
+    logits.grad = None
+    config.crl.enabled = False
+    BUARL(config, num_classes=2).weighted_loss(ctx, logits, mixed).loss.backward()
+    assert torch.all(logits.grad.abs().sum(1)[:, 6:, :] > 0)
+
+
+def test_crl_threshold_ramp_and_soft_weights():
+    config = TrainConfig()
+    config.crl.threshold_mode, config.crl.threshold_start, config.crl.threshold = "ramp", 0.2, 0.6
+    config.crl.ramp_iterations = 100
+    assert crl_threshold(config, 0) == pytest.approx(0.2)
+    assert crl_threshold(config, 50) == pytest.approx(0.4)
+    assert crl_threshold(config, 500) == pytest.approx(0.6)
+    u = torch.tensor([[0.0, 0.25, 0.5, 1.0]])
+    region = torch.ones_like(u)
+    soft, _ = certainty_weights(u, region, mode="soft", threshold_mode="fixed", threshold=0.5, quantile=0.8)
+    assert torch.allclose(soft, torch.tensor([[1.0, 0.5, 0.0, 0.0]]))
+    hard, tau = certainty_weights(u, region, mode="hard", threshold_mode="quantile", threshold=0.5, quantile=0.5)
+    assert 0.25 <= tau <= 0.5 and hard.sum() == 2
+
+
+def test_box_mask_and_mix():
+    g = torch.Generator().manual_seed(3)
+    mask = box_mask((12, 9), 2 / 3, g)
+    assert mask.shape == (12, 9)
+    assert int((mask == 0).sum()) == 8 * 6  # one box, side int(size * 2/3)
+    zeros = torch.nonzero(mask == 0)
+    assert (zeros.max(0).values - zeros.min(0).values + 1).tolist() == [8, 6]
+    a, b = torch.zeros(2, 1, 12, 9), torch.ones(2, 1, 12, 9)
+    mixed = mix(a, b, mask)
+    assert torch.equal(mixed[0, 0], 1 - mask)  # b pasted inside the box
+    la, lb = torch.full((2, 12, 9), 1), torch.full((2, 12, 9), 2)
+    assert torch.equal(mix(la, lb, mask)[0], torch.where(mask.bool(), 1, 2))
+
+
+def test_bcp_mixing_knows_truth_and_pseudo_label_pixels():
+    config = TrainConfig()
+    config.method.name = "bcp"
+    config.method.pseudo_label_lcc = False
+    method = BidirectionalCopyPaste(config, num_classes=3)
+    labeled = torch.stack([torch.full((1, 16, 16), v) for v in (1.0, 2.0)])
+    targets = torch.stack([torch.full((16, 16), v) for v in (1, 2)])
+    unlabeled = torch.stack([torch.full((1, 16, 16), v) for v in (10.0, 20.0)])
+
+    class ConstantTeacher(torch.nn.Module):
+        def forward(self, x):
+            # class 0 for image 10, class 2 for 20 (and anything else), as logits
+            logits = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            logits[:, 0] = (x[:, 0] == 10.0).float() * 10
+            logits[:, 2] = (x[:, 0] != 10.0).float() * 10
+            return logits
+
+    teacher = ConstantTeacher()
+    ctx = StepContext(student=None, teacher=teacher, teacher_forward=teacher, iteration=0, stage="train",
+                      stage_iteration=0, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    mixed = method.mix_batch(ctx, Batch(labeled, targets, unlabeled))
+    inside = mixed.truth_mask[0] == 1  # x_in: labeled patch inside the box
+    # x_in = ua outside, la inside; targets pseudo(ua)=0 outside, truth(la)=1 inside
+    assert torch.all(mixed.images[0, 0][inside] == 1.0) and torch.all(mixed.images[0, 0][~inside] == 10.0)
+    assert torch.all(mixed.targets[0][inside] == 1) and torch.all(mixed.targets[0][~inside] == 0)
+    # x_out = lb outside (truth 2), ub inside (pseudo 2 from the teacher); truth mask is the outside
+    assert torch.equal(mixed.truth_mask[1], (~inside).float())
+    assert torch.all(mixed.images[1, 0][inside] == 20.0) and torch.all(mixed.images[1, 0][~inside] == 2.0)
+    assert 0 < inside.float().mean() < 1
+
+
+def test_ema_update_is_the_weighted_average():
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    s0 = [p.detach().clone() for p in student.parameters()]
+    t0 = [p.detach().clone() for p in teacher.parameters()]
+    ema_update(teacher, student, decay=0.9, step=1000)
+    for t, a, b in zip(teacher.parameters(), t0, s0, strict=True):
+        assert torch.allclose(t, 0.9 * a + 0.1 * b)
+    # Warm-up: at step 0 the teacher becomes the student.
+    ema_update(teacher, student, decay=0.99, step=0)
+    for t, b in zip(teacher.parameters(), s0, strict=True):
+        assert torch.allclose(t, b)
+
+
+def test_largest_component_per_class_per_image():
+    labels = torch.zeros(2, 10, 10, dtype=torch.long)
+    labels[0, 1:4, 1:4] = 1  # 9 pixels
+    labels[0, 7:9, 7:9] = 1  # 4 pixels: removed
+    labels[0, 5, 5] = 2      # single class-2 pixel: kept (largest of its class)
+    labels[1, 0:2, 0:2] = 1  # image 2: the small component is the largest of image 2
+    cleaned = largest_component_per_class(labels, num_classes=3)
+    assert int((cleaned[0] == 1).sum()) == 9 and cleaned[0, 8, 8] == 0
+    assert cleaned[0, 5, 5] == 2
+    assert int((cleaned[1] == 1).sum()) == 4
+    volume = torch.zeros(1, 6, 6, 6, dtype=torch.long)
+    volume[0, 0:2, 0:2, 0:2] = 1
+    volume[0, 2, 2, 2] = 1  # touches the first block diagonally: 26-connected in 3D
+    volume[0, 5, 5, 5] = 1
+    cleaned3d = largest_component_per_class(volume, num_classes=2)
+    assert int(cleaned3d.sum()) == 9
+
+
+def test_region_loss_weighting():
+    # Uniform logits (p = 0.5 for both classes), target all class 0: CE = ln 2 per pixel;
+    # Dice: class 0 = 2*sum(w*0.5) / (sum(w*0.25) + sum(w)) = 0.8 -> loss 0.2, class 1 -> loss 1.
+    logits = torch.zeros(1, 2, 4, 4)
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    ones = torch.ones(1, 4, 4)
+    assert float(region_loss(logits, target, ones, ones)) == pytest.approx((math.log(2) + 0.6) / 2, rel=1e-4)
+    assert float(segmentation_loss(logits, target)) == pytest.approx((math.log(2) + 0.6) / 2, rel=1e-4)
+    # Half the pixels weigh 0: CE is normalised by the region size, so it halves; Dice ratios stay.
+    half = ones.clone()
+    half[:, :2] = 0
+    assert float(region_loss(logits, target, half, ones)) == pytest.approx((math.log(2) / 2 + 0.6) / 2, rel=1e-4)
+    # Extra weight adds loss (URL): weight 2 doubles the CE term.
+    assert float(region_loss(logits, target, 2 * ones, ones)) == pytest.approx((2 * math.log(2) + 0.6) / 2, rel=1e-4)
+    # Weight zero everywhere: nothing to learn.
+    assert float(region_loss(logits, target, torch.zeros_like(ones), ones)) == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,146 @@
+"""The training loop: every method learns, outputs are complete and protected, the CLI trains."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from buseg.checkpoint import load_model, read_checkpoint
+from buseg.cli import main
+from buseg.config import TrainConfig
+from buseg.errors import ConfigError, OutputError
+from buseg.events import ListSink
+from buseg.synthetic import write_dataset
+from buseg.train import train
+
+
+def _config(data, out, method, *, dimension="2d", iterations=30, pretrain=10) -> TrainConfig:
+    c = TrainConfig()
+    c.method.name = method
+    c.data.labeled = str(data["labeled"])
+    c.data.unlabeled = str(data["unlabeled"])
+    c.model.dimension = dimension
+    c.model.patch_size = [48, 48] if dimension == "2d" else [32, 32, 16]
+    c.optim.iterations = iterations
+    c.optim.pretrain_iterations = pretrain
+    c.optim.batch_size = 4
+    c.out_dir = str(out)
+    c.validation_interval = 0
+    c.log_interval = 5
+    c.checkpoint_interval = 1000
+    return c
+
+
+def _mean(values):
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("dimension", ["2d", "3d"])
+@pytest.mark.parametrize("method", ["supervised", "mean-teacher", "bcp", "buarl"])
+def test_each_method_trains_and_its_loss_falls(tiny_dataset, tmp_path, method, dimension):
+    iterations = 40 if dimension == "2d" else 16
+    config = _config(tiny_dataset, tmp_path / "run", method, dimension=dimension, iterations=iterations,
+                     pretrain=0 if method in ("supervised", "mean-teacher") else 8)
+    config.log_interval = 4
+    sink = ListSink()
+    result = train(config, events=sink)
+    assert result.status == "completed"
+    losses = [e for e in sink.events if e["event"] == "progress" and e["stage"] == "train"]
+    assert len(losses) >= 3
+    # The supervised part of the loss is comparable across iterations for every method.
+    first = _mean([e["losses"]["supervised"] for e in losses[:2]])
+    last = _mean([e["losses"]["supervised"] for e in losses[-2:]])
+    assert last < first, f"{method} {dimension}: supervised loss did not fall ({first:.3f} -> {last:.3f})"
+    for name in ("model.pt", "final.pt", "last.pt", "history.json", "config.json"):
+        assert (tmp_path / "run" / name).is_file()
+    assert not (tmp_path / "run" / "train.lock").exists()
+    if method == "buarl":
+        assert {"url", "crl", "url_selected_fraction", "crl_kept_fraction"} <= set(losses[-1]["losses"])
+
+
+def test_supervised_overfits_a_tiny_dataset(tmp_path):
+    data = write_dataset(tmp_path / "d", labeled=1, unlabeled=0, test=0, shape_zyx=(12, 48, 48), seed=1)
+    shutil.copytree(data["labeled"], tmp_path / "val")  # the same volume, to measure the fit
+    config = _config(data, tmp_path / "run", "supervised", iterations=250)
+    config.data.unlabeled = None
+    config.data.validation = str(tmp_path / "val")
+    config.data.augment = False
+    config.validation_interval = 50
+    result = train(config)
+    assert result.best_metric > 0.9
+    model = load_model(result.model_path)
+    assert model.metadata["validation"]["dice"] == pytest.approx(result.best_metric)
+
+
+def test_model_file_round_trip_and_metadata(tiny_dataset, tmp_path):
+    config = _config(tiny_dataset, tmp_path / "run", "buarl", iterations=4, pretrain=2)
+    result = train(config)
+    payload = read_checkpoint(result.last_path)
+    assert payload["training_state"]["iteration"] == 6
+    model = load_model(result.model_path)
+    meta = model.metadata
+    assert meta["method"] == "buarl" and meta["dimension"] == "2d"
+    assert [c["name"] for c in model.classes] == ["background", "shell", "core", "satellite"]
+    assert [c["label_value"] for c in model.classes] == [0, 1, 2, 3]
+    assert meta["normalization"] == "minmax"
+    assert meta["spacing_mm"] == pytest.approx([1.2, 1.2, 2.5])
+    assert meta["config"]["method"]["name"] == "buarl"
+    # The loaded network reproduces the saved weights exactly.
+    saved = torch.load(result.model_path, weights_only=True)["weights"]
+    for key, value in model.network.state_dict().items():
+        assert torch.equal(value, saved[key])
+
+
+def test_output_folder_is_never_silently_overwritten(tiny_dataset, tmp_path):
+    config = _config(tiny_dataset, tmp_path / "run", "supervised", iterations=2)
+    train(config)
+    before = (tmp_path / "run" / "model.pt").read_bytes()
+    with pytest.raises(OutputError, match="previous training"):
+        train(config)
+    assert (tmp_path / "run" / "model.pt").read_bytes() == before
+    train(config, overwrite=True)
+
+
+def test_invalid_config_is_refused_with_the_option_named(tiny_dataset, tmp_path):
+    config = _config(tiny_dataset, tmp_path / "run", "bcp")
+    config.optim.batch_size = 6
+    with pytest.raises(ConfigError, match="batch-size"):
+        train(config)
+    config = _config(tiny_dataset, tmp_path / "run", "supervised")
+    config.model.patch_size = [50, 48]
+    with pytest.raises(ConfigError, match="patch-size"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_buseg_train_command_end_to_end(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "cli_run"
+    code = main([
+        "train", "--method", "buarl", "--labeled", str(tiny_dataset["labeled"]),
+        "--unlabeled", str(tiny_dataset["unlabeled"]), "--validation", str(tiny_dataset["test"]),
+        "--patch-size", "48", "48", "--iterations", "6", "--pretrain-iterations", "4", "--batch-size", "4",
+        "--validation-interval", "5", "--log-interval", "2", "--out", str(out), "--progress", "jsonl",
+        "--crl-threshold", "0.4", "--no-url",
+    ])
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[0]["event"] == "started" and events[-1]["event"] == "finished"
+    assert events[-1]["status"] == "completed"
+    config = json.loads((out / "config.json").read_text())
+    assert config["crl"]["threshold"] == 0.4 and config["url"]["enabled"] is False
+    assert load_model(out / "model.pt").metadata["method"] == "buarl"
+    assert (out / "best.pt").is_file()
+
+
+def test_buseg_train_reports_bad_input_and_exits_non_zero(tmp_path, capsys):
+    code = main(["train", "--labeled", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
+                 "--progress", "jsonl", "--method", "supervised"])
+    assert code != 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    error = next(e for e in events if e["event"] == "error")
+    assert str(tmp_path / "missing") in error["message"]
+    assert events[-1]["status"] == "failed"
