@@ -307,29 +307,60 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    """Everything that defines an inference run (``buseg predict``)."""
+    """Everything that defines an inference run (``buseg predict`` and ``buseg rank``)."""
 
     model_path: str = opt("", "Model file written by `buseg train` (best.pt or final model).", flag="--model")
     out_dir: str = opt("predictions", "Output folder; one sub-folder per input case.", flag="--out")
     uncertainty: Literal["entropy", "mc-dropout", "tta"] = opt(
         "entropy",
         "'entropy': one pass, normalised entropy of the softmax; 'mc-dropout': mean of --samples passes "
-        "with dropout on, entropy of the mean; 'tta': mean over flips, entropy of the mean.",
+        "with dropout on, entropy of the mean; 'tta': mean over flips, entropy of the mean. "
+        "See docs/inference.md for what each means and costs.",
         choices=("entropy", "mc-dropout", "tta"),
     )
-    samples: int = opt(8, "Passes for mc-dropout (tta uses all flips up to this number).")
+    samples: int = opt(
+        8, "Passes for mc-dropout; tta uses the first min(samples, 4 in 2D / 8 in 3D) flip combinations."
+    )
+    seed: int = opt(0, "Random seed of the mc-dropout masks (same seed, same maps).")
     region_threshold: float = opt(
         0.5, "Voxels with normalised uncertainty above this are candidates for flagged regions."
     )
     min_region_mm3: float = opt(10.0, "Flagged regions smaller than this volume (mm^3) are dropped.")
-    max_regions: int = opt(50, "At most this many regions are kept (the most worth reviewing).")
+    min_region_voxels: int = opt(4, "...and flagged regions of fewer voxels than this are dropped too.")
+    max_regions: int = opt(50, "At most this many regions are listed, most worth reviewing first (0 = all).")
     largest_component: bool = opt(False, "Keep only the largest connected component of each class.")
     overlap: float = opt(0.5, "3D: sliding-window overlap (0..<1); --stride overrides it.")
     stride: list[int] | None = opt(None, "3D: sliding-window stride in image order x y z (reference LA: 18 18 4).")
     sw_batch_size: int = opt(4, "3D: windows per forward pass (lowered automatically on out-of-memory).")
+    slice_batch_size: int = opt(16, "2D: slices per forward pass (lowered automatically on out-of-memory).")
+    output_format: Literal["auto", "nii.gz", "nii", "nrrd", "mha"] = opt(
+        "auto", "File format of the label and uncertainty maps; 'auto' = the input's format.",
+        choices=("auto", "nii.gz", "nii", "nrrd", "mha"),
+    )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     num_threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
+    amp: bool = opt(True, "Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU.")
     overwrite: bool = opt(False, "Replace existing outputs of the same case (never done silently).")
+
+    def validate(self) -> PredictConfig:
+        """Check values; raise :class:`ConfigError` naming the option."""
+        if not self.model_path:
+            raise ConfigError("--model is required (a model file written by `buseg train`)")
+        if self.uncertainty not in ("entropy", "mc-dropout", "tta"):
+            raise ConfigError(f"--uncertainty must be entropy, mc-dropout or tta, not {self.uncertainty!r}")
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1, got {self.samples}")
+        if not 0 <= self.region_threshold < 1:
+            raise ConfigError(f"--region-threshold must be in [0, 1), got {self.region_threshold}")
+        if self.min_region_mm3 < 0 or self.min_region_voxels < 0 or self.max_regions < 0:
+            raise ConfigError("--min-region-mm3, --min-region-voxels and --max-regions must not be negative")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"--overlap must be in [0, 1), got {self.overlap}")
+        if self.stride is not None and (len(self.stride) != 3 or any(int(s) < 1 for s in self.stride)):
+            raise ConfigError(f"--stride needs three positive numbers (x y z), got {self.stride}")
+        if self.sw_batch_size < 1 or self.slice_batch_size < 1:
+            raise ConfigError("--sw-batch-size and --slice-batch-size must be at least 1")
+        return self
 
 
 # --------------------------------------------------------------------------------------

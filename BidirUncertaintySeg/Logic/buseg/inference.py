@@ -1,22 +1,275 @@
-"""Running a trained network over whole volumes.
+"""Running a trained network over whole volumes: label maps, uncertainty maps, flagged regions.
 
-2D models run slice-wise along the axis they were trained on: each slice is resized to the
-training in-plane size, batched through the network, and the class probabilities are
-resized back. 3D models run with MONAI's sliding-window inferer and Gaussian blending.
-Both return class probabilities on the input's own voxel grid, numpy order (C, z, y, x).
+Three levels, each built on the one below:
+
+* :func:`predict_probabilities` - class probabilities (C, z, y, x) of a normalised volume
+  (the training loop validates with it);
+* :func:`predict_case` - a :class:`Prediction` (label map, uncertainty map, flagged regions)
+  of one image :class:`~buseg.io.Volume` with a loaded model and a
+  :class:`~buseg.config.PredictConfig`; the Slicer module and scripts call this;
+* :func:`predict_files` - images in, files out (``buseg predict``), with progress events.
+
+How a volume is run:
+
+* **2D models** run slice-wise along the axis they were trained on: each batch of slices is
+  resized (bilinear) to the training in-plane size, run, and its probabilities resized back.
+* **3D models** run with overlapping windows and Gaussian blending: the windows and the
+  weights are MONAI's (``dense_patch_slices``, ``compute_importance_map``, the same as
+  ``monai.inferers.sliding_window_inference``, which a test checks), but the windows are
+  visited slab by slab along z and each slab of the blended output is finished (argmax,
+  entropy) as soon as no later window touches it. So memory holds the image, the output
+  maps and one slab of probabilities, never C full-size probability volumes: a
+  512x512x300 CT fits in well under 4 GB.
+* ``uncertainty``: the same functions as training (:mod:`buseg.uncertainty`): normalised
+  entropy of the mean probabilities of 1 pass (``entropy``), T dropout passes
+  (``mc-dropout``) or flips (``tta``), computed per slice batch / window batch (the blending
+  is linear, so averaging per window equals averaging whole-volume passes).
+* A batch that runs out of (GPU) memory is retried with half as many slices/windows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .preprocessing import resize_slices
+from . import __version__
+from .checkpoint import LoadedModel, load_model
+from .config import PredictConfig, to_dict
+from .errors import BusegError, Cancelled, ConfigError, InputError, OutputError, ResourceError
+from .events import EventSink
+from .io import (
+    SEGMENTATION_SUFFIX,
+    Volume,
+    atomic_path,
+    case_name,
+    image_suffix,
+    is_image_file,
+    read_image,
+    write_image,
+    write_json_atomic,
+    write_segmentation,
+)
+from .preprocessing import normalize_intensity, resize_slices
+from .regions import RegionSet, find_regions, regions_document
+from .uncertainty import mc_dropout_probabilities, normalized_entropy
+
+logger = logging.getLogger("buseg")
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
+Warn = Callable[[str], None]
+UNCERTAINTY_METHODS = ("entropy", "mc-dropout", "tta")
+SUMMARY_SCHEMA = "buseg-predict-summary"
+# Output format for each input format (.mhd/.nhdr would need a second data file: not atomic).
+OUTPUT_SUFFIX = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha",
+                 ".mhd": ".mha"}
+
+
+# --------------------------------------------------------------------------------------
+# Probabilities of one batch: one pass, MC-dropout, or flips
+
+
+def flip_sets(spatial_dims: int, count: int) -> list[tuple[int, ...]]:
+    """The first ``count`` flip combinations of a (N, C, *spatial) batch: identity, single axes, pairs..."""
+    dims = range(2, 2 + spatial_dims)
+    combos = [c for r in range(spatial_dims + 1) for c in itertools.combinations(dims, r)]
+    return combos[: max(1, count)]
+
+
+def probability_function(network: nn.Module, method: str, samples: int = 1,
+                         forward: Forward | None = None) -> ProbabilityFn:
+    """A function batch -> mean softmax probabilities for an uncertainty ``method``.
+
+    ``forward`` may wrap the network call (autocast); the network must be in eval mode
+    (mc-dropout switches only its dropout layers on, and back off afterwards).
+    """
+    call = forward or network
+    if method == "entropy":
+        return lambda x: torch.softmax(call(x).float(), dim=1)
+    if method == "mc-dropout":
+        return lambda x: mc_dropout_probabilities(network, x, samples, forward=call)
+    if method == "tta":
+        def mean_over_flips(x: torch.Tensor) -> torch.Tensor:
+            flips = flip_sets(x.ndim - 2, samples)
+            total = None
+            for dims in flips:
+                p = torch.softmax(call(torch.flip(x, dims) if dims else x).float(), dim=1)
+                p = torch.flip(p, dims) if dims else p
+                total = p if total is None else total.add_(p)
+            return total / len(flips)
+        return mean_over_flips
+    raise ConfigError(f"unknown uncertainty method {method!r} (choose {', '.join(UNCERTAINTY_METHODS)})")
+
+
+def passes_per_input(method: str, samples: int, spatial_dims: int) -> int:
+    """Forward passes each slice/window costs with ``method``."""
+    if method == "mc-dropout":
+        return samples
+    if method == "tta":
+        return len(flip_sets(spatial_dims, samples))
+    return 1
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _lower_batch(exc: BaseException, batch: int, what: str, device: torch.device, warn: Warn | None) -> int:
+    """Half the batch after an out-of-memory error; re-raise anything else (or at batch size 1)."""
+    if not _is_out_of_memory(exc):
+        raise exc
+    _release_memory(device)
+    if batch <= 1:
+        raise ResourceError(
+            f"out of memory on {device} even with one {what} per forward pass",
+            hint="use --device cpu, close other programs using the GPU, or use a smaller model",
+        ) from None
+    smaller = max(1, batch // 2)
+    if warn is not None:
+        warn(f"out of memory on {device} with {batch} {what}s per pass; retrying with {smaller}")
+    return smaller
+
+
+def _check_stop(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("prediction cancelled")
+
+
+# --------------------------------------------------------------------------------------
+# Probability chunks: the volume in pieces along one numpy axis, each (n, C, *plane)
+
+
+Chunks = Iterator[tuple[int, int, torch.Tensor]]
+
+
+def _slice_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Sequence[int], slice_axis: int,
+                  device: torch.device, batch_size: int, warn: Warn | None,
+                  should_stop: Callable[[], bool] | None) -> Chunks:
+    """2D: probabilities of consecutive slice batches along ``2 - slice_axis``, at native in-plane size."""
+    slices = np.moveaxis(image, 2 - slice_axis, 0)
+    native = tuple(slices.shape[1:])
+    size_hw = tuple(int(s) for s in patch_size_xyz[::-1])
+    start, batch = 0, max(1, int(batch_size))
+    while start < slices.shape[0]:
+        _check_stop(should_stop)
+        stop = min(slices.shape[0], start + batch)
+        try:
+            x = torch.from_numpy(np.ascontiguousarray(slices[start:stop]))[:, None].to(device)
+            probs = resize_slices(prob_fn(resize_slices(x, size_hw, mode="bilinear")), native, mode="bilinear")
+        except Exception as exc:  # out-of-memory is retried with a smaller batch; anything else re-raised
+            batch = _lower_batch(exc, stop - start, "slice", device, warn)
+            continue
+        yield start, stop, probs
+        start = stop
+
+
+def scan_interval(image_size_zyx: Sequence[int], roi_zyx: Sequence[int], overlap: float,
+                  stride_zyx: Sequence[int] | None) -> tuple[int, ...]:
+    """Window step per axis: the stride if given, else MONAI's ``int(roi * (1 - overlap))`` rule."""
+    if stride_zyx is not None:
+        return tuple(max(1, min(int(s), int(r))) for s, r in zip(stride_zyx, roi_zyx, strict=True))
+    steps = []
+    for size, roi in zip(image_size_zyx, roi_zyx, strict=True):
+        step = roi if size == roi else int(roi * (1 - overlap))
+        steps.append(max(1, step))
+    return tuple(steps)
+
+
+def _window_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Sequence[int],
+                   device: torch.device, batch_size: int, overlap: float, stride_xyz: Sequence[int] | None,
+                   warn: Warn | None, should_stop: Callable[[], bool] | None) -> Chunks:
+    """3D: Gaussian-blended sliding windows, finished slab by slab along z (see the module docstring)."""
+    from monai.data.utils import compute_importance_map, dense_patch_slices
+
+    roi = tuple(int(s) for s in patch_size_xyz[::-1])
+    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    # Pad (zeros, centred, as MONAI does) up to the window so that small volumes see a full window.
+    pads = [max(0, r - s) for r, s in zip(roi, volume.shape, strict=True)]
+    if any(pads):
+        volume = torch.nn.functional.pad(volume[None], [v for p in reversed(pads) for v in (p // 2, p - p // 2)])[0]
+    size = tuple(volume.shape)
+    steps = scan_interval(size, roi, overlap, None if stride_xyz is None else list(stride_xyz)[::-1])
+    windows = sorted(dense_patch_slices(size, roi, steps), key=lambda w: w[0].start)
+    weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32)
+    weight_on_device = weight.to(device)
+    keep = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, image.shape, strict=True))
+
+    acc: torch.Tensor | None = None  # (C, depth, Y, X): blended sum over [base, base + depth)
+    total = torch.zeros((0, *size[1:]))  # (depth, Y, X): sum of weights
+    base, index, batch = 0, 0, max(1, int(batch_size))
+    while index < len(windows):
+        _check_stop(should_stop)
+        group = windows[index:index + batch]
+        try:
+            x = torch.stack([volume[w] for w in group])[:, None].to(device)
+            probs = (prob_fn(x) * weight_on_device).to("cpu", torch.float32)
+        except Exception as exc:  # out-of-memory is retried with a smaller batch; anything else re-raised
+            batch = _lower_batch(exc, len(group), "window", device, warn)
+            continue
+        depth = max(w[0].stop for w in group) - base
+        if acc is None:
+            acc = torch.zeros((probs.shape[1], depth, *size[1:]))
+        if depth > acc.shape[1]:
+            acc = torch.cat([acc, acc.new_zeros((acc.shape[0], depth - acc.shape[1], *size[1:]))], dim=1)
+        if depth > total.shape[0]:
+            total = torch.cat([total, total.new_zeros((depth - total.shape[0], *size[1:]))], dim=0)
+        for p, w in zip(probs, group, strict=True):
+            z = slice(w[0].start - base, w[0].stop - base)
+            acc[:, z, w[1], w[2]] += p
+            total[z, w[1], w[2]] += weight
+        index += len(group)
+        next_start = windows[index][0].start if index < len(windows) else size[0]
+        if next_start <= base:
+            continue
+        # No window still to come touches z < next_start: finish that slab and drop it.
+        done = next_start - base
+        z0, z1 = max(base, keep[0].start), min(next_start, keep[0].stop)
+        if z1 > z0:
+            rows = slice(z0 - base, z1 - base)
+            blended = acc[:, rows, keep[1], keep[2]] / total[rows, keep[1], keep[2]]
+            yield z0 - keep[0].start, z1 - keep[0].start, blended.movedim(0, 1)
+        remaining = acc.shape[1] - done
+        if remaining > 0:
+            acc[:, :remaining] = acc[:, done:].clone()
+            total[:remaining] = total[done:].clone()
+        acc[:, max(remaining, 0):] = 0
+        total[max(remaining, 0):] = 0
+        base = next_start
+
+
+def probability_chunks(prob_fn: ProbabilityFn, image: np.ndarray, *, dimension: str,
+                       patch_size_xyz: Sequence[int], slice_axis: int = 2, device: str | torch.device = "cpu",
+                       batch_size: int = 16, overlap: float = 0.5, stride_xyz: Sequence[int] | None = None,
+                       warn: Warn | None = None, should_stop: Callable[[], bool] | None = None
+                       ) -> tuple[int, Chunks]:
+    """The numpy axis the chunks run along, and the chunks (start, stop, probabilities (n, C, *plane))."""
+    device = torch.device(device)
+    if image.ndim != 3:
+        raise ValueError(f"expected a 3D volume (z, y, x), got shape {image.shape}")
+    if dimension == "2d":
+        return 2 - slice_axis, _slice_chunks(prob_fn, image, patch_size_xyz, slice_axis, device, batch_size,
+                                             warn, should_stop)
+    return 0, _window_chunks(prob_fn, image, patch_size_xyz, device, batch_size, overlap, stride_xyz,
+                             warn, should_stop)
 
 
 @torch.no_grad()
@@ -36,54 +289,402 @@ def predict_probabilities(
 
     ``network`` is called on batches on ``device`` and must be in the mode the caller
     wants (eval for a deterministic prediction; dropout on for an MC-dropout sample).
+    This keeps C full-size float32 volumes: for large images use :func:`predict_case`.
     """
-    device = torch.device(device)
-    if dimension == "2d":
-        return _predict_2d(network, image, patch_size_xyz, slice_axis, device, batch_size)
-    return _predict_3d(network, image, patch_size_xyz, device, batch_size, overlap, stride_xyz)
+    axis, chunks = probability_chunks(
+        lambda x: torch.softmax(network(x).float(), dim=1), image, dimension=dimension,
+        patch_size_xyz=patch_size_xyz, slice_axis=slice_axis, device=device, batch_size=batch_size,
+        overlap=overlap, stride_xyz=stride_xyz,
+    )
+    out: torch.Tensor | None = None
+    for start, stop, probs in chunks:
+        if out is None:
+            out = torch.empty((probs.shape[1], *image.shape), dtype=torch.float32)
+        torch.movedim(out, 1 + axis, 0)[start:stop] = probs.to("cpu", torch.float32)
+    return out
 
 
-def _predict_2d(network, image, patch_size_xyz, slice_axis, device, batch_size) -> torch.Tensor:
-    numpy_axis = 2 - slice_axis
-    slices = np.moveaxis(image, numpy_axis, 0)
-    native = slices.shape[1:]
-    size_hw = tuple(int(s) for s in patch_size_xyz[::-1])
-    outputs = []
-    for start in range(0, slices.shape[0], batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))[:, None].to(device)
-        logits = network(resize_slices(batch, size_hw, mode="bilinear")).float()
-        probs = torch.softmax(logits, dim=1)
-        outputs.append(resize_slices(probs, native, mode="bilinear").cpu())
-    stacked = torch.cat(outputs, dim=0)  # (S, C, h, w)
-    # Move the slice axis back to where it was in the volume.
-    volume = stacked.permute(1, 0, 2, 3)  # (C, S, h, w)
-    return torch.movedim(volume, 1, 1 + numpy_axis).contiguous()
+# --------------------------------------------------------------------------------------
+# One image: Prediction
 
 
-def _predict_3d(network, image, patch_size_xyz, device, batch_size, overlap, stride_xyz) -> torch.Tensor:
-    from monai.inferers import sliding_window_inference
+@dataclass
+class Prediction:
+    """The result of :func:`predict_case`; every array lies on ``reference``'s grid (z, y, x)."""
 
-    roi = tuple(int(s) for s in patch_size_xyz[::-1])
-    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
-    # Pad up to the window so that small volumes still see a full window.
-    pads = [max(0, r - s) for r, s in zip(roi, tensor.shape[2:], strict=True)]
-    if any(pads):
-        pad_arg = []
-        for p in reversed(pads):
-            pad_arg += [p // 2, p - p // 2]
-        tensor = torch.nn.functional.pad(tensor, pad_arg)
-    if stride_xyz is not None:
-        stride = tuple(int(s) for s in stride_xyz[::-1])
-        overlap = tuple(max(0.0, 1.0 - s / r) for s, r in zip(stride, roi, strict=True))
+    labels: np.ndarray  # class index per voxel (0 = background); label_values() gives the file values
+    uncertainty_map: np.ndarray  # float32, normalised entropy of the mean probabilities, 0..1
+    regions: RegionSet
+    reference: Volume
+    classes: list[dict[str, Any]]
+    method: str
+    passes: int  # forward passes per slice/window
+    model_seconds: float
+    seconds: float
+    probabilities: np.ndarray | None = None  # (C, z, y, x) float32, only with keep_probabilities
+    warnings: list[str] = field(default_factory=list)
+
+    def label_values(self) -> np.ndarray:
+        """The label map in the model's label values (what the training labels used), smallest dtype."""
+        lut = np.array([int(c["label_value"]) for c in self.classes])
+        dtype = np.uint8 if lut.max() <= 255 else (np.uint16 if lut.max() <= 65535 else np.int32)
+        return lut.astype(dtype)[self.labels]
+
+    def statistics(self) -> dict[str, Any]:
+        """Per-image numbers: mean uncertainty, voxel volume of each class."""
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.classes))
+        voxel_mm3 = self.reference.voxel_volume_mm3
+        return {
+            "mean_uncertainty": float(self.uncertainty_map.mean(dtype=np.float64)),
+            "class_volumes_mm3": {c["name"]: float(counts[c["index"]] * voxel_mm3) for c in self.classes[1:]},
+        }
+
+
+def network_device(network: nn.Module) -> torch.device:
+    parameter = next(network.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _forward_for(network: nn.Module, device: torch.device, amp: bool) -> Forward:
+    from .device import autocast_dtype
+
+    dtype = autocast_dtype(device) if amp else None
+    if dtype is None:
+        return network
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(network(x.to(device)).float(), dim=1)
+        with torch.autocast(device.type, dtype=dtype):
+            return network(x)
 
-    probs = sliding_window_inference(
-        tensor, roi_size=roi, sw_batch_size=batch_size, predictor=forward, overlap=overlap, mode="gaussian",
-        sw_device=device, device=torch.device("cpu"),
-    )[0]
-    if any(pads):
-        slices = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, image.shape, strict=True))
-        probs = probs[(slice(None), *slices)]
-    return probs.contiguous()
+    return forward
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Fixed dropout masks for this prediction without disturbing the caller's random state."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def check_model_settings(model: LoadedModel, config: PredictConfig) -> None:
+    """Refuse settings the model cannot honour (MC-dropout without dropout layers)."""
+    from .networks import has_dropout
+
+    if config.uncertainty == "mc-dropout" and not has_dropout(model.network):
+        raise ConfigError(
+            "--uncertainty mc-dropout needs a model with dropout layers; this model was trained without dropout",
+            hint="use --uncertainty entropy or tta",
+        )
+
+
+def largest_component_per_class(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Keep each class's largest 26-connected component; the other components become background."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    for index in range(1, num_classes):
+        mask = labels == index
+        if not mask.any():
+            continue
+        component, count = ndimage.label(mask, structure=structure)
+        if count > 1:
+            sizes = np.bincount(component[mask])
+            sizes[0] = 0
+            out[mask & (component != int(sizes.argmax()))] = 0
+    return out
+
+
+def _spacing_warning(model: LoadedModel, image: Volume) -> str | None:
+    trained = model.metadata.get("spacing_mm")
+    if model.dimension != "3d" or not trained or len(trained) != 3:
+        return None
+    ratios = [s / t for s, t in zip(image.spacing_mm, trained, strict=True) if t > 0]
+    if ratios and (max(ratios) > 1.5 or min(ratios) < 1 / 1.5):
+        return (f"voxel spacing {tuple(round(s, 3) for s in image.spacing_mm)} mm differs from the training "
+                f"spacing {tuple(round(t, 3) for t in trained)} mm; a 3D model sees structures at another "
+                "scale - resample the image to the training spacing for reliable results")
+    return None
+
+
+def predict_case(
+    model: LoadedModel,
+    image: Volume,
+    config: PredictConfig | None = None,
+    *,
+    keep_probabilities: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    warn: Warn | None = None,
+) -> Prediction:
+    """Segment ``image`` with ``model``: label map, uncertainty map and flagged regions.
+
+    The image is normalised as in training (the model's normalisation over the whole volume).
+    ``config`` supplies the uncertainty method, regions, windows and post-processing (its
+    file and device fields are not used: the model is already on its device).
+    """
+    config = config or PredictConfig()
+    check_model_settings(model, config)
+    if image.array.ndim != 3:
+        raise InputError(f"expected a 3D volume, got {image.array.ndim} dimensions", path=image.path)
+    start = time.perf_counter()
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        if warn is not None:
+            warn(message)
+
+    message = _spacing_warning(model, image)
+    if message:
+        note(message)
+    network = model.network.eval()
+    device = network_device(network)
+    normalized = normalize_intensity(image.array, model.normalization)
+    prob_fn = probability_function(network, config.uncertainty, config.samples,
+                                   _forward_for(network, device, config.amp))
+    num_classes = model.num_classes
+    labels = np.zeros(image.array.shape, dtype=np.uint8 if num_classes <= 256 else np.int16)
+    uncertainty = np.zeros(image.array.shape, dtype=np.float32)
+    probabilities = np.zeros((num_classes, *image.array.shape), dtype=np.float32) if keep_probabilities else None
+    model_start = time.perf_counter()
+    with _seeded(config.seed, device), torch.inference_mode():
+        axis, chunks = probability_chunks(
+            prob_fn, normalized, dimension=model.dimension, patch_size_xyz=model.patch_size_xyz,
+            slice_axis=model.slice_axis, device=device,
+            batch_size=config.slice_batch_size if model.dimension == "2d" else config.sw_batch_size,
+            overlap=config.overlap, stride_xyz=config.stride, warn=note, should_stop=should_stop,
+        )
+        label_view, uncertainty_view = np.moveaxis(labels, axis, 0), np.moveaxis(uncertainty, axis, 0)
+        for a, b, probs in chunks:
+            label_view[a:b] = probs.argmax(dim=1).to("cpu", torch.int16).numpy()
+            uncertainty_view[a:b] = normalized_entropy(probs, dim=1).cpu().numpy()
+            if probabilities is not None:
+                np.moveaxis(probabilities, 1 + axis, 0)[a:b] = probs.cpu().numpy()
+    model_seconds = time.perf_counter() - model_start
+    del normalized
+    if config.largest_component:
+        labels = largest_component_per_class(labels, num_classes)
+    region_set = find_regions(
+        uncertainty, image, labels=labels, class_names=[c["name"] for c in model.classes],
+        threshold=config.region_threshold, min_region_mm3=config.min_region_mm3,
+        min_region_voxels=config.min_region_voxels, max_regions=config.max_regions,
+    )
+    spatial_dims = 2 if model.dimension == "2d" else 3
+    return Prediction(
+        labels=labels, uncertainty_map=uncertainty, regions=region_set, reference=image, classes=model.classes,
+        method=config.uncertainty, passes=passes_per_input(config.uncertainty, config.samples, spatial_dims),
+        model_seconds=model_seconds, seconds=time.perf_counter() - start, probabilities=probabilities,
+        warnings=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Files: inputs, outputs, the batch job
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """(case name, path) of every image given: files, or the image files in folders (sorted).
+
+    A folder without images of its own but with an ``images/`` sub-folder is read from there.
+    Segmentations (.seg.nrrd) are not images. Case names must be unique (they name the
+    output folders).
+    """
+    found: list[tuple[str, Path]] = []
+    if not inputs:
+        raise InputError("no input images given")
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise InputError("input not found", path=path)
+        if path.is_file():
+            if image_suffix(path) in ("", SEGMENTATION_SUFFIX):
+                raise InputError("not an image file (NIfTI, NRRD or MetaImage expected)", path=path)
+            found.append((case_name(path), path))
+            continue
+
+        def images_in(folder: Path) -> list[Path]:
+            return sorted(p for p in folder.iterdir() if is_image_file(p) and image_suffix(p) != SEGMENTATION_SUFFIX)
+
+        files = images_in(path)
+        if not files and (path / "images").is_dir():
+            files = images_in(path / "images")
+        if not files:
+            raise InputError("no image files (NIfTI, NRRD, MHA) in this folder", path=path)
+        found += [(case_name(f), f) for f in files]
+    seen: dict[str, Path] = {}
+    for case, path in found:
+        if case in seen:
+            raise InputError(f"two inputs have the case name {case!r}: {seen[case]} and {path}", path=path,
+                             hint="case names name the output folders; rename one of them")
+        seen[case] = path
+    return found
+
+
+def output_suffix(input_path: Path, output_format: str) -> str:
+    if output_format != "auto":
+        return "." + output_format.lstrip(".")
+    return OUTPUT_SUFFIX.get(image_suffix(input_path), ".nii.gz")
+
+
+def output_paths(out_dir: Path, case: str, suffix: str) -> dict[str, Path]:
+    """Where the outputs of one case go: ``out_dir/<case>/...``."""
+    folder = out_dir / case
+    return {
+        "label": folder / f"{case}_label{suffix}",
+        "segmentation": folder / f"{case}{SEGMENTATION_SUFFIX}",
+        "uncertainty": folder / f"{case}_uncertainty{suffix}",
+        "regions": folder / "regions.json",
+    }
+
+
+def write_prediction(prediction: Prediction, paths: dict[str, Path], *, overwrite: bool = False,
+                     context: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write a case's four outputs all-or-nothing: temporary files first, renamed only when all are written."""
+    reference = prediction.reference
+    foreground = [c for c in prediction.classes if c["index"] > 0]
+    document = regions_document(
+        prediction.regions, reference, **(context or {}), uncertainty={"method": prediction.method,
+                                                                       "passes": prediction.passes},
+        statistics=prediction.statistics(),
+        outputs={k: p.name for k, p in paths.items() if k != "regions"},
+    )
+    with contextlib.ExitStack() as stack:
+        temps = {kind: stack.enter_context(atomic_path(path, overwrite=overwrite)) for kind, path in paths.items()}
+        write_image(reference, temps["label"], array=prediction.label_values(), overwrite=True)
+        write_segmentation(prediction.labels, reference, foreground, temps["segmentation"], overwrite=True)
+        write_image(reference, temps["uncertainty"], array=prediction.uncertainty_map.astype(np.float32, copy=False),
+                    overwrite=True)
+        write_json_atomic(temps["regions"], _json_safe(document), overwrite=True)
+    return {kind: str(path) for kind, path in paths.items()}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def load_for_prediction(config: PredictConfig) -> tuple[LoadedModel, torch.device, str]:
+    """The model on the configured device (threads set), and why that device."""
+    from .device import configure_threads, resolve_device
+
+    configure_threads(config.num_threads)
+    device, reason = resolve_device(config.device)
+    model = load_model(config.model_path, device=device)
+    check_model_settings(model, config)
+    return model, device, reason
+
+
+@dataclass
+class CaseOutcome:
+    index: int
+    case: str
+    path: Path
+    prediction: Prediction | None
+    error: BusegError | None
+    seconds: float
+
+
+def iter_predictions(images: Sequence[tuple[str, Path]], model: LoadedModel, config: PredictConfig, *,
+                     sink: EventSink, should_stop: Callable[[], bool] | None = None) -> Iterator[CaseOutcome]:
+    """Predict the images one by one; an unreadable image is reported (warning) and skipped, not fatal."""
+    from .data import check_memory
+
+    for index, (case, path) in enumerate(images, start=1):
+        _check_stop(should_stop)
+        start = time.perf_counter()
+        try:
+            volume = read_image(path)
+            # Image, normalised copy, uncertainty, labels, region map: about 20 bytes per voxel.
+            check_memory(volume.array.size * 20, f"predicting {path.name}")
+            prediction = predict_case(model, volume, config, should_stop=should_stop,
+                                      warn=lambda m, case=case: sink.emit("warning", message=f"{case}: {m}"))
+        except InputError as exc:
+            sink.emit("warning", message=f"{case}: skipped: {exc}", detail={"case": case, "path": str(path)})
+            yield CaseOutcome(index, case, path, None, exc, time.perf_counter() - start)
+            continue
+        yield CaseOutcome(index, case, path, prediction, None, time.perf_counter() - start)
+
+
+@dataclass
+class PredictResult:
+    out_dir: Path
+    summary_path: Path
+    cases: list[dict[str, Any]]
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [c for c in self.cases if c["status"] != "ok"]
+
+
+def predict_files(
+    inputs: Sequence[str | Path],
+    config: PredictConfig,
+    *,
+    events: EventSink | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> PredictResult:
+    """``buseg predict``: segment every input image and write its outputs under ``config.out_dir``.
+
+    Per case ``<out>/<case>/``: ``<case>_label.<ext>`` (label values), ``<case>.seg.nrrd``
+    (named, colored segments), ``<case>_uncertainty.<ext>`` (float32, 0..1), ``regions.json``;
+    plus ``<out>/summary.json``. Nothing existing is replaced unless ``config.overwrite``.
+    An unreadable image is skipped with a warning and the job fails at the end (after the
+    other cases) with an error listing it.
+    """
+    sink = events or EventSink()
+    config.validate()
+    images = collect_images(inputs)
+    out_dir = Path(config.out_dir)
+    planned = {case: output_paths(out_dir, case, output_suffix(path, config.output_format)) for case, path in images}
+    summary_path = out_dir / "summary.json"
+    if not config.overwrite:
+        existing = [p for paths in planned.values() for p in paths.values() if p.exists()]
+        existing += [summary_path] if summary_path.exists() else []
+        if existing:
+            raise OutputError(
+                f"exists already ({len(existing)} output file(s) of an earlier run in {out_dir}); refusing to "
+                "overwrite", path=existing[0], hint="pass --overwrite to replace them, or choose another --out",
+            )
+    model, device, reason = load_for_prediction(config)
+    sink.emit("started", job="predict", config=to_dict(config), device=str(device), device_reason=reason,
+              total=len(images), classes=[c["name"] for c in model.classes], buseg_version=__version__)
+    summary: dict[str, Any] = {
+        "schema": SUMMARY_SCHEMA, "schema_version": 1, "buseg_version": __version__,
+        "model": str(config.model_path), "device": str(device), "config": to_dict(config),
+        "classes": model.classes, "cases": [],
+    }
+    for outcome in iter_predictions(images, model, config, sink=sink, should_stop=should_stop):
+        entry: dict[str, Any] = {"case": outcome.case, "input": str(outcome.path)}
+        if outcome.prediction is None:
+            entry.update(status="failed", error=str(outcome.error))
+        else:
+            prediction = outcome.prediction
+            paths = planned[outcome.case]
+            write_start = time.perf_counter()
+            outputs = write_prediction(prediction, paths, overwrite=config.overwrite, context={
+                "case": outcome.case, "image": str(outcome.path), "model": str(config.model_path),
+            })
+            seconds = outcome.seconds + (time.perf_counter() - write_start)
+            entry.update(
+                status="ok", outputs={k: str(p.relative_to(out_dir)) for k, p in paths.items()},
+                seconds=seconds, model_seconds=prediction.model_seconds, **prediction.statistics(),
+                flagged_volume_mm3=prediction.regions.flagged_volume_mm3,
+                regions_listed=len(prediction.regions.regions), warnings=prediction.warnings,
+            )
+            sink.emit("case", index=outcome.index, total=len(images), case=outcome.case, outputs=outputs,
+                      seconds=seconds)
+        summary["cases"].append(entry)
+        # Rewritten after every case, so an interrupted run leaves a consistent summary.
+        write_json_atomic(summary_path, _json_safe(summary), overwrite=True)
+    result = PredictResult(out_dir, summary_path, summary["cases"])
+    if result.failed:
+        names = ", ".join(c["case"] for c in result.failed[:10])
+        raise InputError(f"{len(result.failed)} of {len(images)} case(s) could not be predicted: {names}",
+                         path=result.failed[0]["input"], hint=f"details in the warnings and in {summary_path}")
+    return result

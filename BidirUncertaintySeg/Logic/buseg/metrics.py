@@ -1,0 +1,411 @@
+"""Evaluation of label maps against ground truth: Dice, Jaccard, HD95 and ASD per case and class.
+
+Definitions follow the published ACDC/LA protocol (medpy's ``dc``, ``jc``, ``hd95``, ``asd``),
+computed with MONAI's surface functions (``monai.metrics.utils.get_mask_edges`` for the
+surface voxels, ``get_surface_distance`` for exact Euclidean distances with spacing):
+
+* surface = the object's voxels that touch the background (object XOR its erosion with a
+  6-neighbourhood cross), as medpy;
+* **HD95** = 95th percentile of the *pooled* distances prediction->truth and truth->prediction
+  (medpy's ``hd95``; MONAI's ``compute_hausdorff_distance`` takes the larger of the two directed
+  percentiles instead, which is never smaller);
+* **ASD** = mean distance from the prediction's surface voxels to the truth's surface
+  (medpy's ``asd``, directed, as the published tables).
+
+Distances are given in millimetres (voxel spacing) and in voxels (spacing 1, what the
+published tables report). Empty masks (docs/inference.md):
+
+* class missing from the prediction, present in the truth: 0 on all four metrics - the
+  published protocol's rule (its distances of 0 flatter a mean; the ``empty`` column says so);
+* class present in the prediction, missing from the truth: Dice 0, Jaccard 0, distances
+  undefined (NaN, left out of the means; the protocol never meets this case);
+* class missing from both: nothing to segment; every metric NaN, left out of the means.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, OutputError
+from .events import EventSink
+from .io import LabelVolume, atomic_path, case_name, image_suffix, is_image_file, read_label
+
+METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_voxels", "asd_voxels")
+# Suffixes that name a label map rather than a case ("case_label.nii.gz", "case_gt.nrrd", ...).
+NAME_SUFFIXES = ("_label", "_labels", "_labelmap", "_seg", "_segmentation", "_pred", "_prediction", "_gt",
+                 "_truth", "_mask")
+SKIP_SUFFIXES = ("_uncertainty",)
+
+
+def _surface_distances(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float] | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Distances pred-surface -> truth-surface and truth-surface -> pred-surface (both non-empty)."""
+    from monai.metrics.utils import get_mask_edges, get_surface_distance
+
+    edges_pred, edges_truth = get_mask_edges(pred, truth, crop=True)
+    forward = get_surface_distance(edges_pred, edges_truth, distance_metric="euclidean", spacing=spacing_zyx)
+    backward = get_surface_distance(edges_truth, edges_pred, distance_metric="euclidean", spacing=spacing_zyx)
+    return np.asarray(forward, dtype=np.float64), np.asarray(backward, dtype=np.float64)
+
+
+def binary_metrics(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float]) -> dict[str, Any]:
+    """Dice, Jaccard, HD95 and ASD (mm and voxels) of two boolean masks, with the empty-mask rules above.
+
+    ``spacing_zyx`` is in numpy axis order (z, y, x), i.e. the image's spacing reversed.
+    """
+    pred = np.asarray(pred, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {truth.shape}")
+    n_pred, n_truth = int(pred.sum()), int(truth.sum())
+    result: dict[str, Any] = {"prediction_voxels": n_pred, "truth_voxels": n_truth}
+    nan = float("nan")
+    if n_pred == 0 and n_truth == 0:
+        return {**result, "empty": "both", **dict.fromkeys(METRICS, nan)}
+    if n_pred == 0:
+        return {**result, "empty": "prediction", **dict.fromkeys(METRICS, 0.0)}
+    intersection = int(np.logical_and(pred, truth).sum())
+    dice = 2.0 * intersection / (n_pred + n_truth)
+    jaccard = intersection / (n_pred + n_truth - intersection)
+    if n_truth == 0:
+        return {**result, "empty": "truth", "dice": 0.0, "jaccard": 0.0,
+                "hd95_mm": nan, "asd_mm": nan, "hd95_voxels": nan, "asd_voxels": nan}
+    out = {**result, "empty": "none", "dice": dice, "jaccard": jaccard}
+    for unit, spacing in (("mm", [float(s) for s in spacing_zyx]), ("voxels", None)):
+        forward, backward = _surface_distances(pred, truth, spacing)
+        out[f"hd95_{unit}"] = float(np.percentile(np.concatenate([forward, backward]), 95))
+        out[f"asd_{unit}"] = float(forward.mean())
+    return out
+
+
+@dataclass
+class ClassResult:
+    case: str
+    class_name: str
+    label_value: int
+    dice: float
+    jaccard: float
+    hd95_mm: float
+    asd_mm: float
+    hd95_voxels: float
+    asd_voxels: float
+    prediction_voxels: int
+    truth_voxels: int
+    empty: str
+
+
+def evaluate_arrays(case: str, pred: np.ndarray, truth: np.ndarray, spacing_xyz: Sequence[float],
+                    classes: Sequence[tuple[int, str]]) -> list[ClassResult]:
+    """One row per (label value, name) in ``classes`` for label maps ``pred`` and ``truth`` (same grid)."""
+    rows = []
+    spacing_zyx = list(spacing_xyz)[::-1]
+    for value, name in classes:
+        m = binary_metrics(pred == value, truth == value, spacing_zyx)
+        rows.append(ClassResult(case=case, class_name=name, label_value=int(value),
+                                **{k: m[k] for k in (*METRICS, "prediction_voxels", "truth_voxels", "empty")}))
+    return rows
+
+
+def summarize(rows: Sequence[ClassResult]) -> dict[str, Any]:
+    """Per class: mean/std over cases (NaN left out) and how many cases were empty; overall: mean over classes."""
+    per_class: dict[str, Any] = {}
+    names = list(dict.fromkeys(r.class_name for r in rows))
+    for name in names:
+        mine = [r for r in rows if r.class_name == name]
+        entry: dict[str, Any] = {"label_value": mine[0].label_value, "cases": len(mine)}
+        for metric in METRICS:
+            values = np.array([getattr(r, metric) for r in mine], dtype=float)
+            finite = values[np.isfinite(values)]
+            entry[metric] = float(finite.mean()) if finite.size else float("nan")
+            entry[f"{metric}_std"] = float(finite.std()) if finite.size else float("nan")
+            entry[f"{metric}_n"] = int(finite.size)
+        for kind in ("prediction", "truth", "both"):
+            entry[f"empty_{kind}"] = sum(r.empty == kind for r in mine)
+        per_class[name] = entry
+    overall = {}
+    for metric in METRICS:
+        values = [per_class[n][metric] for n in names if math.isfinite(per_class[n][metric])]
+        overall[metric] = float(np.mean(values)) if values else float("nan")
+    return {"classes": per_class, "mean": overall, "cases": len({r.case for r in rows})}
+
+
+# --------------------------------------------------------------------------------------
+# Files: finding label maps, matching cases by name, writing results
+
+
+def normalized_case_name(path: str | Path) -> str:
+    """Case name of a label file without label-ish suffixes ('p1_label.nii.gz' -> 'p1')."""
+    name = case_name(path)
+    for suffix in NAME_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _label_files_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_image_file(p)
+                  and not any(case_name(p).endswith(s) for s in SKIP_SUFFIXES))
+
+
+def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dict[str, Path], dict[int, str]]:
+    """Case name -> label file for files or folders; plus class names (label value -> name) if known.
+
+    A folder written by ``buseg predict`` (it has a summary.json) contributes the label maps
+    and class names listed there; another folder contributes the label files in it (or in its
+    ``labels/`` sub-folder when it holds none).
+    """
+    found: dict[str, Path] = {}
+    names: dict[int, str] = {}
+
+    def add(path: Path, case: str | None = None) -> None:
+        case = case or normalized_case_name(path)
+        if case in found and found[case] != path:
+            raise InputError(f"two {role} files for case {case!r}: {found[case]} and {path}", path=path,
+                             hint="pass one file per case")
+        found[case] = path
+
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise InputError(f"{role} not found", path=path)
+        if path.is_file():
+            if not image_suffix(path):
+                raise InputError(f"not a label map or segmentation file ({role})", path=path)
+            add(path)
+            continue
+        summary = path / "summary.json"
+        if summary.is_file():
+            try:
+                data = json.loads(summary.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise InputError(f"cannot read: {exc}", path=summary) from None
+            if data.get("schema") == "buseg-predict-summary":
+                for entry in data.get("classes", []):
+                    if entry.get("index", 0) > 0:
+                        names[int(entry["label_value"])] = str(entry["name"])
+                for entry in data.get("cases", []):
+                    label = (entry.get("outputs") or {}).get("label")
+                    if entry.get("status") == "ok" and label:
+                        label_path = Path(label) if Path(label).is_absolute() else path / label
+                        add(label_path, entry["case"])
+                continue
+        files = _label_files_in(path)
+        if not files and (path / "labels").is_dir():
+            files = _label_files_in(path / "labels")
+        if not files:
+            raise InputError(f"no label files found in this folder ({role})", path=path)
+        for file in files:
+            add(file)
+    return found, names
+
+
+def _value_names(label: LabelVolume, known: dict[int, str]) -> dict[int, str]:
+    if label.segments:
+        return {v: str(s["name"]) for v, s in label.segments.items()}
+    return dict(known)
+
+
+def _align_segmentation(label: LabelVolume, target_names: dict[int, str], *, path: Path) -> np.ndarray:
+    """Re-number a .seg.nrrd's segments to the label values that carry the same names on the other side."""
+    by_name = {name: value for value, name in target_names.items()}
+    out = np.zeros(label.array.shape, dtype=np.int32)
+    for index, segment in label.segments.items():
+        name = str(segment["name"])
+        if name not in by_name:
+            raise InputError(
+                f"segment {name!r} has no class of that name on the other side "
+                f"(known: {', '.join(sorted(by_name)) or 'none - a plain label map has no names'})",
+                path=path, hint="compare label maps with label maps, or name the segments like the model's classes",
+            )
+        out[label.array == index] = by_name[name]
+    return out
+
+
+@dataclass
+class EvaluationResult:
+    rows: list[ClassResult]
+    summary: dict[str, Any]
+    csv_path: Path
+    json_path: Path
+    unmatched_predictions: list[str]
+    unmatched_truths: list[str]
+
+
+def _load_pair(pred_path: Path, truth_path: Path, pred_names: dict[int, str], truth_names: dict[int, str]
+               ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[int, str]]:
+    """Both label maps of a case on one grid and in one value space, and the names of those values.
+
+    Values are compared as they are, except that a .seg.nrrd (segments numbered in file order)
+    is renumbered by segment name to the other side's label values.
+    """
+    pred = read_label(pred_path)
+    truth = read_label(truth_path)
+    difference = truth.same_grid(pred)
+    if difference:
+        raise InputError(f"prediction does not lie on the ground truth's voxel grid: {difference}",
+                         path=pred_path, hint=f"ground truth: {truth_path}")
+    pred_array, truth_array = pred.array, truth.array
+    if truth.segments:
+        anchor = _value_names(pred, pred_names)
+        truth_array = _align_segmentation(truth, anchor, path=truth_path)
+    elif pred.segments:
+        anchor = _value_names(truth, truth_names)
+        pred_array = _align_segmentation(pred, anchor, path=pred_path)
+    else:
+        anchor = {**truth_names, **pred_names}
+    return pred_array, truth_array, truth.spacing_mm, anchor
+
+
+def _rows_csv(rows: Sequence[ClassResult]) -> str:
+    buffer = io.StringIO()
+    fields = list(ClassResult.__dataclass_fields__)
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        data = asdict(row)
+        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()})
+    return buffer.getvalue()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def evaluate_files(
+    predictions: Sequence[str | Path],
+    truths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    label_values: Sequence[int] | None = None,
+    overwrite: bool = False,
+    events: EventSink | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> EvaluationResult:
+    """Evaluate predicted label maps against ground truth, matched by case name; write metrics.csv/json.
+
+    Classes are the label values given (``label_values``) or else every non-zero value found in
+    any truth or prediction; each case gets a row for each class (so a class a prediction
+    misses is counted, by the protocol's rule).
+    """
+    from .errors import Cancelled
+
+    sink = events or EventSink()
+    out = Path(out_dir)
+    csv_path, json_path = out / "metrics.csv", out / "metrics.json"
+    for path in (csv_path, json_path):
+        if path.exists() and not overwrite:
+            raise OutputError("exists already; refusing to overwrite it", path=path, hint="pass --overwrite")
+    pred_files, pred_names = collect_label_files(predictions, role="prediction")
+    truth_files, truth_names = collect_label_files(truths, role="ground truth")
+    cases = sorted(set(pred_files) & set(truth_files))
+    unmatched_pred = sorted(set(pred_files) - set(truth_files))
+    unmatched_truth = sorted(set(truth_files) - set(pred_files))
+    if not cases:
+        raise InputError(
+            f"no case names match between predictions ({', '.join(sorted(pred_files)[:5])}) and ground truth "
+            f"({', '.join(sorted(truth_files)[:5])})",
+            hint="files are matched by name, ignoring suffixes such as _label, _seg, _pred, _gt",
+        )
+    sink.emit("started", job="evaluate", config={"predictions": [str(p) for p in predictions],
+                                                 "truths": [str(t) for t in truths], "out_dir": str(out),
+                                                 "label_values": list(label_values) if label_values else None},
+              device="cpu", device_reason="metrics are computed on the CPU", total=len(cases))
+    if unmatched_pred:
+        sink.emit("warning", message=f"{len(unmatched_pred)} prediction(s) without ground truth, skipped: "
+                  + ", ".join(unmatched_pred[:10]))
+    if unmatched_truth:
+        sink.emit("warning", message=f"{len(unmatched_truth)} ground truth case(s) without prediction, skipped: "
+                  + ", ".join(unmatched_truth[:10]))
+
+    names: dict[int, str] = {**truth_names, **pred_names}
+    per_case: dict[str, list[ClassResult]] = {}
+    seen: set[int] = set(label_values or ())
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns about empty masks; the rules above handle them
+        for index, case in enumerate(cases, start=1):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"cancelled after {index - 1} of {len(cases)} cases; nothing written")
+            case_start = time.perf_counter()
+            pred_array, truth_array, spacing, anchor = _load_pair(pred_files[case], truth_files[case],
+                                                                  pred_names, truth_names)
+            names.update(anchor)
+            if label_values:
+                values = sorted(label_values)
+            else:
+                values = sorted({int(v) for v in np.unique(truth_array) if v}
+                                | {int(v) for v in np.unique(pred_array) if v})
+                seen.update(values)
+            per_case[case] = evaluate_arrays(case, pred_array, truth_array, spacing,
+                                             [(v, names.get(v, f"label_{v}")) for v in values])
+            del pred_array, truth_array
+            sink.emit("case", index=index, total=len(cases), case=case, outputs={},
+                      seconds=time.perf_counter() - case_start)
+    if not seen:
+        raise InputError("no foreground labels in any prediction or ground truth file")
+    classes = [(v, names.get(v, f"label_{v}")) for v in sorted(seen)]
+    rows: list[ClassResult] = []
+    for case in cases:
+        done = {r.label_value: r for r in per_case[case]}
+        for value, name in classes:
+            # A class seen only in other cases is absent from both masks here.
+            row = done.get(value) or ClassResult(case, name, value, *(float("nan"),) * len(METRICS), 0, 0, "both")
+            row.class_name = name
+            rows.append(row)
+    summary = summarize(rows)
+    document = {
+        "schema": "buseg-evaluation", "schema_version": 1,
+        "protocol": "medpy-style dc/jc/hd95/asd; a class missing from the prediction scores 0 on all four; "
+                    "see docs/inference.md",
+        "predictions": [str(p) for p in predictions], "truths": [str(t) for t in truths],
+        "classes": [{"label_value": v, "name": n} for v, n in classes],
+        "summary": summary, "cases": [asdict(r) for r in rows],
+        "unmatched_predictions": unmatched_pred, "unmatched_truths": unmatched_truth,
+        "seconds": time.perf_counter() - start,
+    }
+    with atomic_path(csv_path, overwrite=overwrite) as temp:
+        temp.write_text(_rows_csv(rows))
+    with atomic_path(json_path, overwrite=overwrite) as temp:
+        temp.write_text(json.dumps(_json_safe(document), indent=2) + "\n")
+    return EvaluationResult(rows, summary, csv_path, json_path, unmatched_pred, unmatched_truth)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A terminal table: one line per class and the mean over classes (Dice/Jaccard in %)."""
+
+    def fmt(value: float, percent: bool = False) -> str:
+        if not math.isfinite(value):
+            return "-"
+        return f"{100 * value:.2f}" if percent else f"{value:.2f}"
+
+    header = f"{'class':<22}{'Dice %':>8}{'Jacc. %':>9}{'HD95 mm':>9}{'ASD mm':>8}{'HD95 vx':>9}{'ASD vx':>8}  empty p/t"
+    lines = [header, "-" * len(header)]
+    for name, c in summary["classes"].items():
+        lines.append(f"{name[:21]:<22}{fmt(c['dice'], True):>8}{fmt(c['jaccard'], True):>9}{fmt(c['hd95_mm']):>9}"
+                     f"{fmt(c['asd_mm']):>8}{fmt(c['hd95_voxels']):>9}{fmt(c['asd_voxels']):>8}"
+                     f"  {c['empty_prediction']}/{c['empty_truth']}")
+    m = summary["mean"]
+    lines.append("-" * len(header))
+    lines.append(f"{'mean over classes':<22}{fmt(m['dice'], True):>8}{fmt(m['jaccard'], True):>9}{fmt(m['hd95_mm']):>9}"
+                 f"{fmt(m['asd_mm']):>8}{fmt(m['hd95_voxels']):>9}{fmt(m['asd_voxels']):>8}")
+    lines.append(f"{summary['cases']} case(s). Empty p/t = cases where the class is missing from the prediction "
+                 "(scored 0 on all four, published protocol) / from the truth (distances left out).")
+    return "\n".join(lines)
+

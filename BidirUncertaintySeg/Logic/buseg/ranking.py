@@ -1,0 +1,199 @@
+"""Which case to label next: ranking unlabeled images by model uncertainty (``buseg rank``).
+
+Active learning's "label the most uncertain first" loop, as MONAI Label scores images, but
+each ranked image also comes with the regions to look at. Per image, with u the voxel
+uncertainty (normalised entropy), F the number of voxels predicted as foreground (any
+non-background class), and A the *attention* voxels (predicted foreground, or u above the
+region threshold):
+
+* ``dice-risk`` (**default**) = E / (2F + E) with E = sum of u over A (expected errors, in
+  voxels). A Dice-like ratio of expected errors to the predicted structures: 0 when the model
+  is sure of everything it segments, towards 1 when the uncertain volume dwarfs the
+  structures, and 1 when the model finds nothing but doubts somewhere (it is lost). Errors
+  weigh relative to structure size, as in Dice; certain background far from any structure
+  does not count, so neither the field of view nor the voxel size matters.
+* ``mean-uncertainty`` = mean of u over the whole image (MONAI Label's epistemic score).
+  Grows with the image's share of uncertain voxels, so it favours images whose anatomy fills
+  a larger part of the field of view.
+* ``flagged-volume`` = sum of u x voxel volume over the voxels above the region threshold
+  (mm^3 of expected errors a reviewer would be shown): favours large images with much to fix.
+
+A model that finds nothing and doubts nothing gives 0 on every score. Ties are broken by
+case name. Measured with a tiny 2D model (Testing/Python/test_rank.py): images with more noise than
+the training images rank first with ``dice-risk`` and ``mean-uncertainty``; a plain mean of
+u over A (without the 2F) ranked them *last*, because many moderately uncertain voxels
+dilute such a mean.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import PredictConfig, to_dict
+from .errors import InputError, OutputError
+from .events import EventSink
+from .inference import (
+    Prediction,
+    _json_safe,
+    collect_images,
+    iter_predictions,
+    load_for_prediction,
+    output_paths,
+    output_suffix,
+    write_prediction,
+)
+from .io import atomic_path
+
+SCORES = ("dice-risk", "mean-uncertainty", "flagged-volume")
+SCORE_FIELDS = {"dice-risk": "dice_risk", "mean-uncertainty": "mean_uncertainty",
+                "flagged-volume": "flagged_volume_mm3"}
+
+
+def case_statistics(prediction: Prediction, threshold: float) -> dict[str, float]:
+    """The per-image numbers every score is taken from (see the module docstring)."""
+    uncertainty = prediction.uncertainty_map
+    foreground = prediction.labels > 0
+    attention = foreground | (uncertainty > threshold)
+    expected_errors = float(uncertainty[attention].sum(dtype=np.float64))
+    foreground_voxels = int(foreground.sum())
+    denominator = 2 * foreground_voxels + expected_errors
+    voxel_mm3 = prediction.reference.voxel_volume_mm3
+    return {
+        "dice_risk": expected_errors / denominator if denominator > 0 else 0.0,
+        "mean_uncertainty": float(uncertainty.mean(dtype=np.float64)),
+        "flagged_volume_mm3": float(prediction.regions.total_review_value),
+        "expected_errors_mm3": expected_errors * voxel_mm3,
+        "foreground_volume_mm3": foreground_voxels * voxel_mm3,
+    }
+
+
+def score(statistics: dict[str, float], name: str) -> float:
+    if name not in SCORE_FIELDS:
+        raise ValueError(f"unknown score {name!r} (choose {', '.join(SCORES)})")
+    return float(statistics[SCORE_FIELDS[name]])
+
+
+@dataclass
+class RankResult:
+    entries: list[dict[str, Any]]
+    csv_path: Path
+    json_path: Path
+
+
+STAT_FIELDS = ("dice_risk", "mean_uncertainty", "flagged_volume_mm3", "expected_errors_mm3", "foreground_volume_mm3")
+CSV_FIELDS = ("rank", "case", "score", *STAT_FIELDS, "regions", "top_region_ras", "top_region_mm3", "image")
+
+
+def _csv(entries: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for e in entries:
+        top = e["top_regions"][0] if e["top_regions"] else None
+        writer.writerow({
+            **{k: e[k] for k in ("rank", "case", "score", "image")},
+            **{k: e["statistics"][k] for k in STAT_FIELDS},
+            "regions": e["regions"],
+            "top_region_ras": " ".join(f"{v:.1f}" for v in top["centroid_ras"]) if top else "",
+            "top_region_mm3": f"{top['volume_mm3']:.1f}" if top else "",
+        })
+    return buffer.getvalue()
+
+
+def rank_files(
+    inputs: Sequence[str | Path],
+    config: PredictConfig,
+    *,
+    score_name: str = "dice-risk",
+    top_regions: int = 3,
+    save_predictions: bool = False,
+    events: EventSink | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RankResult:
+    """Predict every image, score it, write ``ranking.csv``/``ranking.json`` in ``config.out_dir``.
+
+    With ``save_predictions`` each case's outputs are written as ``buseg predict`` writes
+    them (``<out>/<case>/``), so the regions can be opened in Slicer.
+    """
+    if score_name not in SCORES:
+        raise InputError(f"unknown score {score_name!r}; choose one of {', '.join(SCORES)}")
+    sink = events or EventSink()
+    config.validate()
+    images = collect_images(inputs)
+    out_dir = Path(config.out_dir)
+    csv_path, json_path = out_dir / "ranking.csv", out_dir / "ranking.json"
+    planned = {case: output_paths(out_dir, case, output_suffix(path, config.output_format)) for case, path in images}
+    if not config.overwrite:
+        existing = [p for p in (csv_path, json_path) if p.exists()]
+        if save_predictions:
+            existing += [p for paths in planned.values() for p in paths.values() if p.exists()]
+        if existing:
+            raise OutputError("exists already; refusing to overwrite it", path=existing[0],
+                              hint="pass --overwrite to replace it, or choose another --out")
+    model, device, reason = load_for_prediction(config)
+    sink.emit("started", job="rank", config={**to_dict(config), "score": score_name}, device=str(device),
+              device_reason=reason, total=len(images), classes=[c["name"] for c in model.classes],
+              buseg_version=__version__)
+    entries, failed = [], []
+    for outcome in iter_predictions(images, model, config, sink=sink, should_stop=should_stop):
+        if outcome.prediction is None:
+            failed.append({"case": outcome.case, "image": str(outcome.path), "error": str(outcome.error)})
+            continue
+        prediction = outcome.prediction
+        stats = case_statistics(prediction, config.region_threshold)
+        outputs: dict[str, str] = {}
+        write_start = time.perf_counter()
+        if save_predictions:
+            outputs = write_prediction(prediction, planned[outcome.case], overwrite=config.overwrite,
+                                       context={"case": outcome.case, "image": str(outcome.path),
+                                                "model": str(config.model_path)})
+        entries.append({
+            "case": outcome.case, "image": str(outcome.path), "score": score(stats, score_name), "statistics": stats,
+            "regions": len(prediction.regions.regions),
+            "top_regions": [r.to_dict() for r in prediction.regions.regions[:top_regions]],
+            "outputs": outputs, "seconds": outcome.seconds + (time.perf_counter() - write_start),
+        })
+        sink.emit("case", index=outcome.index, total=len(images), case=outcome.case, outputs=outputs,
+                  seconds=entries[-1]["seconds"])
+        del prediction
+    if not entries:
+        raise InputError("no image could be predicted; nothing to rank",
+                         hint="; ".join(f"{f['case']}: {f['error']}" for f in failed[:3]))
+    entries.sort(key=lambda e: (-e["score"], e["case"]))
+    for rank, entry in enumerate(entries, start=1):
+        entry["rank"] = rank
+    document = {
+        "schema": "buseg-ranking", "schema_version": 1, "buseg_version": __version__, "score": score_name,
+        "model": str(config.model_path), "config": to_dict(config), "cases": entries, "failed": failed,
+    }
+    with atomic_path(csv_path, overwrite=config.overwrite) as temp:
+        temp.write_text(_csv(entries))
+    with atomic_path(json_path, overwrite=config.overwrite) as temp:
+        temp.write_text(json.dumps(_json_safe(document), indent=2) + "\n")
+    if failed:
+        sink.emit("warning", message=f"{len(failed)} image(s) could not be predicted and are not ranked: "
+                  + ", ".join(f["case"] for f in failed[:10]))
+    return RankResult(entries, csv_path, json_path)
+
+
+def format_ranking(entries: Sequence[dict[str, Any]], score_name: str) -> str:
+    """The ranking as a terminal table (label the first rows first)."""
+    header = (f"{'rank':>4}  {'case':<28}{score_name:>18}{'flagged mm3':>13}{'regions':>9}  "
+              "top region centroid (RAS mm)")
+    lines = [header, "-" * len(header)]
+    for e in entries:
+        top = e["top_regions"][0] if e["top_regions"] else None
+        where = ", ".join(f"{v:.1f}" for v in top["centroid_ras"]) if top else "-"
+        lines.append(f"{e['rank']:>4}  {e['case'][:27]:<28}{e['score']:>18.4f}"
+                     f"{e['statistics']['flagged_volume_mm3']:>13.1f}{e['regions']:>9}  {where}")
+    return "\n".join(lines)

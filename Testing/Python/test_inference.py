@@ -1,0 +1,243 @@
+"""Inference: sliding windows as MONAI, slices along the training axis, bounded memory, OOM retry,
+normalisation as in training, and uncertainty that means something (trained tiny model)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from buseg.checkpoint import LoadedModel, load_model, save_checkpoint
+from buseg.config import PredictConfig, TrainConfig
+from buseg.errors import Cancelled, ConfigError, ResourceError
+from buseg.inference import (
+    flip_sets,
+    largest_component_per_class,
+    predict_case,
+    predict_probabilities,
+    probability_chunks,
+)
+from buseg.io import Volume, read_image, read_label
+from buseg.networks import build_network
+from buseg.preprocessing import normalize_intensity
+from buseg.synthetic import rotation_direction, write_dataset
+from buseg.train import train
+from buseg.uncertainty import normalized_entropy
+
+
+def _untrained(tmp_path, dimension="2d", *, dropout=True, patch=None, classes=3, seed=0) -> LoadedModel:
+    torch.manual_seed(seed)
+    name = "unet2d" if dimension == "2d" else "vnet"
+    network = build_network(name, in_channels=1, num_classes=classes + 1, base_channels=4, dropout=dropout)
+    metadata = {
+        "method": "supervised", "dimension": dimension, "normalization": "minmax",
+        "network": {"name": name, "in_channels": 1, "num_classes": classes + 1, "base_channels": 4, "dropout": dropout},
+        "classes": [{"index": i, "name": f"c{i}", "label_value": i, "color": [0.5, 0.5, 0.5]}
+                    for i in range(classes + 1)],
+        "patch_size": patch or ([32, 32] if dimension == "2d" else [32, 32, 16]), "slice_axis": 2,
+    }
+    path = tmp_path / f"{dimension}_{dropout}_{seed}.pt"
+    save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
+    return load_model(path)
+
+
+def _image(shape=(9, 40, 36), seed=0) -> Volume:
+    rng = np.random.default_rng(seed)
+    array = rng.normal(100.0, 20.0, shape).astype(np.float32)
+    array[2:7, 10:30, 8:28] += 80.0
+    return Volume(array, (0.9, 1.1, 3.0), (12.0, -7.0, 30.0), rotation_direction(15))
+
+
+# --------------------------------------------------------------------------------------
+# How volumes are run
+
+
+@pytest.mark.parametrize(("patch", "stride"), [([32, 32, 16], None), ([32, 32, 16], [7, 9, 5]), ([48, 32, 48], None)])
+def test_3d_windows_equal_monai_sliding_window_inference(patch, stride):
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(0)
+    network = build_network("vnet", in_channels=1, num_classes=3, base_channels=4).eval()
+    image = np.random.default_rng(1).random((37, 50, 45), dtype=np.float32)
+    mine = predict_probabilities(network, image, dimension="3d", patch_size_xyz=patch, batch_size=3, stride_xyz=stride)
+    roi = tuple(patch[::-1])
+    overlap = 0.5 if stride is None else tuple(1 - s / r for s, r in zip(stride[::-1], roi, strict=True))
+    with torch.no_grad():
+        reference = sliding_window_inference(torch.from_numpy(image)[None, None], roi, 3,
+                                             lambda x: torch.softmax(network(x), 1), overlap=overlap,
+                                             mode="gaussian")[0]
+    assert mine.shape == (3, 37, 50, 45)
+    assert torch.allclose(mine, reference, atol=1e-6)
+
+
+def test_3d_output_is_finished_slab_by_slab_not_held_whole():
+    """Memory bound: the blended probabilities come in z-slabs no deeper than a window plus steps."""
+    image = np.random.default_rng(0).random((100, 20, 20), dtype=np.float32)
+    axis, chunks = probability_chunks(lambda x: torch.softmax(torch.cat([x, -x], 1), 1), image, dimension="3d",
+                                      patch_size_xyz=[16, 16, 16], batch_size=2, overlap=0.5)
+    spans = [(a, b) for a, b, _ in chunks]
+    assert axis == 0 and spans[0][0] == 0 and spans[-1][1] == 100
+    assert all(b0 == a1 for (_, b0), (a1, _) in itertools.pairwise(spans))  # contiguous, in order
+    assert len(spans) >= 10 and max(b - a for a, b in spans) <= 16
+
+
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+def test_2d_runs_slices_along_the_training_axis(slice_axis):
+    """With the patch equal to the plane size there is no resizing: probabilities are exactly the network's."""
+    image = np.random.default_rng(0).normal(size=(6, 10, 14)).astype(np.float32)
+    plane_zyx = [s for axis, s in enumerate(image.shape) if axis != 2 - slice_axis]
+    seen_shapes = []
+
+    def network(x):
+        seen_shapes.append(tuple(x.shape[2:]))
+        return torch.cat([x, -x, 0 * x], 1)
+
+    probs = predict_probabilities(network, image, dimension="2d", patch_size_xyz=plane_zyx[::-1],
+                                  slice_axis=slice_axis, batch_size=4)
+    expected = torch.softmax(torch.from_numpy(np.stack([image, -image, 0 * image])), 0)
+    assert torch.allclose(probs, expected, atol=1e-6)
+    assert set(seen_shapes) == {tuple(plane_zyx)}
+
+
+def test_2d_resizes_to_the_training_size_and_back(tmp_path):
+    model = _untrained(tmp_path, "2d", patch=[32, 48])
+    image = _image()
+    prediction = predict_case(model, image, PredictConfig(), keep_probabilities=True)
+    probs = prediction.probabilities
+    assert probs.shape == (4, *image.array.shape)
+    assert np.allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+    assert np.array_equal(prediction.labels, probs.argmax(axis=0))
+    entropy = normalized_entropy(torch.from_numpy(probs)[None], dim=1)[0].numpy()
+    assert np.allclose(prediction.uncertainty_map, entropy, atol=1e-5)
+    assert prediction.uncertainty_map.dtype == np.float32
+
+
+def test_normalisation_is_the_models_so_intensity_scale_does_not_matter(tmp_path):
+    model = _untrained(tmp_path, "2d")
+    image = _image()
+    rescaled = image.with_array(image.array * 7.5 - 300.0)
+    a, b = predict_case(model, image), predict_case(model, rescaled)
+    assert np.array_equal(a.labels, b.labels)
+    assert np.allclose(a.uncertainty_map, b.uncertainty_map, atol=1e-4)
+    # ...and equal to the training loop's validation path on the normalised volume.
+    probs = predict_probabilities(model.network, normalize_intensity(image.array, "minmax"), dimension="2d",
+                                  patch_size_xyz=model.patch_size_xyz, slice_axis=2)
+    assert np.array_equal(a.labels, probs.argmax(0).numpy())
+
+
+@pytest.mark.parametrize("dimension", ["2d", "3d"])
+def test_out_of_memory_is_retried_with_smaller_batches(tmp_path, dimension, monkeypatch):
+    model = _untrained(tmp_path, dimension)
+    image = _image(shape=(20, 40, 36))
+    config = PredictConfig(sw_batch_size=4, slice_batch_size=8)
+    expected = predict_case(model, image, config)
+    original = type(model.network).forward
+    batches = []
+
+    def forward(self, x):
+        batches.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, x)
+
+    monkeypatch.setattr(type(model.network), "forward", forward)
+    warnings = []
+    retried = predict_case(model, image, config, warn=warnings.append)
+    assert np.array_equal(retried.labels, expected.labels)
+    assert np.allclose(retried.uncertainty_map, expected.uncertainty_map, atol=1e-5)
+    halving = [8, 4, 2, 1] if dimension == "2d" else [4, 2, 1]
+    assert batches[: len(halving)] == halving
+    assert any("out of memory" in w for w in warnings)
+
+    def always(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(type(model.network), "forward", always)
+    with pytest.raises(ResourceError, match="even with one"):
+        predict_case(model, image, config)
+
+
+def test_cancel_stops_between_batches(tmp_path):
+    model = _untrained(tmp_path, "2d")
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(Cancelled):
+        predict_case(model, _image(shape=(40, 40, 36)), PredictConfig(slice_batch_size=4), should_stop=should_stop)
+
+
+def test_largest_component_keeps_one_blob_per_class():
+    labels = np.zeros((5, 10, 10), dtype=np.uint8)
+    labels[1:4, 1:5, 1:5] = 1  # big
+    labels[1, 8, 8] = 1        # speck of class 1
+    labels[3, 8, 1:3] = 2      # class 2: two blobs, the larger one stays
+    labels[0, 0, 9] = 2
+    out = largest_component_per_class(labels, 3)
+    assert out[1, 8, 8] == 0 and out[0, 0, 9] == 0
+    assert (out == 1).sum() == 48 and (out == 2).sum() == 2
+
+
+def test_mc_dropout_needs_dropout_layers(tmp_path):
+    model = _untrained(tmp_path, "2d", dropout=False)
+    with pytest.raises(ConfigError, match="dropout"):
+        predict_case(model, _image(), PredictConfig(uncertainty="mc-dropout"))
+
+
+def test_tta_uses_flip_combinations_identity_first():
+    assert flip_sets(2, 8) == [(), (2,), (3,), (2, 3)]
+    assert len(flip_sets(3, 8)) == 8 and flip_sets(3, 3) == [(), (2,), (3,)]
+
+
+# --------------------------------------------------------------------------------------
+# Uncertainty with a trained tiny model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    folders = write_dataset(root / "data", labeled=2, unlabeled=0, test=1, shape_zyx=(16, 48, 48), seed=3)
+    config = TrainConfig()
+    config.method.name = "supervised"
+    config.data.labeled = str(folders["labeled"])
+    config.model.patch_size = [48, 48]
+    config.optim.iterations = 30
+    config.optim.batch_size = 4
+    config.out_dir = str(root / "run")
+    config.validation_interval = 0
+    result = train(config)
+    image = read_image(folders["test"] / "images" / "test_000.nii.gz")
+    truth = read_label(folders["test"] / "labels" / "test_000.nii.gz").array
+    return load_model(result.model_path), image, truth
+
+
+@pytest.mark.parametrize(("method", "samples"), [("entropy", 1), ("mc-dropout", 6), ("tta", 4)])
+def test_uncertainty_is_higher_where_the_model_is_wrong(trained, method, samples):
+    model, image, truth = trained
+    prediction = predict_case(model, image, PredictConfig(uncertainty=method, samples=samples))
+    wrong = prediction.labels != truth
+    assert 0.001 < wrong.mean() < 0.5, "the tiny model should be partly right, partly wrong"
+    u = prediction.uncertainty_map
+    assert u[wrong].mean() > 3 * u[~wrong].mean()
+    assert u.min() >= 0.0 and u.max() <= 1.0
+
+
+def test_mc_dropout_t1_is_one_noisy_pass_and_more_passes_converge(trained):
+    """As documented in buseg.uncertainty: T=1 is a single dropout pass (not the deterministic map);
+    the map is reproducible for a seed, and the spread between seeds shrinks as T grows."""
+    model, image, _ = trained
+
+    def run(samples, seed):
+        return predict_case(model, image, PredictConfig(uncertainty="mc-dropout", samples=samples, seed=seed))
+
+    deterministic = predict_case(model, image, PredictConfig(uncertainty="entropy")).uncertainty_map
+    one_a, one_b = run(1, 0).uncertainty_map, run(1, 1).uncertainty_map
+    assert np.array_equal(one_a, run(1, 0).uncertainty_map)
+    assert np.abs(one_a - deterministic).mean() > 1e-3
+    many_a, many_b = run(8, 0).uncertainty_map, run(8, 1).uncertainty_map
+    assert np.abs(many_a - many_b).mean() < 0.6 * np.abs(one_a - one_b).mean()
+    assert not model.network.training and all(not m.training for m in model.network.modules())

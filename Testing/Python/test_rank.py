@@ -1,0 +1,88 @@
+"""``buseg rank``: the images the model is least sure about come first, with regions to look at."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from buseg.cli import main
+from buseg.config import PredictConfig, TrainConfig
+from buseg.errors import OutputError
+from buseg.inference import predict_case
+from buseg.io import read_image, write_image
+from buseg.ranking import case_statistics, rank_files
+from buseg.synthetic import make_case, write_dataset
+from buseg.train import train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model trained on noise level 0.08, and unlabeled images with less and much more noise."""
+    root = tmp_path_factory.mktemp("rank")
+    folders = write_dataset(root / "data", labeled=2, unlabeled=0, test=0, shape_zyx=(16, 48, 48), seed=3)
+    config = TrainConfig()
+    config.method.name = "supervised"
+    config.data.labeled = str(folders["labeled"])
+    config.model.patch_size = [48, 48]
+    config.optim.iterations = 30
+    config.optim.batch_size = 4
+    config.out_dir = str(root / "run")
+    config.validation_interval = 0
+    model = train(config).model_path
+    rng = np.random.default_rng(11)
+    pool = root / "pool"
+    for name, noise in (("a_clean", 0.03), ("b_noisy", 0.3), ("c_very_noisy", 0.6)):
+        write_image(make_case(rng, (16, 48, 48), noise=noise).image, pool / f"{name}.nii.gz")
+    return model, pool
+
+
+def test_the_noisiest_images_rank_first_with_the_default_and_the_mean_score(setup, tmp_path):
+    model, pool = setup
+    for score in ("dice-risk", "mean-uncertainty"):
+        config = PredictConfig(model_path=str(model), out_dir=str(tmp_path / score))
+        result = rank_files([pool], config, score_name=score)
+        assert [e["case"] for e in result.entries] == ["c_very_noisy", "b_noisy", "a_clean"], score
+        assert [e["rank"] for e in result.entries] == [1, 2, 3]
+        scores = [e["score"] for e in result.entries]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_statistics_are_those_of_the_prediction(setup, tmp_path):
+    from buseg.checkpoint import load_model
+
+    model_path, pool = setup
+    config = PredictConfig(model_path=str(model_path), out_dir=str(tmp_path / "r"))
+    entries = {e["case"]: e for e in rank_files([pool], config, top_regions=2).entries}
+    prediction = predict_case(load_model(model_path), read_image(pool / "b_noisy.nii.gz"), config)
+    stats = case_statistics(prediction, config.region_threshold)
+    u, foreground = prediction.uncertainty_map, prediction.labels > 0
+    errors = u[foreground | (u > config.region_threshold)].sum(dtype=np.float64)
+    assert stats["dice_risk"] == pytest.approx(errors / (2 * foreground.sum() + errors))
+    assert stats["mean_uncertainty"] == pytest.approx(float(u.mean()))
+    assert entries["b_noisy"]["statistics"] == pytest.approx(stats)
+    assert entries["b_noisy"]["top_regions"] == [r.to_dict() for r in prediction.regions.regions[:2]]
+
+
+def test_cli_rank_prints_and_writes_the_ranking(setup, tmp_path, capsys):
+    model, pool = setup
+    out = tmp_path / "out"
+    argv = ["rank", str(pool), "--model", str(model), "--out", str(out), "--progress", "none", "--num-threads", "1",
+            "--save-predictions"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:3] == ["rank", "case", "dice-risk"]
+    assert printed[2].split()[:2] == ["1", "c_very_noisy"]
+    with open(out / "ranking.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["case"] for r in rows] == ["c_very_noisy", "b_noisy", "a_clean"] and rows[0]["rank"] == "1"
+    document = json.loads((out / "ranking.json").read_text())
+    assert document["score"] == "dice-risk" and len(document["cases"][0]["top_regions"]) <= 3
+    assert (out / "a_clean" / "a_clean.seg.nrrd").is_file() and (out / "a_clean" / "regions.json").is_file()
+    plain = [("plain" if a == "none" else a) for a in argv]
+    assert main(plain) == 2  # ranking files exist: refused without --overwrite
+    assert "exists already" in capsys.readouterr().err
+    with pytest.raises(OutputError):
+        rank_files([pool], PredictConfig(model_path=str(model), out_dir=str(out)))
