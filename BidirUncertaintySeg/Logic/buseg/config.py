@@ -195,7 +195,7 @@ class URLConfig:
         "pixels) form the high-uncertainty region.",
     )
     source: Literal["teacher", "student"] = opt(
-        "teacher",
+        "student",
         "Uncertainty of labeled pixels from the teacher (its batched pass is extended to the labeled "
         "images) or from the student's own detached prediction (free).",
         choices=("teacher", "student"),
@@ -239,6 +239,11 @@ class TrainConfig:
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     url: URLConfig = field(default_factory=URLConfig)
     crl: CRLConfig = field(default_factory=CRLConfig)
+    init_weights: str | None = opt(
+        None,
+        "Start from this model file's weights (fine-tuning, or a shared supervised pre-training: with "
+        "--pretrain-iterations 0 bcp/buarl self-train from it directly). Classes and network must match.",
+    )
     out_dir: str = opt("runs/train", "Output folder (model files, logs); created if missing.", flag="--out")
     seed: int = opt(1337, "Random seed (data order, augmentation, masks, initialisation).")
     device: str = opt("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.")

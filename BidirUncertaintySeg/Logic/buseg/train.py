@@ -44,7 +44,7 @@ from .data import TrainingData, load_training_data
 from .device import autocast_dtype, configure_threads, resolve_device
 from .distributed import DistributedContext, init_distributed
 from .errors import BusegError, Cancelled, ConfigError, OutputError
-from .events import EventSink
+from .events import EventSink, split_logs
 from .inference import predict_probabilities
 from .io import write_json_atomic
 from .methods import Batch, Method, StepContext, build_method
@@ -179,13 +179,20 @@ def dice_per_class(prediction: np.ndarray, truth: np.ndarray, num_classes: int) 
 
 
 def evaluate(network: nn.Module, data: TrainingData, config: TrainConfig, device: torch.device,
-             forward: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-    """Mean foreground Dice (and per class) of ``network`` on the validation volumes."""
+             forward: Callable[[torch.Tensor], torch.Tensor],
+             should_stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """Mean foreground Dice (and per class) of ``network`` on the validation volumes.
+
+    Returns None if ``should_stop`` turned True between cases (a cancel need not wait for
+    a long validation).
+    """
     was_training = network.training
     network.eval()
     per_class = []
     try:
         for case in data.validation:
+            if should_stop is not None and should_stop():
+                return None
             probabilities = predict_probabilities(
                 forward, case.image, dimension=config.model.dimension, patch_size_xyz=config.model.patch_size,
                 slice_axis=config.model.slice_axis, device=device,
@@ -228,7 +235,22 @@ def _random_states(generator: torch.Generator) -> dict[str, Any]:
     return states
 
 
-def _restore_random_states(states: dict[str, Any], generator: torch.Generator) -> None:
+def _restore_random_states(state: dict[str, Any], generator: torch.Generator, dist: DistributedContext,
+                           seed: int, iteration: int) -> None:
+    """Restore this rank's random states; under torchrun each rank has its own (``random_per_rank``)."""
+    per_rank = state.get("random_per_rank") or [state["random"]]
+    if dist.rank < len(per_rank) and len(per_rank) == dist.world_size:
+        _set_random_states(per_rank[dist.rank], generator)
+        return
+    # Resumed with another number of processes: rank 0 continues its own stream; the
+    # others start fresh streams (the run stays valid, only not bit-identical).
+    _set_random_states(per_rank[0], generator)
+    if dist.rank:
+        generator.manual_seed(seed + 1000 * dist.rank + iteration)
+        torch.manual_seed(seed + dist.rank + iteration)
+
+
+def _set_random_states(states: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(states["sampler"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
@@ -271,12 +293,13 @@ def train(
 ) -> TrainResult:
     """Train a model as ``config`` says; returns where the outputs are.
 
-    ``should_stop`` is polled after every iteration: when it returns True, ``last.pt`` is
-    written and :class:`~buseg.errors.Cancelled` is raised. ``data`` may be passed to reuse
-    data already in memory (benchmarks); otherwise it is loaded from the config.
+    ``should_stop`` is polled after every iteration (and between validation cases): when
+    it returns True, ``last.pt`` is written and :class:`~buseg.errors.Cancelled` is raised
+    (its ``outputs`` name last.pt). Under torchrun all ranks agree on stopping. ``data``
+    may be passed to reuse data already in memory (benchmarks); otherwise it is loaded
+    from the config.
     """
     sink = events or EventSink()
-    dist = init_distributed()
     out_dir = Path(config.out_dir)
     stored = None
     if resume:
@@ -288,6 +311,9 @@ def train(
             raise OutputError("last.pt is a model file without training state; cannot resume", path=last)
         config = _resume_config(config, stored["metadata"]["config"], sink)
     config.validate()
+    dist = init_distributed(config.device)
+    if not dist.is_main:
+        sink = EventSink()  # only rank 0 reports (docs/worker-protocol.md, multi-GPU)
     lock = OutputLock(out_dir)
     if dist.is_main:
         prepare_output_folder(out_dir, resume=resume, overwrite=overwrite)
@@ -297,6 +323,7 @@ def train(
     finally:
         if dist.is_main:
             lock.release()
+        dist.shutdown()
 
 
 def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_stop: Callable[[], bool],
@@ -331,6 +358,8 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
 
     student = build_network(config.network_name, in_channels=1, num_classes=data.num_classes,
                             base_channels=config.model.base_channels, dropout=config.model.dropout).to(device)
+    if config.init_weights:
+        _load_initial_weights(student, config, data)
     teacher = copy.deepcopy(student).requires_grad_(False) if method.uses_teacher else None
     optimizer = _optimizer(student, config, config.optim.lr)
     total = method.pretrain_iterations + config.optim.iterations
@@ -349,13 +378,18 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         start_iteration = int(state["iteration"])
         history = state["history"]
         best_metric, best_iteration = state.get("best_metric"), state.get("best_iteration")
-        _restore_random_states(state["random"], generator)
+        _restore_random_states(state, generator, dist, config.seed, start_iteration)
+        if dist.is_main and len(state.get("random_per_rank") or [None]) != dist.world_size:
+            sink.emit("warning", message=f"resumed with {dist.world_size} process(es), checkpoint written by "
+                      f"{len(state.get('random_per_rank') or [None])}: random batches differ from an uninterrupted run")
 
     amp_dtype = autocast_dtype(device) if config.optim.amp else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     student_module = student
     if dist.enabled:
-        student = dist.wrap(student)
+        student = dist.wrap(student)  # broadcasts rank 0's weights to every rank
+        if teacher is not None and stored is None:
+            teacher.load_state_dict(student_module.state_dict())
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -378,12 +412,14 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
 
     def write_last(iteration: int) -> Path:
         path = out_dir / "last.pt"
+        random_per_rank = dist.gather(_random_states(generator))
         if dist.is_main:
             save_checkpoint(path, weights=student_module.state_dict(), metadata=metadata(iteration), training_state={
                 "student": student_module.state_dict(),
                 "teacher": teacher.state_dict() if teacher is not None else None,
                 "optimizer": optimizer.state_dict(), "iteration": iteration, "history": history,
-                "best_metric": best_metric, "best_iteration": best_iteration, "random": _random_states(generator),
+                "best_metric": best_metric, "best_iteration": best_iteration, "random": random_per_rank[0],
+                "random_per_rank": random_per_rank,
             })
             write_json_atomic(out_dir / "history.json", history)
             sink.emit("checkpoint", iteration=iteration, path=str(path), kind="last")
@@ -393,8 +429,14 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         write_json_atomic(out_dir / "config.json", to_dict(config))
     sink.emit("started", job="train", config=to_dict(config), device=str(device), device_reason=reason,
               total=total, start_iteration=start_iteration, world_size=dist.world_size,
+              global_batch_size=config.optim.batch_size * dist.world_size,
+              amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
+              num_threads=torch.get_num_threads(), buseg_version=__version__,
               classes=[c["name"] for c in data.classes], resumed=stored is not None)
 
+    if dist.any(should_stop()):  # cancelled while the data were loading
+        raise _cancelled(f"cancelled before iteration {start_iteration + 1} of {total}", out_dir,
+                         resumable=stored is not None)
     student.train()
     window_losses: dict[str, list[float]] = {}
     window_start, window_iterations = time.perf_counter(), 0
@@ -406,6 +448,7 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         if stage == "train" and iteration == method.pretrain_iterations and method.pretrain_iterations:
             # BCP: self-training starts from the pre-trained model, teacher included, with a fresh optimizer.
             teacher.load_state_dict(student_module.state_dict())
+            dist.sync_buffers(teacher)
             optimizer = _optimizer(student_module, config, config.optim.self_training_lr or config.optim.lr)
         lr = learning_rate(config, stage, stage_iteration, stage_length)
         for group in optimizer.param_groups:
@@ -435,6 +478,7 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
             optimizer.step()
         if teacher is not None and (stage == "train" or not method.pretrain_iterations):
             ema_update(teacher, student_module, config.method.ema_decay, stage_iteration)
+            dist.sync_buffers(teacher)  # DDP: every rank keeps rank 0's teacher statistics
 
         done = iteration + 1
         window_iterations += 1
@@ -443,30 +487,37 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         if done % config.log_interval == 0 or done == total:
             seconds = time.perf_counter() - window_start
             speed = window_iterations / seconds if seconds > 0 else None
-            means = {k: float(np.mean(v)) for k, v in window_losses.items()}
+            means = dist.mean({k: float(np.mean(v)) for k, v in window_losses.items()})  # over ranks
             history["losses"].append({"iteration": done, "stage": stage, **means})
             history["lr"].append({"iteration": done, "lr": lr})
-            sink.emit("progress", iteration=done, total=total, stage=stage, losses=means, lr=lr,
+            losses, stats = split_logs(means)
+            sink.emit("progress", iteration=done, total=total, stage=stage, losses=losses, stats=stats, lr=lr,
                       iterations_per_second=speed,
                       eta_seconds=(total - done) / speed if speed else None)
             window_losses, window_start, window_iterations = {}, time.perf_counter(), 0
         if dist.is_main and data.validation and config.validation_interval and (
             done % config.validation_interval == 0 or done == total
         ):
-            metrics = evaluate(student_module, data, config, device, eval_forward)
+            validation_start = time.perf_counter()
+            metrics = evaluate(student_module, data, config, device, eval_forward,
+                               should_stop if done < total else None)
+        else:
+            metrics = None
+        if metrics is not None:  # None: no validation now, or interrupted by a cancel
             history["validation"].append({"iteration": done, "stage": stage, **metrics})
             if best_metric is None or metrics["dice"] > best_metric:
                 best_metric, best_iteration = metrics["dice"], done
                 save_checkpoint(out_dir / "best.pt", weights=student_module.state_dict(),
                                 metadata=metadata(done, {"validation": metrics}))
                 sink.emit("checkpoint", iteration=done, path=str(out_dir / "best.pt"), kind="best")
-            sink.emit("validation", iteration=done, metrics=metrics, best=best_metric, best_iteration=best_iteration)
+            sink.emit("validation", iteration=done, metrics=metrics, best=best_metric, best_iteration=best_iteration,
+                      seconds=time.perf_counter() - validation_start)
             window_start = time.perf_counter()  # validation time is not training speed
-        if done % config.checkpoint_interval == 0 and done != total:
+        stop = done < total and dist.any(should_stop())  # every rank stops at the same iteration
+        if (done % config.checkpoint_interval == 0 and done != total) or stop:
             write_last(done)
-        if should_stop():
-            write_last(done)
-            raise Cancelled(f"cancelled at iteration {done} of {total}; resume with --resume")
+        if stop:
+            raise _cancelled(f"cancelled at iteration {done} of {total}; resume with --resume", out_dir)
 
     last_path = write_last(total)
     best_path = out_dir / "best.pt" if best_iteration is not None else None
@@ -482,6 +533,29 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         best_path=best_path, best_metric=best_metric, best_iteration=best_iteration, iterations=total,
         history=history,
     )
+
+
+def _load_initial_weights(student: nn.Module, config: TrainConfig, data: TrainingData) -> None:
+    path = Path(config.init_weights)
+    payload = read_checkpoint(path)
+    meta = payload["metadata"]
+    names = [c["name"] for c in meta["classes"]]
+    if meta["network"]["name"] != config.network_name or names != [c["name"] for c in data.classes]:
+        raise ConfigError(
+            f"--init-weights {path}: a {meta['network']['name']} for classes {names} does not fit this run "
+            f"({config.network_name}, classes {[c['name'] for c in data.classes]})"
+        )
+    try:
+        student.load_state_dict(payload["weights"])
+    except RuntimeError as exc:
+        raise ConfigError(f"--init-weights {path}: weights do not fit the network: {str(exc)[:200]}") from None
+
+
+def _cancelled(message: str, out_dir: Path, *, resumable: bool = True) -> Cancelled:
+    """The exception that ends a cancelled run; ``outputs`` tells the caller what to resume from."""
+    exc = Cancelled(message)
+    exc.outputs = {"last": str(out_dir / "last.pt") if resumable else None, "out_dir": str(out_dir)}
+    return exc
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:

@@ -13,9 +13,9 @@ pseudo-label, and has an uncertainty ``u`` in 0..1 (normalised predictive entrop
   (default, from ``crl.threshold_start`` to ``crl.threshold``) or a batch quantile.
 
 Where u comes from: for pseudo-labeled pixels, the teacher's prediction on the unlabeled
-image, which BCP computes anyway (free). For truth pixels, by default the same teacher
-pass extended to the labeled images (``url_source='teacher'``) or, at no cost, the
-student's own detached prediction on the mixed image (``url_source='student'``). With
+image, which BCP computes anyway (free). For truth pixels, by default the student's own
+detached prediction on the mixed image (``url.source='student'``, free), or the teacher's
+batched pass extended to the labeled images (``url.source='teacher'``, ~1.2x the cost). With
 ``uncertainty.method='mc-dropout'`` the teacher probabilities are the mean of
 ``uncertainty.samples`` dropout passes. Switching both parts off gives exactly BCP.
 """
