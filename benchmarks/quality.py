@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
 
-from buseg.config import TrainConfig, to_dict  # noqa: E402
+from buseg.config import TrainConfig  # noqa: E402
 from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa: E402
 from buseg.events import EventSink  # noqa: E402
 from buseg.train import train  # noqa: E402

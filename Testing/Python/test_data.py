@@ -29,7 +29,7 @@ def test_folder_with_class_names(tiny_dataset):
     assert [c["name"] for c in data.classes] == ["background", "shell", "core", "satellite"]
     assert len(data.labeled_images) == 2 * 16  # two volumes cut into 16 axial slices
     assert len(data.unlabeled_images) == 3 * 16
-    assert all(img.dtype == np.float32 and 0.0 <= img.min() and img.max() <= 1.0 for img in data.labeled_images)
+    assert all(img.dtype == np.float32 and img.min() >= 0.0 and img.max() <= 1.0 for img in data.labeled_images)
     assert set(np.unique(np.concatenate([lab.ravel() for lab in data.labeled_labels]))) == {0, 1, 2, 3}
     assert data.spacing_mm == pytest.approx([1.2, 1.2, 2.5])
 
@@ -92,7 +92,7 @@ def test_json_manifest_with_declared_classes(tmp_path):
     # A value the declared classes do not list is refused, naming the file.
     manifest["classes"] = manifest["classes"][:2]
     (root / "m.json").write_text(json.dumps(manifest))
-    with pytest.raises(InputError, match="lab0.nii.gz.*does not declare"):
+    with pytest.raises(InputError, match=r"lab0\.nii\.gz.*does not declare"):
         load_training_data(config, log=lambda m: None)
 
 

@@ -44,7 +44,7 @@ def error_auroc(uncertainty: np.ndarray, errors: np.ndarray) -> float:
 
 def flag_budget(uncertainty: np.ndarray, budget_fraction: float) -> np.ndarray:
     """The ``budget_fraction`` most uncertain voxels (ties broken by position, exact count)."""
-    count = int(round(budget_fraction * uncertainty.size))
+    count = round(budget_fraction * uncertainty.size)
     flagged = np.zeros(uncertainty.size, dtype=bool)
     if count > 0:
         flagged[np.argpartition(-uncertainty.ravel(), count - 1)[:count]] = True
