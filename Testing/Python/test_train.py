@@ -59,7 +59,8 @@ def test_each_method_trains_and_its_loss_falls(tiny_dataset, tmp_path, method, d
         assert (tmp_path / "run" / name).is_file()
     assert not (tmp_path / "run" / "train.lock").exists()
     if method == "buarl":
-        assert {"url", "crl", "url_selected_fraction", "crl_kept_fraction"} <= set(losses[-1]["losses"])
+        assert {"url", "crl"} <= set(losses[-1]["losses"])
+        assert {"url_selected_fraction", "crl_kept_fraction"} <= set(losses[-1]["stats"])
 
 
 def test_supervised_overfits_a_tiny_dataset(tmp_path):

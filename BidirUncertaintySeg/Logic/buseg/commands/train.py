@@ -1,4 +1,9 @@
-"""``buseg train``: every option of :class:`~buseg.config.TrainConfig` as a flag."""
+"""``buseg train``: every option of :class:`~buseg.config.TrainConfig` as a flag.
+
+Also the training worker: with ``--progress jsonl`` it speaks the protocol of
+docs/worker-protocol.md (events on stdout, cancel by SIGTERM/SIGINT, ``--resume``), and
+under ``torchrun --nproc_per_node=N -m buseg train ...`` it trains with DDP.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="JSON", help="Start from a config file (e.g. a run's config.json); "
                         "flags given on the command line override it.")
     parser.add_argument("--resume", action="store_true",
-                        help="Continue the training in --out from its last checkpoint (last.pt).")
+                        help="Continue the training in --out from its last checkpoint (last.pt), with the "
+                        "configuration stored there (only --device, --num-threads, --log-interval may change).")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace a previous training's outputs in --out (never done without this flag).")
     add_dataclass_arguments(parser, TrainConfig)
@@ -29,24 +35,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         try:
             config = from_dict(TrainConfig, json.loads(path.read_text()), where=str(path))
         except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read the config file: {exc}") from None
+            raise ConfigError(f"cannot read the config file: {exc}", path=path) from None
     return apply_arguments(config, args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import train
-
     setup_logging(args.verbose)
     sink = make_sink(args.progress)
     stop = StopFlag()
-    stop.install()
 
     def job() -> dict:
+        from ..train import train  # torch is imported here, inside the reported job
+
         config = config_from_args(args)
+        # Absolute, so that the paths in events and outputs mean the same to the caller.
+        config.out_dir = str(Path(config.out_dir).expanduser().resolve())
         if not args.resume:
             config.validate()
         result = train(config, events=sink, resume=args.resume, overwrite=args.overwrite, should_stop=stop)
         return {"model": str(result.model_path), "last": str(result.last_path),
                 "best": str(result.best_path) if result.best_path else None, "out_dir": str(result.out_dir)}
 
-    return run_job(sink, job, job_name="train")
+    return run_job(sink, job, job_name="train", stop=stop)
