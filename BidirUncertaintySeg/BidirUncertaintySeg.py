@@ -1,0 +1,817 @@
+"""BidirUncertaintySeg: semi-supervised segmentation with voxel uncertainty and regions to review.
+
+The Slicer module: train a model from a few labeled and many unlabeled volumes, segment a
+volume with an uncertainty heat map and a ranked list of uncertain regions, correct them in
+the Segment Editor, add the corrected case to the labeled set, rank the unlabeled volumes
+to pick the next one - and the same from the Python console (``BidirUncertaintySegLogic``).
+
+Four classes, as Slicer's scripted-module template has them. The widget is a binding layer:
+what the panel shows comes from ``BidirUncertaintySegLib.presenter`` (a Qt-free state
+machine), what the buttons do from ``BidirUncertaintySegLib.workflow`` (MRML glue and the
+background worker), the settings from ``BidirUncertaintySegLib.parameters`` (the parameter
+node). The heavy work runs in a separate process (``PythonSlicer -m buseg ...``), polled
+from a QTimer, so the GUI stays responsive; no custom Qt signals are used (they crash
+PythonQt), only plain Python callbacks.
+"""
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from BidirUncertaintySegLib import dependencies, engine, nodefiles, presenter, review
+from BidirUncertaintySegLib.errors import ModuleError, PreviousTrainingError
+from BidirUncertaintySegLib.parameters import (
+    NODE_REFERENCES,
+    PARAMETERS,
+    WIDGET_BINDINGS,
+    ParameterStore,
+)
+from BidirUncertaintySegLib.workflow import INPUT_VOLUME_ROLE, SlicerContext, Workflow
+
+POLL_INTERVAL_MS = 250
+# Submodules of the library, reloaded by "Reload" (developer mode) before the module itself.
+LIBRARY_MODULES = ("errors", "presenter", "engine", "parameters", "dependencies", "nodefiles", "review", "workflow")
+
+
+#
+# Module
+#
+
+
+class BidirUncertaintySeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "BidirUncertaintySeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["BidirUncertaintySeg developers"]
+        self.parent.helpText = """
+Train a segmentation model from a few labeled and many unlabeled volumes (semi-supervised:
+bidirectional copy-paste with uncertainty-aware region learning), segment a volume with a
+voxel-wise uncertainty heat map and a ranked list of uncertain regions, correct them and add
+the corrected case for the next training. Training and segmentation run in a background
+process; the same operations are available from the Python console
+(<code>slicer.util.getModuleLogic("BidirUncertaintySeg")</code>).
+See the <a href="https://github.com/bidiruncertaintyseg/BidirUncertaintySeg/blob/main/docs/slicer.md">documentation</a>.
+"""
+        self.parent.acknowledgementText = """
+Built on 3D Slicer, PyTorch and MONAI. The semi-supervised method extends bidirectional
+copy-paste (BCP, Bai et al., CVPR 2023) with uncertainty-aware and certainty-aware region
+learning. The module follows the conventions of Slicer's scripted-module template and of the
+SlicerMONAIAuto3DSeg, SlicerNNUnet and SlicerPyTorch extensions.
+"""
+
+
+#
+# Widget
+#
+
+
+class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Binds the .ui widgets to the parameter node, the presenter and the workflow; decides nothing."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.store = None
+        self.presenter = presenter.Presenter()
+        self.job = None
+        self._updatingGUI = False
+        self._dependenciesDeclined = False
+        self._timer = None
+        self._jobButtons = {}
+
+    # -- setup ---------------------------------------------------------------------
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/BidirUncertaintySeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = BidirUncertaintySegLogic()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollJob)
+
+        # Settings <-> parameter node, generically from the parameter definitions.
+        for p in PARAMETERS:
+            if p.widget:
+                _, signal = WIDGET_BINDINGS[p.widgetClass]
+                getattr(self.ui, p.widget).connect(signal, self.updateParameterNodeFromGUI)
+        for widgetName, widgetClass in NODE_REFERENCES.values():
+            if widgetName:
+                _, signal = WIDGET_BINDINGS[widgetClass]
+                getattr(self.ui, widgetName).connect(signal, self.updateParameterNodeFromGUI)
+
+        self._jobButtons = {presenter.TRAIN: self.ui.trainButton, presenter.SEGMENT: self.ui.segmentButton,
+                            presenter.RANK: self.ui.rankButton}
+        self.ui.trainButton.connect("clicked(bool)", lambda: self.onJobButton(presenter.TRAIN))
+        self.ui.segmentButton.connect("clicked(bool)", lambda: self.onJobButton(presenter.SEGMENT))
+        self.ui.rankButton.connect("clicked(bool)", lambda: self.onJobButton(presenter.RANK))
+        self.ui.resumeButton.connect("clicked(bool)", self.onResume)
+        self.ui.addLabeledButton.connect("clicked(bool)", self.onAddLabeled)
+        self.ui.removeLabeledButton.connect("clicked(bool)", self.onRemoveLabeled)
+        self.ui.addUnlabeledButton.connect("clicked(bool)", self.onAddUnlabeled)
+        self.ui.addAllUnlabeledButton.connect("clicked(bool)", self.onAddAllUnlabeled)
+        self.ui.removeUnlabeledButton.connect("clicked(bool)", self.onRemoveUnlabeled)
+        self.ui.addCorrectedCaseButton.connect("clicked(bool)", self.onAddCorrectedCase)
+        self.ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
+        self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
+        self.ui.installDependenciesButton.connect("clicked(bool)", lambda: self.ensureDependencies(force=True))
+        self.ui.regionsTableView.connect("clicked(QModelIndex)", self.onRegionClicked)
+        self.ui.labeledTableWidget.setHorizontalHeaderLabels(["Volume", "Segmentation"])
+        self.ui.labeledTableWidget.horizontalHeader().setStretchLastSection(True)
+
+        self.presenter.addListener(self.applyViewState)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.applyViewState(self.presenter.view)
+
+    def cleanup(self):
+        # A running job is asked to stop (a training writes its checkpoint); the worker also
+        # stops by itself if Slicer exits (it watches the parent process).
+        if self.job is not None and not self.job.done:
+            self.job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self.store is not None:
+            self.removeObserver(self.store.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self):
+        """Reload the library's submodules too (developer mode), then the module."""
+        import importlib
+
+        for name in LIBRARY_MODULES:
+            module = sys.modules.get(f"BidirUncertaintySegLib.{name}")
+            if module is not None:
+                importlib.reload(module)
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    # -- parameter node ---------------------------------------------------------------
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if self.store.nodeReference("InputVolume") is None:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self.store.setNodeReference("InputVolume", first)
+
+    def setParameterNode(self, node):
+        if self.store is not None:
+            self.removeObserver(self.store.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.store = ParameterStore(node) if node is not None else None
+        if self.store is not None:
+            self.store.setDefaults()
+            self.logic.store = self.store
+            self.addObserver(self.store.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        if self.store is None or self._updatingGUI:
+            return
+        self._updatingGUI = True
+        try:
+            for p in PARAMETERS:
+                if p.widget:
+                    self._setWidgetValue(getattr(self.ui, p.widget), p, self.store.get(p.name))
+            for role, (widgetName, _) in NODE_REFERENCES.items():
+                if widgetName:
+                    getattr(self.ui, widgetName).setCurrentNode(self.store.nodeReference(role))
+            self._updateCaseLists()
+            self._updateResultViews()
+            self._updateReadiness()
+        finally:
+            self._updatingGUI = False
+
+    def updateParameterNodeFromGUI(self, *args):
+        if self.store is None or self._updatingGUI:
+            return
+        wasModifying = self.store.node.StartModify()
+        try:
+            for p in PARAMETERS:
+                if p.widget:
+                    self.store.set(p.name, self._widgetValue(getattr(self.ui, p.widget), p))
+            for role, (widgetName, _) in NODE_REFERENCES.items():
+                if widgetName:
+                    self.store.setNodeReference(role, getattr(self.ui, widgetName).currentNode())
+        except ModuleError as exc:
+            self.ui.statusLabel.text = str(exc)
+        finally:
+            self.store.node.EndModify(wasModifying)
+        self._applyDisplaySettings()
+
+    @staticmethod
+    def _widgetValue(widget, p):
+        prop, _ = WIDGET_BINDINGS[p.widgetClass]
+        value = getattr(widget, prop)
+        if p.choices:
+            return p.choices[value] if 0 <= value < len(p.choices) else p.default
+        return value
+
+    @staticmethod
+    def _setWidgetValue(widget, p, value):
+        if p.choices:
+            widget.currentIndex = p.choices.index(value)
+        elif p.widgetClass == "ctkPathLineEdit":
+            widget.currentPath = value
+        else:
+            prop, _ = WIDGET_BINDINGS[p.widgetClass]
+            setattr(widget, prop, value)
+
+    # -- data lists ----------------------------------------------------------------
+
+    def _updateCaseLists(self):
+        cases = self.store.labeledCases()
+        table = self.ui.labeledTableWidget
+        table.setRowCount(len(cases))
+        for row, (volume, segmentation) in enumerate(cases):
+            table.setItem(row, 0, qt.QTableWidgetItem(volume.GetName()))
+            table.setItem(row, 1, qt.QTableWidgetItem(segmentation.GetName()))
+        self.ui.unlabeledListWidget.clear()
+        for volume in self.store.unlabeledVolumes():
+            self.ui.unlabeledListWidget.addItem(volume.GetName())
+        try:
+            segmentations = [s for _, s in cases if s.IsA("vtkMRMLSegmentationNode")]
+            names = [c["name"] for c in nodefiles.classTable(segmentations)]
+            self.ui.classesLabel.text = "Classes: " + (", ".join(names) if names else "-")
+        except ModuleError as exc:
+            self.ui.classesLabel.text = f"Classes: {exc}"
+
+    def onAddLabeled(self):
+        with slicer.util.tryWithErrorDisplay("Cannot add the labeled case.", waitCursor=False):
+            self.store.addLabeledCase(self.ui.labeledVolumeSelector.currentNode(),
+                                      self.ui.labeledSegmentationSelector.currentNode())
+
+    def onRemoveLabeled(self):
+        self.store.removeLabeledCase(self.ui.labeledTableWidget.currentRow())
+
+    def onAddUnlabeled(self):
+        self.store.addUnlabeledVolume(self.ui.unlabeledVolumeSelector.currentNode())
+
+    def onAddAllUnlabeled(self):
+        for volume in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+            if not volume.IsA("vtkMRMLLabelMapVolumeNode") and volume.GetNodeReference(INPUT_VOLUME_ROLE) is None:
+                self.store.addUnlabeledVolume(volume)
+
+    def onRemoveUnlabeled(self):
+        self.store.removeUnlabeledVolume(self.ui.unlabeledListWidget.currentRow)
+
+    # -- presenter -> widgets ----------------------------------------------------------
+
+    def _updateReadiness(self):
+        if self.store is None:
+            return
+        self.presenter.setInputsReady(presenter.TRAIN, self.store.trainProblem())
+        self.presenter.setInputsReady(presenter.SEGMENT, self.store.segmentProblem())
+        self.presenter.setInputsReady(presenter.RANK, self.store.rankProblem())
+        self.presenter.setResumable(engine.resumable(self.store.get("lastRunFolder")))
+
+    def applyViewState(self, view):
+        for job, button in self._jobButtons.items():
+            button.text = view.buttonLabels[job]
+            button.enabled = view.buttonEnabled[job]
+            button.toolTip = view.buttonToolTips.get(job, "")
+        self.ui.resumeButton.enabled = view.resumeEnabled
+        for p in PARAMETERS:
+            if p.widget and p.name not in ("overlayOpacity", "overlayThreshold", "showMarkups"):
+                getattr(self.ui, p.widget).enabled = view.inputsEnabled
+        for name in ("addLabeledButton", "removeLabeledButton", "addUnlabeledButton", "addAllUnlabeledButton",
+                     "removeUnlabeledButton", "addCorrectedCaseButton", "installDependenciesButton",
+                     "labeledVolumeSelector", "labeledSegmentationSelector", "unlabeledVolumeSelector",
+                     "inputVolumeSelector"):
+            getattr(self.ui, name).enabled = view.inputsEnabled
+        self.ui.progressBar.visible = view.progressVisible
+        self.ui.progressBar.maximum = view.progressMaximum
+        self.ui.progressBar.value = view.progressValue
+        self.ui.progressLabel.text = view.progressText
+        self.ui.statusLabel.text = view.statusText + (
+            "\nWarnings: " + "; ".join(view.warnings[-3:]) if view.warnings else "")
+        self.ui.errorLabel.text = view.errorText
+        self.ui.errorLabel.visible = bool(view.errorText)
+        self.ui.showLogButton.enabled = view.showLogEnabled
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def onJobButton(self, kind):
+        action = self.presenter.buttonClicked(kind)
+        if action == "cancel":
+            if self.presenter.cancelRequested() and self.job is not None:
+                self.job.cancel()
+            return
+        if action != "start" or not self.ensureDependencies():
+            return
+        self.presenter.jobStarting(kind)
+        try:
+            with slicer.util.WaitCursor():
+                if kind == presenter.TRAIN:
+                    job = self._startTraining()
+                elif kind == presenter.SEGMENT:
+                    job = self.logic.workflow.startSegmentation(self.store.nodeReference("InputVolume"),
+                                                                self.store.get("modelPath"))
+                else:
+                    job = self.logic.workflow.startRanking(self.store.unlabeledVolumes(), self.store.get("modelPath"))
+        except ModuleError as exc:
+            self.presenter.startFailed(str(exc))
+            return
+        if job is None:
+            self.presenter.startFailed("Training not started.")
+            return
+        self._follow(job)
+
+    def _startTraining(self):
+        workflow = self.logic.workflow
+        outDir = self.store.get("outputFolder") or None
+        try:
+            return workflow.startTraining(self.store.labeledCases(), self.store.unlabeledVolumes(), outDir=outDir)
+        except PreviousTrainingError as exc:
+            if not slicer.util.confirmYesNoDisplay(f"{exc}\n\nReplace the previous training (its model files are "
+                                                   "deleted)?", windowTitle="BidirUncertaintySeg"):
+                return None
+            return workflow.startTraining(self.store.labeledCases(), self.store.unlabeledVolumes(), outDir=outDir,
+                                          overwrite=True)
+
+    def onResume(self):
+        if self.presenter.busy or not self.ensureDependencies():
+            return
+        self.presenter.jobStarting(presenter.TRAIN, resume=True)
+        try:
+            runFolder = self.store.get("lastRunFolder")
+            self.presenter.history.loadEngineHistory(workflowHistory(runFolder))
+            job = self.logic.workflow.resumeTraining(runFolder)
+        except ModuleError as exc:
+            self.presenter.startFailed(str(exc))
+            return
+        self._follow(job)
+
+    def _follow(self, job):
+        self.job = job
+        job.eventListeners.append(self.presenter.handleEvent)
+        if job.kind == presenter.TRAIN:
+            job.eventListeners.append(self._onTrainingEvent)
+            self._showTrainingPlot()
+        job.endListeners.append(self._onWorkerEnded)
+        job.doneListeners.append(self._onJobDone)
+        self._timer.start()
+
+    def onPollJob(self):
+        if self.job is None or self.job.poll():
+            self._timer.stop()
+
+    def _onTrainingEvent(self, event):
+        if event.get("event") in ("progress", "validation"):
+            self._updateTrainingPlot()
+
+    def _onWorkerEnded(self, job):
+        self.presenter.appendLog(job.worker.log)
+        result = job.result
+        self.presenter.workerEnded(result.status, exitCode=result.exitCode, message=result.message,
+                                   logTail=job.worker.logTail(), importsResults=job.importsResults)
+        slicer.app.processEvents()  # show "Loading the results..." before the import blocks the GUI thread
+
+    def _onJobDone(self, job):
+        if job.result.status == "completed" and job.importsResults:
+            summary = ""
+            if job.kind == presenter.SEGMENT and job.value is not None:
+                summary = f"Segmented; {len(job.value.regions)} uncertain region(s) to review."
+            elif job.kind == presenter.RANK and job.value:
+                summary = f"Most informative volume: {job.value[0].volumeNode.GetName()} (now the volume to segment)."
+            elif job.kind == presenter.TRAIN and job.value:
+                summary = f"Model written: {job.value}"
+            self.presenter.importFinished(job.importError, summary)
+        self._updateResultViews()
+        self._updateReadiness()
+
+    # -- plot, results ----------------------------------------------------------------
+
+    def _showTrainingPlot(self):
+        self._updateTrainingPlot()
+        chart = self.store.nodeReference("LossChart")
+        if chart is not None:
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
+
+    def _updateTrainingPlot(self):
+        lossTable, validationTable, chart = review.updateTrainingPlot(
+            slicer.mrmlScene, self.presenter.history, self.store.nodeReference("LossTable"),
+            self.store.nodeReference("ValidationTable"), self.store.nodeReference("LossChart"))
+        if self.store.nodeReference("LossChart") is None:
+            wasModifying = self.store.node.StartModify()
+            self.store.setNodeReference("LossTable", lossTable)
+            self.store.setNodeReference("ValidationTable", validationTable)
+            self.store.setNodeReference("LossChart", chart)
+            self.store.node.EndModify(wasModifying)
+
+    def _updateResultViews(self):
+        self.ui.regionsTableView.setMRMLTableNode(self.store.nodeReference("RegionsTable"))
+        self.ui.rankingTableView.setMRMLTableNode(self.store.nodeReference("RankingTable"))
+        hasResult = self.store.nodeReference("OutputSegmentation") is not None
+        self.ui.editSegmentationButton.enabled = hasResult
+        self.ui.addCorrectedCaseButton.enabled = hasResult and not self.presenter.busy
+
+    def _applyDisplaySettings(self):
+        uncertainty = self.store.nodeReference("UncertaintyVolume")
+        if uncertainty is not None and uncertainty.GetDisplayNode() is not None:
+            review.setOverlayOpacity(slicer.mrmlScene, uncertainty, self.store.get("overlayOpacity"))
+            review.setOverlayThreshold(uncertainty, self.store.get("overlayThreshold"))
+        markups = self.store.nodeReference("RegionsMarkups")
+        if markups is not None and markups.GetDisplayNode() is not None:
+            markups.GetDisplayNode().SetVisibility(self.store.get("showMarkups"))
+
+    # -- review --------------------------------------------------------------------------
+
+    def onRegionClicked(self, index):
+        self.logic.workflow.jumpToRegionRow(index.row())
+
+    def _resultVolume(self):
+        segmentation = self.store.nodeReference("OutputSegmentation")
+        volume = segmentation.GetNodeReference(INPUT_VOLUME_ROLE) if segmentation is not None else None
+        return segmentation, volume or self.store.nodeReference("InputVolume")
+
+    def onEditSegmentation(self):
+        segmentation, volume = self._resultVolume()
+        if segmentation is None:
+            return
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentation)
+        if hasattr(editor, "setSourceVolumeNode"):
+            editor.setSourceVolumeNode(volume)
+        else:  # Slicer before 5.4
+            editor.setMasterVolumeNode(volume)
+
+    def onAddCorrectedCase(self):
+        segmentation, volume = self._resultVolume()
+        with slicer.util.tryWithErrorDisplay("Cannot add the corrected case.", waitCursor=False):
+            if self.logic.workflow.addCorrectedCase(volume, segmentation):
+                self.ui.statusLabel.text = (f"'{volume.GetName()}' is now a labeled case "
+                                            f"({len(self.store.labeledCases())} in all); train again to use it.")
+
+    def onShowLog(self):
+        text = "\n".join(self.presenter.log) or (self.job.worker.log if self.job is not None else "")
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle("BidirUncertaintySeg worker log")
+        box.setText(self.presenter.view.errorText or "The worker's log:")
+        box.setDetailedText(text or "(empty)")
+        if self.job is not None:
+            box.setInformativeText(f"Also in {self.job.outDir / 'worker.log'}")
+        box.exec_()
+
+    # -- dependencies ----------------------------------------------------------------
+
+    def ensureDependencies(self, force=False):
+        """True when the worker's packages are there; otherwise ask once and install them."""
+        problems = dependencies.findProblems()
+        if not problems:
+            if force:
+                slicer.util.infoDisplay("All Python packages the module needs are installed.")
+            return True
+        plan = dependencies.planInstall(problems, pytorchExtensionAvailable=pytorchExtensionAvailable())
+        if plan.blockers:
+            self.presenter.installStarted("Python packages")
+            self.presenter.installFinished("\n".join(plan.blockers))
+            return False
+        if self._dependenciesDeclined and not force:
+            self.presenter.installStarted("Python packages")
+            self.presenter.installFinished("Missing Python packages: " + "; ".join(p.text for p in problems)
+                                           + ". Use 'Install Python packages' to install them.")
+            return False
+        if not slicer.util.confirmOkCancelDisplay(plan.confirmationText(), windowTitle="BidirUncertaintySeg"):
+            self._dependenciesDeclined = True
+            return False
+        self.presenter.installStarted(", ".join(step.distribution for step in plan.steps))
+        slicer.app.processEvents()
+        try:
+            with slicer.util.WaitCursor():
+                self.logic.installDependencies(plan)
+        except ModuleError as exc:
+            self.presenter.installFinished(str(exc))
+            return False
+        if plan.restartNeeded:
+            self.presenter.installFinished(None, "Packages installed. Restart Slicer before using the module.")
+            if slicer.util.confirmYesNoDisplay("Restart Slicer now to use the new packages?"):
+                slicer.util.restart()
+            return False
+        self.presenter.installFinished(None, "Python packages installed.")
+        return True
+
+
+def workflowHistory(runFolder):
+    from BidirUncertaintySegLib.workflow import readHistory
+
+    return readHistory(runFolder) if runFolder else {}
+
+
+def pytorchExtensionAvailable():
+    try:
+        import PyTorchUtils  # noqa: F401 - the PyTorch extension's module
+    except ImportError:
+        return False
+    return True
+
+
+def workerPython():
+    """PythonSlicer: Slicer's Python interpreter as a separate program (the worker)."""
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    raise ModuleError("PythonSlicer (Slicer's Python interpreter) was not found next to the application.")
+
+
+#
+# Logic
+#
+
+
+class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
+    """The console batch API (also what the widget uses). Usable without the GUI::
+
+        logic = slicer.util.getModuleLogic("BidirUncertaintySeg")
+        model = logic.train(labeled=[(ct1, seg1), (ct2, seg2)], unlabeled=[ct3, ct4], iterations=500)
+        segmentation, uncertainty, regions = logic.segment(ct3, model)
+
+    With ``wait=False`` the methods return a running job (``job.done``, ``job.cancel()``,
+    ``job.value``) that a timer follows; ``wait=True`` blocks until it is over.
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        engine.ensureEngineImportable()
+        self.store = None
+        self._jobs = []
+
+    def getParameterStore(self):
+        if self.store is None or self.store.node.GetScene() is not slicer.mrmlScene:
+            self.store = ParameterStore(self.getParameterNode())
+            self.store.setDefaults()
+        return self.store
+
+    def context(self):
+        return SlicerContext(
+            scene=slicer.mrmlScene,
+            segmentationsLogic=slicer.modules.segmentations.logic(),
+            markupsLogic=slicer.modules.markups.logic(),
+            python=workerPython(),
+            env=slicer.util.startupEnvironment(),
+            runsFolder=Path(slicer.app.defaultScenePath) / "BidirUncertaintySeg" / "runs",
+            workFolder=Path(slicer.app.temporaryPath) / "BidirUncertaintySeg",
+        )
+
+    @property
+    def workflow(self):
+        return Workflow(self.context(), self.getParameterStore())
+
+    def _finish(self, job, wait):
+        if not wait:
+            self._followInBackground(job)
+            return job
+        job.wait()
+        job.raiseForFailure()
+        return job.value
+
+    def _followInBackground(self, job):
+        timer = qt.QTimer()
+        timer.setInterval(POLL_INTERVAL_MS)
+
+        def poll():
+            if job.poll():
+                timer.stop()
+                self._jobs.remove((job, timer))
+                if not job.succeeded:
+                    logging.error(f"BidirUncertaintySeg {job.kind} did not succeed: {job.failureMessage()}")
+
+        timer.connect("timeout()", poll)
+        self._jobs.append((job, timer))
+        timer.start()
+
+    # -- console API -------------------------------------------------------------------
+
+    def train(self, labeled=None, unlabeled=None, *, outputFolder=None, overwrite=False, wait=True, **options):
+        """Train a model. ``labeled``: (volume, segmentation or label map) pairs; ``unlabeled``: volumes
+        (default: the lists in the parameter node). ``options``: panel settings for this run, e.g.
+        ``method="bcp", iterations=500, device="cpu"``. Returns the model path (or the job)."""
+        store = self.getParameterStore()
+        labeled = store.labeledCases() if labeled is None else list(labeled)
+        unlabeled = store.unlabeledVolumes() if unlabeled is None else list(unlabeled)
+        job = self.workflow.startTraining(labeled, unlabeled, outDir=outputFolder, overwrite=overwrite,
+                                          overrides=options)
+        return self._finish(job, wait)
+
+    def resumeTraining(self, outputFolder=None, *, wait=True):
+        """Continue an interrupted training (default: the last one). Returns the model path (or the job)."""
+        return self._finish(self.workflow.resumeTraining(outputFolder), wait)
+
+    def segment(self, volumeNode, modelPath=None, uncertainty="entropy", *, wait=True, **options):
+        """Segment a volume. Returns (segmentationNode, uncertaintyVolumeNode, regions) (or the job);
+        ``options``: PredictConfig fields, e.g. ``region_threshold=0.4, samples=8``."""
+        modelPath = modelPath or self.getParameterStore().get("modelPath")
+        job = self.workflow.startSegmentation(volumeNode, modelPath, uncertainty=uncertainty, options=options)
+        if not wait:
+            return self._finish(job, wait)
+        result = self._finish(job, wait)
+        return result.segmentationNode, result.uncertaintyNode, result.regions
+
+    def segmentFiles(self, inputFolder, outputFolder, modelPath=None, uncertainty="entropy", *, wait=True,
+                     overwrite=False, **options):
+        """Segment every image of a folder (or a list of files) into ``outputFolder``; nothing is loaded.
+        Returns {case: outputs} (or the job)."""
+        modelPath = modelPath or self.getParameterStore().get("modelPath")
+        job = self.workflow.segmentFiles(inputFolder, outputFolder, modelPath, uncertainty=uncertainty,
+                                         options=options, overwrite=overwrite)
+        return self._finish(job, wait)
+
+    def rankUnlabeled(self, volumeNodes=None, modelPath=None, uncertainty="entropy", *, wait=True):
+        """Rank unlabeled volumes (default: the parameter node's list), most informative first.
+        Returns [(volumeNode, score), ...] (or the job); the first becomes the volume to segment."""
+        store = self.getParameterStore()
+        volumeNodes = store.unlabeledVolumes() if volumeNodes is None else list(volumeNodes)
+        job = self.workflow.startRanking(volumeNodes, modelPath or store.get("modelPath"), uncertainty=uncertainty)
+        if not wait:
+            return self._finish(job, wait)
+        return [(entry.volumeNode, entry.score) for entry in self._finish(job, wait)]
+
+    def addCorrectedCase(self, volumeNode, segmentationNode):
+        """Add a (corrected) segmentation and its volume to the labeled cases for the next training."""
+        return self.workflow.addCorrectedCase(volumeNode, segmentationNode)
+
+    def jumpToRegion(self, region):
+        """Center the slice views on a region (a Region from segment(), or a row of the regions table)."""
+        if isinstance(region, int):
+            return self.workflow.jumpToRegionRow(region)
+        review.jumpToRegion(slicer.mrmlScene, region, slicer.modules.markups.logic())
+        return region.centroidRas
+
+    def missingDependencies(self):
+        """What the worker needs and Slicer's Python lacks (empty list: ready)."""
+        return dependencies.findProblems()
+
+    def installDependencies(self, plan=None, *, askConfirmation=False):
+        """Install the missing packages (torch through the PyTorch extension when present)."""
+        if plan is None:
+            plan = dependencies.planInstall(dependencies.findProblems(),
+                                            pytorchExtensionAvailable=pytorchExtensionAvailable())
+        if plan.nothingToDo:
+            return True
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(plan.confirmationText()):
+            return False
+
+        def installTorch(specifier):
+            import PyTorchUtils
+
+            return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                 torchVersionRequirement=specifier)
+
+        dependencies.runPlan(plan, installTorch=installTorch, pipInstall=slicer.util.pip_install,
+                             constraintsFolder=slicer.app.temporaryPath, log=logging.info)
+        return True
+
+
+#
+# Test
+#
+
+
+class BidirUncertaintySegTest(ScriptedLoadableModuleTest):
+    """The whole flow inside Slicer on small generated volumes: train, segment, review, add, rank.
+
+    Runs the real worker (PythonSlicer -m buseg) on the CPU for a few iterations (a minute or
+    two). Skipped, with the reason, if the Python packages are not installed.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_TrainSegmentReview()
+
+    def _addVolume(self, volume, name, className="vtkMRMLScalarVolumeNode"):
+        import numpy as np
+
+        node = slicer.mrmlScene.AddNewNodeByClass(className, name)
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(volume.ijk_to_ras()))
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume.array))
+        node.CreateDefaultDisplayNodes()
+        return node
+
+    def _addSegmentation(self, labelVolume, referenceNode, names):
+        import numpy as np
+
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{referenceNode.GetName()} seg")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(referenceNode)
+        for value, name in enumerate(names, start=1):
+            segmentId = segmentation.GetSegmentation().AddEmptySegment("", name)
+            slicer.util.updateSegmentBinaryLabelmapFromArray((labelVolume.array == value).astype(np.uint8),
+                                                             segmentation, segmentId, referenceNode)
+        return segmentation
+
+    def test_TrainSegmentReview(self):
+        import tempfile
+
+        import numpy as np
+
+        self.delayDisplay("Checking the Python packages")
+        missing = dependencies.findProblems()
+        if missing:
+            self.skipTest("missing Python packages: " + "; ".join(p.text for p in missing)
+                          + " (install them with the module's 'Install Python packages' button)")
+        engine.ensureEngineImportable()
+        from buseg.synthetic import CLASS_NAMES, make_case, rotation_direction
+
+        self.delayDisplay("Generating small volumes")
+        rng = np.random.default_rng(3)
+        cases = [make_case(rng, (12, 48, 48), spacing_mm=(1.1, 1.1, 2.5), direction=rotation_direction(15 * i))
+                 for i in range(5)]
+        volumes = [self._addVolume(c.image, f"Case {i}") for i, c in enumerate(cases)]
+        segmentations = [self._addSegmentation(cases[i].label, volumes[i], CLASS_NAMES) for i in range(2)]
+
+        logic = BidirUncertaintySegLogic()
+        store = logic.getParameterStore()
+        folder = Path(tempfile.mkdtemp(prefix="BidirUncertaintySegTest-"))
+
+        self.delayDisplay("Training (a few iterations on the CPU)")
+        model = logic.train(labeled=list(zip(volumes[:2], segmentations, strict=True)), unlabeled=volumes[2:4],
+                            outputFolder=folder / "run", method="buarl", iterations=20, pretrainIterations=10,
+                            batchSize=4, patchSize="48 48", device="cpu", dimension="2d")
+        self.assertTrue(Path(model).is_file())
+        self.assertEqual(store.get("modelPath"), str(model))
+
+        self.delayDisplay("Segmenting with uncertainty")
+        segmentation, uncertainty, regions = logic.segment(volumes[4], model, "entropy")
+        names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                 for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+        self.assertEqual(names, list(CLASS_NAMES))
+        reference = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
+        self.assertIs(reference, volumes[4])
+        self.assertTrue(np.allclose(nodefiles.ijkToRas(uncertainty), nodefiles.ijkToRas(volumes[4]), atol=1e-4))
+        values = slicer.util.arrayFromVolume(uncertainty)
+        self.assertGreaterEqual(float(values.min()), 0.0)
+        self.assertLessEqual(float(values.max()), 1.0 + 1e-6)
+        display = uncertainty.GetDisplayNode()
+        self.assertEqual(display.GetColorNodeID(), review.heatColorNode(slicer.mrmlScene).GetID())
+        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        self.assertEqual(composite.GetForegroundVolumeID(), uncertainty.GetID())
+        self.assertEqual(composite.GetBackgroundVolumeID(), volumes[4].GetID())
+
+        self.delayDisplay(f"Reviewing {len(regions)} flagged region(s)")
+        table = store.nodeReference("RegionsTable")
+        self.assertEqual(table.GetNumberOfRows(), len(regions))
+        if regions:
+            logic.jumpToRegion(0)
+            sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+            offset = [sliceNode.GetSliceToRAS().GetElement(r, 3) for r in range(3)]
+            self.assertTrue(np.allclose(offset, regions[0].centroidRas, atol=1e-3))
+            markups = store.nodeReference("RegionsMarkups")
+            self.assertEqual(markups.GetNumberOfControlPoints(), len(regions))
+
+        self.delayDisplay("Adding the (corrected) case to the labeled set")
+        logic.addCorrectedCase(volumes[4], segmentation)
+        self.assertIn(volumes[4], [v for v, _ in store.labeledCases()])
+
+        self.delayDisplay("Ranking the unlabeled volumes")
+        ranking = logic.rankUnlabeled(volumes[2:4], model)
+        self.assertEqual(sorted(v.GetID() for v, _ in ranking), sorted(v.GetID() for v in volumes[2:4]))
+        self.assertIs(store.nodeReference("InputVolume"), ranking[0][0])
+
+        self.delayDisplay("Widget: the Train button becomes Cancel while a job runs")
+        widget = slicer.util.getModuleWidget("BidirUncertaintySeg")
+        widget.presenter.setInputsReady(presenter.TRAIN, None)
+        widget.presenter.jobStarting(presenter.TRAIN)
+        self.assertEqual(widget.ui.trainButton.text, presenter.CANCEL_LABEL)
+        widget.presenter.workerEnded("cancelled")
+        self.assertEqual(widget.ui.trainButton.text, presenter.BUTTON_LABELS[presenter.TRAIN])
+        self.delayDisplay("Test passed")
+

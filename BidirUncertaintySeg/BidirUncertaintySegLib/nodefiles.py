@@ -1,0 +1,415 @@
+"""MRML nodes to worker files and back, with the geometry kept.
+
+The worker (``buseg``) reads and writes files; the scene holds nodes. This module is the
+bridge, written with MRML storage nodes and the segmentations logic directly (what
+``slicer.util.exportNode``/``loadSegmentation`` use inside), so that it runs the same in the
+Slicer application and on PyPI ``slicer-core`` without the application object:
+
+* volumes are written as NRRD by a fresh ``vtkMRMLVolumeArchetypeStorageNode`` - the node's
+  own storage node (where the user saved it) is left alone, as ``exportNode`` does;
+* segmentations are written as label maps **on the grid of their volume** (the engine refuses
+  a label whose grid differs from its image's), with one value per class name; the class
+  table goes into the manifest, so segment names become the model's class names;
+* results come back as a segmentation node (segment names and colors from the ``.seg.nrrd``)
+  whose reference geometry is the input volume, and a scalar volume for the uncertainty map;
+  both under the input volume's parent transform, as the worker saw the volume in its local
+  coordinates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModuleError
+
+MANIFEST_NAME = "manifest.json"
+IMAGES_FOLDER = "images"
+LABELS_FOLDER = "labels"
+IMAGE_SUFFIX = ".nrrd"
+LABEL_SUFFIX = "_label.nrrd"
+
+
+def _slicer():
+    import slicer  # the application's module in Slicer, PyPI slicer-core in tests
+
+    return slicer
+
+
+def safeFileName(name: str, fallback: str = "volume") -> str:
+    """A file-name-safe version of a node name ('CT chest #2' -> 'CT_chest_2')."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name or "")).strip("._-")
+    return text or fallback
+
+
+def uniqueNames(names: Sequence[str]) -> list[str]:
+    """Make names unique by appending _2, _3... (case-insensitively: file systems may be)."""
+    used: set[str] = set()
+    result = []
+    for name in names:
+        candidate, number = name, 1
+        while candidate.lower() in used:
+            number += 1
+            candidate = f"{name}_{number}"
+        used.add(candidate.lower())
+        result.append(candidate)
+    return result
+
+
+def removeNodes(scene: Any, *nodes: Any) -> None:
+    """Remove nodes (and their display nodes) if they are in the scene."""
+    for node in nodes:
+        if node is None or not node.GetID() or scene.GetNodeByID(node.GetID()) is None:
+            continue
+        displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
+            if hasattr(node, "GetNumberOfDisplayNodes") else []
+        scene.RemoveNode(node)
+        for display in displays:
+            if display is not None and display.GetID() and scene.GetNodeByID(display.GetID()) is not None:
+                scene.RemoveNode(display)
+
+
+@contextlib.contextmanager
+def scratchNodes(scene: Any, keep: Sequence[Any] = ()) -> Iterator[list[Any]]:
+    """Remove every node added to the scene inside the block (temporary labelmaps, the color
+    tables that conversions create for them ...), except the nodes appended to the yielded
+    list or given in ``keep``."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    kept: list[Any] = list(keep)
+    try:
+        yield kept
+    finally:
+        keepIds = {node.GetID() for node in kept if node is not None}
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node is not None and node.GetID() not in before and node.GetID() not in keepIds:
+                keepIds.add(node.GetID())  # removed below; do not visit twice
+                if scene.GetNodeByID(node.GetID()) is not None:
+                    scene.RemoveNode(node)
+
+
+# --------------------------------------------------------------------------------------
+# Volumes
+
+
+def checkScalarVolume(volumeNode: Any, role: str = "volume") -> None:
+    """Refuse what the engine cannot use, naming the node: missing, empty, labelmap, RGB/vector."""
+    if volumeNode is None:
+        raise ModuleError(f"No {role} selected.")
+    name = volumeNode.GetName()
+    if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise ModuleError(f"'{name}' is a label map; a grey-value image is needed as {role}.")
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+        raise ModuleError(f"'{name}' is a {volumeNode.GetClassName()}; a scalar (grey-value) volume is needed.")
+    image = volumeNode.GetImageData()
+    if image is None or min(image.GetDimensions()) < 1:
+        raise ModuleError(f"'{name}' has no voxels (empty volume).")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise ModuleError(f"'{name}' has {image.GetNumberOfScalarComponents()} components per voxel (RGB or "
+                          "vector image); a scalar (grey-value) volume is needed.")
+
+
+def writeVolume(volumeNode: Any, path: str | Path) -> Path:
+    """Write a volume node to ``path`` (.nrrd/.nii.gz) in its own (local) coordinates, geometry kept."""
+    slicer = _slicer()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(1)
+    if not storage.WriteData(volumeNode) or not path.exists():
+        raise ModuleError(f"'{volumeNode.GetName()}' could not be written to {path} (disk full or not writable?).")
+    return path
+
+
+def exportVolume(volumeNode: Any, path: str | Path) -> Path:
+    """Check and write an image volume for the worker."""
+    checkScalarVolume(volumeNode)
+    return writeVolume(volumeNode, path)
+
+
+def readVolume(scene: Any, path: str | Path, name: str, *, targetNode: Any = None,
+               labelmap: bool = False) -> Any:
+    """Read an image file into a new (or the given) volume node with its geometry."""
+    slicer = _slicer()
+    path = Path(path)
+    if not path.is_file():
+        raise ModuleError(f"{path}: file not found.")
+    node = targetNode
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
+                                       scene.GenerateUniqueName(name))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if labelmap:
+        storage.SetCenterImage(0)
+    if not storage.ReadData(node):
+        if targetNode is None:
+            removeNodes(scene, node)
+        raise ModuleError(f"{path}: cannot be read as a volume.")
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+def ijkToRas(volumeNode: Any) -> np.ndarray:
+    """The volume's 4x4 voxel-index (i, j, k) to RAS matrix as numpy."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+# --------------------------------------------------------------------------------------
+# Segmentations
+
+
+def segmentsOf(segmentationNode: Any) -> list[tuple[str, str, tuple[float, float, float]]]:
+    """(segment ID, name, color) of every segment, in order; refuses duplicate names."""
+    segmentation = segmentationNode.GetSegmentation()
+    result = []
+    names = set()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        name = segment.GetName()
+        if name in names:
+            raise ModuleError(f"'{segmentationNode.GetName()}' has two segments named '{name}'; segment names "
+                              "are the class names, so they must differ.")
+        names.add(name)
+        result.append((segmentation.GetNthSegmentID(index), name, tuple(float(c) for c in segment.GetColor())))
+    return result
+
+
+def classTable(segmentationNodes: Sequence[Any]) -> list[dict[str, Any]]:
+    """The classes of a training set: segment names in order of first appearance, values 1..N.
+
+    Each entry is ``{"value", "name", "color"}`` - the manifest's ``classes`` format, which
+    the engine reads (buseg.data.cases_from_manifest). The same name in two segmentations
+    is the same class.
+    """
+    classes: list[dict[str, Any]] = []
+    for node in segmentationNodes:
+        for _, name, color in segmentsOf(node):
+            if not any(c["name"] == name for c in classes):
+                classes.append({"value": len(classes) + 1, "name": name, "color": [round(c, 4) for c in color]})
+    return classes
+
+
+def segmentLabelArray(scene: Any, segmentationNode: Any, referenceVolumeNode: Any,
+                      segmentIds: Sequence[str]) -> np.ndarray:
+    """A (k, j, i) label array on the reference volume's grid: segment n of ``segmentIds`` -> n + 1.
+
+    Written with the segmentations logic (resampled onto the reference geometry); where
+    segments overlap, the later one in ``segmentIds`` wins, as in Slicer's own export.
+    """
+    slicer = _slicer()
+    import vtk
+
+    ids = vtk.vtkStringArray()
+    for segmentId in segmentIds:
+        ids.InsertNextValue(segmentId)
+    with scratchNodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("__buseg_export__"))
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, ids, labelmap, referenceVolumeNode)
+        if not ok or labelmap.GetImageData() is None:
+            raise ModuleError(f"'{segmentationNode.GetName()}' could not be converted to a label map on the grid "
+                              f"of '{referenceVolumeNode.GetName()}'.")
+        return np.array(slicer.util.arrayFromVolume(labelmap), copy=True)
+
+
+def exportSegmentation(scene: Any, segmentationNode: Any, referenceVolumeNode: Any, path: str | Path,
+                       classes: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Write a segmentation as a label map on the volume's grid, values from ``classes`` (by name).
+
+    Returns the voxel count per class name. A segmentation without any labeled voxel is
+    refused (the engine could not learn from it, and it usually means the wrong node).
+    """
+    slicer = _slicer()
+    segments = segmentsOf(segmentationNode)
+    valueOf = {c["name"]: int(c["value"]) for c in classes}
+    unknown = [name for _, name, _ in segments if name not in valueOf]
+    if unknown:
+        raise ModuleError(f"'{segmentationNode.GetName()}' has segment(s) {', '.join(unknown)} that are not "
+                          "classes of this model.")
+    ordered = sorted(segments, key=lambda s: valueOf[s[1]])
+    labels = segmentLabelArray(scene, segmentationNode, referenceVolumeNode, [s[0] for s in ordered])
+    lookup = np.zeros(len(ordered) + 1, dtype=np.uint16)
+    for position, (_, name, _) in enumerate(ordered, start=1):
+        lookup[position] = valueOf[name]
+    values = lookup[labels.astype(np.int64)]
+    counts = {name: int((values == valueOf[name]).sum()) for _, name, _ in ordered}
+    if not any(counts.values()):
+        raise ModuleError(f"'{segmentationNode.GetName()}' has no labeled voxels inside '{referenceVolumeNode.GetName()}'.")
+    dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
+    with scratchNodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("__buseg_label__"))
+        labelmap.CopyOrientation(referenceVolumeNode)
+        slicer.util.updateVolumeFromArray(labelmap, values.astype(dtype))
+        writeVolume(labelmap, path)
+    return counts
+
+
+def segmentationFromLabelmap(scene: Any, labelmapNode: Any) -> Any:
+    """A (temporary) segmentation node from a label map node; segment names from its color table."""
+    slicer = _slicer()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName("__buseg_seg__"))
+    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode, segmentation):
+        removeNodes(scene, segmentation)
+        raise ModuleError(f"Label map '{labelmapNode.GetName()}' could not be converted to segments.")
+    return segmentation
+
+
+# --------------------------------------------------------------------------------------
+# Training export
+
+
+@dataclass
+class TrainingExport:
+    """What :func:`exportTrainingData` wrote."""
+
+    manifestPath: Path
+    classes: list[dict[str, Any]]
+    labeledCases: list[str] = field(default_factory=list)
+    unlabeledCases: list[str] = field(default_factory=list)
+    validationCases: list[str] = field(default_factory=list)
+    voxelCounts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def exportTrainingData(scene: Any, folder: str | Path, labeled: Sequence[tuple[Any, Any]],
+                       unlabeled: Sequence[Any] = (), *, validationCount: int = 0) -> TrainingExport:
+    """Write labeled (volume, segmentation or label map) pairs and unlabeled volumes plus a manifest.
+
+    Layout: ``folder/images/<case>.nrrd``, ``folder/labels/<case>_label.nrrd``,
+    ``folder/manifest.json`` (paths relative to it; format of buseg.data.cases_from_manifest).
+    The last ``validationCount`` labeled cases are listed as validation instead of training.
+    """
+    folder = Path(folder)
+    if not labeled:
+        raise ModuleError("No labeled case: add at least one volume with its segmentation.")
+    pairs = list(labeled)
+    seen: dict[str, str] = {}
+    for volume, label in pairs:
+        if volume is None or label is None:
+            raise ModuleError("A labeled case needs both a volume and a segmentation.")
+        checkScalarVolume(volume, "labeled volume")
+        if volume.GetID() in seen:
+            raise ModuleError(f"'{volume.GetName()}' is listed twice as a labeled case.")
+        seen[volume.GetID()] = "labeled"
+    for volume in unlabeled:
+        checkScalarVolume(volume, "unlabeled volume")
+        if volume.GetID() in seen:
+            raise ModuleError(f"'{volume.GetName()}' is listed twice (or both as labeled and unlabeled).")
+        seen[volume.GetID()] = "unlabeled"
+    if validationCount and validationCount >= len(pairs):
+        raise ModuleError(f"Holding out {validationCount} labeled case(s) for validation needs at least "
+                          f"{validationCount + 1} labeled cases.")
+
+    with scratchNodes(scene):  # label maps are converted to temporary segmentations
+        segmentations = []
+        for _, label in pairs:
+            if label.IsA("vtkMRMLLabelMapVolumeNode"):
+                segmentations.append(segmentationFromLabelmap(scene, label))
+            elif label.IsA("vtkMRMLSegmentationNode"):
+                segmentations.append(label)
+            else:
+                raise ModuleError(f"'{label.GetName()}' is a {label.GetClassName()}, not a segmentation or label map.")
+        split = len(pairs) - int(validationCount or 0)
+        classes = classTable(segmentations[:split])
+        if not classes:
+            raise ModuleError("The labeled segmentations have no segments.")
+        known = {c["name"] for c in classes}
+        for (volume, _), segmentation in zip(pairs[split:], segmentations[split:], strict=True):
+            extra = [name for _, name, _ in segmentsOf(segmentation) if name not in known]
+            if extra:
+                raise ModuleError(f"Validation case '{volume.GetName()}' has segment(s) {', '.join(extra)} that no "
+                                  "training case has; the model could not learn them.")
+
+        names = uniqueNames([safeFileName(v.GetName()) for v, _ in pairs]
+                            + [safeFileName(v.GetName()) for v in unlabeled])
+        labeledNames, unlabeledNames = names[: len(pairs)], names[len(pairs):]
+        (folder / IMAGES_FOLDER).mkdir(parents=True, exist_ok=True)
+        (folder / LABELS_FOLDER).mkdir(parents=True, exist_ok=True)
+        result = TrainingExport(folder / MANIFEST_NAME, classes)
+        entries = []
+        for (volume, _), segmentation, name in zip(pairs, segmentations, labeledNames, strict=True):
+            image = f"{IMAGES_FOLDER}/{name}{IMAGE_SUFFIX}"
+            label = f"{LABELS_FOLDER}/{name}{LABEL_SUFFIX}"
+            writeVolume(volume, folder / image)
+            result.voxelCounts[name] = exportSegmentation(scene, segmentation, volume, folder / label, classes)
+            entries.append({"image": image, "label": label})
+        unlabeledEntries = []
+        for volume, name in zip(unlabeled, unlabeledNames, strict=True):
+            image = f"{IMAGES_FOLDER}/{name}{IMAGE_SUFFIX}"
+            writeVolume(volume, folder / image)
+            unlabeledEntries.append({"image": image})
+        manifest = {"labeled": entries[:split], "unlabeled": unlabeledEntries, "validation": entries[split:],
+                    "classes": classes}
+        writeJson(result.manifestPath, manifest)
+        result.labeledCases = labeledNames[:split]
+        result.validationCases = labeledNames[split:]
+        result.unlabeledCases = unlabeledNames
+        return result
+
+
+def writeJson(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temp, path)
+
+
+# --------------------------------------------------------------------------------------
+# Results back into the scene
+
+
+def _followTransform(node: Any, referenceNode: Any) -> None:
+    if referenceNode is not None and hasattr(node, "SetAndObserveTransformNodeID"):
+        node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
+
+
+def loadSegmentation(scene: Any, segmentationsLogic: Any, path: str | Path, referenceVolumeNode: Any, *,
+                     name: str | None = None, targetNode: Any = None) -> Any:
+    """Load a ``.seg.nrrd`` (segment names and colors kept) referencing the input volume's geometry.
+
+    With ``targetNode`` its segments are replaced (the user's selected output node keeps its
+    identity); otherwise a new node is created.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModuleError(f"{path}: the worker did not write this segmentation.")
+    nodeName = name or (f"{referenceVolumeNode.GetName()} segmentation" if referenceVolumeNode else path.name)
+    loaded = segmentationsLogic.LoadSegmentationFromFile(str(path), True, scene.GenerateUniqueName(nodeName))
+    if loaded is None:
+        raise ModuleError(f"{path}: cannot be loaded as a segmentation.")
+    node = loaded
+    if targetNode is not None and targetNode is not loaded:
+        targetNode.GetSegmentation().DeepCopy(loaded.GetSegmentation())
+        removeNodes(scene, loaded.GetStorageNode(), loaded)
+        node = targetNode
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+    if referenceVolumeNode is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+        _followTransform(node, referenceVolumeNode)
+    return node
+
+
+def loadUncertaintyVolume(scene: Any, path: str | Path, referenceVolumeNode: Any, *,
+                          name: str | None = None, targetNode: Any = None) -> Any:
+    """Load the uncertainty map (float, 0..1) as a scalar volume under the input's transform."""
+    nodeName = name or (f"{referenceVolumeNode.GetName()} uncertainty" if referenceVolumeNode else Path(path).name)
+    node = readVolume(scene, path, nodeName, targetNode=targetNode)
+    _followTransform(node, referenceVolumeNode)
+    return node

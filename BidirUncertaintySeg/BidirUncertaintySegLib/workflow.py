@@ -1,0 +1,459 @@
+"""Train, segment, review, rank, add a corrected case - on a scene given explicitly, without Qt.
+
+This is the module logic's body. ``BidirUncertaintySegLogic`` (in ``BidirUncertaintySeg.py``)
+builds a :class:`SlicerContext` from the running application and delegates here; tests
+build one from PyPI ``slicer-core``. Long work runs in a worker process (:class:`Job`): the
+GUI polls it from a timer, the console waits for it; nothing here blocks unless asked to.
+
+A job's life: export nodes to files -> start the worker -> events (progress, warnings ...)
+-> the worker ends -> if it completed, load its results into the scene (the *import*) ->
+done. Listeners are plain callables (no Qt signals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import engine, nodefiles, review
+from .engine import JobResult, PredictOutputs, Region, WorkerJob
+from .errors import ModuleError, PreviousTrainingError
+from .parameters import ParameterStore, buildTrainConfig
+
+INPUTS_FOLDER = "inputs"          # inside a training folder: the exported cases and the run's config
+CONFIG_NAME = "train_config.json"
+WORKER_LOG = "worker.log"
+# Node reference from a result node (segmentation, uncertainty map) to the volume it was computed from.
+INPUT_VOLUME_ROLE = "BidirUncertaintySegInputVolume"
+
+
+@dataclass
+class SlicerContext:
+    """The scene, the logics the glue needs, and where the worker runs and writes."""
+
+    scene: Any
+    segmentationsLogic: Any
+    markupsLogic: Any = None
+    python: str | None = None              # the worker's Python (PythonSlicer in Slicer); default: this one
+    env: dict[str, str] | None = None      # the worker's base environment; default: this process's
+    runsFolder: Path = field(default_factory=lambda: Path.home() / "BidirUncertaintySeg" / "runs")
+    workFolder: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "BidirUncertaintySeg")
+
+
+def timestampedFolder(parent: str | Path, prefix: str) -> Path:
+    """A new, empty folder ``parent/<prefix>-YYYYmmdd-HHMMSS[-N]``."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for number in range(1, 1000):
+        folder = parent / (base if number == 1 else f"{base}-{number}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise ModuleError(f"Cannot create a new folder in {parent}.")
+
+
+# --------------------------------------------------------------------------------------
+# Jobs
+
+
+class Job:
+    """A worker job and what happens when it ends.
+
+    ``kind``: 'train', 'segment' or 'rank'. Listeners: ``eventListeners`` get every worker
+    event (a dict), ``endListeners`` the job when the worker has exited (before the import),
+    ``doneListeners`` the job when everything is over. After that: ``result`` (the worker's
+    :class:`~.engine.JobResult`), ``value`` (what the import produced: a
+    :class:`SegmentationResult`, a ranking...), ``importError`` (a message, or None).
+    """
+
+    def __init__(self, kind: str, worker: WorkerJob, *, outDir: Path,
+                 onCompleted: Callable[[JobResult], Any] | None = None) -> None:
+        self.kind = kind
+        self.worker = worker
+        self.outDir = Path(outDir)
+        self.onCompleted = onCompleted
+        self.eventListeners: list[Callable[[dict[str, Any]], None]] = []
+        self.endListeners: list[Callable[[Job], None]] = []
+        self.doneListeners: list[Callable[[Job], None]] = []
+        self.events: list[dict[str, Any]] = []
+        self.result: JobResult | None = None
+        self.value: Any = None
+        self.importError: str | None = None
+        self.done = False
+
+    def start(self) -> Job:
+        self.worker.start()
+        return self
+
+    def cancel(self) -> bool:
+        return self.worker.cancel()
+
+    @property
+    def importsResults(self) -> bool:
+        return self.onCompleted is not None
+
+    def poll(self) -> bool:
+        """Deliver new events; when the worker has ended, run the import once. True when all is over."""
+        if self.done:
+            return True
+        for event in self.worker.poll():
+            self.events.append(event)
+            for listener in list(self.eventListeners):
+                listener(event)
+        if self.worker.done:
+            self._end()
+        return self.done
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> JobResult:
+        """Block until the job is over (console, scripts, tests). Raises TimeoutError after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the {self.kind} job is still running after {timeout} s")
+            self.worker.wait(interval)
+        assert self.result is not None
+        return self.result
+
+    def _end(self) -> None:
+        self.result = self.worker.result or JobResult("failed", message="the worker ended without a result")
+        for listener in list(self.endListeners):
+            listener(self)
+        if self.result.status == "completed" and self.onCompleted is not None:
+            try:
+                self.value = self.onCompleted(self.result)
+            except ModuleError as exc:
+                self.importError = str(exc)
+        self.done = True
+        for listener in list(self.doneListeners):
+            listener(self)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.done and self.result is not None and self.result.status == "completed" and not self.importError
+
+    def failureMessage(self) -> str:
+        """Why the job did not succeed, for a person ('' if it did)."""
+        if self.importError:
+            return f"The results could not be loaded: {self.importError}"
+        if self.result is None or self.result.status == "completed":
+            return ""
+        return self.result.message or f"the worker {self.result.status} (exit code {self.result.exitCode})"
+
+    def raiseForFailure(self) -> None:
+        if not self.succeeded:
+            raise ModuleError(f"{self.kind.capitalize()} did not succeed: {self.failureMessage()}\n"
+                              f"Log: {self.outDir / WORKER_LOG}")
+
+
+@dataclass
+class SegmentationResult:
+    """What a segmentation brings into the scene."""
+
+    segmentationNode: Any
+    uncertaintyNode: Any
+    regions: list[Region]
+    regionsTable: Any = None
+    regionsMarkups: Any = None
+    outputs: PredictOutputs | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RankedVolume:
+    rank: int
+    volumeNode: Any
+    score: float
+    statistics: dict[str, Any]
+    regions: int = 0
+
+
+# --------------------------------------------------------------------------------------
+# The workflow
+
+
+class Workflow:
+    """The module's operations on one scene. ``store`` (the parameter node) is optional for
+    the console API; the GUI passes it so that settings and result nodes persist."""
+
+    def __init__(self, context: SlicerContext, store: ParameterStore | None = None) -> None:
+        self.context = context
+        self.store = store
+
+    @property
+    def scene(self) -> Any:
+        return self.context.scene
+
+    def _worker(self, command: Sequence[str], folder: Path) -> WorkerJob:
+        return WorkerJob(command, python=self.context.python, env=self.context.env, workDir=folder,
+                         logPath=folder / WORKER_LOG)
+
+    # -- training ------------------------------------------------------------------
+
+    def prepareTraining(self, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any] = (), *,
+                        outDir: str | Path | None = None, overwrite: bool = False, validationCount: int | None = None,
+                        overrides: dict[str, Any] | None = None) -> tuple[Path, Path, Any]:
+        """Export the cases and write the run's TrainConfig; returns (outDir, config JSON path, config)."""
+        store = self.store or ParameterStore(self._scratchParameterNode())
+        outDir = Path(outDir) if outDir else timestampedFolder(self.context.runsFolder, "run")
+        previous = [name for name in (engine.LAST_CHECKPOINT, engine.MODEL_FILE, engine.RUN_CONFIG)
+                    if (outDir / name).exists()]
+        if previous and not overwrite:
+            raise PreviousTrainingError(f"{outDir} holds a previous training ({', '.join(previous)}). Resume it, choose "
+                              "another output folder, or allow overwriting it.")
+        inputs = outDir / INPUTS_FOLDER
+        if inputs.exists():
+            if not (inputs / nodefiles.MANIFEST_NAME).exists():
+                raise ModuleError(f"{inputs} exists and was not written by this module; choose another output folder.")
+            shutil.rmtree(inputs)  # our own export of an earlier attempt
+        if validationCount is None:
+            validationCount = 1 if store.get("holdOutValidation") else 0
+        exported = nodefiles.exportTrainingData(self.scene, inputs, labeled, unlabeled,
+                                                validationCount=validationCount)
+        config = buildTrainConfig(store, exported.manifestPath, outDir, hasValidation=bool(validationCount),
+                                  overrides=overrides)
+        if config.method.name != "supervised" and not exported.unlabeledCases:
+            raise ModuleError(f"Method '{config.method.name}' learns from unlabeled volumes too: add some, "
+                              "or choose the supervised method.")
+        engine.ensureEngineImportable()
+        from buseg.config import to_dict
+
+        configPath = inputs / CONFIG_NAME
+        nodefiles.writeJson(configPath, to_dict(config))
+        return outDir, configPath, config
+
+    def startTraining(self, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any] = (), *,
+                      outDir: str | Path | None = None, overwrite: bool = False,
+                      validationCount: int | None = None, overrides: dict[str, Any] | None = None) -> Job:
+        """Export, then launch ``buseg train`` in the background. The job's value is the model path."""
+        outDir, configPath, _ = self.prepareTraining(labeled, unlabeled, outDir=outDir, overwrite=overwrite,
+                                                     validationCount=validationCount, overrides=overrides)
+        worker = self._worker(engine.trainCommand(configPath, outDir, overwrite=overwrite), outDir)
+        return self._trainingJob(worker, outDir).start()
+
+    def resumeTraining(self, outDir: str | Path | None = None) -> Job:
+        """Continue the interrupted training in ``outDir`` (default: the last one of the parameter node)."""
+        outDir = Path(outDir or (self.store.get("lastRunFolder") if self.store else "") or "")
+        if not str(outDir) or not engine.resumable(outDir):
+            raise ModuleError(f"No interrupted training to resume in '{outDir}'.")
+        return self._trainingJob(self._worker(engine.resumeCommand(outDir), outDir), outDir).start()
+
+    def _trainingJob(self, worker: WorkerJob, outDir: Path) -> Job:
+        if self.store is not None:
+            self.store.set("lastRunFolder", str(outDir))
+
+        def completed(result: JobResult) -> str:
+            model = result.outputs.get("model") or str(outDir / engine.MODEL_FILE)
+            if not Path(model).is_file():
+                raise ModuleError(f"the training finished but its model file is missing: {model}")
+            if self.store is not None:
+                self.store.set("modelPath", str(model))
+            return str(model)
+
+        return Job("train", worker, outDir=outDir, onCompleted=completed)
+
+    # -- segmentation --------------------------------------------------------------
+
+    def predictOptions(self, uncertainty: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        merged = dict(self.store.predictOptions()) if self.store is not None else {}
+        if self.store is not None:
+            merged["uncertainty"] = self.store.get("segmentUncertainty")
+            device = self.store.get("device")
+            merged["device"] = device
+        if uncertainty:
+            merged["uncertainty"] = uncertainty
+        merged.update(options or {})
+        return merged
+
+    def startSegmentation(self, volumeNode: Any, modelPath: str | Path, *, uncertainty: str | None = None,
+                          options: dict[str, Any] | None = None, show: bool = True) -> Job:
+        """Export ``volumeNode``, launch ``buseg predict``; the job's value is a :class:`SegmentationResult`."""
+        nodefiles.checkScalarVolume(volumeNode, "volume to segment")
+        modelPath = Path(modelPath)
+        if not modelPath.is_file():
+            raise ModuleError(f"Model file not found: {modelPath}")
+        folder = timestampedFolder(self.context.workFolder, "segment")
+        case = nodefiles.safeFileName(volumeNode.GetName())
+        image = nodefiles.exportVolume(volumeNode, folder / "input" / f"{case}{nodefiles.IMAGE_SUFFIX}")
+        outDir = folder / "output"
+        command = engine.predictCommand([image], modelPath, outDir, self.predictOptions(uncertainty, options))
+        caseName = engine.caseName(image)
+
+        def completed(result: JobResult) -> SegmentationResult:
+            outputs = engine.readPredictSummary(outDir).get(caseName)
+            if outputs is None:
+                raise ModuleError(f"the worker wrote no result for '{volumeNode.GetName()}' (see {outDir / 'summary.json'})")
+            return self.importSegmentation(outputs, volumeNode, show=show)
+
+        return Job("segment", self._worker(command, folder), outDir=folder, onCompleted=completed).start()
+
+    def importSegmentation(self, outputs: PredictOutputs, volumeNode: Any, *, show: bool = True) -> SegmentationResult:
+        """Load a case's predict outputs: segmentation, uncertainty overlay, regions table and markups."""
+        missing = outputs.missing()
+        if missing:
+            raise ModuleError(f"the worker did not write {', '.join(str(p) for p in missing)}")
+        targetSegmentation, targetUncertainty = self._reusableResultNodes(volumeNode)
+        segmentation = nodefiles.loadSegmentation(self.scene, self.context.segmentationsLogic, outputs.segmentation,
+                                                  volumeNode, targetNode=targetSegmentation)
+        uncertainty = nodefiles.loadUncertaintyVolume(self.scene, outputs.uncertainty, volumeNode,
+                                                      targetNode=targetUncertainty)
+        for node in (segmentation, uncertainty):
+            node.SetNodeReferenceID(INPUT_VOLUME_ROLE, volumeNode.GetID())
+        document = engine.readRegions(outputs.regions)
+        store = self.store
+        table = review.regionsToTable(self.scene, document.regions,
+                                      store.nodeReference("RegionsTable") if store else None,
+                                      name=f"{volumeNode.GetName()} uncertain regions")
+        showMarkups = store.get("showMarkups") if store else True
+        markups = store.nodeReference("RegionsMarkups") if store else None
+        if showMarkups:
+            markups = review.regionsToMarkups(self.scene, document.regions, markups,
+                                              name=f"{volumeNode.GetName()} regions")
+        elif markups is not None:
+            markups.RemoveAllControlPoints()
+        if show:
+            review.showUncertaintyOverlay(
+                self.scene, uncertainty, volumeNode,
+                opacity=store.get("overlayOpacity") if store else 0.5,
+                threshold=store.get("overlayThreshold") if store else 0.2)
+        if store is not None:
+            wasModifying = store.node.StartModify()
+            store.setNodeReference("OutputSegmentation", segmentation)
+            store.setNodeReference("UncertaintyVolume", uncertainty)
+            store.setNodeReference("RegionsTable", table)
+            store.setNodeReference("RegionsMarkups", markups)
+            store.node.EndModify(wasModifying)
+        return SegmentationResult(segmentation, uncertainty, document.regions, table, markups, outputs,
+                                  document.summary)
+
+    def _reusableResultNodes(self, volumeNode: Any) -> tuple[Any, Any]:
+        """The previous result nodes, when they belong to the same volume and are not a labeled case
+        (re-segmenting replaces them; a corrected, labeled segmentation is never overwritten)."""
+        if self.store is None:
+            return None, None
+        segmentation = self.store.nodeReference("OutputSegmentation")
+        uncertainty = self.store.nodeReference("UncertaintyVolume")
+        labeled = {s.GetID() for _, s in self.store.labeledCases()}
+        if segmentation is not None and (segmentation.GetID() in labeled
+                                         or segmentation.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode):
+            segmentation = None
+        if uncertainty is not None and uncertainty.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode:
+            uncertainty = None
+        return segmentation, uncertainty
+
+    def segmentFiles(self, inputs: Sequence[str | Path] | str | Path, outputFolder: str | Path,
+                     modelPath: str | Path, *, uncertainty: str | None = None,
+                     options: dict[str, Any] | None = None, overwrite: bool = False) -> Job:
+        """``buseg predict`` on files or folders, outputs in ``outputFolder``; nothing is loaded.
+        The job's value maps case names to :class:`~.engine.PredictOutputs`. Existing outputs
+        (the user's files) are replaced only with ``overwrite``."""
+        if isinstance(inputs, (str, Path)):
+            inputs = [inputs]
+        outDir = Path(outputFolder)
+        outDir.mkdir(parents=True, exist_ok=True)
+        command = engine.predictCommand(list(inputs), modelPath, outDir, self.predictOptions(uncertainty, options),
+                                        overwrite=overwrite)
+        return Job("segment", self._worker(command, outDir), outDir=outDir,
+                   onCompleted=lambda result: engine.readPredictSummary(outDir)).start()
+
+    # -- next case -----------------------------------------------------------------
+
+    def startRanking(self, volumeNodes: Sequence[Any], modelPath: str | Path, *, uncertainty: str | None = None,
+                     options: dict[str, Any] | None = None) -> Job:
+        """Rank unlabeled volumes by uncertainty; the job's value is a list of :class:`RankedVolume`, best first."""
+        if not volumeNodes:
+            raise ModuleError("No unlabeled volumes to rank.")
+        if not Path(modelPath).is_file():
+            raise ModuleError(f"Model file not found: {modelPath}")
+        folder = timestampedFolder(self.context.workFolder, "rank")
+        names = nodefiles.uniqueNames([nodefiles.safeFileName(v.GetName()) for v in volumeNodes])
+        byCase = {}
+        for volume, name in zip(volumeNodes, names, strict=True):
+            nodefiles.checkScalarVolume(volume, "unlabeled volume")
+            path = nodefiles.exportVolume(volume, folder / "input" / f"{name}{nodefiles.IMAGE_SUFFIX}")
+            byCase[engine.caseName(path)] = volume
+        outDir = folder / "output"
+        predict = self.predictOptions(uncertainty, options)
+        command = engine.rankCommand([folder / "input"], modelPath, outDir, predict)
+
+        def completed(result: JobResult) -> list[RankedVolume]:
+            ranked = []
+            for entry in engine.readRanking(outDir):
+                volume = byCase.get(str(entry.get("case")))
+                if volume is not None:
+                    ranked.append(RankedVolume(int(entry["rank"]), volume, float(entry["score"]),
+                                               dict(entry.get("statistics") or {}), int(entry.get("regions") or 0)))
+            if not ranked:
+                raise ModuleError("the ranking lists none of the volumes")
+            self.showRanking(ranked)
+            return ranked
+
+        return Job("rank", self._worker(command, folder), outDir=folder, onCompleted=completed).start()
+
+    def showRanking(self, ranked: Sequence[RankedVolume]) -> Any:
+        """The ranking as a table node; the best volume becomes the one to segment next."""
+        rows = [{"rank": r.rank, "volume": r.volumeNode.GetName(), "score": r.score,
+                 "meanUncertainty": r.statistics.get("mean_uncertainty"),
+                 "flaggedMm3": r.statistics.get("flagged_volume_mm3")} for r in ranked]
+        table = review.rankingToTable(self.scene, rows, self.store.nodeReference("RankingTable") if self.store else None)
+        if self.store is not None and ranked:
+            wasModifying = self.store.node.StartModify()
+            self.store.setNodeReference("RankingTable", table)
+            self.store.setNodeReference("InputVolume", ranked[0].volumeNode)
+            self.store.node.EndModify(wasModifying)
+        return table
+
+    # -- review --------------------------------------------------------------------
+
+    def addCorrectedCase(self, volumeNode: Any, segmentationNode: Any) -> bool:
+        """Add the (corrected) segmentation and its volume to the labeled set for the next training.
+
+        The volume leaves the unlabeled list; the segmentation stops being the node that the
+        next segmentation run would replace.
+        """
+        if self.store is None:
+            raise ModuleError("No parameter node: the labeled set lives in the module's parameter node.")
+        nodefiles.checkScalarVolume(volumeNode, "volume")
+        if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            raise ModuleError("Select the corrected segmentation.")
+        if segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+            raise ModuleError(f"'{segmentationNode.GetName()}' has no segments.")
+        changed = self.store.addLabeledCase(volumeNode, segmentationNode)
+        if self.store.nodeReference("OutputSegmentation") is segmentationNode:
+            self.store.setNodeReference("OutputSegmentation", None)
+        return changed
+
+    def jumpToRegionRow(self, row: int, tableNode: Any = None) -> tuple[float, float, float] | None:
+        """Center the slice views on the region of a table row; returns the position (None: no such row)."""
+        table = tableNode or (self.store.nodeReference("RegionsTable") if self.store else None)
+        position = review.regionPositionFromTable(table, row)
+        if position is not None:
+            review.jumpToPosition(self.scene, position, self.context.markupsLogic)
+        return position
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _scratchParameterNode(self) -> Any:
+        """A parameter node with the defaults, for console calls without the module's node."""
+        import slicer
+
+        node = slicer.vtkMRMLScriptedModuleNode()
+        store = ParameterStore(node)
+        store.setDefaults()
+        return node
+
+
+def readHistory(outDir: str | Path) -> dict[str, Any]:
+    """A training folder's history.json (losses and validation so far), {} if there is none."""
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        return json.loads((Path(outDir) / "history.json").read_text())
+    return {}
