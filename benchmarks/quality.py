@@ -157,13 +157,21 @@ def predict_case(model_path: Path, case: ValidationCase, device: str) -> tuple[n
 
 def evaluate_model(model_path: Path, cases: list[ValidationCase], num_classes: int, device: str,
                    review_budget: float) -> dict:
-    from buseg.metrics import protocol_case_metrics  # per class Dice, Jaccard, HD95, ASD (voxels and mm)
+    # Per class Dice, Jaccard, HD95, ASD (voxels and mm) with the published (medpy) rules.
+    from buseg.metrics import evaluate_arrays
     from buseg.review import simulate_review
 
     per_case = []
     for case in cases:
         prediction, uncertainty = predict_case(model_path, case, device)
-        metrics = protocol_case_metrics(prediction, case.labels, num_classes, spacing_mm=case.spacing_mm)
+        rows = evaluate_arrays(case.name, prediction, case.labels, case.spacing_mm,
+                               [(value, str(value)) for value in range(1, num_classes)])
+        metrics = {}
+        for metric in ("dice", "jaccard", "hd95_voxels", "asd_voxels", "hd95_mm", "asd_mm"):
+            values = [getattr(r, metric) for r in rows]
+            metrics[metric] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        for row in rows:
+            metrics[f"dice_class{row.label_value}"] = row.dice
         review = simulate_review(prediction, case.labels, uncertainty, num_classes, budget_fraction=review_budget,
                                  spacing_mm=case.spacing_mm)
         per_case.append({"case": case.name, **metrics, **review})
@@ -260,11 +268,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_pretraining(preset: Preset, args, seed: int, work: Path, data: TrainingData) -> Path:
-    """The copy-paste pre-training (BCP stage 1) shared by the semi-supervised methods."""
+    """The copy-paste pre-training (BCP stage 1) shared by the semi-supervised methods.
+
+    Self-training starts from its best checkpoint on the selection split (the published
+    recipe selects the pre-trained model the same way).
+    """
     out = work / f"pretrain_seed{seed}"
-    if (out / "final.pt").exists():
-        print(f"pre-training (seed {seed}): reusing {out / 'final.pt'}", flush=True)
-        return out / "final.pt"
+    if (out / "model.pt").exists():
+        print(f"pre-training (seed {seed}): reusing {out / 'model.pt'}", flush=True)
+        return out / "model.pt"
     config = base_config(preset, args, "bcp", seed, out)
     config.optim.pretrain_iterations = preset.pretrain_iterations
     config.optim.iterations = 0
@@ -272,7 +284,7 @@ def run_pretraining(preset: Preset, args, seed: int, work: Path, data: TrainingD
     print(f"pre-training (seed {seed}): {preset.pretrain_iterations} copy-paste iterations", flush=True)
     train(config, events=Progress("pretrain"), overwrite=True, data=data)
     print(f"  pre-training took {time.time() - start:.0f} s", flush=True)
-    return out / "final.pt"
+    return out / "model.pt"  # the best pre-training checkpoint on the selection split, as the recipe
 
 
 def run_method(key: str, preset: Preset, args, seed: int, work: Path, data: TrainingData, pretrained: Path | None,

@@ -145,3 +145,36 @@ def test_buseg_train_reports_bad_input_and_exits_non_zero(tmp_path, capsys):
     error = next(e for e in events if e["event"] == "error")
     assert str(tmp_path / "missing") in error["message"]
     assert events[-1]["status"] == "failed"
+
+
+def test_self_training_starts_from_the_best_pretraining_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    import buseg.train as train_module
+
+    scores = iter([0.9, 0.1, 0.2, 0.3])  # validation at iterations 3, 6 (pre-training), 9, 12
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: {"dice": next(scores)})
+    saved: dict[int, dict] = {}
+    real_save = train_module.save_checkpoint
+
+    def save_spy(path, **kwargs):
+        if path.name == "best.pt":
+            saved[kwargs["metadata"]["iteration"]] = {k: v.clone() for k, v in kwargs["weights"].items()}
+        return real_save(path, **kwargs)
+
+    teacher_at_switch = {}
+    real_ema = train_module.ema_update
+
+    def ema_spy(teacher, student, decay, step):
+        if not teacher_at_switch:
+            teacher_at_switch.update({k: v.clone() for k, v in teacher.state_dict().items()})
+        return real_ema(teacher, student, decay, step)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_spy)
+    monkeypatch.setattr(train_module, "ema_update", ema_spy)
+    config = _config(tiny_dataset, tmp_path / "run", "bcp", iterations=6, pretrain=6)
+    config.data.validation = str(tiny_dataset["test"])
+    config.validation_interval = 3
+    result = train(config)
+    assert result.best_iteration == 3
+    # The teacher (= the student at the switch) holds the weights of iteration 3, not 6.
+    for key, value in saved[3].items():
+        assert torch.equal(teacher_at_switch[key], value), key

@@ -446,7 +446,13 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         stage_length = method.pretrain_iterations if stage == "pretrain" else config.optim.iterations
         stage_iteration = iteration - stage_start
         if stage == "train" and iteration == method.pretrain_iterations and method.pretrain_iterations:
-            # BCP: self-training starts from the pre-trained model, teacher included, with a fresh optimizer.
+            # BCP: self-training starts from the best pre-trained model (by validation, when there is
+            # validation data; else the last), teacher included, with a fresh optimizer.
+            if best_iteration is not None and best_iteration <= method.pretrain_iterations:
+                student_module.load_state_dict(read_checkpoint(out_dir / "best.pt")["weights"])
+            if dist.enabled:  # only rank 0 validates: every rank continues from its choice
+                for tensor in student_module.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
             teacher.load_state_dict(student_module.state_dict())
             dist.sync_buffers(teacher)
             optimizer = _optimizer(student_module, config, config.optim.self_training_lr or config.optim.lr)
