@@ -306,7 +306,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             if p.widget and p.name not in ("overlayOpacity", "overlayThreshold", "showMarkups"):
                 getattr(self.ui, p.widget).enabled = view.inputsEnabled
         for name in ("addLabeledButton", "removeLabeledButton", "addUnlabeledButton", "addAllUnlabeledButton",
-                     "removeUnlabeledButton", "addCorrectedCaseButton", "installDependenciesButton",
+                     "removeUnlabeledButton", "installDependenciesButton",
                      "labeledVolumeSelector", "labeledSegmentationSelector", "unlabeledVolumeSelector",
                      "inputVolumeSelector"):
             getattr(self.ui, name).enabled = view.inputsEnabled
@@ -319,6 +319,8 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.errorLabel.text = view.errorText
         self.ui.errorLabel.visible = bool(view.errorText)
         self.ui.showLogButton.enabled = view.showLogEnabled
+        if self.store is not None:
+            self._updateResultViews()
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -344,7 +346,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.presenter.startFailed(str(exc))
             return
         if job is None:
-            self.presenter.startFailed("Training not started.")
+            self.presenter.startAborted("Training not started: the output folder holds a previous training.")
             return
         self._follow(job)
 
@@ -449,7 +451,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # -- review --------------------------------------------------------------------------
 
     def onRegionClicked(self, index):
-        self.logic.workflow.jumpToRegionRow(index.row())
+        self.logic.workflow.jumpToRegionRow(index.row(), viewRow=True)
 
     def _resultVolume(self):
         segmentation = self.store.nodeReference("OutputSegmentation")
@@ -476,7 +478,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                             f"({len(self.store.labeledCases())} in all); train again to use it.")
 
     def onShowLog(self):
-        text = "\n".join(self.presenter.log) or (self.job.worker.log if self.job is not None else "")
+        text = self.job.worker.log if self.job is not None else "\n".join(self.presenter.log)
         box = qt.QMessageBox(slicer.util.mainWindow())
         box.setWindowTitle("BidirUncertaintySeg worker log")
         box.setText(self.presenter.view.errorText or "The worker's log:")
@@ -490,18 +492,16 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def ensureDependencies(self, force=False):
         """True when the worker's packages are there; otherwise ask once and install them."""
         problems = dependencies.findProblems()
-        if not problems:
+        plan = dependencies.planInstall(problems, pytorchExtensionAvailable=pytorchExtensionAvailable())
+        step = dependencies.nextStep(plan, declinedBefore=self._dependenciesDeclined, explicit=force)
+        if step == dependencies.READY:
             if force:
                 slicer.util.infoDisplay("All Python packages the module needs are installed.")
             return True
-        plan = dependencies.planInstall(problems, pytorchExtensionAvailable=pytorchExtensionAvailable())
-        if plan.blockers:
+        if step in (dependencies.BLOCKED, dependencies.DECLINED):
             self.presenter.installStarted("Python packages")
-            self.presenter.installFinished("\n".join(plan.blockers))
-            return False
-        if self._dependenciesDeclined and not force:
-            self.presenter.installStarted("Python packages")
-            self.presenter.installFinished("Missing Python packages: " + "; ".join(p.text for p in problems)
+            self.presenter.installFinished("\n".join(plan.blockers) if step == dependencies.BLOCKED else
+                                           "Missing Python packages: " + "; ".join(p.text for p in problems)
                                            + ". Use 'Install Python packages' to install them.")
             return False
         if not slicer.util.confirmOkCancelDisplay(plan.confirmationText(), windowTitle="BidirUncertaintySeg"):
@@ -583,7 +583,7 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
             scene=slicer.mrmlScene,
             segmentationsLogic=slicer.modules.segmentations.logic(),
             markupsLogic=slicer.modules.markups.logic(),
-            python=workerPython(),
+            python=workerPython,  # looked up when a worker starts
             env=slicer.util.startupEnvironment(),
             runsFolder=Path(slicer.app.defaultScenePath) / "BidirUncertaintySeg" / "runs",
             workFolder=Path(slicer.app.temporaryPath) / "BidirUncertaintySeg",

@@ -198,6 +198,27 @@ def planInstall(problems: Sequence[Problem], *, pytorchExtensionAvailable: bool,
     return plan
 
 
+READY, BLOCKED, DECLINED, ASK = "ready", "blocked", "declined", "ask"
+
+
+def nextStep(plan: InstallPlan, *, declinedBefore: bool, explicit: bool) -> str:
+    """What to do before a job (or when the user presses 'Install Python packages'):
+
+    * ``ready`` - nothing missing;
+    * ``blocked`` - something only a Slicer update can fix (show the blockers);
+    * ``declined`` - the user said no before in this session: do not ask again on every click
+      (show what is missing; the explicit install button asks again);
+    * ``ask`` - show :meth:`InstallPlan.confirmationText` once, install if accepted.
+    """
+    if plan.nothingToDo:
+        return READY
+    if plan.blockers:
+        return BLOCKED
+    if declinedBefore and not explicit:
+        return DECLINED
+    return ASK
+
+
 def runPlan(plan: InstallPlan, *, installTorch: Callable[[str], object], pipInstall: Callable[[list[str]], object],
             constraintsFolder: str | Path, log: Callable[[str], None] = print) -> None:
     """Carry out ``plan``. ``installTorch(versionSpecifier)`` must return something true on success

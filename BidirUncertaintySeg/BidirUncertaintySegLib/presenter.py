@@ -243,6 +243,11 @@ class Presenter:
         self._status = f"{BUTTON_LABELS.get(self.job or '', 'Job')} could not start."
         self._changed()
 
+    def startAborted(self, status: str = "") -> None:
+        """The user changed their mind before the worker started (e.g. declined to overwrite a folder)."""
+        if self.state == STARTING:
+            self._finish(IDLE, status)
+
     def cancelRequested(self) -> bool:
         """The user pressed Cancel. Returns whether the worker should be told to stop."""
         if self.state not in (STARTING, RUNNING):
@@ -435,6 +440,6 @@ class Presenter:
             progressText=self._progressText if busy else "",
             statusText=self._status,
             errorText=self._error if self.state == FAILED else "",
-            showLogEnabled=bool(self.log) or self.state == FAILED,
+            showLogEnabled=bool(self.log) or self.state == FAILED or (busy and self.job is not None),
             warnings=tuple(self.warnings),
         )

@@ -156,10 +156,17 @@ def regionsToTable(scene: Any, regions: Sequence[Region], tableNode: Any = None,
         tableNode.SetColumnDescription(title, description)
         if unit:
             tableNode.SetColumnUnitLabel(title, unit)
+    tableNode.SetUseColumnTitleAsColumnHeader(True)  # names as the header: view row n = table row n
     tableNode.SetLocked(True)  # a list to review, not to edit
     table.Modified()
     tableNode.EndModify(wasModifying)
     return tableNode
+
+
+def tableRowOfViewRow(tableNode: Any, viewRow: int) -> int:
+    """The table row a table view shows in ``viewRow`` (without column-title headers, the view's
+    first row holds the column names)."""
+    return viewRow if tableNode is None or tableNode.GetUseColumnTitleAsColumnHeader() else viewRow - 1
 
 
 def regionPositionFromTable(tableNode: Any, row: int) -> tuple[float, float, float] | None:
@@ -250,6 +257,7 @@ def rankingToTable(scene: Any, rows: Sequence[dict[str, Any]], tableNode: Any = 
     tableNode.SetColumnUnitLabel("Flagged volume", "mm3")
     tableNode.SetColumnDescription("Score", "How much the model would learn from labeling this volume "
                                    "(higher = label first)")
+    tableNode.SetUseColumnTitleAsColumnHeader(True)
     tableNode.SetLocked(True)
     table.Modified()
     tableNode.EndModify(wasModifying)

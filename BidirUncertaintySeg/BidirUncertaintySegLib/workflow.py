@@ -41,7 +41,8 @@ class SlicerContext:
     scene: Any
     segmentationsLogic: Any
     markupsLogic: Any = None
-    python: str | None = None              # the worker's Python (PythonSlicer in Slicer); default: this one
+    # The worker's Python (PythonSlicer in Slicer; a function is called when a worker starts); default: this one.
+    python: str | Callable[[], str] | None = None
     env: dict[str, str] | None = None      # the worker's base environment; default: this process's
     runsFolder: Path = field(default_factory=lambda: Path.home() / "BidirUncertaintySeg" / "runs")
     workFolder: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "BidirUncertaintySeg")
@@ -194,8 +195,8 @@ class Workflow:
         return self.context.scene
 
     def _worker(self, command: Sequence[str], folder: Path) -> WorkerJob:
-        return WorkerJob(command, python=self.context.python, env=self.context.env, workDir=folder,
-                         logPath=folder / WORKER_LOG)
+        python = self.context.python() if callable(self.context.python) else self.context.python
+        return WorkerJob(command, python=python, env=self.context.env, workDir=folder, logPath=folder / WORKER_LOG)
 
     # -- training ------------------------------------------------------------------
 
@@ -432,9 +433,12 @@ class Workflow:
             self.store.setNodeReference("OutputSegmentation", None)
         return changed
 
-    def jumpToRegionRow(self, row: int, tableNode: Any = None) -> tuple[float, float, float] | None:
-        """Center the slice views on the region of a table row; returns the position (None: no such row)."""
+    def jumpToRegionRow(self, row: int, tableNode: Any = None, *, viewRow: bool = False) -> tuple[float, float, float] | None:
+        """Center the slice views on the region of a table row (``viewRow``: a row index of a table
+        view showing it); returns the position (None: no such row)."""
         table = tableNode or (self.store.nodeReference("RegionsTable") if self.store else None)
+        if viewRow:
+            row = review.tableRowOfViewRow(table, row)
         position = review.regionPositionFromTable(table, row)
         if position is not None:
             review.jumpToPosition(self.scene, position, self.context.markupsLogic)

@@ -131,6 +131,10 @@ def test_regions_become_a_table_and_locked_markups_at_their_centroids(app, tmp_p
     assert float(table.GetCellText(1, 3)) == pytest.approx(raw[1]["mean_uncertainty"])
     assert review.regionPositionFromTable(table, 1) == pytest.approx(tuple(raw[1]["centroid_ras"]))
     assert table.GetLocked() and table.GetColumnUnitLabel("Volume") == "mm3"
+    assert table.GetUseColumnTitleAsColumnHeader() and review.tableRowOfViewRow(table, 1) == 1
+    table.SetUseColumnTitleAsColumnHeader(False)  # a view then shows the column names in its first row
+    assert review.tableRowOfViewRow(table, 1) == 0
+    table.SetUseColumnTitleAsColumnHeader(True)
 
     markups = review.regionsToMarkups(app.scene, regions)
     assert markups.GetNumberOfControlPoints() == 2
@@ -169,6 +173,7 @@ def test_jump_to_region_centers_every_slice_view_on_its_centroid(app, tmp_path, 
         # The slice shown is the one through the centroid.
         assert app.slice_logics[view].GetSliceOffset() == pytest.approx(float(np.dot(normal, regions[1].centroidRas)))
     assert flow.jumpToRegionRow(5) is None  # no such row: nothing moves
+    assert flow.jumpToRegionRow(0, viewRow=True) == pytest.approx(regions[0].centroidRas)
 
 
 # --------------------------------------------------------------------------------------
@@ -390,13 +395,22 @@ def test_train_segment_review_rank_through_the_worker(app, store, tmp_path):
     assert store.nodeReference("RegionsMarkups").GetNumberOfControlPoints() == len(result.regions)
     assert store.nodeReference("OutputSegmentation") is result.segmentationNode
 
-    # Segmenting the same volume again replaces the result nodes instead of piling up new ones.
-    count = app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    again = flow.startSegmentation(volumes[3], model, uncertainty="tta")
-    again.wait(timeout=240)
-    assert again.succeeded, again.failureMessage()
-    assert again.value.segmentationNode is result.segmentationNode
-    assert app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
+    # A new result for the same volume replaces the result nodes instead of piling up new ones.
+    count = app.scene.GetNumberOfNodes()
+    again = flow.importSegmentation(result.outputs, volumes[3])
+    assert again.segmentationNode is result.segmentationNode and again.uncertaintyNode is result.uncertaintyNode
+    assert again.regionsTable is result.regionsTable and app.scene.GetNumberOfNodes() == count
+
+    # Batch: a folder of files, outputs in a folder of the user's; nothing is loaded.
+    folder = tmp_path / "batch"
+    nodefiles.exportVolume(volumes[2], folder / "ct_2.nrrd")
+    nodes = app.scene.GetNumberOfNodes()
+    batch = flow.segmentFiles(folder, tmp_path / "batch_out", model)
+    batch.wait(timeout=240)
+    assert batch.succeeded, batch.failureMessage()
+    assert list(batch.value) == ["ct_2"] and not batch.value["ct_2"].missing()
+    assert app.scene.GetNumberOfNodes() == nodes
+    assert "--overwrite" not in batch.worker.argv  # files in the user's folder are never replaced silently
 
     # Review done: the corrected case joins the labeled set.
     assert flow.addCorrectedCase(volumes[3], result.segmentationNode)

@@ -142,8 +142,12 @@ def test_disabled_buttons_say_why_and_jobs_cannot_overlap():
     assert p.view.buttonToolTips[SEGMENT] == "Select the volume to segment."
     assert p.buttonClicked(SEGMENT) == "ignore"
     p.jobStarting(TRAIN)
+    assert p.view.showLogEnabled  # the live log of a running job is one click away
     with pytest.raises(RuntimeError):
         p.jobStarting(SEGMENT)
+    p.startAborted("Training not started: the output folder holds a previous training.")
+    assert p.view.state == IDLE and p.view.buttonLabels[TRAIN] == "Train" and not p.view.errorText
+    assert p.view.statusText.startswith("Training not started")
     with pytest.raises(ValueError):
         p.setInputsReady("paint", None)
 
@@ -287,6 +291,19 @@ def test_slicer_own_packages_block_instead_of_being_installed():
     assert len(plan.blockers) == 1 and "SimpleITK 2.1.0" in plan.blockers[0] and "Slicer" in plan.blockers[0]
     with pytest.raises(ModuleError, match="SimpleITK"):
         dependencies.runPlan(plan, installTorch=lambda s: True, pipInstall=lambda a: None, constraintsFolder="/tmp")
+
+
+def test_the_user_is_asked_once_per_session_unless_they_ask_to_install():
+    missing = dependencies.planInstall(dependencies.findProblems(versionOf=versions(monai=None)),
+                                       pytorchExtensionAvailable=True, versionOf=versions())
+    assert dependencies.nextStep(missing, declinedBefore=False, explicit=False) == dependencies.ASK
+    assert dependencies.nextStep(missing, declinedBefore=True, explicit=False) == dependencies.DECLINED
+    assert dependencies.nextStep(missing, declinedBefore=True, explicit=True) == dependencies.ASK
+    nothing = dependencies.planInstall([], pytorchExtensionAvailable=False, versionOf=versions())
+    assert dependencies.nextStep(nothing, declinedBefore=True, explicit=True) == dependencies.READY
+    old_slicer = dependencies.planInstall(dependencies.findProblems(versionOf=versions(numpy="1.20")),
+                                          pytorchExtensionAvailable=True, versionOf=versions())
+    assert dependencies.nextStep(old_slicer, declinedBefore=False, explicit=True) == dependencies.BLOCKED
 
 
 def test_run_plan_installs_in_order_with_constraints_and_names_the_failing_step(tmp_path):
