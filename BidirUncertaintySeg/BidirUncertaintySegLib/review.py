@@ -141,6 +141,8 @@ def regionsToTable(scene: Any, regions: Sequence[Region], tableNode: Any = None,
     """Fill (or create) a table node with one row per region, best first."""
     if tableNode is None:
         tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    elif not tableNode.GetName().startswith(name):
+        tableNode.SetName(scene.GenerateUniqueName(name))  # reused for another volume: say which
     wasModifying = tableNode.StartModify()
     table = tableNode.GetTable()
     table.Initialize()
@@ -189,6 +191,8 @@ def regionsToMarkups(scene: Any, regions: Sequence[Region], markupsNode: Any = N
     if markupsNode is None:
         markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
         markupsNode.CreateDefaultDisplayNodes()
+    elif not markupsNode.GetName().startswith(name):
+        markupsNode.SetName(scene.GenerateUniqueName(name))
     wasModifying = markupsNode.StartModify()
     markupsNode.RemoveAllControlPoints()
     for region in regions:

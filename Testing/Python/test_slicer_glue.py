@@ -135,6 +135,9 @@ def test_regions_become_a_table_and_locked_markups_at_their_centroids(app, tmp_p
     table.SetUseColumnTitleAsColumnHeader(False)  # a view then shows the column names in its first row
     assert review.tableRowOfViewRow(table, 1) == 0
     table.SetUseColumnTitleAsColumnHeader(True)
+    again = review.regionsToTable(app.scene, regions[:1], table, name="CT 2 uncertain regions")
+    assert again is table and table.GetNumberOfRows() == 1 and table.GetName() == "CT 2 uncertain regions"
+    review.regionsToTable(app.scene, regions, table)
 
     markups = review.regionsToMarkups(app.scene, regions)
     assert markups.GetNumberOfControlPoints() == 2
