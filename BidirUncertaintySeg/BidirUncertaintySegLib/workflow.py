@@ -243,10 +243,13 @@ class Workflow:
 
     def resumeTraining(self, outDir: str | Path | None = None) -> Job:
         """Continue the interrupted training in ``outDir`` (default: the last one of the parameter node)."""
-        outDir = Path(outDir or (self.store.get("lastRunFolder") if self.store else "") or "")
-        if not str(outDir) or not engine.resumable(outDir):
-            raise ModuleError(f"No interrupted training to resume in '{outDir}'.")
-        return self._trainingJob(self._worker(engine.resumeCommand(outDir), outDir), outDir).start()
+        folder = outDir or (self.store.get("lastRunFolder") if self.store else "")
+        if not folder:
+            raise ModuleError("No training to resume: give its output folder.")
+        if not engine.resumable(folder):
+            raise ModuleError(f"No interrupted training to resume in {folder} (no checkpoint newer than its model).")
+        folder = Path(folder)
+        return self._trainingJob(self._worker(engine.resumeCommand(folder), folder), folder).start()
 
     def _trainingJob(self, worker: WorkerJob, outDir: Path) -> Job:
         if self.store is not None:

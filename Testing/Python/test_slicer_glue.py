@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -333,8 +334,14 @@ def test_training_refuses_a_folder_with_a_previous_training(app, store, tmp_path
     assert not (tmp_path / "run" / workflow.INPUTS_FOLDER).exists()
     assert engine.resumable(tmp_path / "run") is False
     (tmp_path / "run" / engine.LAST_CHECKPOINT).write_bytes(b"newer")
+    os.utime(tmp_path / "run" / engine.MODEL_FILE, (1_000_000, 1_000_000))  # the model is older
     assert engine.resumable(tmp_path / "run") is True
     assert engine.resumeCommand(tmp_path / "run")[:2] == ["train", "--resume"]
+    with pytest.raises(ModuleError, match="No training to resume"):
+        flow.resumeTraining()
+    os.utime(tmp_path / "run" / engine.LAST_CHECKPOINT, (1_000, 1_000))  # the model is newer: it finished
+    with pytest.raises(ModuleError, match="No interrupted training to resume in"):
+        flow.resumeTraining(tmp_path / "run")
 
 
 # --------------------------------------------------------------------------------------
