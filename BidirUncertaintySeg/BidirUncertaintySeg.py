@@ -673,6 +673,10 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
         review.jumpToRegion(slicer.mrmlScene, region, slicer.modules.markups.logic())
         return region.centroidRas
 
+    def showRegionBoxes(self, regions, maxCount=10):
+        """One ROI node (the region's bounding box in RAS) per region, for the first ``maxCount``."""
+        return review.regionsToRois(slicer.mrmlScene, regions, maxCount=maxCount)
+
     def missingDependencies(self):
         """What the worker needs and Slicer's Python lacks (empty list: ready)."""
         return dependencies.findProblems()
