@@ -178,3 +178,13 @@ def test_self_training_starts_from_the_best_pretraining_checkpoint(tiny_dataset,
     # The teacher (= the student at the switch) holds the weights of iteration 3, not 6.
     for key, value in saved[3].items():
         assert torch.equal(teacher_at_switch[key], value), key
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"PK\x03\x04garbage" * 10])
+def test_garbage_model_file_gets_a_readable_error(tmp_path, content):
+    from buseg.errors import ModelFileError
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match=r"model\.pt: not a readable model file"):
+        load_model(path)

@@ -120,7 +120,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"when loaded): {str(exc).splitlines()[0][:200]}",
             path=path,
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # torch.load raises many kinds (IndexError, RuntimeError, ...) for garbage
         raise ModelFileError(f"not a readable model file (truncated or corrupt?): {str(exc)[:200]}", path=path) from None
     if not isinstance(payload, dict) or "metadata" not in payload or "weights" not in payload:
         raise ModelFileError("not a buseg model file (no metadata/weights)", path=path)
