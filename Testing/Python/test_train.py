@@ -188,3 +188,30 @@ def test_garbage_model_file_gets_a_readable_error(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ModelFileError, match=r"model\.pt: not a readable model file"):
         load_model(path)
+
+
+class _RunsCode:
+    """Unpickling this object would create a marker file (what a malicious model file does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_model_file_crafted_to_run_code_is_rejected_without_running_it(tiny_dataset, tmp_path):
+    from buseg.errors import ModelFileError
+
+    config = _config(tiny_dataset, tmp_path / "run", "supervised", iterations=1)
+    result = train(config)
+    payload = torch.load(result.model_path, weights_only=True)
+    marker = tmp_path / "code_ran"
+    payload["metadata"]["payload"] = _RunsCode(marker)
+    evil = tmp_path / "evil.pt"
+    torch.save(payload, evil)
+    with pytest.raises(ModelFileError, match=r"refused: the file asks to run or import .*touch"):
+        load_model(evil)
+    assert not marker.exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,11 +116,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ModelFileError(
-            "refused: the file contains objects other than weights and plain data (it could run code "
-            f"when loaded): {str(exc).splitlines()[0][:200]}",
-            path=path,
-        ) from None
+        text = str(exc)
+        blocked = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", text)
+        if blocked:
+            raise ModelFileError(
+                f"refused: the file asks to run or import {blocked.group(1) or blocked.group(2)} when loaded; "
+                "a model file holds only weights and plain data (loaded with weights_only=True)",
+                path=path,
+            ) from None
+        raise ModelFileError("not a readable model file (not a torch file, truncated or corrupt)", path=path) from None
     except Exception as exc:  # torch.load raises many kinds (IndexError, RuntimeError, ...) for garbage
         raise ModelFileError(f"not a readable model file (truncated or corrupt?): {str(exc)[:200]}", path=path) from None
     if not isinstance(payload, dict) or "metadata" not in payload or "weights" not in payload:
