@@ -123,8 +123,33 @@ def test_normalisation_is_the_models_so_intensity_scale_does_not_matter(tmp_path
     assert np.allclose(a.uncertainty_map, b.uncertainty_map, atol=1e-4)
     # ...and equal to the training loop's validation path on the normalised volume.
     probs = predict_probabilities(model.network, normalize_intensity(image.array, "minmax"), dimension="2d",
-                                  patch_size_xyz=model.patch_size_xyz, slice_axis=2)
-    assert np.array_equal(a.labels, probs.argmax(0).numpy())
+                                  patch_size_xyz=model.patch_size_xyz, slice_axis=2).numpy()
+    top2 = np.sort(probs, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-4  # predict_case folds BatchNorm into the convolutions: rounding differs
+    assert clear.mean() > 0.99 and np.array_equal(a.labels[clear], probs.argmax(0)[clear])
+
+
+@pytest.mark.parametrize("dimension", ["2d", "3d"])
+def test_inference_network_computes_the_same_and_keeps_dropout(dimension):
+    from buseg.inference import inference_network
+    from buseg.networks import has_dropout
+
+    torch.manual_seed(0)
+    network = build_network("unet2d" if dimension == "2d" else "vnet", in_channels=1, num_classes=3, base_channels=4)
+    for module in network.modules():  # non-trivial running statistics, as after training
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    network.eval()
+    fast = inference_network(network, dimension)
+    x = torch.randn((2, 1, 32, 32) if dimension == "2d" else (1, 1, 16, 32, 32))
+    with torch.no_grad():
+        assert torch.allclose(fast(x), network(x), atol=1e-4)
+    norms = (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    assert not any(isinstance(m, norms) for m in fast.modules())
+    assert any(isinstance(m, norms) for m in network.modules())  # the caller's network is untouched
+    assert has_dropout(fast)
 
 
 @pytest.mark.parametrize("dimension", ["2d", "3d"])
@@ -157,6 +182,14 @@ def test_out_of_memory_is_retried_with_smaller_batches(tmp_path, dimension, monk
     monkeypatch.setattr(type(model.network), "forward", always)
     with pytest.raises(ResourceError, match="even with one"):
         predict_case(model, image, config)
+
+
+def test_window_batch_defaults_to_one_on_the_cpu_and_four_on_a_gpu():
+    from buseg.inference import window_batch_size
+
+    assert window_batch_size(PredictConfig(), torch.device("cpu")) == 1
+    assert window_batch_size(PredictConfig(), torch.device("cuda")) == 4
+    assert window_batch_size(PredictConfig(sw_batch_size=3), torch.device("cpu")) == 3
 
 
 def test_cancel_stops_between_batches(tmp_path):

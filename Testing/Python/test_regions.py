@@ -44,7 +44,9 @@ def _map(reference: Volume) -> np.ndarray:
     return u
 
 
-def test_regions_are_counted_measured_and_ranked_by_review_value(reference):
+@pytest.mark.parametrize("slab_voxels", [4_000_000, 600, 1])  # one slab, a slice per slab, a row per slab
+def test_regions_are_counted_measured_and_ranked_by_review_value(reference, monkeypatch, slab_voxels):
+    monkeypatch.setattr("buseg.regions.SLAB_VOXELS", slab_voxels)
     u = _map(reference)
     result = find_regions(u, reference, threshold=0.5, min_region_mm3=5.0, max_regions=10)
     assert result.found == 4  # A, B, speck, corner pair
@@ -62,7 +64,8 @@ def test_regions_are_counted_measured_and_ranked_by_review_value(reference):
     assert result.coverage == pytest.approx((120 + 28.8) / (120 + 28.8 + 1.0 + 2 * 0.95), rel=1e-5)
 
 
-def test_centroids_and_boxes_are_in_ras_with_the_full_geometry(reference):
+def test_centroids_and_boxes_are_in_ras_with_the_full_geometry(reference, monkeypatch):
+    monkeypatch.setattr("buseg.regions.SLAB_VOXELS", 600)  # statistics gathered over several slabs
     result = find_regions(_map(reference), reference, threshold=0.5, min_region_mm3=5.0)
     a = next(r for r in result.regions if r.voxel_count == 32)
     centre_ijk = (3.5, 4.5, 1.5)

@@ -30,6 +30,7 @@ How a volume is run:
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import math
@@ -71,6 +72,7 @@ ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
 Warn = Callable[[str], None]
 UNCERTAINTY_METHODS = ("entropy", "mc-dropout", "tta")
 SUMMARY_SCHEMA = "buseg-predict-summary"
+FINISH_SLICES = 16  # slices per argmax/entropy step when a slab of probabilities is finished
 # Output format for each input format (.mhd/.nhdr would need a second data file: not atomic).
 OUTPUT_SUFFIX = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha",
                  ".mhd": ".mha"}
@@ -213,47 +215,52 @@ def _window_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Se
     weight_on_device = weight.to(device)
     keep = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, image.shape, strict=True))
 
-    acc: torch.Tensor | None = None  # (C, depth, Y, X): blended sum over [base, base + depth)
-    total = torch.zeros((0, *size[1:]))  # (depth, Y, X): sum of weights
-    base, index, batch = 0, 0, max(1, int(batch_size))
-    while index < len(windows):
-        _check_stop(should_stop)
-        group = windows[index:index + batch]
-        try:
-            x = torch.stack([volume[w] for w in group])[:, None].to(device)
-            probs = (prob_fn(x) * weight_on_device).to("cpu", torch.float32)
-        except Exception as exc:  # out-of-memory is retried with a smaller batch; anything else re-raised
-            batch = _lower_batch(exc, len(group), "window", device, warn)
-            continue
-        depth = max(w[0].stop for w in group) - base
-        if acc is None:
-            acc = torch.zeros((probs.shape[1], depth, *size[1:]))
-        if depth > acc.shape[1]:
-            acc = torch.cat([acc, acc.new_zeros((acc.shape[0], depth - acc.shape[1], *size[1:]))], dim=1)
-        if depth > total.shape[0]:
-            total = torch.cat([total, total.new_zeros((depth - total.shape[0], *size[1:]))], dim=0)
-        for p, w in zip(probs, group, strict=True):
-            z = slice(w[0].start - base, w[0].stop - base)
-            acc[:, z, w[1], w[2]] += p
-            total[z, w[1], w[2]] += weight
-        index += len(group)
-        next_start = windows[index][0].start if index < len(windows) else size[0]
-        if next_start <= base:
-            continue
-        # No window still to come touches z < next_start: finish that slab and drop it.
-        done = next_start - base
-        z0, z1 = max(base, keep[0].start), min(next_start, keep[0].stop)
-        if z1 > z0:
-            rows = slice(z0 - base, z1 - base)
-            blended = acc[:, rows, keep[1], keep[2]] / total[rows, keep[1], keep[2]]
-            yield z0 - keep[0].start, z1 - keep[0].start, blended.movedim(0, 1)
-        remaining = acc.shape[1] - done
-        if remaining > 0:
-            acc[:, :remaining] = acc[:, done:].clone()
-            total[:remaining] = total[done:].clone()
-        acc[:, max(remaining, 0):] = 0
-        total[max(remaining, 0):] = 0
-        base = next_start
+    rows: dict[int, list[tuple[slice, ...]]] = {}
+    for window in windows:  # windows sharing a z start form a row; rows are visited in z order
+        rows.setdefault(window[0].start, []).append(window)
+    depth = roi[0]
+    acc: torch.Tensor | None = None  # (C, depth, Y, X): weighted sum of probabilities over [base, base + depth)
+    total = torch.zeros((depth, *size[1:]))  # (depth, Y, X): sum of weights over the same slices
+    base, batch = 0, max(1, int(batch_size))
+
+    def finish(count: int) -> Chunks:
+        """Yield the blended slices [base, base + count), cropped to the image; shift the rest forward."""
+        for start in range(0, count, FINISH_SLICES):
+            z0, z1 = max(base + start, keep[0].start), min(base + min(count, start + FINISH_SLICES), keep[0].stop)
+            if z1 > z0:
+                part = slice(z0 - base, z1 - base)
+                blended = acc[:, part, keep[1], keep[2]] / total[part, keep[1], keep[2]]
+                yield z0 - keep[0].start, z1 - keep[0].start, blended.movedim(0, 1)
+        # Shift in pieces no longer than ``count``: source and destination never overlap.
+        for start in range(0, depth - count, count):
+            length = min(count, depth - count - start)
+            acc[:, start:start + length] = acc[:, start + count:start + count + length]
+            total[start:start + length] = total[start + count:start + count + length]
+        acc[:, max(depth - count, 0):] = 0
+        total[max(depth - count, 0):] = 0
+
+    for row_start, row in rows.items():
+        if row_start > base and acc is not None:
+            yield from finish(row_start - base)
+        base = row_start
+        index = 0
+        while index < len(row):
+            _check_stop(should_stop)
+            group = row[index:index + batch]
+            try:
+                x = torch.stack([volume[w] for w in group])[:, None].to(device)
+                probs = (prob_fn(x) * weight_on_device).to("cpu", torch.float32)
+            except Exception as exc:  # out-of-memory is retried with a smaller batch; anything else re-raised
+                batch = _lower_batch(exc, len(group), "window", device, warn)
+                continue
+            if acc is None:
+                acc = torch.zeros((probs.shape[1], depth, *size[1:]))
+            for p, w in zip(probs, group, strict=True):
+                acc[:, :, w[1], w[2]] += p
+                total[:, w[1], w[2]] += weight
+            index += len(group)
+    if acc is not None:
+        yield from finish(size[0] - base)
 
 
 def probability_chunks(prob_fn: ProbabilityFn, image: np.ndarray, *, dimension: str,
@@ -340,21 +347,68 @@ class Prediction:
         }
 
 
+def inference_network(network: nn.Module, dimension: str) -> nn.Module:
+    """A copy of ``network`` that computes the same in eval mode, faster on the CPU.
+
+    Each Conv (or ConvTranspose) directly followed by a BatchNorm with running statistics is
+    folded into one convolution (exact up to float rounding), and 2D networks use the
+    channels-last memory layout (measured 2.5x faster for the U-Net on this CPU together).
+    Dropout layers stay, so MC-dropout samples the same network. The caller's network is
+    not changed.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fast = copy.deepcopy(network).eval()
+    convolutions = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    norms = (nn.BatchNorm2d, nn.BatchNorm3d)
+    for module in list(fast.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        for i in range(len(module) - 1):
+            conv, norm = module[i], module[i + 1]
+            if isinstance(conv, convolutions) and isinstance(norm, norms) and norm.track_running_stats \
+                    and norm.running_mean is not None:
+                transpose = isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+                module[i] = fuse_conv_bn_eval(conv, norm, transpose=transpose)
+                module[i + 1] = nn.Identity()
+    if dimension == "2d":
+        fast = fast.to(memory_format=torch.channels_last)
+    return fast
+
+
+def class_argmax(probabilities: torch.Tensor, dtype: torch.dtype = torch.int16) -> torch.Tensor:
+    """``probabilities.argmax(1)`` (first maximum wins), as a running maximum over the few classes.
+
+    torch's argmax over a short, strided class axis is ~8x slower on the CPU than these
+    element-wise passes (120 ms vs 15 ms for 10 x 4 x 256 x 224).
+    """
+    best = probabilities[:, 0].clone()
+    labels = torch.zeros(best.shape, dtype=dtype, device=probabilities.device)
+    for index in range(1, probabilities.shape[1]):
+        candidate = probabilities[:, index]
+        labels[candidate > best] = index
+        torch.maximum(best, candidate, out=best)
+    return labels
+
+
 def network_device(network: nn.Module) -> torch.device:
     parameter = next(network.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _forward_for(network: nn.Module, device: torch.device, amp: bool) -> Forward:
+def _forward_for(network: nn.Module, device: torch.device, amp: bool, dimension: str) -> Forward:
+    """The network call with the input in the network's memory layout and, on CUDA, autocast."""
     from .device import autocast_dtype
 
     dtype = autocast_dtype(device) if amp else None
-    if dtype is None:
-        return network
+    layout = torch.channels_last if dimension == "2d" else torch.contiguous_format
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype):
-            return network(x)
+        with autocast():
+            logits = network(x.contiguous(memory_format=layout))
+        # Back to the standard layout: argmax/entropy over classes are ~10x slower on channels-last.
+        return logits.contiguous()
 
     return forward
 
@@ -365,6 +419,14 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+def window_batch_size(config: PredictConfig, device: torch.device) -> int:
+    """Windows per pass: the configured number, or 4 on a GPU and 1 on the CPU (measured: no faster
+    with more on the CPU, and each window's activations take about 0.3 GB for the V-Net)."""
+    if config.sw_batch_size > 0:
+        return config.sw_batch_size
+    return 1 if device.type == "cpu" else 4
 
 
 def check_model_settings(model: LoadedModel, config: PredictConfig) -> None:
@@ -438,11 +500,11 @@ def predict_case(
     message = _spacing_warning(model, image)
     if message:
         note(message)
-    network = model.network.eval()
+    network = inference_network(model.network, model.dimension)
     device = network_device(network)
     normalized = normalize_intensity(image.array, model.normalization)
     prob_fn = probability_function(network, config.uncertainty, config.samples,
-                                   _forward_for(network, device, config.amp))
+                                   _forward_for(network, device, config.amp, model.dimension))
     num_classes = model.num_classes
     labels = np.zeros(image.array.shape, dtype=np.uint8 if num_classes <= 256 else np.int16)
     uncertainty = np.zeros(image.array.shape, dtype=np.float32)
@@ -452,15 +514,20 @@ def predict_case(
         axis, chunks = probability_chunks(
             prob_fn, normalized, dimension=model.dimension, patch_size_xyz=model.patch_size_xyz,
             slice_axis=model.slice_axis, device=device,
-            batch_size=config.slice_batch_size if model.dimension == "2d" else config.sw_batch_size,
+            batch_size=config.slice_batch_size if model.dimension == "2d" else window_batch_size(config, device),
             overlap=config.overlap, stride_xyz=config.stride, warn=note, should_stop=should_stop,
         )
         label_view, uncertainty_view = np.moveaxis(labels, axis, 0), np.moveaxis(uncertainty, axis, 0)
         for a, b, probs in chunks:
-            label_view[a:b] = probs.argmax(dim=1).to("cpu", torch.int16).numpy()
-            uncertainty_view[a:b] = normalized_entropy(probs, dim=1).cpu().numpy()
-            if probabilities is not None:
-                np.moveaxis(probabilities, 1 + axis, 0)[a:b] = probs.cpu().numpy()
+            # A few slices at a time: the entropy's temporaries stay small for a large slab.
+            for start in range(0, b - a, FINISH_SLICES):
+                part = probs[start:start + FINISH_SLICES]
+                rows = slice(a + start, a + start + part.shape[0])
+                label_view[rows] = class_argmax(part).cpu().numpy()
+                uncertainty_view[rows] = normalized_entropy(part, dim=1).cpu().numpy()
+                if probabilities is not None:
+                    np.moveaxis(probabilities, 1 + axis, 0)[rows] = part.cpu().numpy()
+            del probs
     model_seconds = time.perf_counter() - model_start
     del normalized
     if config.largest_component:

@@ -98,6 +98,36 @@ def _ras_box(reference: Volume, low_ijk: Sequence[float], high_ijk: Sequence[flo
     return [float(v) for v in ras.min(axis=1)], [float(v) for v in ras.max(axis=1)]
 
 
+# Voxels per slab when gathering region statistics: bounds the temporaries for a large CT,
+# even when a lost model flags most of it.
+SLAB_VOXELS = 4_000_000
+
+
+def _region_statistics(component: np.ndarray, found: int, uncertainty: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per region id (0 = none): voxel count, sum and max of uncertainty, centroid (numpy axis order)."""
+    n = found + 1
+    counts, sums, maxima = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n)
+    coordinate_sums = np.zeros((component.ndim, n))
+    plane = int(np.prod(component.shape[1:])) or 1
+    step = max(1, SLAB_VOXELS // plane)
+    for start in range(0, component.shape[0], step):
+        slab = component[start:start + step]
+        selected = slab > 0
+        if not selected.any():
+            continue
+        ids = slab[selected]
+        values = uncertainty[start:start + step][selected].astype(np.float64)
+        counts += np.bincount(ids, minlength=n)
+        sums += np.bincount(ids, weights=values, minlength=n)
+        np.maximum.at(maxima, ids, values)
+        for axis, coordinate in enumerate(np.nonzero(selected)):
+            offset = start if axis == 0 else 0
+            coordinate_sums[axis] += np.bincount(ids, weights=coordinate + offset, minlength=n)
+    centroids = coordinate_sums / np.maximum(counts, 1)
+    return counts, sums, maxima, centroids
+
+
 def find_regions(
     uncertainty: np.ndarray,
     reference: Volume,
@@ -122,17 +152,8 @@ def find_regions(
     voxel_mm3 = reference.voxel_volume_mm3
     settings = {"threshold": threshold, "min_region_mm3": min_region_mm3, "min_region_voxels": min_region_voxels,
                 "max_regions": max_regions, "connectivity": 26, "review_value": "sum of uncertainty x voxel mm3"}
-    mask = uncertainty > threshold
-    component, found = ndimage.label(mask, structure=np.ones((3,) * uncertainty.ndim, dtype=bool))
-    # Statistics from the flagged voxels only (a few percent of the image at most), so that
-    # no full-size temporary beyond the component map is needed for a large CT.
-    ids = component[mask]
-    values = uncertainty[mask].astype(np.float64)
-    del mask
-    counts = np.bincount(ids, minlength=found + 1)
-    sums = np.bincount(ids, weights=values, minlength=found + 1)
-    maxima = np.zeros(found + 1)
-    np.maximum.at(maxima, ids, values)
+    component, found = ndimage.label(uncertainty > threshold, structure=np.ones((3,) * uncertainty.ndim, dtype=bool))
+    counts, sums, maxima, centroids = _region_statistics(component, found, uncertainty)
     total_review = float(sums[1:].sum()) * voxel_mm3
     flagged = int(counts[1:].sum())
 
@@ -152,17 +173,16 @@ def find_regions(
     regions = []
     for rank, label_id in enumerate(kept, start=1):
         box = boxes[label_id - 1]
-        inside = component[box] == label_id
-        zyx = np.nonzero(inside)
-        centroid_zyx = [float(axis.mean() + s.start) for axis, s in zip(zyx, box, strict=True)]
-        centroid_ijk = centroid_zyx[::-1]
+        centroid_ijk = [float(v) for v in centroids[:, label_id][::-1]]
         class_voxels: dict[str, int] = {}
         if labels is not None:
-            per_class = np.bincount(labels[box][inside].astype(np.int64).ravel())
-            for index in np.argsort(-per_class, kind="stable"):
+            inside = labels[box][component[box] == label_id]
+            per_class = [int(np.count_nonzero(inside == index)) for index in range(int(inside.max()) + 1)]
+            for index in np.argsort(-np.array(per_class), kind="stable"):
                 if per_class[index]:
                     name = names[index] if names is not None and index < len(names) else f"class_{index}"
-                    class_voxels[name] = int(per_class[index])
+                    class_voxels[name] = per_class[index]
+            del inside
         low_ijk = [s.start for s in box][::-1]
         high_ijk = [s.stop - 1 for s in box][::-1]
         ras_min, ras_max = _ras_box(reference, [v - 0.5 for v in low_ijk], [v + 0.5 for v in high_ijk])
