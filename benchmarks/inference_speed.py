@@ -117,7 +117,7 @@ def acdc(root: Path, work: Path, threads: int, repeats: int, rows: list[dict]) -
     for size in (256, 128):
         path = model_file(work / f"unet{size}.pt", "2d", 4, [size, size], "minmax")
         model = load_model(path)
-        what = f"ACDC {case} ({shape}), U-Net {size}x{size}"
+        what = f"ACDC {case} ({shape}), U-Net {size}x{size}, {threads} thread(s)"
         for method, samples, target in (("entropy", 1, 0.5), ("mc-dropout", 8, 3.0)):
             config = PredictConfig(uncertainty=method, samples=samples)
             predict_case(model, volume, config)  # warm-up (first calls allocate)
@@ -128,8 +128,8 @@ def acdc(root: Path, work: Path, threads: int, repeats: int, rows: list[dict]) -
             print(rows[-1], flush=True)
         counter = iter(range(10**6))
 
-        def file_to_files(path=path, counter=counter, size=size) -> None:
-            out = work / f"e2e_{size}_{next(counter)}"
+        def file_to_files(path=path, counter=counter, size=size, threads=threads) -> None:
+            out = work / f"e2e_{size}_{threads}_{next(counter)}"
             predict_files([source], PredictConfig(model_path=str(path), out_dir=str(out), num_threads=threads))
 
         file_to_files()
@@ -138,7 +138,7 @@ def acdc(root: Path, work: Path, threads: int, repeats: int, rows: list[dict]) -
                      "median_s": statistics.median(seconds), "min_s": min(seconds), "peak_gb": "",
                      "passed": statistics.median(seconds) <= 2.0})
         print(rows[-1], flush=True)
-        wall, code, peak = run_cli(["predict", str(source), "--model", str(path), "--out", str(work / f"cli{size}"),
+        wall, code, peak = run_cli(["predict", str(source), "--model", str(path), "--out", str(work / f"cli{size}_{threads}"),
                                     "--num-threads", str(threads), "--progress", "none"], threads)
         rows.append({"benchmark": f"{what}, entropy: `python -m buseg predict` incl. interpreter start",
                      "target": "(information)", "median_s": wall, "min_s": wall, "peak_gb": peak / 1e9,
@@ -146,7 +146,7 @@ def acdc(root: Path, work: Path, threads: int, repeats: int, rows: list[dict]) -
         print(rows[-1], flush=True)
 
 
-def la(root: Path, work: Path, rows: list[dict]) -> None:
+def la(root: Path, work: Path, threads: int, rows: list[dict]) -> None:
     case = (root / "LA" / "train.list").read_text().split()[0]
     with h5py.File(root / "LA" / "volumes" / case / "mri_norm2.h5", "r") as handle:
         image = np.ascontiguousarray(np.asarray(handle["image"], dtype=np.float32).transpose(2, 1, 0))
@@ -161,7 +161,7 @@ def la(root: Path, work: Path, rows: list[dict]) -> None:
     windows = len(dense_patch_slices(image.shape, roi, scan_interval(image.shape, roi, 0.5, (4, 18, 18))))
     prediction = predict_case(model, volume, config)
     rows.append({"benchmark": f"LA {case} ({'x'.join(map(str, volume.size_xyz))}), V-Net 112x112x80, stride 18x18x4 "
-                 f"({windows} windows), entropy: model time", "target": "<= 60 s",
+                 f"({windows} windows), {threads} thread(s), entropy: model time", "target": "<= 60 s",
                  "median_s": prediction.model_seconds, "min_s": prediction.model_seconds, "peak_gb": "",
                  "passed": prediction.model_seconds <= 60})
     print(rows[-1], flush=True)
@@ -189,7 +189,8 @@ def memory(work: Path, threads: int, which: str, rows: list[dict]) -> None:
     for name, path, extra, label in variants:
         wall, code, peak = run_cli(["predict", str(source), "--model", str(path), "--out", str(work / f"ct_{name}"),
                                     "--num-threads", str(threads), "--progress", "none", *extra], threads)
-        rows.append({"benchmark": f"512x512x300 volume, {label}: peak RAM of `buseg predict` (file -> files)",
+        rows.append({"benchmark": f"512x512x300 volume, {label}, {threads} thread(s): peak RAM of `buseg predict` "
+                     "(file -> files)",
                      "target": "<= 4 GB", "median_s": wall, "min_s": wall, "peak_gb": peak / 1e9,
                      "passed": code == 0 and peak <= 4e9})
         print(rows[-1], flush=True)
@@ -198,24 +199,28 @@ def memory(work: Path, threads: int, which: str, rows: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine has 2 cores)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="torch CPU threads (the machine has 2 cores); several values repeat the ACDC "
+                        "benchmarks with each, LA and memory use the first")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", choices=("both", "3d", "2d", "none"), default="both")
     parser.add_argument("--skip-la", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     root = Path(args.data_root)
     load_before = os.getloadavg()
     started = time.time()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="buseg-bench-") as temp:
         work = Path(temp)
-        acdc(root, work, args.threads, args.repeats, rows)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            acdc(root, work, threads, args.repeats, rows)
+        torch.set_num_threads(args.threads[0])
         if not args.skip_la:
-            la(root, work, rows)
+            la(root, work, args.threads[0], rows)
         if args.memory != "none":
-            memory(work, args.threads, args.memory, rows)
+            memory(work, args.threads[0], args.memory, rows)
     load_after = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +234,7 @@ def main() -> int:
         f"Generated by `benchmarks/inference_speed.py` on {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, "
         f"{time.time() - started:.0f} s. Machine: {platform.processor() or platform.machine()}, "
         f"{psutil.cpu_count()} logical CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; torch "
-        f"{torch.__version__}, {args.threads} thread(s). Load average (1 min) before {load_before[0]:.2f}, after "
+        f"{torch.__version__}; torch threads per row. Load average (1 min) before {load_before[0]:.2f}, after "
         f"{load_after[0]:.2f}: the machine is shared, so times above ~1 x cores of load are pessimistic.",
         "",
         "**Untrained networks** of the reference architectures (random weights): speed and memory do not depend "

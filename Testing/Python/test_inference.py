@@ -112,6 +112,7 @@ def test_2d_resizes_to_the_training_size_and_back(tmp_path):
     entropy = normalized_entropy(torch.from_numpy(probs)[None], dim=1)[0].numpy()
     assert np.allclose(prediction.uncertainty_map, entropy, atol=1e-5)
     assert prediction.uncertainty_map.dtype == np.float32
+    assert prediction.seconds >= prediction.model_seconds > 0
 
 
 def test_normalisation_is_the_models_so_intensity_scale_does_not_matter(tmp_path):

@@ -16,10 +16,11 @@ How a volume is run:
 * **3D models** run with overlapping windows and Gaussian blending: the windows and the
   weights are MONAI's (``dense_patch_slices``, ``compute_importance_map``, the same as
   ``monai.inferers.sliding_window_inference``, which a test checks), but the windows are
-  visited slab by slab along z and each slab of the blended output is finished (argmax,
-  entropy) as soon as no later window touches it. So memory holds the image, the output
-  maps and one slab of probabilities, never C full-size probability volumes: a
-  512x512x300 CT fits in well under 4 GB.
+  visited row by row along z (a row = the windows that start at one z) in a buffer one
+  window deep, and the slices before the next row are finished (argmax, entropy) and
+  dropped as soon as that row starts. So memory holds the image, the output maps and one
+  window-deep slab of probabilities, never C full-size probability volumes: a 512x512x300
+  volume needs about 2 GB (benchmarks/results/inference_speed.md).
 * ``uncertainty``: the same functions as training (:mod:`buseg.uncertainty`): normalised
   entropy of the mean probabilities of 1 pass (``entropy``), T dropout passes
   (``mc-dropout``) or flips (``tta``), computed per slice batch / window batch (the blending
@@ -32,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -64,8 +64,6 @@ from .io import (
 from .preprocessing import normalize_intensity, resize_slices
 from .regions import RegionSet, find_regions, regions_document
 from .uncertainty import mc_dropout_probabilities, normalized_entropy
-
-logger = logging.getLogger("buseg")
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
@@ -317,7 +315,11 @@ def predict_probabilities(
 
 @dataclass
 class Prediction:
-    """The result of :func:`predict_case`; every array lies on ``reference``'s grid (z, y, x)."""
+    """The result of :func:`predict_case`; every array lies on ``reference``'s grid (z, y, x).
+
+    ``reference`` carries the input image's geometry and path; its ``array`` is a read-only
+    placeholder of the image's shape (the prediction does not keep the image's voxels).
+    """
 
     labels: np.ndarray  # class index per voxel (0 = background); label_values() gives the file values
     uncertainty_map: np.ndarray  # float32, normalised entropy of the mean probabilities, 0..1
@@ -339,11 +341,12 @@ class Prediction:
 
     def statistics(self) -> dict[str, Any]:
         """Per-image numbers: mean uncertainty, voxel volume of each class."""
-        counts = np.bincount(self.labels.ravel(), minlength=len(self.classes))
         voxel_mm3 = self.reference.voxel_volume_mm3
+        # count_nonzero per class: bincount would first copy the labels as int64 (8 bytes per voxel).
         return {
             "mean_uncertainty": float(self.uncertainty_map.mean(dtype=np.float64)),
-            "class_volumes_mm3": {c["name"]: float(counts[c["index"]] * voxel_mm3) for c in self.classes[1:]},
+            "class_volumes_mm3": {c["name"]: float(np.count_nonzero(self.labels == c["index"]) * voxel_mm3)
+                                  for c in self.classes[1:]},
         }
 
 
@@ -520,9 +523,9 @@ def predict_case(
         label_view, uncertainty_view = np.moveaxis(labels, axis, 0), np.moveaxis(uncertainty, axis, 0)
         for a, b, probs in chunks:
             # A few slices at a time: the entropy's temporaries stay small for a large slab.
-            for start in range(0, b - a, FINISH_SLICES):
-                part = probs[start:start + FINISH_SLICES]
-                rows = slice(a + start, a + start + part.shape[0])
+            for offset in range(0, b - a, FINISH_SLICES):
+                part = probs[offset:offset + FINISH_SLICES]
+                rows = slice(a + offset, a + offset + part.shape[0])
                 label_view[rows] = class_argmax(part).cpu().numpy()
                 uncertainty_view[rows] = normalized_entropy(part, dim=1).cpu().numpy()
                 if probabilities is not None:
@@ -532,14 +535,18 @@ def predict_case(
     del normalized
     if config.largest_component:
         labels = largest_component_per_class(labels, num_classes)
+    # The outputs need the image's geometry, not its voxels: a zero-stride placeholder of the
+    # right shape lets the caller free the image (300 MB for a 512x512x300 CT) before writing.
+    reference = Volume(np.broadcast_to(np.zeros((), dtype=np.float32), image.array.shape), image.spacing_mm,
+                       image.origin, image.direction, image.path)
     region_set = find_regions(
-        uncertainty, image, labels=labels, class_names=[c["name"] for c in model.classes],
+        uncertainty, reference, labels=labels, class_names=[c["name"] for c in model.classes],
         threshold=config.region_threshold, min_region_mm3=config.min_region_mm3,
         min_region_voxels=config.min_region_voxels, max_regions=config.max_regions,
     )
     spatial_dims = 2 if model.dimension == "2d" else 3
     return Prediction(
-        labels=labels, uncertainty_map=uncertainty, regions=region_set, reference=image, classes=model.classes,
+        labels=labels, uncertainty_map=uncertainty, regions=region_set, reference=reference, classes=model.classes,
         method=config.uncertainty, passes=passes_per_input(config.uncertainty, config.samples, spatial_dims),
         model_seconds=model_seconds, seconds=time.perf_counter() - start, probabilities=probabilities,
         warnings=notes,
@@ -579,6 +586,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
         if not files:
             raise InputError("no image files (NIfTI, NRRD, MHA) in this folder", path=path)
         found += [(case_name(f), f) for f in files]
+    found = [(case, path.resolve()) for case, path in found]  # absolute: the outputs name their inputs
     seen: dict[str, Path] = {}
     for case, path in found:
         if case in seen:
@@ -622,17 +630,18 @@ def write_prediction(prediction: Prediction, paths: dict[str, Path], *, overwrit
         write_segmentation(prediction.labels, reference, foreground, temps["segmentation"], overwrite=True)
         write_image(reference, temps["uncertainty"], array=prediction.uncertainty_map.astype(np.float32, copy=False),
                     overwrite=True)
-        write_json_atomic(temps["regions"], _json_safe(document), overwrite=True)
+        write_json_atomic(temps["regions"], json_safe(document), overwrite=True)
     return {kind: str(path) for kind, path in paths.items()}
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/infinity replaced by None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -671,6 +680,7 @@ def iter_predictions(images: Sequence[tuple[str, Path]], model: LoadedModel, con
             check_memory(volume.array.size * 20, f"predicting {path.name}")
             prediction = predict_case(model, volume, config, should_stop=should_stop,
                                       warn=lambda m, case=case: sink.emit("warning", message=f"{case}: {m}"))
+            del volume  # not needed for writing the outputs
         except InputError as exc:
             sink.emit("warning", message=f"{case}: skipped: {exc}", detail={"case": case, "path": str(path)})
             yield CaseOutcome(index, case, path, None, exc, time.perf_counter() - start)
@@ -723,7 +733,7 @@ def predict_files(
               total=len(images), classes=[c["name"] for c in model.classes], buseg_version=__version__)
     summary: dict[str, Any] = {
         "schema": SUMMARY_SCHEMA, "schema_version": 1, "buseg_version": __version__,
-        "model": str(config.model_path), "device": str(device), "config": to_dict(config),
+        "model": str(Path(config.model_path).resolve()), "device": str(device), "config": to_dict(config),
         "classes": model.classes, "cases": [],
     }
     for outcome in iter_predictions(images, model, config, sink=sink, should_stop=should_stop):
@@ -735,7 +745,7 @@ def predict_files(
             paths = planned[outcome.case]
             write_start = time.perf_counter()
             outputs = write_prediction(prediction, paths, overwrite=config.overwrite, context={
-                "case": outcome.case, "image": str(outcome.path), "model": str(config.model_path),
+                "case": outcome.case, "image": str(outcome.path), "model": summary["model"],
             })
             seconds = outcome.seconds + (time.perf_counter() - write_start)
             entry.update(
@@ -748,7 +758,7 @@ def predict_files(
                       seconds=seconds)
         summary["cases"].append(entry)
         # Rewritten after every case, so an interrupted run leaves a consistent summary.
-        write_json_atomic(summary_path, _json_safe(summary), overwrite=True)
+        write_json_atomic(summary_path, json_safe(summary), overwrite=True)
     result = PredictResult(out_dir, summary_path, summary["cases"])
     if result.failed:
         names = ", ".join(c["case"] for c in result.failed[:10])

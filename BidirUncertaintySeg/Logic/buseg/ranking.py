@@ -44,9 +44,9 @@ from .errors import InputError, OutputError
 from .events import EventSink
 from .inference import (
     Prediction,
-    _json_safe,
     collect_images,
     iter_predictions,
+    json_safe,
     load_for_prediction,
     output_paths,
     output_suffix,
@@ -141,6 +141,7 @@ def rank_files(
             raise OutputError("exists already; refusing to overwrite it", path=existing[0],
                               hint="pass --overwrite to replace it, or choose another --out")
     model, device, reason = load_for_prediction(config)
+    model_file = str(Path(config.model_path).resolve())
     sink.emit("started", job="rank", config={**to_dict(config), "score": score_name}, device=str(device),
               device_reason=reason, total=len(images), classes=[c["name"] for c in model.classes],
               buseg_version=__version__)
@@ -156,7 +157,7 @@ def rank_files(
         if save_predictions:
             outputs = write_prediction(prediction, planned[outcome.case], overwrite=config.overwrite,
                                        context={"case": outcome.case, "image": str(outcome.path),
-                                                "model": str(config.model_path)})
+                                                "model": model_file})
         entries.append({
             "case": outcome.case, "image": str(outcome.path), "score": score(stats, score_name), "statistics": stats,
             "regions": len(prediction.regions.regions),
@@ -174,12 +175,12 @@ def rank_files(
         entry["rank"] = rank
     document = {
         "schema": "buseg-ranking", "schema_version": 1, "buseg_version": __version__, "score": score_name,
-        "model": str(config.model_path), "config": to_dict(config), "cases": entries, "failed": failed,
+        "model": model_file, "config": to_dict(config), "cases": entries, "failed": failed,
     }
     with atomic_path(csv_path, overwrite=config.overwrite) as temp:
         temp.write_text(_csv(entries))
     with atomic_path(json_path, overwrite=config.overwrite) as temp:
-        temp.write_text(json.dumps(_json_safe(document), indent=2) + "\n")
+        temp.write_text(json.dumps(json_safe(document), indent=2) + "\n")
     if failed:
         sink.emit("warning", message=f"{len(failed)} image(s) could not be predicted and are not ranked: "
                   + ", ".join(f["case"] for f in failed[:10]))
