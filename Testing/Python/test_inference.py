@@ -113,6 +113,8 @@ def test_2d_resizes_to_the_training_size_and_back(tmp_path):
     assert np.allclose(prediction.uncertainty_map, entropy, atol=1e-5)
     assert prediction.uncertainty_map.dtype == np.float32
     assert prediction.seconds >= prediction.model_seconds > 0
+    # The prediction keeps the image's geometry, not its voxels.
+    assert prediction.reference.same_grid(image) is None and prediction.reference.array.strides == (0, 0, 0)
 
 
 def test_normalisation_is_the_models_so_intensity_scale_does_not_matter(tmp_path):
