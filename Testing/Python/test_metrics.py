@@ -151,3 +151,13 @@ def test_evaluate_files_refuses_grid_mismatch_and_unmatched_names(tmp_path):
     write_image(_volume(mask), tmp_path / "q" / "other.nii.gz")
     with pytest.raises(InputError, match="no case names match"):
         evaluate_files([tmp_path / "q"], [tmp_path / "t"], tmp_path / "out")
+
+
+def test_case_sub_folders_are_found_as_predict_and_rank_write_them(tmp_path):
+    mask = np.zeros((4, 6, 6), dtype=np.uint8)
+    mask[1:3, 1:4, 1:4] = 1
+    write_image(_volume(mask), tmp_path / "t" / "c1.nii.gz")
+    write_image(_volume(mask), tmp_path / "p" / "c1" / "c1_label.nii.gz")
+    write_image(_volume(mask.astype(np.float32) / 2), tmp_path / "p" / "c1" / "c1_uncertainty.nii.gz")
+    result = evaluate_files([tmp_path / "p"], [tmp_path / "t"], tmp_path / "out")
+    assert [(r.case, r.dice) for r in result.rows] == [("c1", 1.0)]

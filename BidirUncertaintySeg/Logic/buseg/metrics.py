@@ -163,7 +163,8 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
 
     A folder written by ``buseg predict`` (it has a summary.json) contributes the label maps
     and class names listed there; another folder contributes the label files in it (or in its
-    ``labels/`` sub-folder when it holds none).
+    ``labels/`` sub-folder when it holds none, or else the ``<case>/<case>_label.*`` files of
+    its sub-folders).
     """
     found: dict[str, Path] = {}
     names: dict[int, str] = {}
@@ -203,6 +204,9 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
         files = _label_files_in(path)
         if not files and (path / "labels").is_dir():
             files = _label_files_in(path / "labels")
+        if not files:  # case sub-folders as `buseg predict`/`rank --save-predictions` write them
+            files = sorted(f for sub in path.iterdir() if sub.is_dir() for f in _label_files_in(sub)
+                           if case_name(f) == f"{sub.name}_label")
         if not files:
             raise InputError(f"no label files found in this folder ({role})", path=path)
         for file in files:

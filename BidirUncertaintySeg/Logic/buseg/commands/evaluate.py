@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_logging
 
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     def job() -> dict:
         from ..metrics import evaluate_files, format_summary
 
-        result = evaluate_files(args.pred, args.truth, args.out, label_values=args.labels, overwrite=args.overwrite,
+        result = evaluate_files(args.pred, args.truth, Path(args.out).resolve(), label_values=args.labels,
+                                overwrite=args.overwrite,
                                 events=sink, should_stop=stop)
         stream = sys.stderr if args.progress == "jsonl" else sys.stdout
         print(format_summary(result.summary), file=stream, flush=True)
