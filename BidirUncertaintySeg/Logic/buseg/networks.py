@@ -143,6 +143,16 @@ def set_dropout(model: nn.Module, active: bool) -> None:
             module.train(active)
 
 
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """The channels-last memory layout for 2D (N, C, H, W) or 3D (N, C, D, H, W) tensors."""
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, *S) in the channels-last layout (a no-op when it already is, and for C = 1 a view)."""
+    return x.contiguous(memory_format=channels_last_format(x.dim() - 2))
+
+
 def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Dropout, nn.Dropout2d, nn.Dropout3d)) and m.p > 0 for m in model.modules())
 

@@ -48,7 +48,7 @@ from .events import EventSink, split_logs
 from .inference import predict_probabilities
 from .io import write_json_atomic
 from .methods import Batch, Method, StepContext, build_method
-from .networks import build_network
+from .networks import build_network, channels_last_format, to_channels_last
 from .sampling import PatchSampler, SliceSampler
 
 logger = logging.getLogger("buseg")
@@ -358,6 +358,9 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
 
     student = build_network(config.network_name, in_channels=1, num_classes=data.num_classes,
                             base_channels=config.model.base_channels, dropout=config.model.dropout).to(device)
+    layout = _input_layout(config)  # channels-last weights and inputs for 2D (docs/speed.md)
+    if layout is to_channels_last:
+        student = student.to(memory_format=channels_last_format(2))
     if config.init_weights:
         _load_initial_weights(student, config, data)
     teacher = copy.deepcopy(student).requires_grad_(False) if method.uses_teacher else None
@@ -394,18 +397,24 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
+    student_call = torch.compile(student) if config.optim.compile else student
+    teacher_call = torch.compile(teacher) if config.optim.compile and teacher is not None else teacher
+
     def student_forward(x: torch.Tensor) -> torch.Tensor:
         with autocast():
-            return student(x)
+            return student_call(layout(x))
 
     def teacher_forward(x: torch.Tensor) -> torch.Tensor:
-        teacher.train(config.method.teacher_mode == "train")
+        # Only switch when the top-level mode differs: MC-dropout turns on the dropout layers of
+        # an eval-mode teacher, and teacher.eval() here would silently turn them off again.
+        if teacher.training != (config.method.teacher_mode == "train"):
+            teacher.train(config.method.teacher_mode == "train")
         with torch.no_grad(), autocast():
-            return teacher(x)
+            return teacher_call(layout(x))
 
     def eval_forward(x: torch.Tensor) -> torch.Tensor:
         with autocast():
-            return student_module(x)
+            return student_module(layout(x))
 
     def metadata(iteration: int, extra: dict | None = None) -> dict:
         return model_metadata(config, data, iteration, extra)
@@ -539,6 +548,15 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         best_path=best_path, best_metric=best_metric, best_iteration=best_iteration, iterations=total,
         history=history,
     )
+
+
+def _input_layout(config: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the network inputs go through: channels-last (2D only) or nothing.
+
+    3D stays channels-first: on the CPU, channels-last 3D was not faster (docs/speed.md) and its
+    BatchNorm statistics are less precise.
+    """
+    return to_channels_last if config.optim.channels_last and config.model.dimension == "2d" else (lambda x: x)
 
 
 def _load_initial_weights(student: nn.Module, config: TrainConfig, data: TrainingData) -> None:
