@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cc3d
 import numpy as np
 import torch
-from scipy import ndimage
 
 
 def box_mask(spatial_shape: Sequence[int], ratio: float, generator: torch.Generator,
@@ -40,22 +40,30 @@ def largest_component_per_class(labels: torch.Tensor, num_classes: int) -> torch
 
     ``labels`` is (N, *S) class indices (any device). Removed pixels become background.
     Connectivity is full (8 in 2D, 26 in 3D), as the reference pseudo-label clean-up. One
-    scipy labelling per class for the whole batch (the structure does not connect across
-    images), then the largest component of each image by ``bincount``.
+    multi-label ``cc3d`` labelling per image finds the components of all classes at once
+    (each component has one class); the largest of each class is kept, the first in raster
+    order on ties, as ``skimage.measure.label`` + ``argmax`` in the reference. Measured 4-30x
+    faster than the reference's per-image, per-class loop (docs/speed.md); the same result
+    (tested against it).
     """
     array = labels.detach().to("cpu").numpy()
-    structure = np.zeros((3,) * array.ndim, dtype=bool)
-    structure[1] = ndimage.generate_binary_structure(array.ndim - 1, array.ndim - 1)
-    keep = np.zeros(array.shape, dtype=bool)
-    for cls in range(1, num_classes):
-        mask = array == cls
-        if not mask.any():
+    connectivity = 8 if array.ndim == 3 else 26
+    cleaned = np.zeros_like(array)
+    for index, image in enumerate(array):
+        components, count = cc3d.connected_components(image, connectivity=connectivity, return_N=True)
+        if count == 0:
             continue
-        components, count = ndimage.label(mask, structure=structure)
-        for image in range(array.shape[0]):
-            sizes = np.bincount(components[image].ravel(), minlength=count + 1)
-            sizes[0] = 0
-            if sizes.max() > 0:
-                keep[image] |= components[image] == int(sizes.argmax())
-    cleaned = np.where(keep, array, 0).astype(array.dtype)
+        flat = components.ravel()
+        sizes = np.bincount(flat, minlength=count + 1)
+        component_class = np.zeros(count + 1, dtype=np.int64)
+        component_class[flat] = image.ravel()
+        sizes[0] = -1  # background is no component
+        # Per class, the largest component (lowest id among equal sizes: ids follow raster order).
+        order = np.lexsort((np.arange(count + 1), -sizes, component_class))
+        classes_sorted = component_class[order]
+        first_of_class = np.r_[True, classes_sorted[1:] != classes_sorted[:-1]]
+        keep = np.zeros(count + 1, dtype=bool)
+        largest = order[first_of_class]
+        keep[largest[(component_class[largest] > 0) & (component_class[largest] < num_classes)]] = True
+        cleaned[index] = np.where(keep[components], image, 0)
     return torch.from_numpy(cleaned).to(labels.device)
