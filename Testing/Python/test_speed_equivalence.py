@@ -250,3 +250,24 @@ def test_speed_benchmark_runs_side_by_side(tmp_path):
     assert not any(r["error"] for r in rows.values())
     assert float(rows["bcp"]["median_s"]) > 0 and float(rows["bcp"]["speedup_vs_reference"]) > 0
     assert "speed-up" in (tmp_path / "speed_cpu.md").read_text()
+
+
+def test_in_place_activations_give_the_same_loss_and_gradients():
+    """The U-Net's LeakyReLU runs in place (less memory); a copy with out-of-place ones must agree exactly."""
+    torch.manual_seed(0)
+    in_place = build_network("unet2d", in_channels=1, num_classes=4, base_channels=4)
+    assert any(isinstance(m, torch.nn.LeakyReLU) and m.inplace for m in in_place.modules())
+    plain = copy.deepcopy(in_place)
+    for module in plain.modules():
+        if isinstance(module, torch.nn.LeakyReLU):
+            module.inplace = False
+    images, targets = torch.rand(4, 1, 32, 32), torch.randint(0, 4, (4, 32, 32))
+    losses = []
+    for network in (in_place, plain):
+        torch.manual_seed(1)  # the same dropout masks
+        loss = torch.nn.functional.cross_entropy(network(images), targets)
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    for a, b in zip(in_place.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
