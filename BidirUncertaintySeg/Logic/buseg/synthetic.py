@@ -43,14 +43,22 @@ def make_case(
     bias: float = 0.3,
     direction: Sequence[float] | None = None,
     origin: Sequence[float] = (-40.0, 25.0, 10.0),
+    structure_scale: float = 1.0,
+    satellite_scale: float = 1.0,
 ) -> SyntheticCase:
-    """One synthetic volume (float32, intensities roughly 0..1) and its label map (uint8)."""
+    """One synthetic volume (float32, intensities roughly 0..1) and its label map (uint8).
+
+    ``structure_scale`` < 1 shrinks the shell and its distance to the satellite and the
+    random shift of the centre (not the satellite itself), so that the satellite stays inside
+    the field of view; at 1.0 (default) the satellite is often cut off by the image border.
+    ``satellite_scale`` scales the satellite's radii (a larger, easier small structure).
+    """
     z, y, x = (int(s) for s in shape_zyx)
     sx, sy, sz = (float(s) for s in spacing_mm)
     zz, yy, xx = np.meshgrid(np.arange(z) * sz, np.arange(y) * sy, np.arange(x) * sx, indexing="ij")
     extent = np.array([z * sz, y * sy, x * sx])
-    center = extent / 2 + rng.uniform(-0.1, 0.1, 3) * extent
-    radii = extent * rng.uniform(0.22, 0.32, 3)
+    center = extent / 2 + rng.uniform(-0.1, 0.1, 3) * extent * structure_scale
+    radii = extent * rng.uniform(0.22, 0.32, 3) * structure_scale
     theta = rng.uniform(0, np.pi)
     ct, st = np.cos(theta), np.sin(theta)
     dy, dx = yy - center[1], xx - center[2]
@@ -65,8 +73,8 @@ def make_case(
         label[inner <= 1.0] = 2
     if num_classes >= 3:
         side = rng.choice([-1.0, 1.0])
-        sat_center = center + np.array([0.0, side * (radii[1] + 0.16 * extent[1]), 0.0])
-        sat_r = extent * rng.uniform(0.07, 0.1, 3)
+        sat_center = center + np.array([0.0, side * (radii[1] + 0.16 * extent[1] * structure_scale), 0.0])
+        sat_r = extent * rng.uniform(0.07, 0.1, 3) * satellite_scale
         sat = (((zz - sat_center[0]) / max(sat_r[0], 1.5 * sz)) ** 2 + ((yy - sat_center[1]) / sat_r[1]) ** 2
                + ((xx - sat_center[2]) / sat_r[2]) ** 2)
         label[(sat <= 1.0) & (label == 0)] = 3
@@ -98,21 +106,30 @@ def write_dataset(
     num_classes: int = 3,
     seed: int = 0,
     noise: float = 0.08,
+    bias: float = 0.3,
+    validation: int = 0,
+    structure_scale: float = 1.0,
+    satellite_scale: float = 1.0,
 ) -> dict[str, Path]:
     """Write a synthetic dataset as NIfTI under ``root``.
 
     Layout: ``labeled/images``, ``labeled/labels``, ``labeled/classes.json`` (label value ->
-    name), ``unlabeled/``, ``test/images``, ``test/labels``, ``test/classes.json``. Returns the
-    folders ``labeled``, ``unlabeled`` and ``test``.
+    name), ``unlabeled/``, ``test/images``, ``test/labels``, ``test/classes.json``, and with
+    ``validation > 0`` also ``validation/`` (laid out as ``labeled/``). Returns the folders
+    ``labeled``, ``unlabeled`` and ``test`` (and ``validation`` when written). Validation
+    cases are drawn after all others, so adding them leaves the other cases unchanged.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
     folders = {
         "labeled": root / "labeled", "unlabeled": root / "unlabeled", "test": root / "test",
     }
-    for kind, count in (("labeled", labeled), ("unlabeled", unlabeled), ("test", test)):
+    if validation:
+        folders["validation"] = root / "validation"
+    for kind, count in (("labeled", labeled), ("unlabeled", unlabeled), ("test", test), ("validation", validation)):
         for index in range(count):
-            case = make_case(rng, shape_zyx, spacing_mm=spacing_mm, num_classes=num_classes, noise=noise)
+            case = make_case(rng, shape_zyx, spacing_mm=spacing_mm, num_classes=num_classes, noise=noise, bias=bias,
+                             structure_scale=structure_scale, satellite_scale=satellite_scale)
             name = f"{kind}_{index:03d}.nii.gz"
             if kind == "unlabeled":
                 write_image(case.image, folders[kind] / name, overwrite=True)
@@ -120,6 +137,7 @@ def write_dataset(
                 write_image(case.image, folders[kind] / "images" / name, overwrite=True)
                 write_image(case.label, folders[kind] / "labels" / name, overwrite=True)
     names = {str(i + 1): n for i, n in enumerate(CLASS_NAMES[:num_classes])}
-    for kind in ("labeled", "test"):
-        write_json_atomic(folders[kind] / "classes.json", names)
+    for kind in ("labeled", "test", "validation"):
+        if kind in folders:
+            write_json_atomic(folders[kind] / "classes.json", names)
     return folders

@@ -1,0 +1,397 @@
+"""``buseg demo``: the whole idea end to end on generated data, with a report.
+
+One call, in-process, through the same APIs the commands use:
+
+1. **data** - :func:`buseg.synthetic.write_dataset` writes 3D volumes with known truth
+   (three structures, noise, a bias field, anisotropic spacing, a rotated direction):
+   a few labeled, more unlabeled, validation (model selection) and held-out test volumes;
+2. **training** - our method (``buarl``) and the supervised baseline, on the same number
+   of iterations and the same batch size (:func:`buseg.train.train`);
+3. **segmentation with uncertainty** - every test volume with both models, written as
+   ``buseg predict`` writes them (:func:`buseg.inference.predict_files`): label map,
+   ``.seg.nrrd``, uncertainty map, ``regions.json``;
+4. **evaluation** - Dice, Jaccard, HD95, ASD against the known truth
+   (:func:`buseg.metrics.evaluate_files`), and what a reviewer would gain by checking the
+   most uncertain voxels (:func:`buseg.review.simulate_review`);
+5. **report** - ``comparison.md``/``.json``, ``report.png`` (:mod:`buseg.report`) and
+   ``open_in_slicer.py``.
+
+The budget is fixed in iterations (:data:`FULL`), not in seconds, so the same seed gives
+the same run on every machine; :data:`QUICK` is a smoke test of the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import __version__
+from .errors import Cancelled, OutputError
+from .events import EventSink, TerminalSink
+from .io import write_json_atomic
+
+MARKER = "demo.json"
+MARKER_SCHEMA = "buseg-demo"
+# What the demo writes into its folder; --overwrite removes exactly these, nothing else.
+DEMO_ENTRIES = ("data", "runs", "predictions", "evaluation", "report.png", "comparison.md", "comparison.json",
+                "open_in_slicer.py", MARKER)
+METHODS = ("supervised", "buarl")
+METHOD_TITLES = {"supervised": "supervised", "buarl": "ours (buarl)"}
+REVIEW_BUDGET = 0.01  # fraction of each volume's voxels a reviewer checks (the most uncertain first)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Everything that sizes the demo: data, network, iteration budget."""
+
+    name: str
+    labeled: int
+    unlabeled: int
+    validation: int
+    test: int
+    shape_zyx: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    noise: float
+    bias: float
+    structure_scale: float           # synthetic.make_case: smaller shell, satellite inside the field of view
+    satellite_scale: float           # ... and a satellite large enough to be learned in a short run
+    patch_size: tuple[int, int]      # x y: 2D slices are resized to it
+    base_channels: int
+    batch_size: int
+    pretrain_iterations: int         # ours: supervised copy-paste pre-training
+    iterations: int                  # ours: self-training; supervised trains pretrain + iterations
+    self_training_lr: float | None
+    validation_interval: int
+    log_interval: int
+
+    @property
+    def total_iterations(self) -> int:
+        return self.pretrain_iterations + self.iterations
+
+
+# The full demo (make demo): a few minutes on 2 CPU cores. Chosen by measurement (README,
+# "The demo"): batch 24 as the published recipe (groups of 2 images, batch 8, made
+# self-training unstable and lose the small structure); a small U-Net (8 base channels).
+FULL = DemoPlan(
+    name="full", labeled=2, unlabeled=10, validation=2, test=4, shape_zyx=(24, 64, 64),
+    spacing_mm=(1.2, 1.2, 2.5), noise=0.08, bias=0.3, structure_scale=0.8, satellite_scale=1.5,
+    patch_size=(64, 64), base_channels=8, batch_size=24, pretrain_iterations=300, iterations=300,
+    self_training_lr=0.005, validation_interval=50, log_interval=10,
+)
+# A smoke test of every step (tests, CI): seconds, and numbers that mean nothing.
+QUICK = DemoPlan(
+    name="quick", labeled=1, unlabeled=2, validation=1, test=1, shape_zyx=(8, 32, 32),
+    spacing_mm=(1.2, 1.2, 2.5), noise=0.08, bias=0.3, structure_scale=0.8, satellite_scale=1.5,
+    patch_size=(32, 32), base_channels=8, batch_size=4, pretrain_iterations=3, iterations=5,
+    self_training_lr=0.005, validation_interval=4, log_interval=2,
+)
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    report_path: Path
+    comparison: dict[str, Any]
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------
+# The output folder
+
+
+def prepare_folder(out_dir: Path, *, overwrite: bool) -> None:
+    """Refuse a non-empty folder unless ``overwrite``; then remove only what an earlier demo wrote.
+
+    ``--overwrite`` is accepted only for an empty folder or one an earlier demo wrote (it
+    has ``demo.json``): a user's own ``data/`` folder is never deleted by mistake.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError("exists and is not a folder", path=out_dir, hint="choose another --out")
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries:
+        if not overwrite:
+            raise OutputError(
+                f"is not empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})", path=out_dir,
+                hint="pass --overwrite to replace an earlier demo's outputs there, or choose another --out",
+            )
+        if not _is_demo_folder(out_dir):
+            raise OutputError(
+                f"is not empty and was not written by `buseg demo` (no {MARKER}); refusing to delete anything",
+                path=out_dir, hint="choose an empty or new --out folder",
+            )
+        for name in DEMO_ENTRIES:
+            path = out_dir / name
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+            except OSError as exc:
+                raise OutputError(f"cannot remove the earlier demo output: {exc.strerror or exc}", path=path) from None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder: {exc.strerror or exc}", path=out_dir) from None
+
+
+def _is_demo_folder(out_dir: Path) -> bool:
+    try:
+        return json.loads((out_dir / MARKER).read_text()).get("schema") == MARKER_SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# The steps
+
+
+def make_data(out_dir: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
+    from .synthetic import write_dataset
+
+    return write_dataset(
+        out_dir / "data", labeled=plan.labeled, unlabeled=plan.unlabeled, test=plan.test,
+        validation=plan.validation, shape_zyx=plan.shape_zyx, spacing_mm=plan.spacing_mm, seed=seed,
+        noise=plan.noise, bias=plan.bias, structure_scale=plan.structure_scale,
+        satellite_scale=plan.satellite_scale,
+    )
+
+
+def train_config(method: str, folders: dict[str, Path], out_dir: Path, plan: DemoPlan, seed: int,
+                 device: str):  # -> TrainConfig (imported lazily: torch)
+    """The training configuration of one method: same data, network, batch and iteration budget."""
+    from .config import TrainConfig
+
+    config = TrainConfig()
+    config.method.name = method
+    config.data.labeled = str(folders["labeled"])
+    config.data.validation = str(folders["validation"])
+    config.model.dimension = "2d"
+    config.model.patch_size = list(plan.patch_size)
+    config.model.base_channels = plan.base_channels
+    config.optim.batch_size = plan.batch_size
+    if method == "supervised":
+        config.optim.pretrain_iterations = 0
+        config.optim.iterations = plan.total_iterations
+    else:
+        config.data.unlabeled = str(folders["unlabeled"])
+        config.optim.pretrain_iterations = plan.pretrain_iterations
+        config.optim.iterations = plan.iterations
+        config.optim.self_training_lr = plan.self_training_lr
+        # The certainty threshold ramps up over the whole (short) self-training stage.
+        config.crl.ramp_iterations = plan.iterations
+    config.validation_interval = plan.validation_interval
+    config.checkpoint_interval = plan.total_iterations  # a resumable checkpoint at the end is enough here
+    config.log_interval = plan.log_interval
+    config.seed = seed
+    config.device = device
+    config.out_dir = str(out_dir / "runs" / method)
+    return config.validate()
+
+
+def review_figures(prediction_dir: Path, truth_dir: Path, cases: list[str], num_classes: int) -> dict[str, float]:
+    """Mean over the test volumes of :func:`buseg.review.simulate_review` at :data:`REVIEW_BUDGET`."""
+    from .io import read_image, read_label
+    from .review import simulate_review
+
+    summary = json.loads((prediction_dir / "summary.json").read_text())
+    outputs = {c["case"]: c["outputs"] for c in summary["cases"] if c.get("status") == "ok"}
+    figures: list[dict[str, float]] = []
+    for case in cases:
+        labels = read_label(prediction_dir / outputs[case]["label"]).array
+        uncertainty = read_image(prediction_dir / outputs[case]["uncertainty"]).array
+        truth = read_label(truth_dir / "labels" / f"{case}.nii.gz").array
+        figures.append(simulate_review(labels, truth, uncertainty, num_classes, budget_fraction=REVIEW_BUDGET))
+    return {key: float(np.nanmean([f[key] for f in figures])) for key in figures[0]}
+
+
+def run_demo(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    events: EventSink | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    stream: TextIO | None = None,
+) -> DemoResult:
+    """Run the demo into ``out_dir`` (see the module docstring); messages go to ``stream``.
+
+    ``events`` receives the training and prediction events (a :class:`TerminalSink` draws
+    the progress bars); ``should_stop`` is polled as in :func:`buseg.train.train`.
+    """
+    from .config import PredictConfig
+    from .inference import predict_files
+    from .metrics import evaluate_files
+    from .report import format_comparison, write_comparison_markdown, write_report, write_slicer_script
+    from .train import train
+
+    out = Path(out_dir).expanduser().resolve()
+    plan = QUICK if quick else FULL
+    sink = events or EventSink()
+    stream = stream or sys.stdout
+    stop = should_stop or (lambda: False)
+    start = time.perf_counter()
+
+    def say(text: str = "") -> None:
+        stream.write(text + "\n")
+        stream.flush()
+
+    def check_stop() -> None:
+        if stop():
+            raise Cancelled("demo cancelled")
+
+    def end_phase() -> None:
+        # A terminal sink draws one progress bar per job: close it before the next job starts.
+        if isinstance(sink, TerminalSink):
+            sink.close()
+
+    prepare_folder(out, overwrite=overwrite)
+    marker: dict[str, Any] = {"schema": MARKER_SCHEMA, "schema_version": 1, "buseg_version": __version__,
+                              "status": "running", "seed": seed, "plan": asdict(plan)}
+    write_json_atomic(out / MARKER, marker)
+
+    say(f"buseg demo ({plan.name}) -> {out}")
+    if quick:
+        say("Quick mode: a smoke test of every step on tiny data; its numbers mean nothing.")
+    say(f"\n[1/5] Generating synthetic 3D volumes with known truth: {plan.labeled} labeled, {plan.unlabeled} "
+        f"unlabeled, {plan.validation} validation, {plan.test} test ({plan.shape_zyx[2]}x{plan.shape_zyx[1]}x"
+        f"{plan.shape_zyx[0]} voxels, spacing {' x '.join(f'{s:g}' for s in plan.spacing_mm)} mm, rotated, "
+        "noise and bias field)")
+    folders = make_data(out, plan, seed)
+    check_stop()
+
+    runs: dict[str, dict[str, Any]] = {}
+    order = ("buarl", "supervised")  # ours first: the one the user came for
+    for step, method in enumerate(order, start=2):
+        config = train_config(method, folders, out, plan, seed, device)
+        what = (f"{plan.pretrain_iterations} copy-paste pre-training + {plan.iterations} self-training iterations "
+                "on labeled and unlabeled volumes" if method == "buarl"
+                else f"{plan.total_iterations} iterations on the labeled volumes only")
+        say(f"\n[{step}/5] Training {METHOD_TITLES[method]}: {what}, batch {plan.batch_size}, "
+            f"2D U-Net at {plan.patch_size[0]}x{plan.patch_size[1]}")
+        train_start = time.perf_counter()
+        try:
+            result = train(config, events=sink, overwrite=True, should_stop=stop)
+        finally:
+            end_phase()
+        seconds = time.perf_counter() - train_start
+        runs[method] = {"config": config, "result": result, "seconds": seconds}
+        best = f"{100 * result.best_metric:.1f}% at iteration {result.best_iteration}" \
+            if result.best_metric is not None else "-"
+        say(f"      done in {_duration(seconds)}; best validation Dice {best}")
+
+    say("\n[4/5] Segmenting the test volumes with uncertainty and evaluating against the truth")
+    evaluations: dict[str, Any] = {}
+    reviews: dict[str, dict[str, float]] = {}
+    predictions: dict[str, Path] = {}
+    for method in METHODS:
+        check_stop()
+        predict = PredictConfig(model_path=str(runs[method]["result"].model_path),
+                                out_dir=str(out / "predictions" / method), device=device)
+        try:
+            predicted = predict_files([folders["test"]], predict, events=sink, should_stop=stop)
+        finally:
+            end_phase()
+        predictions[method] = predicted.out_dir
+        evaluation = evaluate_files([predicted.out_dir], [folders["test"]], out / "evaluation" / method,
+                                    should_stop=stop)
+        evaluations[method] = evaluation
+        cases = [c["case"] for c in predicted.cases]
+        num_classes = len(json.loads(predicted.summary_path.read_text())["classes"])
+        reviews[method] = review_figures(predicted.out_dir, folders["test"], cases, num_classes)
+
+    comparison = build_comparison(plan, runs, evaluations, reviews, predictions, seed)
+    write_json_atomic(out / "comparison.json", comparison)
+    table = format_comparison(comparison)
+    write_comparison_markdown(out / "comparison.md", comparison)
+
+    say("\n[5/5] Writing the report")
+    check_stop()
+    case = sorted(c["case"] for c in comparison["cases"])[0]
+    report_path = write_report(out / "report.png", comparison, out, case)
+    script = write_slicer_script(out / "open_in_slicer.py", out, case)
+
+    seconds = time.perf_counter() - start
+    marker.update(status="completed", seconds=seconds, report=str(report_path), comparison="comparison.json")
+    write_json_atomic(out / MARKER, marker)
+
+    say("\n" + table)
+    say(where_everything_is(out, case, script, seconds))
+    return DemoResult(out_dir=out, report_path=report_path, comparison=comparison, seconds=seconds)
+
+
+def build_comparison(plan: DemoPlan, runs: dict[str, dict[str, Any]], evaluations: dict[str, Any],
+                     reviews: dict[str, dict[str, float]], predictions: dict[str, Path], seed: int) -> dict[str, Any]:
+    """What comparison.json holds: per method the test metrics, review figures and training facts."""
+    methods: dict[str, Any] = {}
+    cases: set[str] = set()
+    for method in METHODS:
+        summary = evaluations[method].summary
+        result = runs[method]["result"]
+        cases |= {row.case for row in evaluations[method].rows}
+        methods[method] = {
+            "title": METHOD_TITLES[method],
+            "test": {
+                "mean": summary["mean"],
+                "classes": {name: {k: c[k] for k in ("dice", "jaccard", "hd95_mm", "asd_mm")}
+                            for name, c in summary["classes"].items()},
+            },
+            "review": reviews[method],
+            "training": {
+                "iterations": result.iterations,
+                "pretrain_iterations": runs[method]["config"].optim.pretrain_iterations,
+                "batch_size": plan.batch_size,
+                "seconds": runs[method]["seconds"],
+                "best_validation_dice": result.best_metric,
+                "best_iteration": result.best_iteration,
+                "model": str(result.model_path),
+                "history": str(result.out_dir / "history.json"),
+            },
+            "predictions": str(predictions[method]),
+            "metrics_csv": str(evaluations[method].csv_path),
+        }
+    return {
+        "schema": "buseg-demo-comparison", "schema_version": 1, "buseg_version": __version__, "plan": plan.name,
+        "seed": seed, "review_budget_fraction": REVIEW_BUDGET,
+        "cases": [{"case": c} for c in sorted(cases)], "methods": methods,
+    }
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+def where_everything_is(out: Path, case: str, script: Path, seconds: float) -> str:
+    """The closing message: the files, and how to look at them in 3D Slicer."""
+    pred = out / "predictions" / "buarl" / case
+    image = out / "data" / "test" / "images" / f"{case}.nii.gz"
+    return f"""
+Done in {_duration(seconds)}. Everything is in {out}/
+  report.png               slices (image, truth, both predictions, uncertainty and flagged regions),
+                           training curves and the table above - open it first
+  comparison.md/.json      the table above
+  data/                    the generated volumes: labeled/, unlabeled/, validation/, test/ (with truth)
+  runs/<method>/           model.pt (the model file), history.json (curves), config.json
+  predictions/<method>/    per test case: <case>_label.nii.gz, <case>.seg.nrrd, <case>_uncertainty.nii.gz,
+                           regions.json (flagged regions, most worth reviewing first)
+  evaluation/<method>/     metrics.csv and metrics.json (Dice, Jaccard, HD95, ASD per case and class)
+
+Open it in 3D Slicer:
+  - drag and drop into Slicer: {image}
+                                {pred / f"{case}.seg.nrrd"}
+                                {pred / f"{case}_uncertainty.nii.gz"}
+    (then in Volumes, give the uncertainty map the 'Inferno' lookup table and show it as foreground), or
+  - run Slicer with the prepared script, which does all that:  Slicer --python-script {script}
+  - or, with the extension installed, load {image.name} in the BidirUncertaintySeg module, choose the model
+    {out / "runs" / "buarl" / "model.pt"} and press Segment (docs/slicer.md).
+The same from the command line:  buseg predict {out / "data" / "test"} --model {out / "runs" / "buarl" / "model.pt"} \\
+    --out predictions"""

@@ -1,0 +1,111 @@
+"""The installed package: entry point, ``--help``/``--version``, package data, metadata, and an engine
+that never imports Slicer, Qt or VTK."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib import metadata, resources
+from pathlib import Path
+
+import pytest
+
+import buseg
+from buseg.cli import COMMANDS
+
+tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
+
+ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+GUI_TOP_LEVEL = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "mrml", "PythonQt", "PyQt5", "PyQt6", "PySide2",
+                 "PySide6", "tkinter"}
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_console_entry_point_resolves_to_the_cli():
+    (entry,) = [e for e in metadata.entry_points(group="console_scripts") if e.name == "buseg"]
+    assert entry.value == "buseg.cli:main"
+    assert entry.load() is buseg.cli.main
+
+
+def test_buseg_help_lists_every_command():
+    script = Path(sys.executable).with_name("buseg")  # the console script pip installed beside python
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "buseg"]
+    result = _run(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    for name in ("train", "predict", "evaluate", "rank", "demo"):
+        assert name in COMMANDS
+        assert f"    {name} " in result.stdout, f"{name} missing from --help:\n{result.stdout}"
+
+
+def test_python_m_buseg_version():
+    result = _run(sys.executable, "-m", "buseg", "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"buseg {buseg.__version__}"
+    assert buseg.__version__ == PYPROJECT["project"]["version"] == metadata.version("buseg")
+
+
+def test_metadata_declares_license_entry_point_and_extras():
+    project = PYPROJECT["project"]
+    assert project["name"] == "buseg"
+    assert project["license"] == "Apache-2.0" and (ROOT / "LICENSE").is_file()
+    assert project["scripts"] == {"buseg": "buseg.cli:main"}
+    assert {"test", "slicer-tests"} <= set(project["optional-dependencies"])
+    # Every dependency has a lower bound (and torch an upper one: a new major may break checkpoints).
+    for requirement in project["dependencies"]:
+        assert ">=" in requirement, requirement
+    assert any(r.startswith("torch") and "<" in r for r in project["dependencies"])
+    installed = metadata.metadata("buseg")
+    assert installed["Name"] == "buseg"
+    assert "test" in (installed.get_all("Provides-Extra") or [])
+
+
+def test_schemas_are_package_data():
+    schema = resources.files("buseg").joinpath("schemas/events.schema.json")
+    assert json.loads(schema.read_text(encoding="utf-8"))["$defs"]
+    assert "schemas/*.json" in PYPROJECT["tool"]["setuptools"]["package-data"]["buseg"]
+
+
+def test_wheel_contains_every_module_and_the_schemas(tmp_path):
+    """What a non-editable install gets: build the wheel (from a copy: no build files in the tree) and look inside."""
+    source_tree = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        (source_tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, source_tree / name)
+    shutil.copytree(ROOT / "BidirUncertaintySeg" / "Logic" / "buseg", source_tree / "BidirUncertaintySeg" / "Logic" / "buseg",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # No build isolation: the environment's setuptools (the Makefile installs >= 77), no download.
+    result = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                  "-w", str(tmp_path / "dist"), str(source_tree), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("buseg-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    source = ROOT / "BidirUncertaintySeg" / "Logic"
+    expected = {str(p.relative_to(source).as_posix()) for p in (source / "buseg").rglob("*.py")}
+    expected |= {str(p.relative_to(source).as_posix()) for p in (source / "buseg" / "schemas").glob("*.json")}
+    assert expected <= names, sorted(expected - names)
+    assert not any(n.startswith(("BidirUncertaintySegLib/", "Testing/")) for n in names)
+
+
+def test_engine_imports_no_slicer_qt_or_vtk():
+    """Import every buseg module in a fresh interpreter; none may pull a GUI or Slicer module."""
+    code = f"""
+import importlib, json, pkgutil, sys
+import buseg
+names = [m.name for m in pkgutil.walk_packages(buseg.__path__, 'buseg.')]
+for name in names:
+    importlib.import_module(name)
+gui = sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(GUI_TOP_LEVEL)!r}))
+print(json.dumps({{"modules": names, "gui": gui}}))
+"""
+    result = _run(sys.executable, "-c", code, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"buseg.cli", "buseg.demo", "buseg.report", "buseg.commands.demo", "buseg.train"} <= set(report["modules"])
+    assert report["gui"] == []
