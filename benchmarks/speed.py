@@ -69,8 +69,10 @@ from typing import Any
 
 # libgomp's default wait policy spins at every barrier; on a machine whose cores are shared with
 # other jobs that spinning takes the CPU from the thread being waited for (measured 2-5x slower
-# iterations here, docs/speed.md). Every configuration runs under the same, passive, policy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# iterations here, docs/speed.md). Every configuration runs under the same, passive, policy
+# (``--single`` leaves the environment as it is: it is the tool to compare the policies).
+if "--single" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -565,6 +567,31 @@ def measure_memory(setting: Setting, name: str, data_root: Path | None, threads:
 
 
 # --------------------------------------------------------------------------------------
+# One configuration alone in the main thread (as `buseg train` runs): the OpenMP check
+
+
+def single_run(setting: Setting, name: str, data: TrainingData, iterations: int, seed: int) -> list[float]:
+    """Seconds of each iteration of one engine configuration, in the main thread, nothing interleaved."""
+    seconds: list[float] = []
+
+    class Sink(EventSink):
+        start = 0.0
+
+        def handle(self, event: dict[str, Any]) -> None:
+            if event["event"] in ("started", "progress"):
+                now = time.perf_counter()
+                if event["event"] == "progress":
+                    seconds.append(now - self.start)
+                    print(f"  [{setting.name} {name}] iteration {event['iteration']}: {seconds[-1]:.2f} s", flush=True)
+                self.start = now
+
+    with tempfile.TemporaryDirectory(prefix="buseg-speed-single-") as work_dir:
+        config = engine_config(CONFIGURATIONS[name], setting, iterations, torch.device("cpu"), Path(work_dir), seed)
+        train(config, events=Sink(), data=data, overwrite=True)
+    return seconds
+
+
+# --------------------------------------------------------------------------------------
 # Components measured alone: pseudo-label clean-up on realistic label maps
 
 
@@ -772,11 +799,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--turn-timeout", type=float, default=1800.0, help="seconds one iteration may take")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--single", metavar="CONFIG", choices=sorted(CONFIGURATIONS),
+                        help="run only this engine configuration, alone, in the main thread, for --timed "
+                             "iterations, and print each iteration's seconds (no report), under the "
+                             "OMP_WAIT_POLICY of the environment (unset: libgomp's default)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))), flush=True)
+        return 0
+    if args.single:
+        setting = SETTINGS[(args.settings or ["acdc-128"])[0]]
+        data, description = load_data(setting, Path(args.data_root) if Path(args.data_root).is_dir() else None)
+        print(f"{setting.label}, {args.single} alone, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+              f"load average {os.getloadavg()[0]:.1f}: {description}", flush=True)
+        values = single_run(setting, args.single, data, args.timed or 6, args.seed)
+        print(f"median of iterations 2..: {statistics.median(values[1:] or values):.2f} s; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
         return 0
 
     preset = PRESETS[args.preset]
