@@ -321,7 +321,7 @@ class ReferenceBCP:
             l_dice, l_ce = mix_loss_2d(self.dice_2d, out_l, lab_b, plab_b, loss_mask, pseudo_weight=w)
             loss_dice, loss_ce = unl_dice + l_dice, unl_ce + l_ce
             loss = (loss_dice + loss_ce) / 2
-            dice_value, ce_value = float(loss_dice), float(loss_ce)
+            dice_value, ce_value = float(loss_dice.detach()), float(loss_ce.detach())
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -329,4 +329,4 @@ class ReferenceBCP:
             ema_parameters(self.student, self.teacher, self.ema_decay)
         else:
             ema_through_state_dict(self.student, self.teacher, self.ema_decay)
-        return ReferenceOutput(float(loss), dice_value, ce_value)
+        return ReferenceOutput(float(loss.detach()), dice_value, ce_value)
