@@ -47,12 +47,12 @@ from buseg.train import train  # noqa: E402
 
 METHODS = {
     # name: (method, url, crl)
-    "supervised": ("supervised", False, False),
-    "mean-teacher": ("mean-teacher", False, False),
     "bcp": ("bcp", False, False),
     "ours": ("buarl", True, True),
     "ours-url-only": ("buarl", True, False),
     "ours-crl-only": ("buarl", False, True),
+    "mean-teacher": ("mean-teacher", False, False),
+    "supervised": ("supervised", False, False),
 }
 SHARED_PRETRAINING = {"mean-teacher", "bcp", "ours", "ours-url-only", "ours-crl-only"}
 
@@ -76,7 +76,7 @@ class Preset:
 
 PRESETS = {
     ("acdc", "paper"): Preset("acdc", [256, 256], 24, 10000, 30000, validation_interval=200),
-    ("acdc", "cpu"): Preset("acdc", [128, 128], 16, 1500, 2500, self_training_lr=0.005, validation_interval=250),
+    ("acdc", "cpu"): Preset("acdc", [96, 96], 16, 2000, 4000, self_training_lr=0.005, validation_interval=250),
     ("la", "paper"): Preset("la", [112, 112, 80], 8, 2000, 15000, lr_schedule="step", validation_interval=500,
                             labeled_count=8, extra={"lr_step_iterations": 2500}),
     ("la", "cpu"): Preset("la", [64, 64, 48], 4, 300, 700, lr_schedule="constant", validation_interval=250,
