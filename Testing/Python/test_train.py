@@ -215,3 +215,17 @@ def test_model_file_crafted_to_run_code_is_rejected_without_running_it(tiny_data
     with pytest.raises(ModelFileError, match=r"refused: the file asks to run or import \S+ when loaded"):
         load_model(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_model_files_hold_the_chosen_network(tiny_dataset, tmp_path, which):
+    config = _config(tiny_dataset, tmp_path / "run", "bcp", iterations=3, pretrain=2)
+    config.method.model_weights = which
+    result = train(config)
+    state = read_checkpoint(result.last_path)["training_state"]
+    model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert model["metadata"]["weights"] == which
+    for key, value in model["weights"].items():
+        assert torch.equal(value, state[which][key]), key
+    other = "student" if which == "teacher" else "teacher"
+    assert any(not torch.equal(v, state[other][k]) for k, v in model["weights"].items())

@@ -171,6 +171,13 @@ class MethodConfig:
     pseudo_label_lcc: bool = opt(
         True, "bcp/buarl: keep only the largest connected component per class in pseudo-labels."
     )
+    model_weights: Literal["teacher", "student"] = opt(
+        "teacher",
+        "Methods with a teacher: which network validation scores and the model files hold - the EMA "
+        "teacher (a running average of the student: steadier from checkpoint to checkpoint) or the "
+        "student (what the public BCP code evaluates). Copy-paste pre-training always uses the student.",
+        choices=("teacher", "student"),
+    )
 
 
 @dataclass

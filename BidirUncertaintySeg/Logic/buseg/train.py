@@ -416,6 +416,20 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         with autocast():
             return student_module(layout(x))
 
+    def teacher_eval_forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return teacher(layout(x))
+
+    def exported(stage: str) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        """The network that validation scores and model files hold (``method.model_weights``)."""
+        if (teacher is not None and config.method.model_weights == "teacher"
+                and (stage == "train" or not method.pretrain_iterations)):
+            return teacher, teacher_eval_forward
+        return student_module, eval_forward
+
+    def _weights_name(stage: str) -> str:
+        return "teacher" if exported(stage)[0] is teacher else "student"
+
     def metadata(iteration: int, extra: dict | None = None) -> dict:
         return model_metadata(config, data, iteration, extra)
 
@@ -514,16 +528,16 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
             done % config.validation_interval == 0 or done == total
         ):
             validation_start = time.perf_counter()
-            metrics = evaluate(student_module, data, config, device, eval_forward,
-                               should_stop if done < total else None)
+            network, forward = exported(stage)
+            metrics = evaluate(network, data, config, device, forward, should_stop if done < total else None)
         else:
             metrics = None
         if metrics is not None:  # None: no validation now, or interrupted by a cancel
             history["validation"].append({"iteration": done, "stage": stage, **metrics})
             if best_metric is None or metrics["dice"] > best_metric:
                 best_metric, best_iteration = metrics["dice"], done
-                save_checkpoint(out_dir / "best.pt", weights=student_module.state_dict(),
-                                metadata=metadata(done, {"validation": metrics}))
+                save_checkpoint(out_dir / "best.pt", weights=exported(stage)[0].state_dict(),
+                                metadata=metadata(done, {"validation": metrics, "weights": _weights_name(stage)}))
                 sink.emit("checkpoint", iteration=done, path=str(out_dir / "best.pt"), kind="best")
             sink.emit("validation", iteration=done, metrics=metrics, best=best_metric, best_iteration=best_iteration,
                       seconds=time.perf_counter() - validation_start)
@@ -538,7 +552,9 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
     best_path = out_dir / "best.pt" if best_iteration is not None else None
     final_path = out_dir / "final.pt"
     if dist.is_main:
-        save_checkpoint(final_path, weights=student_module.state_dict(), metadata=metadata(total))
+        final_stage = method.stage(total - 1) if total else "train"
+        save_checkpoint(final_path, weights=exported(final_stage)[0].state_dict(),
+                        metadata=metadata(total, {"weights": _weights_name(final_stage)}))
         chosen = best_path if best_path is not None else final_path
         _copy_atomic(chosen, out_dir / "model.pt")
         sink.emit("checkpoint", iteration=total, path=str(out_dir / "model.pt"), kind="final")
