@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
 
-from buseg.config import TrainConfig  # noqa: E402
+from buseg.config import TrainConfig, to_dict  # noqa: E402
 from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa: E402
 from buseg.events import EventSink  # noqa: E402
 from buseg.train import train  # noqa: E402
@@ -306,10 +307,22 @@ def run_method(key: str, preset: Preset, args, seed: int, work: Path, data: Trai
         if config.optim.self_training_lr is not None:
             config.optim.lr = config.optim.self_training_lr
         offset = preset.pretrain_iterations
-    print(f"{key} (seed {seed}): {config.optim.iterations} iterations", flush=True)
-    start = time.time()
-    result = train(config, events=Progress(key), overwrite=True, data=data)
-    seconds = time.time() - start
+    saved_row = out / "row.json"
+    if saved_row.exists() and _same_config(out, config):
+        print(f"{key} (seed {seed}): reusing {saved_row}", flush=True)
+        saved = json.loads(saved_row.read_text())
+        return saved["row"], saved["curve"]
+    if (out / "final.pt").exists() and (out / "history.json").exists() and _same_config(out, config):
+        print(f"{key} (seed {seed}): reusing the finished training in {out}", flush=True)
+        result = _finished_result(out)
+        seconds = json.loads((out / "seconds.json").read_text())["seconds"] if (out / "seconds.json").exists() \
+            else float("nan")
+    else:
+        print(f"{key} (seed {seed}): {config.optim.iterations} iterations", flush=True)
+        start = time.time()
+        result = train(config, events=Progress(key), overwrite=True, data=data)
+        seconds = time.time() - start
+        (out / "seconds.json").write_text(json.dumps({"seconds": seconds}))
     curve = [{"iteration": v["iteration"] + offset, "dice": v["dice"]} for v in result.history["validation"]]
     row = {"method": key, "seed": seed, "train_seconds": round(seconds, 1),
            "seconds_per_iteration": round(seconds / max(1, config.optim.iterations), 4),
@@ -322,7 +335,26 @@ def run_method(key: str, preset: Preset, args, seed: int, work: Path, data: Trai
         (out / f"evaluation_{which}.json").write_text(json.dumps(evaluation, indent=1))
     print(f"  {key}: evaluation dice best {row['best_dice']:.4f} / last {row['last_dice']:.4f} "
           f"({seconds:.0f} s)", flush=True)
+    saved_row.write_text(json.dumps({"row": row, "curve": curve}, indent=1))
     return row, curve
+
+
+def _same_config(out: Path, config: TrainConfig) -> bool:
+    """A finished run in ``out`` may be reused only if it was made with exactly this config."""
+    try:
+        return json.loads((out / "config.json").read_text()) == to_dict(config)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _finished_result(out: Path) -> SimpleNamespace:
+    history = json.loads((out / "history.json").read_text())
+    validation = history.get("validation", [])
+    best = max(validation, key=lambda v: v["dice"]) if validation else None
+    return SimpleNamespace(
+        history=history, best_path=out / "best.pt" if best else None, model_path=out / "model.pt",
+        best_iteration=best["iteration"] if best else None, best_metric=best["dice"] if best else None,
+    )
 
 
 def write_results(rows: list[dict], curves: dict, preset: Preset, args, tag: str, *, final: bool = False) -> None:
