@@ -226,9 +226,9 @@ def _readJson(path: Path, schema: str, what: str) -> dict[str, Any]:
 def caseName(path: str | Path) -> str:
     """The case name the engine gives an input file (its output folder's name)."""
     ensureEngineImportable()
-    from buseg.io import case_name
+    from buseg.io import case_name, safe_case_name
 
-    return case_name(path)
+    return safe_case_name(case_name(path))
 
 
 # --------------------------------------------------------------------------------------

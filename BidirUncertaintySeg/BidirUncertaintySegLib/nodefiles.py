@@ -44,9 +44,19 @@ def _slicer():
     return slicer
 
 
+# Device names of Windows: a file 'con.nrrd' or 'NUL_label.nrrd' cannot be written there.
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
 def safeFileName(name: str, fallback: str = "volume") -> str:
-    """A file-name-safe version of a node name ('CT chest #2' -> 'CT_chest_2')."""
-    text = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name or "")).strip("._-")
+    """A file-name-safe version of a node name ('CT chest #2' -> 'CT_chest_2').
+
+    Only letters, digits, '.', '_' and '-' remain (no path separators, no '..', no leading
+    dot), at most 100 characters; Windows device names ('con', 'nul', 'com1' ...) get a '_'.
+    The engine names its outputs the same way (buseg.io.safe_case_name)."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name or "")).strip("._-")[:100].strip("._-")
+    if text.split(".")[0].lower() in WINDOWS_RESERVED:
+        text = f"{text}_"
     return text or fallback
 
 

@@ -17,10 +17,12 @@ refused with a message, not misread. Writes are atomic (temporary file, fsync, r
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ FORMAT = "buseg-model"
 FORMAT_VERSION = 1
 NETWORKS = ("unet2d", "vnet")
 NORMALIZATIONS = ("zscore", "minmax", "percentile", "none")
+NETWORK_DIMENSION = {"unet2d": "2d", "vnet": "3d"}
 
 
 @dataclass
@@ -164,24 +167,64 @@ def validate_metadata(metadata: Any, *, path: str | Path | None = None) -> None:
     network = metadata["network"]
     if network.get("name") not in NETWORKS:
         fail(f"unknown network {network.get('name')!r}")
+    if NETWORK_DIMENSION[network["name"]] != metadata["dimension"]:
+        fail(f"a {network['name']} network cannot be a {metadata['dimension']} model")
     for key in ("in_channels", "num_classes", "base_channels"):
         value = network.get(key)
-        if not isinstance(value, int) or not 1 <= value <= 4096:
+        if not _is_int(value) or not 1 <= value <= 4096:
             fail(f"network field {key!r} is not a sensible integer: {value!r}")
+    if network["in_channels"] != 1:
+        fail(f"the model expects {network['in_channels']} images per case (input channels); this buseg "
+             "segments one image per case")
+    if not isinstance(network.get("dropout", True), bool):
+        fail(f"network field 'dropout' is not true/false: {network.get('dropout')!r}")
     classes = metadata["classes"]
     if len(classes) != network["num_classes"] or len(classes) < 2:
         fail(f"{len(classes)} classes listed but the network has {network['num_classes']} outputs")
+    names, values = set(), set()
     for index, cls in enumerate(classes):
         if not isinstance(cls, dict) or cls.get("index") != index or not isinstance(cls.get("name"), str):
-            fail(f"class entry {index} is malformed: {cls!r}")
-        if not isinstance(cls.get("label_value"), int) or cls["label_value"] < 0:
-            fail(f"class {cls.get('name')!r} has no valid label_value")
+            fail(f"class entry {index} is malformed: {str(cls)[:200]}")
+        problem = class_name_problem(cls["name"])
+        if problem:
+            fail(f"class {index} name {cls['name'][:80]!r} {problem}")
+        if not _is_int(cls.get("label_value")) or not 0 <= cls["label_value"] <= 2**31 - 1:
+            fail(f"class {cls['name']!r} has no valid label_value")
+        if cls["name"] in names or cls["label_value"] in values:
+            fail(f"class {cls['name']!r} (label value {cls['label_value']}) is listed twice")
+        names.add(cls["name"])
+        values.add(cls["label_value"])
+        color = cls.get("color")
+        if color is not None and not (isinstance(color, (list, tuple)) and len(color) == 3 and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in color)):
+            fail(f"class {cls['name']!r} has a color that is not three numbers in 0..1: {str(color)[:80]}")
     if metadata["normalization"] not in NORMALIZATIONS:
         fail(f"unknown normalization {metadata['normalization']!r}")
     expected = 2 if metadata["dimension"] == "2d" else 3
     patch = metadata["patch_size"]
-    if len(patch) != expected or not all(isinstance(s, int) and 1 <= s <= 4096 for s in patch):
-        fail(f"patch_size {patch!r} does not fit a {metadata['dimension']} model")
+    if len(patch) != expected or not all(_is_int(s) and 1 <= s <= 4096 for s in patch):
+        fail(f"patch_size {str(patch)[:80]} does not fit a {metadata['dimension']} model")
+    if not _is_int(metadata.get("slice_axis", 2)) or metadata.get("slice_axis", 2) not in (0, 1, 2):
+        fail(f"slice_axis {metadata.get('slice_axis')!r} is not 0, 1 or 2")
+    spacing = metadata.get("spacing_mm")
+    if spacing is not None and not (isinstance(spacing, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spacing)):
+        fail(f"spacing_mm {str(spacing)[:80]} is not a list of positive numbers")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why a class name cannot be used (it becomes a segment name in files and in Slicer), or None."""
+    if not name.strip():
+        return "is empty"
+    if len(name) > 200:
+        return "is longer than 200 characters"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        return "contains control characters (line breaks, tabs...)"
+    return None
 
 
 def network_from_metadata(metadata: dict[str, Any]) -> nn.Module:
@@ -196,6 +239,18 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Loade
     """Load a model file for inference (network in eval mode on ``device``)."""
     payload = read_checkpoint(path)
     metadata = payload["metadata"]
+    # The network is first built without memory (meta device) and compared with the weights in
+    # the file: metadata that describe a far larger network than the file holds (a corrupt or
+    # crafted file) are refused before anything is allocated - such a file once took 22 GB.
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in network_from_metadata(metadata).state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in payload["weights"].items()}
+    if shapes != stored:
+        differing = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
+        raise ModelFileError(
+            f"weights do not match the network the metadata describe ({len(differing)} tensor(s) differ, "
+            f"e.g. {differing[0]})", path=path,
+        )
     network = network_from_metadata(metadata)
     try:
         network.load_state_dict(payload["weights"], strict=True)

@@ -18,6 +18,7 @@ validation cases. Bad input raises :class:`~buseg.errors.InputError` naming the 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import class_name_problem
 from .config import TrainConfig
 from .errors import ConfigError, InputError, ResourceError
 from .io import (
@@ -43,6 +45,8 @@ from .preprocessing import normalize_intensity, resolve_normalization
 
 LABEL_NAME_SUFFIXES = ("_label", "_labels", "_seg", "_segmentation", "_mask", "-label", "-seg", ".seg")
 MIN_SIZE_VOXELS = 8
+# More distinct values than this in one label map means it is an image given as a label.
+MAX_LABEL_VALUES = 255
 Log = Callable[[str], None]
 
 
@@ -229,11 +233,17 @@ def _parse_declared_classes(entries: Any, manifest: Path) -> list[dict[str, Any]
         color = entry.get("color")
         if color is not None and (not isinstance(color, list) or len(color) != 3):
             raise InputError(f"class {entry.get('name')!r}: 'color' must be [r, g, b] in 0..1", path=manifest)
-        classes.append({"value": entry["value"], "name": str(entry.get("name") or f"label_{entry['value']}"),
-                        "color": color})
+        name = str(entry.get("name") or f"label_{entry['value']}")
+        problem = class_name_problem(name)
+        if problem:
+            raise InputError(f"class name {name[:80]!r} {problem}", path=manifest)
+        classes.append({"value": entry["value"], "name": name, "color": color})
     values = [c["value"] for c in classes]
     if len(set(values)) != len(values):
         raise InputError("'classes' lists a value twice", path=manifest)
+    names = [c["name"] for c in classes]
+    if len(set(names)) != len(names):
+        raise InputError("'classes' lists a name twice", path=manifest)
     return classes
 
 
@@ -403,6 +413,11 @@ class ClassTable:
         if not values:
             raise InputError("label has no foreground voxels (empty segmentation)", path=label.path,
                              hint="every labeled case needs at least one labeled structure")
+        if len(values) > MAX_LABEL_VALUES:
+            raise InputError(
+                f"label map has {len(values)} different values; a label map holds one value per structure "
+                "(is this an image rather than a label map?)", path=label.path,
+            )
         kind = "name" if label.segments else "value"
         self.kinds.add(kind)
         if len(self.kinds) > 1 and not self.declared:
@@ -476,7 +491,28 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
         label = _label_on_image_grid(label, image, resample=config.data.resample_labels_to_image)
         return image, label
 
+    seen_content: dict[str, tuple[str, str]] = {}
+    warnings: list[str] = []
+
+    def check_unique(volume: Volume, role: str) -> None:
+        """The same voxels under two file names (a copy of an image) get a warning naming both: an
+        unlabeled copy of a labeled image adds nothing to learn from, and a validation copy of a
+        training image makes the validation score optimistic (a deliberate overfitting check
+        does that, so it is not refused; the same *file* listed twice is refused above)."""
+        digest = hashlib.blake2b(np.ascontiguousarray(volume.array).view(np.uint8), digest_size=16)
+        digest.update(str(volume.array.shape).encode())
+        key = digest.hexdigest()
+        if key in seen_content:
+            other, other_role = seen_content[key]
+            effect = ("the validation score will be optimistic" if "validation" in (role, other_role)
+                      else "the copy adds nothing to learn from")
+            warnings.append(f"{volume.path} ({role}) has the same voxels as {other} ({other_role}): {effect}")
+            return
+        seen_content[key] = (str(volume.path), role)
+
     labeled_pairs = [read_pair(c) for c in cases.labeled]
+    for image, _ in labeled_pairs:
+        check_unique(image, "labeled")
     for _, label in labeled_pairs:
         table.observe(label)
     classes = table.classes()
@@ -490,8 +526,9 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
     for _, label in labeled_pairs:
         present.update(int(v) for v in np.unique(table.to_indices(label, classes)))
     absent = [c["name"] for c in classes[1:] if c["index"] not in present]
-    if absent:  # cannot happen for observed classes; kept as a guard for declared ones
-        raise InputError(f"class(es) {', '.join(absent)} occur in no labeled case", path=cases.source)
+    if absent:  # observed classes occur by definition: these are declared ones
+        raise InputError(f"class(es) {', '.join(absent)} declared but absent from every labeled case",
+                         path=cases.source, hint="remove them from 'classes', or add labeled cases that have them")
 
     numpy_axis = 2 - config.model.slice_axis
     labeled_images, labeled_labels, names = [], [], []
@@ -509,12 +546,14 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
     for case in cases.unlabeled:
         image = read_image(case.image)
         _check_image(image, dimension=dimension)
+        check_unique(image, "unlabeled")
         normalized = normalize_intensity(image.array, mode)
         unlabeled_images += _slices(normalized, numpy_axis) if dimension == "2d" else [normalized]
         unlabeled_names.append(case.name)
     validation = []
     for case in cases.validation:
         image, label = read_pair(case)
+        check_unique(image, "validation")
         validation.append(ValidationCase(case.name, normalize_intensity(image.array, mode),
                                          table.to_indices(label, classes), image.spacing_mm))
     spacing = np.median(np.array([img.spacing_mm for img, _ in labeled_pairs]), axis=0)
@@ -522,6 +561,7 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
         dimension=dimension, labeled_images=labeled_images, labeled_labels=labeled_labels,
         unlabeled_images=unlabeled_images, validation=validation, classes=classes, normalization=mode,
         spacing_mm=[float(s) for s in spacing], labeled_case_names=names, unlabeled_case_names=unlabeled_names,
+        warnings=warnings,
     )
     if config.method.name != "supervised" and not unlabeled_images:
         raise InputError(
@@ -631,6 +671,12 @@ def load_la(config: TrainConfig, log: Log = print) -> TrainingData:
     unlabeled = [c for c in cases[count:] if c not in excluded and c not in validation_names]
     if config.method.name == "supervised":
         unlabeled = []
+    elif not unlabeled:
+        raise InputError(
+            f"method {config.method.name} is semi-supervised but no unlabeled case remains after the "
+            f"{count} labeled, the validation and the excluded cases", path=root / "train.list",
+            hint="lower --labeled-count, hold out fewer cases, or use --method supervised",
+        )
     labeled_data = [_la_volume(root, c) for c in labeled]
     validation = [ValidationCase(c, *_la_volume(root, c), (0.625, 0.625, 0.625)) for c in validation_names]
     log(f"LA: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(validation)} validation cases")

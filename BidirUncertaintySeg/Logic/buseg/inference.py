@@ -56,9 +56,12 @@ from .io import (
     Volume,
     atomic_path,
     case_name,
+    ensure_output_folder,
     image_suffix,
     is_image_file,
     read_image,
+    read_image_header,
+    safe_case_name,
     write_image,
     write_json_atomic,
     write_segmentation,
@@ -123,7 +126,8 @@ def passes_per_input(method: str, samples: int, spatial_dims: int) -> int:
     return 1
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's (or a CUDA/allocator) out-of-memory error."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     text = str(exc).lower()
@@ -137,13 +141,15 @@ def _release_memory(device: torch.device) -> None:
 
 def _lower_batch(exc: BaseException, batch: int, what: str, device: torch.device, warn: Warn | None) -> int:
     """Half the batch after an out-of-memory error; re-raise anything else (or at batch size 1)."""
-    if not _is_out_of_memory(exc):
+    if not is_out_of_memory(exc):
         raise exc
     _release_memory(device)
     if batch <= 1:
         raise ResourceError(
-            f"out of memory on {device} even with one {what} per forward pass",
-            hint="use --device cpu, close other programs using the GPU, or use a smaller model",
+            f"out of memory on {device} even with one {what} per forward pass (the batch of {what}s was "
+            "already lowered to 1)",
+            hint="run with --device cpu (uses system memory), close other programs that use the GPU, or "
+            "train a model with a smaller --patch-size or --base-channels",
         ) from None
     smaller = max(1, batch // 2)
     if warn is not None:
@@ -528,6 +534,9 @@ def predict_case(
     message = _spacing_warning(model, image)
     if message:
         note(message)
+    if image.array.size and float(image.array.min()) == float(image.array.max()):
+        note(f"the image is constant (every voxel is {float(image.array.min()):g}): its segmentation carries "
+             "no information")
     network = inference_network(model.network, model.dimension)
     device = network_device(network)
     normalized = normalize_intensity(image.array, model.normalization)
@@ -587,8 +596,8 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
     """(case name, path) of every image given: files, or the image files in folders (sorted).
 
     A folder without images of its own but with an ``images/`` sub-folder is read from there.
-    Segmentations (.seg.nrrd) are not images. Case names must be unique (they name the
-    output folders).
+    Segmentations (.seg.nrrd) are not images. Case names are made safe as file names
+    (:func:`~buseg.io.safe_case_name`) and must be unique (they name the output folders).
     """
     found: list[tuple[str, Path]] = []
     if not inputs:
@@ -612,13 +621,15 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
         if not files:
             raise InputError("no image files (NIfTI, NRRD, MHA) in this folder", path=path)
         found += [(case_name(f), f) for f in files]
-    found = [(case, path.resolve()) for case, path in found]  # absolute: the outputs name their inputs
+    # Absolute paths: the outputs name their inputs. Safe case names: they name output folders and
+    # files, so a name such as '..' or 'con' must not lead outside the output folder or to a device.
+    found = [(safe_case_name(case), path.resolve()) for case, path in found]
     seen: dict[str, Path] = {}
     for case, path in found:
-        if case in seen:
-            raise InputError(f"two inputs have the case name {case!r}: {seen[case]} and {path}", path=path,
+        if case.lower() in seen:  # case-insensitively: so are the file systems of Windows and macOS
+            raise InputError(f"two inputs have the case name {case!r}: {seen[case.lower()]} and {path}", path=path,
                              hint="case names name the output folders; rename one of them")
-        seen[case] = path
+        seen[case.lower()] = path
     return found
 
 
@@ -650,17 +661,29 @@ def write_prediction(prediction: Prediction, paths: dict[str, Path], *, overwrit
         statistics=prediction.statistics(),
         outputs={k: p.name for k, p in paths.items() if k != "regions"},
     )
+    @contextlib.contextmanager
+    def naming(kind: str) -> Iterator[None]:
+        """An error while writing a temporary file names the output it was to become."""
+        try:
+            yield
+        except OutputError as exc:
+            raise OutputError(exc.message, path=paths[kind], hint=exc.hint) from None
+
     with contextlib.ExitStack() as stack:
         temps = {kind: stack.enter_context(atomic_path(path, overwrite=overwrite)) for kind, path in paths.items()}
         # Largest first, and the allocator's free memory handed back in between: writers copy
         # their array (the float32 map of a 512x512x300 CT is 300 MB).
-        write_image(reference, temps["uncertainty"], array=prediction.uncertainty_map.astype(np.float32, copy=False),
-                    overwrite=True)
+        with naming("uncertainty"):
+            write_image(reference, temps["uncertainty"],
+                        array=prediction.uncertainty_map.astype(np.float32, copy=False), overwrite=True)
         release_freed_memory()
-        write_image(reference, temps["label"], array=prediction.label_values(), overwrite=True)
+        with naming("label"):
+            write_image(reference, temps["label"], array=prediction.label_values(), overwrite=True)
         release_freed_memory()
-        write_segmentation(prediction.labels, reference, foreground, temps["segmentation"], overwrite=True)
-        write_json_atomic(temps["regions"], json_safe(document), overwrite=True)
+        with naming("segmentation"):
+            write_segmentation(prediction.labels, reference, foreground, temps["segmentation"], overwrite=True)
+        with naming("regions"):
+            write_json_atomic(temps["regions"], json_safe(document), overwrite=True)
     return {kind: str(path) for kind, path in paths.items()}
 
 
@@ -696,22 +719,62 @@ class CaseOutcome:
     seconds: float
 
 
+BYTES_PER_VOXEL = 20  # image, normalised copy, uncertainty, labels, region map (predict_case, find_regions)
+
+
+def prediction_memory_bytes(size_xyz: Sequence[int], model: LoadedModel, config: PredictConfig,
+                            device: torch.device | str = "cpu") -> int:
+    """Peak memory :func:`predict_case` needs for an image of ``size_xyz`` voxels (an upper estimate).
+
+    Per voxel: the float32 image and its normalised copy, the uncertainty map, labels and the
+    region map (:data:`BYTES_PER_VOXEL`). On top, 3D: the window-deep slab of blended
+    probabilities (classes + 1 weight map, padded to the window) and a padded copy of a
+    volume smaller than a window; 2D: one batch of slices resized to the training size and
+    back, with their probabilities. Memory on a GPU is not counted (out-of-memory there is
+    retried with fewer slices or windows).
+    """
+    sizes = [max(1, int(s)) for s in size_xyz]
+    frames = int(np.prod(sizes[3:], dtype=np.int64))  # a 4D header: every frame is read
+    size = ([*sizes[:3]] + [1] * (3 - len(sizes[:3])))[::-1]  # spatial, numpy order (z, y, x); 2D: depth 1
+    voxels = int(np.prod(size, dtype=np.int64))
+    classes = model.num_classes
+    total = BYTES_PER_VOXEL * voxels * frames
+    if model.dimension == "3d":
+        roi = [int(s) for s in model.patch_size_xyz[::-1]]
+        padded = [max(s, r) for s, r in zip(size, roi, strict=True)]
+        total += (classes + 1) * roi[0] * padded[1] * padded[2] * 4
+        if padded != size:
+            total += int(np.prod(padded, dtype=np.int64)) * 4
+        batch = window_batch_size(config, torch.device(device))
+        total += batch * (classes + 2) * int(np.prod(roi, dtype=np.int64)) * 4
+    else:
+        axis = 2 - model.slice_axis
+        plane = voxels // max(1, size[axis])
+        patch = int(np.prod(model.patch_size_xyz, dtype=np.int64))
+        total += config.slice_batch_size * (classes + 1) * (plane + patch) * 4 * 2
+    return int(total)
+
+
 def iter_predictions(images: Sequence[tuple[str, Path]], model: LoadedModel, config: PredictConfig, *,
                      sink: EventSink, should_stop: Callable[[], bool] | None = None) -> Iterator[CaseOutcome]:
-    """Predict the images one by one; an unreadable image is reported (warning) and skipped, not fatal."""
+    """Predict the images one by one; an unreadable image, or one too large for the memory, is
+    reported (warning) and skipped, not fatal. The memory an image needs is estimated from its
+    header before its voxels are read."""
     from .data import check_memory
 
+    device = network_device(model.network)
     for index, (case, path) in enumerate(images, start=1):
         _check_stop(should_stop)
         start = time.perf_counter()
         try:
+            header = read_image_header(path)
+            check_memory(prediction_memory_bytes(header.size_xyz, model, config, device),
+                         f"predicting {path.name} ({'x'.join(map(str, header.size_xyz))} voxels)")
             volume = read_image(path)
-            # Image, normalised copy, uncertainty, labels, region map: about 20 bytes per voxel.
-            check_memory(volume.array.size * 20, f"predicting {path.name}")
             prediction = predict_case(model, volume, config, should_stop=should_stop,
                                       warn=lambda m, case=case: sink.emit("warning", message=f"{case}: {m}"))
             del volume  # not needed for writing the outputs
-        except InputError as exc:
+        except (InputError, ResourceError) as exc:
             sink.emit("warning", message=f"{case}: skipped: {exc}", detail={"case": case, "path": str(path)})
             yield CaseOutcome(index, case, path, None, exc, time.perf_counter() - start)
             continue
@@ -759,6 +822,7 @@ def predict_files(
                 "overwrite", path=existing[0], hint="pass --overwrite to replace them, or choose another --out",
             )
     model, device, reason = load_for_prediction(config)
+    ensure_output_folder(out_dir)  # before the first case is computed
     sink.emit("started", job="predict", config=to_dict(config), device=str(device), device_reason=reason,
               total=len(images), classes=[c["name"] for c in model.classes], buseg_version=__version__)
     summary: dict[str, Any] = {
@@ -766,10 +830,12 @@ def predict_files(
         "model": str(Path(config.model_path).resolve()), "device": str(device), "config": to_dict(config),
         "classes": model.classes, "cases": [],
     }
+    errors: list[BusegError] = []
     for outcome in iter_predictions(images, model, config, sink=sink, should_stop=should_stop):
         entry: dict[str, Any] = {"case": outcome.case, "input": str(outcome.path)}
         if outcome.prediction is None:
             entry.update(status="failed", error=str(outcome.error))
+            errors.append(outcome.error)
         else:
             prediction = outcome.prediction
             paths = planned[outcome.case]
@@ -791,7 +857,11 @@ def predict_files(
         write_json_atomic(summary_path, json_safe(summary), overwrite=True)
     result = PredictResult(out_dir, summary_path, summary["cases"])
     if result.failed:
+        if len(images) == 1:
+            raise errors[0]  # the one case's own error (and exit code: a ResourceError is 3)
         names = ", ".join(c["case"] for c in result.failed[:10])
-        raise InputError(f"{len(result.failed)} of {len(images)} case(s) could not be predicted: {names}",
-                         path=result.failed[0]["input"], hint=f"details in the warnings and in {summary_path}")
+        first = errors[0]
+        raise InputError(f"{len(result.failed)} of {len(images)} case(s) could not be predicted: {names} "
+                         f"(first: {first.message})", path=result.failed[0]["input"],
+                         hint=f"details in the warnings and in {summary_path}")
     return result

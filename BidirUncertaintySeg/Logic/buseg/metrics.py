@@ -39,7 +39,15 @@ import numpy as np
 
 from .errors import InputError, OutputError
 from .events import EventSink
-from .io import LabelVolume, atomic_path, case_name, image_suffix, is_image_file, read_label
+from .io import (
+    LabelVolume,
+    atomic_path,
+    case_name,
+    ensure_output_folder,
+    image_suffix,
+    is_image_file,
+    read_label,
+)
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_voxels", "asd_voxels")
 # Suffixes that name a label map rather than a case ("case_label.nii.gz", "case_gt.nrrd", ...).
@@ -327,6 +335,7 @@ def evaluate_files(
             f"({', '.join(sorted(truth_files)[:5])})",
             hint="files are matched by name, ignoring suffixes such as _label, _seg, _pred, _gt",
         )
+    ensure_output_folder(out)  # before the work, not after it
     sink.emit("started", job="evaluate", config={"predictions": [str(p) for p in predictions],
                                                  "truths": [str(t) for t in truths], "out_dir": str(out),
                                                  "label_values": list(label_values) if label_values else None},

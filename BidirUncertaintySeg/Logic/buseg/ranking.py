@@ -52,7 +52,7 @@ from .inference import (
     output_suffix,
     write_prediction,
 )
-from .io import atomic_path
+from .io import atomic_path, ensure_output_folder
 
 SCORES = ("dice-risk", "mean-uncertainty", "flagged-volume")
 SCORE_FIELDS = {"dice-risk": "dice_risk", "mean-uncertainty": "mean_uncertainty",
@@ -141,6 +141,7 @@ def rank_files(
             raise OutputError("exists already; refusing to overwrite it", path=existing[0],
                               hint="pass --overwrite to replace it, or choose another --out")
     model, device, reason = load_for_prediction(config)
+    ensure_output_folder(out_dir)  # before the first case is computed
     model_file = str(Path(config.model_path).resolve())
     sink.emit("started", job="rank", config={**to_dict(config), "score": score_name}, device=str(device),
               device_reason=reason, total=len(images), classes=[c["name"] for c in model.classes],

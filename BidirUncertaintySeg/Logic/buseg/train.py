@@ -43,9 +43,9 @@ from .config import TrainConfig, from_dict, to_dict
 from .data import TrainingData, load_training_data
 from .device import autocast_dtype, configure_threads, resolve_device
 from .distributed import DistributedContext, init_distributed
-from .errors import BusegError, Cancelled, ConfigError, OutputError
+from .errors import BusegError, Cancelled, ConfigError, OutputError, ResourceError
 from .events import EventSink, split_logs
-from .inference import predict_probabilities
+from .inference import is_out_of_memory, predict_probabilities
 from .io import write_json_atomic
 from .methods import Batch, Method, StepContext, build_method
 from .networks import build_network, channels_last_format, to_channels_last
@@ -117,22 +117,38 @@ class OutputLock:
             self.held = False
 
 
-def prepare_output_folder(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def prepare_output_folder(out_dir: Path, *, resume: bool, overwrite: bool, lock: OutputLock | None = None) -> None:
+    """Create the folder, take its ``lock`` (a running training there is reported before anything
+    else), refuse to replace a previous training, and remove temporary files that a killed
+    training left behind."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder: {exc.strerror}", path=out_dir) from None
     if not os.access(out_dir, os.W_OK):
         raise OutputError("output folder is not writable", path=out_dir)
-    existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
-    if resume:
-        if not (out_dir / "last.pt").exists():
-            raise OutputError("nothing to resume: no last.pt in this folder", path=out_dir)
-    elif existing and not overwrite:
-        raise OutputError(
-            f"holds a previous training ({', '.join(existing)})", path=out_dir,
-            hint="use --resume to continue it, --overwrite to replace it, or another --out folder",
-        )
+    if lock is not None:
+        lock.acquire()
+    try:
+        existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+        if resume:
+            if not (out_dir / "last.pt").exists():
+                raise OutputError("nothing to resume: no last.pt in this folder", path=out_dir)
+        elif existing and not overwrite:
+            raise OutputError(
+                f"holds a previous training ({', '.join(existing)})", path=out_dir,
+                hint="use --resume to continue it, --overwrite to replace it, or another --out folder",
+            )
+    except OutputError:
+        if lock is not None:
+            lock.release()
+        raise
+    # Temporary files of io.atomic_path ('.last.pt.<random>.tmp.pt') that a killed run left; only
+    # the lock holder may remove them (another training could be writing its own).
+    for name in OUTPUT_FILES:
+        for stale in out_dir.glob(f".{name}.*.tmp*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 # --------------------------------------------------------------------------------------
@@ -316,10 +332,23 @@ def train(
         sink = EventSink()  # only rank 0 reports (docs/worker-protocol.md, multi-GPU)
     lock = OutputLock(out_dir)
     if dist.is_main:
-        prepare_output_folder(out_dir, resume=resume, overwrite=overwrite)
-        lock.acquire()
+        prepare_output_folder(out_dir, resume=resume, overwrite=overwrite, lock=lock)
     try:
         return _train(config, sink, stored, should_stop or (lambda: False), data, dist)
+    except (RuntimeError, MemoryError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+        if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
+            raise
+        patch = " x ".join(str(s) for s in config.model.patch_size)
+        try:
+            device = str(resolve_device(config.device)[0])
+        except BusegError:
+            device = config.device
+        raise ResourceError(
+            f"out of memory on {device} while training with --batch-size {config.optim.batch_size} and "
+            f"--patch-size {patch}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
+            hint=f"lower --batch-size (now {config.optim.batch_size}) or --patch-size (now {patch}), or "
+            "--base-channels; or train on another device (--device)",
+        ) from None
     finally:
         if dist.is_main:
             lock.release()
