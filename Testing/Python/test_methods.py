@@ -123,6 +123,25 @@ def test_crl_threshold_ramp_and_soft_weights():
     assert 0.25 <= tau <= 0.5 and hard.sum() == 2
 
 
+def test_crl_class_quantile_keeps_the_most_certain_pixels_of_every_class():
+    # Background pseudo-labels certain (0.0..0.09), foreground ones all more uncertain (0.5..0.95):
+    # one cut for the batch drops the foreground class entirely, a cut per class keeps 80% of each.
+    labels = torch.tensor([[0] * 10 + [1] * 10])
+    u = torch.cat([torch.arange(10) / 100, 0.5 + torch.arange(10) / 20]).unsqueeze(0)
+    region = torch.ones_like(u)
+    region[0, 0] = 0  # a truth pixel: weight 0 whatever its uncertainty
+    pooled, _ = certainty_weights(u, region, mode="hard", threshold_mode="quantile", threshold=0.5, quantile=0.45)
+    assert pooled[labels == 1].sum() == 0
+    balanced, tau = certainty_weights(u, region, mode="hard", threshold_mode="class-quantile", threshold=0.5,
+                                      quantile=0.8, pseudo_labels=labels)
+    assert balanced[0, 0] == 0
+    assert balanced[0, 1:8].sum() == 7 and balanced[0, 8:10].sum() == 0  # 9 background pixels in the region
+    assert balanced[0, 10:].sum() == 8 and balanced[0, 18:].sum() == 0    # the 2 most uncertain dropped
+    assert 0.08 / 2 < tau < 1
+    with pytest.raises(ValueError, match="pseudo-labels"):
+        certainty_weights(u, region, mode="hard", threshold_mode="class-quantile", threshold=0.5, quantile=0.8)
+
+
 def test_box_mask_and_mix():
     g = torch.Generator().manual_seed(3)
     mask = box_mask((12, 9), 2 / 3, g)
@@ -215,3 +234,33 @@ def test_region_loss_weighting():
     assert float(region_loss(logits, target, 2 * ones, ones)) == pytest.approx((2 * math.log(2) + 0.6) / 2, rel=1e-4)
     # Weight zero everywhere: nothing to learn.
     assert float(region_loss(logits, target, torch.zeros_like(ones), ones)) == pytest.approx(0.0, abs=1e-6)
+    # The CE half alone (URL's 'ce' term): the weighted pixels' share of CE / 2, no Dice.
+    assert float(region_loss(logits, target, half, ones, dice=False)) == pytest.approx(math.log(2) / 4, rel=1e-4)
+
+
+def test_url_ce_term_moves_only_the_selected_pixels():
+    """With --url-loss ce the extra term is a CE over the selected pixels: pixels outside the
+    selection get exactly the gradient they get without URL (no Dice couples them)."""
+    config = TrainConfig()
+    config.method.name = "buarl"
+    config.crl.enabled = False
+    config.url.source, config.url.quantile, config.url.weight, config.url.loss = "teacher", 0.5, 1.0, "ce"
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    targets = torch.randint(0, 3, (2, 8, 8))
+    teacher = torch.full((2, 3, 8, 8), 0.01)
+    teacher[:, 0] = 0.98
+    teacher[:, :, :, 6:] = 1 / 3  # columns 6, 7 uncertain
+    mixed = MixedBatch(images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=torch.ones(2, 8, 8),
+                       teacher_probabilities=teacher)
+    ctx = StepContext(student=None, teacher=None, teacher_forward=None, iteration=0, stage="train",
+                      stage_iteration=0, generator=torch.Generator(), device=torch.device("cpu"))
+    grads = {}
+    for enabled in (True, False):
+        config.url.enabled = enabled
+        logits.grad = None
+        out = BUARL(config, num_classes=3).weighted_loss(ctx, logits, mixed)
+        out.loss.backward()
+        grads[enabled] = logits.grad.clone()
+    assert torch.allclose(grads[True][..., :6], grads[False][..., :6], atol=1e-7)
+    assert not torch.allclose(grads[True][..., 6:], grads[False][..., 6:], atol=1e-5)

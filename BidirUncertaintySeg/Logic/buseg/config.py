@@ -218,6 +218,12 @@ class URLConfig:
     min_uncertainty: float = opt(
         0.05, "...and above this absolute normalised uncertainty (so that a confident image selects nothing)."
     )
+    loss: Literal["ce", "ce+dice"] = opt(
+        "ce+dice",
+        "The extra term on the selected pixels: 'ce' = their cross-entropy (each selected pixel weighs "
+        "1 + url_weight in CE); 'ce+dice' = also a soft Dice over the selected pixels alone.",
+        choices=("ce", "ce+dice"),
+    )
 
 
 @dataclass
@@ -230,17 +236,26 @@ class CRLConfig:
         "'hard': pixels above the threshold get weight 0; 'soft': weight (1 - u/threshold) clipped to 0..1.",
         choices=("hard", "soft"),
     )
-    threshold_mode: Literal["fixed", "quantile", "ramp"] = opt(
+    threshold_mode: Literal["fixed", "quantile", "class-quantile", "ramp"] = opt(
         "ramp",
         "'fixed': normalised uncertainty threshold crl_threshold; 'quantile': keep the crl_quantile "
-        "most certain pseudo-labeled pixels of the batch; 'ramp': threshold ramped from "
-        "crl_threshold_start to crl_threshold over crl_ramp_iterations (UA-MT style).",
-        choices=("fixed", "quantile", "ramp"),
+        "most certain pseudo-labeled pixels of the batch; 'class-quantile': the same within each "
+        "pseudo-label class; 'ramp': threshold ramped from crl_threshold_start to crl_threshold "
+        "over crl_ramp_iterations (UA-MT style).",
+        choices=("fixed", "quantile", "class-quantile", "ramp"),
     )
     threshold: float = opt(0.5, "Normalised-uncertainty threshold (0..1; final value of the ramp).")
     threshold_start: float = opt(0.3, "ramp: threshold at the start of self-training.")
     ramp_iterations: int = opt(5000, "ramp: iterations over which the threshold rises.")
-    quantile: float = opt(0.8, "quantile: fraction of pseudo-labeled pixels kept (most certain first).")
+    loss: Literal["ce", "ce+dice"] = opt(
+        "ce+dice",
+        "Where the certainty weights act: 'ce' = in the pseudo-label cross-entropy only (the pseudo-label "
+        "Dice stays over all pseudo-labeled pixels, as BCP's); 'ce+dice' = in both.",
+        choices=("ce", "ce+dice"),
+    )
+    quantile: float = opt(
+        0.8, "quantile, class-quantile: fraction of pseudo-labeled pixels (of each class) kept, most certain first."
+    )
 
 
 @dataclass

@@ -46,8 +46,13 @@ def region_loss(
     log_probabilities: torch.Tensor | None = None,
     probabilities: torch.Tensor | None = None,
     target_one_hot: torch.Tensor | None = None,
+    dice: bool = True,
+    dice_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(CE + Dice) / 2 over the pixels of ``region`` (N, *S, 0/1), each weighted by ``weight``.
+
+    ``dice=False`` gives the CE half alone (CE / 2): the weighted pixels' share of the CE term.
+    ``dice_weight`` (default ``weight``) weighs the pixels of the Dice half separately.
 
     CE is normalised by the region's pixel count (not by the weight sum), so pixels with
     weight 0 simply contribute nothing and extra weight adds loss. Precomputed softmax,
@@ -63,7 +68,10 @@ def region_loss(
     pixel_weight = weight * region
     ce = F.nll_loss(log_probabilities, target.long(), reduction="none")
     ce_term = (ce * pixel_weight).sum() / region.sum().clamp_min(1.0)
-    dice_term = weighted_dice_loss(probabilities, target_one_hot, pixel_weight)
+    if not dice:
+        return ce_term / 2
+    dice_pixel_weight = pixel_weight if dice_weight is None else dice_weight * region
+    dice_term = weighted_dice_loss(probabilities, target_one_hot, dice_pixel_weight)
     return (ce_term + dice_term) / 2
 
 

@@ -134,12 +134,14 @@ class BidirectionalCopyPaste(Method):
                 "target_one_hot": one_hot(targets, logits.shape[1])}
 
     def mixed_loss(self, logits: torch.Tensor, mixed: MixedBatch, *, pseudo_weight: torch.Tensor,
-                   url_selected: torch.Tensor | None, url_weight: float = 0.0) -> StepOutput:
+                   url_selected: torch.Tensor | None, url_weight: float = 0.0, url_dice: bool = False,
+                   pseudo_dice_weighted: bool = True) -> StepOutput:
         """Sum over the two halves (x_in, x_out) of the region losses, as the published recipe.
 
         truth:  region_loss(truth pixels, w = 1)
         pseudo: unlabeled_weight * region_loss(pseudo pixels, w = pseudo_weight)
-        url:    url_weight * region_loss(truth pixels, w = url_selected)   (only if given)
+                (``pseudo_dice_weighted=False``: the weights in CE only, Dice over all pseudo pixels)
+        url:    url_weight * region_loss(truth pixels, w = url_selected, dice=url_dice)   (only if given)
         """
         half = logits.shape[0] // 2
         supervised = pseudo = url = logits.new_zeros(())
@@ -147,9 +149,10 @@ class BidirectionalCopyPaste(Method):
             lg, tg, truth = logits[part], mixed.targets[part], mixed.truth_mask[part]
             cache = self._cache(lg, tg)
             supervised = supervised + region_loss(lg, tg, torch.ones_like(truth), truth, **cache)
-            pseudo = pseudo + region_loss(lg, tg, pseudo_weight[part], 1 - truth, **cache)
+            dice_weight = None if pseudo_dice_weighted else torch.ones_like(truth)
+            pseudo = pseudo + region_loss(lg, tg, pseudo_weight[part], 1 - truth, dice_weight=dice_weight, **cache)
             if url_selected is not None and url_weight > 0:
-                url = url + region_loss(lg, tg, url_selected[part], truth, **cache)
+                url = url + region_loss(lg, tg, url_selected[part], truth, dice=url_dice, **cache)
         loss = supervised + self.config.method.unlabeled_weight * pseudo + url_weight * url
         logs = {"supervised": float(supervised.detach()), "pseudo_label": float(pseudo.detach())}
         if url_selected is not None:

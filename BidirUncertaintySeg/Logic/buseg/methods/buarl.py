@@ -10,7 +10,8 @@ pseudo-label, and has an uncertainty ``u`` in 0..1 (normalised predictive entrop
   teach the model where it is unsure.
 * **CRL** (pseudo-labeled pixels): the pseudo-label loss keeps only the certain pixels,
   ``w = 1[u <= tau]`` (hard) or ``w = clip(1 - u / tau, 0, 1)`` (soft), tau fixed, ramped
-  (default, from ``crl.threshold_start`` to ``crl.threshold``) or a batch quantile.
+  (from ``crl.threshold_start`` to ``crl.threshold``), a batch quantile, or one quantile per
+  pseudo-label class (``class-quantile``).
 
 Where u comes from: for pseudo-labeled pixels, the teacher's prediction on the unlabeled
 image, which BCP computes anyway (free). For truth pixels, by default the student's own
@@ -39,17 +40,44 @@ def crl_threshold(config, stage_iteration: int) -> float:
 
 
 def certainty_weights(uncertainty: torch.Tensor, pseudo_region: torch.Tensor, *, mode: str,
-                      threshold_mode: str, threshold: float, quantile: float) -> tuple[torch.Tensor, float]:
-    """CRL weights of pseudo-labeled pixels (0 elsewhere) and the threshold used."""
+                      threshold_mode: str, threshold: float, quantile: float,
+                      pseudo_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """CRL weights of pseudo-labeled pixels (0 elsewhere) and the threshold used (the mean of the
+    per-class thresholds for ``class-quantile``)."""
+    region = pseudo_region > 0
     if threshold_mode == "quantile":
-        values = uncertainty[pseudo_region > 0]
-        threshold = float(torch.quantile(values.float(), quantile)) if values.numel() else 1.0
-        threshold = max(threshold, 1e-6)
+        threshold = max(_quantile(uncertainty[region], quantile, default=1.0), 1e-6)
+    elif threshold_mode == "class-quantile":
+        if pseudo_labels is None:
+            raise ValueError("class-quantile needs the pseudo-labels")
+        # One cut per pseudo-label class: foreground pixels are more uncertain than background,
+        # so one cut for all would drop the structures first and teach the student to shrink them.
+        cut = torch.ones_like(uncertainty)
+        cuts = []
+        for label in torch.unique(pseudo_labels[region]).tolist():
+            in_class = region & (pseudo_labels == label)
+            value = max(_quantile(uncertainty[in_class], quantile, default=1.0), 1e-6)
+            cut = torch.where(in_class, torch.as_tensor(value, dtype=cut.dtype, device=cut.device), cut)
+            cuts.append(value)
+        threshold = float(sum(cuts) / len(cuts)) if cuts else 1.0
+        return _weights(uncertainty, cut, mode) * pseudo_region, threshold
+    return _weights(uncertainty, threshold, mode) * pseudo_region, threshold
+
+
+def _weights(uncertainty: torch.Tensor, threshold: torch.Tensor | float, mode: str) -> torch.Tensor:
     if mode == "hard":
-        weights = (uncertainty <= threshold).float()
-    else:
-        weights = (1 - uncertainty / threshold).clamp(0, 1)
-    return weights * pseudo_region, threshold
+        return (uncertainty <= threshold).float()
+    return (1 - uncertainty / threshold).clamp(0, 1)
+
+
+def _quantile(values: torch.Tensor, q: float, *, default: float) -> float:
+    """``torch.quantile`` of a flat tensor (kthvalue beyond quantile's size limit); ``default`` if empty."""
+    values = values.float().reshape(-1)
+    if values.numel() == 0:
+        return default
+    if values.numel() < _QUANTILE_LIMIT:
+        return float(torch.quantile(values, q))
+    return float(values.kthvalue(max(1, int(q * values.numel()))).values)
 
 
 def url_selection(uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quantile: float,
@@ -121,6 +149,7 @@ class BUARL(BidirectionalCopyPaste):
                 pseudo_weight, tau = certainty_weights(
                     teacher_uncertainty, pseudo_region, mode=crl.mode, threshold_mode=crl.threshold_mode,
                     threshold=crl_threshold(self.config, ctx.stage_iteration), quantile=crl.quantile,
+                    pseudo_labels=mixed.targets,
                 )
                 logs["crl_threshold"] = tau
                 logs["crl_kept_fraction"] = float(pseudo_weight.sum() / pseudo_region.sum().clamp_min(1))
@@ -136,7 +165,8 @@ class BUARL(BidirectionalCopyPaste):
                                          min_uncertainty=url.min_uncertainty)
                 logs["url_selected_fraction"] = float(selected.sum() / truth.sum().clamp_min(1))
         output = self.mixed_loss(logits, mixed, pseudo_weight=pseudo_weight, url_selected=selected,
-                                 url_weight=url.weight if url.enabled else 0.0)
+                                 url_weight=url.weight if url.enabled else 0.0, url_dice=url.loss == "ce+dice",
+                                 pseudo_dice_weighted=crl.loss == "ce+dice")
         if crl.enabled:
             output.logs["crl"] = output.logs.pop("pseudo_label")
         output.logs.update(logs)
