@@ -5,7 +5,7 @@
 #
 #   make demo      the whole idea on generated data (a few minutes on 2 CPU cores) -> demo_output/
 #   make test      ruff + the whole test suite (per-test timeout in pyproject.toml)
-#   make lint      ruff check + format check;  make format  fixes what it can
+#   make lint      ruff check;  make format  fixes what it can (ruff check --fix)
 #   make bench     the benchmarks' CPU presets (needs the benchmark data, see docs/benchmarks.md)
 #   make clean     build/test/demo leftovers;  make distclean  also the virtual environment
 #
@@ -47,11 +47,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check BidirUncertaintySeg/Logic/buseg
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
-	$(BIN)/ruff format BidirUncertaintySeg/Logic/buseg
 
 ## Benchmarks, CPU presets (results go to benchmarks/results/); a benchmark not written yet is skipped.
 bench: bench-speed bench-quality

@@ -339,12 +339,21 @@ def run_method(key: str, preset: Preset, args, seed: int, work: Path, data: Trai
     return row, curve
 
 
+# Options added to the engine after runs were made, with the value that reproduces what those
+# runs did: a stored config without such a field matches a current config with that value.
+ADDED_OPTIONS = {("url", "loss"): "ce+dice", ("crl", "loss"): "ce+dice"}
+
+
 def _same_config(out: Path, config: TrainConfig) -> bool:
     """A finished run in ``out`` may be reused only if it was made with exactly this config."""
     try:
-        return json.loads((out / "config.json").read_text()) == to_dict(config)
+        stored = json.loads((out / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    for (section, name), value in ADDED_OPTIONS.items():
+        if isinstance(stored.get(section), dict):
+            stored[section].setdefault(name, value)
+    return stored == to_dict(config)
 
 
 def _finished_result(out: Path) -> SimpleNamespace:
