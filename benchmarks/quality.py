@@ -342,18 +342,26 @@ def run_method(key: str, preset: Preset, args, seed: int, work: Path, data: Trai
 # Options added to the engine after runs were made, with the value that reproduces what those
 # runs did: a stored config without such a field matches a current config with that value.
 ADDED_OPTIONS = {("url", "loss"): "ce+dice", ("crl", "loss"): "ce+dice"}
+# Sections only our method reads: they do not distinguish runs of the other methods.
+BUARL_SECTIONS = ("url", "crl", "uncertainty")
 
 
 def _same_config(out: Path, config: TrainConfig) -> bool:
-    """A finished run in ``out`` may be reused only if it was made with exactly this config."""
+    """A finished run in ``out`` may be reused only if it was made with this config (what the
+    method reads of it)."""
     try:
         stored = json.loads((out / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    current = to_dict(config)
     for (section, name), value in ADDED_OPTIONS.items():
         if isinstance(stored.get(section), dict):
             stored[section].setdefault(name, value)
-    return stored == to_dict(config)
+    if current["method"]["name"] != "buarl":
+        for section in BUARL_SECTIONS:
+            stored.pop(section, None)
+            current.pop(section, None)
+    return stored == current
 
 
 def _finished_result(out: Path) -> SimpleNamespace:

@@ -92,7 +92,7 @@ PARAMETERS: tuple[Parameter, ...] = (
               ("entropy", "mc-dropout"), ("Entropy", "MC dropout")),
     Parameter("urlWeight", 1.0, "urlWeightSpinBox", "QDoubleSpinBox", "url.weight"),
     Parameter("urlQuantile", 0.8, "urlQuantileSpinBox", "QDoubleSpinBox", "url.quantile"),
-    Parameter("crlThreshold", 0.5, "crlThresholdSpinBox", "QDoubleSpinBox", "crl.threshold"),
+    Parameter("crlQuantile", 0.8, "crlQuantileSpinBox", "QDoubleSpinBox", "crl.quantile"),
     Parameter("unlabeledWeight", 0.5, "unlabeledWeightSpinBox", "QDoubleSpinBox", "method.unlabeled_weight"),
     Parameter("holdOutValidation", False, "holdOutValidationCheckBox", "QCheckBox"),
     Parameter("validationInterval", 200, "validationIntervalSpinBox", "QSpinBox", "validation_interval"),

@@ -258,12 +258,12 @@ def test_train_config_is_the_engines_config_filled_from_the_parameter_node(store
     store.set("method", "bcp")
     store.set("iterations", 40)
     store.set("patchSize", "64, 64")
-    store.set("crlThreshold", 0.4)
+    store.set("crlQuantile", 0.7)
     config = parameters.buildTrainConfig(store, tmp_path / "manifest.json", tmp_path / "run",
                                          overrides={"batchSize": 12})
     assert isinstance(config, TrainConfig)
     assert config.method.name == "bcp" and config.optim.iterations == 40 and config.optim.batch_size == 12
-    assert config.model.patch_size == [64, 64] and config.crl.threshold == 0.4
+    assert config.model.patch_size == [64, 64] and config.crl.quantile == 0.7
     assert config.data.labeled == str(tmp_path / "manifest.json") and config.out_dir == str(tmp_path / "run")
     assert config.validation_interval == 0  # no held-out case: nothing to validate on
     assert parameters.buildTrainConfig(store, "m.json", "o", hasValidation=True).validation_interval == 200

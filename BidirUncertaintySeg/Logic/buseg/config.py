@@ -237,7 +237,7 @@ class CRLConfig:
         choices=("hard", "soft"),
     )
     threshold_mode: Literal["fixed", "quantile", "class-quantile", "ramp"] = opt(
-        "ramp",
+        "class-quantile",
         "'fixed': normalised uncertainty threshold crl_threshold; 'quantile': keep the crl_quantile "
         "most certain pseudo-labeled pixels of the batch; 'class-quantile': the same within each "
         "pseudo-label class; 'ramp': threshold ramped from crl_threshold_start to crl_threshold "
