@@ -265,7 +265,16 @@ def main(argv: list[str] | None = None) -> int:
             curves[(key, seed)] = curve
             write_results(rows, curves, preset, args, tag)
     write_results(rows, curves, preset, args, tag, final=True)
+    models = {key: _model_file(work / f"{key}_seed{args.seeds[0]}") for key in args.methods}
+    plot_example({k: m for k, m in models.items() if m is not None}, evaluation_cases[0],
+                 args.out / f"quality_{tag}_example.png", args.device if args.device != "auto" else "cpu",
+                 args.review_budget)
     return 0
+
+
+def _model_file(run: Path) -> Path | None:
+    """The model a method's row was evaluated with ('best'): best.pt, else the model file."""
+    return next((p for p in (run / "best.pt", run / "model.pt") if p.exists()), None)
 
 
 def run_pretraining(preset: Preset, args, seed: int, work: Path, data: TrainingData) -> Path:
@@ -391,8 +400,11 @@ def write_results(rows: list[dict], curves: dict, preset: Preset, args, tag: str
              "'best' = checkpoint chosen on the selection half, 'last' = final iteration. Dice/Jaccard in %, "
              "HD95/ASD in voxels (published-table convention). Review: the top "
              f"{args.review_budget:.0%} most uncertain voxels of each volume flagged, as regions.", "",
-             "| method | Dice best | Jaccard | HD95 | ASD | Dice last | errors caught | flagged | Dice after review | s/it |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Error AUROC: how well voxel uncertainty ranks wrong voxels above right ones, whole volume "
+             "(near 1 for any model: background dominates; read it beside the review figures).", "",
+             "| method | Dice best | Jaccard | HD95 | ASD | Dice last | errors caught | flagged | Dice after review "
+             "| error AUROC | s/it |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
 
@@ -405,10 +417,47 @@ def write_results(rows: list[dict], curves: dict, preset: Preset, args, tag: str
         lines.append(f"| {method} | {stat('best_dice', 100)} | {stat('best_jaccard', 100)} | {stat('best_hd95_voxels')} "
                      f"| {stat('best_asd_voxels')} | {stat('last_dice', 100)} | {stat('best_review_error_recall', 100)}% "
                      f"| {stat('best_review_flagged_fraction', 100)}% | {stat('best_review_dice_after', 100)} "
-                     f"| {stat('seconds_per_iteration')} |")
+                     f"| {stat('best_error_auroc')} | {stat('seconds_per_iteration')} |")
     (out / f"quality_{tag}.md").write_text("\n".join(lines) + "\n")
     if final:
         plot_curves(curves, out / f"quality_{tag}_curves.png", tag)
+
+
+def plot_example(models: dict[str, Path], case: ValidationCase, path: Path, device: str, budget: float) -> None:
+    """One evaluation slice per method: image, truth, prediction, uncertainty with the flagged voxels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from buseg.review import flag_budget
+
+    if not models:
+        return
+    foreground = (case.labels > 0).reshape(case.labels.shape[0], -1).sum(1)
+    k = int(np.argmax(foreground))  # the slice (first axis) with the most structure
+    fig, axes = plt.subplots(len(models), 4, figsize=(10, 2.6 * len(models)), squeeze=False)
+    for row, (method, model_path) in enumerate(models.items()):
+        prediction, uncertainty = predict_case(model_path, case, device)
+        flagged = flag_budget(uncertainty, budget)
+        classes = max(1, int(case.labels.max()))
+        panels = [(case.image[k], "gray", {}), (case.labels[k], "viridis", {"vmin": 0, "vmax": classes}),
+                  (prediction[k], "viridis", {"vmin": 0, "vmax": classes}),
+                  (uncertainty[k], "inferno", {"vmin": 0, "vmax": 1})]
+        for col, (array, cmap, scale) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(array, cmap=cmap, **scale)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row, 3].contour(flagged[k], levels=[0.5], colors="cyan", linewidths=0.8)
+        axes[row, 0].set_ylabel(method)
+    for col, title in enumerate(("image", "truth", "prediction (best checkpoint)",
+                                 f"uncertainty, top {budget:.0%} flagged")):
+        axes[0, col].set_title(title, fontsize=9)
+    fig.suptitle(f"{case.name}, slice {k}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_curves(curves: dict, path: Path, title: str) -> None:
