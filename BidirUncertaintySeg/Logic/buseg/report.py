@@ -23,7 +23,10 @@ from .io import atomic_path
 
 # Colors of the two methods in curves and table headers (ours stands out).
 METHOD_COLORS = {"supervised": "#5b7fa6", "buarl": "#e0663a"}
+SHARED_COLOR = "#9a9a9a"
 REGION_COLOR = "#3fe0ff"
+OUTLINED_REGIONS = 10  # the first regions of regions.json are outlined, the first few numbered
+NUMBERED_REGIONS = 5
 
 
 # --------------------------------------------------------------------------------------
@@ -43,6 +46,7 @@ def comparison_rows(comparison: dict[str, Any]) -> tuple[list[str], list[tuple[s
     methods = comparison["methods"]
     keys = list(methods)
     budget = comparison["review_budget_fraction"]
+    shared = comparison["shared"]
     classes = list(methods[keys[0]]["test"]["classes"])
     rows: list[tuple[str, list[str]]] = [
         (f"Dice % (mean of {len(classes)} classes)", [_pct(methods[k]["test"]["mean"]["dice"]) for k in keys]),
@@ -58,9 +62,11 @@ def comparison_rows(comparison: dict[str, Any]) -> tuple[list[str], list[tuple[s
         ("Best validation Dice % (iteration)",
          [f"{_pct(methods[k]['training']['best_validation_dice'])} ({methods[k]['training']['best_iteration']})"
           if methods[k]["training"]["best_validation_dice"] is not None else "-" for k in keys]),
-        ("Training iterations (batch)",
-         [f"{methods[k]['training']['iterations']} ({methods[k]['training']['batch_size']})" for k in keys]),
-        ("Training time", [f"{methods[k]['training']['seconds']:.0f} s" for k in keys]),
+        ("Iterations: shared + own (batch)",
+         [f"{shared['iterations']}+{methods[k]['training']['branch_iterations']} "
+          f"({methods[k]['training']['batch_size']})" for k in keys]),
+        ("Training time: shared + own",
+         [f"{shared['seconds']:.0f}+{methods[k]['training']['branch_seconds']:.0f} s" for k in keys]),
     ]
     return [methods[k]["title"] for k in keys], rows
 
@@ -195,7 +201,7 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
     colors = {int(c["label_value"]): tuple(c["color"]) for c in classes}
     values = list(colors)
     regions = ours["regions"]["regions"]
-    region_masks = _listed_region_masks(ours["uncertainty"], regions, ours["threshold"])
+    region_masks = _listed_region_masks(ours["uncertainty"], regions[:OUTLINED_REGIONS], ours["threshold"])
     slices = choose_slices(truth, ours["labels"], regions)
     spacing = image_volume.spacing_mm
     aspect = spacing[1] / spacing[0]  # rows are y, columns x
@@ -212,9 +218,9 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
     figure.text(0.045, 0.937,
                 f"Synthetic 3D volumes with known truth; test volume {case} was never seen in training. Both models: "
                 f"2D U-Net, {ours_training['iterations']} iterations of batch {ours_training['batch_size']} "
-                f"(plan '{plan}', seed {comparison['seed']}).\n"
-                "Ours learns from the labeled and the unlabeled volumes (copy-paste pre-training, then uncertainty-aware "
-                "self-training); the supervised baseline from the labeled volumes only.",
+                f"(plan '{plan}', seed {comparison['seed']}), the first {comparison['shared']['iterations']} shared.\n"
+                "Then ours learns from the labeled and the unlabeled volumes (copy-paste self-training with "
+                "uncertainty-aware region learning); the supervised baseline from the labeled volumes only.",
                 fontsize=10.5, color="#333333", ha="left", va="top", linespacing=1.5)
 
     titles = ["Image", "Ground truth",
@@ -238,10 +244,11 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
                          alpha=0.85, aspect=aspect, interpolation="nearest")
         for rank, mask in region_masks:
             if mask[k].any():
-                ax.contour(mask[k], levels=[0.5], colors=[REGION_COLOR], linewidths=1.4)
-                ys, xs = np.nonzero(mask[k])
-                ax.text(min(xs.max() + 1.5, mask.shape[2] - 1), max(ys.min(), 1), str(rank), color=REGION_COLOR,
-                        fontsize=11, fontweight="bold", va="top")
+                ax.contour(mask[k], levels=[0.5], colors=[REGION_COLOR], linewidths=1.3)
+                if rank <= NUMBERED_REGIONS:
+                    ys, xs = np.nonzero(mask[k])
+                    ax.text(min(xs.max() + 1.5, mask.shape[2] - 2), max(ys.min(), 1), str(rank), color=REGION_COLOR,
+                            fontsize=11, fontweight="bold", va="top")
         ax.set_xticks([])
         ax.set_yticks([])
         if row == 0:
@@ -253,7 +260,8 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
             bar.set_label("uncertainty (normalised entropy)", fontsize=9)
     legend = [Patch(facecolor=color, label=c["name"]) for c, color in zip(classes, colors.values(), strict=True)]
     legend.append(Patch(facecolor="none", edgecolor=REGION_COLOR, linewidth=1.5,
-                        label=f"flagged region, numbered in review order (uncertainty > {ours['threshold']:g})"))
+                        label=f"flagged region (uncertainty > {ours['threshold']:g}), the first {NUMBERED_REGIONS} "
+                        "numbered in review order"))
     legend_axes = figure.add_subplot(grid[2, :])
     legend_axes.axis("off")
     legend_axes.legend(handles=legend, loc="center", ncol=len(legend), frameon=False, fontsize=10.5)
@@ -262,14 +270,27 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
     bottom = grid[3, :].subgridspec(1, 3, width_ratios=[1.55, 1.0, 1.75], wspace=0.22)
     curves = figure.add_subplot(bottom[0])
     losses = figure.add_subplot(bottom[1])
-    pretrain = ours_training["pretrain_iterations"]
+    shared = comparison["shared"]
+    start = shared["iterations"]
+    shared_history = _history(shared["history"])
+    shared_validation = shared_history.get("validation", [])
+    if shared_validation:
+        curves.plot([v["iteration"] for v in shared_validation], [100 * v["dice"] for v in shared_validation], "-o",
+                    color=SHARED_COLOR, label="shared supervised start", markersize=3.5, linewidth=1.8)
+    shared_loss = shared_history.get("losses", [])
+    if shared_loss:
+        losses.plot([v["iteration"] for v in shared_loss], [v["total"] for v in shared_loss], color=SHARED_COLOR,
+                    linewidth=1.2)
+    join = (start, 100 * shared_validation[-1]["dice"]) if shared_validation else None
     for method, info in methods.items():
         history = _history(info["training"]["history"])
         color, title = METHOD_COLORS.get(method, "black"), info["title"]
         validation = history.get("validation", [])
         if validation:
-            x = [v["iteration"] for v in validation]
+            x = [start + v["iteration"] for v in validation]
             y = [100 * v["dice"] for v in validation]
+            if join is not None:  # the branch starts from the shared start's last weights
+                x, y = [join[0], *x], [join[1], *y]
             curves.plot(x, y, "-o", color=color, label=title, markersize=3.5, linewidth=1.8)
             best = info["training"]["best_iteration"]
             if best is not None:
@@ -277,20 +298,18 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
                             markeredgecolor="black", markeredgewidth=0.6)
         loss = history.get("losses", [])
         if loss:
-            losses.plot([v["iteration"] for v in loss], [v["total"] for v in loss], color=color, linewidth=1.2,
+            losses.plot([start + v["iteration"] for v in loss], [v["total"] for v in loss], color=color, linewidth=1.2,
                         label=title)
     for ax in (curves, losses):
-        if pretrain:
-            ax.axvline(pretrain, color="#888888", linestyle="--", linewidth=1)
+        ax.axvline(start, color="#888888", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
         ax.set_xlabel("iteration")
-    if pretrain:
-        curves.text(pretrain, 2, " ours: pre-training | self-training", fontsize=9, color="#555555", va="bottom")
+    curves.text(start, 97, " two branches from here", fontsize=9, color="#555555", va="top")
     curves.set_ylim(0, 100)
     curves.set_ylabel("validation Dice %")
     curves.set_title("Validation Dice during training (star: the model kept)", fontsize=11.5)
     curves.legend(loc="lower right", fontsize=9.5)
-    losses.set_title("Training loss (each method's own)", fontsize=11.5)
+    losses.set_title("Training loss (each method's own terms)", fontsize=11.5)
     losses.set_ylim(bottom=0)
 
     # Metric table: labels as the first column, so that it stays inside its axes.
@@ -298,7 +317,7 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
     table_ax.axis("off")
     method_titles, rows = comparison_rows(comparison)
     table = table_ax.table(cellText=[[label.replace("  ", "    "), *values] for label, values in rows],
-                           colLabels=["", *method_titles], bbox=[0.0, 0.0, 1.0, 1.0], colWidths=[0.6, 0.2, 0.2],
+                           colLabels=["", *method_titles], bbox=[0.0, 0.0, 1.0, 1.0], colWidths=[0.56, 0.22, 0.22],
                            cellLoc="right")
     table.auto_set_font_size(False)
     table.set_fontsize(9.5)
