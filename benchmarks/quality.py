@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="Only assemble finished runs (stop instead of training anything).")
     parser.add_argument("--tag", default=None, help="Name of this run's result files (default: dataset_preset_labeled).")
     args = parser.parse_args(argv)
 
@@ -287,6 +289,8 @@ def run_pretraining(preset: Preset, args, seed: int, work: Path, data: TrainingD
     if (out / "model.pt").exists():
         print(f"pre-training (seed {seed}): reusing {out / 'model.pt'}", flush=True)
         return out / "model.pt"
+    if args.reuse_only:
+        raise SystemExit(f"pre-training (seed {seed}): no finished run in {out} (--reuse-only)")
     config = base_config(preset, args, "bcp", seed, out)
     config.optim.pretrain_iterations = preset.pretrain_iterations
     config.optim.iterations = 0
@@ -327,6 +331,8 @@ def run_method(key: str, preset: Preset, args, seed: int, work: Path, data: Trai
         seconds = json.loads((out / "seconds.json").read_text())["seconds"] if (out / "seconds.json").exists() \
             else float("nan")
     else:
+        if args.reuse_only:
+            raise SystemExit(f"{key} (seed {seed}): no finished run with this config in {out} (--reuse-only)")
         print(f"{key} (seed {seed}): {config.optim.iterations} iterations", flush=True)
         start = time.time()
         result = train(config, events=Progress(key), overwrite=True, data=data)
@@ -363,6 +369,12 @@ def _same_config(out: Path, config: TrainConfig) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     current = to_dict(config)
+    # Where a run lives is not what it computes (a run may be reached through another work
+    # folder); the start weights are compared as the files they are.
+    for entry in (stored, current):
+        entry.pop("out_dir", None)
+        if entry.get("init_weights"):
+            entry["init_weights"] = str(Path(entry["init_weights"]).resolve())
     for (section, name), value in ADDED_OPTIONS.items():
         if isinstance(stored.get(section), dict):
             stored[section].setdefault(name, value)
