@@ -1,0 +1,75 @@
+"""The quality benchmark reuses a finished run only when it computed what is asked now.
+
+A wrong "same" silently mixes results of different settings into one table; a wrong
+"different" retrains a run (hours on a CPU) into the folder that holds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(quality, method_key: str, out: Path, **sets):
+    args = argparse.Namespace(data_root=Path("/data/ACDC"), threads=1, device="cpu",
+                              set=[f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    return quality.base_config(quality.PRESETS[("acdc", "cpu")], args, method_key, 1337, out)
+
+
+def _store(quality, config, folder: Path, *, drop: tuple[tuple[str, str], ...] = ()) -> None:
+    stored = quality.to_dict(config)
+    for section, name in drop:
+        del stored[section][name]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(stored))
+
+
+def test_a_run_reached_through_another_work_folder_is_the_same_run(quality, tmp_path):
+    (tmp_path / "a" / "pretrain").mkdir(parents=True)
+    (tmp_path / "a" / "pretrain" / "model.pt").write_bytes(b"weights")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "pretrain").symlink_to(tmp_path / "a" / "pretrain")
+    made = _config(quality, "ours", tmp_path / "a" / "ours")
+    made.init_weights = str(tmp_path / "a" / "pretrain" / "model.pt")
+    _store(quality, made, tmp_path / "a" / "ours")
+    asked = _config(quality, "ours", tmp_path / "b" / "ours")
+    asked.init_weights = str(tmp_path / "b" / "pretrain" / "model.pt")
+    assert quality._same_config(tmp_path / "a" / "ours", asked)
+
+
+def test_a_different_setting_is_a_different_run(quality, tmp_path):
+    _store(quality, _config(quality, "ours", tmp_path / "run"), tmp_path / "run")
+    assert not quality._same_config(tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"optim.lr": 0.02}))
+    # Our method reads the CRL settings: another threshold rule is another run.
+    assert not quality._same_config(tmp_path / "run", _config(
+        quality, "ours", tmp_path / "run", **{"crl.threshold_mode": "ramp"}))
+    assert not (tmp_path / "missing").exists() and not quality._same_config(
+        tmp_path / "missing", _config(quality, "ours", tmp_path / "missing"))
+
+
+def test_settings_a_method_does_not_read_do_not_distinguish_its_runs(quality, tmp_path):
+    _store(quality, _config(quality, "bcp", tmp_path / "run", **{"crl.threshold_mode": "ramp"}), tmp_path / "run")
+    assert quality._same_config(tmp_path / "run", _config(quality, "bcp", tmp_path / "run"))
+
+
+def test_runs_made_before_an_option_existed_match_only_its_reproducing_value(quality, tmp_path):
+    made = _config(quality, "ours", tmp_path / "run", **{"url.loss": "ce+dice"})
+    _store(quality, made, tmp_path / "run", drop=(("url", "loss"), ("crl", "loss")))
+    assert quality._same_config(tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"url.loss": "ce+dice"}))
+    assert not quality._same_config(tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"url.loss": "ce"}))
