@@ -139,6 +139,18 @@ def test_read_image_returns_the_written_grid_or_a_clear_error(tmp_path_factory, 
     np.testing.assert_allclose(volume.array, expected.array.astype(np.float32), rtol=1e-6)
 
 
+def _damage(path, data, *, within_bytes: int | None = None) -> None:
+    """Cut ``path`` short, or overwrite 1-8 random bytes (among the first ``within_bytes``)."""
+    content = bytearray(path.read_bytes())
+    if data.draw(st.booleans(), label="truncate"):
+        content = content[: data.draw(st.integers(0, len(content) - 1), label="length")]
+    else:
+        span = min(len(content), within_bytes or len(content))
+        for _ in range(data.draw(st.integers(1, 8), label="flips")):
+            content[data.draw(st.integers(0, span - 1), label="offset")] = data.draw(st.integers(0, 255), label="byte")
+    path.write_bytes(bytes(content))
+
+
 @FUZZ
 @given(spec=images(valid_only=True), suffix=st.sampled_from(SUFFIXES), data=st.data())
 def test_damaged_files_are_read_whole_or_refused_naming_the_file(tmp_path_factory, small_memory, spec, suffix, data):
@@ -146,14 +158,7 @@ def test_damaged_files_are_read_whole_or_refused_naming_the_file(tmp_path_factor
     folder = tmp_path_factory.mktemp("damaged")
     path = folder / f"image{suffix}"
     _write(spec, path)
-    content = bytearray(path.read_bytes())
-    if data.draw(st.booleans(), label="truncate"):
-        content = content[: data.draw(st.integers(0, len(content) - 1), label="length")]
-    else:
-        for _ in range(data.draw(st.integers(1, 8), label="flips")):
-            where = data.draw(st.integers(0, min(len(content), 600) - 1), label="offset")
-            content[where] = data.draw(st.integers(0, 255), label="byte")
-    path.write_bytes(bytes(content))
+    _damage(path, data, within_bytes=600)  # mostly the header: where damage is not just another voxel value
     try:
         volume = read_image(path)
     except BusegError as exc:
@@ -175,13 +180,7 @@ def test_damaged_segmentations_are_read_whole_or_refused_naming_the_file(tmp_pat
     reference = Volume(np.zeros(shape, np.float32), (1.0, 0.5, 2.0), (3.0, -4.0, 5.0), tuple(np.eye(3).ravel()))
     path = folder / "labels.seg.nrrd"
     write_segmentation(labels, reference, [{"index": 1, "name": "a"}, {"index": 2, "name": "b"}], path)
-    content = bytearray(path.read_bytes())
-    if data.draw(st.booleans(), label="truncate"):
-        content = content[: data.draw(st.integers(0, len(content) - 1), label="length")]
-    else:
-        for _ in range(data.draw(st.integers(1, 8), label="flips")):
-            content[data.draw(st.integers(0, len(content) - 1), label="offset")] = data.draw(st.integers(0, 255))
-    path.write_bytes(bytes(content))
+    _damage(path, data)
     try:
         label = read_label(path)
     except BusegError as exc:

@@ -108,6 +108,38 @@ def test_crl_uncertain_pseudo_label_pixels_get_no_gradient():
     assert torch.all(logits.grad.abs().sum(1)[:, 6:, :] > 0)
 
 
+def test_crl_loss_ce_keeps_the_pseudo_label_dice_over_all_pseudo_pixels():
+    """--crl-loss ce: uncertain pseudo-labeled pixels leave the CE but stay in the Dice, so they
+    get gradient (through the Dice alone); certain ones get more (CE as well)."""
+    config = TrainConfig()
+    config.method.name = "buarl"
+    config.url.enabled = False
+    config.crl.threshold_mode, config.crl.threshold, config.crl.loss = "fixed", 0.5, "ce"
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8, requires_grad=True)
+    targets = torch.randint(0, 2, (2, 8, 8))
+    truth = torch.zeros(2, 8, 8)
+    truth[:, :4] = 1
+    teacher = _probs(0.99, (2, 8, 8))
+    teacher[:, :, 6:, :] = 0.5
+    mixed = MixedBatch(images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=truth, teacher_probabilities=teacher)
+    ctx = StepContext(student=None, teacher=None, teacher_forward=None, iteration=0, stage="train",
+                      stage_iteration=0, generator=torch.Generator(), device=torch.device("cpu"))
+    grads = {}
+    for loss in ("ce", "ce+dice"):
+        config.crl.loss = loss
+        logits.grad = None
+        BUARL(config, num_classes=2).weighted_loss(ctx, logits, mixed).loss.backward()
+        grads[loss] = logits.grad.abs().sum(1).clone()
+    assert torch.all(grads["ce+dice"][:, 6:, :] == 0)
+    assert torch.all(grads["ce"][:, 6:, :] > 0)
+    # The uncertain rows' gradient under 'ce' is the Dice's alone: the same pixels without CRL get more.
+    config.crl.enabled = False
+    logits.grad = None
+    BUARL(config, num_classes=2).weighted_loss(ctx, logits, mixed).loss.backward()
+    assert torch.all(logits.grad.abs().sum(1)[:, 6:, :] > grads["ce"][:, 6:, :])
+
+
 def test_crl_threshold_ramp_and_soft_weights():
     config = TrainConfig()
     config.crl.threshold_mode, config.crl.threshold_start, config.crl.threshold = "ramp", 0.2, 0.6
@@ -264,3 +296,20 @@ def test_url_ce_term_moves_only_the_selected_pixels():
         grads[enabled] = logits.grad.clone()
     assert torch.allclose(grads[True][..., :6], grads[False][..., :6], atol=1e-7)
     assert not torch.allclose(grads[True][..., 6:], grads[False][..., 6:], atol=1e-5)
+
+
+def test_class_quantiles_equal_one_torch_quantile_per_class():
+    from buseg.methods.buarl import class_quantiles
+
+    generator = torch.Generator().manual_seed(3)
+    for size, classes, q in ((1, 1, 0.8), (7, 3, 0.5), (5000, 4, 0.8), (999, 6, 0.93)):
+        values = torch.rand(size, generator=generator)
+        labels = torch.randint(0, classes, (size,), generator=generator)
+        labels[labels == 1] = 2 if classes > 2 else 0  # a class absent in between
+        cuts = class_quantiles(values, labels, q)
+        for label in range(int(labels.max()) + 1):
+            inside = values[labels == label]
+            if inside.numel():
+                assert float(cuts[label]) == pytest.approx(float(torch.quantile(inside, q)), abs=1e-6)
+            else:
+                assert torch.isnan(cuts[label])

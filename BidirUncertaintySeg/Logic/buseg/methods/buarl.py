@@ -52,16 +52,36 @@ def certainty_weights(uncertainty: torch.Tensor, pseudo_region: torch.Tensor, *,
             raise ValueError("class-quantile needs the pseudo-labels")
         # One cut per pseudo-label class: foreground pixels are more uncertain than background,
         # so one cut for all would drop the structures first and teach the student to shrink them.
-        cut = torch.ones_like(uncertainty)
-        cuts = []
-        for label in torch.unique(pseudo_labels[region]).tolist():
-            in_class = region & (pseudo_labels == label)
-            value = max(_quantile(uncertainty[in_class], quantile, default=1.0), 1e-6)
-            cut = torch.where(in_class, torch.as_tensor(value, dtype=cut.dtype, device=cut.device), cut)
-            cuts.append(value)
-        threshold = float(sum(cuts) / len(cuts)) if cuts else 1.0
+        cuts = class_quantiles(uncertainty[region], pseudo_labels[region].long(), quantile)
+        present = cuts[~torch.isnan(cuts)]
+        threshold = float(present.mean()) if present.numel() else 1.0
+        cut = cuts.nan_to_num(1.0).clamp_min(1e-6)[pseudo_labels.long().clamp(0, cuts.numel() - 1)]
         return _weights(uncertainty, cut, mode) * pseudo_region, threshold
     return _weights(uncertainty, threshold, mode) * pseudo_region, threshold
+
+
+def class_quantiles(values: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q`` quantile of non-negative ``values`` within each label (NaN for absent labels).
+
+    Linear interpolation as :func:`torch.quantile` does, for all labels with one sort: the
+    key ``label * stride + value`` (stride above the largest value) orders by label, then by
+    value (tested against one ``torch.quantile`` per label).
+    """
+    if values.numel() == 0:
+        return torch.full((1,), float("nan"), device=values.device)
+    counts = torch.bincount(labels)
+    stride = float(values.max()) + 1.0
+    keys = (labels.double() * stride + values.double()).sort().values
+    ordered = keys - torch.floor(keys / stride) * stride
+    starts = counts.cumsum(0) - counts
+    position = (counts - 1).clamp_min(0).double() * q
+    low, frac = position.floor().long(), position - position.floor()
+    high = (low + 1).clamp_max((counts - 1).clamp_min(0))
+    last = ordered.numel() - 1
+    below = ordered[(starts + low).clamp_max(last)]
+    above = ordered[(starts + high).clamp_max(last)]
+    cuts = (below + (above - below) * frac).to(values.dtype)
+    return torch.where(counts > 0, cuts, torch.full_like(cuts, float("nan")))
 
 
 def _weights(uncertainty: torch.Tensor, threshold: torch.Tensor | float, mode: str) -> torch.Tensor:
@@ -116,8 +136,7 @@ def _url_selection_per_image(uncertainty: torch.Tensor, truth_region: torch.Tens
         values = uncertainty[index][region]
         if values.numel() == 0:
             continue
-        cut = torch.quantile(values.float(), quantile) if values.numel() < _QUANTILE_LIMIT else values.float().kthvalue(
-            max(1, int(quantile * values.numel()))).values
+        cut = _quantile(values, quantile, default=1.0)
         selected[index] = (region & (uncertainty[index] > cut) & (uncertainty[index] > min_uncertainty)).float()
     return selected
 
