@@ -43,7 +43,16 @@ from BidirUncertaintySegLib.workflow import INPUT_VOLUME_ROLE, SlicerContext, Wo
 
 POLL_INTERVAL_MS = 250
 # Submodules of the library, reloaded by "Reload" (developer mode) before the module itself.
-LIBRARY_MODULES = ("errors", "presenter", "engine", "parameters", "dependencies", "nodefiles", "review", "workflow")
+LIBRARY_MODULES = (
+    "errors",
+    "presenter",
+    "engine",
+    "parameters",
+    "dependencies",
+    "nodefiles",
+    "review",
+    "workflow",
+)
 
 
 #
@@ -119,8 +128,11 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 _, signal = WIDGET_BINDINGS[widgetClass]
                 getattr(self.ui, widgetName).connect(signal, self.updateParameterNodeFromGUI)
 
-        self._jobButtons = {presenter.TRAIN: self.ui.trainButton, presenter.SEGMENT: self.ui.segmentButton,
-                            presenter.RANK: self.ui.rankButton}
+        self._jobButtons = {
+            presenter.TRAIN: self.ui.trainButton,
+            presenter.SEGMENT: self.ui.segmentButton,
+            presenter.RANK: self.ui.rankButton,
+        }
         self.ui.trainButton.connect("clicked(bool)", lambda: self.onJobButton(presenter.TRAIN))
         self.ui.segmentButton.connect("clicked(bool)", lambda: self.onJobButton(presenter.SEGMENT))
         self.ui.rankButton.connect("clicked(bool)", lambda: self.onJobButton(presenter.RANK))
@@ -133,7 +145,9 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.addCorrectedCaseButton.connect("clicked(bool)", self.onAddCorrectedCase)
         self.ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
         self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
-        self.ui.installDependenciesButton.connect("clicked(bool)", lambda: self.ensureDependencies(force=True))
+        self.ui.installDependenciesButton.connect(
+            "clicked(bool)", lambda: self.ensureDependencies(force=True)
+        )
         self.ui.regionsTableView.connect("clicked(QModelIndex)", self.onRegionClicked)
         self.ui.labeledTableWidget.setHorizontalHeaderLabels(["Volume", "Segmentation"])
         self.ui.labeledTableWidget.horizontalHeader().setStretchLastSection(True)
@@ -158,7 +172,9 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def exit(self):
         if self.store is not None:
-            self.removeObserver(self.store.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.removeObserver(
+                self.store.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode
+            )
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
@@ -188,7 +204,9 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def setParameterNode(self, node):
         if self.store is not None:
-            self.removeObserver(self.store.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.removeObserver(
+                self.store.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode
+            )
         self.store = ParameterStore(node) if node is not None else None
         if self.store is not None:
             self.store.setDefaults()
@@ -269,8 +287,9 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onAddLabeled(self):
         with slicer.util.tryWithErrorDisplay("Cannot add the labeled case.", waitCursor=False):
-            self.store.addLabeledCase(self.ui.labeledVolumeSelector.currentNode(),
-                                      self.ui.labeledSegmentationSelector.currentNode())
+            self.store.addLabeledCase(
+                self.ui.labeledVolumeSelector.currentNode(), self.ui.labeledSegmentationSelector.currentNode()
+            )
 
     def onRemoveLabeled(self):
         self.store.removeLabeledCase(self.ui.labeledTableWidget.currentRow())
@@ -280,7 +299,10 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onAddAllUnlabeled(self):
         for volume in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
-            if not volume.IsA("vtkMRMLLabelMapVolumeNode") and volume.GetNodeReference(INPUT_VOLUME_ROLE) is None:
+            if (
+                not volume.IsA("vtkMRMLLabelMapVolumeNode")
+                and volume.GetNodeReference(INPUT_VOLUME_ROLE) is None
+            ):
                 self.store.addUnlabeledVolume(volume)
 
     def onRemoveUnlabeled(self):
@@ -305,17 +327,26 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for p in PARAMETERS:
             if p.widget and p.name not in ("overlayOpacity", "overlayThreshold", "showMarkups"):
                 getattr(self.ui, p.widget).enabled = view.inputsEnabled
-        for name in ("addLabeledButton", "removeLabeledButton", "addUnlabeledButton", "addAllUnlabeledButton",
-                     "removeUnlabeledButton", "installDependenciesButton",
-                     "labeledVolumeSelector", "labeledSegmentationSelector", "unlabeledVolumeSelector",
-                     "inputVolumeSelector"):
+        for name in (
+            "addLabeledButton",
+            "removeLabeledButton",
+            "addUnlabeledButton",
+            "addAllUnlabeledButton",
+            "removeUnlabeledButton",
+            "installDependenciesButton",
+            "labeledVolumeSelector",
+            "labeledSegmentationSelector",
+            "unlabeledVolumeSelector",
+            "inputVolumeSelector",
+        ):
             getattr(self.ui, name).enabled = view.inputsEnabled
         self.ui.progressBar.visible = view.progressVisible
         self.ui.progressBar.maximum = view.progressMaximum
         self.ui.progressBar.value = view.progressValue
         self.ui.progressLabel.text = view.progressText
         self.ui.statusLabel.text = view.statusText + (
-            "\nWarnings: " + "; ".join(view.warnings[-3:]) if view.warnings else "")
+            "\nWarnings: " + "; ".join(view.warnings[-3:]) if view.warnings else ""
+        )
         self.ui.errorLabel.text = view.errorText
         self.ui.errorLabel.visible = bool(view.errorText)
         self.ui.showLogButton.enabled = view.showLogEnabled
@@ -338,10 +369,13 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 if kind == presenter.TRAIN:
                     job = self._startTraining()
                 elif kind == presenter.SEGMENT:
-                    job = self.logic.workflow.startSegmentation(self.store.nodeReference("InputVolume"),
-                                                                self.store.get("modelPath"))
+                    job = self.logic.workflow.startSegmentation(
+                        self.store.nodeReference("InputVolume"), self.store.get("modelPath")
+                    )
                 else:
-                    job = self.logic.workflow.startRanking(self.store.unlabeledVolumes(), self.store.get("modelPath"))
+                    job = self.logic.workflow.startRanking(
+                        self.store.unlabeledVolumes(), self.store.get("modelPath")
+                    )
         except ModuleError as exc:
             self.presenter.startFailed(str(exc))
             return
@@ -354,13 +388,18 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         workflow = self.logic.workflow
         outDir = self.store.get("outputFolder") or None
         try:
-            return workflow.startTraining(self.store.labeledCases(), self.store.unlabeledVolumes(), outDir=outDir)
+            return workflow.startTraining(
+                self.store.labeledCases(), self.store.unlabeledVolumes(), outDir=outDir
+            )
         except PreviousTrainingError as exc:
-            if not slicer.util.confirmYesNoDisplay(f"{exc}\n\nReplace the previous training (its model files are "
-                                                   "deleted)?", windowTitle="BidirUncertaintySeg"):
+            if not slicer.util.confirmYesNoDisplay(
+                f"{exc}\n\nReplace the previous training (its model files are deleted)?",
+                windowTitle="BidirUncertaintySeg",
+            ):
                 return None
-            return workflow.startTraining(self.store.labeledCases(), self.store.unlabeledVolumes(), outDir=outDir,
-                                          overwrite=True)
+            return workflow.startTraining(
+                self.store.labeledCases(), self.store.unlabeledVolumes(), outDir=outDir, overwrite=True
+            )
 
     def onResume(self):
         if self.presenter.busy or not self.ensureDependencies():
@@ -396,8 +435,13 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def _onWorkerEnded(self, job):
         self.presenter.appendLog(job.worker.log)
         result = job.result
-        self.presenter.workerEnded(result.status, exitCode=result.exitCode, message=result.message,
-                                   logTail=job.worker.logTail(), importsResults=job.importsResults)
+        self.presenter.workerEnded(
+            result.status,
+            exitCode=result.exitCode,
+            message=result.message,
+            logTail=job.worker.logTail(),
+            importsResults=job.importsResults,
+        )
         slicer.app.processEvents()  # show "Loading the results..." before the import blocks the GUI thread
 
     def _onJobDone(self, job):
@@ -423,8 +467,12 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def _updateTrainingPlot(self):
         lossTable, validationTable, chart = review.updateTrainingPlot(
-            slicer.mrmlScene, self.presenter.history, self.store.nodeReference("LossTable"),
-            self.store.nodeReference("ValidationTable"), self.store.nodeReference("LossChart"))
+            slicer.mrmlScene,
+            self.presenter.history,
+            self.store.nodeReference("LossTable"),
+            self.store.nodeReference("ValidationTable"),
+            self.store.nodeReference("LossChart"),
+        )
         if self.store.nodeReference("LossChart") is None:
             wasModifying = self.store.node.StartModify()
             self.store.setNodeReference("LossTable", lossTable)
@@ -474,8 +522,10 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         segmentation, volume = self._resultVolume()
         with slicer.util.tryWithErrorDisplay("Cannot add the corrected case.", waitCursor=False):
             if self.logic.workflow.addCorrectedCase(volume, segmentation):
-                self.ui.statusLabel.text = (f"'{volume.GetName()}' is now a labeled case "
-                                            f"({len(self.store.labeledCases())} in all); train again to use it.")
+                self.ui.statusLabel.text = (
+                    f"'{volume.GetName()}' is now a labeled case "
+                    f"({len(self.store.labeledCases())} in all); train again to use it."
+                )
 
     def onShowLog(self):
         text = self.job.worker.log if self.job is not None else "\n".join(self.presenter.log)
@@ -500,9 +550,13 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return True
         if step in (dependencies.BLOCKED, dependencies.DECLINED):
             self.presenter.installStarted("Python packages")
-            self.presenter.installFinished("\n".join(plan.blockers) if step == dependencies.BLOCKED else
-                                           "Missing Python packages: " + "; ".join(p.text for p in problems)
-                                           + ". Use 'Install Python packages' to install them.")
+            self.presenter.installFinished(
+                "\n".join(plan.blockers)
+                if step == dependencies.BLOCKED
+                else "Missing Python packages: "
+                + "; ".join(p.text for p in problems)
+                + ". Use 'Install Python packages' to install them."
+            )
             return False
         if not slicer.util.confirmOkCancelDisplay(plan.confirmationText(), windowTitle="BidirUncertaintySeg"):
             self._dependenciesDeclined = True
@@ -516,7 +570,9 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.presenter.installFinished(str(exc))
             return False
         if plan.restartNeeded:
-            self.presenter.installFinished(None, "Packages installed. Restart Slicer before using the module.")
+            self.presenter.installFinished(
+                None, "Packages installed. Restart Slicer before using the module."
+            )
             if slicer.util.confirmYesNoDisplay("Restart Slicer now to use the new packages?"):
                 slicer.util.restart()
             return False
@@ -618,15 +674,18 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
 
     # -- console API -------------------------------------------------------------------
 
-    def train(self, labeled=None, unlabeled=None, *, outputFolder=None, overwrite=False, wait=True, **options):
+    def train(
+        self, labeled=None, unlabeled=None, *, outputFolder=None, overwrite=False, wait=True, **options
+    ):
         """Train a model. ``labeled``: (volume, segmentation or label map) pairs; ``unlabeled``: volumes
         (default: the lists in the parameter node). ``options``: panel settings for this run, e.g.
         ``method="bcp", iterations=500, device="cpu"``. Returns the model path (or the job)."""
         store = self.getParameterStore()
         labeled = store.labeledCases() if labeled is None else list(labeled)
         unlabeled = store.unlabeledVolumes() if unlabeled is None else list(unlabeled)
-        job = self.workflow.startTraining(labeled, unlabeled, outDir=outputFolder, overwrite=overwrite,
-                                          overrides=options)
+        job = self.workflow.startTraining(
+            labeled, unlabeled, outDir=outputFolder, overwrite=overwrite, overrides=options
+        )
         return self._finish(job, wait)
 
     def resumeTraining(self, outputFolder=None, *, wait=True):
@@ -643,13 +702,28 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
         result = self._finish(job, wait)
         return result.segmentationNode, result.uncertaintyNode, result.regions
 
-    def segmentFiles(self, inputFolder, outputFolder, modelPath=None, uncertainty="entropy", *, wait=True,
-                     overwrite=False, **options):
+    def segmentFiles(
+        self,
+        inputFolder,
+        outputFolder,
+        modelPath=None,
+        uncertainty="entropy",
+        *,
+        wait=True,
+        overwrite=False,
+        **options,
+    ):
         """Segment every image of a folder (or a list of files) into ``outputFolder``; nothing is loaded.
         Returns {case: outputs} (or the job)."""
         modelPath = modelPath or self.getParameterStore().get("modelPath")
-        job = self.workflow.segmentFiles(inputFolder, outputFolder, modelPath, uncertainty=uncertainty,
-                                         options=options, overwrite=overwrite)
+        job = self.workflow.segmentFiles(
+            inputFolder,
+            outputFolder,
+            modelPath,
+            uncertainty=uncertainty,
+            options=options,
+            overwrite=overwrite,
+        )
         return self._finish(job, wait)
 
     def rankUnlabeled(self, volumeNodes=None, modelPath=None, uncertainty="entropy", *, wait=True):
@@ -657,7 +731,9 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
         Returns [(volumeNode, score), ...] (or the job); the first becomes the volume to segment."""
         store = self.getParameterStore()
         volumeNodes = store.unlabeledVolumes() if volumeNodes is None else list(volumeNodes)
-        job = self.workflow.startRanking(volumeNodes, modelPath or store.get("modelPath"), uncertainty=uncertainty)
+        job = self.workflow.startRanking(
+            volumeNodes, modelPath or store.get("modelPath"), uncertainty=uncertainty
+        )
         if not wait:
             return self._finish(job, wait)
         return [(entry.volumeNode, entry.score) for entry in self._finish(job, wait)]
@@ -684,8 +760,9 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
     def installDependencies(self, plan=None, *, askConfirmation=False):
         """Install the missing packages (torch through the PyTorch extension when present)."""
         if plan is None:
-            plan = dependencies.planInstall(dependencies.findProblems(),
-                                            pytorchExtensionAvailable=pytorchExtensionAvailable())
+            plan = dependencies.planInstall(
+                dependencies.findProblems(), pytorchExtensionAvailable=pytorchExtensionAvailable()
+            )
         if plan.nothingToDo:
             return True
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(plan.confirmationText()):
@@ -694,11 +771,17 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
         def installTorch(specifier):
             import PyTorchUtils
 
-            return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                                 torchVersionRequirement=specifier)
+            return PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=specifier
+            )
 
-        dependencies.runPlan(plan, installTorch=installTorch, pipInstall=slicer.util.pip_install,
-                             constraintsFolder=slicer.app.temporaryPath, log=logging.info)
+        dependencies.runPlan(
+            plan,
+            installTorch=installTorch,
+            pipInstall=slicer.util.pip_install,
+            constraintsFolder=slicer.app.temporaryPath,
+            log=logging.info,
+        )
         return True
 
 
@@ -733,13 +816,16 @@ class BidirUncertaintySegTest(ScriptedLoadableModuleTest):
     def _addSegmentation(self, labelVolume, referenceNode, names):
         import numpy as np
 
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{referenceNode.GetName()} seg")
+        segmentation = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", f"{referenceNode.GetName()} seg"
+        )
         segmentation.CreateDefaultDisplayNodes()
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(referenceNode)
         for value, name in enumerate(names, start=1):
             segmentId = segmentation.GetSegmentation().AddEmptySegment("", name)
-            slicer.util.updateSegmentBinaryLabelmapFromArray((labelVolume.array == value).astype(np.uint8),
-                                                             segmentation, segmentId, referenceNode)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(
+                (labelVolume.array == value).astype(np.uint8), segmentation, segmentId, referenceNode
+            )
         return segmentation
 
     def test_TrainSegmentReview(self):
@@ -750,15 +836,20 @@ class BidirUncertaintySegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Checking the Python packages")
         missing = dependencies.findProblems()
         if missing:
-            self.skipTest("missing Python packages: " + "; ".join(p.text for p in missing)
-                          + " (install them with the module's 'Install Python packages' button)")
+            self.skipTest(
+                "missing Python packages: "
+                + "; ".join(p.text for p in missing)
+                + " (install them with the module's 'Install Python packages' button)"
+            )
         engine.ensureEngineImportable()
         from buseg.synthetic import CLASS_NAMES, make_case, rotation_direction
 
         self.delayDisplay("Generating small volumes")
         rng = np.random.default_rng(3)
-        cases = [make_case(rng, (12, 48, 48), spacing_mm=(1.1, 1.1, 2.5), direction=rotation_direction(15 * i))
-                 for i in range(5)]
+        cases = [
+            make_case(rng, (12, 48, 48), spacing_mm=(1.1, 1.1, 2.5), direction=rotation_direction(15 * i))
+            for i in range(5)
+        ]
         volumes = [self._addVolume(c.image, f"Case {i}") for i, c in enumerate(cases)]
         segmentations = [self._addSegmentation(cases[i].label, volumes[i], CLASS_NAMES) for i in range(2)]
 
@@ -767,20 +858,33 @@ class BidirUncertaintySegTest(ScriptedLoadableModuleTest):
         folder = Path(tempfile.mkdtemp(prefix="BidirUncertaintySegTest-"))
 
         self.delayDisplay("Training (a few iterations on the CPU)")
-        model = logic.train(labeled=list(zip(volumes[:2], segmentations, strict=True)), unlabeled=volumes[2:4],
-                            outputFolder=folder / "run", method="buarl", iterations=20, pretrainIterations=10,
-                            batchSize=4, patchSize="48 48", device="cpu", dimension="2d")
+        model = logic.train(
+            labeled=list(zip(volumes[:2], segmentations, strict=True)),
+            unlabeled=volumes[2:4],
+            outputFolder=folder / "run",
+            method="buarl",
+            iterations=20,
+            pretrainIterations=10,
+            batchSize=4,
+            patchSize="48 48",
+            device="cpu",
+            dimension="2d",
+        )
         self.assertTrue(Path(model).is_file())
         self.assertEqual(store.get("modelPath"), str(model))
 
         self.delayDisplay("Segmenting with uncertainty")
         segmentation, uncertainty, regions = logic.segment(volumes[4], model, "entropy")
-        names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
-                 for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+        names = [
+            segmentation.GetSegmentation().GetNthSegment(i).GetName()
+            for i in range(segmentation.GetSegmentation().GetNumberOfSegments())
+        ]
         self.assertEqual(names, list(CLASS_NAMES))
         reference = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
         self.assertIs(reference, volumes[4])
-        self.assertTrue(np.allclose(nodefiles.ijkToRas(uncertainty), nodefiles.ijkToRas(volumes[4]), atol=1e-4))
+        self.assertTrue(
+            np.allclose(nodefiles.ijkToRas(uncertainty), nodefiles.ijkToRas(volumes[4]), atol=1e-4)
+        )
         values = slicer.util.arrayFromVolume(uncertainty)
         self.assertGreaterEqual(float(values.min()), 0.0)
         self.assertLessEqual(float(values.max()), 1.0 + 1e-6)
@@ -818,4 +922,3 @@ class BidirUncertaintySegTest(ScriptedLoadableModuleTest):
         widget.presenter.workerEnded("cancelled")
         self.assertEqual(widget.ui.trainButton.text, presenter.BUTTON_LABELS[presenter.TRAIN])
         self.delayDisplay("Test passed")
-

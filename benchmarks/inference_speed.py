@@ -62,11 +62,23 @@ def model_file(path: Path, dimension: str, num_classes: int, patch: list[int], n
     network = build_network(name, in_channels=1, num_classes=num_classes, base_channels=16, dropout=True)
     names = ACDC_CLASSES if num_classes == 4 else ("left atrium",)
     metadata = {
-        "method": "untrained-benchmark", "dimension": dimension, "normalization": normalization,
-        "network": {"name": name, "in_channels": 1, "num_classes": num_classes, "base_channels": 16, "dropout": True},
+        "method": "untrained-benchmark",
+        "dimension": dimension,
+        "normalization": normalization,
+        "network": {
+            "name": name,
+            "in_channels": 1,
+            "num_classes": num_classes,
+            "base_channels": 16,
+            "dropout": True,
+        },
         "classes": [{"index": 0, "name": "background", "label_value": 0, "color": [0, 0, 0]}]
-        + [{"index": i, "name": n, "label_value": i, "color": [0.8, 0.3, 0.3]} for i, n in enumerate(names, 1)],
-        "patch_size": patch, "slice_axis": 2,
+        + [
+            {"index": i, "name": n, "label_value": i, "color": [0.8, 0.3, 0.3]}
+            for i, n in enumerate(names, 1)
+        ],
+        "patch_size": patch,
+        "slice_axis": 2,
     }
     save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
     return path
@@ -89,8 +101,13 @@ def run_cli(argv: list[str], threads: int) -> tuple[float, int, int]:
     """Run ``python -m buseg ...``; return wall seconds, exit code and peak RSS (bytes) of the process."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "buseg", *argv], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "buseg", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     watched = psutil.Process(process.pid)
     peak = 0
     status = Path(f"/proc/{process.pid}/status")
@@ -125,27 +142,63 @@ def acdc(root: Path, work: Path, threads: int, repeats: int, rows: list[dict]) -
             config = PredictConfig(uncertainty=method, samples=samples)
             predict_case(model, volume, config)  # warm-up (first calls allocate)
             model_seconds = [predict_case(model, volume, config).model_seconds for _ in range(repeats)]
-            rows.append({"benchmark": f"{what}, {method}{' T=8' if samples > 1 else ''}: model time",
-                         "target": f"<= {target} s", "median_s": statistics.median(model_seconds),
-                         "min_s": min(model_seconds), "peak_gb": "", "passed": statistics.median(model_seconds) <= target})
+            rows.append(
+                {
+                    "benchmark": f"{what}, {method}{' T=8' if samples > 1 else ''}: model time",
+                    "target": f"<= {target} s",
+                    "median_s": statistics.median(model_seconds),
+                    "min_s": min(model_seconds),
+                    "peak_gb": "",
+                    "passed": statistics.median(model_seconds) <= target,
+                }
+            )
             print(rows[-1], flush=True)
         counter = iter(range(10**6))
 
         def file_to_files(path=path, counter=counter, size=size, threads=threads) -> None:
             out = work / f"e2e_{size}_{threads}_{next(counter)}"
-            predict_files([source], PredictConfig(model_path=str(path), out_dir=str(out), num_threads=threads))
+            predict_files(
+                [source], PredictConfig(model_path=str(path), out_dir=str(out), num_threads=threads)
+            )
 
         file_to_files()
         seconds, _ = timed(file_to_files, repeats)
-        rows.append({"benchmark": f"{what}, entropy: file -> files (predict_files)", "target": "<= 2 s",
-                     "median_s": statistics.median(seconds), "min_s": min(seconds), "peak_gb": "",
-                     "passed": statistics.median(seconds) <= 2.0})
+        rows.append(
+            {
+                "benchmark": f"{what}, entropy: file -> files (predict_files)",
+                "target": "<= 2 s",
+                "median_s": statistics.median(seconds),
+                "min_s": min(seconds),
+                "peak_gb": "",
+                "passed": statistics.median(seconds) <= 2.0,
+            }
+        )
         print(rows[-1], flush=True)
-        wall, code, peak = run_cli(["predict", str(source), "--model", str(path), "--out", str(work / f"cli{size}_{threads}"),
-                                    "--num-threads", str(threads), "--progress", "none"], threads)
-        rows.append({"benchmark": f"{what}, entropy: `python -m buseg predict` incl. interpreter start",
-                     "target": "(information)", "median_s": wall, "min_s": wall, "peak_gb": peak / 1e9,
-                     "passed": code == 0})
+        wall, code, peak = run_cli(
+            [
+                "predict",
+                str(source),
+                "--model",
+                str(path),
+                "--out",
+                str(work / f"cli{size}_{threads}"),
+                "--num-threads",
+                str(threads),
+                "--progress",
+                "none",
+            ],
+            threads,
+        )
+        rows.append(
+            {
+                "benchmark": f"{what}, entropy: `python -m buseg predict` incl. interpreter start",
+                "target": "(information)",
+                "median_s": wall,
+                "min_s": wall,
+                "peak_gb": peak / 1e9,
+                "passed": code == 0,
+            }
+        )
         print(rows[-1], flush=True)
 
 
@@ -163,10 +216,17 @@ def la(root: Path, work: Path, threads: int, rows: list[dict]) -> None:
     roi = (80, 112, 112)
     windows = len(dense_patch_slices(image.shape, roi, scan_interval(image.shape, roi, 0.5, (4, 18, 18))))
     prediction = predict_case(model, volume, config)
-    rows.append({"benchmark": f"LA {case} ({'x'.join(map(str, volume.size_xyz))}), V-Net 112x112x80, stride 18x18x4 "
-                 f"({windows} windows), {threads} thread(s), entropy: model time", "target": "<= 60 s",
-                 "median_s": prediction.model_seconds, "min_s": prediction.model_seconds, "peak_gb": "",
-                 "passed": prediction.model_seconds <= 60})
+    rows.append(
+        {
+            "benchmark": f"LA {case} ({'x'.join(map(str, volume.size_xyz))}), V-Net 112x112x80, stride 18x18x4 "
+            f"({windows} windows), {threads} thread(s), entropy: model time",
+            "target": "<= 60 s",
+            "median_s": prediction.model_seconds,
+            "min_s": prediction.model_seconds,
+            "peak_gb": "",
+            "passed": prediction.model_seconds <= 60,
+        }
+    )
     print(rows[-1], flush=True)
 
 
@@ -175,7 +235,9 @@ def memory(work: Path, threads: int, which: str, rows: list[dict]) -> None:
     rng = np.random.default_rng(0)
     y, x = np.ogrid[:512, :512]
     body = ((y - 256) ** 2 + (x - 256) ** 2 < 220**2)[None]
-    array = np.where(body, 40, -1000).astype(np.int16) + rng.integers(-20, 20, (300, 512, 512), dtype=np.int16)
+    array = np.where(body, 40, -1000).astype(np.int16) + rng.integers(
+        -20, 20, (300, 512, 512), dtype=np.int16
+    )
     array[100:200, 200:300, 150:260] += 100  # an "organ"
     del body
     ct = Volume(array, (0.8, 0.8, 1.5), (-200.0, -200.0, -300.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -184,27 +246,65 @@ def memory(work: Path, threads: int, which: str, rows: list[dict]) -> None:
     del array, ct
     variants = []
     if which in ("both", "3d"):
-        variants.append(("3d", model_file(work / "vnet_ct.pt", "3d", 2, [112, 112, 80], "percentile"),
-                         ["--overlap", "0"], "V-Net 112x112x80, overlap 0 (100 windows)"))
+        variants.append(
+            (
+                "3d",
+                model_file(work / "vnet_ct.pt", "3d", 2, [112, 112, 80], "percentile"),
+                ["--overlap", "0"],
+                "V-Net 112x112x80, overlap 0 (100 windows)",
+            )
+        )
     if which in ("both", "2d"):
-        variants.append(("2d", model_file(work / "unet_ct.pt", "2d", 4, [256, 256], "percentile"), [],
-                         "U-Net 256x256, 300 slices"))
+        variants.append(
+            (
+                "2d",
+                model_file(work / "unet_ct.pt", "2d", 4, [256, 256], "percentile"),
+                [],
+                "U-Net 256x256, 300 slices",
+            )
+        )
     for name, path, extra, label in variants:
-        wall, code, peak = run_cli(["predict", str(source), "--model", str(path), "--out", str(work / f"ct_{name}"),
-                                    "--num-threads", str(threads), "--progress", "none", *extra], threads)
-        rows.append({"benchmark": f"512x512x300 volume, {label}, {threads} thread(s): peak RAM of `buseg predict` "
-                     "(file -> files)",
-                     "target": "<= 4 GB", "median_s": wall, "min_s": wall, "peak_gb": peak / 1e9,
-                     "passed": code == 0 and peak <= 4e9})
+        wall, code, peak = run_cli(
+            [
+                "predict",
+                str(source),
+                "--model",
+                str(path),
+                "--out",
+                str(work / f"ct_{name}"),
+                "--num-threads",
+                str(threads),
+                "--progress",
+                "none",
+                *extra,
+            ],
+            threads,
+        )
+        rows.append(
+            {
+                "benchmark": f"512x512x300 volume, {label}, {threads} thread(s): peak RAM of `buseg predict` "
+                "(file -> files)",
+                "target": "<= 4 GB",
+                "median_s": wall,
+                "min_s": wall,
+                "peak_gb": peak / 1e9,
+                "passed": code == 0 and peak <= 4e9,
+            }
+        )
         print(rows[-1], flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
-    parser.add_argument("--threads", type=int, nargs="+", default=[2],
-                        help="torch CPU threads (the machine has 2 cores); several values repeat the ACDC "
-                        "benchmarks with each, LA and memory use the first")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="torch CPU threads (the machine has 2 cores); several values repeat the ACDC "
+        "benchmarks with each, LA and memory use the first",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", choices=("both", "3d", "2d", "none"), default="both")
     parser.add_argument("--skip-la", action="store_true")
@@ -228,7 +328,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "inference_speed.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["benchmark", "target", "median_s", "min_s", "peak_gb", "passed"])
+        writer = csv.DictWriter(
+            handle, fieldnames=["benchmark", "target", "median_s", "min_s", "peak_gb", "passed"]
+        )
         writer.writeheader()
         writer.writerows(rows)
     lines = [
@@ -249,8 +351,10 @@ def main() -> int:
     ]
     for r in rows:
         peak = f"{r['peak_gb']:.2f} GB" if r["peak_gb"] != "" else ""
-        lines.append(f"| {r['benchmark']} | {r['target']} | {r['median_s']:.2f} s | {r['min_s']:.2f} s | {peak} | "
-                     f"{'yes' if r['passed'] else 'no'} |")
+        lines.append(
+            f"| {r['benchmark']} | {r['target']} | {r['median_s']:.2f} s | {r['min_s']:.2f} s | {peak} | "
+            f"{'yes' if r['passed'] else 'no'} |"
+        )
     (out / "inference_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

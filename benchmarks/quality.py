@@ -77,11 +77,23 @@ class Preset:
 
 PRESETS = {
     ("acdc", "paper"): Preset("acdc", [256, 256], 24, 10000, 30000, validation_interval=200),
-    ("acdc", "cpu"): Preset("acdc", [96, 96], 16, 2000, 4000, self_training_lr=0.005, validation_interval=250),
-    ("la", "paper"): Preset("la", [112, 112, 80], 8, 2000, 15000, lr_schedule="step", validation_interval=500,
-                            labeled_count=8, extra={"lr_step_iterations": 2500}),
-    ("la", "cpu"): Preset("la", [64, 64, 48], 4, 300, 700, lr_schedule="constant", validation_interval=250,
-                          labeled_count=8),
+    ("acdc", "cpu"): Preset(
+        "acdc", [96, 96], 16, 2000, 4000, self_training_lr=0.005, validation_interval=250
+    ),
+    ("la", "paper"): Preset(
+        "la",
+        [112, 112, 80],
+        8,
+        2000,
+        15000,
+        lr_schedule="step",
+        validation_interval=500,
+        labeled_count=8,
+        extra={"lr_step_iterations": 2500},
+    ),
+    ("la", "cpu"): Preset(
+        "la", [64, 64, 48], 4, 300, 700, lr_schedule="constant", validation_interval=250, labeled_count=8
+    ),
 }
 
 
@@ -95,7 +107,9 @@ def acdc_split(root: Path) -> tuple[list[str], list[str]]:
     return selection, evaluation
 
 
-def base_config(preset: Preset, args: argparse.Namespace, method_key: str, seed: int, out: Path) -> TrainConfig:
+def base_config(
+    preset: Preset, args: argparse.Namespace, method_key: str, seed: int, out: Path
+) -> TrainConfig:
     method, url, crl = METHODS[method_key]
     c = TrainConfig()
     c.data.source = preset.dataset
@@ -134,8 +148,11 @@ class Progress(EventSink):
 
     def handle(self, event: dict) -> None:
         if event["event"] == "validation":
-            print(f"  [{self.label}] it {event['iteration']}: selection dice {event['metrics']['dice']:.4f} "
-                  f"(best {event['best']:.4f} @ {event['best_iteration']}) {time.time() - self.start:.0f}s", flush=True)
+            print(
+                f"  [{self.label}] it {event['iteration']}: selection dice {event['metrics']['dice']:.4f} "
+                f"(best {event['best']:.4f} @ {event['best_iteration']}) {time.time() - self.start:.0f}s",
+                flush=True,
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -150,14 +167,19 @@ def predict_case(model_path: Path, case: ValidationCase, device: str) -> tuple[n
 
     model = load_model(model_path, device=device)
     probabilities = predict_probabilities(
-        model.network, case.image, dimension=model.dimension, patch_size_xyz=model.patch_size_xyz,
-        slice_axis=model.slice_axis, device=device,
+        model.network,
+        case.image,
+        dimension=model.dimension,
+        patch_size_xyz=model.patch_size_xyz,
+        slice_axis=model.slice_axis,
+        device=device,
     )
     return probabilities.argmax(0).numpy(), normalized_entropy(probabilities[None])[0].numpy()
 
 
-def evaluate_model(model_path: Path, cases: list[ValidationCase], num_classes: int, device: str,
-                   review_budget: float) -> dict:
+def evaluate_model(
+    model_path: Path, cases: list[ValidationCase], num_classes: int, device: str, review_budget: float
+) -> dict:
     # Per class Dice, Jaccard, HD95, ASD (voxels and mm) with the published (medpy) rules.
     from buseg.metrics import evaluate_arrays
     from buseg.review import simulate_review
@@ -165,16 +187,27 @@ def evaluate_model(model_path: Path, cases: list[ValidationCase], num_classes: i
     per_case = []
     for case in cases:
         prediction, uncertainty = predict_case(model_path, case, device)
-        rows = evaluate_arrays(case.name, prediction, case.labels, case.spacing_mm,
-                               [(value, str(value)) for value in range(1, num_classes)])
+        rows = evaluate_arrays(
+            case.name,
+            prediction,
+            case.labels,
+            case.spacing_mm,
+            [(value, str(value)) for value in range(1, num_classes)],
+        )
         metrics = {}
         for metric in ("dice", "jaccard", "hd95_voxels", "asd_voxels", "hd95_mm", "asd_mm"):
             values = [getattr(r, metric) for r in rows]
             metrics[metric] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
         for row in rows:
             metrics[f"dice_class{row.label_value}"] = row.dice
-        review = simulate_review(prediction, case.labels, uncertainty, num_classes, budget_fraction=review_budget,
-                                 spacing_mm=case.spacing_mm)
+        review = simulate_review(
+            prediction,
+            case.labels,
+            uncertainty,
+            num_classes,
+            budget_fraction=review_budget,
+            spacing_mm=case.spacing_mm,
+        )
         per_case.append({"case": case.name, **metrics, **review})
     keys = [k for k in per_case[0] if k != "case"]
     summary = {k: float(np.nanmean([c[k] for c in per_case])) for k in keys}
@@ -186,28 +219,53 @@ def evaluate_model(model_path: Path, cases: list[ValidationCase], num_classes: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", choices=("acdc", "la"), default="acdc")
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="Benchmark data folder (default: ../shared/data/ACDC or ../shared/data/LA).")
-    parser.add_argument("--labeled", type=int, default=None, help="Labeled patients (ACDC 3/7) or cases (LA 4/8).")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="Benchmark data folder (default: ../shared/data/ACDC or ../shared/data/LA).",
+    )
+    parser.add_argument(
+        "--labeled", type=int, default=None, help="Labeled patients (ACDC 3/7) or cases (LA 4/8)."
+    )
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1337])
     parser.add_argument("--iterations", type=int, help="Override the preset's self-training iterations.")
-    parser.add_argument("--pretrain-iterations", type=int, help="Override the preset's pre-training iterations.")
-    parser.add_argument("--set", nargs="*", metavar="SECTION.FIELD=JSON",
-                        help="Override any TrainConfig field for every method, e.g. crl.threshold=0.4")
-    parser.add_argument("--review-budget", type=float, default=0.01,
-                        help="Fraction of each volume flagged for review in the simulated-review figures.")
-    parser.add_argument("--la-holdout", type=int, default=6, help="LA: cases held out (half selection, half evaluation).")
+    parser.add_argument(
+        "--pretrain-iterations", type=int, help="Override the preset's pre-training iterations."
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        metavar="SECTION.FIELD=JSON",
+        help="Override any TrainConfig field for every method, e.g. crl.threshold=0.4",
+    )
+    parser.add_argument(
+        "--review-budget",
+        type=float,
+        default=0.01,
+        help="Fraction of each volume flagged for review in the simulated-review figures.",
+    )
+    parser.add_argument(
+        "--la-holdout", type=int, default=6, help="LA: cases held out (half selection, half evaluation)."
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--reuse-only", action="store_true",
-                        help="Only assemble finished runs (stop instead of training anything).")
-    parser.add_argument("--tag", default=None, help="Name of this run's result files (default: dataset_preset_labeled).")
+    parser.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="Only assemble finished runs (stop instead of training anything).",
+    )
+    parser.add_argument(
+        "--tag", default=None, help="Name of this run's result files (default: dataset_preset_labeled)."
+    )
     args = parser.parse_args(argv)
 
     preset = copy.deepcopy(PRESETS[(args.dataset, args.preset)])
@@ -241,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluation_cases = load_training_data(eval_config, log=lambda m: None).validation
     else:
         cases = [n.strip() for n in (args.data_root / "train.list").read_text().splitlines() if n.strip()]
-        held = cases[-args.la_holdout:]
+        held = cases[-args.la_holdout :]
         selection, evaluation = held[0::2], held[1::2]
         selection_list = work / "selection.list"
         selection_list.write_text("\n".join(selection) + "\n")
@@ -254,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         eval_config.data.validation = str(eval_list)
         eval_config.data.exclude_cases = selection
         evaluation_cases = load_training_data(eval_config, log=lambda m: None).validation
-    print(f"selection: {len(data_all.validation)} volumes; evaluation: {len(evaluation_cases)} volumes", flush=True)
+    print(
+        f"selection: {len(data_all.validation)} volumes; evaluation: {len(evaluation_cases)} volumes",
+        flush=True,
+    )
 
     rows, curves = [], {}
     for seed in args.seeds:
@@ -268,9 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             write_results(rows, curves, preset, args, tag)
     write_results(rows, curves, preset, args, tag, final=True)
     models = {key: _model_file(work / f"{key}_seed{args.seeds[0]}") for key in args.methods}
-    plot_example({k: m for k, m in models.items() if m is not None}, evaluation_cases[0],
-                 args.out / f"quality_{tag}_example.png", args.device if args.device != "auto" else "cpu",
-                 args.review_budget)
+    plot_example(
+        {k: m for k, m in models.items() if m is not None},
+        evaluation_cases[0],
+        args.out / f"quality_{tag}_example.png",
+        args.device if args.device != "auto" else "cpu",
+        args.review_budget,
+    )
     return 0
 
 
@@ -301,8 +366,16 @@ def run_pretraining(preset: Preset, args, seed: int, work: Path, data: TrainingD
     return out / "model.pt"  # the best pre-training checkpoint on the selection split, as the recipe
 
 
-def run_method(key: str, preset: Preset, args, seed: int, work: Path, data: TrainingData, pretrained: Path | None,
-               evaluation_cases: list[ValidationCase]) -> tuple[dict, list]:
+def run_method(
+    key: str,
+    preset: Preset,
+    args,
+    seed: int,
+    work: Path,
+    data: TrainingData,
+    pretrained: Path | None,
+    evaluation_cases: list[ValidationCase],
+) -> tuple[dict, list]:
     out = work / f"{key}_seed{seed}"
     config = base_config(preset, args, key, seed, out)
     if key == "supervised" or pretrained is None:
@@ -328,8 +401,11 @@ def run_method(key: str, preset: Preset, args, seed: int, work: Path, data: Trai
     if (out / "final.pt").exists() and (out / "history.json").exists() and _same_config(out, config):
         print(f"{key} (seed {seed}): reusing the finished training in {out}", flush=True)
         result = _finished_result(out)
-        seconds = json.loads((out / "seconds.json").read_text())["seconds"] if (out / "seconds.json").exists() \
+        seconds = (
+            json.loads((out / "seconds.json").read_text())["seconds"]
+            if (out / "seconds.json").exists()
             else float("nan")
+        )
     else:
         if args.reuse_only:
             raise SystemExit(f"{key} (seed {seed}): no finished run with this config in {out} (--reuse-only)")
@@ -339,17 +415,30 @@ def run_method(key: str, preset: Preset, args, seed: int, work: Path, data: Trai
         seconds = time.time() - start
         (out / "seconds.json").write_text(json.dumps({"seconds": seconds}))
     curve = [{"iteration": v["iteration"] + offset, "dice": v["dice"]} for v in result.history["validation"]]
-    row = {"method": key, "seed": seed, "train_seconds": round(seconds, 1),
-           "seconds_per_iteration": round(seconds / max(1, config.optim.iterations), 4),
-           "best_iteration": (result.best_iteration or 0) + offset, "selection_dice": result.best_metric}
+    row = {
+        "method": key,
+        "seed": seed,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_iteration": round(seconds / max(1, config.optim.iterations), 4),
+        "best_iteration": (result.best_iteration or 0) + offset,
+        "selection_dice": result.best_metric,
+    }
     for which, path in (("best", result.best_path or result.model_path), ("last", out / "final.pt")):
-        evaluation = evaluate_model(path, evaluation_cases, data.num_classes, args.device if args.device != "auto"
-                                    else "cpu", args.review_budget)
+        evaluation = evaluate_model(
+            path,
+            evaluation_cases,
+            data.num_classes,
+            args.device if args.device != "auto" else "cpu",
+            args.review_budget,
+        )
         for metric, value in evaluation["summary"].items():
             row[f"{which}_{metric}"] = value
         (out / f"evaluation_{which}.json").write_text(json.dumps(evaluation, indent=1))
-    print(f"  {key}: evaluation dice best {row['best_dice']:.4f} / last {row['last_dice']:.4f} "
-          f"({seconds:.0f} s)", flush=True)
+    print(
+        f"  {key}: evaluation dice best {row['best_dice']:.4f} / last {row['last_dice']:.4f} "
+        f"({seconds:.0f} s)",
+        flush=True,
+    )
     saved_row.write_text(json.dumps({"row": row, "curve": curve}, indent=1))
     return row, curve
 
@@ -390,33 +479,46 @@ def _finished_result(out: Path) -> SimpleNamespace:
     validation = history.get("validation", [])
     best = max(validation, key=lambda v: v["dice"]) if validation else None
     return SimpleNamespace(
-        history=history, best_path=out / "best.pt" if best else None, model_path=out / "model.pt",
-        best_iteration=best["iteration"] if best else None, best_metric=best["dice"] if best else None,
+        history=history,
+        best_path=out / "best.pt" if best else None,
+        model_path=out / "model.pt",
+        best_iteration=best["iteration"] if best else None,
+        best_metric=best["dice"] if best else None,
     )
 
 
-def write_results(rows: list[dict], curves: dict, preset: Preset, args, tag: str, *, final: bool = False) -> None:
+def write_results(
+    rows: list[dict], curves: dict, preset: Preset, args, tag: str, *, final: bool = False
+) -> None:
     out = args.out
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / f"quality_{tag}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    (out / f"quality_{tag}_curves.json").write_text(json.dumps(
-        {f"{k}/seed{s}": v for (k, s), v in curves.items()}, indent=1))
-    lines = [f"# Quality benchmark: {tag}", "",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"device {args.device}. Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`", "",
-             f"Preset: `{json.dumps(preset.__dict__)}`", "",
-             "Mean over seeds (spread = standard deviation). Evaluation half of the held-out volumes; "
-             "'best' = checkpoint chosen on the selection half, 'last' = final iteration. Dice/Jaccard in %, "
-             "HD95/ASD in voxels (published-table convention). Review: the top "
-             f"{args.review_budget:.0%} most uncertain voxels of each volume flagged, as regions.", "",
-             "Error AUROC: how well voxel uncertainty ranks wrong voxels above right ones, whole volume "
-             "(near 1 for any model: background dominates; read it beside the review figures).", "",
-             "| method | Dice best | Jaccard | HD95 | ASD | Dice last | errors caught | flagged | Dice after review "
-             "| error AUROC | s/it |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    (out / f"quality_{tag}_curves.json").write_text(
+        json.dumps({f"{k}/seed{s}": v for (k, s), v in curves.items()}, indent=1)
+    )
+    lines = [
+        f"# Quality benchmark: {tag}",
+        "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {args.device}. Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Preset: `{json.dumps(preset.__dict__)}`",
+        "",
+        "Mean over seeds (spread = standard deviation). Evaluation half of the held-out volumes; "
+        "'best' = checkpoint chosen on the selection half, 'last' = final iteration. Dice/Jaccard in %, "
+        "HD95/ASD in voxels (published-table convention). Review: the top "
+        f"{args.review_budget:.0%} most uncertain voxels of each volume flagged, as regions.",
+        "",
+        "Error AUROC: how well voxel uncertainty ranks wrong voxels above right ones, whole volume "
+        "(near 1 for any model: background dominates; read it beside the review figures).",
+        "",
+        "| method | Dice best | Jaccard | HD95 | ASD | Dice last | errors caught | flagged | Dice after review "
+        "| error AUROC | s/it |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
 
@@ -426,16 +528,20 @@ def write_results(rows: list[dict], curves: dict, preset: Preset, args, tag: str
                 return f"{np.nanmean(values):.2f} ± {np.nanstd(values):.2f}"
             return f"{values[0]:.2f}"
 
-        lines.append(f"| {method} | {stat('best_dice', 100)} | {stat('best_jaccard', 100)} | {stat('best_hd95_voxels')} "
-                     f"| {stat('best_asd_voxels')} | {stat('last_dice', 100)} | {stat('best_review_error_recall', 100)}% "
-                     f"| {stat('best_review_flagged_fraction', 100)}% | {stat('best_review_dice_after', 100)} "
-                     f"| {stat('best_error_auroc')} | {stat('seconds_per_iteration')} |")
+        lines.append(
+            f"| {method} | {stat('best_dice', 100)} | {stat('best_jaccard', 100)} | {stat('best_hd95_voxels')} "
+            f"| {stat('best_asd_voxels')} | {stat('last_dice', 100)} | {stat('best_review_error_recall', 100)}% "
+            f"| {stat('best_review_flagged_fraction', 100)}% | {stat('best_review_dice_after', 100)} "
+            f"| {stat('best_error_auroc')} | {stat('seconds_per_iteration')} |"
+        )
     (out / f"quality_{tag}.md").write_text("\n".join(lines) + "\n")
     if final:
         plot_curves(curves, out / f"quality_{tag}_curves.png", tag)
 
 
-def plot_example(models: dict[str, Path], case: ValidationCase, path: Path, device: str, budget: float) -> None:
+def plot_example(
+    models: dict[str, Path], case: ValidationCase, path: Path, device: str, budget: float
+) -> None:
     """One evaluation slice per method: image, truth, prediction, uncertainty with the flagged voxels."""
     import matplotlib
 
@@ -453,9 +559,12 @@ def plot_example(models: dict[str, Path], case: ValidationCase, path: Path, devi
         prediction, uncertainty = predict_case(model_path, case, device)
         flagged = flag_budget(uncertainty, budget)
         classes = max(1, int(case.labels.max()))
-        panels = [(case.image[k], "gray", {}), (case.labels[k], "viridis", {"vmin": 0, "vmax": classes}),
-                  (prediction[k], "viridis", {"vmin": 0, "vmax": classes}),
-                  (uncertainty[k], "inferno", {"vmin": 0, "vmax": 1})]
+        panels = [
+            (case.image[k], "gray", {}),
+            (case.labels[k], "viridis", {"vmin": 0, "vmax": classes}),
+            (prediction[k], "viridis", {"vmin": 0, "vmax": classes}),
+            (uncertainty[k], "inferno", {"vmin": 0, "vmax": 1}),
+        ]
         for col, (array, cmap, scale) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(array, cmap=cmap, **scale)
@@ -463,8 +572,9 @@ def plot_example(models: dict[str, Path], case: ValidationCase, path: Path, devi
             ax.set_yticks([])
         axes[row, 3].contour(flagged[k], levels=[0.5], colors="cyan", linewidths=0.8)
         axes[row, 0].set_ylabel(method)
-    for col, title in enumerate(("image", "truth", "prediction (best checkpoint)",
-                                 f"uncertainty, top {budget:.0%} flagged")):
+    for col, title in enumerate(
+        ("image", "truth", "prediction (best checkpoint)", f"uncertainty, top {budget:.0%} flagged")
+    ):
         axes[0, col].set_title(title, fontsize=9)
     fig.suptitle(f"{case.name}, slice {k}", fontsize=10)
     fig.tight_layout()
@@ -481,7 +591,9 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for (method, seed), curve in curves.items():
         if curve:
-            ax.plot([c["iteration"] for c in curve], [c["dice"] for c in curve], label=f"{method} (seed {seed})")
+            ax.plot(
+                [c["iteration"] for c in curve], [c["dice"] for c in curve], label=f"{method} (seed {seed})"
+            )
     ax.set_xlabel("iteration (pre-training + self-training)")
     ax.set_ylabel("mean Dice, selection split")
     ax.set_title(f"Validation Dice over iterations: {title}")

@@ -109,7 +109,9 @@ def pseudo_labels(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
 # The box mask
 
 
-def box_masks(images: torch.Tensor, ratio: float, rng: np.random.RandomState) -> tuple[torch.Tensor, torch.Tensor]:
+def box_masks(
+    images: torch.Tensor, ratio: float, rng: np.random.RandomState
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(image mask (*S), loss mask (N, *S)): 0 inside one random box, 1 outside, as long tensors.
 
     The box side is ``int(side * ratio)`` along every spatial axis; its corner is drawn with
@@ -183,9 +185,17 @@ class MaskedDiceLoss3d(nn.Module):
         return 1 - dice.mean()
 
 
-def mix_loss_2d(dice: MaskedDiceLoss2d, logits: torch.Tensor, image_target: torch.Tensor,
-                patch_target: torch.Tensor, loss_mask: torch.Tensor, *, truth_weight: float = 1.0,
-                pseudo_weight: float = 0.5, image_is_pseudo: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_loss_2d(
+    dice: MaskedDiceLoss2d,
+    logits: torch.Tensor,
+    image_target: torch.Tensor,
+    patch_target: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    truth_weight: float = 1.0,
+    pseudo_weight: float = 0.5,
+    image_is_pseudo: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Dice, CE) of a mixed image: ``image_target`` outside the box (mask 1), ``patch_target`` inside.
 
     The part whose target is a pseudo-label weighs ``pseudo_weight``, the other ``truth_weight``.
@@ -193,29 +203,49 @@ def mix_loss_2d(dice: MaskedDiceLoss2d, logits: torch.Tensor, image_target: torc
     cross_entropy = nn.CrossEntropyLoss(reduction="none")
     image_target, patch_target = image_target.long(), patch_target.long()
     probabilities = F.softmax(logits, dim=1)
-    image_weight, patch_weight = (pseudo_weight, truth_weight) if image_is_pseudo else (truth_weight, pseudo_weight)
+    image_weight, patch_weight = (
+        (pseudo_weight, truth_weight) if image_is_pseudo else (truth_weight, pseudo_weight)
+    )
     patch_mask = 1 - loss_mask
     dice_loss = dice(probabilities, image_target.unsqueeze(1), loss_mask.unsqueeze(1)) * image_weight
-    dice_loss = dice_loss + dice(probabilities, patch_target.unsqueeze(1), patch_mask.unsqueeze(1)) * patch_weight
-    ce_loss = image_weight * (cross_entropy(logits, image_target) * loss_mask).sum() / (loss_mask.sum() + 1e-16)
+    dice_loss = (
+        dice_loss + dice(probabilities, patch_target.unsqueeze(1), patch_mask.unsqueeze(1)) * patch_weight
+    )
+    ce_loss = (
+        image_weight * (cross_entropy(logits, image_target) * loss_mask).sum() / (loss_mask.sum() + 1e-16)
+    )
     ce_loss = ce_loss + patch_weight * (cross_entropy(logits, patch_target) * patch_mask).sum() / (
-        patch_mask.sum() + 1e-16)
+        patch_mask.sum() + 1e-16
+    )
     return dice_loss, ce_loss
 
 
-def mix_loss_3d(dice: MaskedDiceLoss3d, logits: torch.Tensor, image_target: torch.Tensor,
-                patch_target: torch.Tensor, loss_mask: torch.Tensor, *, truth_weight: float = 1.0,
-                pseudo_weight: float = 0.5, image_is_pseudo: bool = False) -> torch.Tensor:
+def mix_loss_3d(
+    dice: MaskedDiceLoss3d,
+    logits: torch.Tensor,
+    image_target: torch.Tensor,
+    patch_target: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    truth_weight: float = 1.0,
+    pseudo_weight: float = 0.5,
+    image_is_pseudo: bool = False,
+) -> torch.Tensor:
     """(Dice + CE) / 2 of a mixed volume, the public 3D ``mix_loss``."""
     cross_entropy = nn.CrossEntropyLoss(reduction="none")
     image_target, patch_target = image_target.long(), patch_target.long()
-    image_weight, patch_weight = (pseudo_weight, truth_weight) if image_is_pseudo else (truth_weight, pseudo_weight)
+    image_weight, patch_weight = (
+        (pseudo_weight, truth_weight) if image_is_pseudo else (truth_weight, pseudo_weight)
+    )
     patch_mask = 1 - loss_mask
     dice_loss = dice(logits, image_target, loss_mask) * image_weight
     dice_loss = dice_loss + dice(logits, patch_target, patch_mask) * patch_weight
-    ce_loss = image_weight * (cross_entropy(logits, image_target) * loss_mask).sum() / (loss_mask.sum() + 1e-16)
+    ce_loss = (
+        image_weight * (cross_entropy(logits, image_target) * loss_mask).sum() / (loss_mask.sum() + 1e-16)
+    )
     ce_loss = ce_loss + patch_weight * (cross_entropy(logits, patch_target) * patch_mask).sum() / (
-        patch_mask.sum() + 1e-16)
+        patch_mask.sum() + 1e-16
+    )
     return (dice_loss + ce_loss) / 2
 
 
@@ -256,9 +286,19 @@ class ReferenceBCP:
     ``teacher`` is an EMA copy of ``student``; ``optimizer`` optimises ``student``.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 num_classes: int, mask_ratio: float = 2 / 3, unlabeled_weight: float = 0.5,
-                 ema_decay: float = 0.99, semantics: str = "public", seed: int = 1337):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        num_classes: int,
+        mask_ratio: float = 2 / 3,
+        unlabeled_weight: float = 0.5,
+        ema_decay: float = 0.99,
+        semantics: str = "public",
+        seed: int = 1337,
+    ):
         if semantics not in ("public", "ours"):
             raise ValueError("semantics must be 'public' or 'ours'")
         self.student, self.teacher, self.optimizer = student, teacher, optimizer
@@ -273,26 +313,28 @@ class ReferenceBCP:
         self.dice_2d = MaskedDiceLoss2d(num_classes)
         self.dice_3d = MaskedDiceLoss3d(num_classes)
 
-    def _teacher_logits(self, unlabeled_a: torch.Tensor, unlabeled_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _teacher_logits(
+        self, unlabeled_a: torch.Tensor, unlabeled_b: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         if self.semantics == "public":
             self.teacher.train()
             return self.teacher(unlabeled_a), self.teacher(unlabeled_b)
         self.teacher.eval()
         logits = self.teacher(torch.cat([unlabeled_a, unlabeled_b]))
-        return logits[: unlabeled_a.shape[0]], logits[unlabeled_a.shape[0]:]
+        return logits[: unlabeled_a.shape[0]], logits[unlabeled_a.shape[0] :]
 
     def _student_logits(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.semantics == "public":
             return self.student(first), self.student(second)
         logits = self.student(torch.cat([first, second]))
-        return logits[: first.shape[0]], logits[first.shape[0]:]
+        return logits[: first.shape[0]], logits[first.shape[0] :]
 
     def step(self, images: torch.Tensor, targets: torch.Tensor, unlabeled: torch.Tensor) -> ReferenceOutput:
         self.student.train()
         half = images.shape[0] // 2
-        img_a, img_b = images[:half], images[half:2 * half]
-        lab_a, lab_b = targets[:half], targets[half:2 * half]
-        uimg_a, uimg_b = unlabeled[:half], unlabeled[half:2 * half]
+        img_a, img_b = images[:half], images[half : 2 * half]
+        lab_a, lab_b = targets[:half], targets[half : 2 * half]
+        uimg_a, uimg_b = unlabeled[:half], unlabeled[half : 2 * half]
         three_d = images.dim() == 5
         with torch.no_grad():
             pre_a, pre_b = self._teacher_logits(uimg_a, uimg_b)
@@ -306,8 +348,9 @@ class ReferenceBCP:
             out_l, out_u = self._student_logits(mixl_img, mixu_img)
             w = self.unlabeled_weight
             loss_l = mix_loss_3d(self.dice_3d, out_l, lab_a, plab_a, loss_mask, pseudo_weight=w)
-            loss_u = mix_loss_3d(self.dice_3d, out_u, plab_b, lab_b, loss_mask, pseudo_weight=w,
-                                 image_is_pseudo=True)
+            loss_u = mix_loss_3d(
+                self.dice_3d, out_u, plab_b, lab_b, loss_mask, pseudo_weight=w, image_is_pseudo=True
+            )
             loss = loss_l + loss_u
             dice_value = ce_value = float("nan")
         else:
@@ -316,8 +359,9 @@ class ReferenceBCP:
             net_input_l = img_b * img_mask + uimg_b * (1 - img_mask)
             out_unl, out_l = self._student_logits(net_input_unl, net_input_l)
             w = self.unlabeled_weight
-            unl_dice, unl_ce = mix_loss_2d(self.dice_2d, out_unl, plab_a, lab_a, loss_mask, pseudo_weight=w,
-                                           image_is_pseudo=True)
+            unl_dice, unl_ce = mix_loss_2d(
+                self.dice_2d, out_unl, plab_a, lab_a, loss_mask, pseudo_weight=w, image_is_pseudo=True
+            )
             l_dice, l_ce = mix_loss_2d(self.dice_2d, out_l, lab_b, plab_b, loss_mask, pseudo_weight=w)
             loss_dice, loss_ce = unl_dice + l_dice, unl_ce + l_ce
             loss = (loss_dice + loss_ce) / 2

@@ -158,37 +158,64 @@ class Configuration:
         return ", ".join(f"{k}={v}" for k, v in self.overrides)
 
 
-CONFIGURATIONS = {c.name: c for c in (
-    Configuration("supervised", "engine", (("method.name", "supervised"),)),
-    Configuration("mean-teacher", "engine", (("method.name", "mean-teacher"),)),
-    Configuration("bcp", "engine", (("method.name", "bcp"),)),
-    Configuration("buarl", "engine", (("method.name", "buarl"),)),
-    Configuration("buarl url-teacher", "engine", (("method.name", "buarl"), ("url.source", "teacher"))),
-    Configuration("buarl mc-dropout", "engine", (("method.name", "buarl"), ("uncertainty.method", "mc-dropout"))),
-    Configuration("reference", "reference", semantics="public"),
-    Configuration("reference same-semantics", "reference", semantics="ours"),
-    # Ablations of the speed options (not in the presets; name them with --configs).
-    Configuration("bcp channels_last=off", "engine", (("method.name", "bcp"), ("optim.channels_last", False))),
-    Configuration("bcp channels_last=on", "engine", (("method.name", "bcp"), ("optim.channels_last", True))),
-    Configuration("bcp compile", "engine", (("method.name", "bcp"), ("optim.compile", True))),
-    Configuration("buarl compile", "engine", (("method.name", "buarl"), ("optim.compile", True))),
-    Configuration("bcp fp32", "engine", (("method.name", "bcp"), ("optim.amp", False))),
-    Configuration("buarl fp32", "engine", (("method.name", "buarl"), ("optim.amp", False))),
-)}
-DEFAULT_CONFIGURATIONS = ("supervised", "mean-teacher", "bcp", "buarl", "buarl url-teacher", "buarl mc-dropout",
-                          "reference", "reference same-semantics")
+CONFIGURATIONS = {
+    c.name: c
+    for c in (
+        Configuration("supervised", "engine", (("method.name", "supervised"),)),
+        Configuration("mean-teacher", "engine", (("method.name", "mean-teacher"),)),
+        Configuration("bcp", "engine", (("method.name", "bcp"),)),
+        Configuration("buarl", "engine", (("method.name", "buarl"),)),
+        Configuration("buarl url-teacher", "engine", (("method.name", "buarl"), ("url.source", "teacher"))),
+        Configuration(
+            "buarl mc-dropout", "engine", (("method.name", "buarl"), ("uncertainty.method", "mc-dropout"))
+        ),
+        Configuration("reference", "reference", semantics="public"),
+        Configuration("reference same-semantics", "reference", semantics="ours"),
+        # Ablations of the speed options (not in the presets; name them with --configs).
+        Configuration(
+            "bcp channels_last=off", "engine", (("method.name", "bcp"), ("optim.channels_last", False))
+        ),
+        Configuration(
+            "bcp channels_last=on", "engine", (("method.name", "bcp"), ("optim.channels_last", True))
+        ),
+        Configuration("bcp compile", "engine", (("method.name", "bcp"), ("optim.compile", True))),
+        Configuration("buarl compile", "engine", (("method.name", "buarl"), ("optim.compile", True))),
+        Configuration("bcp fp32", "engine", (("method.name", "bcp"), ("optim.amp", False))),
+        Configuration("buarl fp32", "engine", (("method.name", "buarl"), ("optim.amp", False))),
+    )
+}
+DEFAULT_CONFIGURATIONS = (
+    "supervised",
+    "mean-teacher",
+    "bcp",
+    "buarl",
+    "buarl url-teacher",
+    "buarl mc-dropout",
+    "reference",
+    "reference same-semantics",
+)
 REFERENCE = "reference"
 SAME_SEMANTICS = "reference same-semantics"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores: a 256x256 batch-24 iteration takes tens of seconds, a 112x112x80 one about a minute.
-    "cpu": {"device": "cpu", "settings": ["acdc-128", "acdc-256", "la-64", "la-112"],
-            "warmup": {"acdc-128": 1, "acdc-256": 1, "la-64": 1, "la-112": 1},
-            "timed": {"acdc-128": 8, "acdc-256": 5, "la-64": 5, "la-112": 2},
-            "configs": {}, "memory": ["acdc-128", "acdc-256", "la-64", "la-112"]},
-    "gpu": {"device": "cuda", "settings": ["acdc-128", "acdc-256", "la-64", "la-112"],
-            "warmup": {name: 5 for name in SETTINGS}, "timed": {name: 30 for name in SETTINGS},
-            "configs": {}, "extra_configs": ["bcp fp32", "buarl fp32"], "memory": list(SETTINGS)},
+    "cpu": {
+        "device": "cpu",
+        "settings": ["acdc-128", "acdc-256", "la-64", "la-112"],
+        "warmup": {"acdc-128": 1, "acdc-256": 1, "la-64": 1, "la-112": 1},
+        "timed": {"acdc-128": 8, "acdc-256": 5, "la-64": 5, "la-112": 2},
+        "configs": {},
+        "memory": ["acdc-128", "acdc-256", "la-64", "la-112"],
+    },
+    "gpu": {
+        "device": "cuda",
+        "settings": ["acdc-128", "acdc-256", "la-64", "la-112"],
+        "warmup": {name: 5 for name in SETTINGS},
+        "timed": {name: 30 for name in SETTINGS},
+        "configs": {},
+        "extra_configs": ["bcp fp32", "buarl fp32"],
+        "memory": list(SETTINGS),
+    },
 }
 
 
@@ -208,8 +235,12 @@ def load_data(setting: Setting, data_root: Path | None) -> tuple[TrainingData, s
                 image, label = _h5(root / "data" / f"{name}.h5", "image", "label")
                 images.append(image.astype(np.float32))
                 labels.append(label.astype(np.uint8))
-            unlabeled = [_h5(root / "data" / f"{n}.h5", "image")[0].astype(np.float32) for n in unlabeled_names]
-            what = f"ACDC {root}: {len(images)} labeled slices (7 patients), {len(unlabeled)} unlabeled slices"
+            unlabeled = [
+                _h5(root / "data" / f"{n}.h5", "image")[0].astype(np.float32) for n in unlabeled_names
+            ]
+            what = (
+                f"ACDC {root}: {len(images)} labeled slices (7 patients), {len(unlabeled)} unlabeled slices"
+            )
         else:
             images, labels, unlabeled = _synthetic_slices(136), None, _synthetic_slices(136)
             labels = [lab for _, lab in images]
@@ -217,7 +248,9 @@ def load_data(setting: Setting, data_root: Path | None) -> tuple[TrainingData, s
             unlabeled = [img for img, _ in unlabeled]
             what = "synthetic 2D slices (ACDC not found)"
         classes = [{"index": 0, "name": "background", "label_value": 0, "color": [0, 0, 0]}] + [
-            {"index": i, "name": n, "label_value": i, "color": [0.8, 0.3, 0.3]} for i, n in enumerate(ACDC_CLASSES, 1)]
+            {"index": i, "name": n, "label_value": i, "color": [0.8, 0.3, 0.3]}
+            for i, n in enumerate(ACDC_CLASSES, 1)
+        ]
         return TrainingData("2d", images, labels, unlabeled, [], classes, "minmax", [1.0, 1.0, 1.0]), what
     root = data_root / "LA" if data_root else None
     if root is not None and (root / "train.list").is_file():
@@ -231,8 +264,10 @@ def load_data(setting: Setting, data_root: Path | None) -> tuple[TrainingData, s
         images, labels = [p[0] for p in pairs[:4]], [p[1] for p in pairs[:4]]
         unlabeled = [p[0] for p in pairs[4:]]
         what = "synthetic 3D volumes (LA not found)"
-    classes = [{"index": 0, "name": "background", "label_value": 0, "color": [0, 0, 0]},
-               {"index": 1, "name": "left atrium", "label_value": 1, "color": [0.8, 0.3, 0.3]}]
+    classes = [
+        {"index": 0, "name": "background", "label_value": 0, "color": [0, 0, 0]},
+        {"index": 1, "name": "left atrium", "label_value": 1, "color": [0.8, 0.3, 0.3]},
+    ]
     return TrainingData("3d", images, labels, unlabeled, [], classes, "zscore", [0.625] * 3), what
 
 
@@ -249,7 +284,9 @@ def _synthetic_slices(count: int, size: int = 224) -> list[tuple[np.ndarray, np.
     return out
 
 
-def _synthetic_volume(seed: int, shape_zyx: tuple[int, int, int] = (88, 144, 144)) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic_volume(
+    seed: int, shape_zyx: tuple[int, int, int] = (88, 144, 144)
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     zz, yy, xx = np.ogrid[: shape_zyx[0], : shape_zyx[1], : shape_zyx[2]]
     centre = rng.uniform(0.4, 0.6, 3) * np.array(shape_zyx)
@@ -302,8 +339,9 @@ class Turns:
                 return True
             self._turn = name
             self._condition.notify_all()
-            back = self._condition.wait_for(lambda: self._turn == self.DRIVER or name in self._finished,
-                                            timeout=timeout_s)
+            back = self._condition.wait_for(
+                lambda: self._turn == self.DRIVER or name in self._finished, timeout=timeout_s
+            )
             self._turn = self.DRIVER
             return back
 
@@ -329,8 +367,17 @@ class Record:
 class Runner:
     """A configuration in its own thread, advancing one iteration per turn."""
 
-    def __init__(self, configuration: Configuration, setting: Setting, data: TrainingData, iterations: int,
-                 turns: Turns, device: torch.device, work: Path, seed: int):
+    def __init__(
+        self,
+        configuration: Configuration,
+        setting: Setting,
+        data: TrainingData,
+        iterations: int,
+        turns: Turns,
+        device: torch.device,
+        work: Path,
+        seed: int,
+    ):
         self.configuration, self.setting, self.data = configuration, setting, data
         self.iterations, self.turns, self.device, self.work, self.seed = iterations, turns, device, work, seed
         self.record = Record(configuration)
@@ -351,7 +398,9 @@ class Runner:
         self.record.seconds.append(time.perf_counter() - self._start)
         self.record.cpu_seconds.append(time.process_time() - self._start_cpu)
         if self.device.type == "cuda":
-            self.record.gpu_peak_bytes = max(self.record.gpu_peak_bytes, torch.cuda.max_memory_allocated(self.device))
+            self.record.gpu_peak_bytes = max(
+                self.record.gpu_peak_bytes, torch.cuda.max_memory_allocated(self.device)
+            )
 
     def _run(self) -> None:
         try:
@@ -384,7 +433,9 @@ class Runner:
                         runner._begin()
                     # after the last iteration, train() writes its files within this turn (not timed)
 
-        config = engine_config(self.configuration, self.setting, self.iterations, self.device, self.work, self.seed)
+        config = engine_config(
+            self.configuration, self.setting, self.iterations, self.device, self.work, self.seed
+        )
         train(config, events=Sink(), data=self.data, overwrite=True)
 
     # -- the reference step --------------------------------------------------------------------
@@ -395,8 +446,14 @@ class Runner:
         student = build_network(name, in_channels=1, num_classes=num_classes).to(self.device)
         teacher = copy.deepcopy(student)
         optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        step = ReferenceBCP(student, teacher, optimizer, num_classes=num_classes, semantics=self.configuration.semantics,
-                            seed=self.seed)
+        step = ReferenceBCP(
+            student,
+            teacher,
+            optimizer,
+            num_classes=num_classes,
+            semantics=self.configuration.semantics,
+            seed=self.seed,
+        )
         labeled, unlabeled = samplers(self.setting, self.data)
         generator = torch.Generator().manual_seed(self.seed)
         half = self.setting.batch_size // 2
@@ -416,15 +473,25 @@ def samplers(setting: Setting, data: TrainingData) -> tuple[Any, Any]:
     """The samplers train() builds for this setting (same data, same augmentation)."""
     if setting.dimension == "2d":
         size_hw = setting.patch_size[::-1]
-        return (SliceSampler(data.labeled_images, data.labeled_labels, size_hw),
-                SliceSampler(data.unlabeled_images, None, size_hw))
+        return (
+            SliceSampler(data.labeled_images, data.labeled_labels, size_hw),
+            SliceSampler(data.unlabeled_images, None, size_hw),
+        )
     patch_zyx = setting.patch_size[::-1]
-    return (PatchSampler(data.labeled_images, data.labeled_labels, patch_zyx),
-            PatchSampler(data.unlabeled_images, None, patch_zyx))
+    return (
+        PatchSampler(data.labeled_images, data.labeled_labels, patch_zyx),
+        PatchSampler(data.unlabeled_images, None, patch_zyx),
+    )
 
 
-def engine_config(configuration: Configuration, setting: Setting, iterations: int, device: torch.device,
-                  work: Path, seed: int) -> TrainConfig:
+def engine_config(
+    configuration: Configuration,
+    setting: Setting,
+    iterations: int,
+    device: torch.device,
+    work: Path,
+    seed: int,
+) -> TrainConfig:
     config = TrainConfig()
     config.data.source = "acdc" if setting.dimension == "2d" else "la"
     config.data.data_root = "(in memory)"
@@ -467,14 +534,26 @@ class SettingResult:
     clean_up: dict[str, float] = field(default_factory=dict)
 
 
-def time_setting(setting: Setting, names: list[str], data: TrainingData, data_description: str, *, warmup: int,
-                 timed: int, device: torch.device, seed: int, turn_timeout_s: float) -> SettingResult:
+def time_setting(
+    setting: Setting,
+    names: list[str],
+    data: TrainingData,
+    data_description: str,
+    *,
+    warmup: int,
+    timed: int,
+    device: torch.device,
+    seed: int,
+    turn_timeout_s: float,
+) -> SettingResult:
     iterations = warmup + timed
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="buseg-speed-") as work_dir:
         turns = Turns()
-        runners = {name: Runner(CONFIGURATIONS[name], setting, data, iterations, turns, device, Path(work_dir), seed)
-                   for name in names}
+        runners = {
+            name: Runner(CONFIGURATIONS[name], setting, data, iterations, turns, device, Path(work_dir), seed)
+            for name in names
+        }
         # Set-up (data resizing, networks) runs before each one's first turn, not timed.
         for runner in runners.values():
             runner.thread.start()
@@ -495,16 +574,30 @@ def time_setting(setting: Setting, names: list[str], data: TrainingData, data_de
                 label = "warm-up" if round_index < warmup else "timed"
                 seconds = runner.record.seconds[-1] if runner.record.seconds else float("nan")
                 cpu = runner.record.cpu_seconds[-1] if runner.record.cpu_seconds else float("nan")
-                status = (f"ERROR {runner.record.error.splitlines()[-1]}" if runner.record.error
-                          else f"{seconds:.2f} s (CPU {cpu:.2f} s)")
-                print(f"  [{setting.name} round {round_index + 1}/{iterations} {label}] {name}: {status}", flush=True)
+                status = (
+                    f"ERROR {runner.record.error.splitlines()[-1]}"
+                    if runner.record.error
+                    else f"{seconds:.2f} s (CPU {cpu:.2f} s)"
+                )
+                print(
+                    f"  [{setting.name} round {round_index + 1}/{iterations} {label}] {name}: {status}",
+                    flush=True,
+                )
         for name in runners:  # let each finish (engine: writes its files; not timed)
             turns.give(name, timeout_s=turn_timeout_s)
         turns.released.set()
         for runner in runners.values():
             runner.thread.join(timeout=turn_timeout_s)
-    return SettingResult(setting, data_description, warmup, timed, {n: r.record for n, r in runners.items()}, orders,
-                         loads, time.perf_counter() - start)
+    return SettingResult(
+        setting,
+        data_description,
+        warmup,
+        timed,
+        {n: r.record for n, r in runners.items()},
+        orders,
+        loads,
+        time.perf_counter() - start,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -536,8 +629,12 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         turns.give(configuration.name)  # the end (engine: writing its files)
         turns.released.set()
         runner.thread.join()
-    return {"rss_before_mb": before.get("rss", 0) / 2**20, "peak_rss_mb": peak_rss_bytes() / 2**20,
-            "seconds": runner.record.seconds[0] if runner.record.seconds else None, "error": runner.record.error}
+    return {
+        "rss_before_mb": before.get("rss", 0) / 2**20,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+        "seconds": runner.record.seconds[0] if runner.record.seconds else None,
+        "error": runner.record.error,
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -555,11 +652,22 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def measure_memory(setting: Setting, name: str, data_root: Path | None, threads: int, seed: int) -> dict[str, Any]:
-    spec = {"setting": setting.name, "configuration": name, "data_root": str(data_root) if data_root else "",
-            "threads": threads, "seed": seed}
-    completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)],
-                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+def measure_memory(
+    setting: Setting, name: str, data_root: Path | None, threads: int, seed: int
+) -> dict[str, Any]:
+    spec = {
+        "setting": setting.name,
+        "configuration": name,
+        "data_root": str(data_root) if data_root else "",
+        "threads": threads,
+        "seed": seed,
+    }
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -582,11 +690,16 @@ def single_run(setting: Setting, name: str, data: TrainingData, iterations: int,
                 now = time.perf_counter()
                 if event["event"] == "progress":
                     seconds.append(now - self.start)
-                    print(f"  [{setting.name} {name}] iteration {event['iteration']}: {seconds[-1]:.2f} s", flush=True)
+                    print(
+                        f"  [{setting.name} {name}] iteration {event['iteration']}: {seconds[-1]:.2f} s",
+                        flush=True,
+                    )
                 self.start = now
 
     with tempfile.TemporaryDirectory(prefix="buseg-speed-single-") as work_dir:
-        config = engine_config(CONFIGURATIONS[name], setting, iterations, torch.device("cpu"), Path(work_dir), seed)
+        config = engine_config(
+            CONFIGURATIONS[name], setting, iterations, torch.device("cpu"), Path(work_dir), seed
+        )
         train(config, events=Sink(), data=data, overwrite=True)
     return seconds
 
@@ -613,9 +726,11 @@ def clean_up_timings(setting: Setting, repeats: int = 5) -> dict[str, float]:
     field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=[0] + [3] * (len(shape) - 1))
     labels = torch.from_numpy(np.digitize(field, np.quantile(field, [0.6, 0.75, 0.9][: classes - 1])))
     if setting.dimension == "2d":
+
         def reference() -> torch.Tensor:
             return reference_bcp.largest_component_2d(labels, classes)
     else:
+
         def reference() -> torch.Tensor:
             return reference_bcp.largest_component_3d(labels)
 
@@ -629,7 +744,10 @@ def clean_up_timings(setting: Setting, repeats: int = 5) -> dict[str, float]:
 
     if not torch.equal(largest_component_per_class(labels, classes), reference().long()):
         raise AssertionError("the clean-ups disagree")  # tested in test_speed_equivalence.py
-    return {"ours_s": best(lambda: largest_component_per_class(labels, classes)), "reference_s": best(reference)}
+    return {
+        "ours_s": best(lambda: largest_component_per_class(labels, classes)),
+        "reference_s": best(reference),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -643,9 +761,15 @@ def machine_info(device: torch.device) -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    info = {"cpu": cpu, "logical_cpus": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    info = {
+        "cpu": cpu,
+        "logical_cpus": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = str(torch.version.cuda)
@@ -680,26 +804,40 @@ def summarise(result: SettingResult, memory: dict[str, dict[str, Any]]) -> list[
         median = statistics.median(values) if values else None
         mem = memory.get(name, {})
         sampling = record.sampling_seconds[timed_slice]
-        rows.append({
-            "setting": result.setting.name, "setting_label": result.setting.label, "configuration": name,
-            "kind": record.configuration.kind, "what": record.configuration.describe(),
-            "timed_iterations": len(values), "median_s": median, "min_s": min(values) if values else None,
-            "max_s": max(values) if values else None,
-            "speedup_vs_reference": paired_ratio(name, REFERENCE) if name != REFERENCE else 1.0,
-            "speedup_vs_same_semantics": paired_ratio(name, SAME_SEMANTICS) if name != SAME_SEMANTICS else 1.0,
-            "cost_vs_bcp": (median / bcp_median) if (median and bcp_median) else None,
-            "median_cpu_s": median_or_none(timed_cpu(name)),
-            "cpu_speedup_vs_reference": paired_ratio(name, REFERENCE, timed_cpu) if name != REFERENCE else 1.0,
-            "cpu_speedup_vs_same_semantics": (paired_ratio(name, SAME_SEMANTICS, timed_cpu)
-                                              if name != SAME_SEMANTICS else 1.0),
-            "cpu_cost_vs_bcp": (median_or_none(timed_cpu(name)) / bcp_cpu
-                                if (bcp_cpu and timed_cpu(name)) else None),
-            "sampling_s": statistics.median(sampling) if sampling else None,
-            "peak_rss_mb": mem.get("peak_rss_mb"), "rss_before_step_mb": mem.get("rss_before_mb"),
-            "gpu_peak_mb": record.gpu_peak_bytes / 2**20 if record.gpu_peak_bytes else None,
-            "all_seconds": " ".join(f"{s:.3f}" for s in record.seconds),
-            "error": (record.error or mem.get("error") or "").strip().splitlines()[-1:] or "",
-        })
+        rows.append(
+            {
+                "setting": result.setting.name,
+                "setting_label": result.setting.label,
+                "configuration": name,
+                "kind": record.configuration.kind,
+                "what": record.configuration.describe(),
+                "timed_iterations": len(values),
+                "median_s": median,
+                "min_s": min(values) if values else None,
+                "max_s": max(values) if values else None,
+                "speedup_vs_reference": paired_ratio(name, REFERENCE) if name != REFERENCE else 1.0,
+                "speedup_vs_same_semantics": paired_ratio(name, SAME_SEMANTICS)
+                if name != SAME_SEMANTICS
+                else 1.0,
+                "cost_vs_bcp": (median / bcp_median) if (median and bcp_median) else None,
+                "median_cpu_s": median_or_none(timed_cpu(name)),
+                "cpu_speedup_vs_reference": paired_ratio(name, REFERENCE, timed_cpu)
+                if name != REFERENCE
+                else 1.0,
+                "cpu_speedup_vs_same_semantics": (
+                    paired_ratio(name, SAME_SEMANTICS, timed_cpu) if name != SAME_SEMANTICS else 1.0
+                ),
+                "cpu_cost_vs_bcp": (
+                    median_or_none(timed_cpu(name)) / bcp_cpu if (bcp_cpu and timed_cpu(name)) else None
+                ),
+                "sampling_s": statistics.median(sampling) if sampling else None,
+                "peak_rss_mb": mem.get("peak_rss_mb"),
+                "rss_before_step_mb": mem.get("rss_before_mb"),
+                "gpu_peak_mb": record.gpu_peak_bytes / 2**20 if record.gpu_peak_bytes else None,
+                "all_seconds": " ".join(f"{s:.3f}" for s in record.seconds),
+                "error": (record.error or mem.get("error") or "").strip().splitlines()[-1:] or "",
+            }
+        )
         rows[-1]["error"] = rows[-1]["error"][0] if rows[-1]["error"] else ""
     return rows
 
@@ -712,14 +850,41 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def write_report(out: Path, preset: str, rows: list[dict[str, Any]], results: list[SettingResult],
-                 info: dict[str, str], command: str, started: str, wall_s: float) -> tuple[Path, Path]:
+def write_report(
+    out: Path,
+    preset: str,
+    rows: list[dict[str, Any]],
+    results: list[SettingResult],
+    info: dict[str, str],
+    command: str,
+    started: str,
+    wall_s: float,
+) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / f"speed_{preset}.csv", out / f"speed_{preset}.md"
-    columns = ["setting", "configuration", "kind", "what", "timed_iterations", "median_s", "min_s", "max_s",
-               "speedup_vs_reference", "speedup_vs_same_semantics", "cost_vs_bcp", "median_cpu_s",
-               "cpu_speedup_vs_reference", "cpu_speedup_vs_same_semantics", "cpu_cost_vs_bcp", "sampling_s",
-               "peak_rss_mb", "rss_before_step_mb", "gpu_peak_mb", "all_seconds", "error"]
+    columns = [
+        "setting",
+        "configuration",
+        "kind",
+        "what",
+        "timed_iterations",
+        "median_s",
+        "min_s",
+        "max_s",
+        "speedup_vs_reference",
+        "speedup_vs_same_semantics",
+        "cost_vs_bcp",
+        "median_cpu_s",
+        "cpu_speedup_vs_reference",
+        "cpu_speedup_vs_same_semantics",
+        "cpu_cost_vs_bcp",
+        "sampling_s",
+        "peak_rss_mb",
+        "rss_before_step_mb",
+        "gpu_peak_mb",
+        "all_seconds",
+        "error",
+    ]
     temporary_csv = csv_path.with_suffix(".csv.tmp")
     with temporary_csv.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -727,53 +892,73 @@ def write_report(out: Path, preset: str, rows: list[dict[str, Any]], results: li
         writer.writerows(rows)
     temporary_csv.replace(csv_path)
 
-    lines = [f"# Training speed ({preset} preset)", "",
-             f"Command: `{command}`  ", f"Started: {started}; wall time {wall_s / 60:.1f} min.  ",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".", "",
-             "Seconds per training iteration (whole iteration: sampling + augmentation, teacher, pseudo-labels, "
-             "student, loss, backward, SGD, EMA). Median of the timed iterations; configurations interleaved "
-             "round by round in one process. *Speed-up* = median over rounds of (reference time / this time); "
-             "*vs same semantics* compares with the straightforward code computing what our engine computes. "
-             "*Cost vs bcp* = median / median of bcp. **Wall** = elapsed seconds; **CPU** = CPU seconds of the "
-             "process during the iteration (all its threads; only one configuration runs at a time and threads "
-             "wait passively), the measure that other jobs on a shared machine disturb least. Peak RSS: fresh "
-             "process per configuration, one iteration.",
-             ""]
+    lines = [
+        f"# Training speed ({preset} preset)",
+        "",
+        f"Command: `{command}`  ",
+        f"Started: {started}; wall time {wall_s / 60:.1f} min.  ",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
+        "",
+        "Seconds per training iteration (whole iteration: sampling + augmentation, teacher, pseudo-labels, "
+        "student, loss, backward, SGD, EMA). Median of the timed iterations; configurations interleaved "
+        "round by round in one process. *Speed-up* = median over rounds of (reference time / this time); "
+        "*vs same semantics* compares with the straightforward code computing what our engine computes. "
+        "*Cost vs bcp* = median / median of bcp. **Wall** = elapsed seconds; **CPU** = CPU seconds of the "
+        "process during the iteration (all its threads; only one configuration runs at a time and threads "
+        "wait passively), the measure that other jobs on a shared machine disturb least. Peak RSS: fresh "
+        "process per configuration, one iteration.",
+        "",
+    ]
     for result in results:
         loads = [f"{a[0]:.1f}" for a in result.load_average]
-        lines += [f"## {result.setting.label}", "",
-                  f"Data: {result.data_description}. Warm-up {result.warmup}, timed {result.timed} iteration(s) "
-                  f"each; load average (1 min) per round: {', '.join(loads)}; wall {result.wall_seconds / 60:.1f} min.",
-                  "",
-                  "| configuration | wall s/it | speed-up vs reference | vs same semantics | cost vs bcp "
-                  "| CPU s/it | CPU speed-up vs reference | vs same semantics | CPU cost vs bcp "
-                  "| peak RSS MB | RSS before step MB | GPU peak MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {result.setting.label}",
+            "",
+            f"Data: {result.data_description}. Warm-up {result.warmup}, timed {result.timed} iteration(s) "
+            f"each; load average (1 min) per round: {', '.join(loads)}; wall {result.wall_seconds / 60:.1f} min.",
+            "",
+            "| configuration | wall s/it | speed-up vs reference | vs same semantics | cost vs bcp "
+            "| CPU s/it | CPU speed-up vs reference | vs same semantics | CPU cost vs bcp "
+            "| peak RSS MB | RSS before step MB | GPU peak MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in (r for r in rows if r["setting"] == result.setting.name):
             name = row["configuration"] + (f" (error: {row['error']})" if row["error"] else "")
-            lines.append(f"| {name} | {_fmt(row['median_s'])} | "
-                         f"{_fmt(row['speedup_vs_reference'])} | {_fmt(row['speedup_vs_same_semantics'])} | "
-                         f"{_fmt(row['cost_vs_bcp'])} | {_fmt(row['median_cpu_s'])} | "
-                         f"{_fmt(row['cpu_speedup_vs_reference'])} | {_fmt(row['cpu_speedup_vs_same_semantics'])} | "
-                         f"{_fmt(row['cpu_cost_vs_bcp'])} | {_fmt(row['peak_rss_mb'], 0)} | "
-                         f"{_fmt(row['rss_before_step_mb'], 0)} | {_fmt(row['gpu_peak_mb'], 0)} |")
+            lines.append(
+                f"| {name} | {_fmt(row['median_s'])} | "
+                f"{_fmt(row['speedup_vs_reference'])} | {_fmt(row['speedup_vs_same_semantics'])} | "
+                f"{_fmt(row['cost_vs_bcp'])} | {_fmt(row['median_cpu_s'])} | "
+                f"{_fmt(row['cpu_speedup_vs_reference'])} | {_fmt(row['cpu_speedup_vs_same_semantics'])} | "
+                f"{_fmt(row['cpu_cost_vs_bcp'])} | {_fmt(row['peak_rss_mb'], 0)} | "
+                f"{_fmt(row['rss_before_step_mb'], 0)} | {_fmt(row['gpu_peak_mb'], 0)} |"
+            )
         sampling = [r["sampling_s"] for r in rows if r["setting"] == result.setting.name and r["sampling_s"]]
         if sampling:
-            lines += ["", f"Batch sampling and augmentation (same code on both sides): "
-                          f"{statistics.median(sampling):.2f} s of each iteration."]
+            lines += [
+                "",
+                f"Batch sampling and augmentation (same code on both sides): "
+                f"{statistics.median(sampling):.2f} s of each iteration.",
+            ]
         if result.clean_up:
             c = result.clean_up
-            lines += ["", f"Pseudo-label clean-up alone, on blobby label maps of the teacher's batch shape "
-                          f"(the random-weight teachers above give nearly uniform maps): ours "
-                          f"{c['ours_s'] * 1000:.1f} ms, reference per-image per-class loop "
-                          f"{c['reference_s'] * 1000:.1f} ms per iteration."]
+            lines += [
+                "",
+                f"Pseudo-label clean-up alone, on blobby label maps of the teacher's batch shape "
+                f"(the random-weight teachers above give nearly uniform maps): ours "
+                f"{c['ours_s'] * 1000:.1f} ms, reference per-image per-class loop "
+                f"{c['reference_s'] * 1000:.1f} ms per iteration.",
+            ]
         lines.append("")
     lines += ["Configurations:", ""]
     for name in dict.fromkeys(r["configuration"] for r in rows):
         lines.append(f"- `{name}`: {CONFIGURATIONS[name].describe() or 'defaults'}")
-    lines += ["", "The reference differs from our engine in what it computes (teacher in train mode: batch "
-              "BatchNorm statistics and dropout; two teacher and two student passes: BatchNorm statistics per "
-              "half batch); `reference same-semantics` removes those differences. See docs/speed.md.", ""]
+    lines += [
+        "",
+        "The reference differs from our engine in what it computes (teacher in train mode: batch "
+        "BatchNorm statistics and dropout; two teacher and two student passes: BatchNorm statistics per "
+        "half batch); `reference same-semantics` removes those differences. See docs/speed.md.",
+        "",
+    ]
     temporary_md = md_path.with_suffix(".md.tmp")
     temporary_md.write_text("\n".join(lines))
     temporary_md.replace(md_path)
@@ -788,21 +973,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="default: the preset's")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGURATIONS), help="default: the preset's")
-    parser.add_argument("--warmup", type=int, help="warm-up iterations per configuration (default: the preset's)")
-    parser.add_argument("--timed", type=int, help="timed iterations per configuration (default: the preset's)")
-    parser.add_argument("--memory", nargs="*", choices=sorted(SETTINGS),
-                        help="CPU: settings whose peak RSS is measured (fresh process per configuration); "
-                             "default: the preset's; give no value for none")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
-                        help="folder with ACDC/ and LA/ (synthetic data where missing)")
+    parser.add_argument(
+        "--warmup", type=int, help="warm-up iterations per configuration (default: the preset's)"
+    )
+    parser.add_argument(
+        "--timed", type=int, help="timed iterations per configuration (default: the preset's)"
+    )
+    parser.add_argument(
+        "--memory",
+        nargs="*",
+        choices=sorted(SETTINGS),
+        help="CPU: settings whose peak RSS is measured (fresh process per configuration); "
+        "default: the preset's; give no value for none",
+    )
+    parser.add_argument(
+        "--data-root",
+        default=str(ROOT.parent / "shared" / "data"),
+        help="folder with ACDC/ and LA/ (synthetic data where missing)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--turn-timeout", type=float, default=1800.0, help="seconds one iteration may take")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--single", metavar="CONFIG", choices=sorted(CONFIGURATIONS),
-                        help="run only this engine configuration, alone, in the main thread, for --timed "
-                             "iterations, and print each iteration's seconds (no report), under the "
-                             "OMP_WAIT_POLICY of the environment (unset: libgomp's default)")
+    parser.add_argument(
+        "--single",
+        metavar="CONFIG",
+        choices=sorted(CONFIGURATIONS),
+        help="run only this engine configuration, alone, in the main thread, for --timed "
+        "iterations, and print each iteration's seconds (no report), under the "
+        "OMP_WAIT_POLICY of the environment (unset: libgomp's default)",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -811,12 +1011,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.single:
         setting = SETTINGS[(args.settings or ["acdc-128"])[0]]
-        data, description = load_data(setting, Path(args.data_root) if Path(args.data_root).is_dir() else None)
-        print(f"{setting.label}, {args.single} alone, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
-              f"load average {os.getloadavg()[0]:.1f}: {description}", flush=True)
+        data, description = load_data(
+            setting, Path(args.data_root) if Path(args.data_root).is_dir() else None
+        )
+        print(
+            f"{setting.label}, {args.single} alone, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+            f"load average {os.getloadavg()[0]:.1f}: {description}",
+            flush=True,
+        )
         values = single_run(setting, args.single, data, args.timed or 6, args.seed)
-        print(f"median of iterations 2..: {statistics.median(values[1:] or values):.2f} s; "
-              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"median of iterations 2..: {statistics.median(values[1:] or values):.2f} s; "
+            f"load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         return 0
 
     preset = PRESETS[args.preset]
@@ -829,7 +1037,9 @@ def main(argv: list[str] | None = None) -> int:
     data_root = Path(args.data_root) if args.data_root and Path(args.data_root).is_dir() else None
     settings = [SETTINGS[s] for s in (args.settings or preset["settings"])]
     memory_settings = preset["memory"] if args.memory is None else args.memory
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/speed.py", *(argv or sys.argv[1:])])
+    command = " ".join(
+        shlex.quote(a) for a in [".venv/bin/python", "benchmarks/speed.py", *(argv or sys.argv[1:])]
+    )
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     start = time.perf_counter()
     info = machine_info(device)
@@ -847,13 +1057,23 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 memory[name] = measure_memory(setting, name, data_root, torch.get_num_threads(), args.seed)
                 print(f"  [{setting.name} memory] {name}: {memory[name]}", flush=True)
-        result = time_setting(setting, names, data, description, warmup=warmup, timed=timed, device=device,
-                              seed=args.seed, turn_timeout_s=args.turn_timeout)
+        result = time_setting(
+            setting,
+            names,
+            data,
+            description,
+            warmup=warmup,
+            timed=timed,
+            device=device,
+            seed=args.seed,
+            turn_timeout_s=args.turn_timeout,
+        )
         result.clean_up = clean_up_timings(setting)
         results.append(result)
         rows += summarise(result, memory)
-        csv_path, md_path = write_report(Path(args.out), args.preset, rows, results, info, command, started,
-                                         time.perf_counter() - start)
+        csv_path, md_path = write_report(
+            Path(args.out), args.preset, rows, results, info, command, started, time.perf_counter() - start
+        )
     print(f"wrote {csv_path} and {md_path}", flush=True)
     return 0
 

@@ -29,17 +29,17 @@ from pathlib import Path
 
 from .errors import ModuleError
 
-PYTORCH = "pytorch"      # installed by the PyTorch extension (light-the-torch), else pip
+PYTORCH = "pytorch"  # installed by the PyTorch extension (light-the-torch), else pip
 PIP = "pip"
-SLICER = "slicer"        # part of Slicer: never installed or upgraded by this module
+SLICER = "slicer"  # part of Slicer: never installed or upgraded by this module
 
 
 @dataclass(frozen=True)
 class Requirement:
-    distribution: str            # the name pip knows
-    importName: str              # the module the engine imports
+    distribution: str  # the name pip knows
+    importName: str  # the module the engine imports
     minimum: str
-    below: str | None = None     # first version that is too new (exclusive), if any
+    below: str | None = None  # first version that is too new (exclusive), if any
     installer: str = PIP
     why: str = ""
 
@@ -107,8 +107,10 @@ class Problem:
         return f"{r.distribution} {self.installed} does not satisfy {r.specifier} (needed for {r.why})"
 
 
-def findProblems(requirements: Sequence[Requirement] = REQUIREMENTS,
-                 versionOf: Callable[[str], str | None] = installedVersion) -> list[Problem]:
+def findProblems(
+    requirements: Sequence[Requirement] = REQUIREMENTS,
+    versionOf: Callable[[str], str | None] = installedVersion,
+) -> list[Problem]:
     """The requirements that are missing or of an unsuitable version."""
     problems = []
     for requirement in requirements:
@@ -120,15 +122,15 @@ def findProblems(requirements: Sequence[Requirement] = REQUIREMENTS,
 
 @dataclass(frozen=True)
 class InstallStep:
-    installer: str               # PYTORCH or PIP
-    requirement: str             # 'torch>=2.2,<3', 'monai>=1.4,<2'
+    installer: str  # PYTORCH or PIP
+    requirement: str  # 'torch>=2.2,<3', 'monai>=1.4,<2'
     distribution: str
 
 
 @dataclass
 class InstallPlan:
     steps: list[InstallStep] = field(default_factory=list)
-    blockers: list[str] = field(default_factory=list)   # what cannot be installed here (Slicer's own packages)
+    blockers: list[str] = field(default_factory=list)  # what cannot be installed here (Slicer's own packages)
     notes: list[str] = field(default_factory=list)
     restartNeeded: bool = False
     constraints: dict[str, str] = field(default_factory=dict)  # distribution -> pinned installed version
@@ -141,15 +143,21 @@ class InstallPlan:
         """What will be installed, in one line per package."""
         lines = []
         for step in self.steps:
-            how = "with the PyTorch extension (matching your GPU driver)" if step.installer == PYTORCH else "with pip"
+            how = (
+                "with the PyTorch extension (matching your GPU driver)"
+                if step.installer == PYTORCH
+                else "with pip"
+            )
             lines.append(f"- {step.requirement} {how}")
         return "\n".join(lines)
 
     def confirmationText(self) -> str:
         """The one question the user is asked before anything is installed."""
-        text = ("BidirUncertaintySeg needs these Python packages in Slicer's Python environment:\n\n"
-                f"{self.summary()}\n\nThis downloads up to a few GB and can take several minutes. "
-                "Slicer's own packages (numpy, SimpleITK, VTK) are kept as they are.")
+        text = (
+            "BidirUncertaintySeg needs these Python packages in Slicer's Python environment:\n\n"
+            f"{self.summary()}\n\nThis downloads up to a few GB and can take several minutes. "
+            "Slicer's own packages (numpy, SimpleITK, VTK) are kept as they are."
+        )
         if self.notes:
             text += "\n\n" + "\n".join(self.notes)
         if self.restartNeeded:
@@ -167,9 +175,13 @@ class InstallPlan:
         return "".join(f"{name}=={version}\n" for name, version in sorted(self.constraints.items()))
 
 
-def planInstall(problems: Sequence[Problem], *, pytorchExtensionAvailable: bool,
-                versionOf: Callable[[str], str | None] = installedVersion,
-                loadedModules: Sequence[str] | None = None) -> InstallPlan:
+def planInstall(
+    problems: Sequence[Problem],
+    *,
+    pytorchExtensionAvailable: bool,
+    versionOf: Callable[[str], str | None] = installedVersion,
+    loadedModules: Sequence[str] | None = None,
+) -> InstallPlan:
     """Decide how each problem is solved (or that it cannot be, here)."""
     loaded = set(sys.modules if loadedModules is None else loadedModules)
     plan = InstallPlan()
@@ -180,16 +192,20 @@ def planInstall(problems: Sequence[Problem], *, pytorchExtensionAvailable: bool,
     for problem in problems:
         r = problem.requirement
         if r.installer == SLICER:
-            plan.blockers.append(f"{problem.text}. It is part of Slicer and is not replaced by extensions: "
-                                 "use a current Slicer release.")
+            plan.blockers.append(
+                f"{problem.text}. It is part of Slicer and is not replaced by extensions: "
+                "use a current Slicer release."
+            )
             continue
         if r.installer == PYTORCH and pytorchExtensionAvailable:
             plan.steps.append(InstallStep(PYTORCH, r.pipRequirement, r.distribution))
         else:
             if r.installer == PYTORCH:
-                plan.notes.append("The PyTorch extension is not installed: torch comes from PyPI with pip, "
-                                  "which may not match your GPU. Installing the PyTorch extension from the "
-                                  "Extensions Manager first is recommended.")
+                plan.notes.append(
+                    "The PyTorch extension is not installed: torch comes from PyPI with pip, "
+                    "which may not match your GPU. Installing the PyTorch extension from the "
+                    "Extensions Manager first is recommended."
+                )
             plan.steps.append(InstallStep(PIP, r.pipRequirement, r.distribution))
         if problem.installed is not None and r.importName in loaded:
             plan.restartNeeded = True
@@ -219,8 +235,14 @@ def nextStep(plan: InstallPlan, *, declinedBefore: bool, explicit: bool) -> str:
     return ASK
 
 
-def runPlan(plan: InstallPlan, *, installTorch: Callable[[str], object], pipInstall: Callable[[list[str]], object],
-            constraintsFolder: str | Path, log: Callable[[str], None] = print) -> None:
+def runPlan(
+    plan: InstallPlan,
+    *,
+    installTorch: Callable[[str], object],
+    pipInstall: Callable[[list[str]], object],
+    constraintsFolder: str | Path,
+    log: Callable[[str], None] = print,
+) -> None:
     """Carry out ``plan``. ``installTorch(versionSpecifier)`` must return something true on success
     (PyTorchUtils returns the torch module, or None when declined/failed); ``pipInstall(args)``
     raises on failure. Raises :class:`ModuleError` naming the step that failed."""
@@ -235,7 +257,7 @@ def runPlan(plan: InstallPlan, *, installTorch: Callable[[str], object], pipInst
         log(f"Installing {step.requirement}...")
         try:
             if step.installer == PYTORCH:
-                specifier = step.requirement[len(step.distribution):]
+                specifier = step.requirement[len(step.distribution) :]
                 if not installTorch(specifier):
                     raise ModuleError("the PyTorch extension did not install torch (declined or failed)")
             else:

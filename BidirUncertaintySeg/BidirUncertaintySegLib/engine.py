@@ -46,22 +46,31 @@ def ensureEngineImportable() -> Path:
     """Make ``import buseg`` load the engine bundled with this module; returns its folder."""
     logic = str(LOGIC_DIR)
     if not (LOGIC_DIR / ENGINE_PACKAGE / "__init__.py").is_file():
-        raise ModuleError(f"The engine is missing from the module folder ({LOGIC_DIR / ENGINE_PACKAGE}); "
-                          "reinstall the extension.")
+        raise ModuleError(
+            f"The engine is missing from the module folder ({LOGIC_DIR / ENGINE_PACKAGE}); "
+            "reinstall the extension."
+        )
     if logic not in sys.path:
         sys.path.insert(0, logic)
     loaded = sys.modules.get(ENGINE_PACKAGE)
-    if loaded is not None and getattr(loaded, "__file__", None) \
-            and Path(loaded.__file__).resolve().parent != (LOGIC_DIR / ENGINE_PACKAGE).resolve():
-        raise ModuleError(f"Another '{ENGINE_PACKAGE}' ({loaded.__file__}) is already imported; restart Slicer "
-                          "so that the module's own engine is used.")
+    if (
+        loaded is not None
+        and getattr(loaded, "__file__", None)
+        and Path(loaded.__file__).resolve().parent != (LOGIC_DIR / ENGINE_PACKAGE).resolve()
+    ):
+        raise ModuleError(
+            f"Another '{ENGINE_PACKAGE}' ({loaded.__file__}) is already imported; restart Slicer "
+            "so that the module's own engine is used."
+        )
     return LOGIC_DIR
 
 
 def workerEnvironment(base: dict[str, str] | None = None) -> dict[str, str]:
     """The worker's environment: ``base`` (default: this process's) with the engine first on PYTHONPATH."""
     env = dict(os.environ if base is None else base)
-    paths = [str(LOGIC_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(LOGIC_DIR)]
+    paths = [str(LOGIC_DIR)] + [
+        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(LOGIC_DIR)
+    ]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
@@ -92,8 +101,14 @@ def resumeCommand(outDir: str | Path) -> list[str]:
     return args
 
 
-def predictCommand(inputs: Sequence[str | Path], modelPath: str | Path, outDir: str | Path,
-                   options: dict[str, Any] | None = None, *, overwrite: bool = True) -> list[str]:
+def predictCommand(
+    inputs: Sequence[str | Path],
+    modelPath: str | Path,
+    outDir: str | Path,
+    options: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = True,
+) -> list[str]:
     """Segment ``inputs`` (files or folders): label map, .seg.nrrd, uncertainty map, regions.json per case.
 
     ``options`` maps PredictConfig field names to values (``uncertainty``,
@@ -107,9 +122,15 @@ def predictCommand(inputs: Sequence[str | Path], modelPath: str | Path, outDir: 
     return args
 
 
-def rankCommand(inputs: Sequence[str | Path], modelPath: str | Path, outDir: str | Path,
-                options: dict[str, Any] | None = None, *, score: str | None = None,
-                savePredictions: bool = False) -> list[str]:
+def rankCommand(
+    inputs: Sequence[str | Path],
+    modelPath: str | Path,
+    outDir: str | Path,
+    options: dict[str, Any] | None = None,
+    *,
+    score: str | None = None,
+    savePredictions: bool = False,
+) -> list[str]:
     """Rank unlabeled images by the model's uncertainty (most informative first): ranking.json in
     ``outDir``. ``score``: one of the engine's ranking scores (default: the engine's default)."""
     args = ["rank", *[str(p) for p in inputs], "--model", str(modelPath), "--out", str(outDir), "--overwrite"]
@@ -166,8 +187,9 @@ class PredictOutputs:
     regions: Path
 
     @classmethod
-    def forCase(cls, outDir: str | Path, case: str, outputs: dict[str, Any] | None = None,
-                suffix: str = ".nrrd") -> PredictOutputs:
+    def forCase(
+        cls, outDir: str | Path, case: str, outputs: dict[str, Any] | None = None, suffix: str = ".nrrd"
+    ) -> PredictOutputs:
         """The case's files as the worker listed them (paths relative to ``outDir`` or absolute);
         without a list, the engine's naming for an input of type ``suffix``."""
         outDir = Path(outDir)
@@ -198,7 +220,9 @@ def readPredictSummary(outDir: str | Path) -> dict[str, PredictOutputs]:
     cases = {}
     for entry in data.get("cases") or []:
         if entry.get("status") == "ok":
-            cases[str(entry["case"])] = PredictOutputs.forCase(outDir, str(entry["case"]), entry.get("outputs"))
+            cases[str(entry["case"])] = PredictOutputs.forCase(
+                outDir, str(entry["case"]), entry.get("outputs")
+            )
     return cases
 
 
@@ -218,8 +242,10 @@ def _readJson(path: Path, schema: str, what: str) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("schema") != schema:
         raise ModuleError(f"{path}: not a buseg {what} file.")
     if int(data.get("schema_version", 0)) > 1:
-        raise ModuleError(f"{path}: made by a newer engine ({schema} version {data.get('schema_version')}); "
-                          "update the extension.")
+        raise ModuleError(
+            f"{path}: made by a newer engine ({schema} version {data.get('schema_version')}); "
+            "update the extension."
+        )
     return data
 
 
@@ -284,18 +310,20 @@ def readRegions(path: str | Path) -> RegionsDocument:
     for index, entry in enumerate(data.get("regions") or []):
         where = f"regions[{index}]"
         try:
-            regions.append(Region(
-                rank=int(entry["id"]),
-                voxelCount=int(entry["voxel_count"]),
-                volumeMm3=float(entry["volume_mm3"]),
-                meanUncertainty=float(entry["mean_uncertainty"]),
-                maxUncertainty=float(entry["max_uncertainty"]),
-                reviewValue=float(entry.get("review_value", 0.0)),
-                classes=[str(c) for c in entry.get("classes") or []],
-                centroidRas=_triple(entry["centroid_ras"], f"{where}.centroid_ras", path),
-                boundsRasMin=_triple(entry["bbox_ras_min"], f"{where}.bbox_ras_min", path),
-                boundsRasMax=_triple(entry["bbox_ras_max"], f"{where}.bbox_ras_max", path),
-            ))
+            regions.append(
+                Region(
+                    rank=int(entry["id"]),
+                    voxelCount=int(entry["voxel_count"]),
+                    volumeMm3=float(entry["volume_mm3"]),
+                    meanUncertainty=float(entry["mean_uncertainty"]),
+                    maxUncertainty=float(entry["max_uncertainty"]),
+                    reviewValue=float(entry.get("review_value", 0.0)),
+                    classes=[str(c) for c in entry.get("classes") or []],
+                    centroidRas=_triple(entry["centroid_ras"], f"{where}.centroid_ras", path),
+                    boundsRasMin=_triple(entry["bbox_ras_min"], f"{where}.bbox_ras_min", path),
+                    boundsRasMax=_triple(entry["bbox_ras_max"], f"{where}.bbox_ras_max", path),
+                )
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModuleError(f"{path}: {where} is incomplete ({exc}).") from None
     regions.sort(key=lambda r: r.rank)
@@ -310,9 +338,9 @@ def readRegions(path: str | Path) -> RegionsDocument:
 class JobResult:
     """How a worker run ended, in the module's words."""
 
-    status: str                      # completed | cancelled | failed
+    status: str  # completed | cancelled | failed
     outputs: dict[str, Any] = field(default_factory=dict)
-    message: str = ""                # for a person (error message and hint, or why the worker died)
+    message: str = ""  # for a person (error message and hint, or why the worker died)
     exitCode: int | None = None
 
 
@@ -327,17 +355,29 @@ class WorkerJob:
     checkpoint first); a second ``cancel()`` kills it at once.
     """
 
-    def __init__(self, command: Sequence[str], *, python: str | None = None, env: dict[str, str] | None = None,
-                 workDir: str | Path | None = None, logPath: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+        workDir: str | Path | None = None,
+        logPath: str | Path | None = None,
+    ) -> None:
         ensureEngineImportable()
         from buseg.client import WorkerClient
 
         if not command:
             raise ValueError("empty worker command")
         self.command = [str(a) for a in command]
-        self._client = WorkerClient(self.command[0], self.command[1:], python=python or sys.executable,
-                                    env=workerEnvironment(env), cwd=str(workDir) if workDir else None,
-                                    log_path=str(logPath) if logPath else None)
+        self._client = WorkerClient(
+            self.command[0],
+            self.command[1:],
+            python=python or sys.executable,
+            env=workerEnvironment(env),
+            cwd=str(workDir) if workDir else None,
+            log_path=str(logPath) if logPath else None,
+        )
 
     @property
     def argv(self) -> list[str]:
@@ -379,8 +419,12 @@ class WorkerJob:
         hint = (result.error or {}).get("hint")
         if hint and hint not in message:
             message = f"{message}\nHint: {hint}"
-        return JobResult(status=str(result.status), outputs=dict(result.outputs or {}), message=message,
-                         exitCode=result.exit_code)
+        return JobResult(
+            status=str(result.status),
+            outputs=dict(result.outputs or {}),
+            message=message,
+            exitCode=result.exit_code,
+        )
 
     @property
     def log(self) -> str:

@@ -45,7 +45,14 @@ def _slicer():
 
 
 # Device names of Windows: a file 'con.nrrd' or 'NUL_label.nrrd' cannot be written there.
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+WINDOWS_RESERVED = {
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    *(f"com{i}" for i in range(1, 10)),
+    *(f"lpt{i}" for i in range(1, 10)),
+}
 
 
 def safeFileName(name: str, fallback: str = "volume") -> str:
@@ -79,8 +86,11 @@ def removeNodes(scene: Any, *nodes: Any) -> None:
     for node in nodes:
         if node is None or not node.GetID() or scene.GetNodeByID(node.GetID()) is None:
             continue
-        displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
-            if hasattr(node, "GetNumberOfDisplayNodes") else []
+        displays = (
+            [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+            if hasattr(node, "GetNumberOfDisplayNodes")
+            else []
+        )
         scene.RemoveNode(node)
         for display in displays:
             if display is not None and display.GetID() and scene.GetNodeByID(display.GetID()) is not None:
@@ -118,13 +128,17 @@ def checkScalarVolume(volumeNode: Any, role: str = "volume") -> None:
     if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
         raise ModuleError(f"'{name}' is a label map; a grey-value image is needed as {role}.")
     if not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
-        raise ModuleError(f"'{name}' is a {volumeNode.GetClassName()}; a scalar (grey-value) volume is needed.")
+        raise ModuleError(
+            f"'{name}' is a {volumeNode.GetClassName()}; a scalar (grey-value) volume is needed."
+        )
     image = volumeNode.GetImageData()
     if image is None or min(image.GetDimensions()) < 1:
         raise ModuleError(f"'{name}' has no voxels (empty volume).")
     if image.GetNumberOfScalarComponents() != 1:
-        raise ModuleError(f"'{name}' has {image.GetNumberOfScalarComponents()} components per voxel (RGB or "
-                          "vector image); a scalar (grey-value) volume is needed.")
+        raise ModuleError(
+            f"'{name}' has {image.GetNumberOfScalarComponents()} components per voxel (RGB or "
+            "vector image); a scalar (grey-value) volume is needed."
+        )
 
 
 def writeVolume(volumeNode: Any, path: str | Path) -> Path:
@@ -136,7 +150,9 @@ def writeVolume(volumeNode: Any, path: str | Path) -> Path:
     storage.SetFileName(str(path))
     storage.SetUseCompression(1)
     if not storage.WriteData(volumeNode) or not path.exists():
-        raise ModuleError(f"'{volumeNode.GetName()}' could not be written to {path} (disk full or not writable?).")
+        raise ModuleError(
+            f"'{volumeNode.GetName()}' could not be written to {path} (disk full or not writable?)."
+        )
     return path
 
 
@@ -146,8 +162,9 @@ def exportVolume(volumeNode: Any, path: str | Path) -> Path:
     return writeVolume(volumeNode, path)
 
 
-def readVolume(scene: Any, path: str | Path, name: str, *, targetNode: Any = None,
-               labelmap: bool = False) -> Any:
+def readVolume(
+    scene: Any, path: str | Path, name: str, *, targetNode: Any = None, labelmap: bool = False
+) -> Any:
     """Read an image file into a new (or the given) volume node with its geometry."""
     slicer = _slicer()
     path = Path(path)
@@ -155,8 +172,10 @@ def readVolume(scene: Any, path: str | Path, name: str, *, targetNode: Any = Non
         raise ModuleError(f"{path}: file not found.")
     node = targetNode
     if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
-                                       scene.GenerateUniqueName(name))
+        node = scene.AddNewNodeByClass(
+            "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
+            scene.GenerateUniqueName(name),
+        )
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
     if labelmap:
@@ -192,10 +211,14 @@ def segmentsOf(segmentationNode: Any) -> list[tuple[str, str, tuple[float, float
         segment = segmentation.GetNthSegment(index)
         name = segment.GetName()
         if name in names:
-            raise ModuleError(f"'{segmentationNode.GetName()}' has two segments named '{name}'; segment names "
-                              "are the class names, so they must differ.")
+            raise ModuleError(
+                f"'{segmentationNode.GetName()}' has two segments named '{name}'; segment names "
+                "are the class names, so they must differ."
+            )
         names.add(name)
-        result.append((segmentation.GetNthSegmentID(index), name, tuple(float(c) for c in segment.GetColor())))
+        result.append(
+            (segmentation.GetNthSegmentID(index), name, tuple(float(c) for c in segment.GetColor()))
+        )
     return result
 
 
@@ -210,12 +233,15 @@ def classTable(segmentationNodes: Sequence[Any]) -> list[dict[str, Any]]:
     for node in segmentationNodes:
         for _, name, color in segmentsOf(node):
             if not any(c["name"] == name for c in classes):
-                classes.append({"value": len(classes) + 1, "name": name, "color": [round(c, 4) for c in color]})
+                classes.append(
+                    {"value": len(classes) + 1, "name": name, "color": [round(c, 4) for c in color]}
+                )
     return classes
 
 
-def segmentLabelArray(scene: Any, segmentationNode: Any, referenceVolumeNode: Any,
-                      segmentIds: Sequence[str]) -> np.ndarray:
+def segmentLabelArray(
+    scene: Any, segmentationNode: Any, referenceVolumeNode: Any, segmentIds: Sequence[str]
+) -> np.ndarray:
     """A (k, j, i) label array on the reference volume's grid: segment n of ``segmentIds`` -> n + 1.
 
     Written with the segmentations logic (resampled onto the reference geometry); where
@@ -228,17 +254,27 @@ def segmentLabelArray(scene: Any, segmentationNode: Any, referenceVolumeNode: An
     for segmentId in segmentIds:
         ids.InsertNextValue(segmentId)
     with scratchNodes(scene):
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("__buseg_export__"))
+        labelmap = scene.AddNewNodeByClass(
+            "vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("__buseg_export__")
+        )
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentationNode, ids, labelmap, referenceVolumeNode)
+            segmentationNode, ids, labelmap, referenceVolumeNode
+        )
         if not ok or labelmap.GetImageData() is None:
-            raise ModuleError(f"'{segmentationNode.GetName()}' could not be converted to a label map on the grid "
-                              f"of '{referenceVolumeNode.GetName()}'.")
+            raise ModuleError(
+                f"'{segmentationNode.GetName()}' could not be converted to a label map on the grid "
+                f"of '{referenceVolumeNode.GetName()}'."
+            )
         return np.array(slicer.util.arrayFromVolume(labelmap), copy=True)
 
 
-def exportSegmentation(scene: Any, segmentationNode: Any, referenceVolumeNode: Any, path: str | Path,
-                       classes: Sequence[dict[str, Any]]) -> dict[str, int]:
+def exportSegmentation(
+    scene: Any,
+    segmentationNode: Any,
+    referenceVolumeNode: Any,
+    path: str | Path,
+    classes: Sequence[dict[str, Any]],
+) -> dict[str, int]:
     """Write a segmentation as a label map on the volume's grid, values from ``classes`` (by name).
 
     Returns the voxel count per class name. A segmentation without any labeled voxel is
@@ -249,8 +285,10 @@ def exportSegmentation(scene: Any, segmentationNode: Any, referenceVolumeNode: A
     valueOf = {c["name"]: int(c["value"]) for c in classes}
     unknown = [name for _, name, _ in segments if name not in valueOf]
     if unknown:
-        raise ModuleError(f"'{segmentationNode.GetName()}' has segment(s) {', '.join(unknown)} that are not "
-                          "classes of this model.")
+        raise ModuleError(
+            f"'{segmentationNode.GetName()}' has segment(s) {', '.join(unknown)} that are not "
+            "classes of this model."
+        )
     ordered = sorted(segments, key=lambda s: valueOf[s[1]])
     labels = segmentLabelArray(scene, segmentationNode, referenceVolumeNode, [s[0] for s in ordered])
     lookup = np.zeros(len(ordered) + 1, dtype=np.uint16)
@@ -259,10 +297,14 @@ def exportSegmentation(scene: Any, segmentationNode: Any, referenceVolumeNode: A
     values = lookup[labels.astype(np.int64)]
     counts = {name: int((values == valueOf[name]).sum()) for _, name, _ in ordered}
     if not any(counts.values()):
-        raise ModuleError(f"'{segmentationNode.GetName()}' has no labeled voxels inside '{referenceVolumeNode.GetName()}'.")
+        raise ModuleError(
+            f"'{segmentationNode.GetName()}' has no labeled voxels inside '{referenceVolumeNode.GetName()}'."
+        )
     dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
     with scratchNodes(scene):
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("__buseg_label__"))
+        labelmap = scene.AddNewNodeByClass(
+            "vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("__buseg_label__")
+        )
         labelmap.CopyOrientation(referenceVolumeNode)
         slicer.util.updateVolumeFromArray(labelmap, values.astype(dtype))
         writeVolume(labelmap, path)
@@ -272,8 +314,12 @@ def exportSegmentation(scene: Any, segmentationNode: Any, referenceVolumeNode: A
 def segmentationFromLabelmap(scene: Any, labelmapNode: Any) -> Any:
     """A (temporary) segmentation node from a label map node; segment names from its color table."""
     slicer = _slicer()
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName("__buseg_seg__"))
-    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode, segmentation):
+    segmentation = scene.AddNewNodeByClass(
+        "vtkMRMLSegmentationNode", scene.GenerateUniqueName("__buseg_seg__")
+    )
+    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        labelmapNode, segmentation
+    ):
         removeNodes(scene, segmentation)
         raise ModuleError(f"Label map '{labelmapNode.GetName()}' could not be converted to segments.")
     return segmentation
@@ -295,8 +341,14 @@ class TrainingExport:
     voxelCounts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def exportTrainingData(scene: Any, folder: str | Path, labeled: Sequence[tuple[Any, Any]],
-                       unlabeled: Sequence[Any] = (), *, validationCount: int = 0) -> TrainingExport:
+def exportTrainingData(
+    scene: Any,
+    folder: str | Path,
+    labeled: Sequence[tuple[Any, Any]],
+    unlabeled: Sequence[Any] = (),
+    *,
+    validationCount: int = 0,
+) -> TrainingExport:
     """Write labeled (volume, segmentation or label map) pairs and unlabeled volumes plus a manifest.
 
     Layout: ``folder/images/<case>.nrrd``, ``folder/labels/<case>_label.nrrd``,
@@ -321,8 +373,10 @@ def exportTrainingData(scene: Any, folder: str | Path, labeled: Sequence[tuple[A
             raise ModuleError(f"'{volume.GetName()}' is listed twice (or both as labeled and unlabeled).")
         seen[volume.GetID()] = "unlabeled"
     if validationCount and validationCount >= len(pairs):
-        raise ModuleError(f"Holding out {validationCount} labeled case(s) for validation needs at least "
-                          f"{validationCount + 1} labeled cases.")
+        raise ModuleError(
+            f"Holding out {validationCount} labeled case(s) for validation needs at least "
+            f"{validationCount + 1} labeled cases."
+        )
 
     with scratchNodes(scene):  # label maps are converted to temporary segmentations
         segmentations = []
@@ -332,7 +386,9 @@ def exportTrainingData(scene: Any, folder: str | Path, labeled: Sequence[tuple[A
             elif label.IsA("vtkMRMLSegmentationNode"):
                 segmentations.append(label)
             else:
-                raise ModuleError(f"'{label.GetName()}' is a {label.GetClassName()}, not a segmentation or label map.")
+                raise ModuleError(
+                    f"'{label.GetName()}' is a {label.GetClassName()}, not a segmentation or label map."
+                )
         split = len(pairs) - int(validationCount or 0)
         classes = classTable(segmentations[:split])
         if not classes:
@@ -341,12 +397,15 @@ def exportTrainingData(scene: Any, folder: str | Path, labeled: Sequence[tuple[A
         for (volume, _), segmentation in zip(pairs[split:], segmentations[split:], strict=True):
             extra = [name for _, name, _ in segmentsOf(segmentation) if name not in known]
             if extra:
-                raise ModuleError(f"Validation case '{volume.GetName()}' has segment(s) {', '.join(extra)} that no "
-                                  "training case has; the model could not learn them.")
+                raise ModuleError(
+                    f"Validation case '{volume.GetName()}' has segment(s) {', '.join(extra)} that no "
+                    "training case has; the model could not learn them."
+                )
 
-        names = uniqueNames([safeFileName(v.GetName()) for v, _ in pairs]
-                            + [safeFileName(v.GetName()) for v in unlabeled])
-        labeledNames, unlabeledNames = names[: len(pairs)], names[len(pairs):]
+        names = uniqueNames(
+            [safeFileName(v.GetName()) for v, _ in pairs] + [safeFileName(v.GetName()) for v in unlabeled]
+        )
+        labeledNames, unlabeledNames = names[: len(pairs)], names[len(pairs) :]
         (folder / IMAGES_FOLDER).mkdir(parents=True, exist_ok=True)
         (folder / LABELS_FOLDER).mkdir(parents=True, exist_ok=True)
         result = TrainingExport(folder / MANIFEST_NAME, classes)
@@ -355,15 +414,21 @@ def exportTrainingData(scene: Any, folder: str | Path, labeled: Sequence[tuple[A
             image = f"{IMAGES_FOLDER}/{name}{IMAGE_SUFFIX}"
             label = f"{LABELS_FOLDER}/{name}{LABEL_SUFFIX}"
             writeVolume(volume, folder / image)
-            result.voxelCounts[name] = exportSegmentation(scene, segmentation, volume, folder / label, classes)
+            result.voxelCounts[name] = exportSegmentation(
+                scene, segmentation, volume, folder / label, classes
+            )
             entries.append({"image": image, "label": label})
         unlabeledEntries = []
         for volume, name in zip(unlabeled, unlabeledNames, strict=True):
             image = f"{IMAGES_FOLDER}/{name}{IMAGE_SUFFIX}"
             writeVolume(volume, folder / image)
             unlabeledEntries.append({"image": image})
-        manifest = {"labeled": entries[:split], "unlabeled": unlabeledEntries, "validation": entries[split:],
-                    "classes": classes}
+        manifest = {
+            "labeled": entries[:split],
+            "unlabeled": unlabeledEntries,
+            "validation": entries[split:],
+            "classes": classes,
+        }
         writeJson(result.manifestPath, manifest)
         result.labeledCases = labeledNames[:split]
         result.validationCases = labeledNames[split:]
@@ -389,8 +454,15 @@ def _followTransform(node: Any, referenceNode: Any) -> None:
         node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
 
 
-def loadSegmentation(scene: Any, segmentationsLogic: Any, path: str | Path, referenceVolumeNode: Any, *,
-                     name: str | None = None, targetNode: Any = None) -> Any:
+def loadSegmentation(
+    scene: Any,
+    segmentationsLogic: Any,
+    path: str | Path,
+    referenceVolumeNode: Any,
+    *,
+    name: str | None = None,
+    targetNode: Any = None,
+) -> Any:
     """Load a ``.seg.nrrd`` (segment names and colors kept) referencing the input volume's geometry.
 
     With ``targetNode`` its segments are replaced (the user's selected output node keeps its
@@ -416,10 +488,13 @@ def loadSegmentation(scene: Any, segmentationsLogic: Any, path: str | Path, refe
     return node
 
 
-def loadUncertaintyVolume(scene: Any, path: str | Path, referenceVolumeNode: Any, *,
-                          name: str | None = None, targetNode: Any = None) -> Any:
+def loadUncertaintyVolume(
+    scene: Any, path: str | Path, referenceVolumeNode: Any, *, name: str | None = None, targetNode: Any = None
+) -> Any:
     """Load the uncertainty map (float, 0..1) as a scalar volume under the input's transform."""
-    nodeName = name or (f"{referenceVolumeNode.GetName()} uncertainty" if referenceVolumeNode else Path(path).name)
+    nodeName = name or (
+        f"{referenceVolumeNode.GetName()} uncertainty" if referenceVolumeNode else Path(path).name
+    )
     node = readVolume(scene, path, nodeName, targetNode=targetNode)
     _followTransform(node, referenceVolumeNode)
     return node

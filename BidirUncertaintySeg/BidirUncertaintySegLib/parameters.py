@@ -79,17 +79,33 @@ PARAMETERS: tuple[Parameter, ...] = (
     # Training
     Parameter("method", "buarl", "methodComboBox", "QComboBox", "method.name", METHOD_CHOICES, METHOD_LABELS),
     Parameter("iterations", 3000, "iterationsSpinBox", "QSpinBox", "optim.iterations"),
-    Parameter("pretrainIterations", 1000, "pretrainIterationsSpinBox", "QSpinBox", "optim.pretrain_iterations"),
+    Parameter(
+        "pretrainIterations", 1000, "pretrainIterationsSpinBox", "QSpinBox", "optim.pretrain_iterations"
+    ),
     Parameter("batchSize", 8, "batchSizeSpinBox", "QSpinBox", "optim.batch_size"),
     Parameter("device", "auto", "deviceComboBox", "QComboBox", "device", DEVICE_CHOICES, DEVICE_LABELS),
-    Parameter("dimension", "2d", "dimensionComboBox", "QComboBox", "model.dimension", ("2d", "3d"),
-              ("2D (slice by slice)", "3D (patches)")),
+    Parameter(
+        "dimension",
+        "2d",
+        "dimensionComboBox",
+        "QComboBox",
+        "model.dimension",
+        ("2d", "3d"),
+        ("2D (slice by slice)", "3D (patches)"),
+    ),
     Parameter("patchSize", "256 256", "patchSizeLineEdit", "QLineEdit", "model.patch_size"),
     Parameter("outputFolder", "", "outputFolderPathLineEdit", "ctkPathLineEdit"),
     # Training, advanced
     Parameter("learningRate", 0.01, "learningRateSpinBox", "QDoubleSpinBox", "optim.lr"),
-    Parameter("trainUncertainty", "entropy", "trainUncertaintyComboBox", "QComboBox", "uncertainty.method",
-              ("entropy", "mc-dropout"), ("Entropy", "MC dropout")),
+    Parameter(
+        "trainUncertainty",
+        "entropy",
+        "trainUncertaintyComboBox",
+        "QComboBox",
+        "uncertainty.method",
+        ("entropy", "mc-dropout"),
+        ("Entropy", "MC dropout"),
+    ),
     Parameter("urlWeight", 1.0, "urlWeightSpinBox", "QDoubleSpinBox", "url.weight"),
     Parameter("urlQuantile", 0.8, "urlQuantileSpinBox", "QDoubleSpinBox", "url.quantile"),
     Parameter("crlQuantile", 0.8, "crlQuantileSpinBox", "QDoubleSpinBox", "crl.quantile"),
@@ -98,8 +114,15 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("validationInterval", 200, "validationIntervalSpinBox", "QSpinBox", "validation_interval"),
     # Segment
     Parameter("modelPath", "", "modelPathLineEdit", "ctkPathLineEdit"),
-    Parameter("segmentUncertainty", "entropy", "segmentUncertaintyComboBox", "QComboBox", "predict.uncertainty",
-              ("entropy", "mc-dropout", "tta"), ("Entropy (one pass)", "MC dropout", "Test-time augmentation")),
+    Parameter(
+        "segmentUncertainty",
+        "entropy",
+        "segmentUncertaintyComboBox",
+        "QComboBox",
+        "predict.uncertainty",
+        ("entropy", "mc-dropout", "tta"),
+        ("Entropy (one pass)", "MC dropout", "Test-time augmentation"),
+    ),
     Parameter("regionThreshold", 0.5, "regionThresholdSpinBox", "QDoubleSpinBox", "predict.region_threshold"),
     Parameter("minRegionMm3", 10.0, "minRegionSpinBox", "QDoubleSpinBox", "predict.min_region_mm3"),
     # Review
@@ -200,7 +223,11 @@ class ParameterStore:
         p = parameter(name)
         if p.choices and value not in p.choices:
             raise ModuleError(f"Parameter '{name}': '{value}' is not one of {', '.join(p.choices)}.")
-        if p.kind is not str and not isinstance(value, p.kind) and not (p.kind is float and isinstance(value, int)):
+        if (
+            p.kind is not str
+            and not isinstance(value, p.kind)
+            and not (p.kind is float and isinstance(value, int))
+        ):
             value = fromText(str(value), p.kind, name)
         self.node.SetParameter(name, toText(p.kind(value)))
 
@@ -224,7 +251,9 @@ class ParameterStore:
         self.node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
 
     def nodeList(self, role: str) -> list[Any]:
-        return [self.node.GetNthNodeReference(role, i) for i in range(self.node.GetNumberOfNodeReferences(role))]
+        return [
+            self.node.GetNthNodeReference(role, i) for i in range(self.node.GetNumberOfNodeReferences(role))
+        ]
 
     def setNodeList(self, role: str, nodes: Sequence[Any]) -> None:
         wasModifying = self.node.StartModify()
@@ -237,7 +266,9 @@ class ParameterStore:
         """(volume, segmentation) pairs; a pair whose node was deleted from the scene is left out."""
         volumes = self.nodeList(LABELED_VOLUMES)
         segmentations = self.nodeList(LABELED_SEGMENTATIONS)
-        return [(v, s) for v, s in zip(volumes, segmentations, strict=False) if v is not None and s is not None]
+        return [
+            (v, s) for v, s in zip(volumes, segmentations, strict=False) if v is not None and s is not None
+        ]
 
     def setLabeledCases(self, cases: Sequence[tuple[Any, Any]]) -> None:
         wasModifying = self.node.StartModify()
@@ -336,8 +367,14 @@ class ParameterStore:
         return options
 
 
-def buildTrainConfig(store: ParameterStore, manifestPath: str | Path, outDir: str | Path, *,
-                     hasValidation: bool | None = None, overrides: dict[str, Any] | None = None) -> Any:
+def buildTrainConfig(
+    store: ParameterStore,
+    manifestPath: str | Path,
+    outDir: str | Path,
+    *,
+    hasValidation: bool | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
     """A validated ``buseg.config.TrainConfig`` from the parameter node, for one training run.
 
     The manifest (exported cases, class table) is the data source; the run writes to ``outDir``.
@@ -351,8 +388,11 @@ def buildTrainConfig(store: ParameterStore, manifestPath: str | Path, outDir: st
     from buseg.errors import ConfigError
 
     overrides = dict(overrides or {})
-    unknown = [name for name in overrides if name not in _BY_NAME or not _BY_NAME[name].config
-               or _BY_NAME[name].config.startswith("predict.")]
+    unknown = [
+        name
+        for name in overrides
+        if name not in _BY_NAME or not _BY_NAME[name].config or _BY_NAME[name].config.startswith("predict.")
+    ]
     if unknown:
         trainable = [p.name for p in PARAMETERS if p.config and not p.config.startswith("predict.")]
         raise ModuleError(f"Unknown training option(s) {', '.join(unknown)}; known: {', '.join(trainable)}.")

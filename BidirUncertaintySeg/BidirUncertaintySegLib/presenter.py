@@ -145,8 +145,8 @@ class ViewState:
     resumeEnabled: bool = False
     inputsEnabled: bool = True
     progressVisible: bool = False
-    progressValue: int = 0          # 0..100
-    progressMaximum: int = 100      # 0 = busy indicator (no known total)
+    progressValue: int = 0  # 0..100
+    progressMaximum: int = 100  # 0 = busy indicator (no known total)
     progressText: str = ""
     statusText: str = ""
     errorText: str = ""
@@ -253,7 +253,9 @@ class Presenter:
         if self.state not in (STARTING, RUNNING):
             return False
         self.state = CANCELLING
-        self._progressText = "Cancelling: finishing the current step..." if self.job == TRAIN else "Cancelling..."
+        self._progressText = (
+            "Cancelling: finishing the current step..." if self.job == TRAIN else "Cancelling..."
+        )
         self._changed()
         return True
 
@@ -298,15 +300,18 @@ class Presenter:
             if isinstance(dice, (int, float)):
                 best = event.get("best")
                 self._status = f"Validation Dice {dice:.3f}" + (
-                    f" (best {best:.3f})" if isinstance(best, (int, float)) else "")
+                    f" (best {best:.3f})" if isinstance(best, (int, float)) else ""
+                )
         elif kind == "case":
             if self.state == STARTING:
                 self.state = RUNNING
             self._iteration = int(event.get("index") or 0)
             self._total = int(event.get("total") or self._total or 0)
             if self.state != CANCELLING:
-                self._progressText = (f"{RUNNING_VERBS.get(self.job or '', 'Running')}: "
-                                      f"case {self._iteration} of {self._total} ({event.get('case', '')}) done")
+                self._progressText = (
+                    f"{RUNNING_VERBS.get(self.job or '', 'Running')}: "
+                    f"case {self._iteration} of {self._total} ({event.get('case', '')}) done"
+                )
         elif kind == "warning":
             message = str(event.get("message") or "").strip()
             if message:
@@ -335,8 +340,15 @@ class Presenter:
             parts.append(f"{eta_text} left")
         return " - ".join(parts)
 
-    def workerEnded(self, status: str, *, exitCode: int | None = None, message: str = "",
-                    logTail: list[str] | None = None, importsResults: bool = False) -> None:
+    def workerEnded(
+        self,
+        status: str,
+        *,
+        exitCode: int | None = None,
+        message: str = "",
+        logTail: list[str] | None = None,
+        importsResults: bool = False,
+    ) -> None:
         """The worker process is gone. ``status`` is the client's view (completed/cancelled/failed).
 
         If the job completed and has results to load (segmentation), the state becomes
@@ -353,13 +365,20 @@ class Presenter:
             return
         if status == "cancelled":
             resume = " Resume continues from the last checkpoint." if self.job == TRAIN else ""
-            where = f" at iteration {self._iteration} of {self._total}" if self.job == TRAIN and self._total else ""
+            where = (
+                f" at iteration {self._iteration} of {self._total}"
+                if self.job == TRAIN and self._total
+                else ""
+            )
             self._finish(IDLE, f"{RUNNING_VERBS.get(self.job or '', 'Job')} cancelled{where}.{resume}")
             return
         if not self._error:
             tail = [line for line in (logTail or []) if line.strip()][-LOG_TAIL_LINES:]
-            reason = message or (f"the worker stopped unexpectedly (exit code {exitCode})" if exitCode is not None
-                                 else "the worker stopped unexpectedly")
+            reason = message or (
+                f"the worker stopped unexpectedly (exit code {exitCode})"
+                if exitCode is not None
+                else "the worker stopped unexpectedly"
+            )
             self._error = reason[0].upper() + reason[1:] + (":\n" + "\n".join(tail) if tail else "")
         self._finish(FAILED, f"{BUTTON_LABELS.get(self.job or '', 'Job')} failed.")
 
@@ -412,7 +431,8 @@ class Presenter:
                 labels[job] = CANCEL_LABEL
                 enabled[job] = True
                 tips[job] = f"Stop {RUNNING_VERBS[job].lower()}" + (
-                    " (a checkpoint is written; Resume continues from it)" if job == TRAIN else "")
+                    " (a checkpoint is written; Resume continues from it)" if job == TRAIN else ""
+                )
             elif busy and job == self.job and self.state == CANCELLING:
                 labels[job] = CANCELLING_LABEL
                 enabled[job] = False

@@ -30,8 +30,14 @@ HEAT_TABLE_NAME = "Uncertainty heat map"
 HEAT_TABLE_SINGLETON = "BidirUncertaintySegHeatMap"
 # Inferno at 0, 1/8, ..., 1 (matplotlib's values): black - purple - red - orange - pale yellow.
 INFERNO_ANCHORS = (
-    (0.001, 0.000, 0.014), (0.129, 0.047, 0.291), (0.342, 0.062, 0.429), (0.541, 0.135, 0.415),
-    (0.736, 0.216, 0.330), (0.894, 0.353, 0.194), (0.978, 0.558, 0.035), (0.975, 0.798, 0.206),
+    (0.001, 0.000, 0.014),
+    (0.129, 0.047, 0.291),
+    (0.342, 0.062, 0.429),
+    (0.541, 0.135, 0.415),
+    (0.736, 0.216, 0.330),
+    (0.894, 0.353, 0.194),
+    (0.978, 0.558, 0.035),
+    (0.975, 0.798, 0.206),
     (0.988, 0.998, 0.645),
 )
 
@@ -85,8 +91,10 @@ def heatColorNode(scene: Any) -> Any:
 
 def sliceCompositeNodes(scene: Any) -> list[Any]:
     """The slice views' composite nodes (which volumes each view shows)."""
-    return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    return [
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+    ]
 
 
 def setOverlayThreshold(uncertaintyNode: Any, threshold: float) -> None:
@@ -104,8 +112,14 @@ def setOverlayOpacity(scene: Any, uncertaintyNode: Any, opacity: float) -> None:
             composite.SetForegroundOpacity(float(opacity))
 
 
-def showUncertaintyOverlay(scene: Any, uncertaintyNode: Any, backgroundNode: Any = None, *,
-                           opacity: float = 0.5, threshold: float = 0.2) -> None:
+def showUncertaintyOverlay(
+    scene: Any,
+    uncertaintyNode: Any,
+    backgroundNode: Any = None,
+    *,
+    opacity: float = 0.5,
+    threshold: float = 0.2,
+) -> None:
     """Show the uncertainty map as a heat-map foreground over ``backgroundNode`` in every slice view."""
     if uncertaintyNode.GetDisplayNode() is None:
         uncertaintyNode.CreateDefaultDisplayNodes()
@@ -136,8 +150,9 @@ def _newColumn(kind: str, name: str) -> Any:
     return array
 
 
-def regionsToTable(scene: Any, regions: Sequence[Region], tableNode: Any = None, *,
-                   name: str = "Uncertain regions") -> Any:
+def regionsToTable(
+    scene: Any, regions: Sequence[Region], tableNode: Any = None, *, name: str = "Uncertain regions"
+) -> Any:
     """Fill (or create) a table node with one row per region, best first."""
     if tableNode is None:
         tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
@@ -148,8 +163,14 @@ def regionsToTable(scene: Any, regions: Sequence[Region], tableNode: Any = None,
     table.Initialize()
     columns = [_newColumn(kind, title) for title, kind, _, _ in REGION_COLUMNS]
     for region in regions:
-        values = (region.rank, ", ".join(region.classes) or "background", region.volumeMm3,
-                  region.meanUncertainty, region.maxUncertainty, *region.centroidRas)
+        values = (
+            region.rank,
+            ", ".join(region.classes) or "background",
+            region.volumeMm3,
+            region.meanUncertainty,
+            region.maxUncertainty,
+            *region.centroidRas,
+        )
         for column, value in zip(columns, values, strict=True):
             column.InsertNextValue(value)
     for column in columns:
@@ -185,8 +206,9 @@ def regionPositionFromTable(tableNode: Any, row: int) -> tuple[float, float, flo
     return tuple(values)
 
 
-def regionsToMarkups(scene: Any, regions: Sequence[Region], markupsNode: Any = None, *,
-                     name: str = "Uncertain regions") -> Any:
+def regionsToMarkups(
+    scene: Any, regions: Sequence[Region], markupsNode: Any = None, *, name: str = "Uncertain regions"
+) -> Any:
     """A point list with one locked point per region centroid, labeled R1, R2, ... (best first)."""
     if markupsNode is None:
         markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
@@ -198,18 +220,23 @@ def regionsToMarkups(scene: Any, regions: Sequence[Region], markupsNode: Any = N
     for region in regions:
         index = markupsNode.AddControlPoint(list(region.centroidRas), f"R{region.rank}")
         markupsNode.SetNthControlPointDescription(
-            index, f"{region.mainClass}, {region.volumeMm3:.0f} mm3, mean uncertainty {region.meanUncertainty:.2f}")
+            index,
+            f"{region.mainClass}, {region.volumeMm3:.0f} mm3, mean uncertainty {region.meanUncertainty:.2f}",
+        )
         markupsNode.SetNthControlPointLocked(index, True)
     markupsNode.EndModify(wasModifying)
     return markupsNode
 
 
-def regionsToRois(scene: Any, regions: Sequence[Region], *, maxCount: int = 10,
-                  namePrefix: str = "Region") -> list[Any]:
+def regionsToRois(
+    scene: Any, regions: Sequence[Region], *, maxCount: int = 10, namePrefix: str = "Region"
+) -> list[Any]:
     """One ROI (the RAS bounding box) per region, for the first ``maxCount`` regions."""
     nodes = []
     for region in list(regions)[:maxCount]:
-        roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", scene.GenerateUniqueName(f"{namePrefix} {region.rank}"))
+        roi = scene.AddNewNodeByClass(
+            "vtkMRMLMarkupsROINode", scene.GenerateUniqueName(f"{namePrefix} {region.rank}")
+        )
         roi.CreateDefaultDisplayNodes()
         roi.SetCenter(list(region.centerRas))
         roi.SetSize(list(region.sizeRas))
@@ -236,12 +263,18 @@ def jumpToRegion(scene: Any, region: Region, markupsLogic: Any = None) -> None:
 # Ranking of unlabeled volumes
 
 
-RANKING_COLUMNS = (("Rank", "int"), ("Volume", "string"), ("Score", "double"), ("Mean uncertainty", "double"),
-                   ("Flagged volume", "double"))
+RANKING_COLUMNS = (
+    ("Rank", "int"),
+    ("Volume", "string"),
+    ("Score", "double"),
+    ("Mean uncertainty", "double"),
+    ("Flagged volume", "double"),
+)
 
 
-def rankingToTable(scene: Any, rows: Sequence[dict[str, Any]], tableNode: Any = None, *,
-                   name: str = "Next case ranking") -> Any:
+def rankingToTable(
+    scene: Any, rows: Sequence[dict[str, Any]], tableNode: Any = None, *, name: str = "Next case ranking"
+) -> Any:
     """Rows: {'rank', 'volume' (node name), 'score', 'meanUncertainty', 'flaggedMm3'}; best first."""
     if tableNode is None:
         tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
@@ -259,8 +292,9 @@ def rankingToTable(scene: Any, rows: Sequence[dict[str, Any]], tableNode: Any = 
     for column in columns:
         table.AddColumn(column)
     tableNode.SetColumnUnitLabel("Flagged volume", "mm3")
-    tableNode.SetColumnDescription("Score", "How much the model would learn from labeling this volume "
-                                   "(higher = label first)")
+    tableNode.SetColumnDescription(
+        "Score", "How much the model would learn from labeling this volume (higher = label first)"
+    )
     tableNode.SetUseColumnTitleAsColumnHeader(True)
     tableNode.SetLocked(True)
     table.Modified()
@@ -293,11 +327,17 @@ def _fillTable(tableNode: Any, iterations: Sequence[int], columns: dict[str, Seq
     tableNode.EndModify(wasModifying)
 
 
-def _seriesFor(scene: Any, chart: Any, tableNode: Any, column: str, label: str, color: Sequence[float]) -> Any:
+def _seriesFor(
+    scene: Any, chart: Any, tableNode: Any, column: str, label: str, color: Sequence[float]
+) -> Any:
     slicer = _slicer()
     for index in range(chart.GetNumberOfPlotSeriesNodes()):
         series = chart.GetNthPlotSeriesNode(index)
-        if series is not None and series.GetTableNodeID() == tableNode.GetID() and series.GetYColumnName() == column:
+        if (
+            series is not None
+            and series.GetTableNodeID() == tableNode.GetID()
+            and series.GetYColumnName() == column
+        ):
             return series
     series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(label))
     series.SetAndObserveTableNodeID(tableNode.GetID())
@@ -311,12 +351,20 @@ def _seriesFor(scene: Any, chart: Any, tableNode: Any, column: str, label: str, 
     return series
 
 
-SERIES_COLORS = ((0.85, 0.33, 0.31), (0.27, 0.51, 0.85), (0.35, 0.70, 0.40), (0.95, 0.55, 0.20),
-                 (0.62, 0.40, 0.80), (0.20, 0.75, 0.80), (0.50, 0.50, 0.50))
+SERIES_COLORS = (
+    (0.85, 0.33, 0.31),
+    (0.27, 0.51, 0.85),
+    (0.35, 0.70, 0.40),
+    (0.95, 0.55, 0.20),
+    (0.62, 0.40, 0.80),
+    (0.20, 0.75, 0.80),
+    (0.50, 0.50, 0.50),
+)
 
 
-def updateTrainingPlot(scene: Any, history: Any, lossTable: Any = None, validationTable: Any = None,
-                       chart: Any = None) -> tuple[Any, Any, Any]:
+def updateTrainingPlot(
+    scene: Any, history: Any, lossTable: Any = None, validationTable: Any = None, chart: Any = None
+) -> tuple[Any, Any, Any]:
     """Fill the loss and validation tables from a :class:`~.presenter.TrainingHistory` and make sure
     every column has a series in the chart. Returns (lossTable, validationTable, chart)."""
     if lossTable is None:
@@ -336,7 +384,13 @@ def updateTrainingPlot(scene: Any, history: Any, lossTable: Any = None, validati
         number += 1
     for key in sorted(history.validation):
         if key == "dice" or "/" not in key:  # the mean; per-class curves would crowd the chart
-            _seriesFor(scene, chart, validationTable, key, f"validation {key}",
-                       SERIES_COLORS[number % len(SERIES_COLORS)])
+            _seriesFor(
+                scene,
+                chart,
+                validationTable,
+                key,
+                f"validation {key}",
+                SERIES_COLORS[number % len(SERIES_COLORS)],
+            )
             number += 1
     return lossTable, validationTable, chart

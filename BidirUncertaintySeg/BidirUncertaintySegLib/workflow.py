@@ -27,7 +27,7 @@ from .engine import JobResult, PredictOutputs, Region, WorkerJob
 from .errors import ModuleError, PreviousTrainingError
 from .parameters import ParameterStore, buildTrainConfig
 
-INPUTS_FOLDER = "inputs"          # inside a training folder: the exported cases and the run's config
+INPUTS_FOLDER = "inputs"  # inside a training folder: the exported cases and the run's config
 CONFIG_NAME = "train_config.json"
 WORKER_LOG = "worker.log"
 # Node reference from a result node (segmentation, uncertainty map) to the volume it was computed from.
@@ -43,7 +43,7 @@ class SlicerContext:
     markupsLogic: Any = None
     # The worker's Python (PythonSlicer in Slicer; a function is called when a worker starts); default: this one.
     python: str | Callable[[], str] | None = None
-    env: dict[str, str] | None = None      # the worker's base environment; default: this process's
+    env: dict[str, str] | None = None  # the worker's base environment; default: this process's
     runsFolder: Path = field(default_factory=lambda: Path.home() / "BidirUncertaintySeg" / "runs")
     workFolder: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "BidirUncertaintySeg")
 
@@ -77,8 +77,14 @@ class Job:
     :class:`SegmentationResult`, a ranking...), ``importError`` (a message, or None).
     """
 
-    def __init__(self, kind: str, worker: WorkerJob, *, outDir: Path,
-                 onCompleted: Callable[[JobResult], Any] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        worker: WorkerJob,
+        *,
+        outDir: Path,
+        onCompleted: Callable[[JobResult], Any] | None = None,
+    ) -> None:
         self.kind = kind
         self.worker = worker
         self.outDir = Path(outDir)
@@ -140,7 +146,12 @@ class Job:
 
     @property
     def succeeded(self) -> bool:
-        return self.done and self.result is not None and self.result.status == "completed" and not self.importError
+        return (
+            self.done
+            and self.result is not None
+            and self.result.status == "completed"
+            and not self.importError
+        )
 
     def failureMessage(self) -> str:
         """Why the job did not succeed, for a person ('' if it did)."""
@@ -152,8 +163,10 @@ class Job:
 
     def raiseForFailure(self) -> None:
         if not self.succeeded:
-            raise ModuleError(f"{self.kind.capitalize()} did not succeed: {self.failureMessage()}\n"
-                              f"Log: {self.outDir / WORKER_LOG}")
+            raise ModuleError(
+                f"{self.kind.capitalize()} did not succeed: {self.failureMessage()}\n"
+                f"Log: {self.outDir / WORKER_LOG}"
+            )
 
 
 @dataclass
@@ -196,35 +209,55 @@ class Workflow:
 
     def _worker(self, command: Sequence[str], folder: Path) -> WorkerJob:
         python = self.context.python() if callable(self.context.python) else self.context.python
-        return WorkerJob(command, python=python, env=self.context.env, workDir=folder, logPath=folder / WORKER_LOG)
+        return WorkerJob(
+            command, python=python, env=self.context.env, workDir=folder, logPath=folder / WORKER_LOG
+        )
 
     # -- training ------------------------------------------------------------------
 
-    def prepareTraining(self, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any] = (), *,
-                        outDir: str | Path | None = None, overwrite: bool = False, validationCount: int | None = None,
-                        overrides: dict[str, Any] | None = None) -> tuple[Path, Path, Any]:
+    def prepareTraining(
+        self,
+        labeled: Sequence[tuple[Any, Any]],
+        unlabeled: Sequence[Any] = (),
+        *,
+        outDir: str | Path | None = None,
+        overwrite: bool = False,
+        validationCount: int | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> tuple[Path, Path, Any]:
         """Export the cases and write the run's TrainConfig; returns (outDir, config JSON path, config)."""
         store = self.store or ParameterStore(self._scratchParameterNode())
         outDir = Path(outDir) if outDir else timestampedFolder(self.context.runsFolder, "run")
-        previous = [name for name in (engine.LAST_CHECKPOINT, engine.MODEL_FILE, engine.RUN_CONFIG)
-                    if (outDir / name).exists()]
+        previous = [
+            name
+            for name in (engine.LAST_CHECKPOINT, engine.MODEL_FILE, engine.RUN_CONFIG)
+            if (outDir / name).exists()
+        ]
         if previous and not overwrite:
-            raise PreviousTrainingError(f"{outDir} holds a previous training ({', '.join(previous)}). Resume it, choose "
-                              "another output folder, or allow overwriting it.")
+            raise PreviousTrainingError(
+                f"{outDir} holds a previous training ({', '.join(previous)}). Resume it, choose "
+                "another output folder, or allow overwriting it."
+            )
         inputs = outDir / INPUTS_FOLDER
         if inputs.exists():
             if not (inputs / nodefiles.MANIFEST_NAME).exists():
-                raise ModuleError(f"{inputs} exists and was not written by this module; choose another output folder.")
+                raise ModuleError(
+                    f"{inputs} exists and was not written by this module; choose another output folder."
+                )
             shutil.rmtree(inputs)  # our own export of an earlier attempt
         if validationCount is None:
             validationCount = 1 if store.get("holdOutValidation") else 0
-        exported = nodefiles.exportTrainingData(self.scene, inputs, labeled, unlabeled,
-                                                validationCount=validationCount)
-        config = buildTrainConfig(store, exported.manifestPath, outDir, hasValidation=bool(validationCount),
-                                  overrides=overrides)
+        exported = nodefiles.exportTrainingData(
+            self.scene, inputs, labeled, unlabeled, validationCount=validationCount
+        )
+        config = buildTrainConfig(
+            store, exported.manifestPath, outDir, hasValidation=bool(validationCount), overrides=overrides
+        )
         if config.method.name != "supervised" and not exported.unlabeledCases:
-            raise ModuleError(f"Method '{config.method.name}' learns from unlabeled volumes too: add some, "
-                              "or choose the supervised method.")
+            raise ModuleError(
+                f"Method '{config.method.name}' learns from unlabeled volumes too: add some, "
+                "or choose the supervised method."
+            )
         engine.ensureEngineImportable()
         from buseg.config import to_dict
 
@@ -232,12 +265,25 @@ class Workflow:
         nodefiles.writeJson(configPath, to_dict(config))
         return outDir, configPath, config
 
-    def startTraining(self, labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any] = (), *,
-                      outDir: str | Path | None = None, overwrite: bool = False,
-                      validationCount: int | None = None, overrides: dict[str, Any] | None = None) -> Job:
+    def startTraining(
+        self,
+        labeled: Sequence[tuple[Any, Any]],
+        unlabeled: Sequence[Any] = (),
+        *,
+        outDir: str | Path | None = None,
+        overwrite: bool = False,
+        validationCount: int | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> Job:
         """Export, then launch ``buseg train`` in the background. The job's value is the model path."""
-        outDir, configPath, _ = self.prepareTraining(labeled, unlabeled, outDir=outDir, overwrite=overwrite,
-                                                     validationCount=validationCount, overrides=overrides)
+        outDir, configPath, _ = self.prepareTraining(
+            labeled,
+            unlabeled,
+            outDir=outDir,
+            overwrite=overwrite,
+            validationCount=validationCount,
+            overrides=overrides,
+        )
         worker = self._worker(engine.trainCommand(configPath, outDir, overwrite=overwrite), outDir)
         return self._trainingJob(worker, outDir).start()
 
@@ -247,7 +293,9 @@ class Workflow:
         if not folder:
             raise ModuleError("No training to resume: give its output folder.")
         if not engine.resumable(folder):
-            raise ModuleError(f"No interrupted training to resume in {folder} (no checkpoint newer than its model).")
+            raise ModuleError(
+                f"No interrupted training to resume in {folder} (no checkpoint newer than its model)."
+            )
         folder = Path(folder)
         return self._trainingJob(self._worker(engine.resumeCommand(folder), folder), folder).start()
 
@@ -267,7 +315,9 @@ class Workflow:
 
     # -- segmentation --------------------------------------------------------------
 
-    def predictOptions(self, uncertainty: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    def predictOptions(
+        self, uncertainty: str | None = None, options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         merged = dict(self.store.predictOptions()) if self.store is not None else {}
         if self.store is not None:
             merged["uncertainty"] = self.store.get("segmentUncertainty")
@@ -278,8 +328,15 @@ class Workflow:
         merged.update(options or {})
         return merged
 
-    def startSegmentation(self, volumeNode: Any, modelPath: str | Path, *, uncertainty: str | None = None,
-                          options: dict[str, Any] | None = None, show: bool = True) -> Job:
+    def startSegmentation(
+        self,
+        volumeNode: Any,
+        modelPath: str | Path,
+        *,
+        uncertainty: str | None = None,
+        options: dict[str, Any] | None = None,
+        show: bool = True,
+    ) -> Job:
         """Export ``volumeNode``, launch ``buseg predict``; the job's value is a :class:`SegmentationResult`."""
         nodefiles.checkScalarVolume(volumeNode, "volume to segment")
         modelPath = Path(modelPath)
@@ -295,40 +352,57 @@ class Workflow:
         def completed(result: JobResult) -> SegmentationResult:
             outputs = engine.readPredictSummary(outDir).get(caseName)
             if outputs is None:
-                raise ModuleError(f"the worker wrote no result for '{volumeNode.GetName()}' (see {outDir / 'summary.json'})")
+                raise ModuleError(
+                    f"the worker wrote no result for '{volumeNode.GetName()}' (see {outDir / 'summary.json'})"
+                )
             return self.importSegmentation(outputs, volumeNode, show=show)
 
         return Job("segment", self._worker(command, folder), outDir=folder, onCompleted=completed).start()
 
-    def importSegmentation(self, outputs: PredictOutputs, volumeNode: Any, *, show: bool = True) -> SegmentationResult:
+    def importSegmentation(
+        self, outputs: PredictOutputs, volumeNode: Any, *, show: bool = True
+    ) -> SegmentationResult:
         """Load a case's predict outputs: segmentation, uncertainty overlay, regions table and markups."""
         missing = outputs.missing()
         if missing:
             raise ModuleError(f"the worker did not write {', '.join(str(p) for p in missing)}")
         targetSegmentation, targetUncertainty = self._reusableResultNodes(volumeNode)
-        segmentation = nodefiles.loadSegmentation(self.scene, self.context.segmentationsLogic, outputs.segmentation,
-                                                  volumeNode, targetNode=targetSegmentation)
-        uncertainty = nodefiles.loadUncertaintyVolume(self.scene, outputs.uncertainty, volumeNode,
-                                                      targetNode=targetUncertainty)
+        segmentation = nodefiles.loadSegmentation(
+            self.scene,
+            self.context.segmentationsLogic,
+            outputs.segmentation,
+            volumeNode,
+            targetNode=targetSegmentation,
+        )
+        uncertainty = nodefiles.loadUncertaintyVolume(
+            self.scene, outputs.uncertainty, volumeNode, targetNode=targetUncertainty
+        )
         for node in (segmentation, uncertainty):
             node.SetNodeReferenceID(INPUT_VOLUME_ROLE, volumeNode.GetID())
         document = engine.readRegions(outputs.regions)
         store = self.store
-        table = review.regionsToTable(self.scene, document.regions,
-                                      store.nodeReference("RegionsTable") if store else None,
-                                      name=f"{volumeNode.GetName()} uncertain regions")
+        table = review.regionsToTable(
+            self.scene,
+            document.regions,
+            store.nodeReference("RegionsTable") if store else None,
+            name=f"{volumeNode.GetName()} uncertain regions",
+        )
         showMarkups = store.get("showMarkups") if store else True
         markups = store.nodeReference("RegionsMarkups") if store else None
         if showMarkups:
-            markups = review.regionsToMarkups(self.scene, document.regions, markups,
-                                              name=f"{volumeNode.GetName()} regions")
+            markups = review.regionsToMarkups(
+                self.scene, document.regions, markups, name=f"{volumeNode.GetName()} regions"
+            )
         elif markups is not None:
             markups.RemoveAllControlPoints()
         if show:
             review.showUncertaintyOverlay(
-                self.scene, uncertainty, volumeNode,
+                self.scene,
+                uncertainty,
+                volumeNode,
                 opacity=store.get("overlayOpacity") if store else 0.5,
-                threshold=store.get("overlayThreshold") if store else 0.2)
+                threshold=store.get("overlayThreshold") if store else 0.2,
+            )
         if store is not None:
             wasModifying = store.node.StartModify()
             store.setNodeReference("OutputSegmentation", segmentation)
@@ -336,8 +410,9 @@ class Workflow:
             store.setNodeReference("RegionsTable", table)
             store.setNodeReference("RegionsMarkups", markups)
             store.node.EndModify(wasModifying)
-        return SegmentationResult(segmentation, uncertainty, document.regions, table, markups, outputs,
-                                  document.summary)
+        return SegmentationResult(
+            segmentation, uncertainty, document.regions, table, markups, outputs, document.summary
+        )
 
     def _reusableResultNodes(self, volumeNode: Any) -> tuple[Any, Any]:
         """The previous result nodes, when they belong to the same volume and are not a labeled case
@@ -347,16 +422,25 @@ class Workflow:
         segmentation = self.store.nodeReference("OutputSegmentation")
         uncertainty = self.store.nodeReference("UncertaintyVolume")
         labeled = {s.GetID() for _, s in self.store.labeledCases()}
-        if segmentation is not None and (segmentation.GetID() in labeled
-                                         or segmentation.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode):
+        if segmentation is not None and (
+            segmentation.GetID() in labeled
+            or segmentation.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode
+        ):
             segmentation = None
         if uncertainty is not None and uncertainty.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode:
             uncertainty = None
         return segmentation, uncertainty
 
-    def segmentFiles(self, inputs: Sequence[str | Path] | str | Path, outputFolder: str | Path,
-                     modelPath: str | Path, *, uncertainty: str | None = None,
-                     options: dict[str, Any] | None = None, overwrite: bool = False) -> Job:
+    def segmentFiles(
+        self,
+        inputs: Sequence[str | Path] | str | Path,
+        outputFolder: str | Path,
+        modelPath: str | Path,
+        *,
+        uncertainty: str | None = None,
+        options: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Job:
         """``buseg predict`` on files or folders, outputs in ``outputFolder``; nothing is loaded.
         The job's value maps case names to :class:`~.engine.PredictOutputs`. Existing outputs
         (the user's files) are replaced only with ``overwrite``."""
@@ -364,15 +448,26 @@ class Workflow:
             inputs = [inputs]
         outDir = Path(outputFolder)
         outDir.mkdir(parents=True, exist_ok=True)
-        command = engine.predictCommand(list(inputs), modelPath, outDir, self.predictOptions(uncertainty, options),
-                                        overwrite=overwrite)
-        return Job("segment", self._worker(command, outDir), outDir=outDir,
-                   onCompleted=lambda result: engine.readPredictSummary(outDir)).start()
+        command = engine.predictCommand(
+            list(inputs), modelPath, outDir, self.predictOptions(uncertainty, options), overwrite=overwrite
+        )
+        return Job(
+            "segment",
+            self._worker(command, outDir),
+            outDir=outDir,
+            onCompleted=lambda result: engine.readPredictSummary(outDir),
+        ).start()
 
     # -- next case -----------------------------------------------------------------
 
-    def startRanking(self, volumeNodes: Sequence[Any], modelPath: str | Path, *, uncertainty: str | None = None,
-                     options: dict[str, Any] | None = None) -> Job:
+    def startRanking(
+        self,
+        volumeNodes: Sequence[Any],
+        modelPath: str | Path,
+        *,
+        uncertainty: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Job:
         """Rank unlabeled volumes by uncertainty; the job's value is a list of :class:`RankedVolume`, best first."""
         if not volumeNodes:
             raise ModuleError("No unlabeled volumes to rank.")
@@ -394,8 +489,15 @@ class Workflow:
             for entry in engine.readRanking(outDir):
                 volume = byCase.get(str(entry.get("case")))
                 if volume is not None:
-                    ranked.append(RankedVolume(int(entry["rank"]), volume, float(entry["score"]),
-                                               dict(entry.get("statistics") or {}), int(entry.get("regions") or 0)))
+                    ranked.append(
+                        RankedVolume(
+                            int(entry["rank"]),
+                            volume,
+                            float(entry["score"]),
+                            dict(entry.get("statistics") or {}),
+                            int(entry.get("regions") or 0),
+                        )
+                    )
             if not ranked:
                 raise ModuleError("the ranking lists none of the volumes")
             self.showRanking(ranked)
@@ -405,10 +507,19 @@ class Workflow:
 
     def showRanking(self, ranked: Sequence[RankedVolume]) -> Any:
         """The ranking as a table node; the best volume becomes the one to segment next."""
-        rows = [{"rank": r.rank, "volume": r.volumeNode.GetName(), "score": r.score,
-                 "meanUncertainty": r.statistics.get("mean_uncertainty"),
-                 "flaggedMm3": r.statistics.get("flagged_volume_mm3")} for r in ranked]
-        table = review.rankingToTable(self.scene, rows, self.store.nodeReference("RankingTable") if self.store else None)
+        rows = [
+            {
+                "rank": r.rank,
+                "volume": r.volumeNode.GetName(),
+                "score": r.score,
+                "meanUncertainty": r.statistics.get("mean_uncertainty"),
+                "flaggedMm3": r.statistics.get("flagged_volume_mm3"),
+            }
+            for r in ranked
+        ]
+        table = review.rankingToTable(
+            self.scene, rows, self.store.nodeReference("RankingTable") if self.store else None
+        )
         if self.store is not None and ranked:
             wasModifying = self.store.node.StartModify()
             self.store.setNodeReference("RankingTable", table)
@@ -436,7 +547,9 @@ class Workflow:
             self.store.setNodeReference("OutputSegmentation", None)
         return changed
 
-    def jumpToRegionRow(self, row: int, tableNode: Any = None, *, viewRow: bool = False) -> tuple[float, float, float] | None:
+    def jumpToRegionRow(
+        self, row: int, tableNode: Any = None, *, viewRow: bool = False
+    ) -> tuple[float, float, float] | None:
         """Center the slice views on the region of a table row (``viewRow``: a row index of a table
         view showing it); returns the position (None: no such row)."""
         table = tableNode or (self.store.nodeReference("RegionsTable") if self.store else None)

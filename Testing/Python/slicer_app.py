@@ -82,5 +82,13 @@ def create_slicer_app() -> SlicerTestApp:
         slice_logic_collection.AddItem(slice_logic)
         slice_logics[name] = slice_logic
 
-    return SlicerTestApp(scene, application_logic, volumes_logic, segmentations_logic, markups_logic,
-                         subject_hierarchy_logic, data_logic, slice_logics)
+    return SlicerTestApp(
+        scene,
+        application_logic,
+        volumes_logic,
+        segmentations_logic,
+        markups_logic,
+        subject_hierarchy_logic,
+        data_logic,
+        slice_logics,
+    )

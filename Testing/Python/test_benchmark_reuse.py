@@ -27,8 +27,12 @@ def quality():
 
 
 def _config(quality, method_key: str, out: Path, **sets):
-    args = argparse.Namespace(data_root=Path("/data/ACDC"), threads=1, device="cpu",
-                              set=[f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    args = argparse.Namespace(
+        data_root=Path("/data/ACDC"),
+        threads=1,
+        device="cpu",
+        set=[f"{k}={json.dumps(v)}" for k, v in sets.items()],
+    )
     return quality.base_config(quality.PRESETS[("acdc", "cpu")], args, method_key, 1337, out)
 
 
@@ -55,21 +59,31 @@ def test_a_run_reached_through_another_work_folder_is_the_same_run(quality, tmp_
 
 def test_a_different_setting_is_a_different_run(quality, tmp_path):
     _store(quality, _config(quality, "ours", tmp_path / "run"), tmp_path / "run")
-    assert not quality._same_config(tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"optim.lr": 0.02}))
+    assert not quality._same_config(
+        tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"optim.lr": 0.02})
+    )
     # Our method reads the CRL settings: another threshold rule is another run.
-    assert not quality._same_config(tmp_path / "run", _config(
-        quality, "ours", tmp_path / "run", **{"crl.threshold_mode": "ramp"}))
+    assert not quality._same_config(
+        tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"crl.threshold_mode": "ramp"})
+    )
     assert not (tmp_path / "missing").exists() and not quality._same_config(
-        tmp_path / "missing", _config(quality, "ours", tmp_path / "missing"))
+        tmp_path / "missing", _config(quality, "ours", tmp_path / "missing")
+    )
 
 
 def test_settings_a_method_does_not_read_do_not_distinguish_its_runs(quality, tmp_path):
-    _store(quality, _config(quality, "bcp", tmp_path / "run", **{"crl.threshold_mode": "ramp"}), tmp_path / "run")
+    _store(
+        quality, _config(quality, "bcp", tmp_path / "run", **{"crl.threshold_mode": "ramp"}), tmp_path / "run"
+    )
     assert quality._same_config(tmp_path / "run", _config(quality, "bcp", tmp_path / "run"))
 
 
 def test_runs_made_before_an_option_existed_match_only_its_reproducing_value(quality, tmp_path):
     made = _config(quality, "ours", tmp_path / "run", **{"url.loss": "ce+dice"})
     _store(quality, made, tmp_path / "run", drop=(("url", "loss"), ("crl", "loss")))
-    assert quality._same_config(tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"url.loss": "ce+dice"}))
-    assert not quality._same_config(tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"url.loss": "ce"}))
+    assert quality._same_config(
+        tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"url.loss": "ce+dice"})
+    )
+    assert not quality._same_config(
+        tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"url.loss": "ce"})
+    )

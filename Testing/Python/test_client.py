@@ -49,13 +49,16 @@ def test_state_machine_normal_run():
     assert m.transitions == [(IDLE, STARTING), (STARTING, RUNNING), (RUNNING, FINISHED)]
 
 
-@pytest.mark.parametrize(("finished", "exit_code", "expected"), [
-    ("cancelled", 130, CANCELLED),   # the worker saved and said so
-    (None, -9, CANCELLED),           # killed after the grace period: still what the user asked for
-    (None, 130, CANCELLED),          # second signal: exited without a word
-    ("completed", 0, FINISHED),      # the job ended before the cancel took effect
-    ("failed", 2, FAILED),
-])
+@pytest.mark.parametrize(
+    ("finished", "exit_code", "expected"),
+    [
+        ("cancelled", 130, CANCELLED),  # the worker saved and said so
+        (None, -9, CANCELLED),  # killed after the grace period: still what the user asked for
+        (None, 130, CANCELLED),  # second signal: exited without a word
+        ("completed", 0, FINISHED),  # the job ended before the cancel took effect
+        ("failed", 2, FAILED),
+    ],
+)
 def test_state_machine_cancel(finished, exit_code, expected):
     m = WorkerStateMachine()
     m.launch()
@@ -68,12 +71,15 @@ def test_state_machine_cancel(finished, exit_code, expected):
     assert m.state == expected
 
 
-@pytest.mark.parametrize(("events", "exit_code"), [
-    ([{"event": "error", "message": "bad"}, *_events("failed")], 2),
-    ([], 2),                              # usage error: no events at all
-    ([], -11),                            # crashed (segfault)
-    (_events("completed"), 1),            # said completed, yet the process failed
-])
+@pytest.mark.parametrize(
+    ("events", "exit_code"),
+    [
+        ([{"event": "error", "message": "bad"}, *_events("failed")], 2),
+        ([], 2),  # usage error: no events at all
+        ([], -11),  # crashed (segfault)
+        (_events("completed"), 1),  # said completed, yet the process failed
+    ],
+)
 def test_state_machine_failures(events, exit_code):
     m = WorkerStateMachine()
     m.launch()
@@ -110,10 +116,16 @@ EVENT = '{{"event":"{kind}","schema":1,"time":0{extra}}}'
 
 
 def test_client_reads_events_and_keeps_other_output_as_log(tmp_path):
-    started = EVENT.format(kind="started", extra=',"job":"train","config":{},"device":"cpu","device_reason":"x","total":2')
+    started = EVENT.format(
+        kind="started", extra=',"job":"train","config":{},"device":"cpu","device_reason":"x","total":2'
+    )
     progress = EVENT.format(kind="progress", extra=',"iteration":1,"total":2')
-    finished = EVENT.format(kind="finished", extra=',"status":"completed","outputs":{"model":"m.pt"},"job":"train"')
-    client = fake_worker(tmp_path, f"""
+    finished = EVENT.format(
+        kind="finished", extra=',"status":"completed","outputs":{"model":"m.pt"},"job":"train"'
+    )
+    client = fake_worker(
+        tmp_path,
+        f"""
         import sys, time
         print('{started}', flush=True)
         print("a stray line on stdout", flush=True)
@@ -122,7 +134,9 @@ def test_client_reads_events_and_keeps_other_output_as_log(tmp_path):
         time.sleep(0.3)
         print('{progress}', flush=True)
         print('{finished}', flush=True)
-    """, log_path=tmp_path / "logs" / "worker.log")
+    """,
+        log_path=tmp_path / "logs" / "worker.log",
+    )
     assert client.argv[-2:] == ["--progress", "jsonl"]
     assert client.state == IDLE and client.poll() == []
     client.start()
@@ -138,18 +152,23 @@ def test_client_reads_events_and_keeps_other_output_as_log(tmp_path):
     assert client.result.outputs == {"model": "m.pt"} and client.result.exit_code == 0
     assert client.last_progress["iteration"] == 1 and client.started_event["device"] == "cpu"
     log = client.log_text()
-    assert "[stdout] a stray line on stdout" in log and "[stdout] [1, 2]" in log and "log line on stderr" in log
+    assert (
+        "[stdout] a stray line on stdout" in log and "[stdout] [1, 2]" in log and "log line on stderr" in log
+    )
     assert "log line on stderr" in (tmp_path / "logs" / "worker.log").read_text()
     assert client.poll() == []  # each event is delivered once
 
 
 def test_a_worker_that_dies_without_a_word_fails_with_its_log(tmp_path):
-    client = fake_worker(tmp_path, """
+    client = fake_worker(
+        tmp_path,
+        """
         import sys
         print("usage: buseg train [-h] ...", file=sys.stderr)
         print("buseg train: error: unrecognized arguments: --bogus", file=sys.stderr)
         sys.exit(2)
-    """)
+    """,
+    )
     client.start()
     result = client.wait(timeout=30)
     assert client.state == FAILED and result.status == "failed" and result.exit_code == 2
@@ -165,7 +184,9 @@ def test_a_worker_that_cannot_be_launched_fails_at_once(tmp_path):
 
 
 def test_wait_times_out_and_a_stubborn_worker_is_killed_with_its_children(tmp_path):
-    client = fake_worker(tmp_path, """
+    client = fake_worker(
+        tmp_path,
+        """
         import signal, subprocess, sys, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker that does not listen
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -173,7 +194,9 @@ def test_wait_times_out_and_a_stubborn_worker_is_killed_with_its_children(tmp_pa
               '"device_reason":"x","total":1}', flush=True)
         print(child.pid, file=sys.stderr, flush=True)
         time.sleep(120)
-    """, grace_seconds=1.0)
+    """,
+        grace_seconds=1.0,
+    )
     client.start()
     with pytest.raises(TimeoutError):
         client.wait(timeout=2)
@@ -206,10 +229,33 @@ def _alive(process: psutil.Process) -> bool:
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_client_runs_cancels_and_resumes_a_real_training(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    args = ["--method", "buarl", "--labeled", str(tiny_dataset["labeled"]), "--unlabeled",
-            str(tiny_dataset["unlabeled"]), "--iterations", "36", "--pretrain-iterations", "4", "--out", "run",
-            "--patch-size", "48", "48", "--batch-size", "4", "--num-threads", "1", "--log-interval", "2",
-            "--base-channels", "8", "--validation-interval", "0"]
+    args = [
+        "--method",
+        "buarl",
+        "--labeled",
+        str(tiny_dataset["labeled"]),
+        "--unlabeled",
+        str(tiny_dataset["unlabeled"]),
+        "--iterations",
+        "36",
+        "--pretrain-iterations",
+        "4",
+        "--out",
+        "run",
+        "--patch-size",
+        "48",
+        "48",
+        "--batch-size",
+        "4",
+        "--num-threads",
+        "1",
+        "--log-interval",
+        "2",
+        "--base-channels",
+        "8",
+        "--validation-interval",
+        "0",
+    ]
     client = WorkerClient("train", args, cwd=tmp_path)  # --out relative to cwd
     client.start()
     states, cancelled_at = set(), None

@@ -29,7 +29,9 @@ def test_folder_with_class_names(tiny_dataset):
     assert [c["name"] for c in data.classes] == ["background", "shell", "core", "satellite"]
     assert len(data.labeled_images) == 2 * 16  # two volumes cut into 16 axial slices
     assert len(data.unlabeled_images) == 3 * 16
-    assert all(img.dtype == np.float32 and img.min() >= 0.0 and img.max() <= 1.0 for img in data.labeled_images)
+    assert all(
+        img.dtype == np.float32 and img.min() >= 0.0 and img.max() <= 1.0 for img in data.labeled_images
+    )
     assert set(np.unique(np.concatenate([lab.ravel() for lab in data.labeled_labels]))) == {0, 1, 2, 3}
     assert data.spacing_mm == pytest.approx([1.2, 1.2, 2.5])
 
@@ -54,7 +56,9 @@ def test_seg_nrrd_labels_map_classes_by_segment_name(tmp_path):
         write_image(case.image, root / "images" / f"c{index}.nrrd")
         # The two files list the same segments in a different order (so different label values).
         names = {1: "shell", 2: "core", 3: "satellite"}
-        classes = [{"index": value, "name": names[value], "color": [0.1 * value, 0.2, 0.3]} for value in order]
+        classes = [
+            {"index": value, "name": names[value], "color": [0.1 * value, 0.2, 0.3]} for value in order
+        ]
         write_segmentation(case.label.array, case.image, classes, root / "labels" / f"c{index}.seg.nrrd")
     label = read_label(root / "labels" / "c1.seg.nrrd")
     assert label.segments[1]["name"] == "satellite"
@@ -80,7 +84,11 @@ def test_json_manifest_with_declared_classes(tmp_path):
         "labeled": [{"image": "img0.nii.gz", "label": "lab0.nii.gz"}],
         "unlabeled": ["img1.nii.gz"],
         "validation": [{"image": "img2.nii.gz", "label": "lab2.nii.gz"}],
-        "classes": [{"value": 1, "name": "A"}, {"value": 2, "name": "B", "color": [1, 0, 0]}, {"value": 3, "name": "C"}],
+        "classes": [
+            {"value": 1, "name": "A"},
+            {"value": 2, "name": "B", "color": [1, 0, 0]},
+            {"value": 3, "name": "C"},
+        ],
     }
     (root / "m.json").write_text(json.dumps(manifest))
     config = _config(root / "m.json")
@@ -132,8 +140,13 @@ def test_label_off_the_image_grid_is_refused_or_resampled(tmp_path):
 
 
 def test_image_geometry_round_trip(tmp_path):
-    case = make_case(np.random.default_rng(4), (8, 20, 24), spacing_mm=(0.7, 0.9, 3.0),
-                     direction=rotation_direction(30), origin=(-12.5, 40.0, 7.25))
+    case = make_case(
+        np.random.default_rng(4),
+        (8, 20, 24),
+        spacing_mm=(0.7, 0.9, 3.0),
+        direction=rotation_direction(30),
+        origin=(-12.5, 40.0, 7.25),
+    )
     for suffix in (".nii.gz", ".nrrd", ".mha"):
         path = tmp_path / f"img{suffix}"
         write_image(case.image, path)

@@ -40,8 +40,23 @@ def demo(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MPLBACKEND", None)  # matplotlib left to choose, as on a user's machine
     completed = subprocess.run(
-        [sys.executable, "-c", RUN_DEMO, "demo", "--quick", "--out", str(out), "--progress", "plain", "--seed", "3"],
-        capture_output=True, text=True, timeout=240, env=env,
+        [
+            sys.executable,
+            "-c",
+            RUN_DEMO,
+            "demo",
+            "--quick",
+            "--out",
+            str(out),
+            "--progress",
+            "plain",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return out, completed.stdout, completed.stderr
@@ -65,7 +80,12 @@ def test_writes_every_output(demo):
         assert json.loads((run / "history.json").read_text())["validation"], "no validation curve"
         for case in cases:
             folder = out / "predictions" / method / case
-            for name in (f"{case}_label.nii.gz", f"{case}.seg.nrrd", f"{case}_uncertainty.nii.gz", "regions.json"):
+            for name in (
+                f"{case}_label.nii.gz",
+                f"{case}.seg.nrrd",
+                f"{case}_uncertainty.nii.gz",
+                "regions.json",
+            ):
                 assert (folder / name).is_file(), folder / name
         assert (out / "evaluation" / method / "metrics.csv").is_file()
     assert (out / "comparison.md").is_file()

@@ -26,10 +26,35 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun + POSI
 
 
 def ddp_args(data: dict[str, Path], out: Path) -> list[str]:
-    return ["--method", "buarl", "--labeled", str(data["labeled"]), "--unlabeled", str(data["unlabeled"]),
-            "--iterations", "26", "--pretrain-iterations", "4", "--out", str(out), "--device", "cpu",
-            "--patch-size", "48", "48", "--batch-size", "4", "--num-threads", "1", "--log-interval", "2",
-            "--base-channels", "8", "--validation-interval", "0"]
+    return [
+        "--method",
+        "buarl",
+        "--labeled",
+        str(data["labeled"]),
+        "--unlabeled",
+        str(data["unlabeled"]),
+        "--iterations",
+        "26",
+        "--pretrain-iterations",
+        "4",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--patch-size",
+        "48",
+        "48",
+        "--batch-size",
+        "4",
+        "--num-threads",
+        "1",
+        "--log-interval",
+        "2",
+        "--base-channels",
+        "8",
+        "--validation-interval",
+        "0",
+    ]
 
 
 def torchrun_env() -> dict[str, str]:
@@ -43,8 +68,19 @@ def torchrun_env() -> dict[str, str]:
 def ddp_run(tiny_dataset, tmp_path_factory):
     """An uninterrupted 2-process training: (output folder, events, completed process)."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "buseg", "train", *ddp_args(tiny_dataset, out), "--progress", "jsonl"]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "buseg",
+        "train",
+        *ddp_args(tiny_dataset, out),
+        "--progress",
+        "jsonl",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=torchrun_env())
     events = [json.loads(line) for line in done.stdout.splitlines()]  # every stdout line is an event
     return out, events, done
@@ -96,8 +132,9 @@ def test_cancelled_and_resumed_ddp_run_equals_the_uninterrupted_one(ddp_run, tin
     saved = read_checkpoint(out / "last.pt")["training_state"]
     assert 6 <= saved["iteration"] < 30 and len(saved["random_per_rank"]) == 2
 
-    resumed = WorkerClient("train", [*ddp_args(tiny_dataset, out), "--resume"], nproc_per_node=2,
-                           env=torchrun_env())
+    resumed = WorkerClient(
+        "train", [*ddp_args(tiny_dataset, out), "--resume"], nproc_per_node=2, env=torchrun_env()
+    )
     resumed.start()
     result = resumed.wait(timeout=180)
     assert resumed.state == FINISHED, resumed.log_text()

@@ -57,15 +57,18 @@ def test_made_events_carry_type_version_and_time_and_refuse_unknown_types():
         make_event("progess")
 
 
-@pytest.mark.parametrize(("change", "problem"), [
-    ({"iteration": None}, "$.iteration: expected integer"),
-    ({"iteration": True}, "$.iteration: expected integer"),  # a bool is not an integer
-    ({"iteration": -1}, "below the minimum"),
-    ({"schema": 2}, "$.schema: must be 1"),
-    ({"event": "progres"}, "$.event"),
-    ({"losses": {"total": "low"}}, "$.losses.total: expected number or null"),
-    ({"total": "10"}, "$.total: expected integer"),
-])
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"iteration": None}, "$.iteration: expected integer"),
+        ({"iteration": True}, "$.iteration: expected integer"),  # a bool is not an integer
+        ({"iteration": -1}, "below the minimum"),
+        ({"schema": 2}, "$.schema: must be 1"),
+        ({"event": "progres"}, "$.event"),
+        ({"losses": {"total": "low"}}, "$.losses.total: expected number or null"),
+        ({"total": "10"}, "$.total: expected integer"),
+    ],
+)
 def test_invalid_events_are_reported_with_the_field_at_fault(change, problem):
     event = make_event("progress", iteration=3, total=10, losses={"total": 0.5})
     event.update(change)
@@ -73,10 +76,17 @@ def test_invalid_events_are_reported_with_the_field_at_fault(change, problem):
     assert any(problem in e for e in errors), errors
 
 
-@pytest.mark.parametrize(("event_type", "missing"), [
-    ("started", "device_reason"), ("progress", "total"), ("checkpoint", "kind"),
-    ("error", "message"), ("finished", "status"), ("validation", "metrics"),
-])
+@pytest.mark.parametrize(
+    ("event_type", "missing"),
+    [
+        ("started", "device_reason"),
+        ("progress", "total"),
+        ("checkpoint", "kind"),
+        ("error", "message"),
+        ("finished", "status"),
+        ("validation", "metrics"),
+    ],
+)
 def test_missing_required_fields_are_reported(event_type, missing):
     example = next(e for e in documented_examples() if e["event"] == event_type)
     del example[missing]
@@ -95,9 +105,19 @@ def test_parse_event_line_keeps_stray_output_apart():
 
 
 def test_split_logs_separates_loss_parts_from_statistics():
-    losses, stats = split_logs({"total": 1.0, "supervised": 0.5, "crl": 0.3, "url": 0.2, "consistency": 0.1,
-                                "crl_threshold": 0.4, "crl_kept_fraction": 0.9, "url_selected_fraction": 0.1,
-                                "consistency_weight": 0.05})
+    losses, stats = split_logs(
+        {
+            "total": 1.0,
+            "supervised": 0.5,
+            "crl": 0.3,
+            "url": 0.2,
+            "consistency": 0.1,
+            "crl_threshold": 0.4,
+            "crl_kept_fraction": 0.9,
+            "url_selected_fraction": 0.1,
+            "consistency_weight": 0.05,
+        }
+    )
     assert set(losses) == {"total", "supervised", "crl", "url", "consistency"}
     assert set(stats) == {"crl_threshold", "crl_kept_fraction", "url_selected_fraction", "consistency_weight"}
 
@@ -133,7 +153,9 @@ def test_terminal_sink_shows_errors_with_their_hint():
     sink.emit("error", message="a.nii: unreadable", kind="InputError", hint="check the file")
     sink.emit("finished", status="failed", outputs={}, job="train", message="a.nii: unreadable")
     text = stream.getvalue()
-    assert "error: a.nii: unreadable" in text and "hint: check the file" in text and "finished: failed" in text
+    assert (
+        "error: a.nii: unreadable" in text and "hint: check the file" in text and "finished: failed" in text
+    )
 
 
 def test_list_sink_collects_in_order():

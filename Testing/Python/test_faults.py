@@ -37,8 +37,19 @@ from buseg.train import train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-SMALL = ["--patch-size", "48", "48", "--batch-size", "4", "--num-threads", "1", "--log-interval", "1",
-         "--base-channels", "4"]
+SMALL = [
+    "--patch-size",
+    "48",
+    "48",
+    "--batch-size",
+    "4",
+    "--num-threads",
+    "1",
+    "--log-interval",
+    "1",
+    "--base-channels",
+    "4",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -58,8 +69,11 @@ def _worker(command: str, *args: str) -> list[str]:
 
 def _tree_hashes(folder: Path) -> dict[str, tuple[str, int]]:
     """Content hash and modification time of every file under ``folder``."""
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _assert_final_files_complete(folder: Path) -> None:
@@ -87,19 +101,40 @@ def _assert_final_files_complete(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_of_training_leaves_a_whole_checkpoint_and_resume_finishes(tiny_dataset, tmp_path):
+def test_sigkill_at_random_moments_of_training_leaves_a_whole_checkpoint_and_resume_finishes(
+    tiny_dataset, tmp_path
+):
     rng = random.Random(_seed())
     out = tmp_path / "run"
     total = 80  # about 5 s of training here: the kills below land in its middle
-    args = ["--method", "buarl", "--labeled", str(tiny_dataset["labeled"]), "--unlabeled",
-            str(tiny_dataset["unlabeled"]), "--iterations", str(total - 4), "--pretrain-iterations", "4",
-            "--checkpoint-interval", "1", "--out", str(out), *SMALL]  # a checkpoint every iteration: kills hit writes
+    args = [
+        "--method",
+        "buarl",
+        "--labeled",
+        str(tiny_dataset["labeled"]),
+        "--unlabeled",
+        str(tiny_dataset["unlabeled"]),
+        "--iterations",
+        str(total - 4),
+        "--pretrain-iterations",
+        "4",
+        "--checkpoint-interval",
+        "1",
+        "--out",
+        str(out),
+        *SMALL,
+    ]  # a checkpoint every iteration: kills hit writes
     saved = 0
     kills = 0
     for _ in range(3):
         resume = ["--resume"] if (out / "last.pt").exists() else ["--overwrite"]
-        process = subprocess.Popen(_worker("train", *args, *resume), stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True, env=ENV)
+        process = subprocess.Popen(
+            _worker("train", *args, *resume),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=ENV,
+        )
         # Kill at a random moment after the first checkpoint of this run (or, once, during start-up).
         wait_for_checkpoint = rng.random() < 0.8
         for line in process.stdout:
@@ -118,12 +153,19 @@ def test_sigkill_at_random_moments_of_training_leaves_a_whole_checkpoint_and_res
             assert state["iteration"] >= saved  # never older than before the kill
             saved = state["iteration"]
         left = [p.name for p in out.iterdir() if p.name.startswith(".")]
-        print(f"killed {delay:.2f} s after {'a checkpoint' if wait_for_checkpoint else 'start-up'}: "
-              f"exit {process.returncode}, last.pt whole at iteration {saved}, temporary files left: {left}")
+        print(
+            f"killed {delay:.2f} s after {'a checkpoint' if wait_for_checkpoint else 'start-up'}: "
+            f"exit {process.returncode}, last.pt whole at iteration {saved}, temporary files left: {left}"
+        )
         assert not (out / "model.pt").exists() or saved == total
     assert kills >= 2
-    done = subprocess.run(_worker("train", *args, "--resume" if (out / "last.pt").exists() else "--overwrite"),
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    done = subprocess.run(
+        _worker("train", *args, "--resume" if (out / "last.pt").exists() else "--overwrite"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     events = _events(done.stdout)
     started = next(e for e in events if e["event"] == "started")
@@ -141,9 +183,21 @@ def model_2d(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     network = build_network("unet2d", in_channels=1, num_classes=3, base_channels=4)
     metadata = {
-        "method": "supervised", "dimension": "2d", "normalization": "minmax", "patch_size": [32, 32], "slice_axis": 2,
-        "network": {"name": "unet2d", "in_channels": 1, "num_classes": 3, "base_channels": 4, "dropout": True},
-        "classes": [{"index": i, "name": n, "label_value": i} for i, n in enumerate(["background", "a", "b"])],
+        "method": "supervised",
+        "dimension": "2d",
+        "normalization": "minmax",
+        "patch_size": [32, 32],
+        "slice_axis": 2,
+        "network": {
+            "name": "unet2d",
+            "in_channels": 1,
+            "num_classes": 3,
+            "base_channels": 4,
+            "dropout": True,
+        },
+        "classes": [
+            {"index": i, "name": n, "label_value": i} for i, n in enumerate(["background", "a", "b"])
+        ],
     }
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
@@ -152,7 +206,9 @@ def model_2d(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    return write_dataset(tmp_path_factory.mktemp("images"), labeled=0, unlabeled=0, test=6, shape_zyx=(24, 96, 96))
+    return write_dataset(
+        tmp_path_factory.mktemp("images"), labeled=0, unlabeled=0, test=6, shape_zyx=(24, 96, 96)
+    )
 
 
 @pytest.mark.slow
@@ -160,12 +216,28 @@ def test_sigkill_during_prediction_leaves_no_half_written_output(tmp_path, model
     rng = random.Random(_seed())
     out = tmp_path / "out"
     # Flip averaging: each case takes about 0.1 s here (reading, 4 passes per slice, 4 files written).
-    args = [str(images["test"]), "--model", str(model_2d), "--out", str(out), "--num-threads", "1",
-            "--uncertainty", "tta", "--samples", "4"]
+    args = [
+        str(images["test"]),
+        "--model",
+        str(model_2d),
+        "--out",
+        str(out),
+        "--num-threads",
+        "1",
+        "--uncertainty",
+        "tta",
+        "--samples",
+        "4",
+    ]
     for _ in range(3):
         start = time.time()
-        process = subprocess.Popen(_worker("predict", *args, "--overwrite"), stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True, env=ENV)
+        process = subprocess.Popen(
+            _worker("predict", *args, "--overwrite"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=ENV,
+        )
         # Kill at a random moment of a random case: after k cases were reported, within the next one.
         cases = rng.randrange(0, 6)
         for line in process.stdout:
@@ -179,15 +251,22 @@ def test_sigkill_during_prediction_leaves_no_half_written_output(tmp_path, model
         process.stdout.close()
         _assert_final_files_complete(out)
         temporary = [p.name for p in out.rglob(".*") if p.is_file()]
-        fresh = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".") and p.stat().st_mtime > start]
-        print(f"predict killed {delay:.2f} s into a case: exit {process.returncode}, {len(fresh)} output file(s) "
-              f"written by this run, temporary files left: {temporary}")
+        fresh = [
+            p
+            for p in out.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.stat().st_mtime > start
+        ]
+        print(
+            f"predict killed {delay:.2f} s into a case: exit {process.returncode}, {len(fresh)} output file(s) "
+            f"written by this run, temporary files left: {temporary}"
+        )
         # Whatever summary.json lists as done has all of its outputs.
         if (out / "summary.json").exists():
             for case in json.loads((out / "summary.json").read_text())["cases"]:
                 assert all((out / p).is_file() for p in case["outputs"].values()), case
-    done = subprocess.run(_worker("predict", *args, "--overwrite"), capture_output=True, text=True, timeout=240,
-                          env=ENV)
+    done = subprocess.run(
+        _worker("predict", *args, "--overwrite"), capture_output=True, text=True, timeout=240, env=ENV
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [c["status"] for c in summary["cases"]] == ["ok"] * 6
@@ -218,11 +297,28 @@ def _fail_writes_to(monkeypatch, name_part: str, *, after: int = 0) -> list[str]
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the file being flushed")
 def test_a_full_disk_stops_training_with_a_clear_error_and_keeps_the_previous_checkpoint(
-        tiny_dataset, tmp_path, monkeypatch, capsys):
+    tiny_dataset, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     _fail_writes_to(monkeypatch, "last.pt", after=1)
-    code = main(["train", "--method", "supervised", "--labeled", str(tiny_dataset["labeled"]), "--iterations", "8",
-                 "--checkpoint-interval", "2", "--out", str(out), "--progress", "jsonl", *SMALL])
+    code = main(
+        [
+            "train",
+            "--method",
+            "supervised",
+            "--labeled",
+            str(tiny_dataset["labeled"]),
+            "--iterations",
+            "8",
+            "--checkpoint-interval",
+            "2",
+            "--out",
+            str(out),
+            "--progress",
+            "jsonl",
+            *SMALL,
+        ]
+    )
     events = _events(capsys.readouterr().out)
     assert code == 2
     error = next(e for e in events if e["event"] == "error")
@@ -252,7 +348,9 @@ def test_a_full_disk_during_prediction_leaves_no_output_of_that_case(tmp_path, m
 
 
 @pytest.mark.parametrize("command", ["train", "predict", "evaluate", "rank"])
-def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(tmp_path, model_2d, images, command, capsys):
+def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(
+    tmp_path, model_2d, images, command, capsys
+):
     blocker = tmp_path / "a_file"
     blocker.write_text("a regular file: nothing can be created under it, not even by root")
     out = blocker / "out"
@@ -268,7 +366,11 @@ def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(tmp_path, 
     events = _events(capsys.readouterr().out)
     assert code == 2
     error = next(e for e in events if e["event"] == "error")
-    assert error["kind"] == "OutputError" and str(out) in error["message"] and "Not a directory" in error["message"]
+    assert (
+        error["kind"] == "OutputError"
+        and str(out) in error["message"]
+        and "Not a directory" in error["message"]
+    )
     assert not any(e["event"] == "case" for e in events)  # refused before the first case
     assert time.perf_counter() - start < 30
 
@@ -277,10 +379,17 @@ def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(tmp_path, 
 # Out of memory
 
 
-@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                                   RuntimeError("CUDA error: out of memory")], ids=["OutOfMemoryError", "RuntimeError"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+    ],
+    ids=["OutOfMemoryError", "RuntimeError"],
+)
 def test_out_of_memory_in_training_says_what_to_lower_and_keeps_the_checkpoint(
-        tiny_dataset, tmp_path, monkeypatch, capsys, error):
+    tiny_dataset, tmp_path, monkeypatch, capsys, error
+):
     real_forward = UNet2D.forward
     calls = []
 
@@ -292,8 +401,24 @@ def test_out_of_memory_in_training_says_what_to_lower_and_keeps_the_checkpoint(
 
     monkeypatch.setattr(UNet2D, "forward", forward)
     out = tmp_path / "run"
-    code = main(["train", "--method", "supervised", "--labeled", str(tiny_dataset["labeled"]), "--iterations", "20",
-                 "--checkpoint-interval", "4", "--out", str(out), "--progress", "jsonl", *SMALL])
+    code = main(
+        [
+            "train",
+            "--method",
+            "supervised",
+            "--labeled",
+            str(tiny_dataset["labeled"]),
+            "--iterations",
+            "20",
+            "--checkpoint-interval",
+            "4",
+            "--out",
+            str(out),
+            "--progress",
+            "jsonl",
+            *SMALL,
+        ]
+    )
     events = _events(capsys.readouterr().out)
     assert code == 3
     message = next(e for e in events if e["event"] == "error")
@@ -303,14 +428,23 @@ def test_out_of_memory_in_training_says_what_to_lower_and_keeps_the_checkpoint(
     assert read_checkpoint(out / "last.pt")["training_state"]["iteration"] == 4
 
 
-def test_out_of_memory_in_prediction_retries_with_fewer_windows_then_says_what_to_do(tmp_path, monkeypatch, capsys):
+def test_out_of_memory_in_prediction_retries_with_fewer_windows_then_says_what_to_do(
+    tmp_path, monkeypatch, capsys
+):
     """3D, with the RuntimeError text older torch raises (test_inference.py checks torch.OutOfMemoryError)."""
     torch.manual_seed(0)
     network = build_network("vnet", in_channels=1, num_classes=2, base_channels=4)
-    metadata = {"method": "supervised", "dimension": "3d", "normalization": "zscore", "patch_size": [16, 16, 16],
-                "network": {"name": "vnet", "in_channels": 1, "num_classes": 2, "base_channels": 4, "dropout": True},
-                "classes": [{"index": 0, "name": "background", "label_value": 0},
-                            {"index": 1, "name": "x", "label_value": 1}]}
+    metadata = {
+        "method": "supervised",
+        "dimension": "3d",
+        "normalization": "zscore",
+        "patch_size": [16, 16, 16],
+        "network": {"name": "vnet", "in_channels": 1, "num_classes": 2, "base_channels": 4, "dropout": True},
+        "classes": [
+            {"index": 0, "name": "background", "label_value": 0},
+            {"index": 1, "name": "x", "label_value": 1},
+        ],
+    }
     path = tmp_path / "model.pt"
     save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
     folder = write_dataset(tmp_path / "d", labeled=0, unlabeled=0, test=1, shape_zyx=(20, 30, 30))["test"]
@@ -324,7 +458,9 @@ def test_out_of_memory_in_prediction_retries_with_fewer_windows_then_says_what_t
     def forward(self, x):
         batches.append(x.shape[0])
         if x.shape[0] > 1:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB (GPU 0; 7.79 GiB total capacity)")
+            raise RuntimeError(
+                "CUDA out of memory. Tried to allocate 1.50 GiB (GPU 0; 7.79 GiB total capacity)"
+            )
         return real_forward(self, x)
 
     monkeypatch.setattr(VNet, "forward", forward)
@@ -334,9 +470,23 @@ def test_out_of_memory_in_prediction_retries_with_fewer_windows_then_says_what_t
     assert np.array_equal(retried.labels, expected.labels)
     assert any("retrying with 2" in w for w in warnings) and any("retrying with 1" in w for w in warnings)
 
-    monkeypatch.setattr(VNet, "forward", lambda self, x: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
-    code = main(["predict", str(image), "--model", str(path), "--out", str(tmp_path / "b"), "--progress", "jsonl",
-                 "--num-threads", "1"])
+    monkeypatch.setattr(
+        VNet, "forward", lambda self, x: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+    )
+    code = main(
+        [
+            "predict",
+            str(image),
+            "--model",
+            str(path),
+            "--out",
+            str(tmp_path / "b"),
+            "--progress",
+            "jsonl",
+            "--num-threads",
+            "1",
+        ]
+    )
     events = _events(capsys.readouterr().out)
     assert code == 3
     error = next(e for e in events if e["event"] == "error")
@@ -351,16 +501,33 @@ def test_out_of_memory_in_prediction_retries_with_fewer_windows_then_says_what_t
 
 def test_a_second_training_into_the_same_folder_refuses_while_the_first_runs(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    args = ["--method", "supervised", "--labeled", str(tiny_dataset["labeled"]), "--iterations", "400",
-            "--out", str(out), "--patch-size", "128", "128", "--batch-size", "4", "--num-threads", "1"]
-    first = subprocess.Popen(_worker("train", *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, env=ENV)
+    args = [
+        "--method",
+        "supervised",
+        "--labeled",
+        str(tiny_dataset["labeled"]),
+        "--iterations",
+        "400",
+        "--out",
+        str(out),
+        "--patch-size",
+        "128",
+        "128",
+        "--batch-size",
+        "4",
+        "--num-threads",
+        "1",
+    ]
+    first = subprocess.Popen(
+        _worker("train", *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV
+    )
     try:
         while json.loads(first.stdout.readline())["event"] != "started":
             pass
         for extra in ([], ["--overwrite"]):  # the lock is checked before the previous outputs
-            second = subprocess.run(_worker("train", *args, *extra), capture_output=True, text=True, timeout=120,
-                                    env=ENV)
+            second = subprocess.run(
+                _worker("train", *args, *extra), capture_output=True, text=True, timeout=120, env=ENV
+            )
             assert second.returncode == 2, second.stderr[-2000:]
             error = next(e for e in _events(second.stdout) if e["event"] == "error")
             assert error["kind"] == "OutputError"
@@ -383,23 +550,93 @@ def test_inputs_are_never_modified_by_train_predict_evaluate_and_rank(dataset_co
     data_root = dataset_copy["labeled"].parent
     before = _tree_hashes(data_root)
     runs = tmp_path / "outputs"
-    assert main(["train", "--method", "bcp", "--labeled", str(dataset_copy["labeled"]), "--unlabeled",
-                 str(dataset_copy["unlabeled"]), "--validation", str(dataset_copy["test"]), "--iterations", "2",
-                 "--pretrain-iterations", "2", "--validation-interval", "2", "--out", str(runs / "train"),
-                 "--progress", "none", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "bcp",
+                "--labeled",
+                str(dataset_copy["labeled"]),
+                "--unlabeled",
+                str(dataset_copy["unlabeled"]),
+                "--validation",
+                str(dataset_copy["test"]),
+                "--iterations",
+                "2",
+                "--pretrain-iterations",
+                "2",
+                "--validation-interval",
+                "2",
+                "--out",
+                str(runs / "train"),
+                "--progress",
+                "none",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     model = str(runs / "train" / "model.pt")
-    assert main(["predict", str(dataset_copy["test"]), "--model", model, "--out", str(runs / "pred"),
-                 "--progress", "none", "--num-threads", "1"]) == 0
-    assert main(["evaluate", "--pred", str(runs / "pred"), "--truth", str(dataset_copy["test"]),
-                 "--out", str(runs / "eval"), "--progress", "none"]) == 0
-    assert main(["rank", str(dataset_copy["unlabeled"]), "--model", model, "--out", str(runs / "rank"),
-                 "--progress", "none", "--num-threads", "1", "--save-predictions"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(dataset_copy["test"]),
+                "--model",
+                model,
+                "--out",
+                str(runs / "pred"),
+                "--progress",
+                "none",
+                "--num-threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(runs / "pred"),
+                "--truth",
+                str(dataset_copy["test"]),
+                "--out",
+                str(runs / "eval"),
+                "--progress",
+                "none",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "rank",
+                str(dataset_copy["unlabeled"]),
+                "--model",
+                model,
+                "--out",
+                str(runs / "rank"),
+                "--progress",
+                "none",
+                "--num-threads",
+                "1",
+                "--save-predictions",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert _tree_hashes(data_root) == before  # same files, same bytes, same modification times
 
 
 @pytest.mark.parametrize("command", ["evaluate", "rank"])
-def test_evaluate_and_rank_never_replace_their_outputs_without_overwrite(tmp_path, model_2d, images, command, capsys):
+def test_evaluate_and_rank_never_replace_their_outputs_without_overwrite(
+    tmp_path, model_2d, images, command, capsys
+):
     """(train, predict and demo: test_train.py, test_predict_cli.py, test_demo.py.)"""
     out = tmp_path / "out"
     test = images["test"]
@@ -411,7 +648,11 @@ def test_evaluate_and_rank_never_replace_their_outputs_without_overwrite(tmp_pat
     before = _tree_hashes(out)
     assert main(argv) == 2
     error = next(e for e in _events(capsys.readouterr().out) if e["event"] == "error")
-    assert error["kind"] == "OutputError" and "exists already" in error["message"] and "--overwrite" in error["hint"]
+    assert (
+        error["kind"] == "OutputError"
+        and "exists already" in error["message"]
+        and "--overwrite" in error["hint"]
+    )
     assert _tree_hashes(out) == before
     assert main([*argv, "--overwrite"]) == 0
     after = _tree_hashes(out)
@@ -422,7 +663,11 @@ def test_train_api_converts_out_of_memory_for_every_caller(tiny_dataset, tmp_pat
     """The training function itself (not only the command line) turns out-of-memory into a ResourceError."""
     monkeypatch.setattr(UNet2D, "forward", lambda self, x: (_ for _ in ()).throw(MemoryError()))
     config = TrainConfig()
-    config.method.name, config.data.labeled, config.out_dir = "supervised", str(tiny_dataset["labeled"]), str(tmp_path)
+    config.method.name, config.data.labeled, config.out_dir = (
+        "supervised",
+        str(tiny_dataset["labeled"]),
+        str(tmp_path),
+    )
     config.model.patch_size, config.optim.iterations, config.optim.batch_size = [48, 48], 2, 4
     with pytest.raises(ResourceError, match="out of memory on cpu while training with --batch-size 4"):
         train(config)

@@ -29,8 +29,12 @@ from buseg.io import Volume, read_image, read_label, write_segmentation
 from buseg.networks import build_network
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
-FUZZ = settings(max_examples=1000 if THOROUGH else 150, deadline=None, derandomize=not THOROUGH,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=1000 if THOROUGH else 150,
+    deadline=None,
+    derandomize=not THOROUGH,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float32, np.float64)
 
@@ -63,14 +67,22 @@ def images(draw, *, valid_only: bool = False):
     full = (*shape, components) if components > 1 else shape
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        array = rng.integers(max(info.min, -1000), min(info.max, 1000), size=full, endpoint=True).astype(dtype)
+        array = rng.integers(max(info.min, -1000), min(info.max, 1000), size=full, endpoint=True).astype(
+            dtype
+        )
     else:
         array = (rng.normal(0, 100, size=full)).astype(dtype)
         special = draw(st.sampled_from([None, None, None, np.nan, np.inf]))
         if special is not None and not valid_only:
             array.flat[rng.integers(array.size)] = special
-    return {"array": array, "components": components, "spacing": spacing, "origin": origin,
-            "direction": tuple(direction.ravel()), "ndim": ndim}
+    return {
+        "array": array,
+        "components": components,
+        "spacing": spacing,
+        "origin": origin,
+        "direction": tuple(direction.ravel()),
+        "ndim": ndim,
+    }
 
 
 def _write(spec: dict, path: Path) -> None:
@@ -147,13 +159,17 @@ def _damage(path, data, *, within_bytes: int | None = None) -> None:
     else:
         span = min(len(content), within_bytes or len(content))
         for _ in range(data.draw(st.integers(1, 8), label="flips")):
-            content[data.draw(st.integers(0, span - 1), label="offset")] = data.draw(st.integers(0, 255), label="byte")
+            content[data.draw(st.integers(0, span - 1), label="offset")] = data.draw(
+                st.integers(0, 255), label="byte"
+            )
     path.write_bytes(bytes(content))
 
 
 @FUZZ
 @given(spec=images(valid_only=True), suffix=st.sampled_from(SUFFIXES), data=st.data())
-def test_damaged_files_are_read_whole_or_refused_naming_the_file(tmp_path_factory, small_memory, spec, suffix, data):
+def test_damaged_files_are_read_whole_or_refused_naming_the_file(
+    tmp_path_factory, small_memory, spec, suffix, data
+):
     """Truncated files and files with random bytes overwritten (header or voxels)."""
     folder = tmp_path_factory.mktemp("damaged")
     path = folder / f"image{suffix}"
@@ -172,12 +188,16 @@ def test_damaged_files_are_read_whole_or_refused_naming_the_file(tmp_path_factor
 
 @FUZZ
 @given(data=st.data())
-def test_damaged_segmentations_are_read_whole_or_refused_naming_the_file(tmp_path_factory, small_memory, data):
+def test_damaged_segmentations_are_read_whole_or_refused_naming_the_file(
+    tmp_path_factory, small_memory, data
+):
     folder = tmp_path_factory.mktemp("seg")
     shape = tuple(data.draw(st.lists(st.integers(1, 10), min_size=3, max_size=3), label="shape"))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     labels = rng.integers(0, 3, size=shape).astype(np.uint8)
-    reference = Volume(np.zeros(shape, np.float32), (1.0, 0.5, 2.0), (3.0, -4.0, 5.0), tuple(np.eye(3).ravel()))
+    reference = Volume(
+        np.zeros(shape, np.float32), (1.0, 0.5, 2.0), (3.0, -4.0, 5.0), tuple(np.eye(3).ravel())
+    )
     path = folder / "labels.seg.nrrd"
     write_segmentation(labels, reference, [{"index": 1, "name": "a"}, {"index": 2, "name": "b"}], path)
     _damage(path, data)
@@ -198,27 +218,45 @@ def models(tmp_path_factory) -> dict[str, Path]:
         torch.manual_seed(0)
         network = build_network(name, in_channels=1, num_classes=3, base_channels=2)
         metadata = {
-            "method": "supervised", "dimension": dimension, "normalization": "zscore", "patch_size": patch,
+            "method": "supervised",
+            "dimension": dimension,
+            "normalization": "zscore",
+            "patch_size": patch,
             "slice_axis": 2,
-            "network": {"name": name, "in_channels": 1, "num_classes": 3, "base_channels": 2, "dropout": True},
-            "classes": [{"index": i, "name": n, "label_value": v}
-                        for i, (n, v) in enumerate([("background", 0), ("a", 7), ("b", 200)])],
+            "network": {
+                "name": name,
+                "in_channels": 1,
+                "num_classes": 3,
+                "base_channels": 2,
+                "dropout": True,
+            },
+            "classes": [
+                {"index": i, "name": n, "label_value": v}
+                for i, (n, v) in enumerate([("background", 0), ("a", 7), ("b", 200)])
+            ],
         }
         paths[dimension] = folder / f"{dimension}.pt"
         save_checkpoint(paths[dimension], weights=network.state_dict(), metadata=metadata)
     return paths
 
 
-@settings(max_examples=200 if THOROUGH else 30, deadline=None, derandomize=not THOROUGH,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=200 if THOROUGH else 30,
+    deadline=None,
+    derandomize=not THOROUGH,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(spec=images(), suffix=st.sampled_from(SUFFIXES), dimension=st.sampled_from(["2d", "3d"]))
-def test_predict_writes_outputs_on_the_inputs_grid_or_a_clear_error(tmp_path_factory, models, spec, suffix,
-                                                                    dimension):
+def test_predict_writes_outputs_on_the_inputs_grid_or_a_clear_error(
+    tmp_path_factory, models, spec, suffix, dimension
+):
     folder = tmp_path_factory.mktemp("predict")
     path = folder / f"case{suffix}"
     _write(spec, path)
     out = folder / "out"
-    config = PredictConfig(model_path=str(models[dimension]), out_dir=str(out), num_threads=1, min_region_mm3=0.0)
+    config = PredictConfig(
+        model_path=str(models[dimension]), out_dir=str(out), num_threads=1, min_region_mm3=0.0
+    )
     problems = _expected_problems(spec)
     try:
         result = predict_files([path], config)

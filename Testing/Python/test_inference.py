@@ -32,11 +32,22 @@ def _untrained(tmp_path, dimension="2d", *, dropout=True, patch=None, classes=3,
     name = "unet2d" if dimension == "2d" else "vnet"
     network = build_network(name, in_channels=1, num_classes=classes + 1, base_channels=4, dropout=dropout)
     metadata = {
-        "method": "supervised", "dimension": dimension, "normalization": "minmax",
-        "network": {"name": name, "in_channels": 1, "num_classes": classes + 1, "base_channels": 4, "dropout": dropout},
-        "classes": [{"index": i, "name": f"c{i}", "label_value": i, "color": [0.5, 0.5, 0.5]}
-                    for i in range(classes + 1)],
-        "patch_size": patch or ([32, 32] if dimension == "2d" else [32, 32, 16]), "slice_axis": 2,
+        "method": "supervised",
+        "dimension": dimension,
+        "normalization": "minmax",
+        "network": {
+            "name": name,
+            "in_channels": 1,
+            "num_classes": classes + 1,
+            "base_channels": 4,
+            "dropout": dropout,
+        },
+        "classes": [
+            {"index": i, "name": f"c{i}", "label_value": i, "color": [0.5, 0.5, 0.5]}
+            for i in range(classes + 1)
+        ],
+        "patch_size": patch or ([32, 32] if dimension == "2d" else [32, 32, 16]),
+        "slice_axis": 2,
     }
     path = tmp_path / f"{dimension}_{dropout}_{seed}.pt"
     save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
@@ -54,20 +65,29 @@ def _image(shape=(9, 40, 36), seed=0) -> Volume:
 # How volumes are run
 
 
-@pytest.mark.parametrize(("patch", "stride"), [([32, 32, 16], None), ([32, 32, 16], [7, 9, 5]), ([48, 32, 48], None)])
+@pytest.mark.parametrize(
+    ("patch", "stride"), [([32, 32, 16], None), ([32, 32, 16], [7, 9, 5]), ([48, 32, 48], None)]
+)
 def test_3d_windows_equal_monai_sliding_window_inference(patch, stride):
     from monai.inferers import sliding_window_inference
 
     torch.manual_seed(0)
     network = build_network("vnet", in_channels=1, num_classes=3, base_channels=4).eval()
     image = np.random.default_rng(1).random((37, 50, 45), dtype=np.float32)
-    mine = predict_probabilities(network, image, dimension="3d", patch_size_xyz=patch, batch_size=3, stride_xyz=stride)
+    mine = predict_probabilities(
+        network, image, dimension="3d", patch_size_xyz=patch, batch_size=3, stride_xyz=stride
+    )
     roi = tuple(patch[::-1])
     overlap = 0.5 if stride is None else tuple(1 - s / r for s, r in zip(stride[::-1], roi, strict=True))
     with torch.no_grad():
-        reference = sliding_window_inference(torch.from_numpy(image)[None, None], roi, 3,
-                                             lambda x: torch.softmax(network(x), 1), overlap=overlap,
-                                             mode="gaussian")[0]
+        reference = sliding_window_inference(
+            torch.from_numpy(image)[None, None],
+            roi,
+            3,
+            lambda x: torch.softmax(network(x), 1),
+            overlap=overlap,
+            mode="gaussian",
+        )[0]
     assert mine.shape == (3, 37, 50, 45)
     assert torch.allclose(mine, reference, atol=1e-6)
 
@@ -75,8 +95,14 @@ def test_3d_windows_equal_monai_sliding_window_inference(patch, stride):
 def test_3d_output_is_finished_slab_by_slab_not_held_whole():
     """Memory bound: the blended probabilities come in z-slabs no deeper than a window plus steps."""
     image = np.random.default_rng(0).random((100, 20, 20), dtype=np.float32)
-    axis, chunks = probability_chunks(lambda x: torch.softmax(torch.cat([x, -x], 1), 1), image, dimension="3d",
-                                      patch_size_xyz=[16, 16, 16], batch_size=2, overlap=0.5)
+    axis, chunks = probability_chunks(
+        lambda x: torch.softmax(torch.cat([x, -x], 1), 1),
+        image,
+        dimension="3d",
+        patch_size_xyz=[16, 16, 16],
+        batch_size=2,
+        overlap=0.5,
+    )
     spans = [(a, b) for a, b, _ in chunks]
     assert axis == 0 and spans[0][0] == 0 and spans[-1][1] == 100
     assert all(b0 == a1 for (_, b0), (a1, _) in itertools.pairwise(spans))  # contiguous, in order
@@ -94,8 +120,9 @@ def test_2d_runs_slices_along_the_training_axis(slice_axis):
         seen_shapes.append(tuple(x.shape[2:]))
         return torch.cat([x, -x, 0 * x], 1)
 
-    probs = predict_probabilities(network, image, dimension="2d", patch_size_xyz=plane_zyx[::-1],
-                                  slice_axis=slice_axis, batch_size=4)
+    probs = predict_probabilities(
+        network, image, dimension="2d", patch_size_xyz=plane_zyx[::-1], slice_axis=slice_axis, batch_size=4
+    )
     expected = torch.softmax(torch.from_numpy(np.stack([image, -image, 0 * image])), 0)
     assert torch.allclose(probs, expected, atol=1e-6)
     assert set(seen_shapes) == {tuple(plane_zyx)}
@@ -125,8 +152,13 @@ def test_normalisation_is_the_models_so_intensity_scale_does_not_matter(tmp_path
     assert np.array_equal(a.labels, b.labels)
     assert np.allclose(a.uncertainty_map, b.uncertainty_map, atol=1e-4)
     # ...and equal to the training loop's validation path on the normalised volume.
-    probs = predict_probabilities(model.network, normalize_intensity(image.array, "minmax"), dimension="2d",
-                                  patch_size_xyz=model.patch_size_xyz, slice_axis=2).numpy()
+    probs = predict_probabilities(
+        model.network,
+        normalize_intensity(image.array, "minmax"),
+        dimension="2d",
+        patch_size_xyz=model.patch_size_xyz,
+        slice_axis=2,
+    ).numpy()
     top2 = np.sort(probs, axis=0)[-2:]
     clear = top2[1] - top2[0] > 1e-4  # predict_case folds BatchNorm into the convolutions: rounding differs
     assert clear.mean() > 0.99 and np.array_equal(a.labels[clear], probs.argmax(0)[clear])
@@ -138,7 +170,9 @@ def test_inference_network_computes_the_same_and_keeps_dropout(dimension):
     from buseg.networks import has_dropout
 
     torch.manual_seed(0)
-    network = build_network("unet2d" if dimension == "2d" else "vnet", in_channels=1, num_classes=3, base_channels=4)
+    network = build_network(
+        "unet2d" if dimension == "2d" else "vnet", in_channels=1, num_classes=3, base_channels=4
+    )
     for module in network.modules():  # non-trivial running statistics, as after training
         if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -204,14 +238,16 @@ def test_cancel_stops_between_batches(tmp_path):
         return len(calls) > 1
 
     with pytest.raises(Cancelled):
-        predict_case(model, _image(shape=(40, 40, 36)), PredictConfig(slice_batch_size=4), should_stop=should_stop)
+        predict_case(
+            model, _image(shape=(40, 40, 36)), PredictConfig(slice_batch_size=4), should_stop=should_stop
+        )
 
 
 def test_largest_component_keeps_one_blob_per_class():
     labels = np.zeros((5, 10, 10), dtype=np.uint8)
     labels[1:4, 1:5, 1:5] = 1  # big
-    labels[1, 8, 8] = 1        # speck of class 1
-    labels[3, 8, 1:3] = 2      # class 2: two blobs, the larger one stays
+    labels[1, 8, 8] = 1  # speck of class 1
+    labels[3, 8, 1:3] = 2  # class 2: two blobs, the larger one stays
     labels[0, 0, 9] = 2
     out = largest_component_per_class(labels, 3)
     assert out[1, 8, 8] == 0 and out[0, 0, 9] == 0

@@ -61,9 +61,19 @@ def test_url_raises_the_loss_weight_of_selected_pixels_only():
     truth = torch.ones(2, 8, 8)
     teacher = _probs(0.99, (2, 8, 8))
     teacher[:, :, :, 6:] = 0.5  # columns 6, 7 uncertain
-    mixed = MixedBatch(images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=truth, teacher_probabilities=teacher)
-    ctx = StepContext(student=None, teacher=None, teacher_forward=None, iteration=0, stage="train",
-                      stage_iteration=0, generator=torch.Generator(), device=torch.device("cpu"))
+    mixed = MixedBatch(
+        images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=truth, teacher_probabilities=teacher
+    )
+    ctx = StepContext(
+        student=None,
+        teacher=None,
+        teacher_forward=None,
+        iteration=0,
+        stage="train",
+        stage_iteration=0,
+        generator=torch.Generator(),
+        device=torch.device("cpu"),
+    )
     out = method.weighted_loss(ctx, logits, mixed)
     out.loss.backward()
     with_url = logits.grad.abs().sum(1).clone()
@@ -91,9 +101,19 @@ def test_crl_uncertain_pseudo_label_pixels_get_no_gradient():
     truth[:, :4] = 1  # top rows ground truth, bottom rows pseudo-labels
     teacher = _probs(0.99, (2, 8, 8))
     teacher[:, :, 6:, :] = 0.5  # rows 6, 7 (pseudo-labeled) uncertain: normalised entropy 1
-    mixed = MixedBatch(images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=truth, teacher_probabilities=teacher)
-    ctx = StepContext(student=None, teacher=None, teacher_forward=None, iteration=0, stage="train",
-                      stage_iteration=0, generator=torch.Generator(), device=torch.device("cpu"))
+    mixed = MixedBatch(
+        images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=truth, teacher_probabilities=teacher
+    )
+    ctx = StepContext(
+        student=None,
+        teacher=None,
+        teacher_forward=None,
+        iteration=0,
+        stage="train",
+        stage_iteration=0,
+        generator=torch.Generator(),
+        device=torch.device("cpu"),
+    )
     out = method.weighted_loss(ctx, logits, mixed)
     out.loss.backward()
     grad = logits.grad.abs().sum(1)
@@ -122,9 +142,19 @@ def test_crl_loss_ce_keeps_the_pseudo_label_dice_over_all_pseudo_pixels():
     truth[:, :4] = 1
     teacher = _probs(0.99, (2, 8, 8))
     teacher[:, :, 6:, :] = 0.5
-    mixed = MixedBatch(images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=truth, teacher_probabilities=teacher)
-    ctx = StepContext(student=None, teacher=None, teacher_forward=None, iteration=0, stage="train",
-                      stage_iteration=0, generator=torch.Generator(), device=torch.device("cpu"))
+    mixed = MixedBatch(
+        images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=truth, teacher_probabilities=teacher
+    )
+    ctx = StepContext(
+        student=None,
+        teacher=None,
+        teacher_forward=None,
+        iteration=0,
+        stage="train",
+        stage_iteration=0,
+        generator=torch.Generator(),
+        device=torch.device("cpu"),
+    )
     grads = {}
     for loss in ("ce", "ce+dice"):
         config.crl.loss = loss
@@ -151,7 +181,9 @@ def test_crl_threshold_ramp_and_soft_weights():
     region = torch.ones_like(u)
     soft, _ = certainty_weights(u, region, mode="soft", threshold_mode="fixed", threshold=0.5, quantile=0.8)
     assert torch.allclose(soft, torch.tensor([[1.0, 0.5, 0.0, 0.0]]))
-    hard, tau = certainty_weights(u, region, mode="hard", threshold_mode="quantile", threshold=0.5, quantile=0.5)
+    hard, tau = certainty_weights(
+        u, region, mode="hard", threshold_mode="quantile", threshold=0.5, quantile=0.5
+    )
     assert 0.25 <= tau <= 0.5 and hard.sum() == 2
 
 
@@ -162,16 +194,27 @@ def test_crl_class_quantile_keeps_the_most_certain_pixels_of_every_class():
     u = torch.cat([torch.arange(10) / 100, 0.5 + torch.arange(10) / 20]).unsqueeze(0)
     region = torch.ones_like(u)
     region[0, 0] = 0  # a truth pixel: weight 0 whatever its uncertainty
-    pooled, _ = certainty_weights(u, region, mode="hard", threshold_mode="quantile", threshold=0.5, quantile=0.45)
+    pooled, _ = certainty_weights(
+        u, region, mode="hard", threshold_mode="quantile", threshold=0.5, quantile=0.45
+    )
     assert pooled[labels == 1].sum() == 0
-    balanced, tau = certainty_weights(u, region, mode="hard", threshold_mode="class-quantile", threshold=0.5,
-                                      quantile=0.8, pseudo_labels=labels)
+    balanced, tau = certainty_weights(
+        u,
+        region,
+        mode="hard",
+        threshold_mode="class-quantile",
+        threshold=0.5,
+        quantile=0.8,
+        pseudo_labels=labels,
+    )
     assert balanced[0, 0] == 0
     assert balanced[0, 1:8].sum() == 7 and balanced[0, 8:10].sum() == 0  # 9 background pixels in the region
-    assert balanced[0, 10:].sum() == 8 and balanced[0, 18:].sum() == 0    # the 2 most uncertain dropped
+    assert balanced[0, 10:].sum() == 8 and balanced[0, 18:].sum() == 0  # the 2 most uncertain dropped
     assert 0.08 / 2 < tau < 1
     with pytest.raises(ValueError, match="pseudo-labels"):
-        certainty_weights(u, region, mode="hard", threshold_mode="class-quantile", threshold=0.5, quantile=0.8)
+        certainty_weights(
+            u, region, mode="hard", threshold_mode="class-quantile", threshold=0.5, quantile=0.8
+        )
 
 
 def test_box_mask_and_mix():
@@ -206,8 +249,16 @@ def test_bcp_mixing_knows_truth_and_pseudo_label_pixels():
             return logits
 
     teacher = ConstantTeacher()
-    ctx = StepContext(student=None, teacher=teacher, teacher_forward=teacher, iteration=0, stage="train",
-                      stage_iteration=0, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    ctx = StepContext(
+        student=None,
+        teacher=teacher,
+        teacher_forward=teacher,
+        iteration=0,
+        stage="train",
+        stage_iteration=0,
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )
     mixed = method.mix_batch(ctx, Batch(labeled, targets, unlabeled))
     inside = mixed.truth_mask[0] == 1  # x_in: labeled patch inside the box
     # x_in = ua outside, la inside; targets pseudo(ua)=0 outside, truth(la)=1 inside
@@ -236,7 +287,7 @@ def test_largest_component_per_class_per_image():
     labels = torch.zeros(2, 10, 10, dtype=torch.long)
     labels[0, 1:4, 1:4] = 1  # 9 pixels
     labels[0, 7:9, 7:9] = 1  # 4 pixels: removed
-    labels[0, 5, 5] = 2      # single class-2 pixel: kept (largest of its class)
+    labels[0, 5, 5] = 2  # single class-2 pixel: kept (largest of its class)
     labels[1, 0:2, 0:2] = 1  # image 2: the small component is the largest of image 2
     cleaned = largest_component_per_class(labels, num_classes=3)
     assert int((cleaned[0] == 1).sum()) == 9 and cleaned[0, 8, 8] == 0
@@ -261,13 +312,19 @@ def test_region_loss_weighting():
     # Half the pixels weigh 0: CE is normalised by the region size, so it halves; Dice ratios stay.
     half = ones.clone()
     half[:, :2] = 0
-    assert float(region_loss(logits, target, half, ones)) == pytest.approx((math.log(2) / 2 + 0.6) / 2, rel=1e-4)
+    assert float(region_loss(logits, target, half, ones)) == pytest.approx(
+        (math.log(2) / 2 + 0.6) / 2, rel=1e-4
+    )
     # Extra weight adds loss (URL): weight 2 doubles the CE term.
-    assert float(region_loss(logits, target, 2 * ones, ones)) == pytest.approx((2 * math.log(2) + 0.6) / 2, rel=1e-4)
+    assert float(region_loss(logits, target, 2 * ones, ones)) == pytest.approx(
+        (2 * math.log(2) + 0.6) / 2, rel=1e-4
+    )
     # Weight zero everywhere: nothing to learn.
     assert float(region_loss(logits, target, torch.zeros_like(ones), ones)) == pytest.approx(0.0, abs=1e-6)
     # The CE half alone (URL's 'ce' term): the weighted pixels' share of CE / 2, no Dice.
-    assert float(region_loss(logits, target, half, ones, dice=False)) == pytest.approx(math.log(2) / 4, rel=1e-4)
+    assert float(region_loss(logits, target, half, ones, dice=False)) == pytest.approx(
+        math.log(2) / 4, rel=1e-4
+    )
 
 
 def test_url_ce_term_moves_only_the_selected_pixels():
@@ -283,10 +340,22 @@ def test_url_ce_term_moves_only_the_selected_pixels():
     teacher = torch.full((2, 3, 8, 8), 0.01)
     teacher[:, 0] = 0.98
     teacher[:, :, :, 6:] = 1 / 3  # columns 6, 7 uncertain
-    mixed = MixedBatch(images=torch.zeros(2, 1, 8, 8), targets=targets, truth_mask=torch.ones(2, 8, 8),
-                       teacher_probabilities=teacher)
-    ctx = StepContext(student=None, teacher=None, teacher_forward=None, iteration=0, stage="train",
-                      stage_iteration=0, generator=torch.Generator(), device=torch.device("cpu"))
+    mixed = MixedBatch(
+        images=torch.zeros(2, 1, 8, 8),
+        targets=targets,
+        truth_mask=torch.ones(2, 8, 8),
+        teacher_probabilities=teacher,
+    )
+    ctx = StepContext(
+        student=None,
+        teacher=None,
+        teacher_forward=None,
+        iteration=0,
+        stage="train",
+        stage_iteration=0,
+        generator=torch.Generator(),
+        device=torch.device("cpu"),
+    )
     grads = {}
     for enabled in (True, False):
         config.url.enabled = enabled

@@ -34,8 +34,12 @@ def _analytic() -> dict[str, float]:
     ball = 4 / 3 * math.pi * R_MM**3
     c = np.linspace(-1, 1, 400001)
     distance = np.abs(np.sqrt(R_MM**2 + D_MM**2 - 2 * R_MM * D_MM * c) - R_MM)
-    return {"dice": lens / ball, "jaccard": lens / (2 * ball - lens), "asd": float(distance.mean()),
-            "hd95": float(np.percentile(distance, 95))}
+    return {
+        "dice": lens / ball,
+        "jaccard": lens / (2 * ball - lens),
+        "asd": float(distance.mean()),
+        "hd95": float(np.percentile(distance, 95)),
+    }
 
 
 def test_two_offset_spheres_match_the_analytic_values_in_mm():
@@ -82,7 +86,9 @@ def test_empty_masks_follow_the_protocol_rules():
     empty = np.zeros_like(full)
     missed = binary_metrics(empty, full, (1, 1, 1))  # class missing from the prediction: 0 on all four
     assert missed["empty"] == "prediction"
-    assert [missed[k] for k in ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_voxels", "asd_voxels")] == [0.0] * 6
+    assert [missed[k] for k in ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_voxels", "asd_voxels")] == [
+        0.0
+    ] * 6
     invented = binary_metrics(full, empty, (1, 1, 1))  # nothing to find, something predicted
     assert invented["empty"] == "truth" and invented["dice"] == 0.0 and math.isnan(invented["hd95_mm"])
     nothing = binary_metrics(empty, empty, (1, 1, 1))

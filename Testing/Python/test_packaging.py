@@ -20,8 +20,20 @@ tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-GUI_TOP_LEVEL = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "mrml", "PythonQt", "PyQt5", "PyQt6", "PySide2",
-                 "PySide6", "tkinter"}
+GUI_TOP_LEVEL = {
+    "slicer",
+    "qt",
+    "ctk",
+    "vtk",
+    "vtkmodules",
+    "mrml",
+    "PythonQt",
+    "PyQt5",
+    "PyQt6",
+    "PySide2",
+    "PySide6",
+    "tkinter",
+}
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -78,11 +90,25 @@ def test_wheel_contains_every_module_and_the_schemas(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         (source_tree / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, source_tree / name)
-    shutil.copytree(ROOT / "BidirUncertaintySeg" / "Logic" / "buseg", source_tree / "BidirUncertaintySeg" / "Logic" / "buseg",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "BidirUncertaintySeg" / "Logic" / "buseg",
+        source_tree / "BidirUncertaintySeg" / "Logic" / "buseg",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     # No build isolation: the environment's setuptools (the Makefile installs >= 77), no download.
-    result = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                  "-w", str(tmp_path / "dist"), str(source_tree), timeout=300)
+    result = _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--quiet",
+        "-w",
+        str(tmp_path / "dist"),
+        str(source_tree),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("buseg-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -107,5 +133,7 @@ print(json.dumps({{"modules": names, "gui": gui}}))
     result = _run(sys.executable, "-c", code, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"buseg.cli", "buseg.demo", "buseg.report", "buseg.commands.demo", "buseg.train"} <= set(report["modules"])
+    assert {"buseg.cli", "buseg.demo", "buseg.report", "buseg.commands.demo", "buseg.train"} <= set(
+        report["modules"]
+    )
     assert report["gui"] == []

@@ -23,7 +23,12 @@ from buseg.io import Volume, read_image, read_label, write_image, write_segmenta
 from buseg.networks import build_network
 from buseg.synthetic import write_dataset
 
-CLASSES = [("background", 0), ("liver", 5), ("vessel", 10), ("tumour", 20)]  # label values differ from indices
+CLASSES = [
+    ("background", 0),
+    ("liver", 5),
+    ("vessel", 10),
+    ("tumour", 20),
+]  # label values differ from indices
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +38,22 @@ def model_path(tmp_path_factory):
     with torch.no_grad():
         network.head.bias.zero_()  # untrained, but its argmax then varies with the image: several classes
     metadata = {
-        "method": "supervised", "dimension": "2d", "normalization": "minmax", "patch_size": [32, 32],
+        "method": "supervised",
+        "dimension": "2d",
+        "normalization": "minmax",
+        "patch_size": [32, 32],
         "slice_axis": 2,
-        "network": {"name": "unet2d", "in_channels": 1, "num_classes": 4, "base_channels": 4, "dropout": True},
-        "classes": [{"index": i, "name": n, "label_value": v, "color": [0.1 * i, 0.9 - 0.2 * i, 0.3]}
-                    for i, (n, v) in enumerate(CLASSES)],
+        "network": {
+            "name": "unet2d",
+            "in_channels": 1,
+            "num_classes": 4,
+            "base_channels": 4,
+            "dropout": True,
+        },
+        "classes": [
+            {"index": i, "name": n, "label_value": v, "color": [0.1 * i, 0.9 - 0.2 * i, 0.3]}
+            for i, (n, v) in enumerate(CLASSES)
+        ],
     }
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
@@ -46,7 +62,9 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("data"), labeled=0, unlabeled=0, test=2, shape_zyx=(8, 40, 36))
+    return write_dataset(
+        tmp_path_factory.mktemp("data"), labeled=0, unlabeled=0, test=2, shape_zyx=(8, 40, 36)
+    )
 
 
 def _oblique_image(suffix: str, folder) -> tuple[Volume, object]:
@@ -68,7 +86,10 @@ def test_outputs_overlay_the_input_exactly(tmp_path, model_path, suffix):
     config = PredictConfig(model_path=str(model_path), out_dir=str(tmp_path / "out"), num_threads=1)
     result = predict_files([path], config)
     outputs = {k: tmp_path / "out" / v for k, v in result.cases[0]["outputs"].items()}
-    assert outputs["label"].name == f"oblique_label{suffix}" and outputs["uncertainty"].name == f"oblique_uncertainty{suffix}"
+    assert (
+        outputs["label"].name == f"oblique_label{suffix}"
+        and outputs["uncertainty"].name == f"oblique_uncertainty{suffix}"
+    )
     expected = predict_case(load_model(model_path), image, config)
 
     label = read_label(outputs["label"])
@@ -107,8 +128,20 @@ def _events(text: str) -> list[dict]:
 
 def test_cli_predicts_a_folder_with_events_and_never_overwrites_silently(tmp_path, model_path, data, capsys):
     out = tmp_path / "out"
-    argv = ["predict", str(data["test"]), "--model", str(model_path), "--out", str(out), "--progress", "jsonl",
-            "--num-threads", "1", "--max-regions", "5"]
+    argv = [
+        "predict",
+        str(data["test"]),
+        "--model",
+        str(model_path),
+        "--out",
+        str(out),
+        "--progress",
+        "jsonl",
+        "--num-threads",
+        "1",
+        "--max-regions",
+        "5",
+    ]
     assert main(argv) == 0
     events = _events(capsys.readouterr().out)
     assert events[0]["event"] == "started" and events[0]["total"] == 2 and events[0]["job"] == "predict"
@@ -119,7 +152,10 @@ def test_cli_predicts_a_folder_with_events_and_never_overwrites_silently(tmp_pat
         assert all(os.path.isfile(p) for p in event["outputs"].values()) and event["seconds"] >= 0
     assert events[-1]["event"] == "finished" and events[-1]["status"] == "completed"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["schema"] == "buseg-predict-summary" and [c["status"] for c in summary["cases"]] == ["ok", "ok"]
+    assert summary["schema"] == "buseg-predict-summary" and [c["status"] for c in summary["cases"]] == [
+        "ok",
+        "ok",
+    ]
     assert summary["config"]["max_regions"] == 5 and summary["classes"][2]["name"] == "vessel"
 
     label = out / "test_000" / "test_000_label.nii.gz"
@@ -140,8 +176,20 @@ def test_a_bad_image_is_reported_and_the_others_are_written(tmp_path, model_path
     (folder / "good.nii.gz").write_bytes((data["test"] / "images" / "test_000.nii.gz").read_bytes())
     (folder / "broken.nii.gz").write_bytes(b"this is not an image")
     out = tmp_path / "out"
-    code = main(["predict", str(folder), "--model", str(model_path), "--out", str(out), "--progress", "jsonl",
-                 "--num-threads", "1"])
+    code = main(
+        [
+            "predict",
+            str(folder),
+            "--model",
+            str(model_path),
+            "--out",
+            str(out),
+            "--progress",
+            "jsonl",
+            "--num-threads",
+            "1",
+        ]
+    )
     events = _events(capsys.readouterr().out)
     assert code == 2
     assert any(e["event"] == "warning" and "broken" in e["message"] for e in events)
@@ -161,9 +209,29 @@ def test_cancel_leaves_no_case_outputs(tmp_path, model_path, data):
 def test_worker_subprocess_predicts(tmp_path, model_path, data):
     image = data["test"] / "images" / "test_001.nii.gz"
     process = subprocess.run(
-        [sys.executable, "-m", "buseg", "predict", str(image), "--model", str(model_path), "--out", str(tmp_path),
-         "--progress", "jsonl", "--num-threads", "1", "--uncertainty", "tta", "--samples", "2"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "buseg",
+            "predict",
+            str(image),
+            "--model",
+            str(model_path),
+            "--out",
+            str(tmp_path),
+            "--progress",
+            "jsonl",
+            "--num-threads",
+            "1",
+            "--uncertainty",
+            "tta",
+            "--samples",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert process.returncode == 0, process.stderr
     events = _events(process.stdout)
@@ -174,8 +242,23 @@ def test_worker_subprocess_predicts(tmp_path, model_path, data):
 
 def test_cli_evaluates_predictions_against_label_maps_and_segmentations(tmp_path, model_path, data, capsys):
     preds = tmp_path / "pred"
-    assert main(["predict", str(data["test"]), "--model", str(model_path), "--out", str(preds), "--progress", "none",
-                 "--num-threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(data["test"]),
+                "--model",
+                str(model_path),
+                "--out",
+                str(preds),
+                "--progress",
+                "none",
+                "--num-threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     # Make the ground truth a copy of the predictions with one change, so the scores are known.
     truth_dir = tmp_path / "truth"
     for case in ("test_000", "test_001"):
@@ -188,7 +271,10 @@ def test_cli_evaluates_predictions_against_label_maps_and_segmentations(tmp_path
         classes = [{"index": v, "name": n, "color": [0.5, 0.5, 0.5]} for n, v in CLASSES[1:]]
         write_segmentation(truth, predicted, classes, tmp_path / "truth_seg" / f"{case}.seg.nrrd")
     capsys.readouterr()
-    assert main(["evaluate", "--pred", str(preds), "--truth", str(truth_dir), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(["evaluate", "--pred", str(preds), "--truth", str(truth_dir), "--out", str(tmp_path / "ev")])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "mean over classes" in printed and "vessel" in printed
     document = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -199,8 +285,22 @@ def test_cli_evaluates_predictions_against_label_maps_and_segmentations(tmp_path
     assert all(r["dice"] == 1.0 and r["jaccard"] == 1.0 and r["hd95_mm"] == 0.0 for r in present)
     assert rows[("test_001", "vessel")]["truth_voxels"] == 4 * 20 * 16
     # .seg.nrrd ground truth is matched to the predictions' classes by segment name: same numbers.
-    assert main(["evaluate", "--pred", str(preds), "--truth", str(tmp_path / "truth_seg"), "--out",
-                 str(tmp_path / "ev2"), "--progress", "jsonl"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(preds),
+                "--truth",
+                str(tmp_path / "truth_seg"),
+                "--out",
+                str(tmp_path / "ev2"),
+                "--progress",
+                "jsonl",
+            ]
+        )
+        == 0
+    )
     _events(capsys.readouterr().out)  # stdout holds only events with --progress jsonl
     again = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
     assert again["summary"]["mean"] == document["summary"]["mean"]

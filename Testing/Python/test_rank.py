@@ -69,8 +69,19 @@ def test_statistics_are_those_of_the_prediction(setup, tmp_path):
 def test_cli_rank_prints_and_writes_the_ranking(setup, tmp_path, capsys):
     model, pool = setup
     out = tmp_path / "out"
-    argv = ["rank", str(pool), "--model", str(model), "--out", str(out), "--progress", "none", "--num-threads", "1",
-            "--save-predictions"]
+    argv = [
+        "rank",
+        str(pool),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--progress",
+        "none",
+        "--num-threads",
+        "1",
+        "--save-predictions",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split()[:3] == ["rank", "case", "dice-risk"]

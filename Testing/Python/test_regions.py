@@ -35,12 +35,12 @@ def _ras_with_sitk(reference: Volume, ijk) -> np.ndarray:
 
 def _map(reference: Volume) -> np.ndarray:
     u = np.full(reference.array.shape, 0.1, dtype=np.float32)
-    u[1:3, 3:7, 2:6] = 0.9          # A: x 2..5, y 3..6, z 1..2 -> 32 voxels, 32 mm^3
-    u[4:8, 10:15, 10:20] = 0.6      # B: x 10..19, y 10..14, z 4..7 -> 200 voxels
-    u[9, 18, 25] = 1.0              # a speck: 1 voxel
-    u[0, 0, 28] = 0.95              # two voxels touching only at a corner (26-connected: one region)
+    u[1:3, 3:7, 2:6] = 0.9  # A: x 2..5, y 3..6, z 1..2 -> 32 voxels, 32 mm^3
+    u[4:8, 10:15, 10:20] = 0.6  # B: x 10..19, y 10..14, z 4..7 -> 200 voxels
+    u[9, 18, 25] = 1.0  # a speck: 1 voxel
+    u[0, 0, 28] = 0.95  # two voxels touching only at a corner (26-connected: one region)
     u[1, 1, 29] = 0.95
-    u[6:9, 0:3, 0:3] = 0.45         # below the threshold: never flagged
+    u[6:9, 0:3, 0:3] = 0.45  # below the threshold: never flagged
     return u
 
 
@@ -55,7 +55,9 @@ def test_regions_are_counted_measured_and_ranked_by_review_value(reference, monk
     b, a = result.regions
     # B: 200 voxels x 0.6 = 120 mm^3 of expected errors; A: 32 x 0.9 = 28.8: B is worth more review.
     assert [b.id, a.id] == [1, 2]
-    assert b.review_value == pytest.approx(120.0, rel=1e-5) and a.review_value == pytest.approx(28.8, rel=1e-5)
+    assert b.review_value == pytest.approx(120.0, rel=1e-5) and a.review_value == pytest.approx(
+        28.8, rel=1e-5
+    )
     assert b.volume_mm3 == pytest.approx(200.0) and a.volume_mm3 == pytest.approx(32.0)
     assert a.mean_uncertainty == pytest.approx(0.9) and a.max_uncertainty == pytest.approx(0.9)
     assert a.bbox_ijk_min == [2, 3, 1] and a.bbox_ijk_max == [5, 6, 2]
@@ -72,11 +74,15 @@ def test_centroids_and_boxes_are_in_ras_with_the_full_geometry(reference, monkey
     assert a.centroid_ijk == pytest.approx(list(centre_ijk))
     assert np.allclose(a.centroid_ras, _ras_with_sitk(reference, centre_ijk), atol=1e-6)
     # The box spans voxel edges: its RAS bounds are those of the 8 corners of the voxel block.
-    corners = [_ras_with_sitk(reference, (i, j, k)) for i in (1.5, 5.5) for j in (2.5, 6.5) for k in (0.5, 2.5)]
+    corners = [
+        _ras_with_sitk(reference, (i, j, k)) for i in (1.5, 5.5) for j in (2.5, 6.5) for k in (0.5, 2.5)
+    ]
     assert np.allclose(a.bbox_ras_min, np.min(corners, axis=0), atol=1e-6)
     assert np.allclose(a.bbox_ras_max, np.max(corners, axis=0), atol=1e-6)
     # The centroid lies inside the box; with this rotation the box is not axis-aligned in RAS.
-    assert np.all(np.array(a.bbox_ras_min) < a.centroid_ras) and np.all(np.array(a.centroid_ras) < a.bbox_ras_max)
+    assert np.all(np.array(a.bbox_ras_min) < a.centroid_ras) and np.all(
+        np.array(a.centroid_ras) < a.bbox_ras_max
+    )
 
 
 def test_min_voxels_cap_and_classes_touched(reference):
@@ -84,8 +90,16 @@ def test_min_voxels_cap_and_classes_touched(reference):
     labels = np.zeros(u.shape, dtype=np.uint8)
     labels[1:3, 3:5, 2:6] = 2  # half of A predicted as class 2
     names = ["background", "liver", "tumour"]
-    result = find_regions(u, reference, labels=labels, class_names=names, threshold=0.5, min_region_mm3=0,
-                          min_region_voxels=2, max_regions=2)
+    result = find_regions(
+        u,
+        reference,
+        labels=labels,
+        class_names=names,
+        threshold=0.5,
+        min_region_mm3=0,
+        min_region_voxels=2,
+        max_regions=2,
+    )
     assert [r.voxel_count for r in result.regions] == [200, 32]  # the 1-voxel speck needs 2 voxels
     assert result.beyond_cap == 1 and result.dropped_small == 1  # the corner pair is ranked out by the cap
     a = result.regions[1]
@@ -109,5 +123,7 @@ def test_regions_document_is_plain_json_with_the_geometry(reference):
     assert document["case"] == "c1" and len(document["regions"]) == 2
     assert document["geometry"]["size_ijk"] == [30, 20, 10]
     matrix = np.array(document["geometry"]["ijk_to_ras"])
-    assert np.allclose(matrix @ [3.5, 4.5, 1.5, 1], [*_ras_with_sitk(reference, (3.5, 4.5, 1.5)), 1], atol=1e-6)
+    assert np.allclose(
+        matrix @ [3.5, 4.5, 1.5, 1], [*_ras_with_sitk(reference, (3.5, 4.5, 1.5)), 1], atol=1e-6
+    )
     assert document["summary"]["regions_listed"] == 2

@@ -77,11 +77,18 @@ def model_2d(tmp_path_factory) -> Path:
 def _metadata(dimension="2d", **changes) -> dict:
     name = "unet2d" if dimension == "2d" else "vnet"
     metadata = {
-        "format": FORMAT, "format_version": 1, "method": "supervised", "dimension": dimension,
-        "normalization": "minmax", "patch_size": [32, 32] if dimension == "2d" else [16, 16, 16], "slice_axis": 2,
+        "format": FORMAT,
+        "format_version": 1,
+        "method": "supervised",
+        "dimension": dimension,
+        "normalization": "minmax",
+        "patch_size": [32, 32] if dimension == "2d" else [16, 16, 16],
+        "slice_axis": 2,
         "network": {"name": name, "in_channels": 1, "num_classes": 3, "base_channels": 4, "dropout": True},
-        "classes": [{"index": i, "name": n, "label_value": v, "color": [0.2 * i, 0.5, 0.5]}
-                    for i, (n, v) in enumerate([("background", 0), ("liver", 1), ("tumour", 2)])],
+        "classes": [
+            {"index": i, "name": n, "label_value": v, "color": [0.2 * i, 0.5, 0.5]}
+            for i, (n, v) in enumerate([("background", 0), ("liver", 1), ("tumour", 2)])
+        ],
     }
     metadata.update(changes)
     return metadata
@@ -91,8 +98,12 @@ def _model_file(path: Path, dimension="2d", **changes) -> Path:
     metadata = _metadata(dimension, **changes)
     torch.manual_seed(0)
     net = metadata["network"]
-    network = build_network(net["name"], in_channels=net["in_channels"], num_classes=net["num_classes"],
-                            base_channels=net["base_channels"])
+    network = build_network(
+        net["name"],
+        in_channels=net["in_channels"],
+        num_classes=net["num_classes"],
+        base_channels=net["base_channels"],
+    )
     save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
     return path
 
@@ -125,8 +136,9 @@ def test_label_off_its_images_grid_is_refused_or_resampled_on_request(tmp_path, 
     root = _labeled_folder(tmp_path / "lab", case.image, label)
     config = _config(root, dimension="3d")
     config.model.patch_size = [16, 16, 16]
-    with pytest.raises(InputError, match=rf"labels/a\.nrrd: label does not lie on its image's voxel grid \({difference}"
-                       ) as error:
+    with pytest.raises(
+        InputError, match=rf"labels/a\.nrrd: label does not lie on its image's voxel grid \({difference}"
+    ) as error:
         _load(config)
     assert "--resample-labels-to-image" in error.value.hint
     config.data.resample_labels_to_image = True
@@ -142,8 +154,10 @@ BAD_LABELS = {
     "non-integer values": (lambda lab: lab.astype(np.float32) * 0.5, "non-integer values"),
     "negative values": (lambda lab: lab.astype(np.int16) - 1, "negative values"),
     "NaN values": (lambda lab: np.where(lab > 0, np.nan, 0).astype(np.float32), "NaN or infinite"),
-    "an image given as label": (lambda lab: (np.arange(lab.size) % 1000).reshape(lab.shape).astype(np.int16),
-                                "999 different values"),
+    "an image given as label": (
+        lambda lab: (np.arange(lab.size) % 1000).reshape(lab.shape).astype(np.int16),
+        "999 different values",
+    ),
     "empty": (lambda lab: np.zeros_like(lab), "no foreground voxels"),
 }
 
@@ -200,16 +214,22 @@ def test_classes_the_labeled_data_do_not_support_are_refused(tmp_path):
     extra = cases[1].label.array.copy()
     extra[0, :2, :2] = 4
     write_image(cases[1].label.with_array(extra), tmp_path / "lab1.nrrd", overwrite=True)
-    manifest = {"labeled": [{"image": "img0.nrrd", "label": "lab0.nrrd"}],
-                "validation": [{"image": "img1.nrrd", "label": "lab1.nrrd"}]}
+    manifest = {
+        "labeled": [{"image": "img0.nrrd", "label": "lab0.nrrd"}],
+        "validation": [{"image": "img1.nrrd", "label": "lab1.nrrd"}],
+    }
     (tmp_path / "m.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=r"lab1\.nrrd: has label 4, which no labeled training case has"):
         _load(_config(tmp_path / "m.json"))
     # A declared class that occurs in no labeled case.
-    manifest = {"labeled": [{"image": "img0.nrrd", "label": "lab0.nrrd"}],
-                "classes": [{"value": v, "name": n} for v, n in ((1, "a"), (2, "b"), (3, "c"), (7, "never"))]}
+    manifest = {
+        "labeled": [{"image": "img0.nrrd", "label": "lab0.nrrd"}],
+        "classes": [{"value": v, "name": n} for v, n in ((1, "a"), (2, "b"), (3, "c"), (7, "never"))],
+    }
     (tmp_path / "m.json").write_text(json.dumps(manifest))
-    with pytest.raises(InputError, match=r"m\.json: class\(es\) never declared but absent from every labeled case"):
+    with pytest.raises(
+        InputError, match=r"m\.json: class\(es\) never declared but absent from every labeled case"
+    ):
         _load(_config(tmp_path / "m.json"))
     # A declared class name that would break the segmentation files it ends up in.
     manifest["classes"] = [{"value": 1, "name": "liver\nSegment1_Name:=x"}]
@@ -243,8 +263,15 @@ def _bad_image(kind: str, tmp_path: Path) -> Path:
     return path
 
 
-IMAGE_PROBLEMS = {"constant": "is constant", "NaN": "NaN or infinite", "infinity": "NaN or infinite",
-                  "2D": "is a 2D image", "4D": "is a 4D image", "RGB": "RGB or vector image", "tiny": "is too small"}
+IMAGE_PROBLEMS = {
+    "constant": "is constant",
+    "NaN": "NaN or infinite",
+    "infinity": "NaN or infinite",
+    "2D": "is a 2D image",
+    "4D": "is a 4D image",
+    "RGB": "RGB or vector image",
+    "tiny": "is too small",
+}
 
 
 @pytest.mark.parametrize("kind", list(IMAGE_PROBLEMS))
@@ -255,7 +282,10 @@ def test_bad_images_are_refused_for_training_naming_the_file(tmp_path, kind):
     (root / "images").mkdir(parents=True)
     shutil.copy(image, root / "images" / "a.nrrd")
     label = case.label.array[:4] if kind == "tiny" else case.label.array
-    write_image(Volume(label, case.label.spacing_mm, case.label.origin, case.label.direction), root / "labels" / "a.nrrd")
+    write_image(
+        Volume(label, case.label.spacing_mm, case.label.origin, case.label.direction),
+        root / "labels" / "a.nrrd",
+    )
     config = _config(root, dimension="3d")
     config.model.patch_size = [16, 16, 16]
     with pytest.raises(InputError, match=IMAGE_PROBLEMS[kind]) as error:
@@ -285,8 +315,12 @@ def test_bad_images_are_refused_for_prediction_and_the_others_predicted(tmp_path
         predict_files([folder], _predict_config(model_2d, out), events=Sink())
     assert "2D" in str(error.value)
     for kind in kinds:  # each refusal says which file and why; nothing is written for it
-        assert any(w.startswith(f"{kind}: skipped") and str(folder / f"{kind}.nrrd") in w
-                   and IMAGE_PROBLEMS[kind] in w for w in warnings), (kind, warnings)
+        assert any(
+            w.startswith(f"{kind}: skipped")
+            and str(folder / f"{kind}.nrrd") in w
+            and IMAGE_PROBLEMS[kind] in w
+            for w in warnings
+        ), (kind, warnings)
         assert not (out / kind).exists()
     # A constant image is predicted (nothing is wrong with the file) with a warning that says so.
     assert (out / "constant" / "constant.seg.nrrd").is_file()
@@ -295,8 +329,10 @@ def test_bad_images_are_refused_for_prediction_and_the_others_predicted(tmp_path
 
 def _huge_header(path: Path) -> Path:
     """A detached NRRD header announcing 100000^3 float voxels (3.6 PB) for a data file of 64 bytes."""
-    path.write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 100000 100000 100000\nspacings: 1 1 1\n"
-                    "encoding: raw\nendian: little\ndata file: huge.raw\n")
+    path.write_text(
+        "NRRD0004\ntype: float\ndimension: 3\nsizes: 100000 100000 100000\nspacings: 1 1 1\n"
+        "encoding: raw\nendian: little\ndata file: huge.raw\n"
+    )
     path.with_suffix(".raw").write_bytes(bytes(64))  # what is really there
     return path
 
@@ -304,7 +340,9 @@ def _huge_header(path: Path) -> Path:
 def test_images_too_large_for_the_memory_are_refused_from_their_header(tmp_path, model_2d):
     huge = _huge_header(tmp_path / "huge.nhdr")
     start = time.perf_counter()
-    with pytest.raises(ResourceError, match=r"huge\.nhdr: its header says 100000x100000x100000 voxels \(\d+\.\d GiB"):
+    with pytest.raises(
+        ResourceError, match=r"huge\.nhdr: its header says 100000x100000x100000 voxels \(\d+\.\d GiB"
+    ):
         read_image(huge)
     # Training: the whole set is estimated from the headers before any image is read.
     case = _case()
@@ -316,7 +354,9 @@ def test_images_too_large_for_the_memory_are_refused_from_their_header(tmp_path,
     with pytest.raises(ResourceError, match=r"the 2 training images need about \d+\.\d GiB in memory"):
         _load(_config(root, tmp_path / "unl"))
     # Prediction: each case is estimated with the prediction's memory model before it is read.
-    with pytest.raises(ResourceError, match=r"huge\.nhdr.*100000x100000x100000 voxels.* need about \d+\.\d GiB"):
+    with pytest.raises(
+        ResourceError, match=r"huge\.nhdr.*100000x100000x100000 voxels.* need about \d+\.\d GiB"
+    ):
         predict_files([huge], _predict_config(model_2d, tmp_path / "out"))
     assert time.perf_counter() - start < 20  # refused, not attempted
     assert not (tmp_path / "out" / "huge").exists()
@@ -332,8 +372,12 @@ def test_prediction_memory_model_counts_the_window_slab_of_a_3d_model(tmp_path):
     config = PredictConfig()
     size = (40, 40, 20)
     voxels = 40 * 40 * 20
-    assert BYTES_PER_VOXEL * voxels < prediction_memory_bytes(size, small, config) < 3 * BYTES_PER_VOXEL * voxels
-    assert prediction_memory_bytes(size, wide, config) > 4 * 256 * 512 * 512 * 4  # classes + weights, one slab
+    assert (
+        BYTES_PER_VOXEL * voxels < prediction_memory_bytes(size, small, config) < 3 * BYTES_PER_VOXEL * voxels
+    )
+    assert (
+        prediction_memory_bytes(size, wide, config) > 4 * 256 * 512 * 512 * 4
+    )  # classes + weights, one slab
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd"])
@@ -380,7 +424,10 @@ def test_copies_of_an_image_in_two_roles_are_reported(tmp_path):
     write_image(_case(1).image, tmp_path / "unl" / "other.nrrd")
     data = _load(_config(root, tmp_path / "unl"))
     assert len(data.warnings) == 1
-    assert "copy.nrrd (unlabeled) has the same voxels as" in data.warnings[0] and "a.nrrd (labeled)" in data.warnings[0]
+    assert (
+        "copy.nrrd (unlabeled) has the same voxels as" in data.warnings[0]
+        and "a.nrrd (labeled)" in data.warnings[0]
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -415,11 +462,20 @@ def test_a_model_is_refused_for_data_it_cannot_handle(tmp_path, model_2d):
 
 
 def _network(**changes):
-    return {"name": "unet2d", "in_channels": 1, "num_classes": 3, "base_channels": 4, "dropout": True, **changes}
+    return {
+        "name": "unet2d",
+        "in_channels": 1,
+        "num_classes": 3,
+        "base_channels": 4,
+        "dropout": True,
+        **changes,
+    }
 
 
 def _classes(names=("background", "liver", "tumour"), **changes):
-    return [{"index": i, "name": n, "label_value": i, **(changes if i == 1 else {})} for i, n in enumerate(names)]
+    return [
+        {"index": i, "name": n, "label_value": i, **(changes if i == 1 else {})} for i, n in enumerate(names)
+    ]
 
 
 BAD_METADATA = {
@@ -427,20 +483,36 @@ BAD_METADATA = {
     "classes not a list": ({"classes": {"0": "background"}}, "'classes' missing or not a list"),
     "patch size a string": ({"patch_size": "32x32"}, "'patch_size' missing or not a list"),
     "patch size of booleans": ({"patch_size": [True, True]}, "patch_size"),
-    "channels a string": ({"network": _network(base_channels="4")}, "'base_channels' is not a sensible integer"),
+    "channels a string": (
+        {"network": _network(base_channels="4")},
+        "'base_channels' is not a sensible integer",
+    ),
     "negative channels": ({"network": _network(in_channels=-1)}, "'in_channels' is not a sensible integer"),
     "zero classes": ({"network": _network(num_classes=0)}, "'num_classes' is not a sensible integer"),
     "huge channels": ({"network": _network(base_channels=4000)}, "weights do not match the network"),
-    "huge class count": ({"network": _network(num_classes=4000),
-                          "classes": [{"index": i, "name": f"c{i}", "label_value": i} for i in range(4000)]},
-                         "weights do not match the network"),
-    "class list shorter than outputs": ({"classes": _classes()[:2]}, "2 classes listed but the network has 3"),
+    "huge class count": (
+        {
+            "network": _network(num_classes=4000),
+            "classes": [{"index": i, "name": f"c{i}", "label_value": i} for i in range(4000)],
+        },
+        "weights do not match the network",
+    ),
+    "class list shorter than outputs": (
+        {"classes": _classes()[:2]},
+        "2 classes listed but the network has 3",
+    ),
     "class label value a string": ({"classes": _classes(label_value="1")}, "has no valid label_value"),
     "class label value negative": ({"classes": _classes(label_value=-5)}, "has no valid label_value"),
     "class name twice": ({"classes": _classes(("background", "liver", "liver"))}, "listed twice"),
-    "class name with a line break": ({"classes": _classes(("background", "liver\nx", "t"))}, "control characters"),
+    "class name with a line break": (
+        {"classes": _classes(("background", "liver\nx", "t"))},
+        "control characters",
+    ),
     "class color not RGB": ({"classes": _classes(color="red")}, "color that is not three numbers"),
-    "network of another dimension": ({"network": _network(name="vnet")}, "a vnet network cannot be a 2d model"),
+    "network of another dimension": (
+        {"network": _network(name="vnet")},
+        "a vnet network cannot be a 2d model",
+    ),
     "slice axis out of range": ({"slice_axis": 7}, "slice_axis 7 is not 0, 1 or 2"),
     "negative spacing": ({"spacing_mm": [1.0, -1.0, 1.0]}, "spacing_mm"),
     "dropout not a boolean": ({"network": _network(dropout="yes")}, "'dropout' is not true/false"),
@@ -489,7 +561,9 @@ def test_semi_supervised_training_without_unlabeled_data_is_an_error(tmp_path):
     config.data.source, config.data.data_root, config.data.labeled_count = "la", str(la), 1
     config.data.validation = str(tmp_path / "val.list")
     config.model.dimension, config.method.name = "3d", "buarl"
-    with pytest.raises(InputError, match="method buarl is semi-supervised but no unlabeled case remains") as error:
+    with pytest.raises(
+        InputError, match="method buarl is semi-supervised but no unlabeled case remains"
+    ) as error:
         _load(config)
     assert "--labeled-count" in error.value.hint
 
@@ -514,9 +588,14 @@ def test_inputs_and_class_names_cannot_make_predict_or_rank_write_outside_the_ou
     from buseg.ranking import rank_files
 
     # Class names from the model file end up in the .seg.nrrd and regions.json, never in paths.
-    model = _model_file(tmp_path / "m" / "model.pt", classes=[
-        {"index": 0, "name": "background", "label_value": 0}, {"index": 1, "name": "../../escaped", "label_value": 1},
-        {"index": 2, "name": "/etc/passwd", "label_value": 2}])
+    model = _model_file(
+        tmp_path / "m" / "model.pt",
+        classes=[
+            {"index": 0, "name": "background", "label_value": 0},
+            {"index": 1, "name": "../../escaped", "label_value": 1},
+            {"index": 2, "name": "/etc/passwd", "label_value": 2},
+        ],
+    )
     inputs = tmp_path / "inputs"
     image = _case().image
     names = ["...nii.gz", "con.nii.gz", "..hidden.nii.gz", "a b;c.nii.gz"]
@@ -529,7 +608,9 @@ def test_inputs_and_class_names_cannot_make_predict_or_rank_write_outside_the_ou
     ranking = tmp_path / "work" / "ranking"
     rank_files([inputs / n for n in names], _predict_config(model, ranking), save_predictions=True)
     written = _files_under(tmp_path) - before
-    assert written and all(out in p.parents or ranking in p.parents for p in written), sorted(map(str, written))
+    assert written and all(out in p.parents or ranking in p.parents for p in written), sorted(
+        map(str, written)
+    )
     assert all(p.parent.parent in (out, ranking) or p.parent in (out, ranking) for p in written)
     segments = read_label(out / "case" / "case.seg.nrrd").segments
     assert [s["name"] for s in segments.values()] == ["../../escaped", "/etc/passwd"]
@@ -551,15 +632,20 @@ def test_slicer_export_keeps_node_names_inside_their_folders(tmp_path):
     from BidirUncertaintySegLib.errors import ModuleError
 
     app = create_slicer_app()
-    flow = workflow.Workflow(workflow.SlicerContext(app.scene, app.segmentations_logic, runsFolder=tmp_path / "runs",
-                                                    workFolder=tmp_path / "work"))
+    flow = workflow.Workflow(
+        workflow.SlicerContext(
+            app.scene, app.segmentations_logic, runsFolder=tmp_path / "runs", workFolder=tmp_path / "work"
+        )
+    )
     names = ["../../escape", "/etc/passwd", "con", "a\\b", "..", "NUL"]
     cases = [_case(seed) for seed in range(len(names))]
     volumes = [add_volume(app.scene, c.image, n) for c, n in zip(cases, names, strict=True)]
     # slicer-core renames nothing: the nodes keep these names (the scene allows any text).
     assert [v.GetName() for v in volumes] == names
-    labeled = [(v, add_segmentation(app.scene, c.label.array, v, ["shell", "core", "satellite"]))
-               for v, c in zip(volumes[:3], cases, strict=False)]
+    labeled = [
+        (v, add_segmentation(app.scene, c.label.array, v, ["shell", "core", "satellite"]))
+        for v, c in zip(volumes[:3], cases, strict=False)
+    ]
     # Semi-supervised without unlabeled volumes: refused before anything is written.
     with pytest.raises(ModuleError, match="learns from unlabeled volumes too"):
         flow.prepareTraining(labeled, [], outDir=tmp_path / "runs" / "none")
@@ -569,7 +655,8 @@ def test_slicer_export_keeps_node_names_inside_their_folders(tmp_path):
     inputs = out_dir / workflow.INPUTS_FOLDER
     assert written and all(inputs in p.parents for p in written), sorted(map(str, written))
     assert sorted(p.name for p in (inputs / nodefiles.IMAGES_FOLDER).iterdir()) == sorted(
-        f"{n}.nrrd" for n in ["escape", "etc_passwd", "con_", "a_b", "volume", "NUL_"])
+        f"{n}.nrrd" for n in ["escape", "etc_passwd", "con_", "a_b", "volume", "NUL_"]
+    )
     # The engine names a prediction's case as the module looks it up.
     for name in names:
         exported = Path(f"{nodefiles.safeFileName(name)}.nrrd")
@@ -577,4 +664,3 @@ def test_slicer_export_keeps_node_names_inside_their_folders(tmp_path):
     manifest = json.loads((inputs / nodefiles.MANIFEST_NAME).read_text())
     for entry in manifest["labeled"] + manifest["unlabeled"]:
         assert not Path(entry["image"]).is_absolute() and ".." not in Path(entry["image"]).parts
-

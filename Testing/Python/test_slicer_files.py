@@ -57,19 +57,27 @@ def add_segmentation(scene, labels: np.ndarray, reference, names, colors=None, o
     segmentation.CreateDefaultDisplayNodes()
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     for index in order or range(len(names)):
-        segmentId = segmentation.GetSegmentation().AddEmptySegment("", names[index],
-                                                                  (colors or [(0.5, 0.5, 0.5)] * len(names))[index])
+        segmentId = segmentation.GetSegmentation().AddEmptySegment(
+            "", names[index], (colors or [(0.5, 0.5, 0.5)] * len(names))[index]
+        )
         slicer.util.updateVolumeFromArray(labelmap, (labels == index + 1).astype(np.uint8))
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segmentId)
-        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation, ids)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            labelmap, segmentation, ids
+        )
     nodefiles.removeNodes(scene, labelmap)
     return segmentation
 
 
 def synthetic(seed=0, shape=(10, 28, 36), angle=25.0, spacing=(0.8, 1.1, 2.5)):
-    return make_case(np.random.default_rng(seed), shape, spacing_mm=spacing, direction=rotation_direction(angle),
-                     origin=(-31.0, 12.5, 40.0))
+    return make_case(
+        np.random.default_rng(seed),
+        shape,
+        spacing_mm=spacing,
+        direction=rotation_direction(angle),
+        origin=(-31.0, 12.5, 40.0),
+    )
 
 
 def test_volume_export_keeps_geometry_and_leaves_the_users_storage_node_alone(app, tmp_path):
@@ -119,16 +127,22 @@ def test_training_export_writes_a_manifest_the_engine_reads(app, tmp_path):
     from buseg.data import cases_from_manifest, load_files
 
     cases = [synthetic(seed=s, angle=10.0 * s) for s in range(4)]
-    volumes = [add_volume(app.scene, c.image, name) for c, name in
-               zip(cases, ["Pat 1", "Pat 1", "Pat/2 é", "Unl"], strict=True)]  # duplicate and odd names
+    volumes = [
+        add_volume(app.scene, c.image, name)
+        for c, name in zip(cases, ["Pat 1", "Pat 1", "Pat/2 é", "Unl"], strict=True)
+    ]  # duplicate and odd names
     colors = [(0.9, 0.1, 0.1), (0.1, 0.9, 0.1), (0.1, 0.1, 0.9)]
     seg0 = add_segmentation(app.scene, cases[0].label.array, volumes[0], CLASS_NAMES, colors)
     seg1 = add_segmentation(app.scene, cases[1].label.array, volumes[1], CLASS_NAMES, colors, order=[1, 2, 0])
     labelmap = add_volume(app.scene, cases[2].label, "Pat 2 label", "vtkMRMLLabelMapVolumeNode")
 
     exported = nodefiles.exportTrainingData(
-        app.scene, tmp_path / "inputs", [(volumes[0], seg0), (volumes[2], labelmap), (volumes[1], seg1)],
-        [volumes[3]], validationCount=1)
+        app.scene,
+        tmp_path / "inputs",
+        [(volumes[0], seg0), (volumes[2], labelmap), (volumes[1], seg1)],
+        [volumes[3]],
+        validationCount=1,
+    )
 
     # Classes in order of first appearance: the segments' names, then the label map's color names.
     colorNames = [labelmap.GetDisplayNode().GetColorNode().GetColorName(v) for v in (1, 2, 3)]
@@ -148,13 +162,16 @@ def test_training_export_writes_a_manifest_the_engine_reads(app, tmp_path):
     assert [c["name"] for c in data.classes[1:]] == [*CLASS_NAMES, *colorNames]
     assert np.array_equal(read_label(listed.labeled[0].label).array, cases[0].label.array)
     assert np.array_equal(read_label(listed.validation[0].label).array, cases[1].label.array)
-    assert np.array_equal(read_label(listed.labeled[1].label).array, np.where(cases[2].label.array > 0,
-                                                                              cases[2].label.array + 3, 0))
+    assert np.array_equal(
+        read_label(listed.labeled[1].label).array,
+        np.where(cases[2].label.array > 0, cases[2].label.array + 3, 0),
+    )
 
     seg3 = add_segmentation(app.scene, cases[3].label.array, volumes[3], ["shell", "tumour"])
     with pytest.raises(ModuleError, match=r"Validation case 'Unl' has segment\(s\) tumour"):
-        nodefiles.exportTrainingData(app.scene, tmp_path / "bad", [(volumes[0], seg0), (volumes[3], seg3)],
-                                     validationCount=1)
+        nodefiles.exportTrainingData(
+            app.scene, tmp_path / "bad", [(volumes[0], seg0), (volumes[3], seg3)], validationCount=1
+        )
 
 
 def test_export_refuses_bad_input_naming_the_node(app, tmp_path):
@@ -178,8 +195,9 @@ def test_export_refuses_bad_input_naming_the_node(app, tmp_path):
     assert not (tmp_path / "a" / nodefiles.MANIFEST_NAME).exists()
 
 
-def write_predict_outputs(folder: Path, case_name: str, reference: Volume, labels: np.ndarray,
-                          uncertainty: np.ndarray, classes) -> engine.PredictOutputs:
+def write_predict_outputs(
+    folder: Path, case_name: str, reference: Volume, labels: np.ndarray, uncertainty: np.ndarray, classes
+) -> engine.PredictOutputs:
     """The four files of one case, written by the engine's own writers (as buseg predict does)."""
     from buseg.regions import find_regions, regions_document
 
@@ -188,9 +206,14 @@ def write_predict_outputs(folder: Path, case_name: str, reference: Volume, label
     write_image(reference, outputs.label, array=labels)
     write_segmentation(labels, reference, classes, outputs.segmentation)
     write_image(reference, outputs.uncertainty, array=uncertainty.astype(np.float32))
-    regions = find_regions(uncertainty, reference, labels=labels,
-                           class_names=["background"] + [c["name"] for c in classes], threshold=0.5,
-                           min_region_mm3=0.0)
+    regions = find_regions(
+        uncertainty,
+        reference,
+        labels=labels,
+        class_names=["background"] + [c["name"] for c in classes],
+        threshold=0.5,
+        min_region_mm3=0.0,
+    )
     outputs.regions.write_text(json.dumps(regions_document(regions, reference, case=case_name)))
     return outputs
 
@@ -200,15 +223,23 @@ def test_predict_outputs_load_as_named_colored_segments_on_the_input_geometry(ap
     volume = add_volume(app.scene, case.image, "Case 4")
     transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "patient pose")
     volume.SetAndObserveTransformNodeID(transform.GetID())
-    classes = [{"index": i + 1, "name": n, "color": c} for i, (n, c) in
-               enumerate(zip(CLASS_NAMES, [(0.9, 0.2, 0.2), (0.2, 0.9, 0.2), (0.2, 0.2, 0.9)], strict=True))]
+    classes = [
+        {"index": i + 1, "name": n, "color": c}
+        for i, (n, c) in enumerate(
+            zip(CLASS_NAMES, [(0.9, 0.2, 0.2), (0.2, 0.9, 0.2), (0.2, 0.2, 0.9)], strict=True)
+        )
+    ]
     uncertainty = np.random.default_rng(0).random(case.image.array.shape)
     outputs = write_predict_outputs(tmp_path, "case4", case.image, case.label.array, uncertainty, classes)
 
-    segmentation = nodefiles.loadSegmentation(app.scene, app.segmentations_logic, outputs.segmentation, volume)
+    segmentation = nodefiles.loadSegmentation(
+        app.scene, app.segmentations_logic, outputs.segmentation, volume
+    )
     segments = nodefiles.segmentsOf(segmentation)
     assert [name for _, name, _ in segments] == list(CLASS_NAMES)
-    assert [tuple(round(v, 3) for v in color) for _, _, color in segments] == [tuple(c["color"]) for c in classes]
+    assert [tuple(round(v, 3) for v in color) for _, _, color in segments] == [
+        tuple(c["color"]) for c in classes
+    ]
     assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume
     assert segmentation.GetTransformNodeID() == transform.GetID()
     on_grid = nodefiles.segmentLabelArray(app.scene, segmentation, volume, [s[0] for s in segments])
@@ -221,7 +252,9 @@ def test_predict_outputs_load_as_named_colored_segments_on_the_input_geometry(ap
     assert heat.GetName() == "Case 4 uncertainty"
 
     document = engine.readRegions(outputs.regions)
-    assert document.regions and [r.rank for r in document.regions] == list(range(1, len(document.regions) + 1))
+    assert document.regions and [r.rank for r in document.regions] == list(
+        range(1, len(document.regions) + 1)
+    )
     assert all(0.5 < r.meanUncertainty <= r.maxUncertainty <= 1.0 for r in document.regions)
 
 
@@ -229,29 +262,45 @@ def test_results_replace_the_segments_of_a_chosen_output_node(app, tmp_path):
     case = synthetic(seed=5)
     volume = add_volume(app.scene, case.image, "Case 5")
     classes = [{"index": 1, "name": "shell", "color": (1, 0, 0)}]
-    outputs = write_predict_outputs(tmp_path, "case5", case.image, (case.label.array == 1).astype(np.uint8),
-                                    np.zeros(case.image.array.shape), classes)
+    outputs = write_predict_outputs(
+        tmp_path,
+        "case5",
+        case.image,
+        (case.label.array == 1).astype(np.uint8),
+        np.zeros(case.image.array.shape),
+        classes,
+    )
     target = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "My result")
     target.GetSegmentation().AddEmptySegment("", "old segment")
     count = app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
 
-    node = nodefiles.loadSegmentation(app.scene, app.segmentations_logic, outputs.segmentation, volume,
-                                      targetNode=target)
+    node = nodefiles.loadSegmentation(
+        app.scene, app.segmentations_logic, outputs.segmentation, volume, targetNode=target
+    )
     assert node is target and node.GetName() == "My result"
     assert [name for _, name, _ in nodefiles.segmentsOf(node)] == ["shell"]
     assert app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count  # no extra node left behind
 
 
 def test_engine_output_names_and_summary_are_read_in_one_place(tmp_path):
-    outputs = engine.PredictOutputs.forCase(tmp_path, "ct", {"segmentation": "ct/ct.seg.nrrd",
-                                                             "uncertainty": "ct/ct_uncertainty.nii.gz"})
+    outputs = engine.PredictOutputs.forCase(
+        tmp_path, "ct", {"segmentation": "ct/ct.seg.nrrd", "uncertainty": "ct/ct_uncertainty.nii.gz"}
+    )
     assert outputs.segmentation == tmp_path / "ct" / "ct.seg.nrrd"
     assert outputs.uncertainty == tmp_path / "ct" / "ct_uncertainty.nii.gz"
     assert outputs.regions == tmp_path / "ct" / "regions.json"
-    (tmp_path / "summary.json").write_text(json.dumps({
-        "schema": "buseg-predict-summary", "schema_version": 1,
-        "cases": [{"case": "ct", "status": "ok", "outputs": {"segmentation": "ct/ct.seg.nrrd"}},
-                  {"case": "bad", "status": "failed", "error": "unreadable"}]}))
+    (tmp_path / "summary.json").write_text(
+        json.dumps(
+            {
+                "schema": "buseg-predict-summary",
+                "schema_version": 1,
+                "cases": [
+                    {"case": "ct", "status": "ok", "outputs": {"segmentation": "ct/ct.seg.nrrd"}},
+                    {"case": "bad", "status": "failed", "error": "unreadable"},
+                ],
+            }
+        )
+    )
     assert list(engine.readPredictSummary(tmp_path)) == ["ct"]
     (tmp_path / "regions.json").write_text(json.dumps({"schema": "buseg-regions", "schema_version": 2}))
     with pytest.raises(ModuleError, match="newer engine"):
@@ -279,9 +328,16 @@ def test_every_widget_the_module_uses_exists_in_the_ui_with_the_right_class():
     widgets = ui_widgets()
     expected = {p.widget: p.widgetClass for p in parameters.PARAMETERS if p.widget}
     expected.update({name: cls for name, cls in parameters.NODE_REFERENCES.values() if name})
-    expected.update({"labeledTableWidget": "QTableWidget", "unlabeledListWidget": "QListWidget",
-                     "regionsTableView": "qMRMLTableView", "rankingTableView": "qMRMLTableView",
-                     "progressBar": "QProgressBar", "advancedCollapsibleGroupBox": "ctkCollapsibleGroupBox"})
+    expected.update(
+        {
+            "labeledTableWidget": "QTableWidget",
+            "unlabeledListWidget": "QListWidget",
+            "regionsTableView": "qMRMLTableView",
+            "rankingTableView": "qMRMLTableView",
+            "progressBar": "QProgressBar",
+            "advancedCollapsibleGroupBox": "ctkCollapsibleGroupBox",
+        }
+    )
     used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
     for name in used:
         assert name in widgets, f"BidirUncertaintySeg.py uses self.ui.{name}, which the .ui does not have"
@@ -291,7 +347,9 @@ def test_every_widget_the_module_uses_exists_in_the_ui_with_the_right_class():
             expected.setdefault(name, "QLabel")
     for name, cls in expected.items():
         assert name in widgets, f"{name} is missing from the .ui"
-        assert widgets[name].get("class") == cls, f"{name} is a {widgets[name].get('class')} in the .ui, not a {cls}"
+        assert widgets[name].get("class") == cls, (
+            f"{name} is a {widgets[name].get('class')} in the .ui, not a {cls}"
+        )
         assert cls in parameters.WIDGET_BINDINGS or name not in {p.widget for p in parameters.PARAMETERS}
     assert {"trainButton", "segmentButton", "rankButton", "resumeButton"} <= used
 
@@ -303,9 +361,16 @@ def test_combo_box_items_match_the_stored_choices_and_mrml_widgets_get_the_scene
             items = [item.find("property/string").text for item in widgets[p.widget].findall("item")]
             assert items == list(p.choiceLabels), p.name
             assert len(p.choices) == len(p.choiceLabels)
-    receivers = {c.findtext("receiver") for c in ET.parse(UI_FILE).getroot().iter("connection")
-                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
-    mrml = {name for name, element in widgets.items() if element.get("class") in ("qMRMLNodeComboBox", "qMRMLTableView")}
+    receivers = {
+        c.findtext("receiver")
+        for c in ET.parse(UI_FILE).getroot().iter("connection")
+        if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+    }
+    mrml = {
+        name
+        for name, element in widgets.items()
+        if element.get("class") in ("qMRMLNodeComboBox", "qMRMLTableView")
+    }
     assert mrml and mrml <= receivers
     top = ET.parse(UI_FILE).getroot().find("widget")
     assert top.get("class") == "qMRMLWidget"
@@ -325,29 +390,50 @@ def cmake_listed(path: Path) -> set[str]:
 def test_every_file_the_module_needs_is_listed_in_its_cmakelists():
     cmake = MODULE_DIR / "CMakeLists.txt"
     listed = cmake_listed(cmake)
-    needed = {"BidirUncertaintySeg.py", "Resources/UI/BidirUncertaintySeg.ui", "Resources/Icons/BidirUncertaintySeg.png"}
-    for folder, pattern in (("BidirUncertaintySegLib", "*.py"), ("Logic/buseg", "*.py"), ("Logic/buseg", "*.json")):
-        needed |= {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / folder).rglob(pattern)
-                   if "__pycache__" not in p.parts}
+    needed = {
+        "BidirUncertaintySeg.py",
+        "Resources/UI/BidirUncertaintySeg.ui",
+        "Resources/Icons/BidirUncertaintySeg.png",
+    }
+    for folder, pattern in (
+        ("BidirUncertaintySegLib", "*.py"),
+        ("Logic/buseg", "*.py"),
+        ("Logic/buseg", "*.json"),
+    ):
+        needed |= {
+            str(p.relative_to(MODULE_DIR))
+            for p in (MODULE_DIR / folder).rglob(pattern)
+            if "__pycache__" not in p.parts
+        }
     missing = sorted(needed - listed)
     assert not missing, f"add to {cmake} (scripts or resources): {', '.join(missing)}"
     stale = sorted(item for item in listed if not (MODULE_DIR / item).exists())
     assert not stale, f"{cmake} lists files that do not exist: {', '.join(stale)}"
     text = cmake.read_text()
     assert "WITH_GENERIC_TESTS" in text
-    assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\).*endif",
-                     text, flags=re.S)
+    assert re.search(
+        r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\).*endif",
+        text,
+        flags=re.S,
+    )
 
 
 def test_extension_cmakelists_has_the_metadata_the_extensions_index_needs():
     text = (ROOT / "CMakeLists.txt").read_text()
-    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                     "EXTENSION_ICONURL"):
+    for variable in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+    ):
         assert re.search(rf'set\({variable} "[^"]+"\)', text), variable
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
     assert "add_subdirectory(BidirUncertaintySeg)" in text
-    assert text.index("include(${Slicer_EXTENSION_GENERATE_CONFIG})") < text.index("include(${Slicer_EXTENSION_CPACK})")
+    assert text.index("include(${Slicer_EXTENSION_GENERATE_CONFIG})") < text.index(
+        "include(${Slicer_EXTENSION_CPACK})"
+    )
     icon_url = re.search(r'set\(EXTENSION_ICONURL "([^"]+)"\)', text).group(1)
     assert icon_url.endswith("BidirUncertaintySeg/Resources/Icons/BidirUncertaintySeg.png")
 

@@ -87,8 +87,13 @@ def test_uncertainty_is_a_thresholded_heat_map_foreground_over_the_input(app):
     assert all(app.slice_composite_node(v).GetForegroundOpacity() == pytest.approx(0.8) for v in VIEWS)
     assert display.GetLowerThreshold() == pytest.approx(0.6)
     review.showUncertaintyOverlay(app.scene, heat, volume)  # a second result reuses the table
-    assert sum(app.scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode").GetName() == review.HEAT_TABLE_NAME
-               for i in range(app.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))) == 1
+    assert (
+        sum(
+            app.scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode").GetName() == review.HEAT_TABLE_NAME
+            for i in range(app.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))
+        )
+        == 1
+    )
 
 
 def test_slicers_inferno_is_used_when_the_colors_module_has_loaded_it(app):
@@ -111,7 +116,7 @@ def regions_of(app, tmp_path, seed=6):
     case = synthetic(seed=seed)
     volume = add_volume(app.scene, case.image, "Case")
     uncertainty = np.zeros(case.image.array.shape)
-    uncertainty[2:5, 3:9, 4:12] = 0.9     # a big, very uncertain block
+    uncertainty[2:5, 3:9, 4:12] = 0.9  # a big, very uncertain block
     uncertainty[7:9, 20:23, 25:28] = 0.7  # a smaller one
     classes = [{"index": i + 1, "name": n, "color": (0.5, 0.5, 0.5)} for i, n in enumerate(CLASS_NAMES)]
     outputs = write_predict_outputs(tmp_path, "case", case.image, case.label.array, uncertainty, classes)
@@ -125,7 +130,9 @@ def test_regions_become_a_table_and_locked_markups_at_their_centroids(app, tmp_p
 
     table = review.regionsToTable(app.scene, regions)
     assert table.GetNumberOfRows() == 2
-    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == [c[0] for c in review.REGION_COLUMNS]
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == [
+        c[0] for c in review.REGION_COLUMNS
+    ]
     assert table.GetCellText(0, 0) == "1" and table.GetCellText(1, 0) == "2"
     assert table.GetCellText(0, 1) == ", ".join(raw[0]["classes"])
     assert float(table.GetCellText(0, 2)) == pytest.approx(raw[0]["volume_mm3"])
@@ -155,7 +162,9 @@ def test_regions_become_a_table_and_locked_markups_at_their_centroids(app, tmp_p
     center = [0.0, 0.0, 0.0]
     rois[0].GetCenter(center)
     assert center == pytest.approx(list(np.add(raw[0]["bbox_ras_min"], raw[0]["bbox_ras_max"]) / 2))
-    assert list(rois[0].GetSize()) == pytest.approx(list(np.subtract(raw[0]["bbox_ras_max"], raw[0]["bbox_ras_min"])))
+    assert list(rois[0].GetSize()) == pytest.approx(
+        list(np.subtract(raw[0]["bbox_ras_max"], raw[0]["bbox_ras_min"]))
+    )
 
 
 @pytest.mark.parametrize("use_markups_logic", [True, False])
@@ -163,8 +172,9 @@ def test_jump_to_region_centers_every_slice_view_on_its_centroid(app, tmp_path, 
     _, regions, _ = regions_of(app, tmp_path)
     table = review.regionsToTable(app.scene, regions)
     store.setNodeReference("RegionsTable", table)
-    context = workflow.SlicerContext(app.scene, app.segmentations_logic,
-                                     app.markups_logic if use_markups_logic else None)
+    context = workflow.SlicerContext(
+        app.scene, app.segmentations_logic, app.markups_logic if use_markups_logic else None
+    )
     flow = workflow.Workflow(context, store)
 
     position = flow.jumpToRegionRow(1)
@@ -175,7 +185,9 @@ def test_jump_to_region_centers_every_slice_view_on_its_centroid(app, tmp_path, 
         normal = [slice_to_ras.GetElement(r, 2) for r in range(3)]
         assert origin == pytest.approx(list(regions[1].centroidRas), abs=1e-6)
         # The slice shown is the one through the centroid.
-        assert app.slice_logics[view].GetSliceOffset() == pytest.approx(float(np.dot(normal, regions[1].centroidRas)))
+        assert app.slice_logics[view].GetSliceOffset() == pytest.approx(
+            float(np.dot(normal, regions[1].centroidRas))
+        )
     assert flow.jumpToRegionRow(5) is None  # no such row: nothing moves
     assert flow.jumpToRegionRow(0, viewRow=True) == pytest.approx(regions[0].centroidRas)
 
@@ -192,14 +204,21 @@ def test_training_plot_fills_loss_and_validation_tables_with_one_series_per_curv
 
     losses, validation, chart = review.updateTrainingPlot(app.scene, history)
     assert [losses.GetColumnName(i) for i in range(losses.GetNumberOfColumns())] == [
-        "iteration", "total", "supervised", "url"]
+        "iteration",
+        "total",
+        "supervised",
+        "url",
+    ]
     assert slicer.util.arrayFromTableColumn(losses, "total").tolist() == [1.2, 1.0]
     assert math.isnan(slicer.util.arrayFromTableColumn(losses, "url")[0])
     assert slicer.util.arrayFromTableColumn(validation, "dice").tolist() == [0.55]
     series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
     assert [(s.GetYColumnName(), s.GetTableNodeID()) for s in series] == [
-        ("total", losses.GetID()), ("supervised", losses.GetID()), ("url", losses.GetID()),
-        ("dice", validation.GetID())]
+        ("total", losses.GetID()),
+        ("supervised", losses.GetID()),
+        ("url", losses.GetID()),
+        ("dice", validation.GetID()),
+    ]
     assert all(s.GetXColumnName() == "iteration" for s in series)
 
     history.addLosses(30, {"total": 0.9, "supervised": 0.7, "url": 0.1})
@@ -259,8 +278,9 @@ def test_train_config_is_the_engines_config_filled_from_the_parameter_node(store
     store.set("iterations", 40)
     store.set("patchSize", "64, 64")
     store.set("crlQuantile", 0.7)
-    config = parameters.buildTrainConfig(store, tmp_path / "manifest.json", tmp_path / "run",
-                                         overrides={"batchSize": 12})
+    config = parameters.buildTrainConfig(
+        store, tmp_path / "manifest.json", tmp_path / "run", overrides={"batchSize": 12}
+    )
     assert isinstance(config, TrainConfig)
     assert config.method.name == "bcp" and config.optim.iterations == 40 and config.optim.batch_size == 12
     assert config.model.patch_size == [64, 64] and config.crl.quantile == 0.7
@@ -354,16 +374,25 @@ def test_train_segment_review_rank_through_the_worker(app, store, tmp_path):
     from buseg.synthetic import make_case, rotation_direction
 
     rng = np.random.default_rng(2)
-    cases = [make_case(rng, (8, 32, 32), spacing_mm=(1.2, 1.2, 3.0), direction=rotation_direction(12 * i))
-             for i in range(4)]
+    cases = [
+        make_case(rng, (8, 32, 32), spacing_mm=(1.2, 1.2, 3.0), direction=rotation_direction(12 * i))
+        for i in range(4)
+    ]
     volumes = [add_volume(app.scene, c.image, f"Case {i}") for i, c in enumerate(cases)]
-    segmentations = [add_segmentation(app.scene, cases[i].label.array, volumes[i], CLASS_NAMES) for i in range(2)]
+    segmentations = [
+        add_segmentation(app.scene, cases[i].label.array, volumes[i], CLASS_NAMES) for i in range(2)
+    ]
     for volume in volumes[2:]:
         store.addUnlabeledVolume(volume)
     store.setLabeledCases(list(zip(volumes[:2], segmentations, strict=True)))
     store.set("device", "cpu")
-    context = workflow.SlicerContext(app.scene, app.segmentations_logic, app.markups_logic,
-                                     runsFolder=tmp_path / "runs", workFolder=tmp_path / "work")
+    context = workflow.SlicerContext(
+        app.scene,
+        app.segmentations_logic,
+        app.markups_logic,
+        runsFolder=tmp_path / "runs",
+        workFolder=tmp_path / "work",
+    )
     flow = workflow.Workflow(context, store)
     panel = presenter.Presenter()
     for kind in presenter.JOB_KINDS:
@@ -371,12 +400,17 @@ def test_train_segment_review_rank_through_the_worker(app, store, tmp_path):
 
     # Train: nodes -> files + manifest + TrainConfig JSON -> `buseg train` in the background.
     panel.jobStarting(presenter.TRAIN)
-    job = flow.startTraining(store.labeledCases(), store.unlabeledVolumes(),
-                             overrides={"iterations": 4, "pretrainIterations": 2, "batchSize": 4,
-                                        "patchSize": "32 32"})
+    job = flow.startTraining(
+        store.labeledCases(),
+        store.unlabeledVolumes(),
+        overrides={"iterations": 4, "pretrainIterations": 2, "batchSize": 4, "patchSize": "32 32"},
+    )
     job.eventListeners.append(panel.handleEvent)
-    job.endListeners.append(lambda j: panel.workerEnded(j.result.status, exitCode=j.result.exitCode,
-                                                        message=j.result.message, importsResults=False))
+    job.endListeners.append(
+        lambda j: panel.workerEnded(
+            j.result.status, exitCode=j.result.exitCode, message=j.result.message, importsResults=False
+        )
+    )
     assert panel.view.buttonLabels[presenter.TRAIN] == presenter.CANCEL_LABEL
     job.wait(timeout=240)
     assert job.succeeded, job.failureMessage() + job.worker.log[-3000:]
@@ -395,7 +429,8 @@ def test_train_segment_review_rank_through_the_worker(app, store, tmp_path):
     result = job.value
     assert [name for _, name, _ in nodefiles.segmentsOf(result.segmentationNode)] == list(CLASS_NAMES)
     reference = result.segmentationNode.GetNodeReference(
-        result.segmentationNode.GetReferenceImageGeometryReferenceRole())
+        result.segmentationNode.GetReferenceImageGeometryReferenceRole()
+    )
     assert reference is volumes[3]
     assert np.allclose(nodefiles.ijkToRas(result.uncertaintyNode), nodefiles.ijkToRas(volumes[3]), atol=1e-4)
     values = slicer.util.arrayFromVolume(result.uncertaintyNode)
@@ -408,7 +443,9 @@ def test_train_segment_review_rank_through_the_worker(app, store, tmp_path):
     # A new result for the same volume replaces the result nodes instead of piling up new ones.
     count = app.scene.GetNumberOfNodes()
     again = flow.importSegmentation(result.outputs, volumes[3])
-    assert again.segmentationNode is result.segmentationNode and again.uncertaintyNode is result.uncertaintyNode
+    assert (
+        again.segmentationNode is result.segmentationNode and again.uncertaintyNode is result.uncertaintyNode
+    )
     assert again.regionsTable is result.regionsTable and app.scene.GetNumberOfNodes() == count
 
     # Batch: a folder of files, outputs in a folder of the user's; nothing is loaded.
@@ -440,8 +477,9 @@ def test_a_failing_worker_reports_the_engines_message(app, store, tmp_path):
     """A file that is not a model: the worker's error event becomes the job's message (no traceback)."""
     import torch
 
-    context = workflow.SlicerContext(app.scene, app.segmentations_logic, runsFolder=tmp_path / "runs",
-                                     workFolder=tmp_path / "work")
+    context = workflow.SlicerContext(
+        app.scene, app.segmentations_logic, runsFolder=tmp_path / "runs", workFolder=tmp_path / "work"
+    )
     flow = workflow.Workflow(context, store)
     volume = add_volume(app.scene, synthetic().image, "Case")
     bad = tmp_path / "model.pt"

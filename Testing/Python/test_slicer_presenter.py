@@ -45,13 +45,25 @@ def ready_presenter() -> Presenter:
 
 
 def started(total=100, start=0):
-    return {"event": "started", "job": "train", "device": "cpu", "device_reason": "auto: no GPU",
-            "total": total, "start_iteration": start}
+    return {
+        "event": "started",
+        "job": "train",
+        "device": "cpu",
+        "device_reason": "auto: no GPU",
+        "total": total,
+        "start_iteration": start,
+    }
 
 
 def progress(iteration, total=100, loss=0.5, eta=250.0, stage="train", **losses):
-    return {"event": "progress", "iteration": iteration, "total": total, "stage": stage,
-            "losses": {"total": loss, **losses}, "eta_seconds": eta}
+    return {
+        "event": "progress",
+        "iteration": iteration,
+        "total": total,
+        "stage": stage,
+        "losses": {"total": loss, **losses},
+        "eta_seconds": eta,
+    }
 
 
 def test_train_button_turns_into_cancel_while_training_and_back():
@@ -66,7 +78,9 @@ def test_train_button_turns_into_cancel_while_training_and_back():
     assert v.state == STARTING
     assert v.buttonLabels[TRAIN] == CANCEL_LABEL and v.buttonEnabled[TRAIN]
     assert not v.buttonEnabled[SEGMENT] and not v.buttonEnabled[RANK]  # one job at a time
-    assert not v.inputsEnabled and v.progressVisible and v.progressMaximum == 0  # busy indicator until a total
+    assert (
+        not v.inputsEnabled and v.progressVisible and v.progressMaximum == 0
+    )  # busy indicator until a total
     assert p.buttonClicked(SEGMENT) == "ignore" and p.buttonClicked(TRAIN) == "cancel"
 
     p.handleEvent(started())
@@ -80,7 +94,11 @@ def test_train_button_turns_into_cancel_while_training_and_back():
 
     p.handleEvent({"event": "finished", "status": "completed", "outputs": {"model": "m.pt"}})
     p.workerEnded("completed", exitCode=0, importsResults=True)
-    assert p.view.state == IMPORTING and p.view.buttonLabels[TRAIN] == "Train" and not p.view.buttonEnabled[TRAIN]
+    assert (
+        p.view.state == IMPORTING
+        and p.view.buttonLabels[TRAIN] == "Train"
+        and not p.view.buttonEnabled[TRAIN]
+    )
     p.importFinished(None, "Model written: m.pt")
     v = p.view
     assert v.state == IDLE and v.buttonLabels[TRAIN] == "Train" and v.buttonEnabled[TRAIN]
@@ -111,10 +129,19 @@ def test_cancel_goes_through_cancelling_and_offers_resume():
 def test_worker_error_becomes_a_readable_message_with_the_log_one_click_away():
     p = ready_presenter()
     p.jobStarting(SEGMENT)
-    p.handleEvent({"event": "started", "job": "predict", "device": "cpu", "device_reason": "requested", "total": 1})
+    p.handleEvent(
+        {"event": "started", "job": "predict", "device": "cpu", "device_reason": "requested", "total": 1}
+    )
     p.appendLog("loading model\nTraceback (most recent call last):\n  ...")
-    p.handleEvent({"event": "error", "kind": "ModelFileError", "message": "m.pt: not a buseg model file",
-                   "hint": "choose the model.pt of a training", "detail": "Traceback (most recent call last): ..."})
+    p.handleEvent(
+        {
+            "event": "error",
+            "kind": "ModelFileError",
+            "message": "m.pt: not a buseg model file",
+            "hint": "choose the model.pt of a training",
+            "detail": "Traceback (most recent call last): ...",
+        }
+    )
     p.handleEvent({"event": "finished", "status": "failed", "outputs": {}})
     p.workerEnded("failed", exitCode=2, importsResults=True)
     v = p.view
@@ -185,8 +212,12 @@ def test_history_keeps_columns_aligned_and_restarts_on_resume():
     assert "note" not in h.losses
     h.addLosses(20, {"total": 0.95})  # resumed from the checkpoint at 10: the curve restarts there
     assert h.lossIterations == [10, 20] and h.losses["total"] == [1.0, 0.95]
-    h.loadEngineHistory({"losses": [{"iteration": 5, "stage": "pretrain", "total": 2.0}],
-                         "validation": [{"iteration": 5, "stage": "pretrain", "dice": 0.3, "dice/core": 0.2}]})
+    h.loadEngineHistory(
+        {
+            "losses": [{"iteration": 5, "stage": "pretrain", "total": 2.0}],
+            "validation": [{"iteration": 5, "stage": "pretrain", "dice": 0.3, "dice/core": 0.2}],
+        }
+    )
     assert h.lossIterations == [5] and h.losses == {"total": [2.0]}
     assert h.validation == {"dice": [0.3], "dice/core": [0.2]}
 
@@ -235,8 +266,16 @@ def test_presenter_follows_the_events_of_a_real_training(tmp_path):
 
 
 def versions(**installed):
-    table = {"torch": "2.4.1+cu121", "monai": "1.4.0", "scipy": "1.13.0", "slicerio": "1.1.2", "psutil": "5.9.8",
-             "numpy": "1.26.4", "SimpleITK": "2.4.0", "vtk": None}
+    table = {
+        "torch": "2.4.1+cu121",
+        "monai": "1.4.0",
+        "scipy": "1.13.0",
+        "slicerio": "1.1.2",
+        "psutil": "5.9.8",
+        "numpy": "1.26.4",
+        "SimpleITK": "2.4.0",
+        "vtk": None,
+    }
     table.update(installed)
     return lambda name: table.get(name)
 
@@ -250,7 +289,10 @@ def test_version_parsing_and_requirement_checks():
     assert not dependencies.satisfies("3.0.0", torch)
     assert dependencies.findProblems(versionOf=versions()) == []
     problems = dependencies.findProblems(versionOf=versions(monai="0.9.0", slicerio=None))
-    assert [(p.requirement.distribution, p.installed) for p in problems] == [("monai", "0.9.0"), ("slicerio", None)]
+    assert [(p.requirement.distribution, p.installed) for p in problems] == [
+        ("monai", "0.9.0"),
+        ("slicerio", None),
+    ]
     assert "monai 0.9.0 does not satisfy >=1.4,<2" in problems[0].text
 
 
@@ -268,10 +310,14 @@ def test_requirements_match_the_engine_package_minimums():
 
 def test_install_plan_uses_the_pytorch_extension_and_never_touches_slicer_packages():
     problems = dependencies.findProblems(versionOf=versions(torch=None, monai=None, psutil="5.0"))
-    plan = dependencies.planInstall(problems, pytorchExtensionAvailable=True, versionOf=versions(torch=None),
-                                    loadedModules=["psutil"])
+    plan = dependencies.planInstall(
+        problems, pytorchExtensionAvailable=True, versionOf=versions(torch=None), loadedModules=["psutil"]
+    )
     assert [(s.installer, s.requirement) for s in plan.steps] == [
-        ("pytorch", "torch>=2.2,<3"), ("pip", "monai>=1.4,<2"), ("pip", "psutil>=5.9")]
+        ("pytorch", "torch>=2.2,<3"),
+        ("pip", "monai>=1.4,<2"),
+        ("pip", "psutil>=5.9"),
+    ]
     assert plan.restartNeeded  # psutil is upgraded while imported
     assert plan.constraints == {"numpy": "1.26.4", "SimpleITK": "2.4.0"}
     assert plan.constraintsText() == "SimpleITK==2.4.0\nnumpy==1.26.4\n"
@@ -290,19 +336,27 @@ def test_slicer_own_packages_block_instead_of_being_installed():
     assert [s.distribution for s in plan.steps] == ["monai"]
     assert len(plan.blockers) == 1 and "SimpleITK 2.1.0" in plan.blockers[0] and "Slicer" in plan.blockers[0]
     with pytest.raises(ModuleError, match="SimpleITK"):
-        dependencies.runPlan(plan, installTorch=lambda s: True, pipInstall=lambda a: None, constraintsFolder="/tmp")
+        dependencies.runPlan(
+            plan, installTorch=lambda s: True, pipInstall=lambda a: None, constraintsFolder="/tmp"
+        )
 
 
 def test_the_user_is_asked_once_per_session_unless_they_ask_to_install():
-    missing = dependencies.planInstall(dependencies.findProblems(versionOf=versions(monai=None)),
-                                       pytorchExtensionAvailable=True, versionOf=versions())
+    missing = dependencies.planInstall(
+        dependencies.findProblems(versionOf=versions(monai=None)),
+        pytorchExtensionAvailable=True,
+        versionOf=versions(),
+    )
     assert dependencies.nextStep(missing, declinedBefore=False, explicit=False) == dependencies.ASK
     assert dependencies.nextStep(missing, declinedBefore=True, explicit=False) == dependencies.DECLINED
     assert dependencies.nextStep(missing, declinedBefore=True, explicit=True) == dependencies.ASK
     nothing = dependencies.planInstall([], pytorchExtensionAvailable=False, versionOf=versions())
     assert dependencies.nextStep(nothing, declinedBefore=True, explicit=True) == dependencies.READY
-    old_slicer = dependencies.planInstall(dependencies.findProblems(versionOf=versions(numpy="1.20")),
-                                          pytorchExtensionAvailable=True, versionOf=versions())
+    old_slicer = dependencies.planInstall(
+        dependencies.findProblems(versionOf=versions(numpy="1.20")),
+        pytorchExtensionAvailable=True,
+        versionOf=versions(),
+    )
     assert dependencies.nextStep(old_slicer, declinedBefore=False, explicit=True) == dependencies.BLOCKED
 
 
@@ -310,24 +364,41 @@ def test_run_plan_installs_in_order_with_constraints_and_names_the_failing_step(
     problems = dependencies.findProblems(versionOf=versions(torch=None, monai=None, scipy=None))
     plan = dependencies.planInstall(problems, pytorchExtensionAvailable=True, versionOf=versions(torch=None))
     calls = []
-    dependencies.runPlan(plan, installTorch=lambda spec: calls.append(("torch", spec)) or object(),
-                         pipInstall=lambda args: calls.append(("pip", args)), constraintsFolder=tmp_path,
-                         log=lambda text: None)
+    dependencies.runPlan(
+        plan,
+        installTorch=lambda spec: calls.append(("torch", spec)) or object(),
+        pipInstall=lambda args: calls.append(("pip", args)),
+        constraintsFolder=tmp_path,
+        log=lambda text: None,
+    )
     constraints = tmp_path / "bidiruncertaintyseg-constraints.txt"
-    assert calls == [("torch", ">=2.2,<3"), ("pip", ["monai>=1.4,<2", "--constraint", str(constraints)]),
-                     ("pip", ["scipy>=1.10", "--constraint", str(constraints)])]
+    assert calls == [
+        ("torch", ">=2.2,<3"),
+        ("pip", ["monai>=1.4,<2", "--constraint", str(constraints)]),
+        ("pip", ["scipy>=1.10", "--constraint", str(constraints)]),
+    ]
     assert constraints.read_text() == "SimpleITK==2.4.0\nnumpy==1.26.4\n"
 
     with pytest.raises(ModuleError, match=r"torch>=2\.2,<3 failed: the PyTorch extension did not install"):
-        dependencies.runPlan(plan, installTorch=lambda spec: None, pipInstall=lambda a: None,
-                             constraintsFolder=tmp_path, log=lambda text: None)
+        dependencies.runPlan(
+            plan,
+            installTorch=lambda spec: None,
+            pipInstall=lambda a: None,
+            constraintsFolder=tmp_path,
+            log=lambda text: None,
+        )
 
     def broken_pip(args):
         raise OSError("network unreachable")
 
     with pytest.raises(ModuleError, match=r"monai>=1.4,<2 failed: network unreachable"):
-        dependencies.runPlan(plan, installTorch=lambda spec: True, pipInstall=broken_pip,
-                             constraintsFolder=tmp_path, log=lambda text: None)
+        dependencies.runPlan(
+            plan,
+            installTorch=lambda spec: True,
+            pipInstall=broken_pip,
+            constraintsFolder=tmp_path,
+            log=lambda text: None,
+        )
 
 
 def test_this_environment_has_everything_the_worker_needs():

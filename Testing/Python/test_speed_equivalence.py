@@ -74,7 +74,9 @@ def test_batched_url_selection_equals_one_quantile_per_image(seed, shape):
     truth[1] = 0  # an image without truth pixels selects nothing
     for quantile, min_uncertainty in ((0.8, 0.05), (0.5, 0.3), (0.2, 0.0)):
         fast = url_selection(uncertainty, truth, quantile=quantile, min_uncertainty=min_uncertainty)
-        slow = _url_selection_per_image(uncertainty, truth, quantile=quantile, min_uncertainty=min_uncertainty)
+        slow = _url_selection_per_image(
+            uncertainty, truth, quantile=quantile, min_uncertainty=min_uncertainty
+        )
         assert torch.equal(fast, slow)
         assert fast[1].sum() == 0
 
@@ -91,11 +93,15 @@ def test_bcp_loss_equals_the_public_mix_loss():
     mask = box_mask(size, 2 / 3, torch.Generator().manual_seed(1))
     # Ours: x_in = unlabeled outside the box, truth inside; x_out = truth outside, unlabeled inside.
     inside, outside = (1 - mask).expand(half, *size), mask.expand(half, *size)
-    mixed = MixedBatch(images=torch.zeros(2 * half, 1, *size),
-                       targets=torch.cat([mix(pa, ya, mask), mix(yb, pb, mask)]),
-                       truth_mask=torch.cat([inside, outside]).double())
+    mixed = MixedBatch(
+        images=torch.zeros(2 * half, 1, *size),
+        targets=torch.cat([mix(pa, ya, mask), mix(yb, pb, mask)]),
+        truth_mask=torch.cat([inside, outside]).double(),
+    )
     method = BidirectionalCopyPaste(TrainConfig(), classes)
-    ours = method.mixed_loss(logits, mixed, pseudo_weight=torch.ones_like(mixed.truth_mask), url_selected=None).loss
+    ours = method.mixed_loss(
+        logits, mixed, pseudo_weight=torch.ones_like(mixed.truth_mask), url_selected=None
+    ).loss
     # The public code, on the same logits.
     dice = reference_bcp.MaskedDiceLoss2d(classes)
     loss_mask = mask.long().expand(half, *size)
@@ -115,24 +121,35 @@ def _bcp_step_gradients(network: torch.nn.Module, channels_last: bool, dimension
     student = copy.deepcopy(network)
     layout = to_channels_last if channels_last else (lambda x: x)
     if channels_last:
-        student = student.to(memory_format=torch.channels_last if dimension == "2d" else torch.channels_last_3d)
+        student = student.to(
+            memory_format=torch.channels_last if dimension == "2d" else torch.channels_last_3d
+        )
     teacher = copy.deepcopy(student).eval()
     config = TrainConfig()
     config.model.dimension = dimension
     method = BidirectionalCopyPaste(config, network.num_classes)
     shape = (16, 16) if dimension == "2d" else (16, 16, 16)
     generator = torch.Generator().manual_seed(3)
-    batch = Batch(torch.rand(4, 1, *shape, generator=generator),
-                  torch.randint(0, network.num_classes, (4, *shape), generator=generator),
-                  torch.rand(4, 1, *shape, generator=generator))
+    batch = Batch(
+        torch.rand(4, 1, *shape, generator=generator),
+        torch.randint(0, network.num_classes, (4, *shape), generator=generator),
+        torch.rand(4, 1, *shape, generator=generator),
+    )
 
     def teacher_forward(x):
         with torch.no_grad():
             return teacher(layout(x))
 
-    ctx = StepContext(student=lambda x: student(layout(x)), teacher=teacher, teacher_forward=teacher_forward,
-                      iteration=0, stage="train", stage_iteration=0, generator=torch.Generator().manual_seed(5),
-                      device=torch.device("cpu"))
+    ctx = StepContext(
+        student=lambda x: student(layout(x)),
+        teacher=teacher,
+        teacher_forward=teacher_forward,
+        iteration=0,
+        stage="train",
+        stage_iteration=0,
+        generator=torch.Generator().manual_seed(5),
+        device=torch.device("cpu"),
+    )
     output = method.step(ctx, batch)
     output.loss.backward()
     return float(output.loss.detach()), {n: p.grad.contiguous() for n, p in student.named_parameters()}
@@ -241,9 +258,25 @@ def test_reference_step_runs_and_learns(dimension, semantics):
 def test_speed_benchmark_runs_side_by_side(tmp_path):
     import speed
 
-    code = speed.main(["--settings", "smoke-2d", "--configs", "bcp", "reference", "reference same-semantics",
-                       "--warmup", "1", "--timed", "1", "--memory", "--data-root", str(tmp_path / "none"),
-                       "--out", str(tmp_path)])
+    code = speed.main(
+        [
+            "--settings",
+            "smoke-2d",
+            "--configs",
+            "bcp",
+            "reference",
+            "reference same-semantics",
+            "--warmup",
+            "1",
+            "--timed",
+            "1",
+            "--memory",
+            "--data-root",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     rows = {r["configuration"]: r for r in csv.DictReader((tmp_path / "speed_cpu.csv").open())}
     assert set(rows) == {"bcp", "reference", "reference same-semantics"}

@@ -43,8 +43,14 @@ def _mean(values):
 @pytest.mark.parametrize("method", ["supervised", "mean-teacher", "bcp", "buarl"])
 def test_each_method_trains_and_its_loss_falls(tiny_dataset, tmp_path, method, dimension):
     iterations = 40 if dimension == "2d" else 16
-    config = _config(tiny_dataset, tmp_path / "run", method, dimension=dimension, iterations=iterations,
-                     pretrain=0 if method in ("supervised", "mean-teacher") else 8)
+    config = _config(
+        tiny_dataset,
+        tmp_path / "run",
+        method,
+        dimension=dimension,
+        iterations=iterations,
+        pretrain=0 if method in ("supervised", "mean-teacher") else 8,
+    )
     config.log_interval = 4
     sink = ListSink()
     result = train(config, events=sink)
@@ -120,13 +126,39 @@ def test_invalid_config_is_refused_with_the_option_named(tiny_dataset, tmp_path)
 
 def test_buseg_train_command_end_to_end(tiny_dataset, tmp_path, capsys):
     out = tmp_path / "cli_run"
-    code = main([
-        "train", "--method", "buarl", "--labeled", str(tiny_dataset["labeled"]),
-        "--unlabeled", str(tiny_dataset["unlabeled"]), "--validation", str(tiny_dataset["test"]),
-        "--patch-size", "48", "48", "--iterations", "6", "--pretrain-iterations", "4", "--batch-size", "4",
-        "--validation-interval", "5", "--log-interval", "2", "--out", str(out), "--progress", "jsonl",
-        "--crl-threshold", "0.4", "--no-url",
-    ])
+    code = main(
+        [
+            "train",
+            "--method",
+            "buarl",
+            "--labeled",
+            str(tiny_dataset["labeled"]),
+            "--unlabeled",
+            str(tiny_dataset["unlabeled"]),
+            "--validation",
+            str(tiny_dataset["test"]),
+            "--patch-size",
+            "48",
+            "48",
+            "--iterations",
+            "6",
+            "--pretrain-iterations",
+            "4",
+            "--batch-size",
+            "4",
+            "--validation-interval",
+            "5",
+            "--log-interval",
+            "2",
+            "--out",
+            str(out),
+            "--progress",
+            "jsonl",
+            "--crl-threshold",
+            "0.4",
+            "--no-url",
+        ]
+    )
     assert code == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert events[0]["event"] == "started" and events[-1]["event"] == "finished"
@@ -138,8 +170,19 @@ def test_buseg_train_command_end_to_end(tiny_dataset, tmp_path, capsys):
 
 
 def test_buseg_train_reports_bad_input_and_exits_non_zero(tmp_path, capsys):
-    code = main(["train", "--labeled", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
-                 "--progress", "jsonl", "--method", "supervised"])
+    code = main(
+        [
+            "train",
+            "--labeled",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "run"),
+            "--progress",
+            "jsonl",
+            "--method",
+            "supervised",
+        ]
+    )
     assert code != 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     error = next(e for e in events if e["event"] == "error")

@@ -36,8 +36,19 @@ from buseg.train import train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-SMALL = ["--patch-size", "48", "48", "--batch-size", "4", "--num-threads", "1", "--log-interval", "2",
-         "--base-channels", "8"]
+SMALL = [
+    "--patch-size",
+    "48",
+    "48",
+    "--batch-size",
+    "4",
+    "--num-threads",
+    "1",
+    "--log-interval",
+    "2",
+    "--base-channels",
+    "8",
+]
 
 
 def worker_argv(*args: str) -> list[str]:
@@ -55,14 +66,32 @@ def parse_stdout(text: str) -> list[dict]:
 
 
 def semi_args(data: dict[str, Path], out: Path, iterations: int, pretrain: int = 4) -> list[str]:
-    return ["--method", "buarl", "--labeled", str(data["labeled"]), "--unlabeled", str(data["unlabeled"]),
-            "--iterations", str(iterations), "--pretrain-iterations", str(pretrain), "--out", str(out), *SMALL]
+    return [
+        "--method",
+        "buarl",
+        "--labeled",
+        str(data["labeled"]),
+        "--unlabeled",
+        str(data["unlabeled"]),
+        "--iterations",
+        str(iterations),
+        "--pretrain-iterations",
+        str(pretrain),
+        "--out",
+        str(out),
+        *SMALL,
+    ]
 
 
 def test_worker_reports_a_whole_training_as_valid_events(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    args = [*semi_args(tiny_dataset, out, iterations=16),
-            "--validation", str(tiny_dataset["test"]), "--validation-interval", "10"]
+    args = [
+        *semi_args(tiny_dataset, out, iterations=16),
+        "--validation",
+        str(tiny_dataset["test"]),
+        "--validation-interval",
+        "10",
+    ]
     done = subprocess.run(worker_argv(*args), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     events = parse_stdout(done.stdout)
@@ -165,8 +194,23 @@ def test_cancel_writes_a_checkpoint_exits_promptly_and_resume_completes(tiny_dat
 
 def test_a_second_signal_exits_at_once(tiny_dataset, tmp_path):
     # Slow iterations (large slices), so that a graceful stop could not win the race.
-    args = ["--method", "supervised", "--labeled", str(tiny_dataset["labeled"]), "--iterations", "400",
-            "--out", str(tmp_path / "run"), "--patch-size", "256", "256", "--batch-size", "8", "--num-threads", "1"]
+    args = [
+        "--method",
+        "supervised",
+        "--labeled",
+        str(tiny_dataset["labeled"]),
+        "--iterations",
+        "400",
+        "--out",
+        str(tmp_path / "run"),
+        "--patch-size",
+        "256",
+        "256",
+        "--batch-size",
+        "8",
+        "--num-threads",
+        "1",
+    ]
     process = subprocess.Popen(worker_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while json.loads(process.stdout.readline())["event"] != "started":
         pass
@@ -184,8 +228,17 @@ def test_a_second_signal_exits_at_once(tiny_dataset, tmp_path):
 def test_bad_input_gives_an_error_event_naming_the_file_and_a_non_zero_exit(dataset_copy, tmp_path):
     broken = dataset_copy["labeled"] / "images" / "labeled_001.nii.gz"
     broken.write_bytes(b"this is not an image")
-    args = ["--method", "supervised", "--labeled", str(dataset_copy["labeled"]), "--iterations", "4",
-            "--out", str(tmp_path / "run"), *SMALL]
+    args = [
+        "--method",
+        "supervised",
+        "--labeled",
+        str(dataset_copy["labeled"]),
+        "--iterations",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+        *SMALL,
+    ]
     done = subprocess.run(worker_argv(*args), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     events = parse_stdout(done.stdout)
@@ -201,8 +254,22 @@ def test_an_unavailable_device_is_an_error_not_a_fallback(tiny_dataset, tmp_path
         pytest.skip("this machine has CUDA")
     from buseg.cli import main
 
-    code = main(["train", "--method", "supervised", "--labeled", str(tiny_dataset["labeled"]),
-                 "--device", "cuda", "--out", str(tmp_path / "run"), "--progress", "jsonl", *SMALL])
+    code = main(
+        [
+            "train",
+            "--method",
+            "supervised",
+            "--labeled",
+            str(tiny_dataset["labeled"]),
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "run"),
+            "--progress",
+            "jsonl",
+            *SMALL,
+        ]
+    )
     assert code == 2
     error = next(e for e in parse_stdout(capsys.readouterr().out) if e["event"] == "error")
     assert "CUDA is not available" in error["message"] and error["hint"]
@@ -224,6 +291,7 @@ class ClosingSink(ListSink):
 def _raise(exc):
     def job():
         raise exc
+
     return job
 
 
@@ -233,17 +301,30 @@ def _cancelled():
     raise exc
 
 
-@pytest.mark.parametrize(("job", "code", "status", "kind", "message"), [
-    (lambda: {"model": "/x/model.pt"}, 0, "completed", None, None),
-    (_cancelled, 130, "cancelled", None, "resume with --resume"),
-    (_raise(InputError("cannot be read", path="/data/a.nii.gz", hint="re-export it")), 2, "failed",
-     "InputError", "/data/a.nii.gz: cannot be read"),
-    (_raise(ResourceError("would need 80 GB")), 3, "failed", "ResourceError", "80 GB"),
-    (_raise(MemoryError()), 3, "failed", "ResourceError", "out of memory"),
-    (_raise(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")), 3, "failed", "ResourceError",
-     "out of GPU memory"),
-    (_raise(ZeroDivisionError("division by zero")), 1, "failed", "ZeroDivisionError", "division by zero"),
-])
+@pytest.mark.parametrize(
+    ("job", "code", "status", "kind", "message"),
+    [
+        (lambda: {"model": "/x/model.pt"}, 0, "completed", None, None),
+        (_cancelled, 130, "cancelled", None, "resume with --resume"),
+        (
+            _raise(InputError("cannot be read", path="/data/a.nii.gz", hint="re-export it")),
+            2,
+            "failed",
+            "InputError",
+            "/data/a.nii.gz: cannot be read",
+        ),
+        (_raise(ResourceError("would need 80 GB")), 3, "failed", "ResourceError", "80 GB"),
+        (_raise(MemoryError()), 3, "failed", "ResourceError", "out of memory"),
+        (
+            _raise(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")),
+            3,
+            "failed",
+            "ResourceError",
+            "out of GPU memory",
+        ),
+        (_raise(ZeroDivisionError("division by zero")), 1, "failed", "ZeroDivisionError", "division by zero"),
+    ],
+)
 def test_run_job_turns_every_outcome_into_events_and_an_exit_code(job, code, status, kind, message):
     sink = ClosingSink()
     assert run_job(sink, job, job_name="train") == code

@@ -127,9 +127,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 "a model file holds only weights and plain data (loaded with weights_only=True)",
                 path=path,
             ) from None
-        raise ModelFileError("not a readable model file (not a torch file, truncated or corrupt)", path=path) from None
+        raise ModelFileError(
+            "not a readable model file (not a torch file, truncated or corrupt)", path=path
+        ) from None
     except Exception as exc:  # torch.load raises many kinds (IndexError, RuntimeError, ...) for garbage
-        raise ModelFileError(f"not a readable model file (truncated or corrupt?): {str(exc)[:200]}", path=path) from None
+        raise ModelFileError(
+            f"not a readable model file (truncated or corrupt?): {str(exc)[:200]}", path=path
+        ) from None
     if not isinstance(payload, dict) or "metadata" not in payload or "weights" not in payload:
         raise ModelFileError("not a buseg model file (no metadata/weights)", path=path)
     validate_metadata(payload["metadata"], path=path)
@@ -158,8 +162,14 @@ def validate_metadata(metadata: Any, *, path: str | Path | None = None) -> None:
             f"written by a newer buseg (model format {version}; this buseg {__version__} reads up to "
             f"{FORMAT_VERSION}); update buseg to use it"
         )
-    for key, kind in (("dimension", str), ("network", dict), ("classes", list), ("normalization", str),
-                      ("patch_size", list), ("method", str)):
+    for key, kind in (
+        ("dimension", str),
+        ("network", dict),
+        ("classes", list),
+        ("normalization", str),
+        ("patch_size", list),
+        ("method", str),
+    ):
         if not isinstance(metadata.get(key), kind):
             fail(f"metadata field {key!r} missing or not a {kind.__name__}")
     if metadata["dimension"] not in ("2d", "3d"):
@@ -174,8 +184,10 @@ def validate_metadata(metadata: Any, *, path: str | Path | None = None) -> None:
         if not _is_int(value) or not 1 <= value <= 4096:
             fail(f"network field {key!r} is not a sensible integer: {value!r}")
     if network["in_channels"] != 1:
-        fail(f"the model expects {network['in_channels']} images per case (input channels); this buseg "
-             "segments one image per case")
+        fail(
+            f"the model expects {network['in_channels']} images per case (input channels); this buseg "
+            "segments one image per case"
+        )
     if not isinstance(network.get("dropout", True), bool):
         fail(f"network field 'dropout' is not true/false: {network.get('dropout')!r}")
     classes = metadata["classes"]
@@ -195,8 +207,11 @@ def validate_metadata(metadata: Any, *, path: str | Path | None = None) -> None:
         names.add(cls["name"])
         values.add(cls["label_value"])
         color = cls.get("color")
-        if color is not None and not (isinstance(color, (list, tuple)) and len(color) == 3 and all(
-                isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in color)):
+        if color is not None and not (
+            isinstance(color, (list, tuple))
+            and len(color) == 3
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in color)
+        ):
             fail(f"class {cls['name']!r} has a color that is not three numbers in 0..1: {str(color)[:80]}")
     if metadata["normalization"] not in NORMALIZATIONS:
         fail(f"unknown normalization {metadata['normalization']!r}")
@@ -207,8 +222,13 @@ def validate_metadata(metadata: Any, *, path: str | Path | None = None) -> None:
     if not _is_int(metadata.get("slice_axis", 2)) or metadata.get("slice_axis", 2) not in (0, 1, 2):
         fail(f"slice_axis {metadata.get('slice_axis')!r} is not 0, 1 or 2")
     spacing = metadata.get("spacing_mm")
-    if spacing is not None and not (isinstance(spacing, list) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spacing)):
+    if spacing is not None and not (
+        isinstance(spacing, list)
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in spacing
+        )
+    ):
         fail(f"spacing_mm {str(spacing)[:80]} is not a list of positive numbers")
 
 
@@ -230,8 +250,11 @@ def class_name_problem(name: str) -> str | None:
 def network_from_metadata(metadata: dict[str, Any]) -> nn.Module:
     net = metadata["network"]
     return build_network(
-        net["name"], in_channels=net["in_channels"], num_classes=net["num_classes"],
-        base_channels=net["base_channels"], dropout=bool(net.get("dropout", True)),
+        net["name"],
+        in_channels=net["in_channels"],
+        num_classes=net["num_classes"],
+        base_channels=net["base_channels"],
+        dropout=bool(net.get("dropout", True)),
     )
 
 
@@ -249,14 +272,16 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Loade
         differing = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
         raise ModelFileError(
             f"weights do not match the network the metadata describe ({len(differing)} tensor(s) differ, "
-            f"e.g. {differing[0]})", path=path,
+            f"e.g. {differing[0]})",
+            path=path,
         )
     network = network_from_metadata(metadata)
     try:
         network.load_state_dict(payload["weights"], strict=True)
     except RuntimeError as exc:
         raise ModelFileError(
-            f"weights do not match the network the metadata describe: {str(exc).splitlines()[0][:200]}", path=path
+            f"weights do not match the network the metadata describe: {str(exc).splitlines()[0][:200]}",
+            path=path,
         ) from None
     network.to(device).eval()
     return LoadedModel(network=network, metadata=metadata, path=str(path))

@@ -34,9 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"buseg.commands.{name}")
-        command = sub.add_parser(name, help=help_text, description=help_text,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter
-                                 if getattr(module, "DEFAULTS_IN_HELP", False) else argparse.HelpFormatter)
+        command = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            if getattr(module, "DEFAULTS_IN_HELP", False)
+            else argparse.HelpFormatter,
+        )
         module.add_arguments(command)
         command.set_defaults(_module=module)
     return parser

@@ -195,10 +195,19 @@ class WorkerClient:
         launchers, tests); ``--progress jsonl`` is still appended.
     """
 
-    def __init__(self, command: str, args: Sequence[str] = (), *, python: str | os.PathLike | None = None,
-                 env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
-                 log_path: str | os.PathLike | None = None, nproc_per_node: int = 1,
-                 grace_seconds: float = 30.0, argv: Sequence[str] | None = None):
+    def __init__(
+        self,
+        command: str,
+        args: Sequence[str] = (),
+        *,
+        python: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        log_path: str | os.PathLike | None = None,
+        nproc_per_node: int = 1,
+        grace_seconds: float = 30.0,
+        argv: Sequence[str] | None = None,
+    ):
         self.command = command
         self.args = [str(a) for a in args]
         self.python = str(python or sys.executable)
@@ -240,8 +249,17 @@ class WorkerClient:
         if self._argv_override is not None:
             base = list(self._argv_override)
         elif self.nproc_per_node > 1:
-            base = [self.python, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={self.nproc_per_node}", "-m", "buseg", self.command, *self.args]
+            base = [
+                self.python,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={self.nproc_per_node}",
+                "-m",
+                "buseg",
+                self.command,
+                *self.args,
+            ]
         else:
             base = [self.python, "-m", "buseg", self.command, *self.args]
         return [*base, "--progress", "jsonl"]
@@ -275,8 +293,14 @@ class WorkerClient:
         self._private_dir = tempfile.mkdtemp(prefix="buseg-worker-")
         self._cancel_file = os.path.join(self._private_dir, "cancel")
         env = dict(self.env)
-        env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",
-                    "BUSEG_PARENT_PID": str(os.getpid()), "BUSEG_CANCEL_FILE": self._cancel_file})
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONIOENCODING": "utf-8",
+                "BUSEG_PARENT_PID": str(os.getpid()),
+                "BUSEG_CANCEL_FILE": self._cancel_file,
+            }
+        )
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the job's life
@@ -287,8 +311,17 @@ class WorkerClient:
             options["start_new_session"] = True  # own process group: a terminal's Ctrl-C is ours to forward
         try:
             self.process = subprocess.Popen(
-                self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", bufsize=1, **options,
+                self.argv,
+                cwd=self.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                **options,
             )
         except OSError as exc:
             self._log(f"[client] cannot start the worker {self.argv[0]}: {exc}\n")
@@ -297,8 +330,9 @@ class WorkerClient:
             return
         self._log(f"$ {subprocess.list2cmdline(self.argv)}\n")
         for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr)):
-            thread = threading.Thread(target=self._read, args=(name, stream), name=f"buseg-worker-{name}",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=self._read, args=(name, stream), name=f"buseg-worker-{name}", daemon=True
+            )
             self._open_streams += 1
             thread.start()
             self._threads.append(thread)
@@ -442,7 +476,9 @@ class WorkerClient:
         schema = event.get("schema")
         if isinstance(schema, int) and schema > SCHEMA_VERSION and not self._warned_schema:
             self._warned_schema = True
-            self._log(f"[client] the worker speaks event schema {schema}; this client knows {SCHEMA_VERSION}\n")
+            self._log(
+                f"[client] the worker speaks event schema {schema}; this client knows {SCHEMA_VERSION}\n"
+            )
         self.events.append(event)
         if event.get("event") == "started":
             self.started_event = event
@@ -451,7 +487,7 @@ class WorkerClient:
         self.machine.on_event(event)
 
     def _take_new(self) -> list[dict[str, Any]]:
-        new = self.events[self._delivered:]
+        new = self.events[self._delivered :]
         self._delivered = len(self.events)
         return new
 
@@ -481,20 +517,29 @@ class WorkerClient:
         elif finished.get("message"):
             message = finished["message"]
         if status == "cancelled" and message is None:
-            message = "cancelled" + ("" if m.finished_event else " (the worker was stopped before it could save)")
+            message = "cancelled" + (
+                "" if m.finished_event else " (the worker was stopped before it could save)"
+            )
         if status == "failed" and message is None:
             message = self._silent_failure_message(m.exit_code)
         self.result = WorkerResult(
-            status=status, exit_code=m.exit_code, outputs=dict(finished.get("outputs") or {}), message=message,
-            error=error, last_progress=self.last_progress,
+            status=status,
+            exit_code=m.exit_code,
+            outputs=dict(finished.get("outputs") or {}),
+            message=message,
+            error=error,
+            last_progress=self.last_progress,
             seconds=time.monotonic() - self._start_seconds if self._start_seconds else 0.0,
         )
         self._cleanup()
 
     def _silent_failure_message(self, exit_code: int | None) -> str:
         """Why a worker that said nothing failed: its signal, or the end of its log (e.g. a usage error)."""
-        lines = [line.rstrip() for line in self.log_text().splitlines()
-                 if line.strip() and not line.startswith(("$ ", "[client]"))]
+        lines = [
+            line.rstrip()
+            for line in self.log_text().splitlines()
+            if line.strip() and not line.startswith(("$ ", "[client]"))
+        ]
         tail = "\n".join(lines[-LOG_TAIL_LINES:])
         if exit_code is not None and exit_code < 0:
             try:

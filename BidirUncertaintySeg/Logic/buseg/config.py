@@ -79,7 +79,9 @@ class DataConfig:
         "If a label's geometry differs from its image, resample the label (nearest neighbour) onto "
         "the image grid instead of refusing. Off by default: a mismatch usually means a wrong pairing.",
     )
-    augment: bool = opt(True, "Random rot90/flip or rotation (2D) and crop/flip/rot90 (3D), as the reference.")
+    augment: bool = opt(
+        True, "Random rot90/flip or rotation (2D) and crop/flip/rot90 (3D), as the reference."
+    )
 
 
 @dataclass
@@ -90,7 +92,9 @@ class ModelConfig:
         "2d", "2d: slice-wise U-Net (ACDC style); 3d: patch-wise V-Net (LA style).", choices=("2d", "3d")
     )
     network: Literal["auto", "unet2d", "vnet"] = opt(
-        "auto", "Network: 'unet2d' or 'vnet'; 'auto' picks from --dimension.", choices=("auto", "unet2d", "vnet")
+        "auto",
+        "Network: 'unet2d' or 'vnet'; 'auto' picks from --dimension.",
+        choices=("auto", "unet2d", "vnet"),
     )
     base_channels: int = opt(16, "Channels of the first level (doubled at each of the lower levels).")
     dropout: bool = opt(True, "Use dropout as the reference networks do (needed for MC-dropout).")
@@ -99,9 +103,7 @@ class ModelConfig:
         "Network input size in image order x y [z]: 2D slices are resized to it, 3D patches are "
         "cropped at it (reference: 256 256 for ACDC, 112 112 80 for LA).",
     )
-    slice_axis: int = opt(
-        2, "2D only: image axis (0=x, 1=y, 2=z) along which volumes are cut into slices."
-    )
+    slice_axis: int = opt(2, "2D only: image axis (0=x, 1=y, 2=z) along which volumes are cut into slices.")
 
 
 @dataclass
@@ -133,12 +135,14 @@ class OptimConfig:
     weight_decay: float = opt(1e-4, "SGD weight decay.")
     amp: bool = opt(True, "Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU.")
     channels_last: bool = opt(
-        True, "Run 2D networks in the channels-last memory layout: faster convolutions, same results up "
-        "to float rounding (3D networks stay channels-first; see docs/speed.md)."
+        True,
+        "Run 2D networks in the channels-last memory layout: faster convolutions, same results up "
+        "to float rounding (3D networks stay channels-first; see docs/speed.md).",
     )
     compile: bool = opt(
-        False, "torch.compile the student and teacher (needs a C++ compiler on the CPU; minutes of "
-        "compilation first; see docs/speed.md)."
+        False,
+        "torch.compile the student and teacher (needs a C++ compiler on the CPU; minutes of "
+        "compilation first; see docs/speed.md).",
     )
 
 
@@ -165,7 +169,9 @@ class MethodConfig:
     consistency_rampup_iterations: int = opt(
         12000, "mean-teacher: sigmoid ramp-up length of the consistency weight (in iterations)."
     )
-    noise_std: float = opt(0.1, "mean-teacher: std of the Gaussian noise (clipped at 2 std) on teacher input.")
+    noise_std: float = opt(
+        0.1, "mean-teacher: std of the Gaussian noise (clipped at 2 std) on teacher input."
+    )
     mask_ratio: float = opt(2 / 3, "bcp/buarl: side of the copy-paste box as a fraction of each image side.")
     unlabeled_weight: float = opt(0.5, "bcp/buarl: loss weight of pseudo-labeled pixels (labeled: 1).")
     pseudo_label_lcc: bool = opt(
@@ -198,11 +204,12 @@ class UncertaintyConfig:
 class URLConfig:
     """URL: uncertainty-aware region learning on ground-truth (labeled) pixels."""
 
-    enabled: bool = opt(True, "buarl: raise the loss weight of high-uncertainty labeled pixels.", flag="--url")
+    enabled: bool = opt(
+        True, "buarl: raise the loss weight of high-uncertainty labeled pixels.", flag="--url"
+    )
     weight: float = opt(
         1.0,
-        "Extra weight: a selected labeled pixel weighs (1 + url_weight) in CE and Dice "
-        "(see docs/method.md).",
+        "Extra weight: a selected labeled pixel weighs (1 + url_weight) in CE and Dice (see docs/method.md).",
     )
     quantile: float = opt(
         0.8,
@@ -230,7 +237,9 @@ class URLConfig:
 class CRLConfig:
     """CRL: certainty-aware region learning on pseudo-labeled pixels."""
 
-    enabled: bool = opt(True, "buarl: train pseudo-labeled pixels only where the teacher is certain.", flag="--crl")
+    enabled: bool = opt(
+        True, "buarl: train pseudo-labeled pixels only where the teacher is certain.", flag="--crl"
+    )
     mode: Literal["hard", "soft"] = opt(
         "hard",
         "'hard': pixels above the threshold get weight 0; 'soft': weight (1 - u/threshold) clipped to 0..1.",
@@ -254,7 +263,8 @@ class CRLConfig:
         choices=("ce", "ce+dice"),
     )
     quantile: float = opt(
-        0.8, "quantile, class-quantile: fraction of pseudo-labeled pixels (of each class) kept, most certain first."
+        0.8,
+        "quantile, class-quantile: fraction of pseudo-labeled pixels (of each class) kept, most certain first.",
     )
 
 
@@ -278,9 +288,7 @@ class TrainConfig:
     seed: int = opt(1337, "Random seed (data order, augmentation, masks, initialisation).")
     device: str = opt("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.")
     num_threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
-    validation_interval: int = opt(
-        200, "Iterations between validations (needs validation data; 0 = never)."
-    )
+    validation_interval: int = opt(200, "Iterations between validations (needs validation data; 0 = never).")
     checkpoint_interval: int = opt(500, "Iterations between resumable checkpoints (last.pt).")
     log_interval: int = opt(10, "Iterations between progress events/log lines.")
 
@@ -365,7 +373,9 @@ class PredictConfig:
     max_regions: int = opt(50, "At most this many regions are listed, most worth reviewing first (0 = all).")
     largest_component: bool = opt(False, "Keep only the largest connected component of each class.")
     overlap: float = opt(0.5, "3D: sliding-window overlap (0..<1); --stride overrides it.")
-    stride: list[int] | None = opt(None, "3D: sliding-window stride in image order x y z (reference LA: 18 18 4).")
+    stride: list[int] | None = opt(
+        None, "3D: sliding-window stride in image order x y z (reference LA: 18 18 4)."
+    )
     sw_batch_size: int = opt(
         0,
         "3D: windows per forward pass; 0 = automatic: 4 on a GPU, 1 on the CPU (where larger batches are no "
@@ -373,7 +383,8 @@ class PredictConfig:
     )
     slice_batch_size: int = opt(16, "2D: slices per forward pass (lowered automatically on out-of-memory).")
     output_format: Literal["auto", "nii.gz", "nii", "nrrd", "mha"] = opt(
-        "auto", "File format of the label and uncertainty maps; 'auto' = the input's format.",
+        "auto",
+        "File format of the label and uncertainty maps; 'auto' = the input's format.",
         choices=("auto", "nii.gz", "nii", "nrrd", "mha"),
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
@@ -491,8 +502,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
     """Add one ``--flag`` per (nested) field of ``cls``, with its help text and default."""
     hints = typing.get_type_hints(cls)
     defaults = cls()
-    group = parser if not prefix else parser.add_argument_group(
-        f"{prefix} options", (cls.__doc__ or "").strip().splitlines()[0]
+    group = (
+        parser
+        if not prefix
+        else parser.add_argument_group(f"{prefix} options", (cls.__doc__ or "").strip().splitlines()[0])
     )
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
@@ -507,22 +520,39 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
         base_hint = base[0] if typing.get_origin(hint) is not list else hint
         if base_hint is bool:
             group.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                flag,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
                 help=f"{help_text} (default: {'on' if default else 'off'})",
             )
         elif typing.get_origin(base_hint) is list:
             item = typing.get_args(base_hint)[0]
             group.add_argument(
-                flag, dest=dest, nargs="+", type=item, default=None, metavar="N",
+                flag,
+                dest=dest,
+                nargs="+",
+                type=item,
+                default=None,
+                metavar="N",
                 help=f"{help_text} (default: {' '.join(map(str, default)) if default else 'none'})",
             )
         else:
             choices = f.metadata.get("choices")
-            typ = typing.get_args(base_hint)[0].__class__ if typing.get_origin(base_hint) is Literal else base_hint
+            typ = (
+                typing.get_args(base_hint)[0].__class__
+                if typing.get_origin(base_hint) is Literal
+                else base_hint
+            )
             if typ not in (int, float, str):
                 typ = str
             group.add_argument(
-                flag, dest=dest, type=typ, choices=choices, default=None, metavar=None if choices else f.name.upper(),
+                flag,
+                dest=dest,
+                type=typ,
+                choices=choices,
+                default=None,
+                metavar=None if choices else f.name.upper(),
                 help=f"{help_text} (default: {default})",
             )
 

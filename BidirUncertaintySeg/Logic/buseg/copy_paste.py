@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 
-def box_mask(spatial_shape: Sequence[int], ratio: float, generator: torch.Generator,
-             device: torch.device | str = "cpu") -> torch.Tensor:
+def box_mask(
+    spatial_shape: Sequence[int], ratio: float, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Float mask of ``spatial_shape``: 0 inside one random box (side = ratio x image side), 1 outside."""
     mask = torch.ones(tuple(spatial_shape), device=device)
     box = []

@@ -117,7 +117,11 @@ def _find_label_for(image: Path, label_dir: Path) -> Path | None:
     if exact:
         return exact[0]
     for suffix in LABEL_NAME_SUFFIXES:
-        matches = [p for p in candidates if case_name(p) == name + suffix or p.name.lower() == (name + SEGMENTATION_SUFFIX).lower()]
+        matches = [
+            p
+            for p in candidates
+            if case_name(p) == name + suffix or p.name.lower() == (name + SEGMENTATION_SUFFIX).lower()
+        ]
         if matches:
             return matches[0]
     return None
@@ -135,7 +139,8 @@ def cases_from_folder(folder: Path, *, labeled: bool) -> list[CaseRef]:
         image_dir, label_dir = folder / "images", folder / "labels"
         if not image_dir.is_dir() or not label_dir.is_dir():
             raise InputError(
-                "a labeled folder needs an 'images' and a 'labels' sub-folder (or give a manifest)", path=folder
+                "a labeled folder needs an 'images' and a 'labels' sub-folder (or give a manifest)",
+                path=folder,
             )
         images = _images_in(image_dir)
         if not images:
@@ -144,8 +149,11 @@ def cases_from_folder(folder: Path, *, labeled: bool) -> list[CaseRef]:
         for image in images:
             label = _find_label_for(image, label_dir)
             if label is None:
-                raise InputError(f"no label file for this image in {label_dir}", path=image,
-                                 hint="name the label like the image (optionally with _label or .seg.nrrd)")
+                raise InputError(
+                    f"no label file for this image in {label_dir}",
+                    path=image,
+                    hint="name the label like the image (optionally with _label or .seg.nrrd)",
+                )
             cases.append(CaseRef(image, label))
         return cases
     images_dir = folder / "images" if (folder / "images").is_dir() else folder
@@ -185,7 +193,9 @@ def cases_from_manifest(manifest: Path) -> CaseList:
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise InputError(f"cannot be read as CSV: {exc}", path=manifest) from None
         if not rows or "image" not in rows[0]:
-            raise InputError("CSV manifest needs a header row with an 'image' column (and 'label', 'split')", path=manifest)
+            raise InputError(
+                "CSV manifest needs a header row with an 'image' column (and 'label', 'split')", path=manifest
+            )
         for number, row in enumerate(rows, start=2):
             where = f"line {number}"
             image = _resolve(base, row.get("image"), where, manifest)
@@ -199,7 +209,9 @@ def cases_from_manifest(manifest: Path) -> CaseList:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"cannot be read as JSON: {exc}", path=manifest) from None
         if not isinstance(data, dict):
-            raise InputError("JSON manifest must be an object with 'labeled'/'unlabeled'/'validation' lists", path=manifest)
+            raise InputError(
+                "JSON manifest must be an object with 'labeled'/'unlabeled'/'validation' lists", path=manifest
+            )
         unknown = set(data) - {"labeled", "unlabeled", "validation", "classes"}
         if unknown:
             raise InputError(f"unknown manifest key(s): {', '.join(sorted(unknown))}", path=manifest)
@@ -229,7 +241,9 @@ def _parse_declared_classes(entries: Any, manifest: Path) -> list[dict[str, Any]
     classes = []
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("value"), int) or entry["value"] <= 0:
-            raise InputError(f"class entry {entry!r}: needs an integer 'value' > 0 and a 'name'", path=manifest)
+            raise InputError(
+                f"class entry {entry!r}: needs an integer 'value' > 0 and a 'name'", path=manifest
+            )
         color = entry.get("color")
         if color is not None and (not isinstance(color, list) or len(color) != 3):
             raise InputError(f"class {entry.get('name')!r}: 'color' must be [r, g, b] in 0..1", path=manifest)
@@ -261,7 +275,9 @@ def _add_case(result: CaseList, split: str, case: CaseRef, where: str, manifest:
             raise InputError(f"{where}: a validation case needs a label", path=manifest)
         result.validation.append(case)
     else:
-        raise InputError(f"{where}: unknown split {split!r} (labeled, unlabeled or validation)", path=manifest)
+        raise InputError(
+            f"{where}: unknown split {split!r} (labeled, unlabeled or validation)", path=manifest
+        )
 
 
 def classes_from_file(path: Path) -> list[dict[str, Any]]:
@@ -311,20 +327,29 @@ def _check_case_list(cases: CaseList) -> None:
     if not cases.labeled:
         raise InputError("no labeled cases given", path=cases.source or None)
     seen: dict[Path, str] = {}
-    for role, group in (("labeled", cases.labeled), ("unlabeled", cases.unlabeled), ("validation", cases.validation)):
+    for role, group in (
+        ("labeled", cases.labeled),
+        ("unlabeled", cases.unlabeled),
+        ("validation", cases.validation),
+    ):
         for case in group:
             key = case.image.resolve()
             if key in seen:
                 if seen[key] == role:
                     raise InputError(f"listed twice as {role}", path=case.image)
-                raise InputError(f"listed both as {seen[key]} and as {role}", path=case.image,
-                                 hint="an image is either labeled, unlabeled or for validation")
+                raise InputError(
+                    f"listed both as {seen[key]} and as {role}",
+                    path=case.image,
+                    hint="an image is either labeled, unlabeled or for validation",
+                )
             seen[key] = role
     labels_seen: dict[Path, Path] = {}
     for case in cases.labeled + cases.validation:
         key = case.label.resolve()
         if key in labels_seen:
-            raise InputError(f"used as the label of two images ({labels_seen[key]} and {case.image})", path=case.label)
+            raise InputError(
+                f"used as the label of two images ({labels_seen[key]} and {case.image})", path=case.label
+            )
         labels_seen[key] = case.image
         if key == case.image.resolve():
             raise InputError("image and label are the same file", path=case.image)
@@ -345,7 +370,9 @@ def estimate_bytes(paths: Sequence[Path]) -> int:
         try:
             reader.ReadImageInformation()
         except RuntimeError:
-            raise InputError("cannot be read as an image (corrupt, truncated or unsupported)", path=path) from None
+            raise InputError(
+                "cannot be read as an image (corrupt, truncated or unsupported)", path=path
+            ) from None
         total += int(np.prod(reader.GetSize())) * max(1, reader.GetNumberOfComponents()) * 4
     return total
 
@@ -369,13 +396,15 @@ def _check_image(volume: Volume, *, dimension: str) -> None:
     if dimension == "3d" and min(array.shape) < MIN_SIZE_VOXELS:
         raise InputError(
             f"is too small ({'x'.join(map(str, volume.size_xyz))} voxels); at least {MIN_SIZE_VOXELS} "
-            "along each axis is needed for 3D training", path=volume.path,
+            "along each axis is needed for 3D training",
+            path=volume.path,
         )
     if dimension == "2d" and min(array.shape[1:]) < MIN_SIZE_VOXELS and min(array.shape) < MIN_SIZE_VOXELS:
         raise InputError(f"is too small ({'x'.join(map(str, volume.size_xyz))} voxels)", path=volume.path)
     if float(array.max()) == float(array.min()):
-        raise InputError(f"is constant (every voxel is {float(array.min()):g}); nothing to learn from",
-                         path=volume.path)
+        raise InputError(
+            f"is constant (every voxel is {float(array.min()):g}); nothing to learn from", path=volume.path
+        )
 
 
 def _label_on_image_grid(label: LabelVolume, image: Volume, *, resample: bool) -> LabelVolume:
@@ -392,7 +421,9 @@ def _label_on_image_grid(label: LabelVolume, image: Volume, *, resample: bool) -
 
     resampled = sitk.Resample(label.to_sitk(), image.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     array = sitk.GetArrayFromImage(resampled).astype(label.array.dtype)
-    return LabelVolume(array, image.spacing_mm, image.origin, image.direction, label.path, segments=label.segments)
+    return LabelVolume(
+        array, image.spacing_mm, image.origin, image.direction, label.path, segments=label.segments
+    )
 
 
 class ClassTable:
@@ -403,27 +434,35 @@ class ClassTable:
         self.by_key: dict[Any, dict[str, Any]] = {}
         if declared:
             for entry in declared:
-                self.by_key[("value", entry["value"])] = {"name": entry["name"], "color": entry["color"],
-                                                         "label_value": entry["value"]}
+                self.by_key[("value", entry["value"])] = {
+                    "name": entry["name"],
+                    "color": entry["color"],
+                    "label_value": entry["value"],
+                }
                 self.by_key[("name", entry["name"])] = self.by_key[("value", entry["value"])]
         self.kinds: set[str] = set()
 
     def observe(self, label: LabelVolume) -> None:
         values = [int(v) for v in np.unique(label.array) if v != 0]
         if not values:
-            raise InputError("label has no foreground voxels (empty segmentation)", path=label.path,
-                             hint="every labeled case needs at least one labeled structure")
+            raise InputError(
+                "label has no foreground voxels (empty segmentation)",
+                path=label.path,
+                hint="every labeled case needs at least one labeled structure",
+            )
         if len(values) > MAX_LABEL_VALUES:
             raise InputError(
                 f"label map has {len(values)} different values; a label map holds one value per structure "
-                "(is this an image rather than a label map?)", path=label.path,
+                "(is this an image rather than a label map?)",
+                path=label.path,
             )
         kind = "name" if label.segments else "value"
         self.kinds.add(kind)
         if len(self.kinds) > 1 and not self.declared:
             raise InputError(
                 "mixes .seg.nrrd segmentations (classes by segment name) with label maps (classes by value)",
-                path=label.path, hint="add a 'classes' list to a JSON manifest to say which value is which name",
+                path=label.path,
+                hint="add a 'classes' list to a JSON manifest to say which value is which name",
             )
         for value in values:
             key = ("name", label.segments[value]["name"]) if kind == "name" else ("value", value)
@@ -431,11 +470,16 @@ class ClassTable:
                 continue
             if self.declared:
                 raise InputError(
-                    f"has label {key[1]!r}, which the manifest's 'classes' list does not declare", path=label.path
+                    f"has label {key[1]!r}, which the manifest's 'classes' list does not declare",
+                    path=label.path,
                 )
             if kind == "name":
                 segment = label.segments[value]
-                self.by_key[key] = {"name": segment["name"], "color": segment.get("color"), "label_value": None}
+                self.by_key[key] = {
+                    "name": segment["name"],
+                    "color": segment.get("color"),
+                    "label_value": None,
+                }
             else:
                 self.by_key[key] = {"name": f"label_{value}", "color": None, "label_value": value}
 
@@ -451,8 +495,14 @@ class ClassTable:
         for index, entry in enumerate(unique, start=1):
             if entry["label_value"] is None:
                 entry["label_value"] = index
-            table.append({"index": index, "name": entry["name"], "label_value": int(entry["label_value"]),
-                          "color": entry["color"] or list(DEFAULT_COLORS[(index - 1) % len(DEFAULT_COLORS)])})
+            table.append(
+                {
+                    "index": index,
+                    "name": entry["name"],
+                    "label_value": int(entry["label_value"]),
+                    "color": entry["color"] or list(DEFAULT_COLORS[(index - 1) % len(DEFAULT_COLORS)]),
+                }
+            )
         return table
 
     def to_indices(self, label: LabelVolume, classes: list[dict[str, Any]]) -> np.ndarray:
@@ -504,8 +554,11 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
         key = digest.hexdigest()
         if key in seen_content:
             other, other_role = seen_content[key]
-            effect = ("the validation score will be optimistic" if "validation" in (role, other_role)
-                      else "the copy adds nothing to learn from")
+            effect = (
+                "the validation score will be optimistic"
+                if "validation" in (role, other_role)
+                else "the copy adds nothing to learn from"
+            )
             warnings.append(f"{volume.path} ({role}) has the same voxels as {other} ({other_role}): {effect}")
             return
         seen_content[key] = (str(volume.path), role)
@@ -520,15 +573,20 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
         seen = {c["name"] for c in classes}
         missing = [c["name"] for c in table.declared if c["name"] not in seen]
         if missing:
-            raise InputError(f"class(es) {', '.join(missing)} declared but absent from every labeled case",
-                             path=cases.source)
+            raise InputError(
+                f"class(es) {', '.join(missing)} declared but absent from every labeled case",
+                path=cases.source,
+            )
     present = set()
     for _, label in labeled_pairs:
         present.update(int(v) for v in np.unique(table.to_indices(label, classes)))
     absent = [c["name"] for c in classes[1:] if c["index"] not in present]
     if absent:  # observed classes occur by definition: these are declared ones
-        raise InputError(f"class(es) {', '.join(absent)} declared but absent from every labeled case",
-                         path=cases.source, hint="remove them from 'classes', or add labeled cases that have them")
+        raise InputError(
+            f"class(es) {', '.join(absent)} declared but absent from every labeled case",
+            path=cases.source,
+            hint="remove them from 'classes', or add labeled cases that have them",
+        )
 
     numpy_axis = 2 - config.model.slice_axis
     labeled_images, labeled_labels, names = [], [], []
@@ -554,22 +612,38 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
     for case in cases.validation:
         image, label = read_pair(case)
         check_unique(image, "validation")
-        validation.append(ValidationCase(case.name, normalize_intensity(image.array, mode),
-                                         table.to_indices(label, classes), image.spacing_mm))
+        validation.append(
+            ValidationCase(
+                case.name,
+                normalize_intensity(image.array, mode),
+                table.to_indices(label, classes),
+                image.spacing_mm,
+            )
+        )
     spacing = np.median(np.array([img.spacing_mm for img, _ in labeled_pairs]), axis=0)
     data = TrainingData(
-        dimension=dimension, labeled_images=labeled_images, labeled_labels=labeled_labels,
-        unlabeled_images=unlabeled_images, validation=validation, classes=classes, normalization=mode,
-        spacing_mm=[float(s) for s in spacing], labeled_case_names=names, unlabeled_case_names=unlabeled_names,
+        dimension=dimension,
+        labeled_images=labeled_images,
+        labeled_labels=labeled_labels,
+        unlabeled_images=unlabeled_images,
+        validation=validation,
+        classes=classes,
+        normalization=mode,
+        spacing_mm=[float(s) for s in spacing],
+        labeled_case_names=names,
+        unlabeled_case_names=unlabeled_names,
         warnings=warnings,
     )
     if config.method.name != "supervised" and not unlabeled_images:
         raise InputError(
             f"method {config.method.name} is semi-supervised but no unlabeled images were given",
-            path=config.data.labeled, hint="add --unlabeled FOLDER, or use --method supervised",
+            path=config.data.labeled,
+            hint="add --unlabeled FOLDER, or use --method supervised",
         )
-    log(f"{len(cases.labeled)} labeled, {len(cases.unlabeled)} unlabeled, {len(cases.validation)} validation "
-        f"cases; classes: {', '.join(c['name'] for c in classes[1:])}")
+    log(
+        f"{len(cases.labeled)} labeled, {len(cases.unlabeled)} unlabeled, {len(cases.validation)} validation "
+        f"cases; classes: {', '.join(c['name'] for c in classes[1:])}"
+    )
     return data
 
 
@@ -634,16 +708,26 @@ def load_acdc(config: TrainConfig, log: Log = print) -> TrainingData:
         if name in excluded:
             continue
         image, label = _h5(root / "data" / f"{name}.h5", "image", "label")
-        validation.append(ValidationCase(name, image.astype(np.float32), label.astype(np.uint8), (1.0, 1.0, 1.0)))
+        validation.append(
+            ValidationCase(name, image.astype(np.float32), label.astype(np.uint8), (1.0, 1.0, 1.0))
+        )
     classes = [{"index": 0, "name": "background", "label_value": 0, "color": [0.0, 0.0, 0.0]}] + [
         {"index": i, "name": n, "label_value": i, "color": list(c)}
         for i, (n, c) in enumerate(zip(ACDC_CLASSES, ACDC_COLORS, strict=True), start=1)
     ]
-    log(f"ACDC: {config.data.labeled_count} labeled patients ({len(labeled_names)} slices), "
-        f"{len(unlabeled_names)} unlabeled slices, {len(validation)} validation volumes")
+    log(
+        f"ACDC: {config.data.labeled_count} labeled patients ({len(labeled_names)} slices), "
+        f"{len(unlabeled_names)} unlabeled slices, {len(validation)} validation volumes"
+    )
     return TrainingData(
-        dimension="2d", labeled_images=labeled_images, labeled_labels=labeled_labels, unlabeled_images=unlabeled,
-        validation=validation, classes=classes, normalization="minmax", spacing_mm=[1.0, 1.0, 1.0],
+        dimension="2d",
+        labeled_images=labeled_images,
+        labeled_labels=labeled_labels,
+        unlabeled_images=unlabeled,
+        validation=validation,
+        classes=classes,
+        normalization="minmax",
+        spacing_mm=[1.0, 1.0, 1.0],
         labeled_case_names=sorted({_patient(n) for n in labeled_names}),
         unlabeled_case_names=sorted({_patient(n) for n in unlabeled_names}),
     )
@@ -652,8 +736,10 @@ def load_acdc(config: TrainConfig, log: Log = print) -> TrainingData:
 def _la_volume(root: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
     image, label = _h5(root / "volumes" / case / "mri_norm2.h5", "image", "label")
     # The HDF5 arrays are indexed (x, y, z); the engine uses numpy order (z, y, x).
-    return (np.ascontiguousarray(image.transpose(2, 1, 0)).astype(np.float32),
-            np.ascontiguousarray(label.transpose(2, 1, 0)).astype(np.uint8))
+    return (
+        np.ascontiguousarray(image.transpose(2, 1, 0)).astype(np.float32),
+        np.ascontiguousarray(label.transpose(2, 1, 0)).astype(np.uint8),
+    )
 
 
 def load_la(config: TrainConfig, log: Log = print) -> TrainingData:
@@ -674,19 +760,27 @@ def load_la(config: TrainConfig, log: Log = print) -> TrainingData:
     elif not unlabeled:
         raise InputError(
             f"method {config.method.name} is semi-supervised but no unlabeled case remains after the "
-            f"{count} labeled, the validation and the excluded cases", path=root / "train.list",
+            f"{count} labeled, the validation and the excluded cases",
+            path=root / "train.list",
             hint="lower --labeled-count, hold out fewer cases, or use --method supervised",
         )
     labeled_data = [_la_volume(root, c) for c in labeled]
     validation = [ValidationCase(c, *_la_volume(root, c), (0.625, 0.625, 0.625)) for c in validation_names]
     log(f"LA: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(validation)} validation cases")
     return TrainingData(
-        dimension="3d", labeled_images=[v[0] for v in labeled_data], labeled_labels=[v[1] for v in labeled_data],
-        unlabeled_images=[_la_volume(root, c)[0] for c in unlabeled], validation=validation,
-        classes=[{"index": 0, "name": "background", "label_value": 0, "color": [0.0, 0.0, 0.0]},
-                 {"index": 1, "name": "left atrium", "label_value": 1, "color": [0.85, 0.30, 0.30]}],
-        normalization="zscore", spacing_mm=[0.625, 0.625, 0.625],
-        labeled_case_names=labeled, unlabeled_case_names=unlabeled,
+        dimension="3d",
+        labeled_images=[v[0] for v in labeled_data],
+        labeled_labels=[v[1] for v in labeled_data],
+        unlabeled_images=[_la_volume(root, c)[0] for c in unlabeled],
+        validation=validation,
+        classes=[
+            {"index": 0, "name": "background", "label_value": 0, "color": [0.0, 0.0, 0.0]},
+            {"index": 1, "name": "left atrium", "label_value": 1, "color": [0.85, 0.30, 0.30]},
+        ],
+        normalization="zscore",
+        spacing_mm=[0.625, 0.625, 0.625],
+        labeled_case_names=labeled,
+        unlabeled_case_names=unlabeled,
     )
 
 

@@ -45,8 +45,17 @@ from .io import write_json_atomic
 MARKER = "demo.json"
 MARKER_SCHEMA = "buseg-demo"
 # What the demo writes into its folder; --overwrite removes exactly these, nothing else.
-DEMO_ENTRIES = ("data", "runs", "predictions", "evaluation", "report.png", "comparison.md", "comparison.json",
-                "open_in_slicer.py", MARKER)
+DEMO_ENTRIES = (
+    "data",
+    "runs",
+    "predictions",
+    "evaluation",
+    "report.png",
+    "comparison.md",
+    "comparison.json",
+    "open_in_slicer.py",
+    MARKER,
+)
 METHODS = ("supervised", "buarl")
 METHOD_TITLES = {"supervised": "supervised", "buarl": "ours (buarl)"}
 REVIEW_BUDGET = 0.01  # fraction of each volume's voxels a reviewer checks (the most uncertain first)
@@ -63,17 +72,17 @@ class DemoPlan:
     test: int
     shape_zyx: tuple[int, int, int]
     spacing_mm: tuple[float, float, float]
-    noise: float                     # Gaussian noise (intensities roughly 0..1)
-    bias: float                      # amplitude of the linear bias field
-    structure_scale: float           # synthetic.make_case: smaller shell, satellite inside the field of view
-    satellite_scale: float           # ... and a satellite large enough to be learned in a short run
-    patch_size: tuple[int, int]      # x y: 2D slices are resized to it
+    noise: float  # Gaussian noise (intensities roughly 0..1)
+    bias: float  # amplitude of the linear bias field
+    structure_scale: float  # synthetic.make_case: smaller shell, satellite inside the field of view
+    satellite_scale: float  # ... and a satellite large enough to be learned in a short run
+    patch_size: tuple[int, int]  # x y: 2D slices are resized to it
     base_channels: int
     batch_size: int
-    shared_iterations: int           # the shared supervised start
-    iterations: int                  # each branch after it: ours (self-training) and supervised
-    lr: float                        # the shared start
-    branch_lr: float                 # both branches (SGD, constant)
+    shared_iterations: int  # the shared supervised start
+    iterations: int  # each branch after it: ours (self-training) and supervised
+    lr: float  # the shared start
+    branch_lr: float  # both branches (SGD, constant)
     validation_interval: int
     log_interval: int
 
@@ -89,17 +98,49 @@ class DemoPlan:
 # batch 24 before its teacher found all three structures (and some seeds not even then).
 # A small U-Net (8 base channels) keeps it to minutes.
 FULL = DemoPlan(
-    name="full", labeled=2, unlabeled=10, validation=2, test=4, shape_zyx=(24, 64, 64),
-    spacing_mm=(1.2, 1.2, 2.5), noise=0.08, bias=0.3, structure_scale=0.8, satellite_scale=1.5,
-    patch_size=(64, 64), base_channels=8, batch_size=24, shared_iterations=600, iterations=400,
-    lr=0.01, branch_lr=0.005, validation_interval=50, log_interval=10,
+    name="full",
+    labeled=2,
+    unlabeled=10,
+    validation=2,
+    test=4,
+    shape_zyx=(24, 64, 64),
+    spacing_mm=(1.2, 1.2, 2.5),
+    noise=0.08,
+    bias=0.3,
+    structure_scale=0.8,
+    satellite_scale=1.5,
+    patch_size=(64, 64),
+    base_channels=8,
+    batch_size=24,
+    shared_iterations=600,
+    iterations=400,
+    lr=0.01,
+    branch_lr=0.005,
+    validation_interval=50,
+    log_interval=10,
 )
 # A smoke test of every step (tests, CI): seconds, and numbers that mean nothing.
 QUICK = DemoPlan(
-    name="quick", labeled=1, unlabeled=2, validation=1, test=1, shape_zyx=(8, 32, 32),
-    spacing_mm=(1.2, 1.2, 2.5), noise=0.08, bias=0.3, structure_scale=0.8, satellite_scale=1.5,
-    patch_size=(32, 32), base_channels=8, batch_size=4, shared_iterations=3, iterations=4,
-    lr=0.01, branch_lr=0.005, validation_interval=2, log_interval=2,
+    name="quick",
+    labeled=1,
+    unlabeled=2,
+    validation=1,
+    test=1,
+    shape_zyx=(8, 32, 32),
+    spacing_mm=(1.2, 1.2, 2.5),
+    noise=0.08,
+    bias=0.3,
+    structure_scale=0.8,
+    satellite_scale=1.5,
+    patch_size=(32, 32),
+    base_channels=8,
+    batch_size=4,
+    shared_iterations=3,
+    iterations=4,
+    lr=0.01,
+    branch_lr=0.005,
+    validation_interval=2,
+    log_interval=2,
 )
 
 
@@ -127,13 +168,15 @@ def prepare_folder(out_dir: Path, *, overwrite: bool) -> None:
     if entries:
         if not overwrite:
             raise OutputError(
-                f"is not empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})", path=out_dir,
+                f"is not empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})",
+                path=out_dir,
                 hint="pass --overwrite to replace an earlier demo's outputs there, or choose another --out",
             )
         if not _is_demo_folder(out_dir):
             raise OutputError(
                 f"is not empty and was not written by `buseg demo` (no {MARKER}); refusing to delete anything",
-                path=out_dir, hint="choose an empty or new --out folder",
+                path=out_dir,
+                hint="choose an empty or new --out folder",
             )
         for name in DEMO_ENTRIES:
             path = out_dir / name
@@ -143,7 +186,9 @@ def prepare_folder(out_dir: Path, *, overwrite: bool) -> None:
                 elif path.exists() or path.is_symlink():
                     path.unlink()
             except OSError as exc:
-                raise OutputError(f"cannot remove the earlier demo output: {exc.strerror or exc}", path=path) from None
+                raise OutputError(
+                    f"cannot remove the earlier demo output: {exc.strerror or exc}", path=path
+                ) from None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -165,9 +210,17 @@ def make_data(out_dir: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     from .synthetic import write_dataset
 
     return write_dataset(
-        out_dir / "data", labeled=plan.labeled, unlabeled=plan.unlabeled, test=plan.test,
-        validation=plan.validation, shape_zyx=plan.shape_zyx, spacing_mm=plan.spacing_mm, seed=seed,
-        noise=plan.noise, bias=plan.bias, structure_scale=plan.structure_scale,
+        out_dir / "data",
+        labeled=plan.labeled,
+        unlabeled=plan.unlabeled,
+        test=plan.test,
+        validation=plan.validation,
+        shape_zyx=plan.shape_zyx,
+        spacing_mm=plan.spacing_mm,
+        seed=seed,
+        noise=plan.noise,
+        bias=plan.bias,
+        structure_scale=plan.structure_scale,
         satellite_scale=plan.satellite_scale,
     )
 
@@ -175,8 +228,15 @@ def make_data(out_dir: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
 SHARED_RUN = "shared-supervised"
 
 
-def train_config(run: str, folders: dict[str, Path], out_dir: Path, plan: DemoPlan, seed: int, device: str,
-                 init_weights: Path | None = None):  # -> TrainConfig (imported lazily: torch)
+def train_config(
+    run: str,
+    folders: dict[str, Path],
+    out_dir: Path,
+    plan: DemoPlan,
+    seed: int,
+    device: str,
+    init_weights: Path | None = None,
+):  # -> TrainConfig (imported lazily: torch)
     """One training: the shared start (``run = SHARED_RUN``) or a branch ("buarl", "supervised") from it."""
     from .config import TrainConfig
 
@@ -205,7 +265,9 @@ def train_config(run: str, folders: dict[str, Path], out_dir: Path, plan: DemoPl
     return config.validate()
 
 
-def review_figures(prediction_dir: Path, truth_dir: Path, cases: list[str], num_classes: int) -> dict[str, float]:
+def review_figures(
+    prediction_dir: Path, truth_dir: Path, cases: list[str], num_classes: int
+) -> dict[str, float]:
     """Mean over the test volumes of :func:`buseg.review.simulate_review` at :data:`REVIEW_BUDGET`."""
     from .io import read_image, read_label
     from .review import simulate_review
@@ -217,7 +279,9 @@ def review_figures(prediction_dir: Path, truth_dir: Path, cases: list[str], num_
         labels = read_label(prediction_dir / outputs[case]["label"]).array
         uncertainty = read_image(prediction_dir / outputs[case]["uncertainty"]).array
         truth = read_label(truth_dir / "labels" / f"{case}.nii.gz").array
-        figures.append(simulate_review(labels, truth, uncertainty, num_classes, budget_fraction=REVIEW_BUDGET))
+        figures.append(
+            simulate_review(labels, truth, uncertainty, num_classes, budget_fraction=REVIEW_BUDGET)
+        )
     return {key: float(np.nanmean([f[key] for f in figures])) for key in figures[0]}
 
 
@@ -264,27 +328,44 @@ def run_demo(
             sink.close()
 
     prepare_folder(out, overwrite=overwrite)
-    marker: dict[str, Any] = {"schema": MARKER_SCHEMA, "schema_version": 1, "buseg_version": __version__,
-                              "status": "running", "seed": seed, "plan": asdict(plan)}
+    marker: dict[str, Any] = {
+        "schema": MARKER_SCHEMA,
+        "schema_version": 1,
+        "buseg_version": __version__,
+        "status": "running",
+        "seed": seed,
+        "plan": asdict(plan),
+    }
     write_json_atomic(out / MARKER, marker)
 
     say(f"buseg demo ({plan.name}) -> {out}")
     if quick:
         say("Quick mode: a smoke test of every step on tiny data; its numbers mean nothing.")
-    say(f"\n[1/6] Generating synthetic 3D volumes with known truth: {plan.labeled} labeled, {plan.unlabeled} "
+    say(
+        f"\n[1/6] Generating synthetic 3D volumes with known truth: {plan.labeled} labeled, {plan.unlabeled} "
         f"unlabeled, {plan.validation} validation, {plan.test} test ({plan.shape_zyx[2]}x{plan.shape_zyx[1]}x"
         f"{plan.shape_zyx[0]} voxels of {' x '.join(f'{s:g}' for s in plan.spacing_mm)} mm, rotated; three "
-        "structures, noise, bias field)")
+        "structures, noise, bias field)"
+    )
     folders = make_data(out, plan, seed)
     check_stop()
 
     runs: dict[str, dict[str, Any]] = {}
     net = f"2D U-Net at {plan.patch_size[0]}x{plan.patch_size[1]}, batch {plan.batch_size}"
     steps = (
-        (SHARED_RUN, f"the shared supervised start: {plan.shared_iterations} iterations on the labeled volumes, {net}"),
-        ("buarl", f"ours (buarl) from it: {plan.iterations} iterations of copy-paste self-training with the "
-                  "unlabeled volumes, URL and CRL"),
-        ("supervised", f"the supervised baseline from it: {plan.iterations} more iterations on the labeled volumes"),
+        (
+            SHARED_RUN,
+            f"the shared supervised start: {plan.shared_iterations} iterations on the labeled volumes, {net}",
+        ),
+        (
+            "buarl",
+            f"ours (buarl) from it: {plan.iterations} iterations of copy-paste self-training with the "
+            "unlabeled volumes, URL and CRL",
+        ),
+        (
+            "supervised",
+            f"the supervised baseline from it: {plan.iterations} more iterations on the labeled volumes",
+        ),
     )
     for step, (run, what) in enumerate(steps, start=2):
         init = runs[SHARED_RUN]["result"].out_dir / "final.pt" if run != SHARED_RUN else None
@@ -297,8 +378,11 @@ def run_demo(
             end_phase()
         seconds = time.perf_counter() - train_start
         runs[run] = {"config": config, "result": result, "seconds": seconds}
-        best = f"{100 * result.best_metric:.1f}% after {result.best_iteration} iterations" \
-            if result.best_metric is not None else "-"
+        best = (
+            f"{100 * result.best_metric:.1f}% after {result.best_iteration} iterations"
+            if result.best_metric is not None
+            else "-"
+        )
         say(f"      done in {_duration(seconds)}; best validation Dice {best}")
 
     say("\n[5/6] Segmenting the test volumes with uncertainty and evaluating against the truth")
@@ -307,15 +391,19 @@ def run_demo(
     predictions: dict[str, Path] = {}
     for method in METHODS:
         check_stop()
-        predict = PredictConfig(model_path=str(runs[method]["result"].model_path),
-                                out_dir=str(out / "predictions" / method), device=device)
+        predict = PredictConfig(
+            model_path=str(runs[method]["result"].model_path),
+            out_dir=str(out / "predictions" / method),
+            device=device,
+        )
         try:
             predicted = predict_files([folders["test"]], predict, events=sink, should_stop=stop)
         finally:
             end_phase()
         predictions[method] = predicted.out_dir
-        evaluation = evaluate_files([predicted.out_dir], [folders["test"]], out / "evaluation" / method,
-                                    should_stop=stop)
+        evaluation = evaluate_files(
+            [predicted.out_dir], [folders["test"]], out / "evaluation" / method, should_stop=stop
+        )
         evaluations[method] = evaluation
         cases = [c["case"] for c in predicted.cases]
         num_classes = len(json.loads(predicted.summary_path.read_text())["classes"])
@@ -341,8 +429,14 @@ def run_demo(
     return DemoResult(out_dir=out, report_path=report_path, comparison=comparison, seconds=seconds)
 
 
-def build_comparison(plan: DemoPlan, runs: dict[str, dict[str, Any]], evaluations: dict[str, Any],
-                     reviews: dict[str, dict[str, float]], predictions: dict[str, Path], seed: int) -> dict[str, Any]:
+def build_comparison(
+    plan: DemoPlan,
+    runs: dict[str, dict[str, Any]],
+    evaluations: dict[str, Any],
+    reviews: dict[str, dict[str, float]],
+    predictions: dict[str, Path],
+    seed: int,
+) -> dict[str, Any]:
     """What comparison.json holds: per method the test metrics, review figures and training facts.
 
     Training figures count the shared supervised start in (iterations, seconds, the
@@ -359,8 +453,10 @@ def build_comparison(plan: DemoPlan, runs: dict[str, dict[str, Any]], evaluation
             "title": METHOD_TITLES[method],
             "test": {
                 "mean": summary["mean"],
-                "classes": {name: {k: c[k] for k in ("dice", "jaccard", "hd95_mm", "asd_mm")}
-                            for name, c in summary["classes"].items()},
+                "classes": {
+                    name: {k: c[k] for k in ("dice", "jaccard", "hd95_mm", "asd_mm")}
+                    for name, c in summary["classes"].items()
+                },
             },
             "review": reviews[method],
             "training": {
@@ -371,7 +467,8 @@ def build_comparison(plan: DemoPlan, runs: dict[str, dict[str, Any]], evaluation
                 "branch_seconds": runs[method]["seconds"],
                 "best_validation_dice": result.best_metric,
                 "best_iteration": shared["result"].iterations + result.best_iteration
-                if result.best_iteration is not None else None,
+                if result.best_iteration is not None
+                else None,
                 "model": str(result.model_path),
                 "history": str(result.out_dir / "history.json"),
             },
@@ -379,12 +476,20 @@ def build_comparison(plan: DemoPlan, runs: dict[str, dict[str, Any]], evaluation
             "metrics_csv": str(evaluations[method].csv_path),
         }
     return {
-        "schema": "buseg-demo-comparison", "schema_version": 1, "buseg_version": __version__, "plan": plan.name,
-        "seed": seed, "review_budget_fraction": REVIEW_BUDGET,
-        "shared": {"iterations": shared["result"].iterations, "seconds": shared["seconds"],
-                   "history": str(shared["result"].out_dir / "history.json"),
-                   "best_validation_dice": shared["result"].best_metric},
-        "cases": [{"case": c} for c in sorted(cases)], "methods": methods,
+        "schema": "buseg-demo-comparison",
+        "schema_version": 1,
+        "buseg_version": __version__,
+        "plan": plan.name,
+        "seed": seed,
+        "review_budget_fraction": REVIEW_BUDGET,
+        "shared": {
+            "iterations": shared["result"].iterations,
+            "seconds": shared["seconds"],
+            "history": str(shared["result"].out_dir / "history.json"),
+            "best_validation_dice": shared["result"].best_metric,
+        },
+        "cases": [{"case": c} for c in sorted(cases)],
+        "methods": methods,
     }
 
 

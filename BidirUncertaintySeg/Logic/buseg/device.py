@@ -23,7 +23,8 @@ def resolve_device(spec: str = "auto") -> tuple[torch.device, str]:
         if mps_ok:
             return torch.device("mps"), "auto: no CUDA GPU; Apple MPS available"
         why = (
-            "torch was built without CUDA (CPU-only build)" if not cuda_built
+            "torch was built without CUDA (CPU-only build)"
+            if not cuda_built
             else "torch has CUDA support but sees no usable GPU (driver missing or too old?)"
         )
         return torch.device("cpu"), f"auto: no GPU ({why})"
@@ -33,7 +34,8 @@ def resolve_device(spec: str = "auto") -> tuple[torch.device, str]:
         if not cuda_ok:
             raise ConfigError(
                 f"--device {spec}: CUDA is not available ("
-                + ("this torch build has no CUDA" if not cuda_built else "no GPU visible to torch") + ")",
+                + ("this torch build has no CUDA" if not cuda_built else "no GPU visible to torch")
+                + ")",
                 hint="use --device cpu, or install a CUDA build of torch matching your driver",
             )
         device = torch.device(spec)

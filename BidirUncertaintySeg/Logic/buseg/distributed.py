@@ -71,7 +71,8 @@ class DistributedContext:
             if self.local_rank >= torch.cuda.device_count():
                 raise ConfigError(
                     f"process with local rank {self.local_rank} has no GPU: only {torch.cuda.device_count()} "
-                    "CUDA device(s) visible", hint="use --nproc_per_node at most the number of GPUs",
+                    "CUDA device(s) visible",
+                    hint="use --nproc_per_node at most the number of GPUs",
                 )
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
@@ -94,7 +95,9 @@ class DistributedContext:
 
     def _tensor(self, values: list[float]) -> torch.Tensor:
         device = torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-        return torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+        return torch.tensor(
+            values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device
+        )
 
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any rank."""
@@ -140,7 +143,7 @@ class DistributedContext:
             offset = 0
             with torch.no_grad():
                 for b in buffers:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    b.copy_(flat[offset : offset + b.numel()].view_as(b))
                     offset += b.numel()
 
     def barrier(self) -> None:
@@ -176,5 +179,11 @@ def init_distributed(device_spec: str = "auto") -> DistributedContext:
             torch.cuda.set_device(local_rank)  # NCCL binds each process to its own GPU
         torch_dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
         owns = True
-    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, enabled=True,
-                              backend=str(backend), owns_group=owns)
+    return DistributedContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        enabled=True,
+        backend=str(backend),
+        owns_group=owns,
+    )

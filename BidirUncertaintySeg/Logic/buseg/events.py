@@ -27,14 +27,14 @@ from typing import Any, TextIO
 SCHEMA_VERSION = 1
 
 EVENT_TYPES = (
-    "started",      # job, config, device, device_reason, total
-    "progress",     # iteration, total, stage, losses{...}, stats{...}, lr, iterations_per_second, eta_seconds
-    "validation",   # iteration, metrics{...}, best, best_iteration
-    "checkpoint",   # iteration, path, kind ('last' | 'best' | 'final')
-    "case",         # prediction: index, total, case, outputs{...}, seconds
-    "warning",      # message, detail
-    "error",        # message, kind, path, hint, detail
-    "finished",     # status ('completed' | 'cancelled' | 'failed'), outputs{...}, job, seconds
+    "started",  # job, config, device, device_reason, total
+    "progress",  # iteration, total, stage, losses{...}, stats{...}, lr, iterations_per_second, eta_seconds
+    "validation",  # iteration, metrics{...}, best, best_iteration
+    "checkpoint",  # iteration, path, kind ('last' | 'best' | 'final')
+    "case",  # prediction: index, total, case, outputs{...}, seconds
+    "warning",  # message, detail
+    "error",  # message, kind, path, hint, detail
+    "finished",  # status ('completed' | 'cancelled' | 'failed'), outputs{...}, job, seconds
 )
 
 FINISHED_STATUSES = ("completed", "cancelled", "failed")
@@ -132,7 +132,9 @@ def _check(value: Any, schema: Any, root: dict[str, Any], path: str, errors: lis
             results.append(sub_errors)
         passing = sum(not r for r in results)
         if passing != 1:
-            errors.append(f"{path}: matches {passing} of the {len(results)} alternatives (expected exactly one)")
+            errors.append(
+                f"{path}: matches {passing} of the {len(results)} alternatives (expected exactly one)"
+            )
     if "type" in schema:
         types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not any(_TYPES[t](value) for t in types):
@@ -259,12 +261,19 @@ class TerminalSink(EventSink):
     def handle(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "started":
-            self._write(f"{event.get('job', 'job')} started on {event.get('device')} ({event.get('device_reason', '')})")
+            self._write(
+                f"{event.get('job', 'job')} started on {event.get('device')} ({event.get('device_reason', '')})"
+            )
             if self.bar_enabled and event.get("total"):
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=event["total"], initial=event.get("start_iteration") or 0,
-                                 file=self.stream, dynamic_ncols=True, unit="it")
+                self._bar = tqdm(
+                    total=event["total"],
+                    initial=event.get("start_iteration") or 0,
+                    file=self.stream,
+                    dynamic_ncols=True,
+                    unit="it",
+                )
         elif kind == "progress":
             losses = event.get("losses") or {}
             text = " ".join(f"{k}={v:.3f}" for k, v in losses.items() if isinstance(v, (int, float)))
@@ -275,13 +284,17 @@ class TerminalSink(EventSink):
             else:
                 eta = event.get("eta_seconds")
                 eta_text = f" eta {eta / 60:.1f} min" if isinstance(eta, (int, float)) else ""
-                self._write(f"[{event.get('iteration')}/{event.get('total')}] {event.get('stage', '')} {text}{eta_text}")
+                self._write(
+                    f"[{event.get('iteration')}/{event.get('total')}] {event.get('stage', '')} {text}{eta_text}"
+                )
         elif kind == "validation":
             metrics = event.get("metrics") or {}
             text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
             self._write(f"validation @ {event.get('iteration')}: {text} (best {event.get('best')})")
         elif kind == "case":
-            self._write(f"[{event.get('index')}/{event.get('total')}] {event.get('case')} ({event.get('seconds', 0):.1f} s)")
+            self._write(
+                f"[{event.get('index')}/{event.get('total')}] {event.get('case')} ({event.get('seconds', 0):.1f} s)"
+            )
         elif kind == "checkpoint":
             pass
         elif kind in ("warning", "error"):

@@ -77,8 +77,14 @@ UNCERTAINTY_METHODS = ("entropy", "mc-dropout", "tta")
 SUMMARY_SCHEMA = "buseg-predict-summary"
 FINISH_SLICES = 16  # slices per argmax/entropy step when a slab of probabilities is finished
 # Output format for each input format (.mhd/.nhdr would need a second data file: not atomic).
-OUTPUT_SUFFIX = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha",
-                 ".mhd": ".mha"}
+OUTPUT_SUFFIX = {
+    ".nii.gz": ".nii.gz",
+    ".nii": ".nii",
+    ".nrrd": ".nrrd",
+    ".nhdr": ".nrrd",
+    ".mha": ".mha",
+    ".mhd": ".mha",
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -92,8 +98,9 @@ def flip_sets(spatial_dims: int, count: int) -> list[tuple[int, ...]]:
     return combos[: max(1, count)]
 
 
-def probability_function(network: nn.Module, method: str, samples: int = 1,
-                         forward: Forward | None = None) -> ProbabilityFn:
+def probability_function(
+    network: nn.Module, method: str, samples: int = 1, forward: Forward | None = None
+) -> ProbabilityFn:
     """A function batch -> mean softmax probabilities for an uncertainty ``method``.
 
     ``forward`` may wrap the network call (autocast); the network must be in eval mode
@@ -105,6 +112,7 @@ def probability_function(network: nn.Module, method: str, samples: int = 1,
     if method == "mc-dropout":
         return lambda x: mc_dropout_probabilities(network, x, samples, forward=call)
     if method == "tta":
+
         def mean_over_flips(x: torch.Tensor) -> torch.Tensor:
             flips = flip_sets(x.ndim - 2, samples)
             total = None
@@ -113,6 +121,7 @@ def probability_function(network: nn.Module, method: str, samples: int = 1,
                 p = torch.flip(p, dims) if dims else p
                 total = p if total is None else total.add_(p)
             return total / len(flips)
+
         return mean_over_flips
     raise ConfigError(f"unknown uncertainty method {method!r} (choose {', '.join(UNCERTAINTY_METHODS)})")
 
@@ -189,9 +198,16 @@ def _check_stop(should_stop: Callable[[], bool] | None) -> None:
 Chunks = Iterator[tuple[int, int, torch.Tensor]]
 
 
-def _slice_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Sequence[int], slice_axis: int,
-                  device: torch.device, batch_size: int, warn: Warn | None,
-                  should_stop: Callable[[], bool] | None) -> Chunks:
+def _slice_chunks(
+    prob_fn: ProbabilityFn,
+    image: np.ndarray,
+    patch_size_xyz: Sequence[int],
+    slice_axis: int,
+    device: torch.device,
+    batch_size: int,
+    warn: Warn | None,
+    should_stop: Callable[[], bool] | None,
+) -> Chunks:
     """2D: probabilities of consecutive slice batches along ``2 - slice_axis``, at native in-plane size."""
     slices = np.moveaxis(image, 2 - slice_axis, 0)
     native = tuple(slices.shape[1:])
@@ -202,7 +218,9 @@ def _slice_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Seq
         stop = min(slices.shape[0], start + batch)
         try:
             x = torch.from_numpy(np.ascontiguousarray(slices[start:stop]))[:, None].to(device)
-            probs = resize_slices(prob_fn(resize_slices(x, size_hw, mode="bilinear")), native, mode="bilinear")
+            probs = resize_slices(
+                prob_fn(resize_slices(x, size_hw, mode="bilinear")), native, mode="bilinear"
+            )
         except Exception as exc:  # out-of-memory is retried with a smaller batch; anything else re-raised
             batch = _lower_batch(exc, stop - start, "slice", device, warn)
             continue
@@ -210,8 +228,9 @@ def _slice_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Seq
         start = stop
 
 
-def scan_interval(image_size_zyx: Sequence[int], roi_zyx: Sequence[int], overlap: float,
-                  stride_zyx: Sequence[int] | None) -> tuple[int, ...]:
+def scan_interval(
+    image_size_zyx: Sequence[int], roi_zyx: Sequence[int], overlap: float, stride_zyx: Sequence[int] | None
+) -> tuple[int, ...]:
     """Window step per axis: the stride if given, else MONAI's ``int(roi * (1 - overlap))`` rule."""
     if stride_zyx is not None:
         return tuple(max(1, min(int(s), int(r))) for s, r in zip(stride_zyx, roi_zyx, strict=True))
@@ -222,9 +241,17 @@ def scan_interval(image_size_zyx: Sequence[int], roi_zyx: Sequence[int], overlap
     return tuple(steps)
 
 
-def _window_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Sequence[int],
-                   device: torch.device, batch_size: int, overlap: float, stride_xyz: Sequence[int] | None,
-                   warn: Warn | None, should_stop: Callable[[], bool] | None) -> Chunks:
+def _window_chunks(
+    prob_fn: ProbabilityFn,
+    image: np.ndarray,
+    patch_size_xyz: Sequence[int],
+    device: torch.device,
+    batch_size: int,
+    overlap: float,
+    stride_xyz: Sequence[int] | None,
+    warn: Warn | None,
+    should_stop: Callable[[], bool] | None,
+) -> Chunks:
     """3D: Gaussian-blended sliding windows, finished slab by slab along z (see the module docstring)."""
     from monai.data.utils import compute_importance_map, dense_patch_slices
 
@@ -233,11 +260,15 @@ def _window_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Se
     # Pad (zeros, centred, as MONAI does) up to the window so that small volumes see a full window.
     pads = [max(0, r - s) for r, s in zip(roi, volume.shape, strict=True)]
     if any(pads):
-        volume = torch.nn.functional.pad(volume[None], [v for p in reversed(pads) for v in (p // 2, p - p // 2)])[0]
+        volume = torch.nn.functional.pad(
+            volume[None], [v for p in reversed(pads) for v in (p // 2, p - p // 2)]
+        )[0]
     size = tuple(volume.shape)
     steps = scan_interval(size, roi, overlap, None if stride_xyz is None else list(stride_xyz)[::-1])
     windows = sorted(dense_patch_slices(size, roi, steps), key=lambda w: w[0].start)
-    weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32)
+    weight = compute_importance_map(
+        roi, mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32
+    )
     weight_on_device = weight.to(device)
     keep = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, image.shape, strict=True))
 
@@ -245,14 +276,19 @@ def _window_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Se
     for window in windows:  # windows sharing a z start form a row; rows are visited in z order
         rows.setdefault(window[0].start, []).append(window)
     depth = roi[0]
-    acc: torch.Tensor | None = None  # (C, depth, Y, X): weighted sum of probabilities over [base, base + depth)
+    acc: torch.Tensor | None = (
+        None  # (C, depth, Y, X): weighted sum of probabilities over [base, base + depth)
+    )
     total = torch.zeros((depth, *size[1:]))  # (depth, Y, X): sum of weights over the same slices
     base, batch = 0, max(1, int(batch_size))
 
     def finish(count: int) -> Chunks:
         """Yield the blended slices [base, base + count), cropped to the image; shift the rest forward."""
         for start in range(0, count, FINISH_SLICES):
-            z0, z1 = max(base + start, keep[0].start), min(base + min(count, start + FINISH_SLICES), keep[0].stop)
+            z0, z1 = (
+                max(base + start, keep[0].start),
+                min(base + min(count, start + FINISH_SLICES), keep[0].stop),
+            )
             if z1 > z0:
                 part = slice(z0 - base, z1 - base)
                 blended = acc[:, part, keep[1], keep[2]] / total[part, keep[1], keep[2]]
@@ -260,10 +296,10 @@ def _window_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Se
         # Shift in pieces no longer than ``count``: source and destination never overlap.
         for start in range(0, depth - count, count):
             length = min(count, depth - count - start)
-            acc[:, start:start + length] = acc[:, start + count:start + count + length]
-            total[start:start + length] = total[start + count:start + count + length]
-        acc[:, max(depth - count, 0):] = 0
-        total[max(depth - count, 0):] = 0
+            acc[:, start : start + length] = acc[:, start + count : start + count + length]
+            total[start : start + length] = total[start + count : start + count + length]
+        acc[:, max(depth - count, 0) :] = 0
+        total[max(depth - count, 0) :] = 0
 
     for row_start, row in rows.items():
         if row_start > base and acc is not None:
@@ -273,7 +309,7 @@ def _window_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Se
         index = 0
         while index < len(row):
             _check_stop(should_stop)
-            group = row[index:index + batch]
+            group = row[index : index + batch]
             try:
                 x = torch.stack([volume[w] for w in group])[:, None].to(device)
                 probs = (prob_fn(x) * weight_on_device).to("cpu", torch.float32)
@@ -292,20 +328,31 @@ def _window_chunks(prob_fn: ProbabilityFn, image: np.ndarray, patch_size_xyz: Se
     release_freed_memory()
 
 
-def probability_chunks(prob_fn: ProbabilityFn, image: np.ndarray, *, dimension: str,
-                       patch_size_xyz: Sequence[int], slice_axis: int = 2, device: str | torch.device = "cpu",
-                       batch_size: int = 16, overlap: float = 0.5, stride_xyz: Sequence[int] | None = None,
-                       warn: Warn | None = None, should_stop: Callable[[], bool] | None = None
-                       ) -> tuple[int, Chunks]:
+def probability_chunks(
+    prob_fn: ProbabilityFn,
+    image: np.ndarray,
+    *,
+    dimension: str,
+    patch_size_xyz: Sequence[int],
+    slice_axis: int = 2,
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+    overlap: float = 0.5,
+    stride_xyz: Sequence[int] | None = None,
+    warn: Warn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[int, Chunks]:
     """The numpy axis the chunks run along, and the chunks (start, stop, probabilities (n, C, *plane))."""
     device = torch.device(device)
     if image.ndim != 3:
         raise ValueError(f"expected a 3D volume (z, y, x), got shape {image.shape}")
     if dimension == "2d":
-        return 2 - slice_axis, _slice_chunks(prob_fn, image, patch_size_xyz, slice_axis, device, batch_size,
-                                             warn, should_stop)
-    return 0, _window_chunks(prob_fn, image, patch_size_xyz, device, batch_size, overlap, stride_xyz,
-                             warn, should_stop)
+        return 2 - slice_axis, _slice_chunks(
+            prob_fn, image, patch_size_xyz, slice_axis, device, batch_size, warn, should_stop
+        )
+    return 0, _window_chunks(
+        prob_fn, image, patch_size_xyz, device, batch_size, overlap, stride_xyz, warn, should_stop
+    )
 
 
 @torch.no_grad()
@@ -328,9 +375,15 @@ def predict_probabilities(
     This keeps C full-size float32 volumes: for large images use :func:`predict_case`.
     """
     axis, chunks = probability_chunks(
-        lambda x: torch.softmax(network(x).float(), dim=1), image, dimension=dimension,
-        patch_size_xyz=patch_size_xyz, slice_axis=slice_axis, device=device, batch_size=batch_size,
-        overlap=overlap, stride_xyz=stride_xyz,
+        lambda x: torch.softmax(network(x).float(), dim=1),
+        image,
+        dimension=dimension,
+        patch_size_xyz=patch_size_xyz,
+        slice_axis=slice_axis,
+        device=device,
+        batch_size=batch_size,
+        overlap=overlap,
+        stride_xyz=stride_xyz,
     )
     out: torch.Tensor | None = None
     for start, stop, probs in chunks:
@@ -376,8 +429,10 @@ class Prediction:
         # count_nonzero per class: bincount would first copy the labels as int64 (8 bytes per voxel).
         return {
             "mean_uncertainty": float(self.uncertainty_map.mean(dtype=np.float64)),
-            "class_volumes_mm3": {c["name"]: float(np.count_nonzero(self.labels == c["index"]) * voxel_mm3)
-                                  for c in self.classes[1:]},
+            "class_volumes_mm3": {
+                c["name"]: float(np.count_nonzero(self.labels == c["index"]) * voxel_mm3)
+                for c in self.classes[1:]
+            },
         }
 
 
@@ -400,8 +455,12 @@ def inference_network(network: nn.Module, dimension: str) -> nn.Module:
             continue
         for i in range(len(module) - 1):
             conv, norm = module[i], module[i + 1]
-            if isinstance(conv, convolutions) and isinstance(norm, norms) and norm.track_running_stats \
-                    and norm.running_mean is not None:
+            if (
+                isinstance(conv, convolutions)
+                and isinstance(norm, norms)
+                and norm.track_running_stats
+                and norm.running_mean is not None
+            ):
                 transpose = isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d))
                 module[i] = fuse_conv_bn_eval(conv, norm, transpose=transpose)
                 module[i + 1] = nn.Identity()
@@ -436,7 +495,9 @@ def _forward_for(network: nn.Module, device: torch.device, amp: bool, dimension:
 
     dtype = autocast_dtype(device) if amp else None
     layout = torch.channels_last if dimension == "2d" else torch.contiguous_format
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    )
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with autocast():
@@ -498,9 +559,11 @@ def _spacing_warning(model: LoadedModel, image: Volume) -> str | None:
         return None
     ratios = [s / t for s, t in zip(image.spacing_mm, trained, strict=True) if t > 0]
     if ratios and (max(ratios) > 1.5 or min(ratios) < 1 / 1.5):
-        return (f"voxel spacing {tuple(round(s, 3) for s in image.spacing_mm)} mm differs from the training "
-                f"spacing {tuple(round(t, 3) for t in trained)} mm; a 3D model sees structures at another "
-                "scale - resample the image to the training spacing for reliable results")
+        return (
+            f"voxel spacing {tuple(round(s, 3) for s in image.spacing_mm)} mm differs from the training "
+            f"spacing {tuple(round(t, 3) for t in trained)} mm; a 3D model sees structures at another "
+            "scale - resample the image to the training spacing for reliable results"
+        )
     return None
 
 
@@ -535,30 +598,47 @@ def predict_case(
     if message:
         note(message)
     if image.array.size and float(image.array.min()) == float(image.array.max()):
-        note(f"the image is constant (every voxel is {float(image.array.min()):g}): its segmentation carries "
-             "no information")
+        note(
+            f"the image is constant (every voxel is {float(image.array.min()):g}): its segmentation carries "
+            "no information"
+        )
     network = inference_network(model.network, model.dimension)
     device = network_device(network)
     normalized = normalize_intensity(image.array, model.normalization)
-    prob_fn = probability_function(network, config.uncertainty, config.samples,
-                                   _forward_for(network, device, config.amp, model.dimension))
+    prob_fn = probability_function(
+        network,
+        config.uncertainty,
+        config.samples,
+        _forward_for(network, device, config.amp, model.dimension),
+    )
     num_classes = model.num_classes
     labels = np.zeros(image.array.shape, dtype=np.uint8 if num_classes <= 256 else np.int16)
     uncertainty = np.zeros(image.array.shape, dtype=np.float32)
-    probabilities = np.zeros((num_classes, *image.array.shape), dtype=np.float32) if keep_probabilities else None
+    probabilities = (
+        np.zeros((num_classes, *image.array.shape), dtype=np.float32) if keep_probabilities else None
+    )
     model_start = time.perf_counter()
     with _seeded(config.seed, device), torch.inference_mode():
         axis, chunks = probability_chunks(
-            prob_fn, normalized, dimension=model.dimension, patch_size_xyz=model.patch_size_xyz,
-            slice_axis=model.slice_axis, device=device,
-            batch_size=config.slice_batch_size if model.dimension == "2d" else window_batch_size(config, device),
-            overlap=config.overlap, stride_xyz=config.stride, warn=note, should_stop=should_stop,
+            prob_fn,
+            normalized,
+            dimension=model.dimension,
+            patch_size_xyz=model.patch_size_xyz,
+            slice_axis=model.slice_axis,
+            device=device,
+            batch_size=config.slice_batch_size
+            if model.dimension == "2d"
+            else window_batch_size(config, device),
+            overlap=config.overlap,
+            stride_xyz=config.stride,
+            warn=note,
+            should_stop=should_stop,
         )
         label_view, uncertainty_view = np.moveaxis(labels, axis, 0), np.moveaxis(uncertainty, axis, 0)
         for a, b, probs in chunks:
             # A few slices at a time: the entropy's temporaries stay small for a large slab.
             for offset in range(0, b - a, FINISH_SLICES):
-                part = probs[offset:offset + FINISH_SLICES]
+                part = probs[offset : offset + FINISH_SLICES]
                 rows = slice(a + offset, a + offset + part.shape[0])
                 label_view[rows] = class_argmax(part).cpu().numpy()
                 uncertainty_view[rows] = normalized_entropy(part, dim=1).cpu().numpy()
@@ -571,19 +651,36 @@ def predict_case(
         labels = largest_component_per_class(labels, num_classes)
     # The outputs need the image's geometry, not its voxels: a zero-stride placeholder of the
     # right shape lets the caller free the image (300 MB for a 512x512x300 CT) before writing.
-    reference = Volume(np.broadcast_to(np.zeros((), dtype=np.float32), image.array.shape), image.spacing_mm,
-                       image.origin, image.direction, image.path)
+    reference = Volume(
+        np.broadcast_to(np.zeros((), dtype=np.float32), image.array.shape),
+        image.spacing_mm,
+        image.origin,
+        image.direction,
+        image.path,
+    )
     region_set = find_regions(
-        uncertainty, reference, labels=labels, class_names=[c["name"] for c in model.classes],
-        threshold=config.region_threshold, min_region_mm3=config.min_region_mm3,
-        min_region_voxels=config.min_region_voxels, max_regions=config.max_regions,
+        uncertainty,
+        reference,
+        labels=labels,
+        class_names=[c["name"] for c in model.classes],
+        threshold=config.region_threshold,
+        min_region_mm3=config.min_region_mm3,
+        min_region_voxels=config.min_region_voxels,
+        max_regions=config.max_regions,
     )
     release_freed_memory()
     spatial_dims = 2 if model.dimension == "2d" else 3
     return Prediction(
-        labels=labels, uncertainty_map=uncertainty, regions=region_set, reference=reference, classes=model.classes,
-        method=config.uncertainty, passes=passes_per_input(config.uncertainty, config.samples, spatial_dims),
-        model_seconds=model_seconds, seconds=time.perf_counter() - start, probabilities=probabilities,
+        labels=labels,
+        uncertainty_map=uncertainty,
+        regions=region_set,
+        reference=reference,
+        classes=model.classes,
+        method=config.uncertainty,
+        passes=passes_per_input(config.uncertainty, config.samples, spatial_dims),
+        model_seconds=model_seconds,
+        seconds=time.perf_counter() - start,
+        probabilities=probabilities,
         warnings=notes,
     )
 
@@ -613,7 +710,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
             continue
 
         def images_in(folder: Path) -> list[Path]:
-            return sorted(p for p in folder.iterdir() if is_image_file(p) and image_suffix(p) != SEGMENTATION_SUFFIX)
+            return sorted(
+                p for p in folder.iterdir() if is_image_file(p) and image_suffix(p) != SEGMENTATION_SUFFIX
+            )
 
         files = images_in(path)
         if not files and (path / "images").is_dir():
@@ -627,8 +726,11 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
     seen: dict[str, Path] = {}
     for case, path in found:
         if case.lower() in seen:  # case-insensitively: so are the file systems of Windows and macOS
-            raise InputError(f"two inputs have the case name {case!r}: {seen[case.lower()]} and {path}", path=path,
-                             hint="case names name the output folders; rename one of them")
+            raise InputError(
+                f"two inputs have the case name {case!r}: {seen[case.lower()]} and {path}",
+                path=path,
+                hint="case names name the output folders; rename one of them",
+            )
         seen[case.lower()] = path
     return found
 
@@ -650,17 +752,25 @@ def output_paths(out_dir: Path, case: str, suffix: str) -> dict[str, Path]:
     }
 
 
-def write_prediction(prediction: Prediction, paths: dict[str, Path], *, overwrite: bool = False,
-                     context: dict[str, Any] | None = None) -> dict[str, str]:
+def write_prediction(
+    prediction: Prediction,
+    paths: dict[str, Path],
+    *,
+    overwrite: bool = False,
+    context: dict[str, Any] | None = None,
+) -> dict[str, str]:
     """Write a case's four outputs all-or-nothing: temporary files first, renamed only when all are written."""
     reference = prediction.reference
     foreground = [c for c in prediction.classes if c["index"] > 0]
     document = regions_document(
-        prediction.regions, reference, **(context or {}), uncertainty={"method": prediction.method,
-                                                                       "passes": prediction.passes},
+        prediction.regions,
+        reference,
+        **(context or {}),
+        uncertainty={"method": prediction.method, "passes": prediction.passes},
         statistics=prediction.statistics(),
         outputs={k: p.name for k, p in paths.items() if k != "regions"},
     )
+
     @contextlib.contextmanager
     def naming(kind: str) -> Iterator[None]:
         """An error while writing a temporary file names the output it was to become."""
@@ -670,18 +780,26 @@ def write_prediction(prediction: Prediction, paths: dict[str, Path], *, overwrit
             raise OutputError(exc.message, path=paths[kind], hint=exc.hint) from None
 
     with contextlib.ExitStack() as stack:
-        temps = {kind: stack.enter_context(atomic_path(path, overwrite=overwrite)) for kind, path in paths.items()}
+        temps = {
+            kind: stack.enter_context(atomic_path(path, overwrite=overwrite)) for kind, path in paths.items()
+        }
         # Largest first, and the allocator's free memory handed back in between: writers copy
         # their array (the float32 map of a 512x512x300 CT is 300 MB).
         with naming("uncertainty"):
-            write_image(reference, temps["uncertainty"],
-                        array=prediction.uncertainty_map.astype(np.float32, copy=False), overwrite=True)
+            write_image(
+                reference,
+                temps["uncertainty"],
+                array=prediction.uncertainty_map.astype(np.float32, copy=False),
+                overwrite=True,
+            )
         release_freed_memory()
         with naming("label"):
             write_image(reference, temps["label"], array=prediction.label_values(), overwrite=True)
         release_freed_memory()
         with naming("segmentation"):
-            write_segmentation(prediction.labels, reference, foreground, temps["segmentation"], overwrite=True)
+            write_segmentation(
+                prediction.labels, reference, foreground, temps["segmentation"], overwrite=True
+            )
         with naming("regions"):
             write_json_atomic(temps["regions"], json_safe(document), overwrite=True)
     return {kind: str(path) for kind, path in paths.items()}
@@ -722,8 +840,9 @@ class CaseOutcome:
 BYTES_PER_VOXEL = 20  # image, normalised copy, uncertainty, labels, region map (predict_case, find_regions)
 
 
-def prediction_memory_bytes(size_xyz: Sequence[int], model: LoadedModel, config: PredictConfig,
-                            device: torch.device | str = "cpu") -> int:
+def prediction_memory_bytes(
+    size_xyz: Sequence[int], model: LoadedModel, config: PredictConfig, device: torch.device | str = "cpu"
+) -> int:
     """Peak memory :func:`predict_case` needs for an image of ``size_xyz`` voxels (an upper estimate).
 
     Per voxel: the float32 image and its normalised copy, the uncertainty map, labels and the
@@ -755,8 +874,14 @@ def prediction_memory_bytes(size_xyz: Sequence[int], model: LoadedModel, config:
     return int(total)
 
 
-def iter_predictions(images: Sequence[tuple[str, Path]], model: LoadedModel, config: PredictConfig, *,
-                     sink: EventSink, should_stop: Callable[[], bool] | None = None) -> Iterator[CaseOutcome]:
+def iter_predictions(
+    images: Sequence[tuple[str, Path]],
+    model: LoadedModel,
+    config: PredictConfig,
+    *,
+    sink: EventSink,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[CaseOutcome]:
     """Predict the images one by one; an unreadable image, or one too large for the memory, is
     reported (warning) and skipped, not fatal. The memory an image needs is estimated from its
     header before its voxels are read."""
@@ -768,11 +893,18 @@ def iter_predictions(images: Sequence[tuple[str, Path]], model: LoadedModel, con
         start = time.perf_counter()
         try:
             header = read_image_header(path)
-            check_memory(prediction_memory_bytes(header.size_xyz, model, config, device),
-                         f"predicting {path.name} ({'x'.join(map(str, header.size_xyz))} voxels)")
+            check_memory(
+                prediction_memory_bytes(header.size_xyz, model, config, device),
+                f"predicting {path.name} ({'x'.join(map(str, header.size_xyz))} voxels)",
+            )
             volume = read_image(path)
-            prediction = predict_case(model, volume, config, should_stop=should_stop,
-                                      warn=lambda m, case=case: sink.emit("warning", message=f"{case}: {m}"))
+            prediction = predict_case(
+                model,
+                volume,
+                config,
+                should_stop=should_stop,
+                warn=lambda m, case=case: sink.emit("warning", message=f"{case}: {m}"),
+            )
             del volume  # not needed for writing the outputs
         except (InputError, ResourceError) as exc:
             sink.emit("warning", message=f"{case}: skipped: {exc}", detail={"case": case, "path": str(path)})
@@ -811,7 +943,9 @@ def predict_files(
     config.validate()
     images = collect_images(inputs)
     out_dir = Path(config.out_dir)
-    planned = {case: output_paths(out_dir, case, output_suffix(path, config.output_format)) for case, path in images}
+    planned = {
+        case: output_paths(out_dir, case, output_suffix(path, config.output_format)) for case, path in images
+    }
     summary_path = out_dir / "summary.json"
     if not config.overwrite:
         existing = [p for paths in planned.values() for p in paths.values() if p.exists()]
@@ -819,16 +953,31 @@ def predict_files(
         if existing:
             raise OutputError(
                 f"exists already ({len(existing)} output file(s) of an earlier run in {out_dir}); refusing to "
-                "overwrite", path=existing[0], hint="pass --overwrite to replace them, or choose another --out",
+                "overwrite",
+                path=existing[0],
+                hint="pass --overwrite to replace them, or choose another --out",
             )
     model, device, reason = load_for_prediction(config)
     ensure_output_folder(out_dir)  # before the first case is computed
-    sink.emit("started", job="predict", config=to_dict(config), device=str(device), device_reason=reason,
-              total=len(images), classes=[c["name"] for c in model.classes], buseg_version=__version__)
+    sink.emit(
+        "started",
+        job="predict",
+        config=to_dict(config),
+        device=str(device),
+        device_reason=reason,
+        total=len(images),
+        classes=[c["name"] for c in model.classes],
+        buseg_version=__version__,
+    )
     summary: dict[str, Any] = {
-        "schema": SUMMARY_SCHEMA, "schema_version": 1, "buseg_version": __version__,
-        "model": str(Path(config.model_path).resolve()), "device": str(device), "config": to_dict(config),
-        "classes": model.classes, "cases": [],
+        "schema": SUMMARY_SCHEMA,
+        "schema_version": 1,
+        "buseg_version": __version__,
+        "model": str(Path(config.model_path).resolve()),
+        "device": str(device),
+        "config": to_dict(config),
+        "classes": model.classes,
+        "cases": [],
     }
     errors: list[BusegError] = []
     for outcome in iter_predictions(images, model, config, sink=sink, should_stop=should_stop):
@@ -840,18 +989,35 @@ def predict_files(
             prediction = outcome.prediction
             paths = planned[outcome.case]
             write_start = time.perf_counter()
-            outputs = write_prediction(prediction, paths, overwrite=config.overwrite, context={
-                "case": outcome.case, "image": str(outcome.path), "model": summary["model"],
-            })
+            outputs = write_prediction(
+                prediction,
+                paths,
+                overwrite=config.overwrite,
+                context={
+                    "case": outcome.case,
+                    "image": str(outcome.path),
+                    "model": summary["model"],
+                },
+            )
             seconds = outcome.seconds + (time.perf_counter() - write_start)
             entry.update(
-                status="ok", outputs={k: str(p.relative_to(out_dir)) for k, p in paths.items()},
-                seconds=seconds, model_seconds=prediction.model_seconds, **prediction.statistics(),
+                status="ok",
+                outputs={k: str(p.relative_to(out_dir)) for k, p in paths.items()},
+                seconds=seconds,
+                model_seconds=prediction.model_seconds,
+                **prediction.statistics(),
                 flagged_volume_mm3=prediction.regions.flagged_volume_mm3,
-                regions_listed=len(prediction.regions.regions), warnings=prediction.warnings,
+                regions_listed=len(prediction.regions.regions),
+                warnings=prediction.warnings,
             )
-            sink.emit("case", index=outcome.index, total=len(images), case=outcome.case, outputs=outputs,
-                      seconds=seconds)
+            sink.emit(
+                "case",
+                index=outcome.index,
+                total=len(images),
+                case=outcome.case,
+                outputs=outputs,
+                seconds=seconds,
+            )
         summary["cases"].append(entry)
         # Rewritten after every case, so an interrupted run leaves a consistent summary.
         write_json_atomic(summary_path, json_safe(summary), overwrite=True)
@@ -861,7 +1027,10 @@ def predict_files(
             raise errors[0]  # the one case's own error (and exit code: a ResourceError is 3)
         names = ", ".join(c["case"] for c in result.failed[:10])
         first = errors[0]
-        raise InputError(f"{len(result.failed)} of {len(images)} case(s) could not be predicted: {names} "
-                         f"(first: {first.message})", path=result.failed[0]["input"],
-                         hint=f"details in the warnings and in {summary_path}")
+        raise InputError(
+            f"{len(result.failed)} of {len(images)} case(s) could not be predicted: {names} "
+            f"(first: {first.message})",
+            path=result.failed[0]["input"],
+            hint=f"details in the warnings and in {summary_path}",
+        )
     return result

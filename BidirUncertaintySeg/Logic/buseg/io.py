@@ -60,7 +60,14 @@ def case_name(path: str | Path) -> str:
 
 
 # Names Windows reserves for devices, in any case and with any extension ("con.nii.gz" opens the console).
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+WINDOWS_RESERVED = {
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    *(f"com{i}" for i in range(1, 10)),
+    *(f"lpt{i}" for i in range(1, 10)),
+}
 
 
 def safe_case_name(name: str, fallback: str = "case") -> str:
@@ -193,9 +200,17 @@ def volume_from_sitk(image: sitk.Image, path: str | None = None) -> Volume:
 
 
 # What a file's first bytes say it is (to tell a user whose file is named for another format).
-_MAGIC = ((b"\x1f\x8b", "gzip-compressed data"), (b"NRRD", "a NRRD file"), (b"ObjectType", "a MetaImage file"),
-          (b"\x89PNG", "a PNG picture"), (b"\xff\xd8\xff", "a JPEG picture"), (b"PK\x03\x04", "a zip archive"),
-          (b"\x89HDF", "an HDF5 file"), (b"II*\x00", "a TIFF picture"), (b"MM\x00*", "a TIFF picture"))
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed data"),
+    (b"NRRD", "a NRRD file"),
+    (b"ObjectType", "a MetaImage file"),
+    (b"\x89PNG", "a PNG picture"),
+    (b"\xff\xd8\xff", "a JPEG picture"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x89HDF", "an HDF5 file"),
+    (b"II*\x00", "a TIFF picture"),
+    (b"MM\x00*", "a TIFF picture"),
+)
 
 
 def _content_kind(path: Path) -> str | None:
@@ -215,9 +230,15 @@ def _content_kind(path: Path) -> str | None:
 
 
 # The content each suffix announces (as _content_kind names it); gzip: a compressed NIfTI.
-_EXPECTED_KIND = {".nii": ("a NIfTI file",), ".nii.gz": ("gzip-compressed data", "a NIfTI file"),
-                  ".nrrd": ("a NRRD file",), ".nhdr": ("a NRRD file",), SEGMENTATION_SUFFIX: ("a NRRD file",),
-                  ".mha": ("a MetaImage file",), ".mhd": ("a MetaImage file",)}
+_EXPECTED_KIND = {
+    ".nii": ("a NIfTI file",),
+    ".nii.gz": ("gzip-compressed data", "a NIfTI file"),
+    ".nrrd": ("a NRRD file",),
+    ".nhdr": ("a NRRD file",),
+    SEGMENTATION_SUFFIX: ("a NRRD file",),
+    ".mha": ("a MetaImage file",),
+    ".mhd": ("a MetaImage file",),
+}
 
 
 def format_hint(path: str | Path) -> str | None:
@@ -233,8 +254,11 @@ def _read_error(exc: RuntimeError) -> str:
     import re
 
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    lines = [re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\):|sitk::ERROR:|\[nrrd\] \w+:)\s*", "", line)
-             for line in lines if not line.startswith(("Exception thrown in SimpleITK", "Reason:"))]
+    lines = [
+        re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\):|sitk::ERROR:|\[nrrd\] \w+:)\s*", "", line)
+        for line in lines
+        if not line.startswith(("Exception thrown in SimpleITK", "Reason:"))
+    ]
     return (lines[-1] if lines else "")[:200]
 
 
@@ -268,7 +292,8 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise InputError("is a folder, expected an image file", path=path)
     if not image_suffix(path):
         raise InputError(
-            "unrecognised image format", path=path,
+            "unrecognised image format",
+            path=path,
             hint=f"supported: {', '.join((SEGMENTATION_SUFFIX, *IMAGE_SUFFIXES))}",
         )
     _check_fits_in_memory(read_image_header(path))  # a corrupt or absurd header is refused before allocating
@@ -278,7 +303,8 @@ def _read_sitk(path: Path) -> sitk.Image:
     except RuntimeError as exc:
         raise InputError(
             f"cannot be read as an image (corrupt, truncated or not a {image_suffix(path)} file): {_read_error(exc)}",
-            path=path, hint=format_hint(path),
+            path=path,
+            hint=format_hint(path),
         ) from None
     if image_suffix(path) in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
@@ -302,7 +328,7 @@ def _nifti_header(header: bytes) -> tuple[str, int, int, int, int] | None:
             break
     else:
         return None
-    voxels = int(np.prod([max(1, int(d)) for d in dims[1:1 + max(0, min(int(dims[0]), 7))]]))
+    voxels = int(np.prod([max(1, int(d)) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
     return order, voxels, max(1, int(bitpix)), int(datatype), max(int(offset), 348)
 
 
@@ -323,7 +349,7 @@ def _check_nifti_complete(path: Path) -> None:
     try:
         with open(path, "rb") as handle:
             compressed = handle.read(2) == b"\x1f\x8b"  # ITK reads a plain NIfTI named .nii.gz too
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
             header = handle.read(540)
             info = _nifti_header(header)
             if info is None:
@@ -347,13 +373,20 @@ def _check_nifti_complete(path: Path) -> None:
                         break
                     size += len(chunk)
                 if bad:
-                    raise InputError(f"contains {bad} NaN or infinite voxel values (ITK would silently read them "
-                                     "as 0)", path=path)
+                    raise InputError(
+                        f"contains {bad} NaN or infinite voxel values (ITK would silently read them as 0)",
+                        path=path,
+                    )
     except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"cannot be read: the compressed data are cut short or corrupt ({exc})", path=path) from None
+        raise InputError(
+            f"cannot be read: the compressed data are cut short or corrupt ({exc})", path=path
+        ) from None
     if size < expected:
-        raise InputError(f"is truncated: {size} bytes of voxel data and header where {expected} are needed", path=path,
-                         hint="the file was cut short (an interrupted copy or download?); copy it again")
+        raise InputError(
+            f"is truncated: {size} bytes of voxel data and header where {expected} are needed",
+            path=path,
+            hint="the file was cut short (an interrupted copy or download?); copy it again",
+        )
 
 
 @dataclass
@@ -380,7 +413,8 @@ def _check_fits_in_memory(header: ImageHeader, *, fraction: float = 0.7) -> None
         size = "x".join(str(s) for s in header.size_xyz)
         raise ResourceError(
             f"its header says {size} voxels ({needed / 2**30:.1f} GiB to read), more than {fraction:.0%} of the "
-            f"{available / 2**30:.1f} GiB of memory available", path=header.path,
+            f"{available / 2**30:.1f} GiB of memory available",
+            path=header.path,
             hint="crop or downsample the image, or use a machine with more memory",
         )
 
@@ -396,12 +430,17 @@ def read_image_header(path: str | Path) -> ImageHeader:
             reader.SetFileName(str(readable))
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"cannot be read as an image (corrupt, truncated or unsupported): {_read_error(exc)}",
-                         path=path, hint=format_hint(path)) from None
+        raise InputError(
+            f"cannot be read as an image (corrupt, truncated or unsupported): {_read_error(exc)}",
+            path=path,
+            hint=format_hint(path),
+        ) from None
     pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     sizes = {"8-bit": 1, "16-bit": 2, "32-bit": 4, "64-bit": 8}
     width = next((b for key, b in sizes.items() if key in pixel), 4)
-    return ImageHeader(tuple(int(s) for s in reader.GetSize()), max(1, reader.GetNumberOfComponents()), width, str(path))
+    return ImageHeader(
+        tuple(int(s) for s in reader.GetSize()), max(1, reader.GetNumberOfComponents()), width, str(path)
+    )
 
 
 def _single_frame_as_3d(image: sitk.Image, path: Path) -> sitk.Image:
@@ -434,13 +473,16 @@ def read_image(path: str | Path, *, allow_2d: bool = False) -> Volume:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector image); "
-            "a scalar (grey-value) image is needed", path=path,
+            "a scalar (grey-value) image is needed",
+            path=path,
         )
     dim = image.GetDimension()
     if dim == 4:
         raise InputError("is a 4D image (a time series?); extract one 3D frame first", path=path)
     if dim == 2 and not allow_2d:
-        raise InputError("is a 2D image; a 3D volume is needed (a single slice is a volume of depth 1)", path=path)
+        raise InputError(
+            "is a 2D image; a 3D volume is needed (a single slice is a volume of depth 1)", path=path
+        )
     if dim not in (2, 3):
         raise InputError(f"has {dim} dimensions; 3D volumes are supported", path=path)
     volume = volume_from_sitk(image, str(path))
@@ -451,8 +493,11 @@ def read_image(path: str | Path, *, allow_2d: bool = False) -> Volume:
     if array.dtype != np.float32:
         largest = float(np.finfo(np.float32).max)
         if np.issubdtype(array.dtype, np.floating) and array.size and float(np.abs(array).max()) > largest:
-            raise InputError(f"has voxel values beyond the float32 range (largest magnitude "
-                             f"{float(np.abs(array).max()):.3g}); is the file corrupt?", path=path)
+            raise InputError(
+                f"has voxel values beyond the float32 range (largest magnitude "
+                f"{float(np.abs(array).max()):.3g}); is the file corrupt?",
+                path=path,
+            )
         array = array.astype(np.float32)
     volume.array = array
     return volume
@@ -471,7 +516,9 @@ def read_label(path: str | Path, *, allow_2d: bool = False) -> LabelVolume:
         return _read_seg_nrrd(path)
     image = _single_frame_as_3d(_read_sitk(path), path)
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError("is a vector/RGB image; a label map must have one integer value per voxel", path=path)
+        raise InputError(
+            "is a vector/RGB image; a label map must have one integer value per voxel", path=path
+        )
     if image.GetDimension() not in (2, 3) or (image.GetDimension() == 2 and not allow_2d):
         raise InputError(f"label map has {image.GetDimension()} dimensions; 3D is needed", path=path)
     volume = volume_from_sitk(image, str(path))
@@ -497,14 +544,19 @@ def _read_seg_nrrd(path: Path) -> LabelVolume:
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as exc:  # slicerio raises plain exceptions of many kinds for bad files
-        raise InputError(f"cannot be read as a Slicer segmentation (corrupt or truncated?): {str(exc)[:200]}",
-                         path=path, hint=format_hint(path)) from None
+        raise InputError(
+            f"cannot be read as a Slicer segmentation (corrupt or truncated?): {str(exc)[:200]}",
+            path=path,
+            hint=format_hint(path),
+        ) from None
     voxels = np.asarray(segmentation["voxels"])
     segments = segmentation.get("segments", [])
     if not segments:
         raise InputError(
             "is not a Slicer segmentation: its header lists no segments (an image or a plain label map named "
-            ".seg.nrrd?)", path=path, hint="a plain label map is read when the file is named .nrrd",
+            ".seg.nrrd?)",
+            path=path,
+            hint="a plain label map is read when the file is named .nrrd",
         )
     if not np.issubdtype(voxels.dtype, np.integer):
         raise InputError(f"segmentation voxels are {voxels.dtype}, not integer label values", path=path)
@@ -513,7 +565,9 @@ def _read_seg_nrrd(path: Path) -> LabelVolume:
     elif voxels.ndim == 4:
         layers = voxels
     else:
-        raise InputError(f"segmentation voxels have {voxels.ndim} dimensions; expected 3 (or 4 with layers)", path=path)
+        raise InputError(
+            f"segmentation voxels have {voxels.ndim} dimensions; expected 3 (or 4 with layers)", path=path
+        )
     labels_ijk = np.zeros(layers.shape[1:], dtype=np.uint8 if len(segments) < 255 else np.int32)
     info: dict[int, dict[str, Any]] = {}
     for index, segment in enumerate(segments, start=1):
@@ -523,7 +577,9 @@ def _read_seg_nrrd(path: Path) -> LabelVolume:
         labels_ijk[mask] = index
         info[index] = {
             "name": segment.get("name") or segment.get("id") or f"Segment_{index}",
-            "color": [float(c) for c in segment.get("color", DEFAULT_COLORS[(index - 1) % len(DEFAULT_COLORS)])],
+            "color": [
+                float(c) for c in segment.get("color", DEFAULT_COLORS[(index - 1) % len(DEFAULT_COLORS)])
+            ],
         }
         if overlap:
             info[index]["overlap"] = True
@@ -535,8 +591,12 @@ def _read_seg_nrrd(path: Path) -> LabelVolume:
     # slicerio indexes voxels (i, j, k); the engine uses numpy order (k, j, i).
     array = np.ascontiguousarray(labels_ijk.transpose(2, 1, 0))
     return LabelVolume(
-        array, tuple(float(s) for s in spacing), tuple(float(o) for o in ijk_to_lps[:3, 3]),
-        tuple(float(d) for d in direction.reshape(-1)), str(path), segments=info,
+        array,
+        tuple(float(s) for s in spacing),
+        tuple(float(o) for o in ijk_to_lps[:3, 3]),
+        tuple(float(d) for d in direction.reshape(-1)),
+        str(path),
+        segments=info,
     )
 
 
@@ -554,7 +614,9 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise OutputError("exists already; refusing to overwrite it", path=path, hint="pass --overwrite to replace it")
+        raise OutputError(
+            "exists already; refusing to overwrite it", path=path, hint="pass --overwrite to replace it"
+        )
     suffix = image_suffix(path) or path.suffix
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -584,15 +646,23 @@ def write_json_atomic(path: str | Path, data: Any, *, overwrite: bool = True) ->
     write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), overwrite=overwrite)
 
 
-def write_image(volume: Volume, path: str | Path, *, array: np.ndarray | None = None, overwrite: bool = False,
-                compress: bool = True) -> None:
+def write_image(
+    volume: Volume,
+    path: str | Path,
+    *,
+    array: np.ndarray | None = None,
+    overwrite: bool = False,
+    compress: bool = True,
+) -> None:
     """Write ``array`` (default: the volume's) with the volume's geometry, atomically."""
     image = volume.to_sitk(array)
     with atomic_path(path, overwrite=overwrite) as temp:
         try:
             sitk.WriteImage(image, str(temp), compress)
         except RuntimeError as exc:
-            raise OutputError(f"cannot be written: {str(exc).strip().splitlines()[-1][:200]}", path=path) from None
+            raise OutputError(
+                f"cannot be written: {str(exc).strip().splitlines()[-1][:200]}", path=path
+            ) from None
 
 
 def write_segmentation(
@@ -628,14 +698,16 @@ def write_segmentation(
             for axis in range(3):
                 present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
                 extent += [int(present[0]), int(present[-1])]
-        segmentation["segments"].append({
-            "id": f"Segment_{position + 1}",
-            "name": str(cls["name"]),
-            "color": [float(c) for c in cls.get("color", DEFAULT_COLORS[position % len(DEFAULT_COLORS)])],
-            "labelValue": position + 1,
-            "layer": 0,
-            "extent": extent,
-        })
+        segmentation["segments"].append(
+            {
+                "id": f"Segment_{position + 1}",
+                "name": str(cls["name"]),
+                "color": [float(c) for c in cls.get("color", DEFAULT_COLORS[position % len(DEFAULT_COLORS)])],
+                "labelValue": position + 1,
+                "layer": 0,
+                "extent": extent,
+            }
+        )
     segmentation["containedRepresentationNames"] = ["Binary labelmap"]
     segmentation["masterRepresentation"] = "Binary labelmap"
     segmentation["referenceImageExtentOffset"] = [0, 0, 0]

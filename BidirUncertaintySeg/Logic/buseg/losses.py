@@ -27,7 +27,9 @@ def one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(target.long(), num_classes).movedim(-1, 1).float()
 
 
-def weighted_dice_loss(probabilities: torch.Tensor, target_one_hot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def weighted_dice_loss(
+    probabilities: torch.Tensor, target_one_hot: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     """Soft Dice loss averaged over classes, each pixel counted with ``weight`` (N, *S)."""
     w = weight.unsqueeze(1)
     dims = [0, *range(2, probabilities.dim())]

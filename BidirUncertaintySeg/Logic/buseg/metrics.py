@@ -51,13 +51,24 @@ from .io import (
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_voxels", "asd_voxels")
 # Suffixes that name a label map rather than a case ("case_label.nii.gz", "case_gt.nrrd", ...).
-NAME_SUFFIXES = ("_label", "_labels", "_labelmap", "_seg", "_segmentation", "_pred", "_prediction", "_gt",
-                 "_truth", "_mask")
+NAME_SUFFIXES = (
+    "_label",
+    "_labels",
+    "_labelmap",
+    "_seg",
+    "_segmentation",
+    "_pred",
+    "_prediction",
+    "_gt",
+    "_truth",
+    "_mask",
+)
 SKIP_SUFFIXES = ("_uncertainty",)
 
 
-def _surface_distances(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float] | None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def _surface_distances(
+    pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float] | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Distances pred-surface -> truth-surface and truth-surface -> pred-surface (both non-empty)."""
     from monai.metrics.utils import get_mask_edges, get_surface_distance
 
@@ -87,8 +98,16 @@ def binary_metrics(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[fl
     dice = 2.0 * intersection / (n_pred + n_truth)
     jaccard = intersection / (n_pred + n_truth - intersection)
     if n_truth == 0:
-        return {**result, "empty": "truth", "dice": 0.0, "jaccard": 0.0,
-                "hd95_mm": nan, "asd_mm": nan, "hd95_voxels": nan, "asd_voxels": nan}
+        return {
+            **result,
+            "empty": "truth",
+            "dice": 0.0,
+            "jaccard": 0.0,
+            "hd95_mm": nan,
+            "asd_mm": nan,
+            "hd95_voxels": nan,
+            "asd_voxels": nan,
+        }
     out = {**result, "empty": "none", "dice": dice, "jaccard": jaccard}
     for unit, spacing in (("mm", [float(s) for s in spacing_zyx]), ("voxels", None)):
         forward, backward = _surface_distances(pred, truth, spacing)
@@ -113,15 +132,26 @@ class ClassResult:
     empty: str
 
 
-def evaluate_arrays(case: str, pred: np.ndarray, truth: np.ndarray, spacing_xyz: Sequence[float],
-                    classes: Sequence[tuple[int, str]]) -> list[ClassResult]:
+def evaluate_arrays(
+    case: str,
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing_xyz: Sequence[float],
+    classes: Sequence[tuple[int, str]],
+) -> list[ClassResult]:
     """One row per (label value, name) in ``classes`` for label maps ``pred`` and ``truth`` (same grid)."""
     rows = []
     spacing_zyx = list(spacing_xyz)[::-1]
     for value, name in classes:
         m = binary_metrics(pred == value, truth == value, spacing_zyx)
-        rows.append(ClassResult(case=case, class_name=name, label_value=int(value),
-                                **{k: m[k] for k in (*METRICS, "prediction_voxels", "truth_voxels", "empty")}))
+        rows.append(
+            ClassResult(
+                case=case,
+                class_name=name,
+                label_value=int(value),
+                **{k: m[k] for k in (*METRICS, "prediction_voxels", "truth_voxels", "empty")},
+            )
+        )
     return rows
 
 
@@ -162,8 +192,11 @@ def normalized_case_name(path: str | Path) -> str:
 
 
 def _label_files_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p)
-                  and not any(case_name(p).endswith(s) for s in SKIP_SUFFIXES))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if is_image_file(p) and not any(case_name(p).endswith(s) for s in SKIP_SUFFIXES)
+    )
 
 
 def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dict[str, Path], dict[int, str]]:
@@ -180,8 +213,11 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
     def add(path: Path, case: str | None = None) -> None:
         case = case or normalized_case_name(path)
         if case in found and found[case] != path:
-            raise InputError(f"two {role} files for case {case!r}: {found[case]} and {path}", path=path,
-                             hint="pass one file per case")
+            raise InputError(
+                f"two {role} files for case {case!r}: {found[case]} and {path}",
+                path=path,
+                hint="pass one file per case",
+            )
         found[case] = path
 
     for item in inputs:
@@ -213,8 +249,13 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
         if not files and (path / "labels").is_dir():
             files = _label_files_in(path / "labels")
         if not files:  # case sub-folders as `buseg predict`/`rank --save-predictions` write them
-            files = sorted(f for sub in path.iterdir() if sub.is_dir() for f in _label_files_in(sub)
-                           if case_name(f) == f"{sub.name}_label")
+            files = sorted(
+                f
+                for sub in path.iterdir()
+                if sub.is_dir()
+                for f in _label_files_in(sub)
+                if case_name(f) == f"{sub.name}_label"
+            )
         if not files:
             raise InputError(f"no label files found in this folder ({role})", path=path)
         for file in files:
@@ -238,7 +279,8 @@ def _align_segmentation(label: LabelVolume, target_names: dict[int, str], *, pat
             raise InputError(
                 f"segment {name!r} has no class of that name on the other side "
                 f"(known: {', '.join(sorted(by_name)) or 'none - a plain label map has no names'})",
-                path=path, hint="compare label maps with label maps, or name the segments like the model's classes",
+                path=path,
+                hint="compare label maps with label maps, or name the segments like the model's classes",
             )
         out[label.array == index] = by_name[name]
     return out
@@ -254,8 +296,9 @@ class EvaluationResult:
     unmatched_truths: list[str]
 
 
-def _load_pair(pred_path: Path, truth_path: Path, pred_names: dict[int, str], truth_names: dict[int, str]
-               ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[int, str]]:
+def _load_pair(
+    pred_path: Path, truth_path: Path, pred_names: dict[int, str], truth_names: dict[int, str]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[int, str]]:
     """Both label maps of a case on one grid and in one value space, and the names of those values.
 
     Values are compared as they are, except that a .seg.nrrd (segments numbered in file order)
@@ -265,8 +308,11 @@ def _load_pair(pred_path: Path, truth_path: Path, pred_names: dict[int, str], tr
     truth = read_label(truth_path)
     difference = truth.same_grid(pred)
     if difference:
-        raise InputError(f"prediction does not lie on the ground truth's voxel grid: {difference}",
-                         path=pred_path, hint=f"ground truth: {truth_path}")
+        raise InputError(
+            f"prediction does not lie on the ground truth's voxel grid: {difference}",
+            path=pred_path,
+            hint=f"ground truth: {truth_path}",
+        )
     pred_array, truth_array = pred.array, truth.array
     if truth.segments:
         anchor = _value_names(pred, pred_names)
@@ -286,7 +332,9 @@ def _rows_csv(rows: Sequence[ClassResult]) -> str:
     writer.writeheader()
     for row in rows:
         data = asdict(row)
-        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()})
+        writer.writerow(
+            {k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
+        )
     return buffer.getvalue()
 
 
@@ -336,16 +384,31 @@ def evaluate_files(
             hint="files are matched by name, ignoring suffixes such as _label, _seg, _pred, _gt",
         )
     ensure_output_folder(out)  # before the work, not after it
-    sink.emit("started", job="evaluate", config={"predictions": [str(p) for p in predictions],
-                                                 "truths": [str(t) for t in truths], "out_dir": str(out),
-                                                 "label_values": list(label_values) if label_values else None},
-              device="cpu", device_reason="metrics are computed on the CPU", total=len(cases))
+    sink.emit(
+        "started",
+        job="evaluate",
+        config={
+            "predictions": [str(p) for p in predictions],
+            "truths": [str(t) for t in truths],
+            "out_dir": str(out),
+            "label_values": list(label_values) if label_values else None,
+        },
+        device="cpu",
+        device_reason="metrics are computed on the CPU",
+        total=len(cases),
+    )
     if unmatched_pred:
-        sink.emit("warning", message=f"{len(unmatched_pred)} prediction(s) without ground truth, skipped: "
-                  + ", ".join(unmatched_pred[:10]))
+        sink.emit(
+            "warning",
+            message=f"{len(unmatched_pred)} prediction(s) without ground truth, skipped: "
+            + ", ".join(unmatched_pred[:10]),
+        )
     if unmatched_truth:
-        sink.emit("warning", message=f"{len(unmatched_truth)} ground truth case(s) without prediction, skipped: "
-                  + ", ".join(unmatched_truth[:10]))
+        sink.emit(
+            "warning",
+            message=f"{len(unmatched_truth)} ground truth case(s) without prediction, skipped: "
+            + ", ".join(unmatched_truth[:10]),
+        )
 
     names: dict[int, str] = {**truth_names, **pred_names}
     per_case: dict[str, list[ClassResult]] = {}
@@ -357,20 +420,30 @@ def evaluate_files(
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled after {index - 1} of {len(cases)} cases; nothing written")
             case_start = time.perf_counter()
-            pred_array, truth_array, spacing, anchor = _load_pair(pred_files[case], truth_files[case],
-                                                                  pred_names, truth_names)
+            pred_array, truth_array, spacing, anchor = _load_pair(
+                pred_files[case], truth_files[case], pred_names, truth_names
+            )
             names.update(anchor)
             if label_values:
                 values = sorted(label_values)
             else:
-                values = sorted({int(v) for v in np.unique(truth_array) if v}
-                                | {int(v) for v in np.unique(pred_array) if v})
+                values = sorted(
+                    {int(v) for v in np.unique(truth_array) if v}
+                    | {int(v) for v in np.unique(pred_array) if v}
+                )
                 seen.update(values)
-            per_case[case] = evaluate_arrays(case, pred_array, truth_array, spacing,
-                                             [(v, names.get(v, f"label_{v}")) for v in values])
+            per_case[case] = evaluate_arrays(
+                case, pred_array, truth_array, spacing, [(v, names.get(v, f"label_{v}")) for v in values]
+            )
             del pred_array, truth_array
-            sink.emit("case", index=index, total=len(cases), case=case, outputs={},
-                      seconds=time.perf_counter() - case_start)
+            sink.emit(
+                "case",
+                index=index,
+                total=len(cases),
+                case=case,
+                outputs={},
+                seconds=time.perf_counter() - case_start,
+            )
     if not seen:
         raise InputError("no foreground labels in any prediction or ground truth file")
     classes = [(v, names.get(v, f"label_{v}")) for v in sorted(seen)]
@@ -379,18 +452,24 @@ def evaluate_files(
         done = {r.label_value: r for r in per_case[case]}
         for value, name in classes:
             # A class seen only in other cases is absent from both masks here.
-            row = done.get(value) or ClassResult(case, name, value, *(float("nan"),) * len(METRICS), 0, 0, "both")
+            row = done.get(value) or ClassResult(
+                case, name, value, *(float("nan"),) * len(METRICS), 0, 0, "both"
+            )
             row.class_name = name
             rows.append(row)
     summary = summarize(rows)
     document = {
-        "schema": "buseg-evaluation", "schema_version": 1,
+        "schema": "buseg-evaluation",
+        "schema_version": 1,
         "protocol": "medpy-style dc/jc/hd95/asd; a class missing from the prediction scores 0 on all four; "
-                    "see docs/inference.md",
-        "predictions": [str(p) for p in predictions], "truths": [str(t) for t in truths],
+        "see docs/inference.md",
+        "predictions": [str(p) for p in predictions],
+        "truths": [str(t) for t in truths],
         "classes": [{"label_value": v, "name": n} for v, n in classes],
-        "summary": summary, "cases": [asdict(r) for r in rows],
-        "unmatched_predictions": unmatched_pred, "unmatched_truths": unmatched_truth,
+        "summary": summary,
+        "cases": [asdict(r) for r in rows],
+        "unmatched_predictions": unmatched_pred,
+        "unmatched_truths": unmatched_truth,
         "seconds": time.perf_counter() - start,
     }
     with atomic_path(csv_path, overwrite=overwrite) as temp:
@@ -411,14 +490,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     header = f"{'class':<22}{'Dice %':>8}{'Jacc. %':>9}{'HD95 mm':>9}{'ASD mm':>8}{'HD95 vx':>9}{'ASD vx':>8}  empty p/t"
     lines = [header, "-" * len(header)]
     for name, c in summary["classes"].items():
-        lines.append(f"{name[:21]:<22}{fmt(c['dice'], True):>8}{fmt(c['jaccard'], True):>9}{fmt(c['hd95_mm']):>9}"
-                     f"{fmt(c['asd_mm']):>8}{fmt(c['hd95_voxels']):>9}{fmt(c['asd_voxels']):>8}"
-                     f"  {c['empty_prediction']}/{c['empty_truth']}")
+        lines.append(
+            f"{name[:21]:<22}{fmt(c['dice'], True):>8}{fmt(c['jaccard'], True):>9}{fmt(c['hd95_mm']):>9}"
+            f"{fmt(c['asd_mm']):>8}{fmt(c['hd95_voxels']):>9}{fmt(c['asd_voxels']):>8}"
+            f"  {c['empty_prediction']}/{c['empty_truth']}"
+        )
     m = summary["mean"]
     lines.append("-" * len(header))
-    lines.append(f"{'mean over classes':<22}{fmt(m['dice'], True):>8}{fmt(m['jaccard'], True):>9}{fmt(m['hd95_mm']):>9}"
-                 f"{fmt(m['asd_mm']):>8}{fmt(m['hd95_voxels']):>9}{fmt(m['asd_voxels']):>8}")
-    lines.append(f"{summary['cases']} case(s). Empty p/t = cases where the class is missing from the prediction "
-                 "(scored 0 on all four, published protocol) / from the truth (distances left out).")
+    lines.append(
+        f"{'mean over classes':<22}{fmt(m['dice'], True):>8}{fmt(m['jaccard'], True):>9}{fmt(m['hd95_mm']):>9}"
+        f"{fmt(m['asd_mm']):>8}{fmt(m['hd95_voxels']):>9}{fmt(m['asd_voxels']):>8}"
+    )
+    lines.append(
+        f"{summary['cases']} case(s). Empty p/t = cases where the class is missing from the prediction "
+        "(scored 0 on all four, published protocol) / from the truth (distances left out)."
+    )
     return "\n".join(lines)
-

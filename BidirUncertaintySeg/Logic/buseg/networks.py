@@ -57,7 +57,9 @@ class _UpBlock2d(nn.Module):
 class UNet2D(nn.Module):
     """The 2D U-Net of the ACDC reference protocol (SSL4MIS/BCP)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 4, base_channels: int = 16, dropout: bool = True):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 4, base_channels: int = 16, dropout: bool = True
+    ):
         super().__init__()
         ch = [base_channels * 2**i for i in range(5)]
         p = UNET_DROPOUT if dropout else (0.0,) * 5
@@ -89,12 +91,16 @@ def _conv_stage3d(stages: int, in_channels: int, out_channels: int) -> nn.Sequen
 
 
 def _down3d(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 2, stride=2), nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, 2, stride=2), nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True)
+    )
 
 
 def _up3d(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.ConvTranspose3d(in_channels, out_channels, 2, stride=2), nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True)
+        nn.ConvTranspose3d(in_channels, out_channels, 2, stride=2),
+        nn.BatchNorm3d(out_channels),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -103,7 +109,9 @@ class VNet(nn.Module):
 
     STAGES = (1, 2, 3, 3, 3)
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 16, dropout: bool = True):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 16, dropout: bool = True
+    ):
         super().__init__()
         ch = [base_channels * 2**i for i in range(5)]
         self.in_channels, self.num_classes = in_channels, num_classes
@@ -129,8 +137,9 @@ class VNet(nn.Module):
         return self.head(self.dropout(x))
 
 
-def build_network(name: str, *, in_channels: int, num_classes: int, base_channels: int = 16,
-                  dropout: bool = True) -> nn.Module:
+def build_network(
+    name: str, *, in_channels: int, num_classes: int, base_channels: int = 16, dropout: bool = True
+) -> nn.Module:
     """The network called ``name`` ('unet2d' or 'vnet')."""
     if name == "unet2d":
         return UNet2D(in_channels, num_classes, base_channels, dropout)

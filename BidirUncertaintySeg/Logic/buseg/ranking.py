@@ -55,8 +55,11 @@ from .inference import (
 from .io import atomic_path, ensure_output_folder
 
 SCORES = ("dice-risk", "mean-uncertainty", "flagged-volume")
-SCORE_FIELDS = {"dice-risk": "dice_risk", "mean-uncertainty": "mean_uncertainty",
-                "flagged-volume": "flagged_volume_mm3"}
+SCORE_FIELDS = {
+    "dice-risk": "dice_risk",
+    "mean-uncertainty": "mean_uncertainty",
+    "flagged-volume": "flagged_volume_mm3",
+}
 
 
 def case_statistics(prediction: Prediction, threshold: float) -> dict[str, float]:
@@ -90,7 +93,13 @@ class RankResult:
     json_path: Path
 
 
-STAT_FIELDS = ("dice_risk", "mean_uncertainty", "flagged_volume_mm3", "expected_errors_mm3", "foreground_volume_mm3")
+STAT_FIELDS = (
+    "dice_risk",
+    "mean_uncertainty",
+    "flagged_volume_mm3",
+    "expected_errors_mm3",
+    "foreground_volume_mm3",
+)
 CSV_FIELDS = ("rank", "case", "score", *STAT_FIELDS, "regions", "top_region_ras", "top_region_mm3", "image")
 
 
@@ -100,13 +109,15 @@ def _csv(entries: Sequence[dict[str, Any]]) -> str:
     writer.writeheader()
     for e in entries:
         top = e["top_regions"][0] if e["top_regions"] else None
-        writer.writerow({
-            **{k: e[k] for k in ("rank", "case", "score", "image")},
-            **{k: e["statistics"][k] for k in STAT_FIELDS},
-            "regions": e["regions"],
-            "top_region_ras": " ".join(f"{v:.1f}" for v in top["centroid_ras"]) if top else "",
-            "top_region_mm3": f"{top['volume_mm3']:.1f}" if top else "",
-        })
+        writer.writerow(
+            {
+                **{k: e[k] for k in ("rank", "case", "score", "image")},
+                **{k: e["statistics"][k] for k in STAT_FIELDS},
+                "regions": e["regions"],
+                "top_region_ras": " ".join(f"{v:.1f}" for v in top["centroid_ras"]) if top else "",
+                "top_region_mm3": f"{top['volume_mm3']:.1f}" if top else "",
+            }
+        )
     return buffer.getvalue()
 
 
@@ -132,20 +143,32 @@ def rank_files(
     images = collect_images(inputs)
     out_dir = Path(config.out_dir)
     csv_path, json_path = out_dir / "ranking.csv", out_dir / "ranking.json"
-    planned = {case: output_paths(out_dir, case, output_suffix(path, config.output_format)) for case, path in images}
+    planned = {
+        case: output_paths(out_dir, case, output_suffix(path, config.output_format)) for case, path in images
+    }
     if not config.overwrite:
         existing = [p for p in (csv_path, json_path) if p.exists()]
         if save_predictions:
             existing += [p for paths in planned.values() for p in paths.values() if p.exists()]
         if existing:
-            raise OutputError("exists already; refusing to overwrite it", path=existing[0],
-                              hint="pass --overwrite to replace it, or choose another --out")
+            raise OutputError(
+                "exists already; refusing to overwrite it",
+                path=existing[0],
+                hint="pass --overwrite to replace it, or choose another --out",
+            )
     model, device, reason = load_for_prediction(config)
     ensure_output_folder(out_dir)  # before the first case is computed
     model_file = str(Path(config.model_path).resolve())
-    sink.emit("started", job="rank", config={**to_dict(config), "score": score_name}, device=str(device),
-              device_reason=reason, total=len(images), classes=[c["name"] for c in model.classes],
-              buseg_version=__version__)
+    sink.emit(
+        "started",
+        job="rank",
+        config={**to_dict(config), "score": score_name},
+        device=str(device),
+        device_reason=reason,
+        total=len(images),
+        classes=[c["name"] for c in model.classes],
+        buseg_version=__version__,
+    )
     entries, failed = [], []
     for outcome in iter_predictions(images, model, config, sink=sink, should_stop=should_stop):
         if outcome.prediction is None:
@@ -156,46 +179,76 @@ def rank_files(
         outputs: dict[str, str] = {}
         write_start = time.perf_counter()
         if save_predictions:
-            outputs = write_prediction(prediction, planned[outcome.case], overwrite=config.overwrite,
-                                       context={"case": outcome.case, "image": str(outcome.path),
-                                                "model": model_file})
-        entries.append({
-            "case": outcome.case, "image": str(outcome.path), "score": score(stats, score_name), "statistics": stats,
-            "regions": len(prediction.regions.regions),
-            "top_regions": [r.to_dict() for r in prediction.regions.regions[:top_regions]],
-            "outputs": outputs, "seconds": outcome.seconds + (time.perf_counter() - write_start),
-        })
-        sink.emit("case", index=outcome.index, total=len(images), case=outcome.case, outputs=outputs,
-                  seconds=entries[-1]["seconds"])
+            outputs = write_prediction(
+                prediction,
+                planned[outcome.case],
+                overwrite=config.overwrite,
+                context={"case": outcome.case, "image": str(outcome.path), "model": model_file},
+            )
+        entries.append(
+            {
+                "case": outcome.case,
+                "image": str(outcome.path),
+                "score": score(stats, score_name),
+                "statistics": stats,
+                "regions": len(prediction.regions.regions),
+                "top_regions": [r.to_dict() for r in prediction.regions.regions[:top_regions]],
+                "outputs": outputs,
+                "seconds": outcome.seconds + (time.perf_counter() - write_start),
+            }
+        )
+        sink.emit(
+            "case",
+            index=outcome.index,
+            total=len(images),
+            case=outcome.case,
+            outputs=outputs,
+            seconds=entries[-1]["seconds"],
+        )
         del prediction
     if not entries:
-        raise InputError("no image could be predicted; nothing to rank",
-                         hint="; ".join(f"{f['case']}: {f['error']}" for f in failed[:3]))
+        raise InputError(
+            "no image could be predicted; nothing to rank",
+            hint="; ".join(f"{f['case']}: {f['error']}" for f in failed[:3]),
+        )
     entries.sort(key=lambda e: (-e["score"], e["case"]))
     for rank, entry in enumerate(entries, start=1):
         entry["rank"] = rank
     document = {
-        "schema": "buseg-ranking", "schema_version": 1, "buseg_version": __version__, "score": score_name,
-        "model": model_file, "config": to_dict(config), "cases": entries, "failed": failed,
+        "schema": "buseg-ranking",
+        "schema_version": 1,
+        "buseg_version": __version__,
+        "score": score_name,
+        "model": model_file,
+        "config": to_dict(config),
+        "cases": entries,
+        "failed": failed,
     }
     with atomic_path(csv_path, overwrite=config.overwrite) as temp:
         temp.write_text(_csv(entries))
     with atomic_path(json_path, overwrite=config.overwrite) as temp:
         temp.write_text(json.dumps(json_safe(document), indent=2) + "\n")
     if failed:
-        sink.emit("warning", message=f"{len(failed)} image(s) could not be predicted and are not ranked: "
-                  + ", ".join(f["case"] for f in failed[:10]))
+        sink.emit(
+            "warning",
+            message=f"{len(failed)} image(s) could not be predicted and are not ranked: "
+            + ", ".join(f["case"] for f in failed[:10]),
+        )
     return RankResult(entries, csv_path, json_path)
 
 
 def format_ranking(entries: Sequence[dict[str, Any]], score_name: str) -> str:
     """The ranking as a terminal table (label the first rows first)."""
-    header = (f"{'rank':>4}  {'case':<28}{score_name:>18}{'flagged mm3':>13}{'regions':>9}  "
-              "top region centroid (RAS mm)")
+    header = (
+        f"{'rank':>4}  {'case':<28}{score_name:>18}{'flagged mm3':>13}{'regions':>9}  "
+        "top region centroid (RAS mm)"
+    )
     lines = [header, "-" * len(header)]
     for e in entries:
         top = e["top_regions"][0] if e["top_regions"] else None
         where = ", ".join(f"{v:.1f}" for v in top["centroid_ras"]) if top else "-"
-        lines.append(f"{e['rank']:>4}  {e['case'][:27]:<28}{e['score']:>18.4f}"
-                     f"{e['statistics']['flagged_volume_mm3']:>13.1f}{e['regions']:>9}  {where}")
+        lines.append(
+            f"{e['rank']:>4}  {e['case'][:27]:<28}{e['score']:>18.4f}"
+            f"{e['statistics']['flagged_volume_mm3']:>13.1f}{e['regions']:>9}  {where}"
+        )
     return "\n".join(lines)

@@ -90,7 +90,9 @@ class RegionSet:
         }
 
 
-def _ras_box(reference: Volume, low_ijk: Sequence[float], high_ijk: Sequence[float]) -> tuple[list[float], list[float]]:
+def _ras_box(
+    reference: Volume, low_ijk: Sequence[float], high_ijk: Sequence[float]
+) -> tuple[list[float], list[float]]:
     """Axis-aligned RAS bounds of the voxel box from ``low`` to ``high`` (voxel edges, i.e. +-0.5)."""
     matrix = reference.ijk_to_ras()
     corners = np.array([[*c, 1.0] for c in itertools.product(*zip(low_ijk, high_ijk, strict=True))])
@@ -103,8 +105,9 @@ def _ras_box(reference: Volume, low_ijk: Sequence[float], high_ijk: Sequence[flo
 SLAB_VOXELS = 4_000_000
 
 
-def _region_statistics(component: np.ndarray, found: int, uncertainty: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _region_statistics(
+    component: np.ndarray, found: int, uncertainty: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per region id (0 = none): voxel count, sum and max of uncertainty, centroid (numpy axis order)."""
     n = found + 1
     counts, sums, maxima = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n)
@@ -112,12 +115,12 @@ def _region_statistics(component: np.ndarray, found: int, uncertainty: np.ndarra
     plane = int(np.prod(component.shape[1:])) or 1
     step = max(1, SLAB_VOXELS // plane)
     for start in range(0, component.shape[0], step):
-        slab = component[start:start + step]
+        slab = component[start : start + step]
         selected = slab > 0
         if not selected.any():
             continue
         ids = slab[selected]
-        values = uncertainty[start:start + step][selected].astype(np.float64)
+        values = uncertainty[start : start + step][selected].astype(np.float64)
         counts += np.bincount(ids, minlength=n)
         sums += np.bincount(ids, weights=values, minlength=n)
         np.maximum.at(maxima, ids, values)
@@ -146,13 +149,25 @@ def find_regions(
     predicted classes each region touches. ``max_regions = 0`` lists every region.
     """
     if uncertainty.shape != reference.array.shape:
-        raise ValueError(f"uncertainty shape {uncertainty.shape} differs from the image's {reference.array.shape}")
+        raise ValueError(
+            f"uncertainty shape {uncertainty.shape} differs from the image's {reference.array.shape}"
+        )
     if labels is not None and labels.shape != uncertainty.shape:
-        raise ValueError(f"labels shape {labels.shape} differs from the uncertainty map's {uncertainty.shape}")
+        raise ValueError(
+            f"labels shape {labels.shape} differs from the uncertainty map's {uncertainty.shape}"
+        )
     voxel_mm3 = reference.voxel_volume_mm3
-    settings = {"threshold": threshold, "min_region_mm3": min_region_mm3, "min_region_voxels": min_region_voxels,
-                "max_regions": max_regions, "connectivity": 26, "review_value": "sum of uncertainty x voxel mm3"}
-    component, found = ndimage.label(uncertainty > threshold, structure=np.ones((3,) * uncertainty.ndim, dtype=bool))
+    settings = {
+        "threshold": threshold,
+        "min_region_mm3": min_region_mm3,
+        "min_region_voxels": min_region_voxels,
+        "max_regions": max_regions,
+        "connectivity": 26,
+        "review_value": "sum of uncertainty x voxel mm3",
+    }
+    component, found = ndimage.label(
+        uncertainty > threshold, structure=np.ones((3,) * uncertainty.ndim, dtype=bool)
+    )
     counts, sums, maxima, centroids = _region_statistics(component, found, uncertainty)
     total_review = float(sums[1:].sum()) * voxel_mm3
     flagged = int(counts[1:].sum())
@@ -187,26 +202,34 @@ def find_regions(
         high_ijk = [s.stop - 1 for s in box][::-1]
         ras_min, ras_max = _ras_box(reference, [v - 0.5 for v in low_ijk], [v + 0.5 for v in high_ijk])
         count = int(counts[label_id])
-        regions.append(Region(
-            id=rank,
-            voxel_count=count,
-            volume_mm3=count * voxel_mm3,
-            mean_uncertainty=float(sums[label_id] / count),
-            max_uncertainty=float(maxima[label_id]),
-            review_value=float(sums[label_id] * voxel_mm3),
-            classes=list(class_voxels),
-            class_voxels=class_voxels,
-            centroid_ijk=centroid_ijk,
-            centroid_ras=list(reference.index_to_ras(centroid_ijk)),
-            bbox_ijk_min=[int(v) for v in low_ijk],
-            bbox_ijk_max=[int(v) for v in high_ijk],
-            bbox_ras_min=ras_min,
-            bbox_ras_max=ras_max,
-        ))
+        regions.append(
+            Region(
+                id=rank,
+                voxel_count=count,
+                volume_mm3=count * voxel_mm3,
+                mean_uncertainty=float(sums[label_id] / count),
+                max_uncertainty=float(maxima[label_id]),
+                review_value=float(sums[label_id] * voxel_mm3),
+                classes=list(class_voxels),
+                class_voxels=class_voxels,
+                centroid_ijk=centroid_ijk,
+                centroid_ras=list(reference.index_to_ras(centroid_ijk)),
+                bbox_ijk_min=[int(v) for v in low_ijk],
+                bbox_ijk_max=[int(v) for v in high_ijk],
+                bbox_ras_min=ras_min,
+                bbox_ras_max=ras_max,
+            )
+        )
     return RegionSet(
-        regions=regions, threshold=threshold, flagged_voxels=flagged, flagged_volume_mm3=flagged * voxel_mm3,
-        found=int(found), dropped_small=dropped, beyond_cap=beyond,
-        listed_review_value=float(sum(r.review_value for r in regions)), total_review_value=total_review,
+        regions=regions,
+        threshold=threshold,
+        flagged_voxels=flagged,
+        flagged_volume_mm3=flagged * voxel_mm3,
+        found=int(found),
+        dropped_small=dropped,
+        beyond_cap=beyond,
+        listed_review_value=float(sum(r.review_value for r in regions)),
+        total_review_value=total_review,
         settings=settings,
     )
 

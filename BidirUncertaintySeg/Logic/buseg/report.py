@@ -49,24 +49,44 @@ def comparison_rows(comparison: dict[str, Any]) -> tuple[list[str], list[tuple[s
     shared = comparison["shared"]
     classes = list(methods[keys[0]]["test"]["classes"])
     rows: list[tuple[str, list[str]]] = [
-        (f"Dice % (mean of {len(classes)} classes)", [_pct(methods[k]["test"]["mean"]["dice"]) for k in keys]),
+        (
+            f"Dice % (mean of {len(classes)} classes)",
+            [_pct(methods[k]["test"]["mean"]["dice"]) for k in keys],
+        ),
     ]
-    rows += [(f"  {name}", [_pct(methods[k]["test"]["classes"][name]["dice"]) for k in keys]) for name in classes]
+    rows += [
+        (f"  {name}", [_pct(methods[k]["test"]["classes"][name]["dice"]) for k in keys]) for name in classes
+    ]
     rows += [
         ("Jaccard %", [_pct(methods[k]["test"]["mean"]["jaccard"]) for k in keys]),
         ("HD95 mm", [_mm(methods[k]["test"]["mean"]["hd95_mm"]) for k in keys]),
         ("ASD mm", [_mm(methods[k]["test"]["mean"]["asd_mm"]) for k in keys]),
-        (f"Errors in the {_pct(budget, 0)}% most uncertain voxels",
-         [f"{_pct(methods[k]['review']['review_error_recall'], 0)}%" for k in keys]),
+        (
+            f"Errors in the {_pct(budget, 0)}% most uncertain voxels",
+            [f"{_pct(methods[k]['review']['review_error_recall'], 0)}%" for k in keys],
+        ),
         ("Dice % after fixing those voxels", [_pct(methods[k]["review"]["review_dice_after"]) for k in keys]),
-        ("Best validation Dice % (iteration)",
-         [f"{_pct(methods[k]['training']['best_validation_dice'])} ({methods[k]['training']['best_iteration']})"
-          if methods[k]["training"]["best_validation_dice"] is not None else "-" for k in keys]),
-        ("Iterations: shared + own (batch)",
-         [f"{shared['iterations']}+{methods[k]['training']['branch_iterations']} "
-          f"({methods[k]['training']['batch_size']})" for k in keys]),
-        ("Training time: shared + own",
-         [f"{shared['seconds']:.0f}+{methods[k]['training']['branch_seconds']:.0f} s" for k in keys]),
+        (
+            "Best validation Dice % (iteration)",
+            [
+                f"{_pct(methods[k]['training']['best_validation_dice'])} ({methods[k]['training']['best_iteration']})"
+                if methods[k]["training"]["best_validation_dice"] is not None
+                else "-"
+                for k in keys
+            ],
+        ),
+        (
+            "Iterations: shared + own (batch)",
+            [
+                f"{shared['iterations']}+{methods[k]['training']['branch_iterations']} "
+                f"({methods[k]['training']['batch_size']})"
+                for k in keys
+            ],
+        ),
+        (
+            "Training time: shared + own",
+            [f"{shared['seconds']:.0f}+{methods[k]['training']['branch_seconds']:.0f} s" for k in keys],
+        ),
     ]
     return [methods[k]["title"] for k in keys], rows
 
@@ -78,17 +98,22 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     widths = [max(len(t), *(len(v[i]) for _, v in rows)) + 3 for i, t in enumerate(titles)]
     cases = len(comparison["cases"])
     header = f"{f'Test volumes: {cases} (never seen in training)':<{label_width}}" + "".join(
-        f"{t:>{w}}" for t, w in zip(titles, widths, strict=True))
+        f"{t:>{w}}" for t, w in zip(titles, widths, strict=True)
+    )
     lines = [header, "-" * len(header)]
-    lines += [f"{label:<{label_width}}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True))
-              for label, values in rows]
+    lines += [
+        f"{label:<{label_width}}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True))
+        for label, values in rows
+    ]
     return "\n".join(lines)
 
 
 def write_comparison_markdown(path: Path, comparison: dict[str, Any]) -> Path:
     titles, rows = comparison_rows(comparison)
-    lines = [f"| {len(comparison['cases'])} test volumes | " + " | ".join(titles) + " |",
-             "|---|" + "---:|" * len(titles)]
+    lines = [
+        f"| {len(comparison['cases'])} test volumes | " + " | ".join(titles) + " |",
+        "|---|" + "---:|" * len(titles),
+    ]
     lines += ["| " + label.strip() + " | " + " | ".join(values) + " |" for label, values in rows]
     with atomic_path(path, overwrite=True) as temp:
         temp.write_text("\n".join(lines) + "\n")
@@ -99,8 +124,9 @@ def write_comparison_markdown(path: Path, comparison: dict[str, Any]) -> Path:
 # Slices
 
 
-def _listed_region_masks(uncertainty: np.ndarray, regions: list[dict[str, Any]], threshold: float
-                         ) -> list[tuple[int, np.ndarray]]:
+def _listed_region_masks(
+    uncertainty: np.ndarray, regions: list[dict[str, Any]], threshold: float
+) -> list[tuple[int, np.ndarray]]:
     """(rank, voxel mask) of each listed region: the connected components find_regions measured."""
     from scipy import ndimage
 
@@ -119,7 +145,9 @@ def _listed_region_masks(uncertainty: np.ndarray, regions: list[dict[str, Any]],
     return masks
 
 
-def choose_slices(truth: np.ndarray, ours: np.ndarray, regions: list[dict[str, Any]]) -> list[tuple[int, str]]:
+def choose_slices(
+    truth: np.ndarray, ours: np.ndarray, regions: list[dict[str, Any]]
+) -> list[tuple[int, str]]:
     """Two axial slices (numpy z) worth showing, and why: most structure; our top flagged region."""
     area = (truth > 0).sum(axis=(1, 2))
     first = int(area.argmax())
@@ -136,7 +164,9 @@ def choose_slices(truth: np.ndarray, ours: np.ndarray, regions: list[dict[str, A
     return [(first, "with the most structure"), (second, why)]
 
 
-def _overlay(ax: Any, image: np.ndarray, labels: np.ndarray | None, colors: dict[int, Any], aspect: float) -> None:
+def _overlay(
+    ax: Any, image: np.ndarray, labels: np.ndarray | None, colors: dict[int, Any], aspect: float
+) -> None:
     ax.imshow(image, cmap="gray", aspect=aspect, interpolation="nearest")
     if labels is not None:
         rgba = np.zeros((*labels.shape, 4))
@@ -209,24 +239,49 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
 
     figure = Figure(figsize=(15, 12), dpi=100, facecolor="white")
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(4, 5, height_ratios=[1, 1, 0.12, 1.05], hspace=0.2, wspace=0.05,
-                               left=0.045, right=0.94, top=0.865, bottom=0.05)
-    figure.text(0.045, 0.965, "buseg demo: semi-supervised segmentation with voxel-wise uncertainty",
-                fontsize=16, fontweight="bold", ha="left")
+    grid = figure.add_gridspec(
+        4,
+        5,
+        height_ratios=[1, 1, 0.12, 1.05],
+        hspace=0.2,
+        wspace=0.05,
+        left=0.045,
+        right=0.94,
+        top=0.865,
+        bottom=0.05,
+    )
+    figure.text(
+        0.045,
+        0.965,
+        "buseg demo: semi-supervised segmentation with voxel-wise uncertainty",
+        fontsize=16,
+        fontweight="bold",
+        ha="left",
+    )
     plan = comparison["plan"]
     ours_training = methods["buarl"]["training"]
-    figure.text(0.045, 0.937,
-                f"Synthetic 3D volumes with known truth; test volume {case} was never seen in training. Both models: "
-                f"2D U-Net, {ours_training['iterations']} iterations of batch {ours_training['batch_size']} "
-                f"(plan '{plan}', seed {comparison['seed']}), the first {comparison['shared']['iterations']} shared.\n"
-                "Then ours learns from the labeled and the unlabeled volumes (copy-paste self-training with "
-                "uncertainty-aware region learning); the supervised baseline from the labeled volumes only.",
-                fontsize=10.5, color="#333333", ha="left", va="top", linespacing=1.5)
+    figure.text(
+        0.045,
+        0.937,
+        f"Synthetic 3D volumes with known truth; test volume {case} was never seen in training. Both models: "
+        f"2D U-Net, {ours_training['iterations']} iterations of batch {ours_training['batch_size']} "
+        f"(plan '{plan}', seed {comparison['seed']}), the first {comparison['shared']['iterations']} shared.\n"
+        "Then ours learns from the labeled and the unlabeled volumes (copy-paste self-training with "
+        "uncertainty-aware region learning); the supervised baseline from the labeled volumes only.",
+        fontsize=10.5,
+        color="#333333",
+        ha="left",
+        va="top",
+        linespacing=1.5,
+    )
 
-    titles = ["Image", "Ground truth",
-              f"Supervised (volume Dice {_pct(_dice(cases['supervised']['labels'], truth, values))}%)",
-              f"Ours (volume Dice {_pct(_dice(ours['labels'], truth, values))}%)",
-              "Ours: uncertainty, flagged regions"]
+    titles = [
+        "Image",
+        "Ground truth",
+        f"Supervised (volume Dice {_pct(_dice(cases['supervised']['labels'], truth, values))}%)",
+        f"Ours (volume Dice {_pct(_dice(ours['labels'], truth, values))}%)",
+        "Ours: uncertainty, flagged regions",
+    ]
     heat = None
     for row, (k, why) in enumerate(slices):
         shown = np.clip((image[k] - low) / max(high - low, 1e-6), 0, 1)
@@ -240,15 +295,29 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
                 ax.set_ylabel(f"slice k={k}\n{why}", fontsize=10)
         ax = figure.add_subplot(grid[row, 4])
         ax.imshow(shown, cmap="gray", aspect=aspect, interpolation="nearest")
-        heat = ax.imshow(np.ma.masked_less(ours["uncertainty"][k], 0.02), cmap="inferno", vmin=0, vmax=1,
-                         alpha=0.85, aspect=aspect, interpolation="nearest")
+        heat = ax.imshow(
+            np.ma.masked_less(ours["uncertainty"][k], 0.02),
+            cmap="inferno",
+            vmin=0,
+            vmax=1,
+            alpha=0.85,
+            aspect=aspect,
+            interpolation="nearest",
+        )
         for rank, mask in region_masks:
             if mask[k].any():
                 ax.contour(mask[k], levels=[0.5], colors=[REGION_COLOR], linewidths=1.3)
                 if rank <= NUMBERED_REGIONS:
                     ys, xs = np.nonzero(mask[k])
-                    ax.text(min(xs.max() + 1.5, mask.shape[2] - 2), max(ys.min(), 1), str(rank), color=REGION_COLOR,
-                            fontsize=11, fontweight="bold", va="top")
+                    ax.text(
+                        min(xs.max() + 1.5, mask.shape[2] - 2),
+                        max(ys.min(), 1),
+                        str(rank),
+                        color=REGION_COLOR,
+                        fontsize=11,
+                        fontweight="bold",
+                        va="top",
+                    )
         ax.set_xticks([])
         ax.set_yticks([])
         if row == 0:
@@ -258,10 +327,18 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
         bar.ax.tick_params(labelsize=8.5)
         if row == 1:
             bar.set_label("uncertainty (normalised entropy)", fontsize=9)
-    legend = [Patch(facecolor=color, label=c["name"]) for c, color in zip(classes, colors.values(), strict=True)]
-    legend.append(Patch(facecolor="none", edgecolor=REGION_COLOR, linewidth=1.5,
-                        label=f"flagged region (uncertainty > {ours['threshold']:g}), the first {NUMBERED_REGIONS} "
-                        "numbered in review order"))
+    legend = [
+        Patch(facecolor=color, label=c["name"]) for c, color in zip(classes, colors.values(), strict=True)
+    ]
+    legend.append(
+        Patch(
+            facecolor="none",
+            edgecolor=REGION_COLOR,
+            linewidth=1.5,
+            label=f"flagged region (uncertainty > {ours['threshold']:g}), the first {NUMBERED_REGIONS} "
+            "numbered in review order",
+        )
+    )
     legend_axes = figure.add_subplot(grid[2, :])
     legend_axes.axis("off")
     legend_axes.legend(handles=legend, loc="center", ncol=len(legend), frameon=False, fontsize=10.5)
@@ -275,12 +352,23 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
     shared_history = _history(shared["history"])
     shared_validation = shared_history.get("validation", [])
     if shared_validation:
-        curves.plot([v["iteration"] for v in shared_validation], [100 * v["dice"] for v in shared_validation], "-o",
-                    color=SHARED_COLOR, label="shared supervised start", markersize=3.5, linewidth=1.8)
+        curves.plot(
+            [v["iteration"] for v in shared_validation],
+            [100 * v["dice"] for v in shared_validation],
+            "-o",
+            color=SHARED_COLOR,
+            label="shared supervised start",
+            markersize=3.5,
+            linewidth=1.8,
+        )
     shared_loss = shared_history.get("losses", [])
     if shared_loss:
-        losses.plot([v["iteration"] for v in shared_loss], [v["total"] for v in shared_loss], color=SHARED_COLOR,
-                    linewidth=1.2)
+        losses.plot(
+            [v["iteration"] for v in shared_loss],
+            [v["total"] for v in shared_loss],
+            color=SHARED_COLOR,
+            linewidth=1.2,
+        )
     join = (start, 100 * shared_validation[-1]["dice"]) if shared_validation else None
     for method, info in methods.items():
         history = _history(info["training"]["history"])
@@ -294,12 +382,24 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
             curves.plot(x, y, "-o", color=color, label=title, markersize=3.5, linewidth=1.8)
             best = info["training"]["best_iteration"]
             if best is not None:
-                curves.plot([best], [100 * info["training"]["best_validation_dice"]], "*", color=color, markersize=14,
-                            markeredgecolor="black", markeredgewidth=0.6)
+                curves.plot(
+                    [best],
+                    [100 * info["training"]["best_validation_dice"]],
+                    "*",
+                    color=color,
+                    markersize=14,
+                    markeredgecolor="black",
+                    markeredgewidth=0.6,
+                )
         loss = history.get("losses", [])
         if loss:
-            losses.plot([start + v["iteration"] for v in loss], [v["total"] for v in loss], color=color, linewidth=1.2,
-                        label=title)
+            losses.plot(
+                [start + v["iteration"] for v in loss],
+                [v["total"] for v in loss],
+                color=color,
+                linewidth=1.2,
+                label=title,
+            )
     for ax in (curves, losses):
         ax.axvline(start, color="#888888", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
@@ -316,9 +416,13 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
     table_ax = figure.add_subplot(bottom[2])
     table_ax.axis("off")
     method_titles, rows = comparison_rows(comparison)
-    table = table_ax.table(cellText=[[label.replace("  ", "    "), *values] for label, values in rows],
-                           colLabels=["", *method_titles], bbox=[0.0, 0.0, 1.0, 1.0], colWidths=[0.56, 0.22, 0.22],
-                           cellLoc="right")
+    table = table_ax.table(
+        cellText=[[label.replace("  ", "    "), *values] for label, values in rows],
+        colLabels=["", *method_titles],
+        bbox=[0.0, 0.0, 1.0, 1.0],
+        colWidths=[0.56, 0.22, 0.22],
+        cellLoc="right",
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(9.5)
     for (r, c), cell in table.get_celld().items():
@@ -372,9 +476,12 @@ def write_slicer_script(path: Path, out_dir: Path, case: str) -> Path:
     """``open_in_slicer.py``: loads the demo's test image, segmentation and uncertainty map in Slicer."""
     folder = Path("predictions") / "buarl" / case
     text = SLICER_SCRIPT.format(
-        script_name=path.name, out_dir=str(out_dir), case=case,
+        script_name=path.name,
+        out_dir=str(out_dir),
+        case=case,
         image=str(Path("data") / "test" / "images" / f"{case}.nii.gz"),
-        segmentation=str(folder / f"{case}.seg.nrrd"), uncertainty=str(folder / f"{case}_uncertainty.nii.gz"),
+        segmentation=str(folder / f"{case}.seg.nrrd"),
+        uncertainty=str(folder / f"{case}_uncertainty.nii.gz"),
         regions=str(folder / "regions.json"),
     )
     with atomic_path(path, overwrite=True) as temp:

@@ -51,9 +51,16 @@ def flag_budget(uncertainty: np.ndarray, budget_fraction: float) -> np.ndarray:
     return flagged.reshape(uncertainty.shape)
 
 
-def simulate_review(prediction: np.ndarray, truth: np.ndarray, uncertainty: np.ndarray, num_classes: int, *,
-                    budget_fraction: float = 0.01, flagged: np.ndarray | None = None,
-                    spacing_mm: Sequence[float] | None = None) -> dict[str, float]:
+def simulate_review(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    uncertainty: np.ndarray,
+    num_classes: int,
+    *,
+    budget_fraction: float = 0.01,
+    flagged: np.ndarray | None = None,
+    spacing_mm: Sequence[float] | None = None,
+) -> dict[str, float]:
     """Review figures for one volume (see the module docstring).
 
     ``flagged`` may be given (e.g. the voxels of the regions :mod:`buseg.regions` reports);

@@ -31,22 +31,40 @@ def _randint(high: int, generator: torch.Generator, size: int = 1) -> torch.Tens
 class SliceSampler:
     """2D slices (all resized to ``size_hw`` up front) and their labels."""
 
-    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray] | None, size_hw: Sequence[int],
-                 *, augment: bool = True):
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray] | None,
+        size_hw: Sequence[int],
+        *,
+        augment: bool = True,
+    ):
         if not images:
             raise ValueError("no slices to sample from")
         self.size_hw = tuple(int(s) for s in size_hw)
         self.augment = augment
-        self.images = torch.cat([
-            resize_slices(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None], self.size_hw,
-                          mode="bilinear") for img in images
-        ])
+        self.images = torch.cat(
+            [
+                resize_slices(
+                    torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None],
+                    self.size_hw,
+                    mode="bilinear",
+                )
+                for img in images
+            ]
+        )
         self.labels = None
         if labels is not None:
-            self.labels = torch.cat([
-                resize_slices(torch.from_numpy(np.asarray(lab, dtype=np.float32))[None, None], self.size_hw,
-                              mode="nearest") for lab in labels
-            ])[:, 0].to(torch.uint8)
+            self.labels = torch.cat(
+                [
+                    resize_slices(
+                        torch.from_numpy(np.asarray(lab, dtype=np.float32))[None, None],
+                        self.size_hw,
+                        mode="nearest",
+                    )
+                    for lab in labels
+                ]
+            )[:, 0].to(torch.uint8)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -60,8 +78,9 @@ class SliceSampler:
         return images, (labels.round().long() if labels is not None else None)
 
 
-def augment_2d(images: torch.Tensor, labels: torch.Tensor | None,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+def augment_2d(
+    images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference 2D augmentation on a batch (N, 1, H, W) and labels (N, H, W) as float."""
     count = images.shape[0]
     choice = torch.rand(count, generator=generator)
@@ -85,24 +104,35 @@ def augment_2d(images: torch.Tensor, labels: torch.Tensor | None,
         cos, sin = torch.cos(angles[idx]), torch.sin(angles[idx])
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
         grid = F.affine_grid(theta, [len(rotate), 1, *images.shape[-2:]], align_corners=False)
-        images[idx] = F.grid_sample(images[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        images[idx] = F.grid_sample(
+            images[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         if labels is not None:
-            labels[idx] = F.grid_sample(labels[idx][:, None], grid, mode="nearest", padding_mode="zeros",
-                                        align_corners=False)[:, 0]
+            labels[idx] = F.grid_sample(
+                labels[idx][:, None], grid, mode="nearest", padding_mode="zeros", align_corners=False
+            )[:, 0]
     return images, labels
 
 
 class PatchSampler:
     """3D volumes (z, y, x) and labels; draws augmented random patches of ``patch_zyx``."""
 
-    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray] | None, patch_zyx: Sequence[int],
-                 *, augment: bool = True):
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray] | None,
+        patch_zyx: Sequence[int],
+        *,
+        augment: bool = True,
+    ):
         if not images:
             raise ValueError("no volumes to sample from")
         self.patch = tuple(int(s) for s in patch_zyx)
         self.augment = augment
         self.images = [torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for v in images]
-        self.labels = [torch.from_numpy(np.ascontiguousarray(v).astype(np.uint8)) for v in labels] if labels else None
+        self.labels = (
+            [torch.from_numpy(np.ascontiguousarray(v).astype(np.uint8)) for v in labels] if labels else None
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -117,7 +147,9 @@ class PatchSampler:
             flip_axis = int(_randint(2, generator)) if self.augment else -1
             # Crop a region that has the patch's shape after the rot90 in the (y, x) plane.
             crop = (self.patch[0], self.patch[2], self.patch[1]) if k % 2 else self.patch
-            starts = [int(_randint(max(1, s - c + 1), generator)) for s, c in zip(image.shape, crop, strict=True)]
+            starts = [
+                int(_randint(max(1, s - c + 1), generator)) for s, c in zip(image.shape, crop, strict=True)
+            ]
             window = tuple(slice(st, st + c) for st, c in zip(starts, crop, strict=True))
             img = _pad_to(image[window], crop)
             lab = _pad_to(label[window], crop) if label is not None else None

@@ -68,15 +68,21 @@ def make_case(
     label[outer <= 1.0] = 1
     if num_classes >= 2:
         shift = rng.uniform(-0.15, 0.15, 3) * radii
-        inner = (((zz - center[0] - shift[0]) / (0.55 * radii[0])) ** 2 + ((ry - shift[1]) / (0.55 * radii[1])) ** 2
-                 + ((rx - shift[2]) / (0.55 * radii[2])) ** 2)
+        inner = (
+            ((zz - center[0] - shift[0]) / (0.55 * radii[0])) ** 2
+            + ((ry - shift[1]) / (0.55 * radii[1])) ** 2
+            + ((rx - shift[2]) / (0.55 * radii[2])) ** 2
+        )
         label[inner <= 1.0] = 2
     if num_classes >= 3:
         side = rng.choice([-1.0, 1.0])
         sat_center = center + np.array([0.0, side * (radii[1] + 0.16 * extent[1] * structure_scale), 0.0])
         sat_r = extent * rng.uniform(0.07, 0.1, 3) * satellite_scale
-        sat = (((zz - sat_center[0]) / max(sat_r[0], 1.5 * sz)) ** 2 + ((yy - sat_center[1]) / sat_r[1]) ** 2
-               + ((xx - sat_center[2]) / sat_r[2]) ** 2)
+        sat = (
+            ((zz - sat_center[0]) / max(sat_r[0], 1.5 * sz)) ** 2
+            + ((yy - sat_center[1]) / sat_r[1]) ** 2
+            + ((xx - sat_center[2]) / sat_r[2]) ** 2
+        )
         label[(sat <= 1.0) & (label == 0)] = 3
     contrast = {0: 0.15, 1: 0.55, 2: 0.85, 3: 0.35}
     image = np.zeros_like(label, dtype=np.float32)
@@ -87,7 +93,9 @@ def make_case(
 
     image = gaussian_filter(image, sigma=(0.6 * 2.5 / sz, 0.8, 0.8))
     gz, gy, gx = rng.normal(size=3)
-    field = 1.0 + bias * (gz * (zz / extent[0] - 0.5) + gy * (yy / extent[1] - 0.5) + gx * (xx / extent[2] - 0.5))
+    field = 1.0 + bias * (
+        gz * (zz / extent[0] - 0.5) + gy * (yy / extent[1] - 0.5) + gx * (xx / extent[2] - 0.5)
+    )
     image = image * field + rng.normal(0.0, noise, image.shape)
     image = image.astype(np.float32)
     direction = tuple(direction) if direction is not None else rotation_direction(rng.uniform(-20, 20))
@@ -122,14 +130,29 @@ def write_dataset(
     root = Path(root)
     rng = np.random.default_rng(seed)
     folders = {
-        "labeled": root / "labeled", "unlabeled": root / "unlabeled", "test": root / "test",
+        "labeled": root / "labeled",
+        "unlabeled": root / "unlabeled",
+        "test": root / "test",
     }
     if validation:
         folders["validation"] = root / "validation"
-    for kind, count in (("labeled", labeled), ("unlabeled", unlabeled), ("test", test), ("validation", validation)):
+    for kind, count in (
+        ("labeled", labeled),
+        ("unlabeled", unlabeled),
+        ("test", test),
+        ("validation", validation),
+    ):
         for index in range(count):
-            case = make_case(rng, shape_zyx, spacing_mm=spacing_mm, num_classes=num_classes, noise=noise, bias=bias,
-                             structure_scale=structure_scale, satellite_scale=satellite_scale)
+            case = make_case(
+                rng,
+                shape_zyx,
+                spacing_mm=spacing_mm,
+                num_classes=num_classes,
+                noise=noise,
+                bias=bias,
+                structure_scale=structure_scale,
+                satellite_scale=satellite_scale,
+            )
             name = f"{kind}_{index:03d}.nii.gz"
             if kind == "unlabeled":
                 write_image(case.image, folders[kind] / name, overwrite=True)

@@ -96,14 +96,17 @@ class OutputLock:
                     pid = 0
                 if pid and pid != os.getpid() and psutil.pid_exists(pid):
                     raise OutputError(
-                        f"another training (process {pid}) is writing to this folder", path=self.path.parent,
+                        f"another training (process {pid}) is writing to this folder",
+                        path=self.path.parent,
                         hint="wait for it, cancel it, or choose another --out folder",
                     ) from None
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()  # stale lock of a process that is gone
                 continue
             except OSError as exc:
-                raise OutputError(f"cannot write to the output folder: {exc.strerror}", path=self.path.parent) from None
+                raise OutputError(
+                    f"cannot write to the output folder: {exc.strerror}", path=self.path.parent
+                ) from None
             with os.fdopen(handle, "w") as f:
                 f.write(str(os.getpid()))
             self.held = True
@@ -117,7 +120,9 @@ class OutputLock:
             self.held = False
 
 
-def prepare_output_folder(out_dir: Path, *, resume: bool, overwrite: bool, lock: OutputLock | None = None) -> None:
+def prepare_output_folder(
+    out_dir: Path, *, resume: bool, overwrite: bool, lock: OutputLock | None = None
+) -> None:
     """Create the folder, take its ``lock`` (a running training there is reported before anything
     else), refuse to replace a previous training, and remove temporary files that a killed
     training left behind."""
@@ -136,7 +141,8 @@ def prepare_output_folder(out_dir: Path, *, resume: bool, overwrite: bool, lock:
                 raise OutputError("nothing to resume: no last.pt in this folder", path=out_dir)
         elif existing and not overwrite:
             raise OutputError(
-                f"holds a previous training ({', '.join(existing)})", path=out_dir,
+                f"holds a previous training ({', '.join(existing)})",
+                path=out_dir,
                 hint="use --resume to continue it, --overwrite to replace it, or another --out folder",
             )
     except OutputError:
@@ -175,8 +181,16 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) 
 
 def learning_rate(config: TrainConfig, stage: str, stage_iteration: int, stage_length: int) -> float:
     o = config.optim
-    base = o.self_training_lr if (stage == "train" and o.self_training_lr is not None and o.pretrain_iterations
-                                  and config.method.name in ("bcp", "buarl")) else o.lr
+    base = (
+        o.self_training_lr
+        if (
+            stage == "train"
+            and o.self_training_lr is not None
+            and o.pretrain_iterations
+            and config.method.name in ("bcp", "buarl")
+        )
+        else o.lr
+    )
     if o.lr_schedule == "poly":
         return base * (1 - stage_iteration / max(1, stage_length)) ** 0.9
     if o.lr_schedule == "step":
@@ -194,9 +208,14 @@ def dice_per_class(prediction: np.ndarray, truth: np.ndarray, num_classes: int) 
     return scores
 
 
-def evaluate(network: nn.Module, data: TrainingData, config: TrainConfig, device: torch.device,
-             forward: Callable[[torch.Tensor], torch.Tensor],
-             should_stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+def evaluate(
+    network: nn.Module,
+    data: TrainingData,
+    config: TrainConfig,
+    device: torch.device,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float] | None:
     """Mean foreground Dice (and per class) of ``network`` on the validation volumes.
 
     Returns None if ``should_stop`` turned True between cases (a cancel need not wait for
@@ -210,8 +229,12 @@ def evaluate(network: nn.Module, data: TrainingData, config: TrainConfig, device
             if should_stop is not None and should_stop():
                 return None
             probabilities = predict_probabilities(
-                forward, case.image, dimension=config.model.dimension, patch_size_xyz=config.model.patch_size,
-                slice_axis=config.model.slice_axis, device=device,
+                forward,
+                case.image,
+                dimension=config.model.dimension,
+                patch_size_xyz=config.model.patch_size,
+                slice_axis=config.model.slice_axis,
+                device=device,
             )
             prediction = probabilities.argmax(0).numpy()
             per_class.append(dice_per_class(prediction, case.labels, data.num_classes))
@@ -224,12 +247,19 @@ def evaluate(network: nn.Module, data: TrainingData, config: TrainConfig, device
     return metrics
 
 
-def model_metadata(config: TrainConfig, data: TrainingData, iteration: int, extra: dict[str, Any] | None = None) -> dict:
+def model_metadata(
+    config: TrainConfig, data: TrainingData, iteration: int, extra: dict[str, Any] | None = None
+) -> dict:
     return {
         "method": config.method.name,
         "dimension": config.model.dimension,
-        "network": {"name": config.network_name, "in_channels": 1, "num_classes": data.num_classes,
-                    "base_channels": config.model.base_channels, "dropout": config.model.dropout},
+        "network": {
+            "name": config.network_name,
+            "in_channels": 1,
+            "num_classes": data.num_classes,
+            "base_channels": config.model.base_channels,
+            "dropout": config.model.dropout,
+        },
         "classes": data.classes,
         "normalization": data.normalization,
         "patch_size": [int(s) for s in config.model.patch_size],
@@ -237,8 +267,12 @@ def model_metadata(config: TrainConfig, data: TrainingData, iteration: int, extr
         "spacing_mm": data.spacing_mm,
         "iteration": iteration,
         "config": to_dict(config),
-        "training_data": {"labeled_cases": data.labeled_case_names, "unlabeled_cases": data.unlabeled_case_names,
-                          "labeled_images": len(data.labeled_images), "unlabeled_images": len(data.unlabeled_images)},
+        "training_data": {
+            "labeled_cases": data.labeled_case_names,
+            "unlabeled_cases": data.unlabeled_case_names,
+            "labeled_images": len(data.labeled_images),
+            "unlabeled_images": len(data.unlabeled_images),
+        },
         "buseg_version": __version__,
         **(extra or {}),
     }
@@ -251,8 +285,9 @@ def _random_states(generator: torch.Generator) -> dict[str, Any]:
     return states
 
 
-def _restore_random_states(state: dict[str, Any], generator: torch.Generator, dist: DistributedContext,
-                           seed: int, iteration: int) -> None:
+def _restore_random_states(
+    state: dict[str, Any], generator: torch.Generator, dist: DistributedContext, seed: int, iteration: int
+) -> None:
     """Restore this rank's random states; under torchrun each rank has its own (``random_per_rank``)."""
     per_rank = state.get("random_per_rank") or [state["random"]]
     if dist.rank < len(per_rank) and len(per_rank) == dist.world_size:
@@ -286,11 +321,19 @@ def _resume_config(config: TrainConfig, stored: dict[str, Any], sink: EventSink)
         setattr(resumed, name, getattr(config, name))
     resumed.out_dir = config.out_dir
     given, kept = to_dict(config), to_dict(resumed)
-    changed = [f"{section}.{key}" for section, values in given.items() if isinstance(values, dict)
-               for key, value in values.items() if kept[section].get(key) != value]
+    changed = [
+        f"{section}.{key}"
+        for section, values in given.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if kept[section].get(key) != value
+    ]
     if changed:
-        sink.emit("warning", message="resuming with the configuration stored in last.pt; ignored: "
-                  + ", ".join(changed[:12]), detail={"ignored": changed})
+        sink.emit(
+            "warning",
+            message="resuming with the configuration stored in last.pt; ignored: " + ", ".join(changed[:12]),
+            detail={"ignored": changed},
+        )
     return resumed
 
 
@@ -355,11 +398,19 @@ def train(
         dist.shutdown()
 
 
-def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_stop: Callable[[], bool],
-           data: TrainingData | None, dist: DistributedContext) -> TrainResult:
+def _train(
+    config: TrainConfig,
+    sink: EventSink,
+    stored: dict | None,
+    should_stop: Callable[[], bool],
+    data: TrainingData | None,
+    dist: DistributedContext,
+) -> TrainResult:
     out_dir = Path(config.out_dir)
     configure_threads(config.num_threads)
-    device, reason = resolve_device(config.device) if not dist.enabled else dist.device_and_reason(config.device)
+    device, reason = (
+        resolve_device(config.device) if not dist.enabled else dist.device_and_reason(config.device)
+    )
     _seed_everything(config.seed + dist.rank)
     generator = torch.Generator().manual_seed(config.seed + 1000 * dist.rank)
 
@@ -377,16 +428,29 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
     if config.model.dimension == "2d":
         size_hw = patch[::-1]
         labeled = SliceSampler(data.labeled_images, data.labeled_labels, size_hw, augment=config.data.augment)
-        unlabeled = SliceSampler(data.unlabeled_images, None, size_hw, augment=config.data.augment) \
-            if method.uses_unlabeled else None
+        unlabeled = (
+            SliceSampler(data.unlabeled_images, None, size_hw, augment=config.data.augment)
+            if method.uses_unlabeled
+            else None
+        )
     else:
         patch_zyx = patch[::-1]
-        labeled = PatchSampler(data.labeled_images, data.labeled_labels, patch_zyx, augment=config.data.augment)
-        unlabeled = PatchSampler(data.unlabeled_images, None, patch_zyx, augment=config.data.augment) \
-            if method.uses_unlabeled else None
+        labeled = PatchSampler(
+            data.labeled_images, data.labeled_labels, patch_zyx, augment=config.data.augment
+        )
+        unlabeled = (
+            PatchSampler(data.unlabeled_images, None, patch_zyx, augment=config.data.augment)
+            if method.uses_unlabeled
+            else None
+        )
 
-    student = build_network(config.network_name, in_channels=1, num_classes=data.num_classes,
-                            base_channels=config.model.base_channels, dropout=config.model.dropout).to(device)
+    student = build_network(
+        config.network_name,
+        in_channels=1,
+        num_classes=data.num_classes,
+        base_channels=config.model.base_channels,
+        dropout=config.model.dropout,
+    ).to(device)
     layout = _input_layout(config)  # channels-last weights and inputs for 2D (docs/speed.md)
     if layout is to_channels_last:
         student = student.to(memory_format=channels_last_format(2))
@@ -412,8 +476,11 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         best_metric, best_iteration = state.get("best_metric"), state.get("best_iteration")
         _restore_random_states(state, generator, dist, config.seed, start_iteration)
         if dist.is_main and len(state.get("random_per_rank") or [None]) != dist.world_size:
-            sink.emit("warning", message=f"resumed with {dist.world_size} process(es), checkpoint written by "
-                      f"{len(state.get('random_per_rank') or [None])}: random batches differ from an uninterrupted run")
+            sink.emit(
+                "warning",
+                message=f"resumed with {dist.world_size} process(es), checkpoint written by "
+                f"{len(state.get('random_per_rank') or [None])}: random batches differ from an uninterrupted run",
+            )
 
     amp_dtype = autocast_dtype(device) if config.optim.amp else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -451,8 +518,11 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
 
     def exported(stage: str) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
         """The network that validation scores and model files hold (``method.model_weights``)."""
-        if (teacher is not None and config.method.model_weights == "teacher"
-                and (stage == "train" or not method.pretrain_iterations)):
+        if (
+            teacher is not None
+            and config.method.model_weights == "teacher"
+            and (stage == "train" or not method.pretrain_iterations)
+        ):
             return teacher, teacher_eval_forward
         return student_module, eval_forward
 
@@ -466,29 +536,51 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         path = out_dir / "last.pt"
         random_per_rank = dist.gather(_random_states(generator))
         if dist.is_main:
-            save_checkpoint(path, weights=student_module.state_dict(), metadata=metadata(iteration), training_state={
-                "student": student_module.state_dict(),
-                "teacher": teacher.state_dict() if teacher is not None else None,
-                "optimizer": optimizer.state_dict(), "iteration": iteration, "history": history,
-                "best_metric": best_metric, "best_iteration": best_iteration, "random": random_per_rank[0],
-                "random_per_rank": random_per_rank,
-            })
+            save_checkpoint(
+                path,
+                weights=student_module.state_dict(),
+                metadata=metadata(iteration),
+                training_state={
+                    "student": student_module.state_dict(),
+                    "teacher": teacher.state_dict() if teacher is not None else None,
+                    "optimizer": optimizer.state_dict(),
+                    "iteration": iteration,
+                    "history": history,
+                    "best_metric": best_metric,
+                    "best_iteration": best_iteration,
+                    "random": random_per_rank[0],
+                    "random_per_rank": random_per_rank,
+                },
+            )
             write_json_atomic(out_dir / "history.json", history)
             sink.emit("checkpoint", iteration=iteration, path=str(path), kind="last")
         return path
 
     if dist.is_main:
         write_json_atomic(out_dir / "config.json", to_dict(config))
-    sink.emit("started", job="train", config=to_dict(config), device=str(device), device_reason=reason,
-              total=total, start_iteration=start_iteration, world_size=dist.world_size,
-              global_batch_size=config.optim.batch_size * dist.world_size,
-              amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
-              num_threads=torch.get_num_threads(), buseg_version=__version__,
-              classes=[c["name"] for c in data.classes], resumed=stored is not None)
+    sink.emit(
+        "started",
+        job="train",
+        config=to_dict(config),
+        device=str(device),
+        device_reason=reason,
+        total=total,
+        start_iteration=start_iteration,
+        world_size=dist.world_size,
+        global_batch_size=config.optim.batch_size * dist.world_size,
+        amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
+        num_threads=torch.get_num_threads(),
+        buseg_version=__version__,
+        classes=[c["name"] for c in data.classes],
+        resumed=stored is not None,
+    )
 
     if dist.any(should_stop()):  # cancelled while the data were loading
-        raise _cancelled(f"cancelled before iteration {start_iteration + 1} of {total}", out_dir,
-                         resumable=stored is not None)
+        raise _cancelled(
+            f"cancelled before iteration {start_iteration + 1} of {total}",
+            out_dir,
+            resumable=stored is not None,
+        )
     student.train()
     window_losses: dict[str, list[float]] = {}
     window_start, window_iterations = time.perf_counter(), 0
@@ -515,11 +607,21 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
         labeled_count, unlabeled_count = method.batch_sizes(stage)
         images, targets = labeled.sample(labeled_count, generator)
         unlabeled_images = unlabeled.sample(unlabeled_count, generator)[0] if unlabeled_count else None
-        batch = Batch(images.to(device, non_blocking=True), targets.to(device, non_blocking=True),
-                      unlabeled_images.to(device, non_blocking=True) if unlabeled_images is not None else None)
-        context = StepContext(student=student_forward, teacher=teacher, teacher_forward=teacher_forward,
-                              iteration=iteration, stage=stage, stage_iteration=stage_iteration,
-                              generator=generator, device=device)
+        batch = Batch(
+            images.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+            unlabeled_images.to(device, non_blocking=True) if unlabeled_images is not None else None,
+        )
+        context = StepContext(
+            student=student_forward,
+            teacher=teacher,
+            teacher_forward=teacher_forward,
+            iteration=iteration,
+            stage=stage,
+            stage_iteration=stage_iteration,
+            generator=generator,
+            device=device,
+        )
         output = method.step(context, batch)
         if not torch.isfinite(output.loss):
             raise BusegError(
@@ -549,12 +651,23 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
             history["losses"].append({"iteration": done, "stage": stage, **means})
             history["lr"].append({"iteration": done, "lr": lr})
             losses, stats = split_logs(means)
-            sink.emit("progress", iteration=done, total=total, stage=stage, losses=losses, stats=stats, lr=lr,
-                      iterations_per_second=speed,
-                      eta_seconds=(total - done) / speed if speed else None)
+            sink.emit(
+                "progress",
+                iteration=done,
+                total=total,
+                stage=stage,
+                losses=losses,
+                stats=stats,
+                lr=lr,
+                iterations_per_second=speed,
+                eta_seconds=(total - done) / speed if speed else None,
+            )
             window_losses, window_start, window_iterations = {}, time.perf_counter(), 0
-        if dist.is_main and data.validation and config.validation_interval and (
-            done % config.validation_interval == 0 or done == total
+        if (
+            dist.is_main
+            and data.validation
+            and config.validation_interval
+            and (done % config.validation_interval == 0 or done == total)
         ):
             validation_start = time.perf_counter()
             network, forward = exported(stage)
@@ -565,11 +678,20 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
             history["validation"].append({"iteration": done, "stage": stage, **metrics})
             if best_metric is None or metrics["dice"] > best_metric:
                 best_metric, best_iteration = metrics["dice"], done
-                save_checkpoint(out_dir / "best.pt", weights=exported(stage)[0].state_dict(),
-                                metadata=metadata(done, {"validation": metrics, "weights": _weights_name(stage)}))
+                save_checkpoint(
+                    out_dir / "best.pt",
+                    weights=exported(stage)[0].state_dict(),
+                    metadata=metadata(done, {"validation": metrics, "weights": _weights_name(stage)}),
+                )
                 sink.emit("checkpoint", iteration=done, path=str(out_dir / "best.pt"), kind="best")
-            sink.emit("validation", iteration=done, metrics=metrics, best=best_metric, best_iteration=best_iteration,
-                      seconds=time.perf_counter() - validation_start)
+            sink.emit(
+                "validation",
+                iteration=done,
+                metrics=metrics,
+                best=best_metric,
+                best_iteration=best_iteration,
+                seconds=time.perf_counter() - validation_start,
+            )
             window_start = time.perf_counter()  # validation time is not training speed
         stop = done < total and dist.any(should_stop())  # every rank stops at the same iteration
         if (done % config.checkpoint_interval == 0 and done != total) or stop:
@@ -582,15 +704,24 @@ def _train(config: TrainConfig, sink: EventSink, stored: dict | None, should_sto
     final_path = out_dir / "final.pt"
     if dist.is_main:
         final_stage = method.stage(total - 1) if total else "train"
-        save_checkpoint(final_path, weights=exported(final_stage)[0].state_dict(),
-                        metadata=metadata(total, {"weights": _weights_name(final_stage)}))
+        save_checkpoint(
+            final_path,
+            weights=exported(final_stage)[0].state_dict(),
+            metadata=metadata(total, {"weights": _weights_name(final_stage)}),
+        )
         chosen = best_path if best_path is not None else final_path
         _copy_atomic(chosen, out_dir / "model.pt")
         sink.emit("checkpoint", iteration=total, path=str(out_dir / "model.pt"), kind="final")
     dist.barrier()
     return TrainResult(
-        status="completed", out_dir=out_dir, model_path=out_dir / "model.pt", last_path=last_path,
-        best_path=best_path, best_metric=best_metric, best_iteration=best_iteration, iterations=total,
+        status="completed",
+        out_dir=out_dir,
+        model_path=out_dir / "model.pt",
+        last_path=last_path,
+        best_path=best_path,
+        best_metric=best_metric,
+        best_iteration=best_iteration,
+        iterations=total,
         history=history,
     )
 
@@ -601,7 +732,9 @@ def _input_layout(config: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]
     3D stays channels-first: on the CPU, channels-last 3D was not faster (docs/speed.md) and its
     BatchNorm statistics are less precise.
     """
-    return to_channels_last if config.optim.channels_last and config.model.dimension == "2d" else (lambda x: x)
+    return (
+        to_channels_last if config.optim.channels_last and config.model.dimension == "2d" else (lambda x: x)
+    )
 
 
 def _load_initial_weights(student: nn.Module, config: TrainConfig, data: TrainingData) -> None:
@@ -617,7 +750,9 @@ def _load_initial_weights(student: nn.Module, config: TrainConfig, data: Trainin
     try:
         student.load_state_dict(payload["weights"])
     except RuntimeError as exc:
-        raise ConfigError(f"--init-weights {path}: weights do not fit the network: {str(exc)[:200]}") from None
+        raise ConfigError(
+            f"--init-weights {path}: weights do not fit the network: {str(exc)[:200]}"
+        ) from None
 
 
 def _cancelled(message: str, out_dir: Path, *, resumable: bool = True) -> Cancelled:

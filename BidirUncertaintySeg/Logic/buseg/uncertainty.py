@@ -35,8 +35,12 @@ def normalized_entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tenso
 
 
 @torch.no_grad()
-def mc_dropout_probabilities(model: nn.Module, inputs: torch.Tensor, samples: int,
-                             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def mc_dropout_probabilities(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    samples: int,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Mean softmax of ``samples`` passes with dropout active and BatchNorm in eval mode.
 
     The model's train/eval state is restored afterwards. ``forward`` may wrap the model call

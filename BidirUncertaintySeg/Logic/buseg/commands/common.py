@@ -40,9 +40,9 @@ logger = logging.getLogger("buseg")
 
 EXIT_COMPLETED = 0
 EXIT_INTERNAL_ERROR = 1
-EXIT_USER_ERROR = 2       # BusegError: input, config, model file, output (also argparse usage errors)
-EXIT_RESOURCE = 3         # out of memory (ResourceError, MemoryError, CUDA out of memory)
-EXIT_CANCELLED = 130      # cancelled by SIGTERM/SIGINT (128 + SIGINT, the shell convention)
+EXIT_USER_ERROR = 2  # BusegError: input, config, model file, output (also argparse usage errors)
+EXIT_RESOURCE = 3  # out of memory (ResourceError, MemoryError, CUDA out of memory)
+EXIT_CANCELLED = 130  # cancelled by SIGTERM/SIGINT (128 + SIGINT, the shell convention)
 
 # Environment variable the client sets to its own process id: the worker cancels itself
 # (checkpoint and all) when that process disappears, e.g. when Slicer crashes.
@@ -59,7 +59,9 @@ TORCHRUN_DEBOUNCE_SECONDS = 2.0
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--progress", choices=("auto", "bar", "plain", "jsonl", "none"), default="auto",
+        "--progress",
+        choices=("auto", "bar", "plain", "jsonl", "none"),
+        default="auto",
         help="How progress is reported: 'jsonl' = one JSON event per line on stdout (for programs, "
         "schema in docs/worker-protocol.md); 'bar'/'plain' = for people, on stderr; 'auto' = bar on a terminal.",
     )
@@ -205,8 +207,10 @@ class StopFlag:
             os._exit(EXIT_CANCELLED)
         self._signals, self._first_signal_seconds = 1, now
         self.set(name)
-        _say(f"{name}: finishing the current step, then writing a checkpoint and stopping "
-             "(send it again to stop at once)\n")
+        _say(
+            f"{name}: finishing the current step, then writing a checkpoint and stopping "
+            "(send it again to stop at once)\n"
+        )
 
     def install(self) -> None:
         """Handle SIGTERM/SIGINT (and SIGBREAK on Windows; only in the main thread) and start the watchdog."""
@@ -233,8 +237,11 @@ class StopFlag:
             return
         self._watching = True
         self._watchdog = threading.Thread(
-            target=self._watch, args=(int(parent) if parent.isdigit() else None, cancel_file or None),
-            name="buseg-stop-watchdog", daemon=True)
+            target=self._watch,
+            args=(int(parent) if parent.isdigit() else None, cancel_file or None),
+            name="buseg-stop-watchdog",
+            daemon=True,
+        )
         self._watchdog.start()
 
     def _watch(self, parent_pid: int | None, cancel_file: str | None) -> None:
@@ -269,16 +276,21 @@ class StopFlag:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" \
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
         or "out of memory" in str(exc).lower()
+    )
 
 
-OOM_HINT = ("lower --batch-size or --patch-size (training) or --sw-batch-size (prediction), "
-            "or use --device cpu")
+OOM_HINT = (
+    "lower --batch-size or --patch-size (training) or --sw-batch-size (prediction), or use --device cpu"
+)
 
 
-def run_job(sink: EventSink, job: Callable[[], dict[str, Any] | None], *, job_name: str,
-            stop: StopFlag | None = None) -> int:
+def run_job(
+    sink: EventSink, job: Callable[[], dict[str, Any] | None], *, job_name: str, stop: StopFlag | None = None
+) -> int:
     """Run ``job`` (returns output paths) and report its end as events and an exit code.
 
     With ``stop``, its signal handlers are installed for the job's duration. The
@@ -300,7 +312,9 @@ def run_job(sink: EventSink, job: Callable[[], dict[str, Any] | None], *, job_na
     except BusegError as exc:
         status, code = "failed", exc.exit_code
         message = f"{exc.path}: {exc.message}" if exc.path else exc.message  # the hint has its own field
-        sink.emit("error", message=message, kind=type(exc).__name__, path=exc.path, hint=exc.hint, detail=None)
+        sink.emit(
+            "error", message=message, kind=type(exc).__name__, path=exc.path, hint=exc.hint, detail=None
+        )
         if not isinstance(sink, TerminalSink):
             logger.error("%s", exc)
     except Exception as exc:  # a bug, out of memory, an environment failure: report it, never hang
@@ -313,13 +327,26 @@ def run_job(sink: EventSink, job: Callable[[], dict[str, Any] | None], *, job_na
         else:
             status, code = "failed", EXIT_INTERNAL_ERROR
             message = f"{type(exc).__name__}: {exc}"
-            sink.emit("error", message=message, kind=type(exc).__name__, path=None,
-                      hint="this is a bug or an environment problem; the log has the details", detail=detail)
+            sink.emit(
+                "error",
+                message=message,
+                kind=type(exc).__name__,
+                path=None,
+                hint="this is a bug or an environment problem; the log has the details",
+                detail=detail,
+            )
         logger.error("%s\n%s", message, detail.rstrip())
     finally:
         if stop is not None:
             stop.restore()
-    sink.emit("finished", status=status, outputs=outputs, job=job_name, message=message,
-              seconds=time.perf_counter() - start, exit_code=code)
+    sink.emit(
+        "finished",
+        status=status,
+        outputs=outputs,
+        job=job_name,
+        message=message,
+        seconds=time.perf_counter() - start,
+        exit_code=code,
+    )
     sink.close()
     return code

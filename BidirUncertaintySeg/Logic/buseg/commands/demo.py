@@ -10,17 +10,31 @@ from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_lo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_output", metavar="DIR",
-                        help="Folder for everything the demo writes (default: demo_output). It must be new or "
-                        "empty, or hold an earlier demo's outputs and --overwrite be given.")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="Random seed of the generated data and of training (default: 0).")
-    parser.add_argument("--quick", action="store_true",
-                        help="A tiny version (seconds): checks that every step works; its numbers mean nothing.")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Replace an earlier demo's outputs in --out (other files there are left alone).")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N "
-                        "or mps (default: auto).")
+    parser.add_argument(
+        "--out",
+        default="demo_output",
+        metavar="DIR",
+        help="Folder for everything the demo writes (default: demo_output). It must be new or "
+        "empty, or hold an earlier demo's outputs and --overwrite be given.",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Random seed of the generated data and of training (default: 0)."
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="A tiny version (seconds): checks that every step works; its numbers mean nothing.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an earlier demo's outputs in --out (other files there are left alone).",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps (default: auto).",
+    )
     add_common_arguments(parser)
 
 
@@ -34,8 +48,16 @@ def run(args: argparse.Namespace) -> int:
     def job() -> dict:
         from ..demo import run_demo
 
-        result = run_demo(args.out, seed=args.seed, quick=args.quick, overwrite=args.overwrite, device=args.device,
-                          events=sink, should_stop=stop, stream=stream)
+        result = run_demo(
+            args.out,
+            seed=args.seed,
+            quick=args.quick,
+            overwrite=args.overwrite,
+            device=args.device,
+            events=sink,
+            should_stop=stop,
+            stream=stream,
+        )
         return {"out_dir": str(result.out_dir), "report": str(result.report_path)}
 
     return run_job(sink, job, job_name="demo", stop=stop)

@@ -10,15 +10,34 @@ from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_lo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pred", nargs="+", required=True, metavar="PATH",
-                        help="Predicted label maps: files, folders of label files, or a `buseg predict` output folder.")
-    parser.add_argument("--truth", nargs="+", required=True, metavar="PATH",
-                        help="Ground-truth label maps (or .seg.nrrd): files or folders (a folder's labels/ "
-                        "sub-folder is used when it holds no label files itself). Cases are matched by name.")
-    parser.add_argument("--out", default="evaluation", metavar="DIR",
-                        help="Folder for metrics.csv and metrics.json (default: evaluation).")
-    parser.add_argument("--labels", nargs="+", type=int, metavar="V",
-                        help="Label values to evaluate (default: every non-zero value found).")
+    parser.add_argument(
+        "--pred",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="Predicted label maps: files, folders of label files, or a `buseg predict` output folder.",
+    )
+    parser.add_argument(
+        "--truth",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="Ground-truth label maps (or .seg.nrrd): files or folders (a folder's labels/ "
+        "sub-folder is used when it holds no label files itself). Cases are matched by name.",
+    )
+    parser.add_argument(
+        "--out",
+        default="evaluation",
+        metavar="DIR",
+        help="Folder for metrics.csv and metrics.json (default: evaluation).",
+    )
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        type=int,
+        metavar="V",
+        help="Label values to evaluate (default: every non-zero value found).",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace existing metrics files in --out.")
     add_common_arguments(parser)
 
@@ -31,9 +50,15 @@ def run(args: argparse.Namespace) -> int:
     def job() -> dict:
         from ..metrics import evaluate_files, format_summary
 
-        result = evaluate_files(args.pred, args.truth, Path(args.out).resolve(), label_values=args.labels,
-                                overwrite=args.overwrite,
-                                events=sink, should_stop=stop)
+        result = evaluate_files(
+            args.pred,
+            args.truth,
+            Path(args.out).resolve(),
+            label_values=args.labels,
+            overwrite=args.overwrite,
+            events=sink,
+            should_stop=stop,
+        )
         stream = sys.stderr if args.progress == "jsonl" else sys.stdout
         print(format_summary(result.summary), file=stream, flush=True)
         return {"metrics_csv": str(result.csv_path), "metrics_json": str(result.json_path)}

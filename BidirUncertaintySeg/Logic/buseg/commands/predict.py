@@ -16,11 +16,19 @@ from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_lo
 
 
 def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="Image files (NIfTI, NRRD, MHA) or folders of images (a folder's images/ "
-                        "sub-folder is used when it holds no images itself).")
-    parser.add_argument("--config", metavar="JSON", help="Start from a prediction config file (e.g. the 'config' "
-                        "of an earlier summary.json saved on its own); flags given on the command line override it.")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="Image files (NIfTI, NRRD, MHA) or folders of images (a folder's images/ "
+        "sub-folder is used when it holds no images itself).",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="JSON",
+        help="Start from a prediction config file (e.g. the 'config' "
+        "of an earlier summary.json saved on its own); flags given on the command line override it.",
+    )
     add_dataclass_arguments(parser, PredictConfig)
 
 

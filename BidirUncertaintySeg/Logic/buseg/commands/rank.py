@@ -14,15 +14,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..ranking import SCORES
 
     add_prediction_arguments(parser)
-    parser.add_argument("--score", choices=SCORES, default="dice-risk",
-                        help="Per-image score (docs/inference.md): 'dice-risk' (default) = expected errors relative to "
-                        "the predicted structures, E / (2F + E); 'mean-uncertainty' over the whole image (MONAI "
-                        "Label's); 'flagged-volume' = uncertain volume in mm^3.")
-    parser.add_argument("--top-regions", type=int, default=3, metavar="N",
-                        help="Regions listed per case in ranking.json (default: 3).")
-    parser.add_argument("--save-predictions", action="store_true",
-                        help="Also write each case's label map, .seg.nrrd, uncertainty map and regions.json "
-                        "into OUT/<case>/ (as buseg predict does).")
+    parser.add_argument(
+        "--score",
+        choices=SCORES,
+        default="dice-risk",
+        help="Per-image score (docs/inference.md): 'dice-risk' (default) = expected errors relative to "
+        "the predicted structures, E / (2F + E); 'mean-uncertainty' over the whole image (MONAI "
+        "Label's); 'flagged-volume' = uncertain volume in mm^3.",
+    )
+    parser.add_argument(
+        "--top-regions",
+        type=int,
+        default=3,
+        metavar="N",
+        help="Regions listed per case in ranking.json (default: 3).",
+    )
+    parser.add_argument(
+        "--save-predictions",
+        action="store_true",
+        help="Also write each case's label map, .seg.nrrd, uncertainty map and regions.json "
+        "into OUT/<case>/ (as buseg predict does).",
+    )
     add_common_arguments(parser)
 
 
@@ -38,8 +50,15 @@ def run(args: argparse.Namespace) -> int:
         if args.out_dir is None and not args.config:
             config.out_dir = str(Path("ranking").resolve())
         config.validate()
-        result = rank_files(args.inputs, config, score_name=args.score, top_regions=max(0, args.top_regions),
-                            save_predictions=args.save_predictions, events=sink, should_stop=stop)
+        result = rank_files(
+            args.inputs,
+            config,
+            score_name=args.score,
+            top_regions=max(0, args.top_regions),
+            save_predictions=args.save_predictions,
+            events=sink,
+            should_stop=stop,
+        )
         # stdout carries the events with --progress jsonl; the table then goes to stderr.
         stream = sys.stderr if args.progress == "jsonl" else sys.stdout
         print(format_ranking(result.entries, args.score), file=stream, flush=True)

@@ -17,13 +17,23 @@ from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_lo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="JSON", help="Start from a config file (e.g. a run's config.json); "
-                        "flags given on the command line override it.")
-    parser.add_argument("--resume", action="store_true",
-                        help="Continue the training in --out from its last checkpoint (last.pt), with the "
-                        "configuration stored there (only --device, --num-threads, --log-interval may change).")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Replace a previous training's outputs in --out (never done without this flag).")
+    parser.add_argument(
+        "--config",
+        metavar="JSON",
+        help="Start from a config file (e.g. a run's config.json); "
+        "flags given on the command line override it.",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue the training in --out from its last checkpoint (last.pt), with the "
+        "configuration stored there (only --device, --num-threads, --log-interval may change).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace a previous training's outputs in --out (never done without this flag).",
+    )
     add_dataclass_arguments(parser, TrainConfig)
     add_common_arguments(parser)
 
@@ -53,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.resume:
             config.validate()
         result = train(config, events=sink, resume=args.resume, overwrite=args.overwrite, should_stop=stop)
-        return {"model": str(result.model_path), "last": str(result.last_path),
-                "best": str(result.best_path) if result.best_path else None, "out_dir": str(result.out_dir)}
+        return {
+            "model": str(result.model_path),
+            "last": str(result.last_path),
+            "best": str(result.best_path) if result.best_path else None,
+            "out_dir": str(result.out_dir),
+        }
 
     return run_job(sink, job, job_name="train", stop=stop)

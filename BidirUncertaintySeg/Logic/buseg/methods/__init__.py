@@ -21,5 +21,15 @@ def build_method(config: TrainConfig, num_classes: int) -> Method:
     return METHOD_CLASSES[config.method.name](config, num_classes)
 
 
-__all__ = ["BUARL", "METHOD_CLASSES", "Batch", "BidirectionalCopyPaste", "MeanTeacher", "Method", "StepContext",
-           "StepOutput", "Supervised", "build_method"]
+__all__ = [
+    "BUARL",
+    "METHOD_CLASSES",
+    "Batch",
+    "BidirectionalCopyPaste",
+    "MeanTeacher",
+    "Method",
+    "StepContext",
+    "StepOutput",
+    "Supervised",
+    "build_method",
+]

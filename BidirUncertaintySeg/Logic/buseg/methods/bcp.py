@@ -77,8 +77,8 @@ class BidirectionalCopyPaste(Method):
         images, targets = batch.labeled_images, batch.labeled_targets
         half = images.shape[0] // 2
         mask = box_mask(images.shape[2:], self.config.method.mask_ratio, ctx.generator, ctx.device)
-        mixed_images = mix(images[:half], images[half:2 * half], mask)
-        mixed_targets = mix(targets[:half], targets[half:2 * half], mask)
+        mixed_images = mix(images[:half], images[half : 2 * half], mask)
+        mixed_targets = mix(targets[:half], targets[half : 2 * half], mask)
         logits = ctx.student(mixed_images)
         outside = mask.expand_as(mixed_targets)
         cache = self._cache(logits, mixed_targets)
@@ -95,8 +95,8 @@ class BidirectionalCopyPaste(Method):
         u_half = unlabeled.shape[0] // 2
         if u_half != half:
             raise ValueError("bcp needs as many unlabeled as labeled images per iteration")
-        la, lb, ya, yb = images[:half], images[half:2 * half], targets[:half], targets[half:2 * half]
-        ua, ub = unlabeled[:half], unlabeled[half:2 * half]
+        la, lb, ya, yb = images[:half], images[half : 2 * half], targets[:half], targets[half : 2 * half]
+        ua, ub = unlabeled[:half], unlabeled[half : 2 * half]
         teacher_input = torch.cat([ua, ub, la, lb] if self.teacher_sees_labeled() else [ua, ub])
         probabilities = self.teacher_probabilities(ctx, teacher_input)
         pseudo = probabilities[: 2 * half].argmax(dim=1)
@@ -110,9 +110,9 @@ class BidirectionalCopyPaste(Method):
         outside = mask.expand(half, *mask.shape)
         mixed_probabilities = None
         if probabilities is not None:
-            qa, qb = probabilities[:half], probabilities[half: 2 * half]
+            qa, qb = probabilities[:half], probabilities[half : 2 * half]
             if self.teacher_sees_labeled():
-                qla, qlb = probabilities[2 * half: 3 * half], probabilities[3 * half:]
+                qla, qlb = probabilities[2 * half : 3 * half], probabilities[3 * half :]
             else:  # unused placeholders for the truth pixels
                 qla, qlb = torch.zeros_like(qa), torch.zeros_like(qb)
             m = mask.unsqueeze(0)
@@ -130,12 +130,23 @@ class BidirectionalCopyPaste(Method):
     # -- loss over the two halves --------------------------------------------------------------
     def _cache(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         log_probabilities = F.log_softmax(logits.float(), dim=1)
-        return {"log_probabilities": log_probabilities, "probabilities": log_probabilities.exp(),
-                "target_one_hot": one_hot(targets, logits.shape[1])}
+        return {
+            "log_probabilities": log_probabilities,
+            "probabilities": log_probabilities.exp(),
+            "target_one_hot": one_hot(targets, logits.shape[1]),
+        }
 
-    def mixed_loss(self, logits: torch.Tensor, mixed: MixedBatch, *, pseudo_weight: torch.Tensor,
-                   url_selected: torch.Tensor | None, url_weight: float = 0.0, url_dice: bool = False,
-                   pseudo_dice_weighted: bool = True) -> StepOutput:
+    def mixed_loss(
+        self,
+        logits: torch.Tensor,
+        mixed: MixedBatch,
+        *,
+        pseudo_weight: torch.Tensor,
+        url_selected: torch.Tensor | None,
+        url_weight: float = 0.0,
+        url_dice: bool = False,
+        pseudo_dice_weighted: bool = True,
+    ) -> StepOutput:
         """Sum over the two halves (x_in, x_out) of the region losses, as the published recipe.
 
         truth:  region_loss(truth pixels, w = 1)
@@ -150,7 +161,9 @@ class BidirectionalCopyPaste(Method):
             cache = self._cache(lg, tg)
             supervised = supervised + region_loss(lg, tg, torch.ones_like(truth), truth, **cache)
             dice_weight = None if pseudo_dice_weighted else torch.ones_like(truth)
-            pseudo = pseudo + region_loss(lg, tg, pseudo_weight[part], 1 - truth, dice_weight=dice_weight, **cache)
+            pseudo = pseudo + region_loss(
+                lg, tg, pseudo_weight[part], 1 - truth, dice_weight=dice_weight, **cache
+            )
             if url_selected is not None and url_weight > 0:
                 url = url + region_loss(lg, tg, url_selected[part], truth, dice=url_dice, **cache)
         loss = supervised + self.config.method.unlabeled_weight * pseudo + url_weight * url

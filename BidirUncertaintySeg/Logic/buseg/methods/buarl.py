@@ -39,9 +39,16 @@ def crl_threshold(config, stage_iteration: int) -> float:
     return c.threshold
 
 
-def certainty_weights(uncertainty: torch.Tensor, pseudo_region: torch.Tensor, *, mode: str,
-                      threshold_mode: str, threshold: float, quantile: float,
-                      pseudo_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+def certainty_weights(
+    uncertainty: torch.Tensor,
+    pseudo_region: torch.Tensor,
+    *,
+    mode: str,
+    threshold_mode: str,
+    threshold: float,
+    quantile: float,
+    pseudo_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
     """CRL weights of pseudo-labeled pixels (0 elsewhere) and the threshold used (the mean of the
     per-class thresholds for ``class-quantile``)."""
     region = pseudo_region > 0
@@ -100,8 +107,9 @@ def _quantile(values: torch.Tensor, q: float, *, default: float) -> float:
     return float(values.kthvalue(max(1, int(q * values.numel()))).values)
 
 
-def url_selection(uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quantile: float,
-                  min_uncertainty: float) -> torch.Tensor:
+def url_selection(
+    uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quantile: float, min_uncertainty: float
+) -> torch.Tensor:
     """1 on the truth pixels of each image whose uncertainty is in its top (1 - quantile) and > min.
 
     The per-image cut is the ``quantile`` of that image's truth-pixel uncertainties (linear
@@ -114,12 +122,16 @@ def url_selection(uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quan
     flat = uncertainty.reshape(count, -1).float()
     region = truth_region.reshape(count, -1) > 0
     if flat.shape[1] >= _QUANTILE_LIMIT:  # torch.quantile's size limit: one image at a time
-        return _url_selection_per_image(uncertainty, truth_region, quantile=quantile, min_uncertainty=min_uncertainty)
+        return _url_selection_per_image(
+            uncertainty, truth_region, quantile=quantile, min_uncertainty=min_uncertainty
+        )
     rows_per_chunk = max(1, _QUANTILE_LIMIT // flat.shape[1])
-    cuts = torch.cat([
-        torch.nanquantile(torch.where(r, f, torch.nan), quantile, dim=1, keepdim=True)
-        for f, r in zip(flat.split(rows_per_chunk), region.split(rows_per_chunk), strict=True)
-    ])
+    cuts = torch.cat(
+        [
+            torch.nanquantile(torch.where(r, f, torch.nan), quantile, dim=1, keepdim=True)
+            for f, r in zip(flat.split(rows_per_chunk), region.split(rows_per_chunk), strict=True)
+        ]
+    )
     selected = region & (flat > cuts) & (flat > min_uncertainty)
     return selected.reshape(uncertainty.shape).to(uncertainty.dtype)
 
@@ -127,8 +139,9 @@ def url_selection(uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quan
 _QUANTILE_LIMIT = 2**24  # torch.quantile refuses inputs with more elements
 
 
-def _url_selection_per_image(uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quantile: float,
-                             min_uncertainty: float) -> torch.Tensor:
+def _url_selection_per_image(
+    uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quantile: float, min_uncertainty: float
+) -> torch.Tensor:
     """The straightforward per-image selection (kthvalue where an image is too large for quantile)."""
     selected = torch.zeros_like(uncertainty)
     for index in range(uncertainty.shape[0]):
@@ -137,7 +150,9 @@ def _url_selection_per_image(uncertainty: torch.Tensor, truth_region: torch.Tens
         if values.numel() == 0:
             continue
         cut = _quantile(values, quantile, default=1.0)
-        selected[index] = (region & (uncertainty[index] > cut) & (uncertainty[index] > min_uncertainty)).float()
+        selected[index] = (
+            region & (uncertainty[index] > cut) & (uncertainty[index] > min_uncertainty)
+        ).float()
     return selected
 
 
@@ -166,8 +181,12 @@ class BUARL(BidirectionalCopyPaste):
             teacher_uncertainty = normalized_entropy(mixed.teacher_probabilities)
             if crl.enabled:
                 pseudo_weight, tau = certainty_weights(
-                    teacher_uncertainty, pseudo_region, mode=crl.mode, threshold_mode=crl.threshold_mode,
-                    threshold=crl_threshold(self.config, ctx.stage_iteration), quantile=crl.quantile,
+                    teacher_uncertainty,
+                    pseudo_region,
+                    mode=crl.mode,
+                    threshold_mode=crl.threshold_mode,
+                    threshold=crl_threshold(self.config, ctx.stage_iteration),
+                    quantile=crl.quantile,
                     pseudo_labels=mixed.targets,
                 )
                 logs["crl_threshold"] = tau
@@ -180,12 +199,19 @@ class BUARL(BidirectionalCopyPaste):
                     truth_uncertainty = normalized_entropy(torch.softmax(logits.detach().float(), dim=1))
                 else:
                     truth_uncertainty = teacher_uncertainty
-                selected = url_selection(truth_uncertainty, truth, quantile=url.quantile,
-                                         min_uncertainty=url.min_uncertainty)
+                selected = url_selection(
+                    truth_uncertainty, truth, quantile=url.quantile, min_uncertainty=url.min_uncertainty
+                )
                 logs["url_selected_fraction"] = float(selected.sum() / truth.sum().clamp_min(1))
-        output = self.mixed_loss(logits, mixed, pseudo_weight=pseudo_weight, url_selected=selected,
-                                 url_weight=url.weight if url.enabled else 0.0, url_dice=url.loss == "ce+dice",
-                                 pseudo_dice_weighted=crl.loss == "ce+dice")
+        output = self.mixed_loss(
+            logits,
+            mixed,
+            pseudo_weight=pseudo_weight,
+            url_selected=selected,
+            url_weight=url.weight if url.enabled else 0.0,
+            url_dice=url.loss == "ce+dice",
+            pseudo_dice_weighted=crl.loss == "ce+dice",
+        )
         if crl.enabled:
             output.logs["crl"] = output.logs.pop("pseudo_label")
         output.logs.update(logs)

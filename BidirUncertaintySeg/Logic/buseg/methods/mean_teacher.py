@@ -36,10 +36,18 @@ class MeanTeacher(Method):
         supervised = segmentation_loss(logits[:labeled_count], batch.labeled_targets)
         noise = torch.randn(batch.unlabeled_images.shape, generator=ctx.generator).to(ctx.device)
         noise = noise.mul_(m.noise_std).clamp_(-2 * m.noise_std, 2 * m.noise_std)
-        teacher_probabilities = torch.softmax(ctx.teacher_forward(batch.unlabeled_images + noise).float(), dim=1)
+        teacher_probabilities = torch.softmax(
+            ctx.teacher_forward(batch.unlabeled_images + noise).float(), dim=1
+        )
         student_probabilities = torch.softmax(logits[labeled_count:].float(), dim=1)
         consistency = torch.mean((student_probabilities - teacher_probabilities) ** 2)
         weight = m.consistency_weight * sigmoid_rampup(ctx.iteration, m.consistency_rampup_iterations)
         loss = supervised + weight * consistency
-        return StepOutput(loss, {"supervised": float(supervised.detach()), "consistency": float(consistency.detach()),
-                                 "consistency_weight": weight})
+        return StepOutput(
+            loss,
+            {
+                "supervised": float(supervised.detach()),
+                "consistency": float(consistency.detach()),
+                "consistency_weight": weight,
+            },
+        )
