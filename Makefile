@@ -5,7 +5,7 @@
 #
 #   make demo      the whole idea on generated data (a few minutes on 2 CPU cores) -> demo_output/
 #   make test      ruff + the whole test suite (per-test timeout in pyproject.toml)
-#   make lint      ruff check;  make format  fixes what it can (ruff check --fix)
+#   make lint      ruff check and ruff format --check;  make format  applies both (format, check --fix)
 #   make bench     the benchmarks' CPU presets (needs the benchmark data, see docs/benchmarks.md)
 #   make clean     build/test/demo leftovers;  make distclean  also the virtual environment
 #
@@ -43,12 +43,15 @@ demo: $(STAMP)
 ## Lint, then the whole test suite (per-test timeout in pyproject.toml).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format: $(STAMP)
+	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 ## Benchmarks, CPU presets (results go to benchmarks/results/); a benchmark not written yet is skipped.
