@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from buseg.synthetic import write_dataset
 # Two cores: one intra-op thread per test process keeps timings stable and avoids
 # oversubscription when a test launches worker subprocesses.
 torch.set_num_threads(1)
+
+# The suite's numbers must not depend on which CPU runs it: float32 unless a test asks for
+# bfloat16 itself (buseg.device.cpu_native_bf16 reads this, as do worker subprocesses).
+os.environ.setdefault("BUSEG_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -133,7 +133,11 @@ class OptimConfig:
     )
     momentum: float = opt(0.9, "SGD momentum.")
     weight_decay: float = opt(1e-4, "SGD weight decay.")
-    amp: bool = opt(True, "Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU.")
+    amp: bool = opt(
+        True,
+        "Mixed precision: bfloat16 autocast on a CPU that runs it natively (AVX512-BF16/AMX/ARM BF16; "
+        "float32 elsewhere), bfloat16 or float16 on CUDA. --no-amp: float32 everywhere.",
+    )
     channels_last: bool = opt(
         True,
         "Run 2D networks in the channels-last memory layout: faster convolutions, same results up "
@@ -389,7 +393,11 @@ class PredictConfig:
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     num_threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
-    amp: bool = opt(True, "Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU.")
+    amp: bool = opt(
+        True,
+        "Mixed precision: bfloat16 autocast on a CPU that runs it natively (AVX512-BF16/AMX/ARM BF16; "
+        "float32 elsewhere), bfloat16 or float16 on CUDA. --no-amp: float32 everywhere.",
+    )
     overwrite: bool = opt(False, "Replace existing outputs of the same case (never done silently).")
 
     def validate(self) -> PredictConfig:

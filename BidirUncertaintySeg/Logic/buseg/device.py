@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
+import subprocess
+from pathlib import Path
+
 import torch
 
 from .errors import ConfigError
@@ -57,8 +63,73 @@ def configure_threads(num_threads: int) -> None:
         torch.set_num_threads(num_threads)
 
 
+def cpu_native_bf16() -> tuple[bool, str]:
+    """Whether this CPU runs bfloat16 math natively, and how that was decided (in words).
+
+    oneDNN also "supports" bfloat16 on plain AVX512 CPUs by emulation, which is slower than
+    float32, so torch's own check is not enough: the CPU flags must name a bfloat16
+    instruction set (x86: AVX512-BF16 or AMX-BF16; ARM: BF16). ``BUSEG_CPU_BF16=0`` or ``=1``
+    overrides the detection (e.g. to compare both on one machine).
+    """
+    forced = os.environ.get("BUSEG_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1", f"BUSEG_CPU_BF16={forced}"
+    flags = _cpu_flags()
+    if flags is None:
+        return False, "CPU flags unknown on this system"
+    for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("bf16", "ARM BF16")):
+        if flag in flags:
+            return True, f"CPU has {name}"
+    return False, "CPU has no native bfloat16 (AVX512-BF16/AMX/ARM BF16)"
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU feature flags: /proc/cpuinfo on Linux, sysctl on macOS; None where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if flags:
+        return frozenset(flags)
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return frozenset({"bf16"}) if out == "1" else frozenset()
+    return None
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype for ``device`` (None = full precision): bfloat16 on CUDA where supported."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """Mixed-precision dtype for ``device`` (None = full precision).
+
+    CUDA: bfloat16 where supported, else float16. CPU: bfloat16 where the CPU runs it
+    natively (:func:`cpu_native_bf16`; about 2x faster there), else None: an emulated
+    bfloat16 would be slower than float32. Other devices: None.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_native_bf16()[0]:
+        return torch.bfloat16
+    return None
+
+
+def precision_description(device: torch.device, amp: bool) -> str:
+    """The arithmetic a run uses on ``device``, and why, for the device line of a run."""
+    if not amp:
+        return "float32 (--no-amp)"
+    dtype = autocast_dtype(device)
+    if device.type == "cpu":
+        native, why = cpu_native_bf16()
+        return f"bfloat16 autocast ({why})" if native else f"float32 ({why})"
+    if dtype is None:
+        return f"float32 (no mixed precision on {device.type})"
+    return f"{str(dtype).removeprefix('torch.')} autocast"

@@ -490,7 +490,8 @@ def network_device(network: nn.Module) -> torch.device:
 
 
 def _forward_for(network: nn.Module, device: torch.device, amp: bool, dimension: str) -> Forward:
-    """The network call with the input in the network's memory layout and, on CUDA, autocast."""
+    """The network call with the input in the network's memory layout, under autocast where the
+    device runs mixed precision (:func:`buseg.device.autocast_dtype`); logits come back float32."""
     from .device import autocast_dtype
 
     dtype = autocast_dtype(device) if amp else None
@@ -502,8 +503,9 @@ def _forward_for(network: nn.Module, device: torch.device, amp: bool, dimension:
     def forward(x: torch.Tensor) -> torch.Tensor:
         with autocast():
             logits = network(x.contiguous(memory_format=layout))
-        # Back to the standard layout: argmax/entropy over classes are ~10x slower on channels-last.
-        return logits.contiguous()
+        # Back to float32 (softmax/entropy stay full precision) and to the standard layout, in one
+        # copy: argmax/entropy over classes are ~10x slower on channels-last.
+        return logits.to(torch.float32, memory_format=torch.contiguous_format)
 
     return forward
 

@@ -498,7 +498,8 @@ def _train(
 
     def student_forward(x: torch.Tensor) -> torch.Tensor:
         with autocast():
-            return student_call(layout(x))
+            logits = student_call(layout(x))
+        return logits.float()  # losses, softmax and uncertainty in float32
 
     def teacher_forward(x: torch.Tensor) -> torch.Tensor:
         # Only switch when the top-level mode differs: MC-dropout turns on the dropout layers of
@@ -506,7 +507,8 @@ def _train(
         if teacher.training != (config.method.teacher_mode == "train"):
             teacher.train(config.method.teacher_mode == "train")
         with torch.no_grad(), autocast():
-            return teacher_call(layout(x))
+            logits = teacher_call(layout(x))
+        return logits.float()
 
     def eval_forward(x: torch.Tensor) -> torch.Tensor:
         with autocast():
