@@ -170,8 +170,11 @@ class MethodConfig:
         choices=("eval", "train"),
     )
     consistency_weight: float = opt(0.1, "mean-teacher: weight of the MSE consistency loss.")
-    consistency_rampup_iterations: int = opt(
-        12000, "mean-teacher: sigmoid ramp-up length of the consistency weight (in iterations)."
+    consistency_rampup_iterations: int | None = opt(
+        None,
+        "mean-teacher: sigmoid ramp-up length of the consistency weight (in iterations); default: the "
+        "run's --iterations, so that the full weight is reached at the end of the run (the recipe's 12000 "
+        "was for 30000 iterations).",
     )
     noise_std: float = opt(
         0.1, "mean-teacher: std of the Gaussian noise (clipped at 2 std) on teacher input."
@@ -185,7 +188,8 @@ class MethodConfig:
         "teacher",
         "Methods with a teacher: which network validation scores and the model files hold - the EMA "
         "teacher (a running average of the student: steadier from checkpoint to checkpoint) or the "
-        "student (what the public BCP code evaluates). Copy-paste pre-training always uses the student.",
+        "student (what the public BCP code evaluates). 'teacher' gives the supervised baseline an EMA "
+        "teacher too (one rule for every method). Copy-paste pre-training always uses the student.",
         choices=("teacher", "student"),
     )
 
@@ -235,6 +239,13 @@ class URLConfig:
         "1 + url_weight in CE); 'ce+dice' = also a soft Dice over the selected pixels alone.",
         choices=("ce", "ce+dice"),
     )
+    selection: Literal["uncertainty", "random"] = opt(
+        "uncertainty",
+        "Which labeled pixels get the extra term: 'uncertainty' (URL); 'random' = a control: in every "
+        "image as many truth pixels as URL would select there, drawn at random (if it does as well, "
+        "the gain is extra labeled-pixel weight, not uncertainty).",
+        choices=("uncertainty", "random"),
+    )
 
 
 @dataclass
@@ -269,6 +280,30 @@ class CRLConfig:
     quantile: float = opt(
         0.8,
         "quantile, class-quantile: fraction of pseudo-labeled pixels (of each class) kept, most certain first.",
+    )
+    weighting: Literal["discard", "concentration", "foreground", "negative"] = opt(
+        "discard",
+        "What the certainty c (from crl_mode and the threshold) does to pseudo-labeled pixels "
+        "(equations in docs/method.md): 'discard' = weight c, uncertain pixels removed; "
+        "'concentration' = every pixel keeps BCP's loss, plus crl_extra_weight x the loss over the "
+        "certain pixels; 'foreground' = discard, but background pseudo-labels are never dropped and the "
+        "dropped share shrinks to 0 over crl_shrink_iterations (U2PL); 'negative' = discard, plus "
+        "'not class k' on uncertain pixels for classes the teacher gives < crl_negative_threshold (UPS).",
+        choices=("discard", "concentration", "foreground", "negative"),
+    )
+    extra_weight: float = opt(1.0, "concentration: weight of the extra loss term over the certain pixels.")
+    shrink_iterations: int | None = opt(
+        None,
+        "foreground: self-training iterations over which the dropped share falls linearly to 0 "
+        "(default: the run's --iterations; 0: no shrinking).",
+    )
+    negative_threshold: float = opt(
+        0.05, "negative: classes with teacher probability below this are learned as 'not this class'."
+    )
+    uncertainty_after_cleanup: bool = opt(
+        False,
+        "Where the largest-component clean-up changed a pseudo-label, take the uncertainty among the "
+        "classes the clean-up left (the removed class excluded) instead of the raw teacher entropy.",
     )
 
 
@@ -337,6 +372,12 @@ class TrainConfig:
             raise ConfigError("--url-quantile must be in (0, 1) and --crl-quantile in (0, 1]")
         if not 0 < self.crl.threshold <= 1 or not 0 < self.crl.threshold_start <= 1:
             raise ConfigError("--crl-threshold and --crl-threshold-start must be in (0, 1]")
+        if self.crl.extra_weight < 0 or not 0 < self.crl.negative_threshold < 1:
+            raise ConfigError("--crl-extra-weight must be >= 0 and --crl-negative-threshold in (0, 1)")
+        if (self.crl.shrink_iterations or 0) < 0 or (self.method.consistency_rampup_iterations or 0) < 0:
+            raise ConfigError(
+                "--crl-shrink-iterations and --consistency-rampup-iterations must not be negative"
+            )
         if self.uncertainty.samples < 1:
             raise ConfigError("--uncertainty-samples must be at least 1")
         if self.data.source == "files" and not self.data.labeled:

@@ -77,6 +77,25 @@ def region_loss(
     return (ce_term + dice_term) / 2
 
 
+def negative_loss(
+    probabilities: torch.Tensor, weight: torch.Tensor, negative_classes: torch.Tensor, region: torch.Tensor
+) -> torch.Tensor:
+    """Negative learning (UPS): teach "not class k" for the classes in ``negative_classes``.
+
+        NL(r, w) = sum_{i in r} w_i * ( -1/|N_i| sum_{k in N_i} log(1 - p_ik) ) / |r|
+
+    ``probabilities`` (N, C, *S) is the student's softmax, ``negative_classes`` (N, C, *S) 0/1
+    marks N_i, ``weight`` and ``region`` are (N, *S). Pixels without a negative class add
+    nothing; like the CE of :func:`region_loss`, the sum is normalised by the region's size.
+    """
+    negatives = negative_classes.float()
+    count = negatives.sum(1)
+    per_class = -torch.log((1 - probabilities.float()).clamp_min(1e-6)) * negatives
+    per_pixel = per_class.sum(1) / count.clamp_min(1.0)
+    region = region.float()
+    return (per_pixel * weight * region).sum() / region.sum().clamp_min(1.0)
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Plain supervised loss (CE + Dice) / 2 over all pixels (the reference's)."""
     ones = torch.ones(target.shape, device=logits.device)

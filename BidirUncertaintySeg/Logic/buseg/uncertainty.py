@@ -34,6 +34,16 @@ def normalized_entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tenso
     return (entropy / math.log(classes)).clamp_(0.0, 1.0)
 
 
+def entropy_without_argmax(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Normalised entropy (still divided by ln C) of ``probabilities`` with their most likely class
+    removed and the rest renormalised: how certain the model is among the classes left when that
+    class is ruled out (as the largest-component clean-up rules it out where it removes a piece)."""
+    p = probabilities.float()
+    top = p.argmax(dim=dim, keepdim=True)
+    rest = p.scatter(dim, top, 0.0).clamp_min(1e-8)
+    return normalized_entropy(rest / rest.sum(dim=dim, keepdim=True), dim=dim)
+
+
 @torch.no_grad()
 def mc_dropout_probabilities(
     model: nn.Module,

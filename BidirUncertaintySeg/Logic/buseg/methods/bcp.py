@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from ..copy_paste import box_mask, largest_component_per_class, mix
-from ..losses import one_hot, region_loss
+from ..losses import negative_loss, one_hot, region_loss
 from .base import Batch, Method, StepContext, StepOutput
 
 
@@ -38,12 +38,15 @@ class MixedBatch:
     ``truth_mask`` is 1 where the target is ground truth and 0 where it is a pseudo-label.
     ``teacher_probabilities`` are the teacher's class probabilities for the *source* image
     of each pixel, mixed with the same mask (used by subclasses for uncertainty).
+    ``cleanup_changed`` is 1 on the pseudo-labeled pixels whose label the largest-component
+    clean-up changed (the teacher's argmax there was another class), 0 elsewhere.
     """
 
     images: torch.Tensor
     targets: torch.Tensor
     truth_mask: torch.Tensor
     teacher_probabilities: torch.Tensor | None = None
+    cleanup_changed: torch.Tensor | None = None
 
 
 class BidirectionalCopyPaste(Method):
@@ -99,9 +102,11 @@ class BidirectionalCopyPaste(Method):
         ua, ub = unlabeled[:half], unlabeled[half : 2 * half]
         teacher_input = torch.cat([ua, ub, la, lb] if self.teacher_sees_labeled() else [ua, ub])
         probabilities = self.teacher_probabilities(ctx, teacher_input)
-        pseudo = probabilities[: 2 * half].argmax(dim=1)
+        argmax = probabilities[: 2 * half].argmax(dim=1)
+        pseudo = argmax
         if self.config.method.pseudo_label_lcc:
-            pseudo = largest_component_per_class(pseudo, self.num_classes)
+            pseudo = largest_component_per_class(argmax, self.num_classes)
+        changed = (pseudo != argmax).float()
         pa, pb = pseudo[:half], pseudo[half:]
         mask = box_mask(images.shape[2:], self.config.method.mask_ratio, ctx.generator, ctx.device)
         x_in, x_out = mix(ua, la, mask), mix(lb, ub, mask)
@@ -117,11 +122,15 @@ class BidirectionalCopyPaste(Method):
                 qla, qlb = torch.zeros_like(qa), torch.zeros_like(qb)
             m = mask.unsqueeze(0)
             mixed_probabilities = torch.cat([mix(qa, qla, m), mix(qlb, qb, m)])
+        none_changed = torch.zeros_like(changed[:half])
         return MixedBatch(
             images=torch.cat([x_in, x_out]),
             targets=torch.cat([t_in, t_out]).long(),
             truth_mask=torch.cat([inside, outside]).float(),
             teacher_probabilities=mixed_probabilities,
+            cleanup_changed=torch.cat(
+                [mix(changed[:half], none_changed, mask), mix(none_changed, changed[half:], mask)]
+            ),
         )
 
     def teacher_probabilities(self, ctx: StepContext, images: torch.Tensor) -> torch.Tensor:
@@ -146,12 +155,18 @@ class BidirectionalCopyPaste(Method):
         url_weight: float = 0.0,
         url_dice: bool = False,
         pseudo_dice_weighted: bool = True,
+        pseudo_extra: torch.Tensor | None = None,
+        pseudo_extra_weight: float = 0.0,
+        negative_weight: torch.Tensor | None = None,
+        negative_classes: torch.Tensor | None = None,
     ) -> StepOutput:
         """Sum over the two halves (x_in, x_out) of the region losses, as the published recipe.
 
         truth:  region_loss(truth pixels, w = 1)
-        pseudo: unlabeled_weight * region_loss(pseudo pixels, w = pseudo_weight)
+        pseudo: unlabeled_weight * [ region_loss(pseudo pixels, w = pseudo_weight)
                 (``pseudo_dice_weighted=False``: the weights in CE only, Dice over all pseudo pixels)
+                + pseudo_extra_weight * region_loss(pseudo pixels, w = pseudo_extra)   (if given)
+                + negative_loss(pseudo pixels, negative_weight, negative_classes) ]   (if given)
         url:    url_weight * region_loss(truth pixels, w = url_selected, dice=url_dice)   (only if given)
         """
         half = logits.shape[0] // 2
@@ -164,6 +179,14 @@ class BidirectionalCopyPaste(Method):
             pseudo = pseudo + region_loss(
                 lg, tg, pseudo_weight[part], 1 - truth, dice_weight=dice_weight, **cache
             )
+            if pseudo_extra is not None and pseudo_extra_weight > 0:
+                pseudo = pseudo + pseudo_extra_weight * region_loss(
+                    lg, tg, pseudo_extra[part], 1 - truth, dice=pseudo_dice_weighted, **cache
+                )
+            if negative_weight is not None:
+                pseudo = pseudo + negative_loss(
+                    cache["probabilities"], negative_weight[part], negative_classes[part], 1 - truth
+                )
             if url_selected is not None and url_weight > 0:
                 url = url + region_loss(lg, tg, url_selected[part], truth, dice=url_dice, **cache)
         loss = supervised + self.config.method.unlabeled_weight * pseudo + url_weight * url

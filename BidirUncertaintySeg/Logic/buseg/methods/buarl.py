@@ -8,10 +8,17 @@ pseudo-label, and has an uncertainty ``u`` in 0..1 (normalised predictive entrop
   image, S = {truth pixels with u > their per-image ``url.quantile`` and u > ``url.min_uncertainty``},
   gets an extra loss term ``url.weight * region_loss(truth pixels, w = 1[S])``: exact labels
   teach the model where it is unsure.
-* **CRL** (pseudo-labeled pixels): the pseudo-label loss keeps only the certain pixels,
-  ``w = 1[u <= tau]`` (hard) or ``w = clip(1 - u / tau, 0, 1)`` (soft), tau fixed, ramped
-  (from ``crl.threshold_start`` to ``crl.threshold``), a batch quantile, or one quantile per
-  pseudo-label class (``class-quantile``).
+* **CRL** (pseudo-labeled pixels): a certainty ``c = 1[u <= tau]`` (hard) or
+  ``c = clip(1 - u / tau, 0, 1)`` (soft), tau fixed, ramped (from ``crl.threshold_start`` to
+  ``crl.threshold``), a batch quantile, or one quantile per pseudo-label class
+  (``class-quantile``). ``crl.weighting`` says what c does: ``discard`` (the pseudo-label loss
+  keeps only the certain pixels, w = c), ``concentration`` (every pixel keeps BCP's loss and the
+  certain ones get an extra term), ``foreground`` (discard without ever dropping background, the
+  dropped share shrinking over training), ``negative`` (discard, plus "not class k" learning on
+  the uncertain pixels). ``crl.uncertainty_after_cleanup`` takes u of the pixels the
+  largest-component clean-up changed among the classes it left.
+* A control for URL (``url.selection='random'``): as many truth pixels per image as URL selects,
+  drawn at random.
 
 Where u comes from: for pseudo-labeled pixels, the teacher's prediction on the unlabeled
 image, which BCP computes anyway (free). For truth pixels, by default the student's own
@@ -23,9 +30,11 @@ batched pass extended to the labeled images (``url.source='teacher'``, ~1.2x the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..uncertainty import mc_dropout_probabilities, normalized_entropy
+from ..uncertainty import entropy_without_argmax, mc_dropout_probabilities, normalized_entropy
 from .base import StepContext, StepOutput
 from .bcp import BidirectionalCopyPaste, MixedBatch
 
@@ -37,6 +46,76 @@ def crl_threshold(config, stage_iteration: int) -> float:
         t = min(1.0, stage_iteration / c.ramp_iterations)
         return c.threshold_start + (c.threshold - c.threshold_start) * t
     return c.threshold
+
+
+def crl_shrink(config, stage_iteration: int) -> float:
+    """``foreground``: the factor (1 down to 0) applied to the dropped share at a self-training
+    iteration, s = max(0, 1 - t / T) (U2PL's linear schedule); 1 for the other weightings."""
+    c = config.crl
+    if c.weighting != "foreground":
+        return 1.0
+    length = config.optim.iterations if c.shrink_iterations is None else c.shrink_iterations
+    if length <= 0:
+        return 1.0
+    return max(0.0, 1.0 - stage_iteration / length)
+
+
+def _shrunk(value: float, shrink: float) -> float:
+    """A kept fraction or threshold whose complement (the dropped share) is scaled by ``shrink``."""
+    return value if shrink >= 1.0 else 1.0 - (1.0 - value) * shrink
+
+
+@dataclass
+class PseudoWeights:
+    """Per-pixel weights of the pseudo-label term for one CRL weighting (docs/method.md).
+
+    ``base`` weighs L(P, .); ``certainty`` is c (logged as the kept fraction); ``extra`` (concentration)
+    weighs the extra term L(P, c); ``negative`` (negative learning) weighs NL(P, 1 - c) over the classes
+    in ``negative_classes``.
+    """
+
+    base: torch.Tensor
+    certainty: torch.Tensor
+    extra: torch.Tensor | None = None
+    negative: torch.Tensor | None = None
+    negative_classes: torch.Tensor | None = None
+
+
+def crl_pseudo_weights(
+    config,
+    uncertainty: torch.Tensor,
+    pseudo_region: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    teacher_probabilities: torch.Tensor,
+    stage_iteration: int,
+) -> tuple[PseudoWeights, float]:
+    """The CRL weights of ``config.crl.weighting`` and the threshold used (see :func:`certainty_weights`)."""
+    c = config.crl
+    shrink = crl_shrink(config, stage_iteration)
+    certainty, tau = certainty_weights(
+        uncertainty,
+        pseudo_region,
+        mode=c.mode,
+        threshold_mode=c.threshold_mode,
+        threshold=_shrunk(crl_threshold(config, stage_iteration), shrink),
+        quantile=_shrunk(c.quantile, shrink),
+        pseudo_labels=pseudo_labels,
+    )
+    if c.weighting == "foreground":
+        certainty = torch.where(pseudo_labels == 0, pseudo_region, certainty)
+    if c.weighting == "concentration":
+        return PseudoWeights(base=pseudo_region.clone(), certainty=certainty, extra=certainty), tau
+    if c.weighting == "negative":
+        classes = torch.arange(teacher_probabilities.shape[1], device=pseudo_labels.device)
+        is_target = classes.view(1, -1, *([1] * (pseudo_labels.dim() - 1))) == pseudo_labels.unsqueeze(1)
+        negative_classes = (teacher_probabilities < c.negative_threshold) & ~is_target
+        return PseudoWeights(
+            base=certainty,
+            certainty=certainty,
+            negative=(1 - certainty) * pseudo_region,
+            negative_classes=negative_classes,
+        ), tau
+    return PseudoWeights(base=certainty, certainty=certainty), tau
 
 
 def certainty_weights(
@@ -139,6 +218,23 @@ def url_selection(
 _QUANTILE_LIMIT = 2**24  # torch.quantile refuses inputs with more elements
 
 
+def random_selection_like(
+    selected: torch.Tensor, truth_region: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The URL control: in every image as many truth pixels as ``selected`` holds, drawn uniformly
+    at random among its truth pixels (``generator`` on the CPU, as the run's other random draws)."""
+    count = selected.shape[0]
+    wanted = selected.reshape(count, -1).sum(1, keepdim=True)
+    region = truth_region.reshape(count, -1) > 0
+    scores = torch.rand(region.shape, generator=generator).to(region.device)
+    scores = torch.where(region, scores, torch.full_like(scores, -1.0))  # non-truth pixels rank last
+    order = scores.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return ((rank < wanted) & region).reshape(selected.shape).to(selected.dtype)
+
+
 def _url_selection_per_image(
     uncertainty: torch.Tensor, truth_region: torch.Tensor, *, quantile: float, min_uncertainty: float
 ) -> torch.Tensor:
@@ -174,45 +270,77 @@ class BUARL(BidirectionalCopyPaste):
 
     def weighted_loss(self, ctx: StepContext, logits: torch.Tensor, mixed: MixedBatch) -> StepOutput:
         url, crl = self.config.url, self.config.crl
-        truth = mixed.truth_mask
-        pseudo_region = 1 - truth
         logs: dict[str, float] = {}
         with torch.no_grad():
             teacher_uncertainty = normalized_entropy(mixed.teacher_probabilities)
-            if crl.enabled:
-                pseudo_weight, tau = certainty_weights(
-                    teacher_uncertainty,
-                    pseudo_region,
-                    mode=crl.mode,
-                    threshold_mode=crl.threshold_mode,
-                    threshold=crl_threshold(self.config, ctx.stage_iteration),
-                    quantile=crl.quantile,
-                    pseudo_labels=mixed.targets,
-                )
-                logs["crl_threshold"] = tau
-                logs["crl_kept_fraction"] = float(pseudo_weight.sum() / pseudo_region.sum().clamp_min(1))
-            else:
-                pseudo_weight = torch.ones_like(truth)
-            selected = None
-            if url.enabled:
-                if self.url_source == "student":
-                    truth_uncertainty = normalized_entropy(torch.softmax(logits.detach().float(), dim=1))
-                else:
-                    truth_uncertainty = teacher_uncertainty
-                selected = url_selection(
-                    truth_uncertainty, truth, quantile=url.quantile, min_uncertainty=url.min_uncertainty
-                )
-                logs["url_selected_fraction"] = float(selected.sum() / truth.sum().clamp_min(1))
+            weights = self.pseudo_weights(ctx, mixed, teacher_uncertainty, logs)
+            selected = (
+                self.url_selected(ctx, logits, mixed, teacher_uncertainty, logs) if url.enabled else None
+            )
         output = self.mixed_loss(
             logits,
             mixed,
-            pseudo_weight=pseudo_weight,
+            pseudo_weight=weights.base,
             url_selected=selected,
             url_weight=url.weight if url.enabled else 0.0,
             url_dice=url.loss == "ce+dice",
             pseudo_dice_weighted=crl.loss == "ce+dice",
+            pseudo_extra=weights.extra,
+            pseudo_extra_weight=crl.extra_weight,
+            negative_weight=weights.negative,
+            negative_classes=weights.negative_classes,
         )
         if crl.enabled:
             output.logs["crl"] = output.logs.pop("pseudo_label")
         output.logs.update(logs)
         return output
+
+    def pseudo_weights(
+        self, ctx: StepContext, mixed: MixedBatch, teacher_uncertainty: torch.Tensor, logs: dict[str, float]
+    ) -> PseudoWeights:
+        """CRL's weights of the pseudo-labeled pixels (all 1 without CRL: BCP's loss)."""
+        crl = self.config.crl
+        pseudo_region = 1 - mixed.truth_mask
+        if not crl.enabled:
+            return PseudoWeights(base=torch.ones_like(pseudo_region), certainty=pseudo_region)
+        uncertainty = teacher_uncertainty
+        if crl.uncertainty_after_cleanup and mixed.cleanup_changed is not None:
+            # The clean-up ruled the teacher's argmax out there: its certainty among the classes left.
+            changed = mixed.cleanup_changed > 0
+            uncertainty = torch.where(
+                changed, entropy_without_argmax(mixed.teacher_probabilities), uncertainty
+            )
+            logs["crl_cleanup_changed_fraction"] = float(changed.sum() / pseudo_region.sum().clamp_min(1))
+        weights, tau = crl_pseudo_weights(
+            self.config,
+            uncertainty,
+            pseudo_region,
+            mixed.targets,
+            mixed.teacher_probabilities,
+            ctx.stage_iteration,
+        )
+        logs["crl_threshold"] = tau
+        logs["crl_kept_fraction"] = float(weights.certainty.sum() / pseudo_region.sum().clamp_min(1))
+        return weights
+
+    def url_selected(
+        self,
+        ctx: StepContext,
+        logits: torch.Tensor,
+        mixed: MixedBatch,
+        teacher_uncertainty: torch.Tensor,
+        logs: dict[str, float],
+    ) -> torch.Tensor:
+        """URL's selected truth pixels (or, for the random control, as many drawn at random)."""
+        url, truth = self.config.url, mixed.truth_mask
+        if self.url_source == "student":
+            truth_uncertainty = normalized_entropy(torch.softmax(logits.detach().float(), dim=1))
+        else:
+            truth_uncertainty = teacher_uncertainty
+        selected = url_selection(
+            truth_uncertainty, truth, quantile=url.quantile, min_uncertainty=url.min_uncertainty
+        )
+        if url.selection == "random":
+            selected = random_selection_like(selected, truth, ctx.generator)
+        logs["url_selected_fraction"] = float(selected.sum() / truth.sum().clamp_min(1))
+        return selected

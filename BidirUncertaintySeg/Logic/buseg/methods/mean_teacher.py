@@ -3,7 +3,9 @@
 Loss = supervised (CE + Dice)/2 on labeled images + w(t) * MSE between the student's and
 the teacher's softmax on unlabeled images, the teacher seeing the image with Gaussian
 noise (std ``noise_std`` clipped at 2 std). w(t) = consistency_weight * exp(-5 (1 - t)^2),
-t = min(1, iteration / consistency_rampup_iterations) (the sigmoid ramp-up).
+t = min(1, iteration / T) (the sigmoid ramp-up), T = ``consistency_rampup_iterations``, by
+default the run's length (``optim.iterations``): the recipe's 12000 was for 30000 iterations, and
+a short run with that ramp would end with a weight near 0 (supervised fine-tuning).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ class MeanTeacher(Method):
     uses_teacher = True
     uses_unlabeled = True
 
+    @property
+    def rampup_iterations(self) -> int:
+        ramp = self.config.method.consistency_rampup_iterations
+        return self.config.optim.iterations if ramp is None else ramp
+
     def step(self, ctx: StepContext, batch: Batch) -> StepOutput:
         m = self.config.method
         labeled_count = batch.labeled_images.shape[0]
@@ -41,7 +48,7 @@ class MeanTeacher(Method):
         )
         student_probabilities = torch.softmax(logits[labeled_count:].float(), dim=1)
         consistency = torch.mean((student_probabilities - teacher_probabilities) ** 2)
-        weight = m.consistency_weight * sigmoid_rampup(ctx.iteration, m.consistency_rampup_iterations)
+        weight = m.consistency_weight * sigmoid_rampup(ctx.iteration, self.rampup_iterations)
         loss = supervised + weight * consistency
         return StepOutput(
             loss,
