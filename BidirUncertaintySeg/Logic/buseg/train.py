@@ -41,7 +41,7 @@ from . import __version__
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig, from_dict, to_dict
 from .data import TrainingData, load_training_data
-from .device import autocast_dtype, configure_threads, resolve_device
+from .device import autocast_dtype, configure_threads, precision_description, resolve_device
 from .distributed import DistributedContext, init_distributed
 from .errors import BusegError, Cancelled, ConfigError, OutputError, ResourceError
 from .events import EventSink, split_logs
@@ -406,326 +406,423 @@ def _train(
     data: TrainingData | None,
     dist: DistributedContext,
 ) -> TrainResult:
-    out_dir = Path(config.out_dir)
-    configure_threads(config.num_threads)
-    device, reason = (
-        resolve_device(config.device) if not dist.enabled else dist.device_and_reason(config.device)
-    )
-    _seed_everything(config.seed + dist.rank)
-    generator = torch.Generator().manual_seed(config.seed + 1000 * dist.rank)
+    return Trainer(config, sink, stored, should_stop, data, dist).run()
 
-    if data is None:
-        data = load_training_data(config, log=logger.info)
-    for message in data.warnings:
-        sink.emit("warning", message=message)
-    method: Method = build_method(config, data.num_classes)
-    if method.uses_unlabeled and not data.unlabeled_images:
-        raise ConfigError(f"method {config.method.name} needs unlabeled images")
-    if config.validation_interval and not data.validation:
-        sink.emit("warning", message="no validation data: model.pt will be the final weights, not the best")
 
-    patch = config.model.patch_size
-    if config.model.dimension == "2d":
-        size_hw = patch[::-1]
-        labeled = SliceSampler(data.labeled_images, data.labeled_labels, size_hw, augment=config.data.augment)
+@dataclass
+class _LossWindow:
+    """Loss values since the last progress event, and the time they took."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+    start_seconds: float = field(default_factory=time.perf_counter)
+    iterations: int = 0
+
+    def add(self, logs: dict[str, float]) -> None:
+        self.iterations += 1
+        for key, value in logs.items():
+            self.values.setdefault(key, []).append(value)
+
+    def iterations_per_second(self) -> float | None:
+        seconds = time.perf_counter() - self.start_seconds
+        return self.iterations / seconds if seconds > 0 else None
+
+
+class Trainer:
+    """One training run: the networks, optimizer, samplers and history as fields, the loop in
+    :meth:`run`, and one small method per thing the loop does (:meth:`step`, :meth:`validate`,
+    :meth:`save_last`, :meth:`export`).
+
+    Construction does everything before the first iteration, in an order that fixes the random
+    streams (seeding, data, samplers, network initialisation, optional resume), so that a
+    resumed run continues exactly where the interrupted one stopped.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        sink: EventSink,
+        stored: dict | None,
+        should_stop: Callable[[], bool],
+        data: TrainingData | None,
+        dist: DistributedContext,
+    ):
+        self.config, self.sink, self.should_stop, self.dist = config, sink, should_stop, dist
+        self.out_dir = Path(config.out_dir)
+        self.resumed = stored is not None
+        configure_threads(config.num_threads)
+        self.device, self.device_reason = (
+            resolve_device(config.device) if not dist.enabled else dist.device_and_reason(config.device)
+        )
+        _seed_everything(config.seed + dist.rank)
+        self.generator = torch.Generator().manual_seed(config.seed + 1000 * dist.rank)
+        self.data = data if data is not None else load_training_data(config, log=logger.info)
+        self.method: Method = self._build_method()
+        self.labeled, self.unlabeled = self._build_samplers()
+        self.layout = _input_layout(config)  # channels-last weights and inputs for 2D (docs/speed.md)
+        self.student_module = self._build_student()
+        self.teacher = (
+            copy.deepcopy(self.student_module).requires_grad_(False) if self.method.uses_teacher else None
+        )
+        self.optimizer = _optimizer(self.student_module, config, config.optim.lr)
+        self.total = self.method.pretrain_iterations + config.optim.iterations
+        self.start_iteration = 0
+        self.history: dict[str, Any] = {"losses": [], "validation": [], "lr": []}
+        self.best_metric: float | None = None
+        self.best_iteration: int | None = None
+        if stored is not None:
+            self._restore(stored["training_state"])
+        self.amp_dtype = autocast_dtype(self.device) if config.optim.amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.student: nn.Module = self.student_module  # the DDP wrapper under torchrun
+        if dist.enabled:
+            self.student = dist.wrap(self.student_module)  # broadcasts rank 0's weights to every rank
+            if self.teacher is not None and stored is None:
+                self.teacher.load_state_dict(self.student_module.state_dict())
+        compile_ = config.optim.compile
+        self.student_call = torch.compile(self.student) if compile_ else self.student
+        self.teacher_call = (
+            torch.compile(self.teacher) if compile_ and self.teacher is not None else self.teacher
+        )
+
+    # -- construction -------------------------------------------------------------------
+
+    def _build_method(self) -> Method:
+        config, data = self.config, self.data
+        for message in data.warnings:
+            self.sink.emit("warning", message=message)
+        method = build_method(config, data.num_classes)
+        if method.uses_unlabeled and not data.unlabeled_images:
+            raise ConfigError(f"method {config.method.name} needs unlabeled images")
+        if config.validation_interval and not data.validation:
+            self.sink.emit(
+                "warning", message="no validation data: model.pt will be the final weights, not the best"
+            )
+        return method
+
+    def _build_samplers(self) -> tuple[SliceSampler | PatchSampler, SliceSampler | PatchSampler | None]:
+        data, augment = self.data, self.config.data.augment
+        sampler = SliceSampler if self.config.model.dimension == "2d" else PatchSampler
+        size = self.config.model.patch_size[::-1]  # (H, W) slices or (Z, Y, X) patches
+        labeled = sampler(data.labeled_images, data.labeled_labels, size, augment=augment)
         unlabeled = (
-            SliceSampler(data.unlabeled_images, None, size_hw, augment=config.data.augment)
-            if method.uses_unlabeled
+            sampler(data.unlabeled_images, None, size, augment=augment)
+            if self.method.uses_unlabeled
             else None
         )
-    else:
-        patch_zyx = patch[::-1]
-        labeled = PatchSampler(
-            data.labeled_images, data.labeled_labels, patch_zyx, augment=config.data.augment
-        )
-        unlabeled = (
-            PatchSampler(data.unlabeled_images, None, patch_zyx, augment=config.data.augment)
-            if method.uses_unlabeled
-            else None
-        )
+        return labeled, unlabeled
 
-    student = build_network(
-        config.network_name,
-        in_channels=1,
-        num_classes=data.num_classes,
-        base_channels=config.model.base_channels,
-        dropout=config.model.dropout,
-    ).to(device)
-    layout = _input_layout(config)  # channels-last weights and inputs for 2D (docs/speed.md)
-    if layout is to_channels_last:
-        student = student.to(memory_format=channels_last_format(2))
-    if config.init_weights:
-        _load_initial_weights(student, config, data)
-    teacher = copy.deepcopy(student).requires_grad_(False) if method.uses_teacher else None
-    optimizer = _optimizer(student, config, config.optim.lr)
-    total = method.pretrain_iterations + config.optim.iterations
-    start_iteration = 0
-    history: dict[str, Any] = {"losses": [], "validation": [], "lr": []}
-    best_metric: float | None = None
-    best_iteration: int | None = None
-    if stored is not None:
-        state = stored["training_state"]
-        student.load_state_dict(state["student"])
-        if teacher is not None and state.get("teacher") is not None:
-            teacher.load_state_dict(state["teacher"])
+    def _build_student(self) -> nn.Module:
+        config = self.config
+        student = build_network(
+            config.network_name,
+            in_channels=1,
+            num_classes=self.data.num_classes,
+            base_channels=config.model.base_channels,
+            dropout=config.model.dropout,
+        ).to(self.device)
+        if self.layout is to_channels_last:
+            student = student.to(memory_format=channels_last_format(2))
+        if config.init_weights:
+            _load_initial_weights(student, config, self.data)
+        return student
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``last.pt``'s training state: weights, optimizer, history, random streams."""
+        config, method, dist = self.config, self.method, self.dist
+        self.student_module.load_state_dict(state["student"])
+        if self.teacher is not None and state.get("teacher") is not None:
+            self.teacher.load_state_dict(state["teacher"])
         if method.stage(state["iteration"]) == "train" and method.pretrain_iterations:
-            optimizer = _optimizer(student, config, config.optim.self_training_lr or config.optim.lr)
-        optimizer.load_state_dict(state["optimizer"])
-        start_iteration = int(state["iteration"])
-        history = state["history"]
-        best_metric, best_iteration = state.get("best_metric"), state.get("best_iteration")
-        _restore_random_states(state, generator, dist, config.seed, start_iteration)
-        if dist.is_main and len(state.get("random_per_rank") or [None]) != dist.world_size:
-            sink.emit(
+            self.optimizer = _optimizer(
+                self.student_module, config, config.optim.self_training_lr or config.optim.lr
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_iteration = int(state["iteration"])
+        self.history = state["history"]
+        self.best_metric, self.best_iteration = state.get("best_metric"), state.get("best_iteration")
+        _restore_random_states(state, self.generator, dist, config.seed, self.start_iteration)
+        written_by = len(state.get("random_per_rank") or [None])
+        if dist.is_main and written_by != dist.world_size:
+            self.sink.emit(
                 "warning",
                 message=f"resumed with {dist.world_size} process(es), checkpoint written by "
-                f"{len(state.get('random_per_rank') or [None])}: random batches differ from an uninterrupted run",
+                f"{written_by}: random batches differ from an uninterrupted run",
             )
 
-    amp_dtype = autocast_dtype(device) if config.optim.amp else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    student_module = student
-    if dist.enabled:
-        student = dist.wrap(student)  # broadcasts rank 0's weights to every rank
-        if teacher is not None and stored is None:
-            teacher.load_state_dict(student_module.state_dict())
+    # -- network passes -----------------------------------------------------------------
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    student_call = torch.compile(student) if config.optim.compile else student
-    teacher_call = torch.compile(teacher) if config.optim.compile and teacher is not None else teacher
-
-    def student_forward(x: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            logits = student_call(layout(x))
+    def student_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.student_call(self.layout(x))
         return logits.float()  # losses, softmax and uncertainty in float32
 
-    def teacher_forward(x: torch.Tensor) -> torch.Tensor:
+    def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only switch when the top-level mode differs: MC-dropout turns on the dropout layers of
         # an eval-mode teacher, and teacher.eval() here would silently turn them off again.
-        if teacher.training != (config.method.teacher_mode == "train"):
-            teacher.train(config.method.teacher_mode == "train")
-        with torch.no_grad(), autocast():
-            logits = teacher_call(layout(x))
+        wanted_training = self.config.method.teacher_mode == "train"
+        if self.teacher.training != wanted_training:
+            self.teacher.train(wanted_training)
+        with torch.no_grad(), self._autocast():
+            logits = self.teacher_call(self.layout(x))
         return logits.float()
 
-    def eval_forward(x: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            return student_module(layout(x))
-
-    def teacher_eval_forward(x: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            return teacher(layout(x))
-
-    def exported(stage: str) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-        """The network that validation scores and model files hold (``method.model_weights``)."""
+    def exported(self, stage: str) -> nn.Module:
+        """The network that validation scores and model files hold (``method.model_weights``):
+        the EMA teacher once it exists as such (not during copy-paste pre-training), else the student."""
         if (
-            teacher is not None
-            and config.method.model_weights == "teacher"
-            and (stage == "train" or not method.pretrain_iterations)
+            self.teacher is not None
+            and self.config.method.model_weights == "teacher"
+            and (stage == "train" or not self.method.pretrain_iterations)
         ):
-            return teacher, teacher_eval_forward
-        return student_module, eval_forward
+            return self.teacher
+        return self.student_module
 
-    def _weights_name(stage: str) -> str:
-        return "teacher" if exported(stage)[0] is teacher else "student"
+    def _eval_forward(self, network: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return network(self.layout(x))
 
-    def metadata(iteration: int, extra: dict | None = None) -> dict:
-        return model_metadata(config, data, iteration, extra)
+        return forward
 
-    def write_last(iteration: int) -> Path:
-        path = out_dir / "last.pt"
-        random_per_rank = dist.gather(_random_states(generator))
-        if dist.is_main:
-            save_checkpoint(
-                path,
-                weights=student_module.state_dict(),
-                metadata=metadata(iteration),
-                training_state={
-                    "student": student_module.state_dict(),
-                    "teacher": teacher.state_dict() if teacher is not None else None,
-                    "optimizer": optimizer.state_dict(),
-                    "iteration": iteration,
-                    "history": history,
-                    "best_metric": best_metric,
-                    "best_iteration": best_iteration,
-                    "random": random_per_rank[0],
-                    "random_per_rank": random_per_rank,
-                },
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train from ``start_iteration`` to the end; raises Cancelled (after save_last) on a stop."""
+        self._announce()
+        if self.dist.any(self.should_stop()):  # cancelled while the data were loading
+            raise _cancelled(
+                f"cancelled before iteration {self.start_iteration + 1} of {self.total}",
+                self.out_dir,
+                resumable=self.resumed,
             )
-            write_json_atomic(out_dir / "history.json", history)
-            sink.emit("checkpoint", iteration=iteration, path=str(path), kind="last")
-        return path
+        self.student.train()
+        window = _LossWindow()
+        for iteration in range(self.start_iteration, self.total):
+            stage, lr, logs = self.step(iteration)
+            done = iteration + 1
+            window.add(logs)
+            if done % self.config.log_interval == 0 or done == self.total:
+                self._report_progress(done, stage, lr, window)
+                window = _LossWindow()
+            if self._validation_due(done) and self.validate(done, stage) is not None:
+                window.start_seconds = time.perf_counter()  # validation time is not training speed
+            stop = done < self.total and self.dist.any(self.should_stop())  # every rank stops together
+            if (done % self.config.checkpoint_interval == 0 and done != self.total) or stop:
+                self.save_last(done)
+            if stop:
+                raise _cancelled(
+                    f"cancelled at iteration {done} of {self.total}; resume with --resume", self.out_dir
+                )
+        return self.finish()
 
-    if dist.is_main:
-        write_json_atomic(out_dir / "config.json", to_dict(config))
-    sink.emit(
-        "started",
-        job="train",
-        config=to_dict(config),
-        device=str(device),
-        device_reason=reason,
-        total=total,
-        start_iteration=start_iteration,
-        world_size=dist.world_size,
-        global_batch_size=config.optim.batch_size * dist.world_size,
-        amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
-        num_threads=torch.get_num_threads(),
-        buseg_version=__version__,
-        classes=[c["name"] for c in data.classes],
-        resumed=stored is not None,
-    )
-
-    if dist.any(should_stop()):  # cancelled while the data were loading
-        raise _cancelled(
-            f"cancelled before iteration {start_iteration + 1} of {total}",
-            out_dir,
-            resumable=stored is not None,
-        )
-    student.train()
-    window_losses: dict[str, list[float]] = {}
-    window_start, window_iterations = time.perf_counter(), 0
-    for iteration in range(start_iteration, total):
+    def step(self, iteration: int) -> tuple[str, float, dict[str, float]]:
+        """One optimisation step (and the EMA update); returns the stage, learning rate and logs."""
+        method, config = self.method, self.config
         stage = method.stage(iteration)
         stage_start = 0 if stage == "pretrain" else method.pretrain_iterations
         stage_length = method.pretrain_iterations if stage == "pretrain" else config.optim.iterations
         stage_iteration = iteration - stage_start
         if stage == "train" and iteration == method.pretrain_iterations and method.pretrain_iterations:
-            # BCP: self-training starts from the best pre-trained model (by validation, when there is
-            # validation data; else the last), teacher included, with a fresh optimizer.
-            if best_iteration is not None and best_iteration <= method.pretrain_iterations:
-                student_module.load_state_dict(read_checkpoint(out_dir / "best.pt")["weights"])
-            if dist.enabled:  # only rank 0 validates: every rank continues from its choice
-                for tensor in student_module.state_dict().values():
-                    torch.distributed.broadcast(tensor, src=0)
-            teacher.load_state_dict(student_module.state_dict())
-            dist.sync_buffers(teacher)
-            optimizer = _optimizer(student_module, config, config.optim.self_training_lr or config.optim.lr)
+            self.start_self_training()
         lr = learning_rate(config, stage, stage_iteration, stage_length)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-
-        labeled_count, unlabeled_count = method.batch_sizes(stage)
-        images, targets = labeled.sample(labeled_count, generator)
-        unlabeled_images = unlabeled.sample(unlabeled_count, generator)[0] if unlabeled_count else None
-        batch = Batch(
-            images.to(device, non_blocking=True),
-            targets.to(device, non_blocking=True),
-            unlabeled_images.to(device, non_blocking=True) if unlabeled_images is not None else None,
-        )
         context = StepContext(
-            student=student_forward,
-            teacher=teacher,
-            teacher_forward=teacher_forward,
+            student=self.student_forward,
+            teacher=self.teacher,
+            teacher_forward=self.teacher_forward,
             iteration=iteration,
             stage=stage,
             stage_iteration=stage_iteration,
-            generator=generator,
-            device=device,
+            generator=self.generator,
+            device=self.device,
         )
-        output = method.step(context, batch)
+        output = method.step(context, self._sample_batch(stage))
         if not torch.isfinite(output.loss):
             raise BusegError(
                 f"the loss became {float(output.loss)} at iteration {iteration + 1} ({stage} stage)",
                 hint="lower --lr, or check the images for extreme intensities",
             )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(output.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            output.loss.backward()
-            optimizer.step()
-        if teacher is not None and (stage == "train" or not method.pretrain_iterations):
-            ema_update(teacher, student_module, config.method.ema_decay, stage_iteration)
-            dist.sync_buffers(teacher)  # DDP: every rank keeps rank 0's teacher statistics
+        self._optimise(output.loss)
+        if self.teacher is not None and (stage == "train" or not method.pretrain_iterations):
+            ema_update(self.teacher, self.student_module, config.method.ema_decay, stage_iteration)
+            self.dist.sync_buffers(self.teacher)  # DDP: every rank keeps rank 0's teacher statistics
+        return stage, lr, {"total": float(output.loss.detach()), **output.logs}
 
-        done = iteration + 1
-        window_iterations += 1
-        for key, value in {"total": float(output.loss.detach()), **output.logs}.items():
-            window_losses.setdefault(key, []).append(value)
-        if done % config.log_interval == 0 or done == total:
-            seconds = time.perf_counter() - window_start
-            speed = window_iterations / seconds if seconds > 0 else None
-            means = dist.mean({k: float(np.mean(v)) for k, v in window_losses.items()})  # over ranks
-            history["losses"].append({"iteration": done, "stage": stage, **means})
-            history["lr"].append({"iteration": done, "lr": lr})
-            losses, stats = split_logs(means)
-            sink.emit(
-                "progress",
-                iteration=done,
-                total=total,
-                stage=stage,
-                losses=losses,
-                stats=stats,
-                lr=lr,
-                iterations_per_second=speed,
-                eta_seconds=(total - done) / speed if speed else None,
-            )
-            window_losses, window_start, window_iterations = {}, time.perf_counter(), 0
-        if (
-            dist.is_main
-            and data.validation
-            and config.validation_interval
-            and (done % config.validation_interval == 0 or done == total)
-        ):
-            validation_start = time.perf_counter()
-            network, forward = exported(stage)
-            metrics = evaluate(network, data, config, device, forward, should_stop if done < total else None)
-        else:
-            metrics = None
-        if metrics is not None:  # None: no validation now, or interrupted by a cancel
-            history["validation"].append({"iteration": done, "stage": stage, **metrics})
-            if best_metric is None or metrics["dice"] > best_metric:
-                best_metric, best_iteration = metrics["dice"], done
-                save_checkpoint(
-                    out_dir / "best.pt",
-                    weights=exported(stage)[0].state_dict(),
-                    metadata=metadata(done, {"validation": metrics, "weights": _weights_name(stage)}),
-                )
-                sink.emit("checkpoint", iteration=done, path=str(out_dir / "best.pt"), kind="best")
-            sink.emit(
-                "validation",
-                iteration=done,
-                metrics=metrics,
-                best=best_metric,
-                best_iteration=best_iteration,
-                seconds=time.perf_counter() - validation_start,
-            )
-            window_start = time.perf_counter()  # validation time is not training speed
-        stop = done < total and dist.any(should_stop())  # every rank stops at the same iteration
-        if (done % config.checkpoint_interval == 0 and done != total) or stop:
-            write_last(done)
-        if stop:
-            raise _cancelled(f"cancelled at iteration {done} of {total}; resume with --resume", out_dir)
-
-    last_path = write_last(total)
-    best_path = out_dir / "best.pt" if best_iteration is not None else None
-    final_path = out_dir / "final.pt"
-    if dist.is_main:
-        final_stage = method.stage(total - 1) if total else "train"
-        save_checkpoint(
-            final_path,
-            weights=exported(final_stage)[0].state_dict(),
-            metadata=metadata(total, {"weights": _weights_name(final_stage)}),
+    def _sample_batch(self, stage: str) -> Batch:
+        labeled_count, unlabeled_count = self.method.batch_sizes(stage)
+        images, targets = self.labeled.sample(labeled_count, self.generator)
+        unlabeled = self.unlabeled.sample(unlabeled_count, self.generator)[0] if unlabeled_count else None
+        device = self.device
+        return Batch(
+            images.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+            unlabeled.to(device, non_blocking=True) if unlabeled is not None else None,
         )
-        chosen = best_path if best_path is not None else final_path
-        _copy_atomic(chosen, out_dir / "model.pt")
-        sink.emit("checkpoint", iteration=total, path=str(out_dir / "model.pt"), kind="final")
-    dist.barrier()
-    return TrainResult(
-        status="completed",
-        out_dir=out_dir,
-        model_path=out_dir / "model.pt",
-        last_path=last_path,
-        best_path=best_path,
-        best_metric=best_metric,
-        best_iteration=best_iteration,
-        iterations=total,
-        history=history,
-    )
+
+    def _optimise(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # float16 on CUDA
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+    def start_self_training(self) -> None:
+        """BCP: self-training starts from the best pre-trained model (by validation, when there is
+        validation data; else the last), teacher included, with a fresh optimizer."""
+        config, student = self.config, self.student_module
+        if self.best_iteration is not None and self.best_iteration <= self.method.pretrain_iterations:
+            student.load_state_dict(read_checkpoint(self.out_dir / "best.pt")["weights"])
+        if self.dist.enabled:  # only rank 0 validates: every rank continues from its choice
+            for tensor in student.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+        self.teacher.load_state_dict(student.state_dict())
+        self.dist.sync_buffers(self.teacher)
+        self.optimizer = _optimizer(student, config, config.optim.self_training_lr or config.optim.lr)
+
+    def _report_progress(self, done: int, stage: str, lr: float, window: _LossWindow) -> None:
+        speed = window.iterations_per_second()
+        means = self.dist.mean({k: float(np.mean(v)) for k, v in window.values.items()})  # over ranks
+        self.history["losses"].append({"iteration": done, "stage": stage, **means})
+        self.history["lr"].append({"iteration": done, "lr": lr})
+        losses, stats = split_logs(means)
+        self.sink.emit(
+            "progress",
+            iteration=done,
+            total=self.total,
+            stage=stage,
+            losses=losses,
+            stats=stats,
+            lr=lr,
+            iterations_per_second=speed,
+            eta_seconds=(self.total - done) / speed if speed else None,
+        )
+
+    def _validation_due(self, done: int) -> bool:
+        interval = self.config.validation_interval
+        return bool(
+            self.dist.is_main
+            and self.data.validation
+            and interval
+            and (done % interval == 0 or done == self.total)
+        )
+
+    def validate(self, done: int, stage: str) -> dict[str, float] | None:
+        """Score the exported network on the validation volumes; keep ``best.pt`` up to date.
+
+        Returns None when a cancel interrupted it (the last validation is never interrupted).
+        """
+        start_seconds = time.perf_counter()
+        network = self.exported(stage)
+        stop = self.should_stop if done < self.total else None
+        metrics = evaluate(network, self.data, self.config, self.device, self._eval_forward(network), stop)
+        if metrics is None:
+            return None
+        self.history["validation"].append({"iteration": done, "stage": stage, **metrics})
+        if self.best_metric is None or metrics["dice"] > self.best_metric:
+            self.best_metric, self.best_iteration = metrics["dice"], done
+            self.export(self.out_dir / "best.pt", done, stage, {"validation": metrics})
+            self.sink.emit("checkpoint", iteration=done, path=str(self.out_dir / "best.pt"), kind="best")
+        self.sink.emit(
+            "validation",
+            iteration=done,
+            metrics=metrics,
+            best=self.best_metric,
+            best_iteration=self.best_iteration,
+            seconds=time.perf_counter() - start_seconds,
+        )
+        return metrics
+
+    # -- outputs ------------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        config, dist = self.config, self.dist
+        if dist.is_main:
+            write_json_atomic(self.out_dir / "config.json", to_dict(config))
+        self.sink.emit(
+            "started",
+            job="train",
+            config=to_dict(config),
+            device=str(self.device),
+            device_reason=self.device_reason,
+            total=self.total,
+            start_iteration=self.start_iteration,
+            world_size=dist.world_size,
+            global_batch_size=config.optim.batch_size * dist.world_size,
+            amp=str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None,
+            precision=precision_description(self.device, config.optim.amp),
+            num_threads=torch.get_num_threads(),
+            buseg_version=__version__,
+            classes=[c["name"] for c in self.data.classes],
+            resumed=self.resumed,
+        )
+
+    def metadata(self, iteration: int, extra: dict | None = None) -> dict:
+        return model_metadata(self.config, self.data, iteration, extra)
+
+    def export(self, path: Path, iteration: int, stage: str, extra: dict | None = None) -> None:
+        """Write a model file of the exported network (teacher or student, said in its metadata)."""
+        network = self.exported(stage)
+        weights_name = "teacher" if network is self.teacher else "student"
+        metadata = self.metadata(iteration, {**(extra or {}), "weights": weights_name})
+        save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
+
+    def save_last(self, iteration: int) -> Path:
+        """``last.pt`` with everything a resume needs, and ``history.json``."""
+        path = self.out_dir / "last.pt"
+        random_per_rank = self.dist.gather(_random_states(self.generator))
+        if self.dist.is_main:
+            student_weights = self.student_module.state_dict()
+            save_checkpoint(
+                path,
+                weights=student_weights,
+                metadata=self.metadata(iteration),
+                training_state={
+                    "student": student_weights,
+                    "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                    "optimizer": self.optimizer.state_dict(),
+                    "iteration": iteration,
+                    "history": self.history,
+                    "best_metric": self.best_metric,
+                    "best_iteration": self.best_iteration,
+                    "random": random_per_rank[0],
+                    "random_per_rank": random_per_rank,
+                },
+            )
+            write_json_atomic(self.out_dir / "history.json", self.history)
+            self.sink.emit("checkpoint", iteration=iteration, path=str(path), kind="last")
+        return path
+
+    def finish(self) -> TrainResult:
+        """The end of a run: last.pt, final.pt, and model.pt (best.pt where there was validation)."""
+        total, out_dir = self.total, self.out_dir
+        last_path = self.save_last(total)
+        best_path = out_dir / "best.pt" if self.best_iteration is not None else None
+        final_path = out_dir / "final.pt"
+        if self.dist.is_main:
+            self.export(final_path, total, self.method.stage(total - 1) if total else "train")
+            _copy_atomic(best_path if best_path is not None else final_path, out_dir / "model.pt")
+            self.sink.emit("checkpoint", iteration=total, path=str(out_dir / "model.pt"), kind="final")
+        self.dist.barrier()
+        return TrainResult(
+            status="completed",
+            out_dir=out_dir,
+            model_path=out_dir / "model.pt",
+            last_path=last_path,
+            best_path=best_path,
+            best_metric=self.best_metric,
+            best_iteration=self.best_iteration,
+            iterations=total,
+            history=self.history,
+        )
 
 
 def _input_layout(config: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
