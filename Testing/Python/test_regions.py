@@ -127,3 +127,90 @@ def test_regions_document_is_plain_json_with_the_geometry(reference):
         matrix @ [3.5, 4.5, 1.5, 1], [*_ras_with_sitk(reference, (3.5, 4.5, 1.5)), 1], atol=1e-6
     )
     assert document["summary"]["regions_listed"] == 2
+
+
+# --------------------------------------------------------------------------------------
+# Review regions: cut along the slice axis, tiled in the plane, flags with their reasons,
+# the slice order
+
+
+def _band(reference: Volume) -> np.ndarray:
+    """A ring of uncertainty (0.8) around a structure on slices k = 2..7: one 3D component."""
+    u = np.zeros(reference.array.shape, dtype=np.float32)
+    y, x = np.indices(u.shape[1:])
+    ring = np.abs(np.hypot(y - 10, x - 15) - 6) < 1.0
+    u[2:8, ring] = 0.8
+    return u
+
+
+def test_a_band_around_a_whole_structure_is_cut_into_one_region_per_slab(reference):
+    u = _band(reference)
+    whole = find_regions(u, reference, min_region_mm3=0, max_regions=0)
+    assert len(whole.regions) == 1 and whole.slice_review is None  # without a slice axis: the old rule
+    per_slice = find_regions(u, reference, min_region_mm3=0, max_regions=0, slice_axis_ijk=2)
+    assert len(per_slice.regions) == 6
+    assert {r.bbox_ijk_min[2] for r in per_slice.regions} == set(range(2, 8))
+    assert all(
+        r.bbox_ijk_min[2] == r.bbox_ijk_max[2] and r.reason == "uncertainty" for r in per_slice.regions
+    )
+    assert sum(r.voxel_count for r in per_slice.regions) == whole.regions[0].voxel_count
+    pairs = find_regions(u, reference, min_region_mm3=0, max_regions=0, slice_axis_ijk=2, region_slices=4)
+    assert [r.bbox_ijk_max[2] - r.bbox_ijk_min[2] + 1 for r in pairs.regions] == [4, 2]  # slabs 0-3, 4-7
+
+
+def test_regions_wider_than_the_extent_are_cut_into_tiles_no_wider(reference):
+    u = _band(reference)
+    tiles = find_regions(
+        u, reference, min_region_mm3=0, max_regions=0, slice_axis_ijk=2, region_extent_mm=4.0
+    )
+    spacing_x, spacing_y = reference.spacing_mm[:2]
+    assert len(tiles.regions) > 6
+    for region in tiles.regions:
+        assert (region.bbox_ijk_max[0] - region.bbox_ijk_min[0] + 1) * spacing_x <= 4.0
+        assert (region.bbox_ijk_max[1] - region.bbox_ijk_min[1] + 1) * spacing_y <= 4.0
+        assert region.bbox_ijk_min[2] == region.bbox_ijk_max[2]
+    assert sum(r.voxel_count for r in tiles.regions) == int((u > 0.5).sum())
+
+
+def test_shape_flags_become_regions_with_their_reason_ranked_by_expected_error(reference):
+    from buseg.shape_flags import FLAG_ERROR_PROBABILITY, REASONS
+
+    u = np.zeros(reference.array.shape, dtype=np.float32)
+    u[5, 2:5, 2:12] = 0.6  # 30 voxels of uncertainty: 18 expected errors
+    flags = np.zeros(u.shape, dtype=np.uint8)
+    flags[5, 10:15, 15:25] = 1 + REASONS.index("missing-on-slice")  # 50 confident voxels
+    flags[1, 10:12, 15:17] = 1 + REASONS.index("detached-fragment")  # 4 voxels
+    result = find_regions(u, reference, flags=flags, min_region_mm3=0, slice_axis_ijk=2)
+    assert [r.reason for r in result.regions] == ["missing-on-slice", "uncertainty", "detached-fragment"]
+    first = result.regions[0]
+    assert first.expected_error_voxels == pytest.approx(50 * FLAG_ERROR_PROBABILITY["missing-on-slice"])
+    assert first.review_value == pytest.approx(first.expected_error_voxels * reference.voxel_volume_mm3)
+    assert first.mean_uncertainty == 0.0  # the model was sure: no threshold on u finds it
+    assert result.regions[1].expected_error_voxels == pytest.approx(18.0)
+
+
+def test_the_slice_order_ranks_slices_by_expected_error_with_a_point_to_look_at(reference):
+    u = np.full(reference.array.shape, 0.01, dtype=np.float32)
+    u[6, 4:8, 20:24] = 0.9  # slice k = 6: the most expected error
+    u[3, 15:17, 3:5] = 0.7  # slice k = 3: second
+    result = find_regions(u, reference, min_region_mm3=0, slice_axis_ijk=2)
+    review = result.slice_review
+    assert review["axis_ijk"] == 2 and [s["index"] for s in review["slices"]][:2] == [6, 3]
+    assert len(review["slices"]) == 10
+    top = review["slices"][0]
+    assert top["expected_error_voxels"] == pytest.approx(float(u[6].sum(dtype=np.float64)), rel=1e-5)
+    assert np.allclose(top["center_ras"], _ras_with_sitk(reference, (21.5, 5.5, 6.0)), atol=1e-5)
+    along_i = find_regions(u, reference, min_region_mm3=0, slice_axis_ijk=0).slice_review
+    assert along_i["axis_ijk"] == 0 and along_i["slices"][0]["index"] in range(20, 24)
+    assert len(along_i["slices"]) == 30
+    document = json.loads(json.dumps(regions_document(result, reference)))
+    assert document["slice_review"] == review
+    assert {"id", "voxel_count", "review_value", "bbox_ijk_min", "reason"} <= set(document["regions"][0])
+
+
+def test_the_review_axis_of_a_3d_image_is_its_coarsest():
+    from buseg.regions import review_slice_axis
+
+    assert review_slice_axis((0.5, 1.0, 2.0)) == 2
+    assert review_slice_axis((3.0, 1.0, 1.0)) == 0
+    assert review_slice_axis((1.0, 1.0, 1.0)) == 2

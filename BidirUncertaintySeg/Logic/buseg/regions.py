@@ -10,6 +10,17 @@ very uncertain region comes first; a thin band of mild uncertainty comes later. 
 are ranks (1 = review first); at most ``max_regions`` are listed, and the summary says how
 much of the uncertain volume the list covers.
 
+**Review regions** (what ``buseg predict`` lists): with a slice axis given, regions are cut
+so that a person fixes each in one go. Voxels are flagged by uncertainty or by a shape flag
+(:mod:`buseg.shape_flags`, each flag a reason of its own); the connected groups are found
+within slabs of ``region_slices`` consecutive slices along the slice axis (a band of
+uncertainty around a whole structure becomes one piece per slab), and a piece wider than
+``region_extent_mm`` in the slice plane is cut into equal tiles no wider than that. Each
+piece is ranked by its expected error: the sum over its voxels of the chance that a voxel is
+wrong (:func:`buseg.shape_flags.expected_error_map`: its uncertainty, or its flag's measured
+error rate). The same estimate summed per slice gives the slice review order
+(:func:`slice_review`).
+
 Pure numpy/scipy (no torch): the Slicer module and tests can call it on any map.
 Coordinates: ``*_ijk`` are voxel indices in ITK/Slicer order (i = x column, j = y row,
 k = z slice); ``*_ras`` are millimetres in RAS, as Slicer shows them, computed with the
@@ -19,6 +30,7 @@ image's full geometry (spacing, origin, direction).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -50,6 +62,9 @@ class Region:
     bbox_ijk_max: list[int]
     bbox_ras_min: list[float]
     bbox_ras_max: list[float]
+    # Why it is listed: "uncertainty" or a shape flag's reason (buseg.shape_flags.REASONS).
+    reason: str = "uncertainty"
+    expected_error_voxels: float = 0.0  # sum over its voxels of the chance that a voxel is wrong
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +84,8 @@ class RegionSet:
     listed_review_value: float
     total_review_value: float
     settings: dict[str, Any] = field(default_factory=dict)
+    # The slices best first (see slice_review); None when no slice axis was given.
+    slice_review: dict[str, Any] | None = None
 
     @property
     def coverage(self) -> float:
@@ -131,6 +148,68 @@ def _region_statistics(
     return counts, sums, maxima, centroids
 
 
+def _split_wide(
+    pieces: np.ndarray, count: int, tile_voxels: Sequence[int], next_id: int
+) -> tuple[np.ndarray, int]:
+    """Cut every piece wider than ``tile_voxels`` (per in-plane axis, axes 1 and 2 of ``pieces``)
+    into equal tiles no wider than that; returns the relabelled pieces (ids from ``next_id``)."""
+    out = np.zeros(pieces.shape, dtype=np.int32)
+    for index, box in enumerate(ndimage.find_objects(pieces, max_label=count), start=1):
+        if box is None:
+            continue
+        inside = pieces[box] == index
+        extents = [box[a].stop - box[a].start for a in (1, 2)]
+        cuts = [max(1, math.ceil(e / max(1, t))) for e, t in zip(extents, tile_voxels, strict=True)]
+        if cuts == [1, 1]:
+            out[box][inside] = next_id
+            next_id += 1
+            continue
+        grid = np.indices(inside.shape[1:])
+        tile = (grid[0] * cuts[0] // extents[0]) * cuts[1] + grid[1] * cuts[1] // extents[1]
+        tile_ids = np.broadcast_to(tile, inside.shape)[inside]
+        present, compact = np.unique(tile_ids, return_inverse=True)
+        out[box][inside] = next_id + compact.astype(np.int32)
+        next_id += present.size
+    return out, next_id
+
+
+def _label_pieces(
+    keys: np.ndarray, slice_axis_numpy: int | None, region_slices: int, tile_voxels: Sequence[int] | None
+) -> tuple[np.ndarray, int, list[int]]:
+    """Connected pieces (26-connectivity) of each non-zero key value: over the whole volume
+    without a slice axis, else within slabs of ``region_slices`` slices, wide ones tiled.
+    Returns the piece map (0 = none), the number of pieces and each piece's key (index id - 1)."""
+    structure = np.ones((3, 3, 3), dtype=bool)
+    component = np.zeros(keys.shape, dtype=np.int32)
+    piece_keys: list[int] = []
+    axis = 0 if slice_axis_numpy is None else slice_axis_numpy
+    key_stack, out_stack = np.moveaxis(keys, axis, 0), np.moveaxis(component, axis, 0)
+    slab = key_stack.shape[0] if slice_axis_numpy is None else max(1, int(region_slices))
+    found = 0
+    for start in range(0, key_stack.shape[0], slab):
+        part = key_stack[start : start + slab]
+        for key in (int(k) for k in np.unique(part) if k):
+            pieces, count = ndimage.label(part == key, structure=structure)
+            if tile_voxels is not None and count:
+                pieces, stop = _split_wide(pieces, count, tile_voxels, 1)
+                count = stop - 1
+            if count:
+                selected = pieces > 0
+                out_stack[start : start + slab][selected] = pieces[selected] + found
+                piece_keys += [key] * count
+                found += count
+    return component, found, piece_keys
+
+
+def _tile_voxels(reference: Volume, slice_axis_numpy: int, region_extent_mm: float) -> list[int] | None:
+    """The widest piece (voxels along the two in-plane numpy axes) for ``region_extent_mm``; None: no tiling."""
+    if region_extent_mm <= 0:
+        return None
+    spacing_numpy = list(reference.spacing_mm)[::-1]
+    in_plane = [a for a in range(3) if a != slice_axis_numpy]
+    return [max(1, int(region_extent_mm / spacing_numpy[a])) for a in in_plane]
+
+
 def find_regions(
     uncertainty: np.ndarray,
     reference: Volume,
@@ -141,43 +220,65 @@ def find_regions(
     min_region_mm3: float = 10.0,
     min_region_voxels: int = 1,
     max_regions: int = 50,
+    flags: np.ndarray | None = None,
+    slice_axis_ijk: int | None = None,
+    region_slices: int = 1,
+    region_extent_mm: float = 0.0,
 ) -> RegionSet:
-    """Connected regions of ``uncertainty > threshold``, measured and ranked for review.
+    """Regions of ``uncertainty > threshold`` (and of each shape flag), measured and ranked for review.
 
     ``uncertainty`` (z, y, x) lies on ``reference``'s grid (only its geometry is used).
     ``labels`` (class indices, same shape) and ``class_names`` (indexed by class) name the
     predicted classes each region touches. ``max_regions = 0`` lists every region.
+    ``flags`` (codes of :func:`buseg.shape_flags.shape_flag_map`) add the confident misses.
+    Without ``slice_axis_ijk`` a region is a whole connected component (no slabs, no tiles,
+    no slice order); with it, see the module docstring.
     """
+    for name, array in (("labels", labels), ("flags", flags)):
+        if array is not None and array.shape != uncertainty.shape:
+            raise ValueError(
+                f"{name} shape {array.shape} differs from the uncertainty map's {uncertainty.shape}"
+            )
     if uncertainty.shape != reference.array.shape:
         raise ValueError(
             f"uncertainty shape {uncertainty.shape} differs from the image's {reference.array.shape}"
         )
-    if labels is not None and labels.shape != uncertainty.shape:
-        raise ValueError(
-            f"labels shape {labels.shape} differs from the uncertainty map's {uncertainty.shape}"
-        )
+    from .shape_flags import expected_error_map, reason_of_code
+
     voxel_mm3 = reference.voxel_volume_mm3
+    axis_numpy = None if slice_axis_ijk is None else 2 - int(slice_axis_ijk)
     settings = {
         "threshold": threshold,
         "min_region_mm3": min_region_mm3,
         "min_region_voxels": min_region_voxels,
         "max_regions": max_regions,
         "connectivity": 26,
-        "review_value": "sum of uncertainty x voxel mm3",
+        "review_value": "sum of the chance of an error x voxel mm3",
+        "slice_axis_ijk": slice_axis_ijk,
+        "region_slices": region_slices if slice_axis_ijk is not None else None,
+        "region_extent_mm": region_extent_mm if slice_axis_ijk is not None else None,
+        "shape_flags": flags is not None,
     }
-    component, found = ndimage.label(
-        uncertainty > threshold, structure=np.ones((3,) * uncertainty.ndim, dtype=bool)
-    )
+    error_chance = expected_error_map(uncertainty, flags)
+    # Key per voxel: 0 none, 1 uncertainty, 1 + flag code for a shape flag (a flag takes precedence).
+    keys = (uncertainty > threshold).astype(np.uint8)
+    if flags is not None:
+        flagged_by_shape = flags > 0
+        keys[flagged_by_shape] = flags[flagged_by_shape] + 1
+        del flagged_by_shape
+    tiles = None if axis_numpy is None else _tile_voxels(reference, axis_numpy, region_extent_mm)
+    component, found, piece_keys = _label_pieces(keys, axis_numpy, region_slices, tiles)
     counts, sums, maxima, centroids = _region_statistics(component, found, uncertainty)
-    total_review = float(sums[1:].sum()) * voxel_mm3
+    error_sums = _region_statistics(component, found, error_chance)[1] if flags is not None else sums
+    total_review = float(error_sums[1:].sum()) * voxel_mm3
     flagged = int(counts[1:].sum())
 
     candidates = np.arange(1, found + 1)
     big = (counts[candidates] * voxel_mm3 >= min_region_mm3) & (counts[candidates] >= min_region_voxels)
     kept = candidates[big]
     dropped = int(found - kept.size)
-    # Rank: review value, then peak uncertainty, then size; the label id breaks exact ties.
-    order = np.lexsort((kept, -counts[kept], -maxima[kept], -sums[kept]))
+    # Rank: expected error, then peak uncertainty, then size; the label id breaks exact ties.
+    order = np.lexsort((kept, -counts[kept], -maxima[kept], -error_sums[kept]))
     kept = kept[order]
     beyond = max(0, kept.size - max_regions) if max_regions > 0 else 0
     if max_regions > 0:
@@ -189,19 +290,12 @@ def find_regions(
     for rank, label_id in enumerate(kept, start=1):
         box = boxes[label_id - 1]
         centroid_ijk = [float(v) for v in centroids[:, label_id][::-1]]
-        class_voxels: dict[str, int] = {}
-        if labels is not None:
-            inside = labels[box][component[box] == label_id]
-            per_class = [int(np.count_nonzero(inside == index)) for index in range(int(inside.max()) + 1)]
-            for index in np.argsort(-np.array(per_class), kind="stable"):
-                if per_class[index]:
-                    name = names[index] if names is not None and index < len(names) else f"class_{index}"
-                    class_voxels[name] = per_class[index]
-            del inside
+        class_voxels = _class_voxels(labels, component, box, label_id, names)
         low_ijk = [s.start for s in box][::-1]
         high_ijk = [s.stop - 1 for s in box][::-1]
         ras_min, ras_max = _ras_box(reference, [v - 0.5 for v in low_ijk], [v + 0.5 for v in high_ijk])
         count = int(counts[label_id])
+        key = piece_keys[label_id - 1]
         regions.append(
             Region(
                 id=rank,
@@ -209,7 +303,7 @@ def find_regions(
                 volume_mm3=count * voxel_mm3,
                 mean_uncertainty=float(sums[label_id] / count),
                 max_uncertainty=float(maxima[label_id]),
-                review_value=float(sums[label_id] * voxel_mm3),
+                review_value=float(error_sums[label_id] * voxel_mm3),
                 classes=list(class_voxels),
                 class_voxels=class_voxels,
                 centroid_ijk=centroid_ijk,
@@ -218,8 +312,14 @@ def find_regions(
                 bbox_ijk_max=[int(v) for v in high_ijk],
                 bbox_ras_min=ras_min,
                 bbox_ras_max=ras_max,
+                reason="uncertainty" if key == 1 else reason_of_code(key - 1),
+                expected_error_voxels=float(error_sums[label_id]),
             )
         )
+    review = None
+    if axis_numpy is not None:
+        review = slice_review(error_chance, keys > 0, reference, int(slice_axis_ijk))
+    del component, keys
     return RegionSet(
         regions=regions,
         threshold=threshold,
@@ -231,7 +331,67 @@ def find_regions(
         listed_review_value=float(sum(r.review_value for r in regions)),
         total_review_value=total_review,
         settings=settings,
+        slice_review=review,
     )
+
+
+def _class_voxels(
+    labels: np.ndarray | None,
+    component: np.ndarray,
+    box: tuple[slice, ...],
+    label_id: int,
+    names: list[str] | None,
+) -> dict[str, int]:
+    """Voxels of each predicted class inside one region, most first."""
+    class_voxels: dict[str, int] = {}
+    if labels is None:
+        return class_voxels
+    inside = labels[box][component[box] == label_id]
+    per_class = [int(np.count_nonzero(inside == index)) for index in range(int(inside.max()) + 1)]
+    for index in np.argsort(-np.array(per_class), kind="stable"):
+        if per_class[index]:
+            name = names[index] if names is not None and index < len(names) else f"class_{index}"
+            class_voxels[name] = per_class[index]
+    return class_voxels
+
+
+def slice_review(
+    error_chance: np.ndarray, flagged: np.ndarray, reference: Volume, slice_axis_ijk: int
+) -> dict[str, Any]:
+    """The slices along ``slice_axis_ijk`` ranked by expected error (sum of the chance of an error
+    over the slice), best first, each with the RAS point to centre the view on: the
+    error-weighted centre of its flagged voxels (of the whole slice if none is flagged).
+    Slices without any expected error are left out."""
+    axis = 2 - int(slice_axis_ijk)
+    stack, marks = np.moveaxis(error_chance, axis, 0), np.moveaxis(flagged, axis, 0)
+    totals = stack.sum(axis=(1, 2), dtype=np.float64)
+    order = sorted((k for k in range(len(totals)) if totals[k] > 0), key=lambda k: (-totals[k], k))
+    in_plane = [a for a in range(3) if a != axis]
+    slices = []
+    for k in order:
+        weights = np.where(marks[k], stack[k], 0).astype(np.float64)
+        if weights.sum() <= 0:
+            weights = stack[k].astype(np.float64)
+        grid = np.indices(weights.shape)
+        centre_numpy = [0.0, 0.0, 0.0]
+        centre_numpy[axis] = float(k)
+        for plane_axis, coordinate in zip(in_plane, grid, strict=True):
+            centre_numpy[plane_axis] = float((coordinate * weights).sum() / weights.sum())
+        slices.append(
+            {
+                "index": int(k),
+                "expected_error_voxels": float(totals[k]),
+                "center_ras": [float(v) for v in reference.index_to_ras(centre_numpy[::-1])],
+            }
+        )
+    return {"axis_ijk": int(slice_axis_ijk), "slices": slices}
+
+
+def review_slice_axis(spacing_mm: Sequence[float]) -> int:
+    """The IJK axis to review a 3D prediction along: the one of the coarsest spacing (k on a tie),
+    the axis a person scrolls through in a scan of thick slices."""
+    coarsest = max(float(s) for s in spacing_mm)
+    return max(axis for axis, s in enumerate(spacing_mm) if float(s) >= coarsest * (1 - 1e-6))
 
 
 def geometry_dict(reference: Volume) -> dict[str, Any]:
@@ -256,4 +416,5 @@ def regions_document(region_set: RegionSet, reference: Volume, **context: Any) -
         "settings": region_set.settings,
         "summary": region_set.summary(),
         "regions": [r.to_dict() for r in region_set.regions],
+        **({"slice_review": region_set.slice_review} if region_set.slice_review is not None else {}),
     }
