@@ -38,6 +38,7 @@ components slower than later in training, for both sides).
 Usage::
 
     .venv/bin/python benchmarks/speed.py --preset cpu     # ~30 min on 2 (shared) CPU cores
+    .venv/bin/python benchmarks/speed.py --preset cpu-bf16  # each method bf16 vs float32, ~25 min
     .venv/bin/python benchmarks/speed.py --preset gpu     # CUDA: more iterations, AMP as configured
     .venv/bin/python benchmarks/speed.py --settings acdc-128 --configs bcp buarl reference --timed 5
 
@@ -105,6 +106,7 @@ from reference_bcp import ReferenceBCP  # noqa: E402
 
 from buseg.config import TrainConfig  # noqa: E402
 from buseg.data import TrainingData, _h5, _la_volume, acdc_split  # noqa: E402
+from buseg.device import precision_description  # noqa: E402
 from buseg.events import EventSink  # noqa: E402
 from buseg.networks import build_network  # noqa: E402
 from buseg.sampling import PatchSampler, SliceSampler  # noqa: E402
@@ -180,8 +182,15 @@ CONFIGURATIONS = {
         ),
         Configuration("bcp compile", "engine", (("method.name", "bcp"), ("optim.compile", True))),
         Configuration("buarl compile", "engine", (("method.name", "buarl"), ("optim.compile", True))),
+        # --no-amp twins: float32 where the default runs bfloat16 (CPUs with native bf16, CUDA).
+        Configuration("supervised fp32", "engine", (("method.name", "supervised"), ("optim.amp", False))),
         Configuration("bcp fp32", "engine", (("method.name", "bcp"), ("optim.amp", False))),
         Configuration("buarl fp32", "engine", (("method.name", "buarl"), ("optim.amp", False))),
+        Configuration(
+            "buarl mc-dropout fp32",
+            "engine",
+            (("method.name", "buarl"), ("uncertainty.method", "mc-dropout"), ("optim.amp", False)),
+        ),
     )
 }
 DEFAULT_CONFIGURATIONS = (
@@ -193,6 +202,17 @@ DEFAULT_CONFIGURATIONS = (
     "buarl mc-dropout",
     "reference",
     "reference same-semantics",
+)
+PRECISION_CONFIGURATIONS = (
+    "supervised",
+    "supervised fp32",
+    "bcp",
+    "bcp fp32",
+    "buarl",
+    "buarl fp32",
+    "buarl mc-dropout",
+    "buarl mc-dropout fp32",
+    "reference",
 )
 REFERENCE = "reference"
 SAME_SEMANTICS = "reference same-semantics"
@@ -206,6 +226,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "timed": {"acdc-128": 8, "acdc-256": 5, "la-64": 5, "la-112": 2},
         "configs": {},
         "memory": ["acdc-128", "acdc-256", "la-64", "la-112"],
+    },
+    # Mixed precision on the CPU: each method against its float32 twin, side by side, and against the
+    # plain public-code step (float32: the public code has no CPU autocast). ~25 min on 2 cores.
+    "cpu-bf16": {
+        "device": "cpu",
+        "settings": ["acdc-128", "acdc-256", "la-112"],
+        "warmup": {"acdc-128": 1, "acdc-256": 1, "la-112": 1},
+        "timed": {"acdc-128": 6, "acdc-256": 4, "la-112": 2},
+        "configs": {
+            "acdc-128": PRECISION_CONFIGURATIONS,
+            "acdc-256": PRECISION_CONFIGURATIONS,
+            "la-112": ("bcp", "bcp fp32", "buarl", "buarl fp32", "reference"),
+        },
+        "memory": ["acdc-256"],
     },
     "gpu": {
         "device": "cuda",
@@ -766,6 +800,7 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "logical_cpus": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "precision (default --amp)": precision_description(device, True),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -820,6 +855,7 @@ def summarise(result: SettingResult, memory: dict[str, dict[str, Any]]) -> list[
                 if name != SAME_SEMANTICS
                 else 1.0,
                 "cost_vs_bcp": (median / bcp_median) if (median and bcp_median) else None,
+                "speedup_vs_fp32": paired_ratio(name, f"{name} fp32") if f"{name} fp32" in records else None,
                 "median_cpu_s": median_or_none(timed_cpu(name)),
                 "cpu_speedup_vs_reference": paired_ratio(name, REFERENCE, timed_cpu)
                 if name != REFERENCE
@@ -874,6 +910,7 @@ def write_report(
         "speedup_vs_reference",
         "speedup_vs_same_semantics",
         "cost_vs_bcp",
+        "speedup_vs_fp32",
         "median_cpu_s",
         "cpu_speedup_vs_reference",
         "cpu_speedup_vs_same_semantics",
@@ -902,6 +939,7 @@ def write_report(
         "Seconds per training iteration (whole iteration: sampling + augmentation, teacher, pseudo-labels, "
         "student, loss, backward, SGD, EMA). Median of the timed iterations; configurations interleaved "
         "round by round in one process. *Speed-up* = median over rounds of (reference time / this time); "
+        "*vs its fp32 twin*: the same configuration with --no-amp (float32), paired by round; "
         "*vs same semantics* compares with the straightforward code computing what our engine computes. "
         "*Cost vs bcp* = median / median of bcp. **Wall** = elapsed seconds; **CPU** = CPU seconds of the "
         "process during the iteration (all its threads; only one configuration runs at a time and threads "
@@ -918,16 +956,17 @@ def write_report(
             f"each; load average (1 min) per round: {', '.join(loads)}; wall {result.wall_seconds / 60:.1f} min.",
             "",
             "| configuration | wall s/it | speed-up vs reference | vs same semantics | cost vs bcp "
+            "| speed-up vs its fp32 twin "
             "| CPU s/it | CPU speed-up vs reference | vs same semantics | CPU cost vs bcp "
             "| peak RSS MB | RSS before step MB | GPU peak MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in rows if r["setting"] == result.setting.name):
             name = row["configuration"] + (f" (error: {row['error']})" if row["error"] else "")
             lines.append(
                 f"| {name} | {_fmt(row['median_s'])} | "
                 f"{_fmt(row['speedup_vs_reference'])} | {_fmt(row['speedup_vs_same_semantics'])} | "
-                f"{_fmt(row['cost_vs_bcp'])} | {_fmt(row['median_cpu_s'])} | "
+                f"{_fmt(row['cost_vs_bcp'])} | {_fmt(row['speedup_vs_fp32'])} | {_fmt(row['median_cpu_s'])} | "
                 f"{_fmt(row['cpu_speedup_vs_reference'])} | {_fmt(row['cpu_speedup_vs_same_semantics'])} | "
                 f"{_fmt(row['cpu_cost_vs_bcp'])} | {_fmt(row['peak_rss_mb'], 0)} | "
                 f"{_fmt(row['rss_before_step_mb'], 0)} | {_fmt(row['gpu_peak_mb'], 0)} |"

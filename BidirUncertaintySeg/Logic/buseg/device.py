@@ -74,7 +74,11 @@ def cpu_native_bf16() -> tuple[bool, str]:
     forced = os.environ.get("BUSEG_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1", f"BUSEG_CPU_BF16={forced}"
-    flags = _cpu_flags()
+    return native_bf16_from_flags(_cpu_flags())
+
+
+def native_bf16_from_flags(flags: frozenset[str] | None) -> tuple[bool, str]:
+    """The decision of :func:`cpu_native_bf16` for a set of CPU flags (None: unknown)."""
     if flags is None:
         return False, "CPU flags unknown on this system"
     for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("bf16", "ARM BF16")):
@@ -87,16 +91,11 @@ def cpu_native_bf16() -> tuple[bool, str]:
 def _cpu_flags() -> frozenset[str] | None:
     """The CPU feature flags: /proc/cpuinfo on Linux, sysctl on macOS; None where unknown."""
     try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        flags = parse_cpuinfo_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
     except OSError:
-        text = ""
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
+        flags = frozenset()
     if flags:
-        return frozenset(flags)
+        return flags
     if platform.system() == "Darwin":
         try:
             out = subprocess.run(
@@ -106,6 +105,16 @@ def _cpu_flags() -> frozenset[str] | None:
             return None
         return frozenset({"bf16"}) if out == "1" else frozenset()
     return None
+
+
+def parse_cpuinfo_flags(text: str) -> frozenset[str]:
+    """The feature flags of a /proc/cpuinfo text ('flags' on x86, 'Features' on ARM)."""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(flags)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
