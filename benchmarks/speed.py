@@ -55,7 +55,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -102,6 +101,7 @@ sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
 sys.path.insert(0, str(HERE))
 
 import reference_bcp  # noqa: E402
+from paths import shown_command, shown_path  # noqa: E402
 from reference_bcp import ReferenceBCP  # noqa: E402
 
 from buseg.config import TrainConfig  # noqa: E402
@@ -182,6 +182,17 @@ CONFIGURATIONS = {
         ),
         Configuration("bcp compile", "engine", (("method.name", "bcp"), ("optim.compile", True))),
         Configuration("buarl compile", "engine", (("method.name", "buarl"), ("optim.compile", True))),
+        # The ACDC CPU quality preset (batch 16): the former 96x96 float32 against 128x128 bfloat16.
+        *(
+            Configuration(
+                f"{method} {size}x{size} b16" + (" fp32" if size == 96 else ""),
+                "engine",
+                (("method.name", method), ("model.patch_size", [size, size]), ("optim.batch_size", 16))
+                + ((("optim.amp", False),) if size == 96 else ()),
+            )
+            for method in ("supervised", "bcp", "buarl")
+            for size in (96, 128)
+        ),
         # --no-amp twins: float32 where the default runs bfloat16 (CPUs with native bf16, CUDA).
         Configuration("supervised fp32", "engine", (("method.name", "supervised"), ("optim.amp", False))),
         Configuration("bcp fp32", "engine", (("method.name", "bcp"), ("optim.amp", False))),
@@ -241,6 +252,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "memory": ["acdc-256"],
     },
+    # The ACDC CPU quality preset: 128x128 bfloat16 against the former 96x96 float32 (batch 16).
+    "cpu-acdc-preset": {
+        "device": "cpu",
+        "settings": ["acdc-128"],
+        "warmup": {"acdc-128": 2},
+        "timed": {"acdc-128": 12},
+        "configs": {
+            "acdc-128": tuple(
+                f"{method} {size}x{size} b16" + (" fp32" if size == 96 else "")
+                for method in ("supervised", "bcp", "buarl")
+                for size in (96, 128)
+            )
+        },
+        "memory": [],
+    },
     "gpu": {
         "device": "cuda",
         "settings": ["acdc-128", "acdc-256", "la-64", "la-112"],
@@ -272,9 +298,7 @@ def load_data(setting: Setting, data_root: Path | None) -> tuple[TrainingData, s
             unlabeled = [
                 _h5(root / "data" / f"{n}.h5", "image")[0].astype(np.float32) for n in unlabeled_names
             ]
-            what = (
-                f"ACDC {root}: {len(images)} labeled slices (7 patients), {len(unlabeled)} unlabeled slices"
-            )
+            what = f"ACDC {shown_path(root)}: {len(images)} labeled slices (7 patients), {len(unlabeled)} unlabeled slices"
         else:
             images, labels, unlabeled = _synthetic_slices(136), None, _synthetic_slices(136)
             labels = [lab for _, lab in images]
@@ -292,7 +316,7 @@ def load_data(setting: Setting, data_root: Path | None) -> tuple[TrainingData, s
         volumes = [_la_volume(root, c) for c in cases]
         images, labels = [v[0] for v in volumes[:4]], [v[1] for v in volumes[:4]]
         unlabeled = [v[0] for v in volumes[4:]]
-        what = f"LA {root}: 4 labeled and 4 unlabeled volumes"
+        what = f"LA {shown_path(root)}: 4 labeled and 4 unlabeled volumes"
     else:
         pairs = [_synthetic_volume(seed) for seed in range(8)]
         images, labels = [p[0] for p in pairs[:4]], [p[1] for p in pairs[:4]]
@@ -1076,9 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root = Path(args.data_root) if args.data_root and Path(args.data_root).is_dir() else None
     settings = [SETTINGS[s] for s in (args.settings or preset["settings"])]
     memory_settings = preset["memory"] if args.memory is None else args.memory
-    command = " ".join(
-        shlex.quote(a) for a in [".venv/bin/python", "benchmarks/speed.py", *(argv or sys.argv[1:])]
-    )
+    command = shown_command(".venv/bin/python benchmarks/speed.py", argv or sys.argv[1:])
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     start = time.perf_counter()
     info = machine_info(device)
