@@ -18,6 +18,9 @@ torch.set_num_threads(1)
 # The suite's numbers must not depend on which CPU runs it: float32 unless a test asks for
 # bfloat16 itself (buseg.device.cpu_native_bf16 reads this, as do worker subprocesses).
 os.environ.setdefault("BUSEG_CPU_BF16", "0")
+# Likewise the engine must not depend on whether onnxruntime is installed: 'auto' stays torch
+# unless a test opts in (buseg.onnx_engine.choose_engine reads this).
+os.environ.setdefault("BUSEG_ONNX", "0")
 
 
 @pytest.fixture(scope="session")

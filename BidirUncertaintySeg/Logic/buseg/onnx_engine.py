@@ -1,0 +1,284 @@
+"""ONNX Runtime as the inference engine on CPUs without native bfloat16.
+
+On such a CPU torch runs float32, and ONNX Runtime runs the same float32 network about 1.9x
+faster (measured: benchmarks/results/inference_speed.md). Where the CPU has bfloat16, torch's
+bfloat16 autocast is faster still, so ONNX Runtime is only chosen automatically on the others.
+
+* **Which engine** (:func:`choose_engine`): ``--engine torch`` or ``onnx`` as asked;
+  ``auto`` takes ONNX Runtime when it is installed, the device is the CPU, the CPU has no
+  native bfloat16, mixed precision is on (``--no-amp`` means the float32 torch reference)
+  and the uncertainty method is one ONNX Runtime runs (:data:`ONNX_UNCERTAINTY`).
+* **Uncertainty modes**: ``entropy`` and ``tta`` (flips are applied around the exported
+  network). ``mc-dropout`` needs random dropout at inference, which the exported inference
+  graph does not have: it runs on the torch engine only.
+* **Export** (:func:`onnx_forward`): the inference form of the network (BatchNorm folded
+  into the convolutions, dropout off) with dynamic batch and spatial axes, through torch's
+  TorchScript exporter (``dynamo=False``: it needs the ``onnx`` package but not
+  ``onnxscript``, takes 2 s instead of 17 s, and the torch.export path fails on the V-Net's
+  dynamic sizes). Exported once per model file and cached beside it (``model.pt`` ->
+  ``model.onnx`` and ``model.onnx.json`` with the SHA-256 of the weights it came from; a
+  changed model is exported again). Where that folder is not writable, or a ``model.onnx``
+  there is not ours, the cache is the user cache folder; where that fails too, the export is
+  kept in memory. The cache never makes a prediction fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import BusegError, ConfigError, ModelFileError
+
+ENGINES = ("auto", "torch", "onnx")
+ONNX_UNCERTAINTY = ("entropy", "tta")  # mc-dropout: torch only (see the module docstring)
+EXPORT_SCHEMA = "buseg-onnx-export"
+# Raise when the exported graph changes (folding, opset, names): older caches are then re-exported.
+EXPORT_FORMAT = 1
+OPSET = 17
+INSTALL_HINT = "install it with: pip install 'buseg[onnx]' (onnxruntime and onnx), or use --engine torch"
+_SESSIONS: OrderedDict[tuple[str, int], Any] = OrderedDict()  # (weights digest, threads) -> session
+_SESSIONS_KEPT = 2
+
+
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version, or None when it cannot be imported."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return str(onnxruntime.__version__)
+
+
+def choose_engine(requested: str, device: torch.device, uncertainty: str, amp: bool) -> tuple[str, str]:
+    """The engine ('torch' or 'onnx') for a run and why, in words; an impossible request is a ConfigError."""
+    from .device import cpu_native_bf16
+
+    if requested == "torch":
+        return "torch", "--engine torch"
+    if requested == "onnx":
+        if onnxruntime_version() is None:
+            raise ConfigError("--engine onnx: onnxruntime is not installed", hint=INSTALL_HINT)
+        if device.type != "cpu":
+            raise ConfigError(
+                f"--engine onnx runs on the CPU only, not on {device}",
+                hint="use --device cpu or --engine torch",
+            )
+        if uncertainty not in ONNX_UNCERTAINTY:
+            raise ConfigError(
+                f"--engine onnx cannot run --uncertainty {uncertainty}: the exported network has no dropout "
+                "at inference",
+                hint="use --engine torch, or --uncertainty entropy or tta",
+            )
+        return "onnx", "--engine onnx"
+    if requested != "auto":
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {requested!r}")
+    if device.type != "cpu":
+        return "torch", f"auto: ONNX Runtime is used on the CPU only, this run is on {device.type}"
+    if not amp:
+        return "torch", "auto: --no-amp runs the float32 torch reference"
+    native, why = cpu_native_bf16()
+    if native:
+        return "torch", f"auto: {why}, where bfloat16 torch is the fastest"
+    if os.environ.get("BUSEG_ONNX", "").strip() == "0":
+        return "torch", "auto: BUSEG_ONNX=0"
+    version = onnxruntime_version()
+    if version is None:
+        return "torch", f"auto: {why}; onnxruntime is not installed (pip install 'buseg[onnx]': ~1.9x faster)"
+    if uncertainty not in ONNX_UNCERTAINTY:
+        return "torch", f"auto: {uncertainty} needs dropout at inference, which only the torch engine runs"
+    return "onnx", f"auto: {why}; ONNX Runtime {version} float32 is faster than torch float32 there"
+
+
+def engine_description(engine: str, reason: str, device: torch.device, amp: bool) -> str:
+    """The engine and arithmetic of a prediction run, for its device line and summary."""
+    from .device import precision_description
+
+    if engine == "onnx":
+        return f"float32 ONNX Runtime {onnxruntime_version()} ({reason})"
+    return f"{precision_description(device, amp)}, torch engine ({reason})"
+
+
+def weights_sha256(network: nn.Module) -> str:
+    """SHA-256 over the network's tensors (names, dtypes, shapes, bytes): what an export is checked against."""
+    digest = hashlib.sha256(f"buseg-onnx-{EXPORT_FORMAT}".encode())
+    for name, tensor in network.state_dict().items():
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def user_cache_folder() -> Path:
+    """Where exports go when the model's folder cannot take them: $XDG_CACHE_HOME or ~/.cache, /buseg/onnx."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "buseg" / "onnx"
+
+
+def cache_locations(model_path: str | Path | None, digest: str) -> list[Path]:
+    """Where an export of ``model_path`` may be cached, first choice first."""
+    places = []
+    if model_path:
+        places.append(Path(model_path).with_suffix(".onnx"))
+    places.append(user_cache_folder() / f"{digest[:32]}.onnx")
+    return places
+
+
+def _sidecar(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.name + ".json")
+
+
+def _read_sidecar(onnx_path: Path) -> dict[str, Any] | None:
+    try:
+        document = json.loads(_sidecar(onnx_path).read_text())
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) and document.get("schema") == EXPORT_SCHEMA else None
+
+
+def _cached_export(place: Path, digest: str) -> bytes | None:
+    """The cached export at ``place`` if it was made from these weights."""
+    document = _read_sidecar(place)
+    if (
+        document is None
+        or document.get("weights_sha256") != digest
+        or document.get("format") != EXPORT_FORMAT
+    ):
+        return None
+    with contextlib.suppress(OSError):
+        return place.read_bytes()
+    return None
+
+
+def _store_export(place: Path, data: bytes, digest: str, model_path: str | Path | None) -> bool:
+    """Write an export and its sidecar at ``place``; False (and nothing half-written) where that fails.
+
+    A file at ``place`` without our sidecar is someone else's and is never replaced.
+    """
+    from .io import write_bytes_atomic, write_json_atomic
+
+    if place.exists() and _read_sidecar(place) is None:
+        return False
+    document = {
+        "schema": EXPORT_SCHEMA,
+        "format": EXPORT_FORMAT,
+        "weights_sha256": digest,
+        "model_file": Path(model_path).name if model_path else None,
+        "torch": torch.__version__,
+        "opset": OPSET,
+    }
+    try:
+        write_bytes_atomic(place, data, overwrite=True)
+        write_json_atomic(_sidecar(place), document, overwrite=True)
+    except (BusegError, OSError):
+        with contextlib.suppress(OSError):
+            _sidecar(place).unlink()  # an export without a matching sidecar is never used
+        return False
+    return True
+
+
+def export_onnx(network: nn.Module, dimension: str, in_channels: int) -> bytes:
+    """The ONNX model (bytes) of an inference-form ``network``: input 'image', output 'logits', float32,
+    dynamic batch and spatial axes. An export failure is a ModelFileError in one line."""
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it; checked here for a clear message
+    except ImportError:
+        raise ConfigError(
+            "exporting to ONNX needs the onnx package, which is not installed", hint=INSTALL_HINT
+        ) from None
+    spatial = 2 if dimension == "2d" else 3
+    axes = {0: "batch", **{2 + i: f"size{i}" for i in range(spatial)}}
+    sample = torch.zeros((1, in_channels, *(32,) * spatial))  # any size divisible by 16 traces the same graph
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer and deprecation warnings of the TorchScript exporter
+            torch.onnx.export(
+                network,
+                (sample,),
+                buffer,
+                dynamo=False,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": axes, "logits": axes},
+                opset_version=OPSET,
+            )
+    except Exception as exc:  # any exporter failure: one line, the exporter's first line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelFileError(
+            f"exporting the network to ONNX failed: {first}", hint="use --engine torch"
+        ) from None
+    return buffer.getvalue()
+
+
+def _session(data: bytes, threads: int) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's warnings are about its own graph rewrites
+    try:
+        return onnxruntime.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # a corrupt export: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelFileError(f"ONNX Runtime cannot load the exported network: {first}") from None
+
+
+def load_session(
+    network: nn.Module,
+    inference_form: Callable[[], nn.Module],
+    dimension: str,
+    model_path: str | Path | None,
+) -> tuple[Any, str]:
+    """An ONNX Runtime session of ``network`` and where its export came from ('cached at ...', 'exported ...').
+
+    ``inference_form`` makes the network to export (called only when no cached export fits).
+    Sessions of the last two models are kept in this process, so repeated cases reuse them.
+    """
+    digest = weights_sha256(network)
+    threads = torch.get_num_threads()
+    key = (digest, threads)
+    if key in _SESSIONS:
+        _SESSIONS.move_to_end(key)
+        return _SESSIONS[key], "loaded earlier in this process"
+    places = cache_locations(model_path, digest)
+    data, origin = None, ""
+    for place in places:
+        data = _cached_export(place, digest)
+        if data is not None:
+            origin = f"cached at {place}"
+            break
+    if data is None:
+        data = export_onnx(inference_form(), dimension, int(getattr(network, "in_channels", 1)))
+        stored = next((place for place in places if _store_export(place, data, digest, model_path)), None)
+        origin = f"exported to {stored}" if stored else "exported (kept in memory: no writable cache folder)"
+    session = _session(data, threads)
+    _SESSIONS[key] = session
+    while len(_SESSIONS) > _SESSIONS_KEPT:
+        _SESSIONS.popitem(last=False)
+    return session, origin
+
+
+def session_forward(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A batch -> float32 logits function running ``session`` (inputs and outputs are CPU tensors)."""
+    input_name = session.get_inputs()[0].name
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        (logits,) = session.run(None, {input_name: array})
+        return torch.from_numpy(logits)
+
+    return forward
