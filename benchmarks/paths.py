@@ -28,7 +28,7 @@ def shown_path(path: str | os.PathLike) -> str:
 
 
 def shown_command(script: str, argv: Sequence[str]) -> str:
-    """The command line that made a result, with absolute path arguments shown relative to the
+    """The command line that made a result (``script`` as given, e.g. "python benchmarks/x.py"), with absolute path arguments shown relative to the
     repository (``--data-root /x/shared/data`` -> ``--data-root ../shared/data``)."""
     words = []
     for word in argv:
@@ -37,4 +37,4 @@ def shown_command(script: str, argv: Sequence[str]) -> str:
             words.append(f"{option}={shown_path(value)}")
         else:
             words.append(shown_path(word) if os.path.isabs(word) else word)
-    return " ".join(shlex.quote(w) for w in [script, *words])
+    return " ".join([script, *(shlex.quote(w) for w in words)])
