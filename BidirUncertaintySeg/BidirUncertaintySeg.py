@@ -31,8 +31,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from BidirUncertaintySegLib import dependencies, engine, nodefiles, presenter, review
-from BidirUncertaintySegLib.errors import ModuleError, PreviousTrainingError
+from BidirUncertaintySegLib import dependencies, engine, nodefiles, panel, presenter, review
+from BidirUncertaintySegLib.errors import ModuleError
 from BidirUncertaintySegLib.parameters import (
     NODE_REFERENCES,
     PARAMETERS,
@@ -52,6 +52,7 @@ LIBRARY_MODULES = (
     "nodefiles",
     "review",
     "workflow",
+    "panel",
 )
 
 
@@ -90,19 +91,30 @@ SlicerMONAIAuto3DSeg, SlicerNNUnet and SlicerPyTorch extensions.
 
 
 class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Binds the .ui widgets to the parameter node, the presenter and the workflow; decides nothing."""
+    """Binds the .ui widgets to the parameter node and to the panel controller; decides nothing.
+
+    What the buttons do is ``BidirUncertaintySegLib.panel.PanelController`` (Qt-free, tested on
+    slicer-core); what the panel shows is the presenter's view state.
+    """
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.store = None
-        self.presenter = presenter.Presenter()
-        self.job = None
+        self.controller = None
         self._updatingGUI = False
-        self._dependenciesDeclined = False
         self._timer = None
         self._jobButtons = {}
+        self._shortcuts = []
+
+    @property
+    def presenter(self):
+        return self.controller.presenter
+
+    @property
+    def job(self):
+        return self.controller.job if self.controller is not None else None
 
     # -- setup ---------------------------------------------------------------------
 
@@ -117,8 +129,34 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollJob)
+        self.controller = panel.PanelController(
+            lambda: self.logic.workflow,
+            hooks=panel.PanelHooks(
+                confirm=lambda text: slicer.util.confirmYesNoDisplay(text, windowTitle="BidirUncertaintySeg"),
+                info=slicer.util.infoDisplay,
+                startPolling=self._timer.start,
+                trainingStarted=lambda job: self._showTrainingPlot(),
+                trainingEvent=self._onTrainingEvent,
+                jobDone=lambda job: self._refresh(),
+                processEvents=slicer.app.processEvents,
+                installDependencies=self._installDependencies,
+                pytorchExtensionAvailable=pytorchExtensionAvailable,
+                restart=slicer.util.restart,
+            ),
+        )
+        self._bindParameters()
+        self._connectButtons()
+        self._setupReview()
 
-        # Settings <-> parameter node, generically from the parameter definitions.
+        self.presenter.addListener(self.applyViewState)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
+        self.initializeParameterNode()
+        self.applyViewState(self.presenter.view)
+
+    def _bindParameters(self):
+        """Settings <-> parameter node, generically from the parameter definitions."""
         for p in PARAMETERS:
             if p.widget:
                 _, signal = WIDGET_BINDINGS[p.widgetClass]
@@ -128,14 +166,14 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 _, signal = WIDGET_BINDINGS[widgetClass]
                 getattr(self.ui, widgetName).connect(signal, self.updateParameterNodeFromGUI)
 
+    def _connectButtons(self):
         self._jobButtons = {
             presenter.TRAIN: self.ui.trainButton,
             presenter.SEGMENT: self.ui.segmentButton,
             presenter.RANK: self.ui.rankButton,
         }
-        self.ui.trainButton.connect("clicked(bool)", lambda: self.onJobButton(presenter.TRAIN))
-        self.ui.segmentButton.connect("clicked(bool)", lambda: self.onJobButton(presenter.SEGMENT))
-        self.ui.rankButton.connect("clicked(bool)", lambda: self.onJobButton(presenter.RANK))
+        for kind, button in self._jobButtons.items():
+            button.connect("clicked(bool)", lambda checked=False, kind=kind: self.onJobButton(kind))
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
         self.ui.addLabeledButton.connect("clicked(bool)", self.onAddLabeled)
         self.ui.removeLabeledButton.connect("clicked(bool)", self.onRemoveLabeled)
@@ -143,28 +181,48 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.addAllUnlabeledButton.connect("clicked(bool)", self.onAddAllUnlabeled)
         self.ui.removeUnlabeledButton.connect("clicked(bool)", self.onRemoveUnlabeled)
         self.ui.addCorrectedCaseButton.connect("clicked(bool)", self.onAddCorrectedCase)
+        self.ui.addAndNextButton.connect("clicked(bool)", self.onAddAndNext)
         self.ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
+        self.ui.previousRegionButton.connect("clicked(bool)", lambda: self.onStepRegion(-1))
+        self.ui.nextRegionButton.connect("clicked(bool)", lambda: self.onStepRegion(1))
+        self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSlice)
         self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
         self.ui.installDependenciesButton.connect(
-            "clicked(bool)", lambda: self.ensureDependencies(force=True)
+            "clicked(bool)", lambda: self.controller.ensureDependencies(force=True)
         )
         self.ui.regionsTableView.connect("clicked(QModelIndex)", self.onRegionClicked)
         self.ui.labeledTableWidget.setHorizontalHeaderLabels(["Volume", "Segmentation"])
         self.ui.labeledTableWidget.horizontalHeader().setStretchLastSection(True)
 
-        self.presenter.addListener(self.applyViewState)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode()
-        self.applyViewState(self.presenter.view)
+    def _setupReview(self):
+        """The Segment Editor inside the Review section (as MONAI Label's module has it), and the
+        keyboard shortcuts of the review buttons."""
+        editorNode = slicer.mrmlScene.GetSingletonNode("BidirUncertaintySeg", "vtkMRMLSegmentEditorNode")
+        if editorNode is None:
+            editorNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            editorNode.UnRegister(None)
+            editorNode.SetSingletonTag("BidirUncertaintySeg")
+            editorNode = slicer.mrmlScene.AddNode(editorNode)
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
+        for keys, callback in (
+            ("Alt+N", lambda: self.onStepRegion(1)),
+            ("Alt+P", lambda: self.onStepRegion(-1)),
+            ("Alt+S", self.onNextSlice),
+        ):
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
+            shortcut.connect("activated()", callback)
+            self._shortcuts.append(shortcut)
 
     def cleanup(self):
-        # A running job is asked to stop (a training writes its checkpoint); the worker also
-        # stops by itself if Slicer exits (it watches the parent process).
-        if self.job is not None and not self.job.done:
-            self.job.cancel()
+        # A running job is stopped: asked first (a training writes its checkpoint), killed after
+        # a grace period - nobody polls once the module is gone, so the kill must happen here.
+        if self.controller is not None:
+            self.controller.shutdown()
         if self._timer is not None:
             self._timer.stop()
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+        self._shortcuts = []
         self.removeObservers()
 
     def enter(self):
@@ -182,6 +240,19 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    def onNodeRemoved(self, caller, event):
+        # After the removal has finished: a labeled case whose volume or segmentation went is
+        # dropped as a whole, and the user is told which.
+        qt.QTimer.singleShot(0, self._dropIncompleteCases)
+
+    def _dropIncompleteCases(self):
+        if self.store is None:
+            return
+        messages = self.controller.droppedCaseMessages()
+        if messages:
+            slicer.util.warningDisplay("\n".join(messages), windowTitle="BidirUncertaintySeg")
+            self.applyViewState(self.presenter.view)
 
     def onReload(self):
         """Reload the library's submodules too (developer mode), then the module."""
@@ -226,8 +297,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 if widgetName:
                     getattr(self.ui, widgetName).setCurrentNode(self.store.nodeReference(role))
             self._updateCaseLists()
-            self._updateResultViews()
-            self._updateReadiness()
+            self._refresh()
         finally:
             self._updatingGUI = False
 
@@ -310,14 +380,6 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     # -- presenter -> widgets ----------------------------------------------------------
 
-    def _updateReadiness(self):
-        if self.store is None:
-            return
-        self.presenter.setInputsReady(presenter.TRAIN, self.store.trainProblem())
-        self.presenter.setInputsReady(presenter.SEGMENT, self.store.segmentProblem())
-        self.presenter.setInputsReady(presenter.RANK, self.store.rankProblem())
-        self.presenter.setResumable(engine.resumable(self.store.get("lastRunFolder")))
-
     def applyViewState(self, view):
         for job, button in self._jobButtons.items():
             button.text = view.buttonLabels[job]
@@ -338,12 +400,15 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             "labeledSegmentationSelector",
             "unlabeledVolumeSelector",
             "inputVolumeSelector",
+            "outputSegmentationSelector",
         ):
             getattr(self.ui, name).enabled = view.inputsEnabled
         self.ui.progressBar.visible = view.progressVisible
         self.ui.progressBar.maximum = view.progressMaximum
         self.ui.progressBar.value = view.progressValue
         self.ui.progressLabel.text = view.progressText
+        self.ui.warningLabel.text = view.warningText
+        self.ui.warningLabel.visible = bool(view.warningText)
         self.ui.statusLabel.text = view.statusText + (
             "\nWarnings: " + "; ".join(view.warnings[-3:]) if view.warnings else ""
         )
@@ -356,106 +421,23 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # -- jobs ------------------------------------------------------------------------
 
     def onJobButton(self, kind):
-        action = self.presenter.buttonClicked(kind)
-        if action == "cancel":
-            if self.presenter.cancelRequested() and self.job is not None:
-                self.job.cancel()
-            return
-        if action != "start" or not self.ensureDependencies():
-            return
-        self.presenter.jobStarting(kind)
-        try:
-            with slicer.util.WaitCursor():
-                if kind == presenter.TRAIN:
-                    job = self._startTraining()
-                elif kind == presenter.SEGMENT:
-                    job = self.logic.workflow.startSegmentation(
-                        self.store.nodeReference("InputVolume"), self.store.get("modelPath")
-                    )
-                else:
-                    job = self.logic.workflow.startRanking(
-                        self.store.unlabeledVolumes(), self.store.get("modelPath")
-                    )
-        except ModuleError as exc:
-            self.presenter.startFailed(str(exc))
-            return
-        if job is None:
-            self.presenter.startAborted("Training not started: the output folder holds a previous training.")
-            return
-        self._follow(job)
-
-    def _startTraining(self):
-        workflow = self.logic.workflow
-        outDir = self.store.get("outputFolder") or None
-        try:
-            return workflow.startTraining(
-                self.store.labeledCases(), self.store.unlabeledVolumes(), outDir=outDir
-            )
-        except PreviousTrainingError as exc:
-            if not slicer.util.confirmYesNoDisplay(
-                f"{exc}\n\nReplace the previous training (its model files are deleted)?",
-                windowTitle="BidirUncertaintySeg",
-            ):
-                return None
-            return workflow.startTraining(
-                self.store.labeledCases(), self.store.unlabeledVolumes(), outDir=outDir, overwrite=True
-            )
+        with slicer.util.WaitCursor():
+            self.controller.buttonClicked(kind)
 
     def onResume(self):
-        if self.presenter.busy or not self.ensureDependencies():
-            return
-        self.presenter.jobStarting(presenter.TRAIN, resume=True)
-        try:
-            runFolder = self.store.get("lastRunFolder")
-            self.presenter.history.loadEngineHistory(workflowHistory(runFolder))
-            job = self.logic.workflow.resumeTraining(runFolder)
-        except ModuleError as exc:
-            self.presenter.startFailed(str(exc))
-            return
-        self._follow(job)
-
-    def _follow(self, job):
-        self.job = job
-        job.eventListeners.append(self.presenter.handleEvent)
-        if job.kind == presenter.TRAIN:
-            job.eventListeners.append(self._onTrainingEvent)
-            self._showTrainingPlot()
-        job.endListeners.append(self._onWorkerEnded)
-        job.doneListeners.append(self._onJobDone)
-        self._timer.start()
+        self.controller.resume()
 
     def onPollJob(self):
-        if self.job is None or self.job.poll():
+        if self.controller.poll():
             self._timer.stop()
 
     def _onTrainingEvent(self, event):
         if event.get("event") in ("progress", "validation"):
             self._updateTrainingPlot()
 
-    def _onWorkerEnded(self, job):
-        self.presenter.appendLog(job.worker.log)
-        result = job.result
-        self.presenter.workerEnded(
-            result.status,
-            exitCode=result.exitCode,
-            message=result.message,
-            logTail=job.worker.logTail(),
-            importsResults=job.importsResults,
-        )
-        slicer.app.processEvents()  # show "Loading the results..." before the import blocks the GUI thread
-
-    def _onJobDone(self, job):
-        if job.result.status == "completed" and job.importsResults:
-            summary = ""
-            if job.kind == presenter.SEGMENT and job.value is not None:
-                summary = f"Segmented; {len(job.value.regions)} uncertain region(s) to review."
-            elif job.kind == presenter.RANK and job.value:
-                summary = f"Most informative volume: {job.value[0].volumeNode.GetName()} (now the volume to segment)."
-            elif job.kind == presenter.TRAIN and job.value:
-                summary = f"Model written: {job.value}"
-            self.presenter.importFinished(job.importError, summary)
-        self._updateResultViews()
-        self._updateReadiness()
+    def _installDependencies(self, plan):
+        with slicer.util.WaitCursor():
+            self.logic.installDependencies(plan)
 
     # -- plot, results ----------------------------------------------------------------
 
@@ -480,12 +462,24 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.store.setNodeReference("LossChart", chart)
             self.store.node.EndModify(wasModifying)
 
+    def _refresh(self):
+        if self.store is None:
+            return
+        self._updateResultViews()
+        self.controller.readiness()
+
     def _updateResultViews(self):
         self.ui.regionsTableView.setMRMLTableNode(self.store.nodeReference("RegionsTable"))
         self.ui.rankingTableView.setMRMLTableNode(self.store.nodeReference("RankingTable"))
         hasResult = self.store.nodeReference("OutputSegmentation") is not None
         self.ui.editSegmentationButton.enabled = hasResult
         self.ui.addCorrectedCaseButton.enabled = hasResult and not self.presenter.busy
+        self.ui.addAndNextButton.enabled = hasResult and not self.presenter.busy
+        table = self.store.nodeReference("RegionsTable")
+        hasRegions = table is not None and table.GetNumberOfRows() > 0
+        self.ui.previousRegionButton.enabled = hasRegions
+        self.ui.nextRegionButton.enabled = hasRegions
+        self.ui.nextSliceButton.enabled = bool(self.store.get("sliceReview"))  # no slice order: off
 
     def _applyDisplaySettings(self):
         uncertainty = self.store.nodeReference("UncertaintyVolume")
@@ -501,34 +495,45 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onRegionClicked(self, index):
         self.logic.workflow.jumpToRegionRow(index.row(), viewRow=True)
 
-    def _resultVolume(self):
-        segmentation = self.store.nodeReference("OutputSegmentation")
-        volume = segmentation.GetNodeReference(INPUT_VOLUME_ROLE) if segmentation is not None else None
-        return segmentation, volume or self.store.nodeReference("InputVolume")
+    def onStepRegion(self, step):
+        current = self.ui.regionsTableView.currentIndex()
+        row = self.controller.stepRegion(step, current.row() if current.isValid() else -1)
+        if row is not None:
+            self.ui.regionsTableView.selectRow(row)
+
+    def onNextSlice(self):
+        with slicer.util.tryWithErrorDisplay("Cannot read the slice review order.", waitCursor=False):
+            found = self.logic.workflow.jumpToNextSlice()
+            if found is not None:
+                number, chosen = found
+                self.ui.statusLabel.text = (
+                    f"Slice {chosen.index} ({number} to check): about "
+                    f"{chosen.expectedErrorVoxels:.0f} voxels expected wrong."
+                )
 
     def onEditSegmentation(self):
-        segmentation, volume = self._resultVolume()
+        """Correct the result in the Segment Editor embedded under the regions table."""
+        segmentation, volume = self.controller.resultNodes()
         if segmentation is None:
             return
-        slicer.util.selectModule("SegmentEditor")
-        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor = self.ui.segmentEditorWidget
         editor.setSegmentationNode(segmentation)
         if hasattr(editor, "setSourceVolumeNode"):
             editor.setSourceVolumeNode(volume)
         else:  # Slicer before 5.4
             editor.setMasterVolumeNode(volume)
+        self.ui.reviewCollapsibleButton.collapsed = False
 
     def onAddCorrectedCase(self):
-        segmentation, volume = self._resultVolume()
         with slicer.util.tryWithErrorDisplay("Cannot add the corrected case.", waitCursor=False):
-            if self.logic.workflow.addCorrectedCase(volume, segmentation):
-                self.ui.statusLabel.text = (
-                    f"'{volume.GetName()}' is now a labeled case "
-                    f"({len(self.store.labeledCases())} in all); train again to use it."
-                )
+            self.ui.statusLabel.text = self.controller.addCorrectedCase()
+
+    def onAddAndNext(self):
+        with slicer.util.tryWithErrorDisplay("Cannot add the case and go to the next one.", waitCursor=False):
+            self.controller.addAndSegmentNext()
 
     def onShowLog(self):
-        text = self.job.worker.log if self.job is not None else "\n".join(self.presenter.log)
+        text = self.job.log if self.job is not None else "\n".join(self.presenter.log)
         box = qt.QMessageBox(slicer.util.mainWindow())
         box.setWindowTitle("BidirUncertaintySeg worker log")
         box.setText(self.presenter.view.errorText or "The worker's log:")
@@ -537,53 +542,9 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             box.setInformativeText(f"Also in {self.job.outDir / 'worker.log'}")
         box.exec_()
 
-    # -- dependencies ----------------------------------------------------------------
-
     def ensureDependencies(self, force=False):
         """True when the worker's packages are there; otherwise ask once and install them."""
-        problems = dependencies.findProblems()
-        plan = dependencies.planInstall(problems, pytorchExtensionAvailable=pytorchExtensionAvailable())
-        step = dependencies.nextStep(plan, declinedBefore=self._dependenciesDeclined, explicit=force)
-        if step == dependencies.READY:
-            if force:
-                slicer.util.infoDisplay("All Python packages the module needs are installed.")
-            return True
-        if step in (dependencies.BLOCKED, dependencies.DECLINED):
-            self.presenter.installStarted("Python packages")
-            self.presenter.installFinished(
-                "\n".join(plan.blockers)
-                if step == dependencies.BLOCKED
-                else "Missing Python packages: "
-                + "; ".join(p.text for p in problems)
-                + ". Use 'Install Python packages' to install them."
-            )
-            return False
-        if not slicer.util.confirmOkCancelDisplay(plan.confirmationText(), windowTitle="BidirUncertaintySeg"):
-            self._dependenciesDeclined = True
-            return False
-        self.presenter.installStarted(", ".join(step.distribution for step in plan.steps))
-        slicer.app.processEvents()
-        try:
-            with slicer.util.WaitCursor():
-                self.logic.installDependencies(plan)
-        except ModuleError as exc:
-            self.presenter.installFinished(str(exc))
-            return False
-        if plan.restartNeeded:
-            self.presenter.installFinished(
-                None, "Packages installed. Restart Slicer before using the module."
-            )
-            if slicer.util.confirmYesNoDisplay("Restart Slicer now to use the new packages?"):
-                slicer.util.restart()
-            return False
-        self.presenter.installFinished(None, "Python packages installed.")
-        return True
-
-
-def workflowHistory(runFolder):
-    from BidirUncertaintySegLib.workflow import readHistory
-
-    return readHistory(runFolder) if runFolder else {}
+        return self.controller.ensureDependencies(force)
 
 
 def pytorchExtensionAvailable():
@@ -643,6 +604,7 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
             env=slicer.util.startupEnvironment(),
             runsFolder=Path(slicer.app.defaultScenePath) / "BidirUncertaintySeg" / "runs",
             workFolder=Path(slicer.app.temporaryPath) / "BidirUncertaintySeg",
+            newWorkFolder=lambda prefix: Path(slicer.util.tempDirectory(f"BidirUncertaintySeg-{prefix}")),
         )
 
     @property
@@ -661,14 +623,13 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
         timer = qt.QTimer()
         timer.setInterval(POLL_INTERVAL_MS)
 
-        def poll():
-            if job.poll():
-                timer.stop()
-                self._jobs.remove((job, timer))
-                if not job.succeeded:
-                    logging.error(f"BidirUncertaintySeg {job.kind} did not succeed: {job.failureMessage()}")
+        def done(job):
+            timer.stop()
+            self._jobs.remove((job, timer))
+            if not job.succeeded:
+                logging.error(f"BidirUncertaintySeg {job.kind} did not succeed: {job.failureMessage()}")
 
-        timer.connect("timeout()", poll)
+        timer.connect("timeout()", lambda: panel.pollInBackground(job, done))
         self._jobs.append((job, timer))
         timer.start()
 
@@ -836,11 +797,14 @@ class BidirUncertaintySegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Checking the Python packages")
         missing = dependencies.findProblems()
         if missing:
-            self.skipTest(
-                "missing Python packages: "
+            # Not a skip: "Reload and Test" shows a skipped test as a failure. The reason is shown instead.
+            self.delayDisplay(
+                "Test not run - missing Python packages: "
                 + "; ".join(p.text for p in missing)
-                + " (install them with the module's 'Install Python packages' button)"
+                + " (install them with the module's 'Install Python packages' button)",
+                msec=3000,
             )
+            return
         engine.ensureEngineImportable()
         from buseg.synthetic import CLASS_NAMES, make_case, rotation_direction
 

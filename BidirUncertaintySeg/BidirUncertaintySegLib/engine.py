@@ -275,6 +275,7 @@ class Region:
     centroidRas: tuple[float, float, float]
     boundsRasMin: tuple[float, float, float]
     boundsRasMax: tuple[float, float, float]
+    reason: str = ""  # why it was flagged (uncertainty, shape flag ...), when the engine says
 
     @property
     def mainClass(self) -> str:
@@ -290,10 +291,41 @@ class Region:
 
 
 @dataclass
+class ReviewSlice:
+    """One slice of the review order: its IJK index, the errors expected in it, its centre (RAS)."""
+
+    index: int
+    expectedErrorVoxels: float
+    centerRas: tuple[float, float, float]
+
+
+@dataclass
+class SliceReview:
+    """regions.json's ``slice_review``: the slices to check, best first, along one IJK axis."""
+
+    axisIjk: int
+    slices: list[ReviewSlice]
+
+    def toJson(self) -> dict[str, Any]:
+        return {
+            "axis_ijk": self.axisIjk,
+            "slices": [
+                {
+                    "index": s.index,
+                    "expected_error_voxels": s.expectedErrorVoxels,
+                    "center_ras": list(s.centerRas),
+                }
+                for s in self.slices
+            ],
+        }
+
+
+@dataclass
 class RegionsDocument:
     regions: list[Region]
     summary: dict[str, Any] = field(default_factory=dict)
     geometry: dict[str, Any] = field(default_factory=dict)
+    sliceReview: SliceReview | None = None  # None: the engine wrote no slice order
 
 
 def _triple(value: Any, where: str, path: Path) -> tuple[float, float, float]:
@@ -322,12 +354,41 @@ def readRegions(path: str | Path) -> RegionsDocument:
                     centroidRas=_triple(entry["centroid_ras"], f"{where}.centroid_ras", path),
                     boundsRasMin=_triple(entry["bbox_ras_min"], f"{where}.bbox_ras_min", path),
                     boundsRasMax=_triple(entry["bbox_ras_max"], f"{where}.bbox_ras_max", path),
+                    reason=str(entry.get("reason") or ""),
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModuleError(f"{path}: {where} is incomplete ({exc}).") from None
     regions.sort(key=lambda r: r.rank)
-    return RegionsDocument(regions, data.get("summary") or {}, data.get("geometry") or {})
+    review = readSliceReview(data["slice_review"], path) if data.get("slice_review") is not None else None
+    return RegionsDocument(regions, data.get("summary") or {}, data.get("geometry") or {}, review)
+
+
+def readSliceReview(data: Any, path: str | Path = "regions.json") -> SliceReview:
+    """``slice_review`` of regions.json: {"axis_ijk": 0..2, "slices": [{"index", "expected_error_voxels",
+    "center_ras"}, ...] best first}. Refused with the file and the problem named."""
+    if not isinstance(data, dict):
+        raise ModuleError(f"{path}: slice_review is not an object.")
+    axis = data.get("axis_ijk")
+    if not isinstance(axis, int) or isinstance(axis, bool) or axis not in (0, 1, 2):
+        raise ModuleError(f"{path}: slice_review.axis_ijk must be 0, 1 or 2 (got {axis!r}).")
+    entries = data.get("slices")
+    if not isinstance(entries, list):
+        raise ModuleError(f"{path}: slice_review.slices is not a list.")
+    slices = []
+    for number, entry in enumerate(entries):
+        where = f"slice_review.slices[{number}]"
+        try:
+            slices.append(
+                ReviewSlice(
+                    int(entry["index"]),
+                    float(entry["expected_error_voxels"]),
+                    _triple(entry["center_ras"], f"{where}.center_ras", Path(path)),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModuleError(f"{path}: {where} is incomplete ({exc}).") from None
+    return SliceReview(axis, slices)
 
 
 # --------------------------------------------------------------------------------------

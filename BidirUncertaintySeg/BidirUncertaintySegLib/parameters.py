@@ -7,8 +7,8 @@ that the widget binds generically and that tests reach without the GUI:
 
 * :data:`PARAMETERS` - name, default, the widget that shows it (objectName and class in
   ``Resources/UI/BidirUncertaintySeg.ui``) and the field of the engine's config it fills;
-* :data:`NODE_REFERENCES` / :data:`NODE_LISTS` - single nodes and lists of nodes
-  (labeled cases: parallel lists of volumes and segmentations; unlabeled volumes);
+* :data:`NODE_REFERENCES` / :data:`NODE_LISTS` - single nodes and lists of nodes (unlabeled
+  volumes); labeled cases are (volume, segmentation) units (:meth:`ParameterStore.labeledCases`);
 * :class:`ParameterStore` - typed get/set over the node;
 * :func:`buildTrainConfig` - the parameter node's values put into ``buseg.config.TrainConfig``,
   the one configuration of a training run (the worker receives it as JSON with ``--config``).
@@ -111,6 +111,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("crlQuantile", 0.8, "crlQuantileSpinBox", "QDoubleSpinBox", "crl.quantile"),
     Parameter("unlabeledWeight", 0.5, "unlabeledWeightSpinBox", "QDoubleSpinBox", "method.unlabeled_weight"),
     Parameter("holdOutValidation", False, "holdOutValidationCheckBox", "QCheckBox"),
+    # Training after corrections: start from the current model with a short schedule (fine-tune);
+    # unchecked, or without a model, a training starts from scratch with the full schedule.
+    Parameter("fineTune", True, "fineTuneCheckBox", "QCheckBox"),
+    Parameter("fineTuneIterations", 500, "fineTuneIterationsSpinBox", "QSpinBox"),
     Parameter("validationInterval", 200, "validationIntervalSpinBox", "QSpinBox", "validation_interval"),
     # Segment
     Parameter("modelPath", "", "modelPathLineEdit", "ctkPathLineEdit"),
@@ -129,8 +133,11 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("overlayOpacity", 0.5, "overlayOpacitySlider", "ctkSliderWidget"),
     Parameter("overlayThreshold", 0.2, "overlayThresholdSlider", "ctkSliderWidget"),
     Parameter("showMarkups", True, "showMarkupsCheckBox", "QCheckBox"),
-    # Not shown: the training folder that Resume continues.
+    # Not shown: the training folder that Resume continues; the current result's slice review
+    # order (regions.json's slice_review as JSON, "" when the engine wrote none) and the next one.
     Parameter("lastRunFolder", ""),
+    Parameter("sliceReview", ""),
+    Parameter("sliceReviewNext", 0),
 )
 
 # Defaults that differ from the engine's (TrainConfig / PredictConfig) on purpose.
@@ -140,13 +147,16 @@ PANEL_OVERRIDES = {
     "optim.batch_size": "fits a laptop GPU (and the CPU) with 256x256 slices",
 }
 
+# Options of a training that fill no config field directly (they choose fine-tuning).
+FINE_TUNE_OPTIONS = ("fineTune", "fineTuneIterations")
+
 # Single node references: role -> (widget objectName or None, widget class).
 NODE_REFERENCES: dict[str, tuple[str | None, str | None]] = {
     "InputVolume": ("inputVolumeSelector", "qMRMLNodeComboBox"),
     "LabeledVolumeCandidate": ("labeledVolumeSelector", "qMRMLNodeComboBox"),
     "LabeledSegmentationCandidate": ("labeledSegmentationSelector", "qMRMLNodeComboBox"),
     "UnlabeledVolumeCandidate": ("unlabeledVolumeSelector", "qMRMLNodeComboBox"),
-    "OutputSegmentation": (None, None),
+    "OutputSegmentation": ("outputSegmentationSelector", "qMRMLNodeComboBox"),
     "UncertaintyVolume": (None, None),
     "RegionsTable": (None, None),
     "RegionsMarkups": (None, None),
@@ -156,10 +166,14 @@ NODE_REFERENCES: dict[str, tuple[str | None, str | None]] = {
     "LossChart": (None, None),
 }
 # Lists of nodes (several references of one role).
-LABELED_VOLUMES = "LabeledVolume"
-LABELED_SEGMENTATIONS = "LabeledSegmentation"
 UNLABELED_VOLUMES = "UnlabeledVolume"
-NODE_LISTS = (LABELED_VOLUMES, LABELED_SEGMENTATIONS, UNLABELED_VOLUMES)
+NODE_LISTS = (UNLABELED_VOLUMES,)
+# Labeled cases: the order of their keys, and each case's names (see ParameterStore.labeledCases).
+LABELED_CASE_KEYS = "labeledCaseKeys"
+LABELED_CASE_NAMES = "labeledCaseNames"
+# Before cases were units: two parallel lists (read once, then converted).
+LEGACY_LABELED_VOLUMES = "LabeledVolume"
+LEGACY_LABELED_SEGMENTATIONS = "LabeledSegmentation"
 
 _BY_NAME = {p.name: p for p in PARAMETERS}
 
@@ -237,6 +251,7 @@ class ParameterStore:
         for p in PARAMETERS:
             if not self.node.GetParameter(p.name):
                 self.node.SetParameter(p.name, toText(p.default))
+        self.migrateParallelLists()
         self.node.EndModify(wasModifying)
 
     def values(self) -> dict[str, Any]:
@@ -262,18 +277,79 @@ class ParameterStore:
             self.node.AddNodeReferenceID(role, node.GetID() if node is not None else "")
         self.node.EndModify(wasModifying)
 
+    # A labeled case is one unit: its volume and segmentation are two references of roles
+    # that only this case uses ("LabeledCase<key>Volume"/"...Segmentation"), the keys in
+    # order in one parameter. MRML removes a deleted node's reference from its role; with
+    # two parallel lists that shifted every later entry of one list (volume C paired with
+    # B's segmentation); here the case just becomes incomplete and is dropped as a whole.
+
+    def _caseKeys(self) -> list[str]:
+        return self.node.GetParameter(LABELED_CASE_KEYS).split()
+
+    @staticmethod
+    def _caseRoles(key: str) -> tuple[str, str]:
+        return f"LabeledCase{key}Volume", f"LabeledCase{key}Segmentation"
+
+    def _caseNodes(self, key: str) -> tuple[Any, Any]:
+        volumeRole, segmentationRole = self._caseRoles(key)
+        return self.node.GetNodeReference(volumeRole), self.node.GetNodeReference(segmentationRole)
+
     def labeledCases(self) -> list[tuple[Any, Any]]:
-        """(volume, segmentation) pairs; a pair whose node was deleted from the scene is left out."""
-        volumes = self.nodeList(LABELED_VOLUMES)
-        segmentations = self.nodeList(LABELED_SEGMENTATIONS)
-        return [
-            (v, s) for v, s in zip(volumes, segmentations, strict=False) if v is not None and s is not None
-        ]
+        """(volume, segmentation) pairs; a case whose volume or segmentation left the scene is left out
+        (:meth:`dropIncompleteLabeledCases` removes it and says which)."""
+        cases = [self._caseNodes(key) for key in self._caseKeys()]
+        return [(v, s) for v, s in cases if v is not None and s is not None]
 
     def setLabeledCases(self, cases: Sequence[tuple[Any, Any]]) -> None:
         wasModifying = self.node.StartModify()
-        self.setNodeList(LABELED_VOLUMES, [v for v, _ in cases])
-        self.setNodeList(LABELED_SEGMENTATIONS, [s for _, s in cases])
+        for key in self._caseKeys():
+            for role in self._caseRoles(key):
+                self.node.RemoveNodeReferenceIDs(role)
+            self.node.UnsetParameter(f"{LABELED_CASE_NAMES}{key}")
+        keys = []
+        for key, (volume, segmentation) in enumerate(cases):
+            volumeRole, segmentationRole = self._caseRoles(str(key))
+            self.node.SetNodeReferenceID(volumeRole, volume.GetID())
+            self.node.SetNodeReferenceID(segmentationRole, segmentation.GetID())
+            # The names, for the message when one of the two is deleted (its name is gone with it).
+            self.node.SetParameter(
+                f"{LABELED_CASE_NAMES}{key}", f"{volume.GetName()}\n{segmentation.GetName()}"
+            )
+            keys.append(str(key))
+        self.node.SetParameter(LABELED_CASE_KEYS, " ".join(keys))
+        self.node.EndModify(wasModifying)
+
+    def dropIncompleteLabeledCases(self) -> list[str]:
+        """Remove the cases whose volume or segmentation was deleted; one sentence per removed case."""
+        messages = []
+        for key in self._caseKeys():
+            volume, segmentation = self._caseNodes(key)
+            if volume is not None and segmentation is not None:
+                continue
+            names = self.node.GetParameter(f"{LABELED_CASE_NAMES}{key}").split("\n")
+            volumeName, segmentationName = [*names, "?", "?"][:2]
+            gone = volumeName if volume is None else segmentationName
+            messages.append(
+                f"Labeled case '{volumeName}' / '{segmentationName}' removed from the training set: "
+                f"'{gone}' was deleted from the scene."
+            )
+        if messages:
+            self.setLabeledCases(self.labeledCases())
+        return messages
+
+    def migrateParallelLists(self) -> None:
+        """Scenes saved by earlier versions kept the cases as two parallel lists: make them units."""
+        volumes = self.nodeList(LEGACY_LABELED_VOLUMES)
+        segmentations = self.nodeList(LEGACY_LABELED_SEGMENTATIONS)
+        if not volumes and not segmentations:
+            return
+        wasModifying = self.node.StartModify()
+        legacy = [
+            (v, s) for v, s in zip(volumes, segmentations, strict=False) if v is not None and s is not None
+        ]
+        self.setLabeledCases(self.labeledCases() + legacy)
+        self.node.RemoveNodeReferenceIDs(LEGACY_LABELED_VOLUMES)
+        self.node.RemoveNodeReferenceIDs(LEGACY_LABELED_SEGMENTATIONS)
         self.node.EndModify(wasModifying)
 
     def addLabeledCase(self, volumeNode: Any, segmentationNode: Any) -> bool:
@@ -374,12 +450,14 @@ def buildTrainConfig(
     *,
     hasValidation: bool | None = None,
     overrides: dict[str, Any] | None = None,
+    initWeights: str | Path | None = None,
 ) -> Any:
     """A validated ``buseg.config.TrainConfig`` from the parameter node, for one training run.
 
     The manifest (exported cases, class table) is the data source; the run writes to ``outDir``.
     ``overrides`` replace parameter values for this run only (parameter names, e.g.
-    ``{"iterations": 200}`` - the console API's keyword arguments).
+    ``{"iterations": 200}`` - the console API's keyword arguments). ``initWeights``: fine-tune
+    from that model file with ``fineTuneIterations`` and no pre-training.
     """
     from .engine import ensureEngineImportable
 
@@ -391,7 +469,10 @@ def buildTrainConfig(
     unknown = [
         name
         for name in overrides
-        if name not in _BY_NAME or not _BY_NAME[name].config or _BY_NAME[name].config.startswith("predict.")
+        if name not in FINE_TUNE_OPTIONS
+        and (
+            name not in _BY_NAME or not _BY_NAME[name].config or _BY_NAME[name].config.startswith("predict.")
+        )
     ]
     if unknown:
         trainable = [p.name for p in PARAMETERS if p.config and not p.config.startswith("predict.")]
@@ -412,6 +493,14 @@ def buildTrainConfig(
     data["data"]["unlabeled"] = None
     data["data"]["validation"] = None
     data["out_dir"] = str(outDir)
+    if initWeights:
+        # Fine-tuning: the current model's weights and the short schedule, no pre-training
+        # (bcp/buarl self-train from the model directly; the engine's init_weights contract).
+        data["init_weights"] = str(initWeights)
+        data["optim"]["iterations"] = int(
+            overrides.get("fineTuneIterations", store.get("fineTuneIterations"))
+        )
+        data["optim"]["pretrain_iterations"] = 0
     validation = store.get("holdOutValidation") if hasValidation is None else hasValidation
     if not validation:
         data["validation_interval"] = 0  # no validation data: nothing to validate on

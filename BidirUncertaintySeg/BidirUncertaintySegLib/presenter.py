@@ -45,7 +45,8 @@ JOB_KINDS = (TRAIN, SEGMENT, RANK)
 BUTTON_LABELS = {TRAIN: "Train", SEGMENT: "Segment", RANK: "Rank unlabeled volumes"}
 RUNNING_VERBS = {TRAIN: "Training", SEGMENT: "Segmenting", RANK: "Ranking"}
 CANCEL_LABEL = "Cancel"
-CANCELLING_LABEL = "Cancelling..."
+# While cancelling, the button kills the worker at once (a training then keeps its last checkpoint).
+KILL_LABEL = "Stop now"
 # How many log lines a failure without an error event shows (a crash: the end of the log says why).
 LOG_TAIL_LINES = 6
 
@@ -152,6 +153,8 @@ class ViewState:
     errorText: str = ""
     showLogEnabled: bool = False
     warnings: tuple[str, ...] = ()
+    # A warning the user must see (not only a status line): a training that fell back to the CPU.
+    warningText: str = ""
 
 
 class Presenter:
@@ -178,6 +181,7 @@ class Presenter:
         self._error = ""
         self._errorEventSeen = False
         self._finishedStatus: str | None = None
+        self._deviceWarning = ""
         self._listeners: list[Callable[[ViewState], None]] = []
         self.view = self._compute()
 
@@ -228,6 +232,7 @@ class Presenter:
         self.state, self.job = STARTING, job
         self._iteration, self._total, self._stage = 0, 0, ""
         self._error, self._errorEventSeen, self._finishedStatus = "", False, None
+        self._deviceWarning = ""
         self.warnings.clear()
         self.log.clear()
         if job == TRAIN and not resume:
@@ -260,8 +265,10 @@ class Presenter:
         return True
 
     def buttonClicked(self, job: str) -> str:
-        """What a click on ``job``'s button means now: 'start', 'cancel' or 'ignore'."""
+        """What a click on ``job``'s button means now: 'start', 'cancel', 'kill' or 'ignore'."""
         if self.busy:
+            if job == self.job and self.state == CANCELLING:
+                return "kill"
             return "cancel" if job == self.job and self.state in (STARTING, RUNNING) else "ignore"
         return "start" if self.canStart(job) else "ignore"
 
@@ -282,6 +289,11 @@ class Presenter:
             device = event.get("device")
             reason = event.get("device_reason")
             self._status = f"Running on {device}" + (f" ({reason})" if reason else "") if device else ""
+            if self.job == TRAIN and str(device or "").startswith("cpu") and str(reason or "") != "requested":
+                self._deviceWarning = (
+                    f"Training runs on the CPU ({reason or 'no GPU'}): expect hours instead of minutes. "
+                    "Install the PyTorch extension's CUDA build (PyTorch Utils), or cancel and choose a GPU."
+                )
             self._progressText = f"{RUNNING_VERBS.get(self.job or '', 'Running')}..."
         elif kind == "progress":
             if self.state == STARTING:
@@ -312,6 +324,11 @@ class Presenter:
                     f"{RUNNING_VERBS.get(self.job or '', 'Running')}: "
                     f"case {self._iteration} of {self._total} ({event.get('case', '')}) done"
                 )
+        elif kind == "export":
+            index, total = int(event.get("index") or 0), int(event.get("total") or 0)
+            self._progressText = f"Exporting case {index} of {total} ({event.get('case', '')})" + (
+                "" if event.get("written", True) else ", unchanged"
+            )
         elif kind == "warning":
             message = str(event.get("message") or "").strip()
             if message:
@@ -434,9 +451,11 @@ class Presenter:
                     " (a checkpoint is written; Resume continues from it)" if job == TRAIN else ""
                 )
             elif busy and job == self.job and self.state == CANCELLING:
-                labels[job] = CANCELLING_LABEL
-                enabled[job] = False
-                tips[job] = "Waiting for the worker to stop"
+                labels[job] = KILL_LABEL
+                enabled[job] = True
+                tips[job] = "Waiting for the worker to stop; click to stop it at once" + (
+                    " (the last checkpoint is kept)" if job == TRAIN else ""
+                )
             elif busy:
                 enabled[job] = False
                 tips[job] = "Another job is running" if self.job else "Installing packages"
@@ -462,4 +481,5 @@ class Presenter:
             errorText=self._error if self.state == FAILED else "",
             showLogEnabled=bool(self.log) or self.state == FAILED or (busy and self.job is not None),
             warnings=tuple(self.warnings),
+            warningText=self._deviceWarning if busy else "",
         )

@@ -50,6 +50,7 @@ REGION_COLUMNS = (
     ("R", "double", "mm", "Centroid, right"),
     ("A", "double", "mm", "Centroid, anterior"),
     ("S", "double", "mm", "Centroid, superior"),
+    ("Reason", "string", "", "Why the region was flagged"),
 )
 
 
@@ -131,7 +132,15 @@ def showUncertaintyOverlay(
     display.SetInterpolate(0)  # show voxels as they are: a reviewer judges borders
     setOverlayThreshold(uncertaintyNode, threshold)
     display.EndModify(wasModifying)
-    for composite in sliceCompositeNodes(scene):
+    slicer = _slicer()
+    if getattr(slicer, "mrmlScene", None) is scene:  # the application's scene: Slicer's own helper
+        slicer.util.setSliceViewerLayers(
+            background=backgroundNode if backgroundNode is not None else "keep-current",
+            foreground=uncertaintyNode,
+            foregroundOpacity=float(opacity),
+        )
+        return
+    for composite in sliceCompositeNodes(scene):  # another scene (setSliceViewerLayers knows only one)
         if backgroundNode is not None:
             composite.SetBackgroundVolumeID(backgroundNode.GetID())
         composite.SetForegroundVolumeID(uncertaintyNode.GetID())
@@ -170,6 +179,7 @@ def regionsToTable(
             region.meanUncertainty,
             region.maxUncertainty,
             *region.centroidRas,
+            region.reason or "uncertainty",
         )
         for column, value in zip(columns, values, strict=True):
             column.InsertNextValue(value)

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import engine, nodefiles, review
-from .engine import JobResult, PredictOutputs, Region, WorkerJob
+from .engine import JobResult, PredictOutputs, Region, ReviewSlice, SliceReview, WorkerJob
 from .errors import ModuleError, PreviousTrainingError
 from .parameters import ParameterStore, buildTrainConfig
 
@@ -46,6 +47,15 @@ class SlicerContext:
     env: dict[str, str] | None = None  # the worker's base environment; default: this process's
     runsFolder: Path = field(default_factory=lambda: Path.home() / "BidirUncertaintySeg" / "runs")
     workFolder: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "BidirUncertaintySeg")
+    # Makes a new work folder for a job (Slicer: slicer.util.tempDirectory); default: under workFolder.
+    newWorkFolder: Callable[[str], Path] | None = None
+
+
+def unexpectedMessage(exc: BaseException, doing: str) -> str:
+    """A one-line message for an error that is not a :class:`ModuleError` (a bug, a full disk ...);
+    the traceback goes to the log."""
+    logging.getLogger(__name__).error("Unexpected error while %s", doing, exc_info=exc)
+    return f"Unexpected error while {doing}: {type(exc).__name__}: {exc}"
 
 
 def timestampedFolder(parent: str | Path, prefix: str) -> Path:
@@ -63,6 +73,38 @@ def timestampedFolder(parent: str | Path, prefix: str) -> Path:
     raise ModuleError(f"Cannot create a new folder in {parent}.")
 
 
+PREVIOUS_MODEL = "previous-model.pt"  # in a run folder: the model a fine-tuning round started from
+
+
+def isRunFolder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a training folder this module wrote (its exported cases and manifest)."""
+    return (Path(folder) / INPUTS_FOLDER / nodefiles.MANIFEST_NAME).is_file()
+
+
+def modelClasses(modelPath: str | Path) -> list[str]:
+    """The class names of a model this module trained, in order (from its run folder's manifest);
+    [] when unknown (the engine then checks them when it loads the weights)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        manifest = json.loads((Path(modelPath).parent / INPUTS_FOLDER / nodefiles.MANIFEST_NAME).read_text())
+        return [str(c["name"]) for c in manifest["classes"]]
+    return []
+
+
+@dataclass
+class TrainingPlan:
+    """A training settled by :meth:`Workflow.planTraining`, before its cases are exported."""
+
+    outDir: Path
+    configPath: Path
+    config: Any
+    labeled: list[tuple[Any, Any]]
+    unlabeled: list[Any]
+    validationCount: int
+    overwrite: bool
+    fineTuneFrom: Path | None = None  # the model this run starts from (None: from scratch)
+    classOrder: list[str] = field(default_factory=list)  # that model's classes
+
+
 # --------------------------------------------------------------------------------------
 # Jobs
 
@@ -70,25 +112,36 @@ def timestampedFolder(parent: str | Path, prefix: str) -> Path:
 class Job:
     """A worker job and what happens when it ends.
 
-    ``kind``: 'train', 'segment' or 'rank'. Listeners: ``eventListeners`` get every worker
-    event (a dict), ``endListeners`` the job when the worker has exited (before the import),
-    ``doneListeners`` the job when everything is over. After that: ``result`` (the worker's
-    :class:`~.engine.JobResult`), ``value`` (what the import produced: a
-    :class:`SegmentationResult`, a ranking...), ``importError`` (a message, or None).
+    ``kind``: 'train', 'segment' or 'rank'. A job may first *prepare* (export the cases, one
+    per :meth:`poll`, so that a GUI timer never blocks for long; each step is delivered as an
+    ``export`` event), then ``launch`` gives the worker, which is started at once.
+    Listeners: ``eventListeners`` get every event (a dict), ``endListeners`` the job when the
+    worker has exited (before the import), ``doneListeners`` the job when everything is over.
+    After that: ``result`` (the worker's :class:`~.engine.JobResult`), ``value`` (what the
+    import produced: a :class:`SegmentationResult`, a ranking...), ``importError`` (a
+    message, or None). ``workFolder`` (temporary files) is removed once the import succeeded.
     """
 
     def __init__(
         self,
         kind: str,
-        worker: WorkerJob,
+        worker: WorkerJob | None = None,
         *,
         outDir: Path,
         onCompleted: Callable[[JobResult], Any] | None = None,
+        preparation: Iterator[Any] | None = None,
+        launch: Callable[[Any], WorkerJob] | None = None,
+        workFolder: Path | None = None,
     ) -> None:
+        if worker is None and (preparation is None or launch is None):
+            raise ValueError("a job needs a worker, or a preparation and a launch")
         self.kind = kind
         self.worker = worker
         self.outDir = Path(outDir)
         self.onCompleted = onCompleted
+        self.preparation = preparation
+        self.launch = launch
+        self.workFolder = Path(workFolder) if workFolder else None
         self.eventListeners: list[Callable[[dict[str, Any]], None]] = []
         self.endListeners: list[Callable[[Job], None]] = []
         self.doneListeners: list[Callable[[Job], None]] = []
@@ -97,29 +150,103 @@ class Job:
         self.value: Any = None
         self.importError: str | None = None
         self.done = False
+        self._cancelBeforeLaunch = False
+        self._ended = False
 
     def start(self) -> Job:
-        self.worker.start()
+        if self.worker is not None:
+            self.worker.start()
         return self
 
+    @property
+    def preparing(self) -> bool:
+        return self.worker is None and not self.done
+
     def cancel(self) -> bool:
+        """Ask the job to stop (a training writes a checkpoint); a second call kills the worker."""
+        if self.done:
+            return False
+        if self.worker is None:
+            self._cancelBeforeLaunch = True
+            return True
         return self.worker.cancel()
+
+    def kill(self) -> None:
+        """Stop now: the worker's whole process tree is killed (no checkpoint)."""
+        if self.worker is None:
+            self._cancelBeforeLaunch = True
+        elif not self.worker.done:
+            self.worker.close()
+
+    def shutdown(self, graceSeconds: float = 10.0) -> None:
+        """Stop for good (the module is closed, Slicer quits): ask the worker to stop, give it
+        ``graceSeconds`` to save a checkpoint, then kill what is left. Nobody polls after this,
+        so the client's own deadline for the kill would never come."""
+        if self.done:
+            return
+        self.cancel()
+        if self.worker is not None and not self.worker.wait(graceSeconds):
+            self.worker.close()
+        with contextlib.suppress(Exception):  # the end is best effort: the module is going away
+            self.poll()
 
     @property
     def importsResults(self) -> bool:
         return self.onCompleted is not None
 
+    @property
+    def log(self) -> str:
+        return self.worker.log if self.worker is not None else ""
+
+    def logTail(self, lines: int = 20) -> list[str]:
+        return self.worker.logTail(lines) if self.worker is not None else []
+
     def poll(self) -> bool:
         """Deliver new events; when the worker has ended, run the import once. True when all is over."""
         if self.done:
             return True
+        if self.worker is None:
+            self._prepareStep()
+            return self.done
         for event in self.worker.poll():
-            self.events.append(event)
-            for listener in list(self.eventListeners):
-                listener(event)
+            self._deliver(event)
         if self.worker.done:
-            self._end()
+            self._end(self.worker.result or JobResult("failed", message="the worker ended without a result"))
         return self.done
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        for listener in list(self.eventListeners):
+            listener(event)
+
+    def _prepareStep(self) -> None:
+        """One step of the preparation; after the last one, launch the worker."""
+        assert self.preparation is not None and self.launch is not None
+        if self._cancelBeforeLaunch:
+            self.preparation.close()
+            self._end(JobResult("cancelled", message="cancelled before the worker started"))
+            return
+        try:
+            step = next(self.preparation)
+        except StopIteration as stop:
+            try:
+                self.worker = self.launch(stop.value)
+                self.worker.start()
+            except Exception as exc:
+                self._end(JobResult("failed", message=unexpectedMessage(exc, "starting the worker")))
+            return
+        except Exception as exc:
+            self._end(JobResult("failed", message=unexpectedMessage(exc, "exporting the cases")))
+            return
+        self._deliver(
+            {
+                "event": "export",
+                "index": step.index,
+                "total": step.total,
+                "case": step.case,
+                "written": step.written,
+            }
+        )
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> JobResult:
         """Block until the job is over (console, scripts, tests). Raises TimeoutError after ``timeout``."""
@@ -127,20 +254,30 @@ class Job:
         while not self.poll():
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the {self.kind} job is still running after {timeout} s")
-            self.worker.wait(interval)
+            if self.worker is not None:
+                self.worker.wait(interval)
         assert self.result is not None
         return self.result
 
-    def _end(self) -> None:
-        self.result = self.worker.result or JobResult("failed", message="the worker ended without a result")
-        for listener in list(self.endListeners):
-            listener(self)
-        if self.result.status == "completed" and self.onCompleted is not None:
-            try:
+    def _end(self, result: JobResult) -> None:
+        """The worker is gone: import its results (once, whatever goes wrong in it), then done."""
+        if self._ended:
+            return
+        self._ended = True
+        self.result = result
+        try:
+            for listener in list(self.endListeners):
+                listener(self)
+            if self.result.status == "completed" and self.onCompleted is not None:
                 self.value = self.onCompleted(self.result)
-            except ModuleError as exc:
-                self.importError = str(exc)
-        self.done = True
+        except ModuleError as exc:
+            self.importError = str(exc)
+        except Exception as exc:  # a bug or a broken file must not leave the job importing forever
+            self.importError = unexpectedMessage(exc, "loading the results")
+        finally:
+            self.done = True
+        if self.succeeded and self.workFolder is not None:
+            shutil.rmtree(self.workFolder, ignore_errors=True)
         for listener in list(self.doneListeners):
             listener(self)
 
@@ -207,6 +344,12 @@ class Workflow:
     def scene(self) -> Any:
         return self.context.scene
 
+    def _newWorkFolder(self, prefix: str) -> Path:
+        """A new, empty folder for one segmentation or ranking (removed once its results are loaded)."""
+        if self.context.newWorkFolder is not None:
+            return Path(self.context.newWorkFolder(prefix))
+        return timestampedFolder(self.context.workFolder, prefix)
+
     def _worker(self, command: Sequence[str], folder: Path) -> WorkerJob:
         python = self.context.python() if callable(self.context.python) else self.context.python
         return WorkerJob(
@@ -215,7 +358,7 @@ class Workflow:
 
     # -- training ------------------------------------------------------------------
 
-    def prepareTraining(
+    def planTraining(
         self,
         labeled: Sequence[tuple[Any, Any]],
         unlabeled: Sequence[Any] = (),
@@ -224,9 +367,22 @@ class Workflow:
         overwrite: bool = False,
         validationCount: int | None = None,
         overrides: dict[str, Any] | None = None,
-    ) -> tuple[Path, Path, Any]:
-        """Export the cases and write the run's TrainConfig; returns (outDir, config JSON path, config)."""
+    ) -> TrainingPlan:
+        """Check the inputs and settle the run (folder, fine-tuning, config) without writing a case.
+
+        Fine-tuning (the ``fineTune`` setting, when there is a current model): the run starts
+        from the current model with the short schedule and, without an explicit ``outDir``,
+        reuses the current model's run folder (its exported cases are kept: unchanged volumes
+        are not written again). Otherwise a new ``run-<date>`` folder and the full schedule.
+        """
         store = self.store or ParameterStore(self._scratchParameterNode())
+        overrides = dict(overrides or {})
+        fineTuneFrom = self._fineTuneModel(store, overrides)
+        if outDir is None and fineTuneFrom is not None and isRunFolder(fineTuneFrom.parent):
+            outDir, overwrite = (
+                fineTuneFrom.parent,
+                True,
+            )  # the loop's own folder: this round replaces its model
         outDir = Path(outDir) if outDir else timestampedFolder(self.context.runsFolder, "run")
         previous = [
             name
@@ -239,31 +395,99 @@ class Workflow:
                 "another output folder, or allow overwriting it."
             )
         inputs = outDir / INPUTS_FOLDER
-        if inputs.exists():
-            if not (inputs / nodefiles.MANIFEST_NAME).exists():
-                raise ModuleError(
-                    f"{inputs} exists and was not written by this module; choose another output folder."
-                )
-            shutil.rmtree(inputs)  # our own export of an earlier attempt
+        if inputs.exists() and not (inputs / nodefiles.MANIFEST_NAME).exists():
+            raise ModuleError(
+                f"{inputs} exists and was not written by this module; choose another output folder."
+            )
         if validationCount is None:
             validationCount = 1 if store.get("holdOutValidation") else 0
-        exported = nodefiles.exportTrainingData(
-            self.scene, inputs, labeled, unlabeled, validationCount=validationCount
-        )
+        nodefiles.checkTrainingCases(list(labeled), list(unlabeled), validationCount)
+        initWeights = outDir / PREVIOUS_MODEL if fineTuneFrom is not None else None
         config = buildTrainConfig(
-            store, exported.manifestPath, outDir, hasValidation=bool(validationCount), overrides=overrides
+            store,
+            inputs / nodefiles.MANIFEST_NAME,
+            outDir,
+            hasValidation=bool(validationCount),
+            overrides=overrides,
+            initWeights=initWeights,
         )
-        if config.method.name != "supervised" and not exported.unlabeledCases:
+        if config.method.name != "supervised" and not unlabeled:
             raise ModuleError(
                 f"Method '{config.method.name}' learns from unlabeled volumes too: add some, "
                 "or choose the supervised method."
             )
+        return TrainingPlan(
+            outDir,
+            inputs / CONFIG_NAME,
+            config,
+            list(labeled),
+            list(unlabeled),
+            validationCount,
+            overwrite,
+            fineTuneFrom,
+            modelClasses(fineTuneFrom) if fineTuneFrom is not None else [],
+        )
+
+    @staticmethod
+    def _fineTuneModel(store: ParameterStore, overrides: dict[str, Any]) -> Path | None:
+        """The model a training fine-tunes (None: from scratch)."""
+        fineTune = overrides.get("fineTune", store.get("fineTune"))
+        model = store.get("modelPath")
+        if fineTune and model and Path(model).is_file():
+            return Path(model)
+        return None
+
+    def trainingSteps(self, plan: TrainingPlan) -> Iterator[nodefiles.ExportStep]:
+        """Export the cases one per step (a generator; its value is the plan), then the run's config."""
+        if plan.fineTuneFrom is not None:
+            # The engine's --overwrite removes model.pt when it starts: fine-tune from a copy.
+            target = plan.outDir / PREVIOUS_MODEL
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temp = target.with_name(f".{target.name}.tmp")
+            shutil.copy2(plan.fineTuneFrom, temp)
+            temp.replace(target)
+        exported = yield from nodefiles.exportTrainingSteps(
+            self.scene,
+            plan.outDir / INPUTS_FOLDER,
+            plan.labeled,
+            plan.unlabeled,
+            validationCount=plan.validationCount,
+            classOrder=plan.classOrder,
+        )
+        names = [c["name"] for c in exported.classes]
+        if plan.classOrder and names != plan.classOrder:
+            raise ModuleError(
+                f"Fine-tuning needs the current model's classes ({', '.join(plan.classOrder)}); the labeled "
+                f"cases have {', '.join(names)}. Train from scratch (uncheck 'Fine-tune the current model')."
+            )
         engine.ensureEngineImportable()
         from buseg.config import to_dict
 
-        configPath = inputs / CONFIG_NAME
-        nodefiles.writeJson(configPath, to_dict(config))
-        return outDir, configPath, config
+        nodefiles.writeJson(plan.configPath, to_dict(plan.config))
+        return plan
+
+    def prepareTraining(
+        self,
+        labeled: Sequence[tuple[Any, Any]],
+        unlabeled: Sequence[Any] = (),
+        *,
+        outDir: str | Path | None = None,
+        overwrite: bool = False,
+        validationCount: int | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> tuple[Path, Path, Any]:
+        """Export the cases and write the run's TrainConfig at once; returns (outDir, config JSON path, config)."""
+        plan = self.planTraining(
+            labeled,
+            unlabeled,
+            outDir=outDir,
+            overwrite=overwrite,
+            validationCount=validationCount,
+            overrides=overrides,
+        )
+        for _ in self.trainingSteps(plan):
+            pass
+        return plan.outDir, plan.configPath, plan.config
 
     def startTraining(
         self,
@@ -275,8 +499,9 @@ class Workflow:
         validationCount: int | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> Job:
-        """Export, then launch ``buseg train`` in the background. The job's value is the model path."""
-        outDir, configPath, _ = self.prepareTraining(
+        """Check the inputs now; export (one case per :meth:`Job.poll`), then launch ``buseg train``
+        in the background. The job's value is the model path."""
+        plan = self.planTraining(
             labeled,
             unlabeled,
             outDir=outDir,
@@ -284,8 +509,12 @@ class Workflow:
             validationCount=validationCount,
             overrides=overrides,
         )
-        worker = self._worker(engine.trainCommand(configPath, outDir, overwrite=overwrite), outDir)
-        return self._trainingJob(worker, outDir).start()
+
+        def launch(plan: TrainingPlan) -> WorkerJob:
+            command = engine.trainCommand(plan.configPath, plan.outDir, overwrite=plan.overwrite)
+            return self._worker(command, plan.outDir)
+
+        return self._trainingJob(plan.outDir, preparation=self.trainingSteps(plan), launch=launch).start()
 
     def resumeTraining(self, outDir: str | Path | None = None) -> Job:
         """Continue the interrupted training in ``outDir`` (default: the last one of the parameter node)."""
@@ -297,9 +526,9 @@ class Workflow:
                 f"No interrupted training to resume in {folder} (no checkpoint newer than its model)."
             )
         folder = Path(folder)
-        return self._trainingJob(self._worker(engine.resumeCommand(folder), folder), folder).start()
+        return self._trainingJob(folder, worker=self._worker(engine.resumeCommand(folder), folder)).start()
 
-    def _trainingJob(self, worker: WorkerJob, outDir: Path) -> Job:
+    def _trainingJob(self, outDir: Path, **how: Any) -> Job:
         if self.store is not None:
             self.store.set("lastRunFolder", str(outDir))
 
@@ -311,7 +540,7 @@ class Workflow:
                 self.store.set("modelPath", str(model))
             return str(model)
 
-        return Job("train", worker, outDir=outDir, onCompleted=completed)
+        return Job("train", outDir=outDir, onCompleted=completed, **how)
 
     # -- segmentation --------------------------------------------------------------
 
@@ -342,7 +571,7 @@ class Workflow:
         modelPath = Path(modelPath)
         if not modelPath.is_file():
             raise ModuleError(f"Model file not found: {modelPath}")
-        folder = timestampedFolder(self.context.workFolder, "segment")
+        folder = self._newWorkFolder("segment")
         case = nodefiles.safeFileName(volumeNode.GetName())
         image = nodefiles.exportVolume(volumeNode, folder / "input" / f"{case}{nodefiles.IMAGE_SUFFIX}")
         outDir = folder / "output"
@@ -357,7 +586,9 @@ class Workflow:
                 )
             return self.importSegmentation(outputs, volumeNode, show=show)
 
-        return Job("segment", self._worker(command, folder), outDir=folder, onCompleted=completed).start()
+        return Job(
+            "segment", self._worker(command, folder), outDir=folder, onCompleted=completed, workFolder=folder
+        ).start()
 
     def importSegmentation(
         self, outputs: PredictOutputs, volumeNode: Any, *, show: bool = True
@@ -405,6 +636,9 @@ class Workflow:
             )
         if store is not None:
             wasModifying = store.node.StartModify()
+            order = document.sliceReview
+            store.set("sliceReview", json.dumps(order.toJson()) if order is not None else "")
+            store.set("sliceReviewNext", 0)
             store.setNodeReference("OutputSegmentation", segmentation)
             store.setNodeReference("UncertaintyVolume", uncertainty)
             store.setNodeReference("RegionsTable", table)
@@ -473,7 +707,7 @@ class Workflow:
             raise ModuleError("No unlabeled volumes to rank.")
         if not Path(modelPath).is_file():
             raise ModuleError(f"Model file not found: {modelPath}")
-        folder = timestampedFolder(self.context.workFolder, "rank")
+        folder = self._newWorkFolder("rank")
         names = nodefiles.uniqueNames([nodefiles.safeFileName(v.GetName()) for v in volumeNodes])
         byCase = {}
         for volume, name in zip(volumeNodes, names, strict=True):
@@ -503,7 +737,9 @@ class Workflow:
             self.showRanking(ranked)
             return ranked
 
-        return Job("rank", self._worker(command, folder), outDir=folder, onCompleted=completed).start()
+        return Job(
+            "rank", self._worker(command, folder), outDir=folder, onCompleted=completed, workFolder=folder
+        ).start()
 
     def showRanking(self, ranked: Sequence[RankedVolume]) -> Any:
         """The ranking as a table node; the best volume becomes the one to segment next."""
@@ -559,6 +795,25 @@ class Workflow:
         if position is not None:
             review.jumpToPosition(self.scene, position, self.context.markupsLogic)
         return position
+
+    def sliceReview(self) -> SliceReview | None:
+        """The current result's slice review order (None: the engine wrote none; the control is off)."""
+        text = self.store.get("sliceReview") if self.store is not None else ""
+        return (
+            engine.readSliceReview(json.loads(text), "slice review of the parameter node") if text else None
+        )
+
+    def jumpToNextSlice(self) -> tuple[int, ReviewSlice] | None:
+        """Centre the views on the next slice to check (best first, wrapping); returns (its number
+        from 1, the slice), or None when there is no slice order."""
+        order = self.sliceReview()
+        if order is None or not order.slices:
+            return None
+        number = self.store.get("sliceReviewNext") % len(order.slices)
+        chosen = order.slices[number]
+        review.jumpToPosition(self.scene, chosen.centerRas, self.context.markupsLogic)
+        self.store.set("sliceReviewNext", number + 1)
+        return number + 1, chosen
 
     # -- helpers -------------------------------------------------------------------
 

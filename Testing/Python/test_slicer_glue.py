@@ -417,7 +417,9 @@ def test_train_segment_review_rank_through_the_worker(app, store, tmp_path):
     model = Path(job.value)
     assert model.is_file() and store.get("modelPath") == str(model)
     assert store.get("lastRunFolder") == str(model.parent)
-    assert job.events[0]["event"] == "started" and job.events[-1]["event"] == "finished"
+    exports = [e for e in job.events if e["event"] == "export"]  # one case per poll, before the worker
+    assert [e["index"] for e in exports] == [1, 2, 3, 4] and job.events[: len(exports)] == exports
+    assert job.events[len(exports)]["event"] == "started" and job.events[-1]["event"] == "finished"
     assert panel.view.state == presenter.IDLE and panel.history.lossIterations[-1] == 6
     config = json.loads((model.parent / workflow.INPUTS_FOLDER / workflow.CONFIG_NAME).read_text())
     assert config["optim"]["iterations"] == 4 and config["device"] == "cpu"
@@ -440,9 +442,13 @@ def test_train_segment_review_rank_through_the_worker(app, store, tmp_path):
     assert store.nodeReference("RegionsMarkups").GetNumberOfControlPoints() == len(result.regions)
     assert store.nodeReference("OutputSegmentation") is result.segmentationNode
 
+    assert not job.outDir.exists()  # the work folder goes once its results are in the scene
+
     # A new result for the same volume replaces the result nodes instead of piling up new ones.
     count = app.scene.GetNumberOfNodes()
-    again = flow.importSegmentation(result.outputs, volumes[3])
+    job = flow.startSegmentation(volumes[3], model)
+    job.wait(timeout=240)
+    again = job.value
     assert (
         again.segmentationNode is result.segmentationNode and again.uncertaintyNode is result.uncertaintyNode
     )

@@ -114,7 +114,9 @@ def test_cancel_goes_through_cancelling_and_offers_resume():
     assert p.cancelRequested() is True
     v = p.view
     assert v.state == CANCELLING
-    assert v.buttonLabels[TRAIN] == "Cancelling..." and not v.buttonEnabled[TRAIN]
+    # While the worker saves its checkpoint the button offers to stop it at once.
+    assert v.buttonLabels[TRAIN] == presenter.KILL_LABEL and v.buttonEnabled[TRAIN]
+    assert p.buttonClicked(TRAIN) == "kill"
     assert p.cancelRequested() is False  # a second click does not cancel twice
     p.handleEvent(progress(70, total=200))  # the last step finishing
     assert "Cancelling" in p.view.progressText

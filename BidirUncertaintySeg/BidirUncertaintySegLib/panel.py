@@ -1,0 +1,322 @@
+"""What the panel's buttons do, without Qt: start, follow, cancel and stop jobs; install packages;
+add a corrected case and go to the next one; step through the regions to review.
+
+The widget (``BidirUncertaintySeg.py``) binds Qt widgets and a QTimer to a
+:class:`PanelController` and gives it the few things only the application has
+(:class:`PanelHooks`: a confirmation dialog, the training plot ...). Everything that can go
+wrong - a start that raises something else than :class:`~.errors.ModuleError` (a
+PermissionError creating the runs folder), an import that fails unexpectedly, an installer
+that crashes - ends in a readable message and an idle panel, never in a state without a way
+out; tests drive it on PyPI ``slicer-core`` with real or stub workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import dependencies, engine, presenter
+from .errors import ModuleError, PreviousTrainingError
+from .workflow import INPUT_VOLUME_ROLE, Job, Workflow, readHistory, unexpectedMessage
+
+# How long a job stopped by closing the module may take to save its checkpoint before it is killed.
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def _no(*args: Any, **kwargs: Any) -> Any:
+    return None
+
+
+@dataclass
+class PanelHooks:
+    """What only the application can do; every hook has a harmless default (tests, console)."""
+
+    confirm: Callable[[str], bool] = lambda text: False  # a yes/no question
+    info: Callable[[str], None] = _no
+    startPolling: Callable[[], None] = _no  # start the timer that calls PanelController.poll
+    trainingStarted: Callable[[Job], None] = _no  # show the live plot
+    trainingEvent: Callable[[dict[str, Any]], None] = _no  # update it
+    jobDone: Callable[[Job], None] = _no  # refresh the result views
+    processEvents: Callable[[], None] = _no  # repaint before a blocking step
+    installDependencies: Callable[[Any], None] = _no  # run an install plan
+    pytorchExtensionAvailable: Callable[[], bool] = lambda: False
+    restart: Callable[[], None] = _no
+
+
+@dataclass
+class PanelController:
+    """The panel's actions on one presenter and one workflow (made fresh for each action)."""
+
+    workflowFactory: Callable[[], Workflow]
+    presenter: presenter.Presenter = field(default_factory=presenter.Presenter)
+    hooks: PanelHooks = field(default_factory=PanelHooks)
+    job: Job | None = None
+    dependenciesDeclined: bool = False
+    # Run after the current job succeeded (the chained "add, then segment the next case").
+    then: Callable[[Job], None] | None = None
+
+    @property
+    def workflow(self) -> Workflow:
+        return self.workflowFactory()
+
+    @property
+    def store(self) -> Any:
+        return self.workflow.store
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def buttonClicked(self, kind: str) -> Job | None:
+        """A job button was clicked: start, cancel or stop the job, as the presenter says."""
+        action = self.presenter.buttonClicked(kind)
+        if action == "cancel":
+            self.cancel()
+        elif action == "kill":
+            self.kill()
+        elif action == "start" and self.ensureDependencies():
+            return self.start(kind, lambda: self._startFromPanel(kind))
+        return None
+
+    def start(self, kind: str, starter: Callable[[], Job | None], *, resume: bool = False) -> Job | None:
+        """Start a job with ``starter``; whatever it raises ends as a message, the panel usable again."""
+        self.presenter.jobStarting(kind, resume=resume)
+        try:
+            job = starter()
+        except ModuleError as exc:
+            self.presenter.startFailed(str(exc))
+            return None
+        except Exception as exc:
+            self.presenter.startFailed(unexpectedMessage(exc, f"starting the {kind} job"))
+            return None
+        if job is None:
+            self.presenter.startAborted("Training not started: the output folder holds a previous training.")
+            return None
+        self.follow(job)
+        return job
+
+    def _startFromPanel(self, kind: str) -> Job | None:
+        workflow, store = self.workflow, self.store
+        if kind == presenter.SEGMENT:
+            return workflow.startSegmentation(store.nodeReference("InputVolume"), store.get("modelPath"))
+        if kind == presenter.RANK:
+            return workflow.startRanking(store.unlabeledVolumes(), store.get("modelPath"))
+        outDir = store.get("outputFolder") or None
+        try:
+            return workflow.startTraining(store.labeledCases(), store.unlabeledVolumes(), outDir=outDir)
+        except PreviousTrainingError as exc:
+            if not self.hooks.confirm(
+                f"{exc}\n\nReplace the previous training (its model files are deleted)?"
+            ):
+                return None
+            return workflow.startTraining(
+                store.labeledCases(), store.unlabeledVolumes(), outDir=outDir, overwrite=True
+            )
+
+    def resume(self) -> Job | None:
+        if self.presenter.busy or not self.ensureDependencies():
+            return None
+        runFolder = self.store.get("lastRunFolder")
+
+        def starter() -> Job:
+            self.presenter.history.loadEngineHistory(readHistory(runFolder) if runFolder else {})
+            return self.workflow.resumeTraining(runFolder)
+
+        return self.start(presenter.TRAIN, starter, resume=True)
+
+    def follow(self, job: Job) -> None:
+        self.job = job
+        job.eventListeners.append(self.presenter.handleEvent)
+        if job.kind == presenter.TRAIN:
+            job.eventListeners.append(self.hooks.trainingEvent)
+            self.hooks.trainingStarted(job)
+        job.endListeners.append(self._workerEnded)
+        job.doneListeners.append(self._jobDone)
+        self.hooks.startPolling()
+
+    def poll(self) -> bool:
+        """One timer tick: True when there is nothing more to follow (stop the timer)."""
+        if self.job is None:
+            return True
+        try:
+            return self.job.poll()
+        except Exception as exc:  # a listener failed: end the job's display rather than poll it forever
+            message = unexpectedMessage(exc, "following the job")
+            if self.presenter.busy:
+                self.presenter.workerEnded("failed", message=message)
+            return True
+
+    def cancel(self) -> None:
+        if self.presenter.cancelRequested() and self.job is not None:
+            self.job.cancel()
+
+    def kill(self) -> None:
+        """Stop the job at once (while cancelling: the worker takes too long to save)."""
+        if self.job is not None:
+            self.job.kill()
+
+    def shutdown(self) -> None:
+        """The module is closed or Slicer quits: stop the job (checkpoint first, then kill)."""
+        if self.job is not None and not self.job.done:
+            self.job.shutdown(SHUTDOWN_GRACE_SECONDS)
+
+    def _workerEnded(self, job: Job) -> None:
+        self.presenter.appendLog(job.log)
+        result = job.result
+        self.presenter.workerEnded(
+            result.status,
+            exitCode=result.exitCode,
+            message=result.message,
+            logTail=job.logTail(),
+            importsResults=job.importsResults,
+        )
+        self.hooks.processEvents()  # show "Loading the results..." before the import blocks the GUI thread
+
+    def _jobDone(self, job: Job) -> None:
+        if job.result.status == "completed" and job.importsResults:
+            self.presenter.importFinished(job.importError, self._summary(job))
+        self.hooks.jobDone(job)
+        then, self.then = self.then, None
+        if then is not None and job.succeeded:
+            then(job)
+
+    @staticmethod
+    def _summary(job: Job) -> str:
+        if job.kind == presenter.SEGMENT and job.value is not None:
+            return f"Segmented; {len(job.value.regions)} uncertain region(s) to review."
+        if job.kind == presenter.RANK and job.value:
+            return (
+                f"Most informative volume: {job.value[0].volumeNode.GetName()} (now the volume to segment)."
+            )
+        if job.kind == presenter.TRAIN and job.value:
+            return f"Model written: {job.value}"
+        return ""
+
+    # -- the loop: add the corrected case, segment the next one -------------------------
+
+    def resultNodes(self) -> tuple[Any, Any]:
+        """The segmentation to review and its volume."""
+        segmentation = self.store.nodeReference("OutputSegmentation")
+        volume = segmentation.GetNodeReference(INPUT_VOLUME_ROLE) if segmentation is not None else None
+        return segmentation, volume or self.store.nodeReference("InputVolume")
+
+    def addCorrectedCase(self) -> str:
+        """Add the reviewed segmentation and its volume to the labeled cases; the sentence to show."""
+        segmentation, volume = self.resultNodes()
+        self.workflow.addCorrectedCase(volume, segmentation)
+        return (
+            f"'{volume.GetName()}' is now a labeled case ({len(self.store.labeledCases())} in all); "
+            "train again to use it."
+        )
+
+    def addAndSegmentNext(self) -> Job | None:
+        """Add the corrected case, rank the unlabeled volumes, segment the first one (two jobs in a row)."""
+        if self.presenter.busy:
+            return None
+        message = self.addCorrectedCase()
+        if not self.store.unlabeledVolumes():
+            self.presenter.startAborted()
+            self.hooks.info(message + " No unlabeled volume is left.")
+            return None
+        model = self.store.get("modelPath")
+
+        def segmentFirst(rankJob: Job) -> None:
+            best = rankJob.value[0].volumeNode
+            self.start(presenter.SEGMENT, lambda: self.workflow.startSegmentation(best, model))
+
+        job = self.start(
+            presenter.RANK, lambda: self.workflow.startRanking(self.store.unlabeledVolumes(), model)
+        )
+        if job is not None:
+            self.then = segmentFirst
+        return job
+
+    # -- review --------------------------------------------------------------------------
+
+    def stepRegion(self, step: int, currentRow: int) -> int | None:
+        """The row of the next (``step`` 1) or previous (-1) region, wrapping, with the views centred
+        on it; None without regions."""
+        table = self.store.nodeReference("RegionsTable")
+        rows = table.GetNumberOfRows() if table is not None else 0
+        if rows == 0:
+            return None
+        row = (currentRow + step) % rows if 0 <= currentRow < rows else (0 if step > 0 else rows - 1)
+        self.workflow.jumpToRegionRow(row)
+        return row
+
+    def droppedCaseMessages(self) -> list[str]:
+        """Remove labeled cases whose volume or segmentation was deleted; what to tell the user."""
+        messages = self.store.dropIncompleteLabeledCases()
+        for message in messages:
+            self.presenter.warnings.append(message)
+        return messages
+
+    # -- dependencies ----------------------------------------------------------------
+
+    def ensureDependencies(self, force: bool = False) -> bool:
+        """True when the worker's packages are there; otherwise ask once and install them."""
+        problems = dependencies.findProblems()
+        plan = dependencies.planInstall(
+            problems, pytorchExtensionAvailable=self.hooks.pytorchExtensionAvailable()
+        )
+        step = dependencies.nextStep(plan, declinedBefore=self.dependenciesDeclined, explicit=force)
+        if step == dependencies.READY:
+            if force:
+                self.hooks.info("All Python packages the module needs are installed.")
+            return True
+        if step in (dependencies.BLOCKED, dependencies.DECLINED):
+            self.presenter.installStarted("Python packages")
+            self.presenter.installFinished(
+                "\n".join(plan.blockers)
+                if step == dependencies.BLOCKED
+                else "Missing Python packages: "
+                + "; ".join(p.text for p in problems)
+                + ". Use 'Install Python packages' to install them."
+            )
+            return False
+        if not self.hooks.confirm(plan.confirmationText()):
+            self.dependenciesDeclined = True
+            return False
+        return self.install(plan)
+
+    def install(self, plan: Any) -> bool:
+        """Run an install plan; any failure ends the 'installing' state with its message."""
+        self.presenter.installStarted(", ".join(step.distribution for step in plan.steps))
+        self.hooks.processEvents()
+        try:
+            self.hooks.installDependencies(plan)
+        except ModuleError as exc:
+            self.presenter.installFinished(str(exc))
+            return False
+        except Exception as exc:
+            self.presenter.installFinished(unexpectedMessage(exc, "installing the Python packages"))
+            return False
+        if plan.restartNeeded:
+            self.presenter.installFinished(
+                None, "Packages installed. Restart Slicer before using the module."
+            )
+            if self.hooks.confirm("Restart Slicer now to use the new packages?"):
+                self.hooks.restart()
+            return False
+        self.presenter.installFinished(None, "Python packages installed.")
+        return True
+
+    def readiness(self) -> None:
+        """Tell the presenter what each job's button needs (from the parameter node)."""
+        store = self.store
+        self.presenter.setInputsReady(presenter.TRAIN, store.trainProblem())
+        self.presenter.setInputsReady(presenter.SEGMENT, store.segmentProblem())
+        self.presenter.setInputsReady(presenter.RANK, store.rankProblem())
+        self.presenter.setResumable(engine.resumable(store.get("lastRunFolder")))
+
+
+def pollInBackground(job: Job, onDone: Callable[[Job], None]) -> bool:
+    """One tick of the console API's follower: True when the timer can stop (the job is over, or
+    following it failed - it is then reported instead of polled every tick forever)."""
+    try:
+        finished = job.poll()
+    except Exception as exc:
+        unexpectedMessage(exc, f"following the {job.kind} job")
+        finished = True
+    if finished:
+        onDone(job)
+    return finished
