@@ -104,6 +104,12 @@ class ModelConfig:
         "cropped at it (reference: 256 256 for ACDC, 112 112 80 for LA).",
     )
     slice_axis: int = opt(2, "2D only: image axis (0=x, 1=y, 2=z) along which volumes are cut into slices.")
+    working_spacing_mm: list[float] = opt(
+        [],
+        "Working resolution in mm, x y z: training volumes and labels are resampled to it, and "
+        "prediction resamples each input to it and brings the outputs back to the input's grid "
+        "(e.g. 1.25 1.25 1.25 halves each side of 0.625 mm LA volumes). Empty: the data's own spacing.",
+    )
 
 
 @dataclass
@@ -353,6 +359,12 @@ class TrainConfig:
             raise ConfigError(f"--network {m.network} does not fit --dimension {m.dimension}")
         if m.slice_axis not in (0, 1, 2):
             raise ConfigError(f"--slice-axis must be 0, 1 or 2, got {m.slice_axis}")
+        if m.working_spacing_mm and (len(m.working_spacing_mm) != 3 or min(m.working_spacing_mm) <= 0):
+            raise ConfigError(
+                f"--working-spacing-mm needs three positive numbers (x y z), got {m.working_spacing_mm}"
+            )
+        if m.working_spacing_mm and self.data.source == "acdc":
+            raise ConfigError("--working-spacing-mm: the ACDC slices carry no voxel spacing to resample from")
         if o.iterations < 0 or o.pretrain_iterations < 0:
             raise ConfigError("--iterations and --pretrain-iterations must not be negative")
         semi = self.method.name != "supervised"
@@ -416,6 +428,25 @@ class PredictConfig:
     min_region_mm3: float = opt(10.0, "Flagged regions smaller than this volume (mm^3) are dropped.")
     min_region_voxels: int = opt(4, "...and flagged regions of fewer voxels than this are dropped too.")
     max_regions: int = opt(50, "At most this many regions are listed, most worth reviewing first (0 = all).")
+    region_slices: int = opt(
+        1,
+        "A listed region spans at most this many consecutive slices along the slice axis (a band of "
+        "uncertainty around a whole structure is cut into one region per slab of slices).",
+    )
+    region_extent_mm: float = opt(
+        0.0,
+        "Regions wider than this (mm) in the slice plane are cut into equal tiles no wider (0 = not cut).",
+    )
+    shape_flags: bool = opt(
+        True,
+        "Also flag confident misses from shape: a class missing or extra on one slice, an abrupt change "
+        "of area between slices, detached fragments, --nesting violations (docs/inference.md).",
+    )
+    nesting: list[str] = opt(
+        [],
+        "Anatomy rules INNER:OUTER with the model's class names (e.g. 'left ventricle:myocardium': the "
+        "cavity is enclosed by the wall); gaps in OUTER around INNER are flagged.",
+    )
     largest_component: bool = opt(False, "Keep only the largest connected component of each class.")
     overlap: float = opt(0.5, "3D: sliding-window overlap (0..<1); --stride overrides it.")
     stride: list[int] | None = opt(
@@ -439,6 +470,14 @@ class PredictConfig:
         "Mixed precision: bfloat16 autocast on a CPU that runs it natively (AVX512-BF16/AMX/ARM BF16; "
         "float32 elsewhere), bfloat16 or float16 on CUDA. --no-amp: float32 everywhere.",
     )
+    engine: Literal["auto", "torch", "onnx"] = opt(
+        "auto",
+        "What runs the network: 'torch', or 'onnx' (ONNX Runtime, float32, CPU only; entropy and tta, not "
+        "mc-dropout; the network is exported once to <model>.onnx beside the model file). 'auto': ONNX "
+        "Runtime on a CPU without native bfloat16 when it is installed (pip install 'buseg[onnx]'; about "
+        "1.9x faster than torch float32 there) and --amp is on, else torch.",
+        choices=("auto", "torch", "onnx"),
+    )
     overwrite: bool = opt(False, "Replace existing outputs of the same case (never done silently).")
 
     def validate(self) -> PredictConfig:
@@ -459,6 +498,10 @@ class PredictConfig:
             raise ConfigError(f"--stride needs three positive numbers (x y z), got {self.stride}")
         if self.sw_batch_size < 0 or self.slice_batch_size < 1:
             raise ConfigError("--sw-batch-size must be 0 (automatic) or more, --slice-batch-size at least 1")
+        if self.engine not in ("auto", "torch", "onnx"):
+            raise ConfigError(f"--engine must be auto, torch or onnx, not {self.engine!r}")
+        if self.region_slices < 1 or self.region_extent_mm < 0:
+            raise ConfigError("--region-slices must be at least 1 and --region-extent-mm not negative")
         return self
 
 
@@ -528,6 +571,39 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {hint.__name__}") from None
     return value
+
+
+# --------------------------------------------------------------------------------------
+# Presets: named settings for a kind of run, applied before the user's own flags
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # 3D training on a 2-core CPU in under an hour (docs/benchmarks.md, LA: what each setting gave).
+    "cpu-3d": {
+        "model.dimension": "3d",
+        "model.working_spacing_mm": [1.25, 1.25, 1.25],
+        "model.base_channels": 16,
+        "model.patch_size": [64, 64, 48],
+        "optim.batch_size": 4,
+        "optim.pretrain_iterations": 1000,
+        "optim.iterations": 2000,
+        "optim.lr_schedule": "poly",
+        "validation_interval": 250,
+    },
+}
+
+
+def apply_preset(config: TrainConfig, name: str) -> TrainConfig:
+    """Set the fields of preset ``name`` on ``config`` (flags the user gives are applied after)."""
+    if name not in TRAIN_PRESETS:
+        raise ConfigError(f"--preset {name!r} is not a preset; presets: {', '.join(TRAIN_PRESETS)}")
+    for key, value in TRAIN_PRESETS[name].items():
+        *sections, field_name = key.split(".")
+        target = config
+        for section in sections:
+            target = getattr(target, section)
+        hint = typing.get_type_hints(type(target))[field_name]
+        setattr(target, field_name, _coerce(value, hint, f"preset {name}: {key}"))
+    return config
 
 
 def save_json(config: Any, path: str | Path) -> None:
