@@ -1,25 +1,41 @@
-"""Quality benchmark: our method against the published baselines on ACDC and LA.
+"""Quality benchmark: our method, its CRL variants and controls against the baselines on ACDC and LA.
 
-Runs supervised (labeled only), mean teacher, BCP, ours (BUARL) and its ablations (URL
-only, CRL only) with the same seeds, data and iteration budget, sharing the copy-paste
-pre-training between the methods whose recipe has one, then evaluates on held-out volumes
-with the published protocol's metrics and measures how useful the uncertainty is for
-review. Writes CSV, markdown and PNG plots to ``--out`` (default benchmarks/results).
+The protocol (docs/benchmarks.md), made to tell a 1-point difference from noise:
+
+* every configuration runs with the same seeds (default 1337, 2, 3), paired by seed: per seed one
+  copy-paste pre-training (BCP stage 1) is shared by every semi-supervised configuration, and is
+  scored as a configuration of its own (``cp-pretrain-only``);
+* the supervised baseline has the same learning-rate schedule: a first stage of
+  ``pretrain_iterations`` at ``lr`` (its best checkpoint on the selection volumes starts the
+  second, as for copy-paste), then ``iterations`` at ``self_training_lr``; every method's model
+  files hold its EMA teacher (``method.model_weights``), the supervised one's included;
+* the primary figure is the *last* checkpoint scored on *all* held-out volumes (ACDC: the 20
+  validation volumes; no selection, so no selection noise); beside it the checkpoint selected
+  on the *selection* half, scored on the *evaluation* half;
+* the tables give mean +- standard deviation over seeds, the per-seed paired differences
+  against a reference (``--references``, default BCP and URL alone) and a verdict: A is better
+  than B only when A is ahead in every seed or the mean paired difference exceeds twice its
+  standard error (and only with at least 3 paired seeds);
+* ACDC runs with 7 and with 3 labeled patients (``--labeled 7 3``, the default).
 
 Splits (no label of an unlabeled training case is used for anything):
 
 * ACDC: the labeled subset is the first 3 or 7 training patients; every other training
   slice is unlabeled. The 10 validation patients (20 volumes) are split by patient into a
-  *selection* half (model selection: the best checkpoint by mean Dice) and an *evaluation*
-  half (every reported figure). The checkpoint at the last iteration is reported too.
+  *selection* half (the training's validation: checkpoint selection) and an *evaluation* half.
 * LA: the first 8 (or 4) cases of the list are labeled; the last ``la_holdout`` cases are
   held out (half selection, half evaluation); the rest are unlabeled.
 
+Runs are resumable: every run checkpoints at each validation; a finished run with the same
+configuration (and the same start weights) is reused, an unfinished one is resumed from its
+``last.pt``. Stop it at any time and run the same command again.
+
 Usage::
 
-    python benchmarks/quality.py --dataset acdc --preset cpu            # all methods, 1 seed
-    python benchmarks/quality.py --dataset acdc --preset paper --seeds 1 2 3   (GPU)
-    python benchmarks/quality.py --dataset la --preset cpu
+    python benchmarks/quality.py --dataset acdc --preset cpu               # the whole protocol
+    python benchmarks/quality.py --methods bcp ours-url-only --seeds 1337  # a part of it
+    python benchmarks/quality.py --reuse-only                              # tables from finished runs
+    python benchmarks/quality.py --dataset acdc --preset paper            (GPU)
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import json
 import platform
 import sys
@@ -46,16 +63,37 @@ from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa:
 from buseg.events import EventSink  # noqa: E402
 from buseg.train import train  # noqa: E402
 
-METHODS = {
-    # name: (method, url, crl)
-    "bcp": ("bcp", False, False),
-    "ours": ("buarl", True, True),
-    "ours-url-only": ("buarl", True, False),
-    "ours-crl-only": ("buarl", False, True),
-    "mean-teacher": ("mean-teacher", False, False),
-    "supervised": ("supervised", False, False),
+METHODS: dict[str, tuple[str, bool, bool, dict]] = {
+    # name: (method, url, crl, other settings "section.field": value)
+    "supervised": ("supervised", False, False, {}),
+    "mean-teacher": ("mean-teacher", False, False, {}),
+    "cp-pretrain-only": ("bcp", False, False, {}),  # the shared copy-paste pre-training, scored as is
+    "bcp": ("bcp", False, False, {}),
+    "ours": ("buarl", True, True, {}),  # the engine's defaults, whichever variant they are
+    "ours-url-only": ("buarl", True, False, {}),
+    "ours-url-random": ("buarl", True, False, {"url.selection": "random"}),  # URL's control
+    "ours-crl-only": ("buarl", False, True, {}),
+    "ours-crl-discard": ("buarl", True, True, {"crl.weighting": "discard"}),
+    "ours-crl-concentration": ("buarl", True, True, {"crl.weighting": "concentration"}),
+    "ours-crl-foreground": ("buarl", True, True, {"crl.weighting": "foreground"}),
+    "ours-crl-foreground-constant": (
+        "buarl",
+        True,
+        True,
+        {"crl.weighting": "foreground", "crl.shrink_iterations": 0},
+    ),
+    "ours-crl-negative": ("buarl", True, True, {"crl.weighting": "negative"}),
+    "ours-crl-after-cleanup": ("buarl", True, True, {"crl.uncertainty_after_cleanup": True}),
 }
-SHARED_PRETRAINING = {"mean-teacher", "bcp", "ours", "ours-url-only", "ours-crl-only"}
+# The protocol's configurations: all but "ours", which repeats whichever variant is the default
+# (the tables mark that one).
+PROTOCOL = [key for key in METHODS if key != "ours"]
+PRETRAINING_ONLY = "cp-pretrain-only"
+SHARED_PRETRAINING = {key for key, (method, *_) in METHODS.items() if method != "supervised"}
+DEFAULT_SEEDS = [1337, 2, 3]
+MIN_SEEDS_FOR_VERDICT = 3
+# Rows written by an older protocol (last checkpoint on the evaluation half only) are re-scored.
+PROTOCOL_VERSION = 2
 
 
 @dataclass
@@ -110,7 +148,7 @@ def acdc_split(root: Path) -> tuple[list[str], list[str]]:
 def base_config(
     preset: Preset, args: argparse.Namespace, method_key: str, seed: int, out: Path
 ) -> TrainConfig:
-    method, url, crl = METHODS[method_key]
+    method, url, crl, settings = METHODS[method_key]
     c = TrainConfig()
     c.data.source = preset.dataset
     c.data.data_root = str(args.data_root)
@@ -125,34 +163,53 @@ def base_config(
         setattr(c.optim, key, value)
     c.method.name = method
     c.url.enabled, c.crl.enabled = url, crl
+    for key, value in settings.items():
+        _set_option(c, key, value)
     c.seed = seed
     c.validation_interval = preset.validation_interval
-    c.checkpoint_interval = 10**9
+    c.checkpoint_interval = preset.validation_interval  # an interrupted run resumes from there
     c.log_interval = 50
     c.out_dir = str(out)
     c.num_threads = args.threads
     c.device = args.device
     for assignment in args.set or []:
         key, value = assignment.split("=", 1)
-        section, name = key.split(".") if "." in key else (None, key)
-        target = getattr(c, section) if section else c
-        current = getattr(target, name)
-        setattr(target, name, type(current)(json.loads(value)) if current is not None else json.loads(value))
+        _set_option(c, key, json.loads(value))
     return c
 
 
+def _set_option(config: TrainConfig, key: str, value) -> None:
+    """Set ``section.field`` (or a top-level field) of ``config``, converted to the field's type."""
+    section, name = key.split(".") if "." in key else (None, key)
+    target = getattr(config, section) if section else config
+    if not hasattr(target, name):
+        raise SystemExit(f"--set {key}: no such option")
+    current = getattr(target, name)
+    setattr(target, name, type(current)(value) if current is not None and value is not None else value)
+
+
 class Progress(EventSink):
-    def __init__(self, label: str):
+    """Prints validations; at every checkpoint records the training seconds so far (``seconds.json``),
+    so that a run resumed in a later sitting reports its whole training time."""
+
+    def __init__(self, label: str, out: Path | None = None, previous_seconds: float = 0.0):
         self.label = label
+        self.out = out
+        self.previous = previous_seconds if np.isfinite(previous_seconds) else 0.0
         self.start = time.time()
+
+    def seconds(self) -> float:
+        return self.previous + time.time() - self.start
 
     def handle(self, event: dict) -> None:
         if event["event"] == "validation":
             print(
                 f"  [{self.label}] it {event['iteration']}: selection dice {event['metrics']['dice']:.4f} "
-                f"(best {event['best']:.4f} @ {event['best_iteration']}) {time.time() - self.start:.0f}s",
+                f"(best {event['best']:.4f} @ {event['best_iteration']}) {self.seconds():.0f}s",
                 flush=True,
             )
+        if event["event"] == "checkpoint" and event.get("kind") == "last" and self.out is not None:
+            (self.out / "seconds.json").write_text(json.dumps({"seconds": self.seconds(), "finished": False}))
 
 
 # --------------------------------------------------------------------------------------
@@ -218,7 +275,7 @@ def evaluate_model(
 # Main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -231,10 +288,24 @@ def main(argv: list[str] | None = None) -> int:
         help="Benchmark data folder (default: ../shared/data/ACDC or ../shared/data/LA).",
     )
     parser.add_argument(
-        "--labeled", type=int, default=None, help="Labeled patients (ACDC 3/7) or cases (LA 4/8)."
+        "--labeled",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Labeled patients (ACDC; default 7 then 3) or cases (LA; default the preset's 8), one "
+        "benchmark per value.",
     )
-    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1337])
+    parser.add_argument(
+        "--methods", nargs="+", choices=tuple(METHODS), default=PROTOCOL, help="Configurations to run."
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS)
+    parser.add_argument(
+        "--references",
+        nargs="+",
+        choices=tuple(METHODS),
+        default=["bcp", "ours-url-only"],
+        help="Configurations every other one is compared with, seed by seed (the first: per-seed differences).",
+    )
     parser.add_argument("--iterations", type=int, help="Override the preset's self-training iterations.")
     parser.add_argument(
         "--pretrain-iterations", type=int, help="Override the preset's pre-training iterations."
@@ -264,71 +335,67 @@ def main(argv: list[str] | None = None) -> int:
         help="Only assemble finished runs (stop instead of training anything).",
     )
     parser.add_argument(
-        "--tag", default=None, help="Name of this run's result files (default: dataset_preset_labeled)."
+        "--tag",
+        default=None,
+        help="Name of the result files (default: dataset_preset_<N>labeled; with several --labeled "
+        "values, _<N>labeled is appended to a given tag).",
     )
     args = parser.parse_args(argv)
+    if args.data_root is None:
+        args.data_root = ROOT.parent / "shared" / "data" / ("ACDC" if args.dataset == "acdc" else "LA")
+    if args.labeled is None:
+        args.labeled = (
+            [7, 3] if args.dataset == "acdc" else [PRESETS[(args.dataset, args.preset)].labeled_count]
+        )
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for labeled in args.labeled:
+        run_benchmark(args, labeled)
+    return 0
+
+
+def run_benchmark(args: argparse.Namespace, labeled: int) -> None:
+    """Every configuration and seed for one labeled count; tables rewritten after every run."""
     preset = copy.deepcopy(PRESETS[(args.dataset, args.preset)])
-    if args.labeled is not None:
-        preset.labeled_count = args.labeled
+    preset.labeled_count = labeled
     if args.iterations is not None:
         preset.iterations = args.iterations
     if args.pretrain_iterations is not None:
         preset.pretrain_iterations = args.pretrain_iterations
-    if args.data_root is None:
-        args.data_root = ROOT.parent / "shared" / "data" / ("ACDC" if args.dataset == "acdc" else "LA")
-    tag = args.tag or f"{args.dataset}_{args.preset}_{preset.labeled_count}labeled"
+    tag = f"{args.dataset}_{args.preset}_{labeled}labeled"
+    if args.tag:
+        tag = args.tag if len(args.labeled) == 1 else f"{args.tag}_{labeled}labeled"
     work = args.work / tag
     work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    # Data once for all methods, with the selection split as the training loop's validation.
-    probe = base_config(preset, args, "ours", args.seeds[0], work / "probe")
-    if args.dataset == "acdc":
-        selection, evaluation = acdc_split(args.data_root)
-        selection_list = work / "selection.list"
-        selection_list.write_text("\n".join(selection) + "\n")
-        probe.data.validation = str(selection_list)
-        data_all = load_training_data(probe, log=print)
-        eval_config = copy.deepcopy(probe)
-        eval_list = work / "evaluation.list"
-        eval_list.write_text("\n".join(evaluation) + "\n")
-        eval_config.data.validation = str(eval_list)
-        evaluation_cases = load_training_data(eval_config, log=lambda m: None).validation
-    else:
-        cases = [n.strip() for n in (args.data_root / "train.list").read_text().splitlines() if n.strip()]
-        held = cases[-args.la_holdout :]
-        selection, evaluation = held[0::2], held[1::2]
-        selection_list = work / "selection.list"
-        selection_list.write_text("\n".join(selection) + "\n")
-        probe.data.validation = str(selection_list)
-        probe.data.exclude_cases = evaluation
-        data_all = load_training_data(probe, log=print)
-        eval_config = copy.deepcopy(probe)
-        eval_list = work / "evaluation.list"
-        eval_list.write_text("\n".join(evaluation) + "\n")
-        eval_config.data.validation = str(eval_list)
-        eval_config.data.exclude_cases = selection
-        evaluation_cases = load_training_data(eval_config, log=lambda m: None).validation
+    data_all, evaluation_cases = load_splits(preset, args, work)
+    volumes = Volumes(everything=[*data_all.validation, *evaluation_cases], evaluation=evaluation_cases)
     print(
-        f"selection: {len(data_all.validation)} volumes; evaluation: {len(evaluation_cases)} volumes",
+        f"{tag}: selection {len(data_all.validation)} volumes, evaluation {len(evaluation_cases)}; "
+        f"last checkpoint scored on all {len(volumes.everything)}",
         flush=True,
     )
-
     rows, curves = [], {}
     for seed in args.seeds:
-        pretrained = None
+        starts = {}
         if SHARED_PRETRAINING & set(args.methods) and preset.pretrain_iterations:
-            pretrained = run_pretraining(preset, args, seed, work, data_all)
+            starts["copy-paste"] = run_first_stage("copy-paste", preset, args, seed, work, data_all)
+        if "supervised" in args.methods and preset.pretrain_iterations:
+            starts["supervised"] = run_first_stage("supervised", preset, args, seed, work, data_all)
         for key in args.methods:
-            row, curve = run_method(key, preset, args, seed, work, data_all, pretrained, evaluation_cases)
+            row, curve = run_method(key, preset, args, seed, work, data_all, starts, volumes)
             rows.append(row)
             curves[(key, seed)] = curve
             write_results(rows, curves, preset, args, tag)
     write_results(rows, curves, preset, args, tag, final=True)
     models = {key: _model_file(work / f"{key}_seed{args.seeds[0]}") for key in args.methods}
+    if PRETRAINING_ONLY in models:
+        models[PRETRAINING_ONLY] = _model_file(work / f"pretrain_seed{args.seeds[0]}")
     plot_example(
         {k: m for k, m in models.items() if m is not None},
         evaluation_cases[0],
@@ -336,7 +403,42 @@ def main(argv: list[str] | None = None) -> int:
         args.device if args.device != "auto" else "cpu",
         args.review_budget,
     )
-    return 0
+
+
+@dataclass
+class Volumes:
+    """The held-out volumes: ``everything`` scores the last checkpoint, ``evaluation`` the selected one
+    (the other half selected it)."""
+
+    everything: list[ValidationCase]
+    evaluation: list[ValidationCase]
+
+
+def load_splits(preset: Preset, args, work: Path) -> tuple[TrainingData, list[ValidationCase]]:
+    """The training data with the selection volumes as its validation, and the evaluation volumes."""
+    probe = base_config(preset, args, "ours", args.seeds[0], work / "probe")
+    if args.dataset == "acdc":
+        selection, evaluation = acdc_split(args.data_root)
+        excluded_from_selection, excluded_from_evaluation = [], []
+    else:
+        cases = [n.strip() for n in (args.data_root / "train.list").read_text().splitlines() if n.strip()]
+        held = cases[-args.la_holdout :]
+        selection, evaluation = held[0::2], held[1::2]
+        excluded_from_selection, excluded_from_evaluation = evaluation, selection
+    selection_list = work / "selection.list"
+    selection_list.write_text("\n".join(selection) + "\n")
+    probe.data.validation = str(selection_list)
+    if excluded_from_selection:
+        probe.data.exclude_cases = excluded_from_selection
+    data_all = load_training_data(probe, log=print)
+    eval_config = copy.deepcopy(probe)
+    eval_list = work / "evaluation.list"
+    eval_list.write_text("\n".join(evaluation) + "\n")
+    eval_config.data.validation = str(eval_list)
+    if excluded_from_evaluation:
+        eval_config.data.exclude_cases = excluded_from_evaluation
+    evaluation_cases = load_training_data(eval_config, log=lambda m: None).validation
+    return data_all, evaluation_cases
 
 
 def _model_file(run: Path) -> Path | None:
@@ -344,26 +446,49 @@ def _model_file(run: Path) -> Path | None:
     return next((p for p in (run / "best.pt", run / "model.pt") if p.exists()), None)
 
 
-def run_pretraining(preset: Preset, args, seed: int, work: Path, data: TrainingData) -> Path:
-    """The copy-paste pre-training (BCP stage 1) shared by the semi-supervised methods.
+FIRST_STAGE_FOLDERS = {"copy-paste": "pretrain", "supervised": "supervised-stage1"}
 
-    Self-training starts from its best checkpoint on the selection split (the published
-    recipe selects the pre-trained model the same way).
+
+def run_first_stage(kind: str, preset: Preset, args, seed: int, work: Path, data: TrainingData) -> Path:
+    """The first ``pretrain_iterations`` at ``lr``: the copy-paste pre-training (BCP stage 1) shared by
+    every semi-supervised configuration of the seed, or the supervised baseline's first stage.
+
+    Both keep the student (as the recipe's pre-training), and the second stage starts from their best
+    checkpoint on the selection volumes (model.pt), as the published recipe does.
     """
-    out = work / f"pretrain_seed{seed}"
-    if (out / "model.pt").exists():
-        print(f"pre-training (seed {seed}): reusing {out / 'model.pt'}", flush=True)
+    out = work / f"{FIRST_STAGE_FOLDERS[kind]}_seed{seed}"
+    config = base_config(preset, args, "bcp" if kind == "copy-paste" else "supervised", seed, out)
+    if kind == "copy-paste":
+        config.optim.pretrain_iterations, config.optim.iterations = preset.pretrain_iterations, 0
+    else:
+        config.optim.pretrain_iterations, config.optim.iterations = 0, preset.pretrain_iterations
+        config.method.model_weights = "student"
+    if (out / "model.pt").exists() and _reusable(out, config):
+        print(f"{kind} first stage (seed {seed}): reusing {out / 'model.pt'}", flush=True)
         return out / "model.pt"
-    if args.reuse_only:
-        raise SystemExit(f"pre-training (seed {seed}): no finished run in {out} (--reuse-only)")
-    config = base_config(preset, args, "bcp", seed, out)
-    config.optim.pretrain_iterations = preset.pretrain_iterations
-    config.optim.iterations = 0
-    start = time.time()
-    print(f"pre-training (seed {seed}): {preset.pretrain_iterations} copy-paste iterations", flush=True)
-    train(config, events=Progress("pretrain"), overwrite=True, data=data)
-    print(f"  pre-training took {time.time() - start:.0f} s", flush=True)
-    return out / "model.pt"  # the best pre-training checkpoint on the selection split, as the recipe
+    print(f"{kind} first stage (seed {seed}): {preset.pretrain_iterations} iterations", flush=True)
+    train_or_resume(config, out, f"{kind}-stage1", args, data)
+    return out / "model.pt"
+
+
+def second_stage_config(
+    key: str, preset: Preset, args, seed: int, out: Path, starts: dict[str, Path]
+) -> tuple[TrainConfig, int]:
+    """A configuration's training and the iterations that precede it (its first stage's)."""
+    config = base_config(preset, args, key, seed, out)
+    start = starts.get("supervised" if key == "supervised" else "copy-paste")
+    if start is None:  # no shared first stage: the method's own schedule from scratch
+        config.optim.pretrain_iterations = 0 if key == "supervised" else preset.pretrain_iterations
+        config.optim.iterations = preset.iterations + (
+            preset.pretrain_iterations if key == "supervised" else 0
+        )
+        return config, 0
+    config.init_weights = str(start)
+    config.optim.pretrain_iterations = 0
+    config.optim.iterations = preset.iterations
+    if config.optim.self_training_lr is not None:
+        config.optim.lr = config.optim.self_training_lr
+    return config, preset.pretrain_iterations
 
 
 def run_method(
@@ -373,81 +498,168 @@ def run_method(
     seed: int,
     work: Path,
     data: TrainingData,
-    pretrained: Path | None,
-    evaluation_cases: list[ValidationCase],
+    starts: dict[str, Path],
+    volumes: Volumes,
 ) -> tuple[dict, list]:
+    if key == PRETRAINING_ONLY:
+        return score_pretraining(preset, args, seed, work, data, volumes)
     out = work / f"{key}_seed{seed}"
-    config = base_config(preset, args, key, seed, out)
-    if key == "supervised" or pretrained is None:
-        # Labeled only, for the whole budget (pre-training + self-training iterations).
-        config.optim.pretrain_iterations = 0
-        config.optim.iterations = preset.pretrain_iterations + preset.iterations
-        if key != "supervised":
-            config.optim.pretrain_iterations = preset.pretrain_iterations
-            config.optim.iterations = preset.iterations
-        offset = 0
-    else:
-        config.init_weights = str(pretrained)
-        config.optim.pretrain_iterations = 0
-        config.optim.iterations = preset.iterations
-        if config.optim.self_training_lr is not None:
-            config.optim.lr = config.optim.self_training_lr
-        offset = preset.pretrain_iterations
-    saved_row = out / "row.json"
-    if saved_row.exists() and _same_config(out, config):
-        print(f"{key} (seed {seed}): reusing {saved_row}", flush=True)
-        saved = json.loads(saved_row.read_text())
-        return saved["row"], saved["curve"]
-    if (out / "final.pt").exists() and (out / "history.json").exists() and _same_config(out, config):
+    config, offset = second_stage_config(key, preset, args, seed, out, starts)
+    saved = _saved_row(out, config)
+    if saved is not None:
+        print(f"{key} (seed {seed}): reusing {out / 'row.json'}", flush=True)
+        return saved
+    if (out / "final.pt").exists() and (out / "history.json").exists() and _reusable(out, config):
         print(f"{key} (seed {seed}): reusing the finished training in {out}", flush=True)
-        result = _finished_result(out)
-        seconds = (
-            json.loads((out / "seconds.json").read_text())["seconds"]
-            if (out / "seconds.json").exists()
-            else float("nan")
-        )
+        result, seconds = _finished_result(out), _seconds(out)
     else:
-        if args.reuse_only:
-            raise SystemExit(f"{key} (seed {seed}): no finished run with this config in {out} (--reuse-only)")
         print(f"{key} (seed {seed}): {config.optim.iterations} iterations", flush=True)
-        start = time.time()
-        result = train(config, events=Progress(key), overwrite=True, data=data)
-        seconds = time.time() - start
-        (out / "seconds.json").write_text(json.dumps({"seconds": seconds}))
+        result, seconds = train_or_resume(config, out, key, args, data)
+    if key == "supervised" and "supervised" in starts:  # its first stage is its own, not shared
+        seconds += _seconds(starts["supervised"].parent)
+    return score_run(key, seed, out, result, seconds, config.optim.iterations, offset, data, args, volumes)
+
+
+def score_pretraining(
+    preset: Preset, args, seed: int, work: Path, data: TrainingData, volumes: Volumes
+) -> tuple[dict, list]:
+    """The copy-paste pre-training scored as a configuration: how much of BCP's gain is stage 1."""
+    source = work / f"pretrain_seed{seed}"
+    out = work / f"{PRETRAINING_ONLY}_seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    config = base_config(preset, args, "bcp", seed, source)
+    config.optim.pretrain_iterations, config.optim.iterations = preset.pretrain_iterations, 0
+    saved = _saved_row(out, config, source)
+    if saved is not None:
+        return saved
+    if not (source / "final.pt").exists() or not _reusable(source, config):
+        raise SystemExit(f"{PRETRAINING_ONLY} (seed {seed}): no finished pre-training in {source}")
+    result = _finished_result(source)
+    return score_run(
+        PRETRAINING_ONLY,
+        seed,
+        out,
+        result,
+        _seconds(source),
+        preset.pretrain_iterations,
+        0,
+        data,
+        args,
+        volumes,
+    )
+
+
+def train_or_resume(config: TrainConfig, out: Path, label: str, args, data: TrainingData):
+    """Train ``config`` into ``out``, resuming an interrupted run of the same configuration; returns the
+    result and the training seconds (over every sitting)."""
+    resumable = (out / "last.pt").exists() and _reusable(out, config)
+    if args.reuse_only:
+        raise SystemExit(
+            f"{label} (seed {config.seed}): no finished run with this config in {out} (--reuse-only)"
+        )
+    previous = _seconds(out) if resumable else 0.0
+    if resumable:
+        print(f"  resuming {out / 'last.pt'}", flush=True)
+    sink = Progress(label, out, previous)
+    if not resumable:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "seconds.json").unlink(missing_ok=True)
+        (out / "row.json").unlink(missing_ok=True)
+        (out / "start_weights.json").write_text(json.dumps({"sha256": _start_weights(config)}))
+    result = train(config, events=sink, resume=resumable, overwrite=not resumable, data=data)
+    seconds = sink.seconds()
+    (out / "seconds.json").write_text(json.dumps({"seconds": seconds, "finished": True}))
+    return result, seconds
+
+
+def _seconds(out: Path) -> float:
+    try:
+        return float(json.loads((out / "seconds.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError):
+        return float("nan")
+
+
+def score_run(
+    key: str,
+    seed: int,
+    out: Path,
+    result,
+    seconds: float,
+    iterations: int,
+    offset: int,
+    data: TrainingData,
+    args,
+    volumes: Volumes,
+) -> tuple[dict, list]:
+    """Evaluate a finished run: the last checkpoint on every held-out volume (the primary figure), the
+    selected one on the evaluation half; writes row.json."""
     curve = [{"iteration": v["iteration"] + offset, "dice": v["dice"]} for v in result.history["validation"]]
     row = {
         "method": key,
         "seed": seed,
+        "protocol": PROTOCOL_VERSION,
         "train_seconds": round(seconds, 1),
-        "seconds_per_iteration": round(seconds / max(1, config.optim.iterations), 4),
+        "seconds_per_iteration": round(seconds / max(1, iterations), 4),
         "best_iteration": (result.best_iteration or 0) + offset,
         "selection_dice": result.best_metric,
     }
-    for which, path in (("best", result.best_path or result.model_path), ("last", out / "final.pt")):
-        evaluation = evaluate_model(
-            path,
-            evaluation_cases,
-            data.num_classes,
-            args.device if args.device != "auto" else "cpu",
-            args.review_budget,
-        )
+    final = Path(result.model_path).parent / "final.pt"  # the pre-training's row reads its own folder
+    row["final_sha256"] = _file_sha256(final)
+    device = args.device if args.device != "auto" else "cpu"
+    scored = (
+        ("best", result.best_path or result.model_path, volumes.evaluation),
+        ("last", final, volumes.everything),
+    )
+    for which, path, cases in scored:
+        evaluation = evaluate_model(path, cases, data.num_classes, device, args.review_budget)
         for metric, value in evaluation["summary"].items():
             row[f"{which}_{metric}"] = value
         (out / f"evaluation_{which}.json").write_text(json.dumps(evaluation, indent=1))
     print(
-        f"  {key}: evaluation dice best {row['best_dice']:.4f} / last {row['last_dice']:.4f} "
-        f"({seconds:.0f} s)",
+        f"  {key} (seed {seed}): Dice last {row['last_dice']:.4f} ({len(volumes.everything)} volumes), "
+        f"selected {row['best_dice']:.4f} ({len(volumes.evaluation)}) ({seconds:.0f} s)",
         flush=True,
     )
-    saved_row.write_text(json.dumps({"row": row, "curve": curve}, indent=1))
+    (out / "row.json").write_text(json.dumps({"row": row, "curve": curve}, indent=1))
     return row, curve
+
+
+def _saved_row(out: Path, config: TrainConfig, source: Path | None = None) -> tuple[dict, list] | None:
+    """A row already scored under this protocol, from a run of this configuration (in ``source``)."""
+    path = out / "row.json"
+    if not path.exists() or not _reusable(source or out, config):
+        return None
+    saved = json.loads(path.read_text())
+    row = saved["row"]
+    if row.get("protocol") != PROTOCOL_VERSION or row.get("final_sha256") != _file_sha256(
+        (source or out) / "final.pt"
+    ):
+        return None
+    return row, saved["curve"]
+
+
+def _file_sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 # Options added to the engine after runs were made, with the value that reproduces what those
 # runs did: a stored config without such a field matches a current config with that value.
-ADDED_OPTIONS = {("url", "loss"): "ce+dice", ("crl", "loss"): "ce+dice"}
+ADDED_OPTIONS = {
+    ("url", "loss"): "ce+dice",
+    ("crl", "loss"): "ce+dice",
+    ("url", "selection"): "uncertainty",
+    ("crl", "weighting"): "discard",
+    ("crl", "extra_weight"): 1.0,
+    ("crl", "shrink_iterations"): None,
+    ("crl", "negative_threshold"): 0.05,
+    ("crl", "uncertainty_after_cleanup"): False,
+}
 # Sections only our method reads: they do not distinguish runs of the other methods.
 BUARL_SECTIONS = ("url", "crl", "uncertainty")
+# Fields of the method section only mean teacher reads.
+MEAN_TEACHER_FIELDS = ("consistency_weight", "consistency_rampup_iterations", "noise_std")
+# How often a run reports and checkpoints, and on how many threads: not what it computes.
+NOT_COMPUTED = ("out_dir", "checkpoint_interval", "log_interval", "num_threads")
 
 
 def _same_config(out: Path, config: TrainConfig) -> bool:
@@ -461,7 +673,8 @@ def _same_config(out: Path, config: TrainConfig) -> bool:
     # Where a run lives is not what it computes (a run may be reached through another work
     # folder); the start weights are compared as the files they are.
     for entry in (stored, current):
-        entry.pop("out_dir", None)
+        for name in NOT_COMPUTED:
+            entry.pop(name, None)
         if entry.get("init_weights"):
             entry["init_weights"] = str(Path(entry["init_weights"]).resolve())
     for (section, name), value in ADDED_OPTIONS.items():
@@ -471,7 +684,28 @@ def _same_config(out: Path, config: TrainConfig) -> bool:
         for section in BUARL_SECTIONS:
             stored.pop(section, None)
             current.pop(section, None)
+    if current["method"]["name"] != "mean-teacher":
+        for entry in (stored, current):
+            for name in MEAN_TEACHER_FIELDS:
+                entry.get("method", {}).pop(name, None)
     return stored == current
+
+
+def _start_weights(config: TrainConfig) -> str | None:
+    """The identity (SHA-256) of the weights a run starts from; None for a run from scratch."""
+    return _file_sha256(Path(config.init_weights)) if config.init_weights else None
+
+
+def _reusable(out: Path, config: TrainConfig) -> bool:
+    """Same configuration and the same start weights: a first stage trained again (same path, new
+    weights) makes the runs that started from the old one stale."""
+    if not _same_config(out, config):
+        return False
+    try:
+        stored = json.loads((out / "start_weights.json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        stored = None
+    return stored == _start_weights(config)
 
 
 def _finished_result(out: Path) -> SimpleNamespace:
@@ -487,6 +721,90 @@ def _finished_result(out: Path) -> SimpleNamespace:
     )
 
 
+# --------------------------------------------------------------------------------------
+# Statistics over seeds
+
+
+def paired_differences(rows: list[dict], key: str, reference: str, metric: str) -> dict[int, float]:
+    """``metric`` of configuration ``key`` minus the reference's, per seed both have (finite)."""
+    ours = {r["seed"]: r.get(metric, np.nan) for r in rows if r["method"] == key}
+    theirs = {r["seed"]: r.get(metric, np.nan) for r in rows if r["method"] == reference}
+    return {
+        seed: float(ours[seed] - theirs[seed])
+        for seed in sorted(ours)
+        if seed in theirs and np.isfinite(ours[seed]) and np.isfinite(theirs[seed])
+    }
+
+
+def mean_and_standard_error(differences: list[float]) -> tuple[float, float]:
+    """Mean of paired differences and its standard error (sample std / sqrt(n); NaN below 2 values)."""
+    d = np.asarray(differences, dtype=float)
+    if d.size == 0:
+        return float("nan"), float("nan")
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    return float(d.mean()), se
+
+
+def verdict(differences: list[float], *, higher_is_better: bool = True) -> str:
+    """'better' only when ahead in every seed or the mean paired difference exceeds twice its standard
+    error; 'worse' by the same rule the other way; else 'not separable'; 'too few seeds' below
+    MIN_SEEDS_FOR_VERDICT pairs (with one seed, 'ahead in every seed' would say nothing)."""
+    d = np.asarray(differences, dtype=float) * (1.0 if higher_is_better else -1.0)
+    if d.size < MIN_SEEDS_FOR_VERDICT:
+        return "too few seeds"
+    mean, se = mean_and_standard_error(list(d))
+    if bool((d > 0).all()) or mean > 2 * se:
+        return "better"
+    if bool((d < 0).all()) or mean < -2 * se:
+        return "worse"
+    return "not separable"
+
+
+def spread(values: list[float], scale: float = 1.0) -> str:
+    """'mean ± sample standard deviation' (the value alone for one seed)."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float) * scale
+    if v.size == 0:
+        return "-"
+    if v.size == 1:
+        return f"{v[0]:.2f}"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def summary_rows(rows: list[dict], references: list[str]) -> list[dict]:
+    """One line per configuration: the primary (last, all volumes) and selected figures over seeds, and
+    the paired comparison with each reference on the primary Dice (and HD95 against the first)."""
+    lines = []
+    for key in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == key]
+        line = {"configuration": key, "seeds": len(group)}
+        for column, metric, scale in (
+            ("Dice last", "last_dice", 100),
+            ("HD95 last", "last_hd95_voxels", 1),
+            ("Dice selected", "best_dice", 100),
+            ("HD95 selected", "best_hd95_voxels", 1),
+        ):
+            line[column] = spread([r.get(metric, np.nan) for r in group], scale)
+        line["minutes"] = spread([r.get("train_seconds", np.nan) / 60 for r in group])
+        for index, reference in enumerate(references):
+            if reference == key:
+                line[f"vs {reference}"] = "(reference)"
+                continue
+            diffs = paired_differences(rows, key, reference, "last_dice")
+            values = [100 * d for d in diffs.values()]
+            mean, se = mean_and_standard_error(values)
+            line[f"vs {reference}"] = f"{verdict(values)}: {mean:+.2f} ± {se:.2f}" if values else "-"
+            if index == 0:
+                line["per seed"] = " / ".join(f"{v:+.2f}" for v in values) or "-"
+                hd95 = list(paired_differences(rows, key, reference, "last_hd95_voxels").values())
+                line["HD95 Δ"] = (
+                    f"{verdict(hd95, higher_is_better=False)}: {mean_and_standard_error(hd95)[0]:+.2f}"
+                    if hd95
+                    else "-"
+                )
+        lines.append(line)
+    return lines
+
+
 def write_results(
     rows: list[dict], curves: dict, preset: Preset, args, tag: str, *, final: bool = False
 ) -> None:
@@ -499,6 +817,16 @@ def write_results(
     (out / f"quality_{tag}_curves.json").write_text(
         json.dumps({f"{k}/seed{s}": v for (k, s), v in curves.items()}, indent=1)
     )
+    (out / f"quality_{tag}.md").write_text("\n".join(markdown_report(rows, preset, args, tag)) + "\n")
+    if final:
+        plot_curves(curves, out / f"quality_{tag}_curves.png", tag)
+
+
+def markdown_report(rows: list[dict], preset: Preset, args, tag: str) -> list[str]:
+    references = [r for r in args.references if any(row["method"] == r for row in rows)]
+    default = next(
+        (k for k in dict.fromkeys(r["method"] for r in rows) if _is_default(k, preset, args)), None
+    )
     lines = [
         f"# Quality benchmark: {tag}",
         "",
@@ -507,36 +835,40 @@ def write_results(
         "",
         f"Preset: `{json.dumps(preset.__dict__)}`",
         "",
-        "Mean over seeds (spread = standard deviation). Evaluation half of the held-out volumes; "
-        "'best' = checkpoint chosen on the selection half, 'last' = final iteration. Dice/Jaccard in %, "
-        "HD95/ASD in voxels (published-table convention). Review: the top "
-        f"{args.review_budget:.0%} most uncertain voxels of each volume flagged, as regions.",
+        "Mean ± sample standard deviation over seeds. *Last*: the final checkpoint on all held-out "
+        "volumes (no selection; the primary figure). *Selected*: the checkpoint with the best mean Dice "
+        "on the selection half, scored on the evaluation half. Dice in %, HD95 in voxels. *vs X*: "
+        "verdict on the last-checkpoint Dice paired by seed, mean difference ± its standard error; "
+        "'better' only when ahead in every seed or the mean difference exceeds twice its standard "
+        f"error (at least {MIN_SEEDS_FOR_VERDICT} seeds). *Per seed*: the differences against "
+        f"{references[0] if references else '-'} in the order of the seeds; *HD95 Δ*: the same rule on "
+        "HD95 (lower is better). Minutes: training time of the run (the shared pre-training is the "
+        f"{PRETRAINING_ONLY} row's). Default configuration: {default or 'not among these runs'}.",
         "",
-        "Error AUROC: how well voxel uncertainty ranks wrong voxels above right ones, whole volume "
-        "(near 1 for any model: background dominates; read it beside the review figures).",
-        "",
-        "| method | Dice best | Jaccard | HD95 | ASD | Dice last | errors caught | flagged | Dice after review "
-        "| error AUROC | s/it |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        group = [r for r in rows if r["method"] == method]
+    summary = summary_rows(rows, references)
+    if not summary:
+        return lines
+    columns = list(dict.fromkeys(k for line in summary for k in line))
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for line in summary:
+        cells = [str(line.get(c, "-")) for c in columns]
+        if line["configuration"] == default:
+            cells[0] += " (default)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
-        def stat(key, scale=1.0, group=group):
-            values = np.array([r.get(key, np.nan) for r in group], dtype=float) * scale
-            if len(values) > 1:
-                return f"{np.nanmean(values):.2f} ± {np.nanstd(values):.2f}"
-            return f"{values[0]:.2f}"
 
-        lines.append(
-            f"| {method} | {stat('best_dice', 100)} | {stat('best_jaccard', 100)} | {stat('best_hd95_voxels')} "
-            f"| {stat('best_asd_voxels')} | {stat('last_dice', 100)} | {stat('best_review_error_recall', 100)}% "
-            f"| {stat('best_review_flagged_fraction', 100)}% | {stat('best_review_dice_after', 100)} "
-            f"| {stat('best_error_auroc')} | {stat('seconds_per_iteration')} |"
-        )
-    (out / f"quality_{tag}.md").write_text("\n".join(lines) + "\n")
-    if final:
-        plot_curves(curves, out / f"quality_{tag}_curves.png", tag)
+def _is_default(key: str, preset: Preset, args) -> bool:
+    """Whether a configuration trains exactly what the engine's defaults train (``ours``)."""
+    if key == "ours" or key == PRETRAINING_ONLY:
+        return key == "ours"
+
+    def computed(name: str) -> dict:
+        entry = to_dict(base_config(preset, args, name, 0, Path("unused")))
+        return {section: entry[section] for section in ("method", *BUARL_SECTIONS)}
+
+    return computed(key) == computed("ours")
 
 
 def plot_example(

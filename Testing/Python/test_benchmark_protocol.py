@@ -1,0 +1,277 @@
+"""The quality benchmark's protocol: the verdict rule, paired differences, fair schedules, resuming.
+
+The verdict rule is what turns runs into claims: each test below fails with a looser rule
+("mean above zero", "ahead in every seed" with one seed) or a stricter one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_protocol", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(**extra) -> argparse.Namespace:
+    values = {"data_root": Path("/data/ACDC"), "threads": 1, "device": "cpu", "set": [], "reuse_only": False}
+    values.update(extra)
+    return argparse.Namespace(**values)
+
+
+@pytest.mark.parametrize(
+    ("differences", "expected"),
+    [
+        ([0.5, 0.2, 0.1], "better"),  # ahead in every seed, however little
+        ([0.1, 0.1, 3.0], "better"),  # ahead in every seed though the mean (1.07) is below 2 SE (1.93)
+        ([2.0, 2.1, 1.9, 2.0, -0.1], "better"),  # behind once, but mean 1.58 > 2 SE (0.84)
+        ([1.0, -0.5, 0.8], "not separable"),  # mean 0.43 > 0, but below 2 SE (0.94)
+        ([3.0, 2.5, -0.1], "not separable"),  # mean 1.8, 2 SE 1.92
+        ([-0.5, -0.2, -0.1], "worse"),
+        ([0.0, 0.0, 0.0], "not separable"),
+        ([1.0, 1.0], "too few seeds"),  # two seeds: no claim, even when ahead in both
+        ([5.0], "too few seeds"),
+    ],
+)
+def test_verdict_rule(quality, differences, expected):
+    assert quality.verdict(differences) == expected
+
+
+def test_verdict_for_a_lower_is_better_metric(quality):
+    assert quality.verdict([-1.0, -2.0, -0.5], higher_is_better=False) == "better"
+    assert quality.verdict([1.0, 2.0, 0.5], higher_is_better=False) == "worse"
+
+
+def test_mean_and_standard_error(quality):
+    mean, se = quality.mean_and_standard_error([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0) and se == pytest.approx(1 / math.sqrt(3))
+    assert math.isnan(quality.mean_and_standard_error([4.0])[1])
+
+
+def _row(method: str, seed: int, dice: float, hd95: float = 5.0) -> dict:
+    return {
+        "method": method,
+        "seed": seed,
+        "last_dice": dice,
+        "best_dice": dice - 0.01,
+        "last_hd95_voxels": hd95,
+        "best_hd95_voxels": hd95,
+        "train_seconds": 600.0,
+    }
+
+
+def test_differences_are_paired_by_seed(quality):
+    rows = [
+        _row("bcp", 2, 0.70),
+        _row("bcp", 1, 0.75),
+        _row("bcp", 3, 0.80),
+        _row("ours", 1, 0.76),
+        _row("ours", 3, 0.83),
+        _row("ours", 2, 0.71),
+        _row("ours", 4, 0.99),  # no BCP run with seed 4: not paired
+    ]
+    differences = quality.paired_differences(rows, "ours", "bcp", "last_dice")
+    assert list(differences) == [1, 2, 3]
+    assert [round(v, 6) for v in differences.values()] == [0.01, 0.01, 0.03]
+
+
+def test_summary_reports_spread_per_seed_differences_and_verdicts(quality):
+    rows = [_row("bcp", s, d, hd95=6.0) for s, d in ((1, 0.70), (2, 0.78), (3, 0.74))]
+    rows += [_row("ours", s, d, hd95=4.0) for s, d in ((1, 0.72), (2, 0.79), (3, 0.75))]
+    rows += [_row("noisy", s, d) for s, d in ((1, 0.75), (2, 0.72), (3, 0.80))]
+    lines = {line["configuration"]: line for line in quality.summary_rows(rows, ["bcp"])}
+    assert lines["bcp"]["Dice last"] == "74.00 ± 4.00"
+    assert lines["bcp"]["vs bcp"] == "(reference)"
+    assert lines["ours"]["per seed"] == "+2.00 / +1.00 / +1.00"
+    assert lines["ours"]["vs bcp"].startswith("better: +1.33")
+    assert lines["ours"]["HD95 Δ"].startswith("better")  # 2 voxels lower in every seed
+    assert lines["noisy"]["vs bcp"].startswith("not separable")  # +5 / -6 / +6
+    assert lines["ours"]["minutes"] == "10.00 ± 0.00"
+
+
+def test_variants_and_controls_are_configurations(quality):
+    preset = quality.PRESETS[("acdc", "cpu")]
+    config = quality.base_config(preset, _args(), "ours-crl-foreground-constant", 1, Path("x"))
+    assert (config.crl.weighting, config.crl.shrink_iterations, config.url.enabled) == ("foreground", 0, True)
+    config = quality.base_config(preset, _args(), "ours-url-random", 1, Path("x"))
+    assert config.url.selection == "random" and not config.crl.enabled
+    assert quality.base_config(
+        preset, _args(), "ours-crl-after-cleanup", 1, Path("x")
+    ).crl.uncertainty_after_cleanup
+    assert "ours" not in quality.PROTOCOL and {"cp-pretrain-only", "ours-url-random"} <= set(quality.PROTOCOL)
+    assert quality._is_default("ours-crl-discard", preset, _args())  # today's default CRL
+    assert not quality._is_default("ours-crl-concentration", preset, _args())
+
+
+class FakeTrain:
+    """Stands in for the training: records how it was called and leaves the files a run leaves."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, config, *, events, resume, overwrite, data):
+        out = Path(config.out_dir)
+        self.calls.append({"config": config, "resume": resume, "overwrite": overwrite})
+        out.mkdir(parents=True, exist_ok=True)
+        from buseg.config import to_dict
+
+        (out / "config.json").write_text(json.dumps(to_dict(config)))
+        for name in ("last.pt", "final.pt", "model.pt", "best.pt"):
+            (out / name).write_bytes(f"{config.seed} {config.optim.iterations}".encode())
+        (out / "history.json").write_text(json.dumps({"validation": [{"iteration": 1, "dice": 0.5}]}))
+        return argparse.Namespace(
+            model_path=out / "model.pt",
+            best_path=out / "best.pt",
+            best_iteration=1,
+            best_metric=0.5,
+            history={"validation": [{"iteration": 1, "dice": 0.5}]},
+        )
+
+
+@pytest.fixture()
+def fake_train(quality, monkeypatch):
+    fake = FakeTrain()
+    monkeypatch.setattr(quality, "train", fake)
+    return fake
+
+
+def test_supervised_has_the_same_schedule_as_the_copy_paste_methods(quality, fake_train, tmp_path):
+    preset = quality.PRESETS[("acdc", "cpu")]
+    args = _args()
+    starts = {
+        kind: quality.run_first_stage(kind, preset, args, 1, tmp_path, data=None)
+        for kind in ("copy-paste", "supervised")
+    }
+    first = {call["config"].method.name: call["config"] for call in fake_train.calls}
+    for name in ("bcp", "supervised"):  # stage 1: pretrain_iterations at lr, the student kept
+        c = first[name]
+        assert c.optim.lr == preset.lr
+        assert c.optim.pretrain_iterations + c.optim.iterations == preset.pretrain_iterations
+        assert c.method.model_weights == "student" or name == "bcp"
+    second = {
+        key: quality.second_stage_config(key, preset, args, 1, tmp_path / key, starts)
+        for key in ("supervised", "bcp", "mean-teacher")
+    }
+    for _key, (
+        config,
+        offset,
+    ) in second.items():  # stage 2: iterations at self_training_lr, EMA teacher scored
+        assert (config.optim.lr, config.optim.iterations, offset) == (
+            preset.self_training_lr,
+            preset.iterations,
+            preset.pretrain_iterations,
+        )
+        assert config.method.model_weights == "teacher"
+    assert second["supervised"][0].init_weights == str(starts["supervised"])
+    assert (
+        second["bcp"][0].init_weights == second["mean-teacher"][0].init_weights == str(starts["copy-paste"])
+    )
+
+
+def test_runs_are_reused_resumed_or_started(quality, fake_train, tmp_path):
+    preset = quality.PRESETS[("acdc", "cpu")]
+    args = _args()
+    out = tmp_path / "bcp_seed1"
+    start = tmp_path / "start.pt"
+    start.write_bytes(b"pre-trained weights")
+    config, _ = quality.second_stage_config("bcp", preset, args, 1, out, {"copy-paste": start})
+    quality.train_or_resume(config, out, "bcp", args, data=None)
+    assert fake_train.calls[-1]["resume"] is False and fake_train.calls[-1]["overwrite"] is True
+    assert quality._reusable(out, config)
+    # Interrupted (last.pt, no final.pt): the same configuration resumes ...
+    (out / "final.pt").unlink()
+    quality.train_or_resume(config, out, "bcp", args, data=None)
+    assert fake_train.calls[-1]["resume"] is True and fake_train.calls[-1]["overwrite"] is False
+    # ... another one starts afresh.
+    (out / "final.pt").unlink()
+    other, _ = quality.second_stage_config(
+        "bcp", preset, _args(set=["method.mask_ratio=0.5"]), 1, out, {"copy-paste": start}
+    )
+    quality.train_or_resume(other, out, "bcp", args, data=None)
+    assert fake_train.calls[-1]["resume"] is False
+    # The first stage trained again (same path, new weights): runs from the old one are stale.
+    assert quality._reusable(out, other)
+    start.write_bytes(b"other pre-trained weights")
+    assert not quality._reusable(out, other)
+    with pytest.raises(SystemExit, match="reuse-only"):
+        quality.train_or_resume(other, out, "bcp", _args(reuse_only=True), data=None)
+
+
+def test_how_often_a_run_checkpoints_does_not_distinguish_runs(quality, tmp_path):
+    preset = quality.PRESETS[("acdc", "cpu")]
+    made = quality.base_config(preset, _args(), "bcp", 1, tmp_path)
+    made.checkpoint_interval, made.num_threads = 10**9, 2
+    (tmp_path / "config.json").write_text(json.dumps(quality.to_dict(made)))
+    assert quality._same_config(tmp_path, quality.base_config(preset, _args(), "bcp", 1, tmp_path))
+
+
+def test_mean_teacher_settings_distinguish_only_mean_teacher_runs(quality, tmp_path):
+    preset = quality.PRESETS[("acdc", "cpu")]
+    for method, same in (("bcp", True), ("mean-teacher", False)):
+        made = quality.base_config(preset, _args(), method, 1, tmp_path)
+        made.method.consistency_rampup_iterations = 12000  # the value before the ramp followed the run
+        (tmp_path / "config.json").write_text(json.dumps(quality.to_dict(made)))
+        assert (
+            quality._same_config(tmp_path, quality.base_config(preset, _args(), method, 1, tmp_path)) is same
+        )
+
+
+def test_runs_made_before_the_crl_variants_are_the_discard_variant(quality, tmp_path):
+    preset = quality.PRESETS[("acdc", "cpu")]
+    made = quality.to_dict(quality.base_config(preset, _args(), "ours", 1, tmp_path))
+    for name in (
+        "weighting",
+        "extra_weight",
+        "shrink_iterations",
+        "negative_threshold",
+        "uncertainty_after_cleanup",
+    ):
+        del made["crl"][name]
+    del made["url"]["selection"]
+    (tmp_path / "config.json").write_text(json.dumps(made))
+    assert quality._same_config(
+        tmp_path, quality.base_config(preset, _args(), "ours-crl-discard", 1, tmp_path)
+    )
+    assert not quality._same_config(
+        tmp_path, quality.base_config(preset, _args(), "ours-crl-concentration", 1, tmp_path)
+    )
+
+
+def test_a_saved_row_is_reused_only_for_the_same_protocol_and_weights(
+    quality, fake_train, tmp_path, monkeypatch
+):
+    preset = quality.PRESETS[("acdc", "cpu")]
+    args = _args(review_budget=0.01)
+    monkeypatch.setattr(
+        quality,
+        "evaluate_model",
+        lambda path, cases, *rest: {"summary": {"dice": len(cases) / 100}, "cases": []},
+    )
+    volumes = quality.Volumes(everything=list(range(20)), evaluation=list(range(10)))
+    data = argparse.Namespace(num_classes=4)
+    config, _ = quality.second_stage_config("bcp", preset, args, 1, tmp_path / "bcp_seed1", {})
+    row, _ = quality.run_method("bcp", preset, args, 1, tmp_path, data, {}, volumes)
+    assert (row["last_dice"], row["best_dice"]) == (0.2, 0.1)  # last on all 20 volumes, selected on 10
+    calls = len(fake_train.calls)
+    assert quality.run_method("bcp", preset, args, 1, tmp_path, data, {}, volumes)[0] == row
+    assert len(fake_train.calls) == calls  # reused, not trained again
+    saved = json.loads((tmp_path / "bcp_seed1" / "row.json").read_text())
+    saved["row"]["protocol"] = 1  # scored by the old protocol: re-scored from the finished run
+    (tmp_path / "bcp_seed1" / "row.json").write_text(json.dumps(saved))
+    assert quality._saved_row(tmp_path / "bcp_seed1", config) is None
+    assert quality.run_method("bcp", preset, args, 1, tmp_path, data, {}, volumes)[0]["protocol"] == 2
+    assert len(fake_train.calls) == calls
