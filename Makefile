@@ -7,6 +7,8 @@
 #   make test      ruff + the whole test suite (per-test timeout in pyproject.toml)
 #   make lint      ruff check and ruff format --check;  make format  applies both (format, check --fix)
 #   make bench     the benchmarks' CPU presets (needs the benchmark data, see docs/benchmarks.md)
+#   make gpu-check on a CUDA machine, in 8 min: CUDA tests, training/inference speed, DDP smoke test
+#                  -> benchmarks/results/gpu_<card>.md/.json (GPU_CHECK_ARGS, e.g. "--budget-seconds 600")
 #   make clean     build/test/demo leftovers;  make distclean  also the virtual environment
 #
 # Variables: PYTHON (the interpreter that creates .venv, default python3), DEMO_OUT,
@@ -20,10 +22,11 @@ STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_output
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+GPU_CHECK_ARGS ?=
 TORCH_INDEX_URL ?=
 TORCH_PIN := torch==2.13.0
 
-.PHONY: all install demo test lint format bench bench-speed bench-quality clean distclean
+.PHONY: all install demo test lint format bench bench-speed bench-quality gpu-check clean distclean
 
 all: test
 
@@ -64,6 +67,10 @@ bench-speed: $(STAMP)
 bench-quality: $(STAMP)
 	@if [ -f benchmarks/quality.py ]; then $(BIN)/python benchmarks/quality.py --preset cpu; \
 	else echo "benchmarks/quality.py does not exist yet: skipped"; fi
+
+## Every GPU figure in one command, within a time budget (docs/benchmarks.md, "GPU check").
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(DEMO_OUT) build dist .pytest_cache .ruff_cache .hypothesis benchmarks/work
