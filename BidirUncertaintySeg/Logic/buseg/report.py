@@ -127,21 +127,17 @@ def write_comparison_markdown(path: Path, comparison: dict[str, Any]) -> Path:
 def _listed_region_masks(
     uncertainty: np.ndarray, regions: list[dict[str, Any]], threshold: float
 ) -> list[tuple[int, np.ndarray]]:
-    """(rank, voxel mask) of each listed region: the connected components find_regions measured."""
-    from scipy import ndimage
-
-    component, _ = ndimage.label(uncertainty > threshold, structure=np.ones((3, 3, 3), dtype=bool))
-    boxes = ndimage.find_objects(component)
-    counts = np.bincount(component.ravel())
+    """(rank, voxel mask) of each listed region: its box's voxels above the threshold (review regions
+    are cut per slice and tile, so the box holds the region's uncertain voxels), or the whole box for
+    a shape flag's region (a confident miss: no voxel there is uncertain)."""
     masks = []
     for region in regions:
         low, high = region["bbox_ijk_min"][::-1], region["bbox_ijk_max"][::-1]  # (k, j, i) = numpy order
-        for label, box in enumerate(boxes, start=1):
-            if box is None or counts[label] != region["voxel_count"]:
-                continue
-            if [s.start for s in box] == low and [s.stop - 1 for s in box] == high:
-                masks.append((int(region["id"]), component == label))
-                break
+        box = tuple(slice(a, b + 1) for a, b in zip(low, high, strict=True))
+        mask = np.zeros(uncertainty.shape, dtype=bool)
+        by_uncertainty = region.get("reason", "uncertainty") == "uncertainty"
+        mask[box] = uncertainty[box] > threshold if by_uncertainty else True
+        masks.append((int(region["id"]), mask))
     return masks
 
 
