@@ -57,6 +57,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when loaded by file path (tests)
+
+from paths import shown_command  # noqa: E402
 
 from buseg.config import TrainConfig, to_dict  # noqa: E402
 from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa: E402
@@ -115,8 +118,11 @@ class Preset:
 
 PRESETS = {
     ("acdc", "paper"): Preset("acdc", [256, 256], 24, 10000, 30000, validation_interval=200),
+    # 128x128 with bfloat16 autocast (on CPUs that run it natively; float32 elsewhere): about the
+    # wall time of the former 96x96 float32 preset, without losing the thin myocardium and the small
+    # apical slices to the coarser grid (benchmarks/results/speed_cpu-acdc-preset.md).
     ("acdc", "cpu"): Preset(
-        "acdc", [96, 96], 16, 2000, 4000, self_training_lr=0.005, validation_interval=250
+        "acdc", [128, 128], 16, 2000, 4000, self_training_lr=0.005, validation_interval=250
     ),
     ("la", "paper"): Preset(
         "la",
@@ -129,8 +135,10 @@ PRESETS = {
         labeled_count=8,
         extra={"lr_step_iterations": 2500},
     ),
+    # The engine's `--preset cpu-3d` (buseg/config.py TRAIN_PRESETS): run it with
+    # --set 'model.working_spacing_mm=[1.25, 1.25, 1.25]' (docs/benchmarks.md, LA).
     ("la", "cpu"): Preset(
-        "la", [64, 64, 48], 4, 300, 700, lr_schedule="constant", validation_interval=250, labeled_count=8
+        "la", [64, 64, 32], 4, 1000, 1000, lr_schedule="poly", validation_interval=250, labeled_count=8
     ),
 }
 
@@ -831,7 +839,7 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str) -> list[st
         f"# Quality benchmark: {tag}",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"device {args.device}. Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`",
+        f"device {args.device}. Command: `{shown_command('python benchmarks/quality.py', sys.argv[1:])}`",
         "",
         f"Preset: `{json.dumps(preset.__dict__)}`",
         "",
