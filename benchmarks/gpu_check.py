@@ -355,6 +355,7 @@ class Watchdog:
 
 TEST_LINE = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?:\s+\((.*)\))?")
 FAILURE_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+::\S+)(?: - (.*))?$")
+COLLECTION_ERROR_LINE = re.compile(r"^ERROR \S+\.py(?: - .*)?$")  # a file, not a test (path::name)
 
 
 def parse_pytest_output(stdout: str) -> list[dict[str, str]]:
@@ -374,12 +375,16 @@ def parse_pytest_output(stdout: str) -> list[dict[str, str]]:
 
 def run_cuda_tests(part: dict[str, Any], limit_s: float, tests_path: str) -> None:
     argv = [sys.executable, "-m", "pytest", tests_path, "-m", "cuda", "-v", "-rfEs", "--no-header"]
-    argv += ["-p", "no:cacheprovider"]
+    # A test file someone broke must not stop the CUDA tests of the others from running.
+    argv += ["-p", "no:cacheprovider", "--continue-on-collection-errors"]
     # Wide lines: pytest cuts the short summary's failure messages to the terminal width.
     code, stdout, stderr, _ = run_limited(argv, limit_s, {**clean_env(), "COLUMNS": "300"})
     tests = parse_pytest_output(stdout)
     counts = {o: sum(t["outcome"] == o for t in tests) for o in ("passed", "failed", "error", "skipped")}
+    collection_errors = [m.group(0) for m in map(COLLECTION_ERROR_LINE.match, stdout.splitlines()) if m]
     part.update(command=" ".join(shlex.quote(a) for a in argv), tests=tests, counts=counts)
+    if collection_errors:
+        part["collection_errors"] = collection_errors
     if code is None:
         part["partial_reason"] = f"stopped at its limit ({limit_s:.0f} s) after {len(tests)} test(s)"
     elif code == 5:
@@ -836,6 +841,7 @@ def _md_tests(part: dict[str, Any]) -> list[str]:
         return []
     counts = part["counts"]
     lines = [f"`{part['command']}`: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
+    lines += [f"- could not be collected: `{line}`" for line in part.get("collection_errors", [])]
     lines += ["| test | outcome | detail |", "|---|---|---|"]
     lines += [f"| {t['test']} | {t['outcome']} | {t['detail'] or '-'} |" for t in part["tests"]]
     return lines

@@ -55,11 +55,13 @@ def _no_exit(code: int) -> None:
 def tiny_check(tmp_path_factory):
     """One --tiny run of every part: (its JSON report, the markdown, the printed summary, exit code)."""
     root = tmp_path_factory.mktemp("gpu_check")
-    fake = root / "test_fake_cuda.py"
-    fake.write_text(FAKE_CUDA_TESTS)
+    tests = root / "cuda_tests"
+    tests.mkdir()
+    (tests / "test_fake_cuda.py").write_text(FAKE_CUDA_TESTS)
+    (tests / "test_broken.py").write_text("import a_module_that_does_not_exist\n")
     (root / "no_data").mkdir()
     out = root / "out"
-    argv = ["--tiny", "--out", str(out), "--data-root", str(root / "no_data"), "--cuda-tests", str(fake)]
+    argv = ["--tiny", "--out", str(out), "--data-root", str(root / "no_data"), "--cuda-tests", str(tests)]
     argv += ["--methods", "buarl", "supervised"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -90,6 +92,8 @@ def test_cuda_tests_part_reports_each_outcome_of_the_marked_tests_only(tiny_chec
     assert set(outcomes) == {"test_passes", "test_fails", "test_skipped"}  # -m cuda: the unmarked one not run
     assert "the card said no" in outcomes["test_fails"]["detail"]
     assert "not on this card" in outcomes["test_skipped"]["detail"]
+    # A file that cannot be imported is reported, and the other files' tests still ran.
+    assert len(part["collection_errors"]) == 1 and "test_broken.py" in part["collection_errors"][0]
 
 
 @pytest.mark.slow
