@@ -63,6 +63,10 @@ def test_an_abrupt_change_of_area_is_flagged_both_ways():
     flags = shape_flag_map(labels, 2, 0)
     shrunk = _disc((24, 24), (12, 12), 6) & ~_disc((24, 24), (12, 12), 2)
     assert np.array_equal(flags[2] == _code("area-jump"), shrunk)
+    labels[1] = np.where(_disc((24, 24), (12, 14), 6), 1, 0)  # the neighbour moved: either one counts
+    flags = shape_flag_map(labels, 2, 0)
+    either = (_disc((24, 24), (12, 12), 6) | _disc((24, 24), (12, 14), 6)) & ~_disc((24, 24), (12, 12), 2)
+    assert np.array_equal(flags[2] == _code("area-jump"), either)
     grown = _disc((24, 24), (12, 12), 10) & ~_disc((24, 24), (12, 12), 6)
     assert np.array_equal(flags[5] == _code("area-jump"), grown)
 

@@ -11,8 +11,8 @@ anatomy instead, computed on the label map slice by slice along the slice axis:
   the class's voxels on this slice.
 * ``area-jump``: the class's area on this slice is less than ``1 / area_jump_ratio`` or more
   than ``area_jump_ratio`` times the mean of its neighbours' areas (a smooth change, such
-  as towards the apex of the heart, keeps the area near that mean); flagged: what both
-  neighbours have and this slice lacks, or what this slice has and neither neighbour has.
+  as towards the apex of the heart, keeps the area near that mean); flagged: what either
+  neighbour has and this slice lacks, or what this slice has and neither neighbour has.
 * ``detached-fragment``: every 26-connected component of a class but its largest (a slice
   missing between two that have the class is bridged first: that is ``missing-on-slice``).
 * ``nesting``: a rule "INNER:OUTER" says the structure INNER is enclosed by OUTER (ACDC:
@@ -90,7 +90,7 @@ def _slice_presence_flags(stack: np.ndarray, flags: np.ndarray, cls: int, area_j
         elif here > 0 and before > 0 and after > 0:
             expected = (before + after) / 2
             if here * area_jump_ratio < expected:
-                _mark(flags[k], mask[k - 1] & mask[k + 1] & ~mask[k], "area-jump")
+                _mark(flags[k], (mask[k - 1] | mask[k + 1]) & ~mask[k], "area-jump")
             elif here > expected * area_jump_ratio:
                 _mark(flags[k], mask[k] & ~(mask[k - 1] | mask[k + 1]), "area-jump")
 
