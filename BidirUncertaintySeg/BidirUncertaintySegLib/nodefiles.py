@@ -445,12 +445,57 @@ def trainingClasses(
     return classes
 
 
-def _readIndex(folder: Path) -> dict[str, str]:
-    with contextlib.suppress(OSError, ValueError):
-        index = json.loads((folder / EXPORT_INDEX_NAME).read_text())
-        if isinstance(index, dict):
-            return {str(k): str(v) for k, v in index.items()}
-    return {}
+class ExportCache:
+    """Which files of an export folder already hold what would be written: ``export-index.json``
+    maps each file to a fingerprint of its content (voxels, geometry, class values)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.previous: dict[str, str] = {}
+        with contextlib.suppress(OSError, ValueError):
+            index = json.loads((folder / EXPORT_INDEX_NAME).read_text())
+            if isinstance(index, dict):
+                self.previous = {str(k): str(v) for k, v in index.items()}
+        self.index: dict[str, str] = {}
+
+    def _unchanged(self, relative: str, fingerprint: str) -> bool:
+        self.index[relative] = fingerprint
+        return self.previous.get(relative) == fingerprint and (self.folder / relative).is_file()
+
+    def image(self, volume: Any, relative: str) -> bool:
+        """Write the volume unless the file holds it already; True if written."""
+        if self._unchanged(relative, volumeFingerprint(volume)):
+            return False
+        writeVolume(volume, self.folder / relative)
+        return True
+
+    def label(self, scene: Any, values: np.ndarray, volume: Any, relative: str) -> bool:
+        if self._unchanged(relative, arrayFingerprint(values, np.round(ijkToRas(volume), 6).tolist())):
+            return False
+        writeLabelValues(scene, values, volume, self.folder / relative)
+        return True
+
+    def finish(self) -> None:
+        """Remove the files of cases no longer exported; record what the folder holds."""
+        for relative in set(self.previous) - set(self.index):
+            with contextlib.suppress(OSError):
+                (self.folder / relative).unlink()
+        writeJson(self.folder / EXPORT_INDEX_NAME, self.index)
+
+
+def _segmentationsOf(scene: Any, pairs: Sequence[tuple[Any, Any]]) -> list[Any]:
+    """The labels of the cases as segmentation nodes (label maps converted, inside scratchNodes)."""
+    segmentations = []
+    for _, label in pairs:
+        if label.IsA("vtkMRMLLabelMapVolumeNode"):
+            segmentations.append(segmentationFromLabelmap(scene, label))
+        elif label.IsA("vtkMRMLSegmentationNode"):
+            segmentations.append(label)
+        else:
+            raise ModuleError(
+                f"'{label.GetName()}' is a {label.GetClassName()}, not a segmentation or label map."
+            )
+    return segmentations
 
 
 def exportTrainingSteps(
@@ -473,19 +518,9 @@ def exportTrainingSteps(
     folder = Path(folder)
     pairs = list(labeled)
     checkTrainingCases(pairs, unlabeled, validationCount)
-    previous = _readIndex(folder)
-    index: dict[str, str] = {}
+    cache = ExportCache(folder)
     with scratchNodes(scene):  # label maps are converted to temporary segmentations
-        segmentations = []
-        for _, label in pairs:
-            if label.IsA("vtkMRMLLabelMapVolumeNode"):
-                segmentations.append(segmentationFromLabelmap(scene, label))
-            elif label.IsA("vtkMRMLSegmentationNode"):
-                segmentations.append(label)
-            else:
-                raise ModuleError(
-                    f"'{label.GetName()}' is a {label.GetClassName()}, not a segmentation or label map."
-                )
+        segmentations = _segmentationsOf(scene, pairs)
         split = len(pairs) - int(validationCount or 0)
         classes = trainingClasses(segmentations, [v for v, _ in pairs], split, classOrder)
         names = uniqueNames(
@@ -496,25 +531,14 @@ def exportTrainingSteps(
             (folder / sub).mkdir(parents=True, exist_ok=True)
         result = TrainingExport(folder / MANIFEST_NAME, classes)
         total = len(pairs) + len(unlabeled)
-
-        def writeImage(volume: Any, relative: str) -> bool:
-            index[relative] = volumeFingerprint(volume)
-            if previous.get(relative) == index[relative] and (folder / relative).is_file():
-                return False
-            writeVolume(volume, folder / relative)
-            return True
-
         entries = []
         for number, ((volume, _), segmentation, name) in enumerate(
             zip(pairs, segmentations, labeledNames, strict=True), start=1
         ):
             image, label = f"{IMAGES_FOLDER}/{name}{IMAGE_SUFFIX}", f"{LABELS_FOLDER}/{name}{LABEL_SUFFIX}"
-            written = writeImage(volume, image)
             values, result.voxelCounts[name] = segmentationLabelValues(scene, segmentation, volume, classes)
-            index[label] = arrayFingerprint(values, np.round(ijkToRas(volume), 6).tolist())
-            if previous.get(label) != index[label] or not (folder / label).is_file():
-                writeLabelValues(scene, values, volume, folder / label)
-                written = True
+            written = cache.image(volume, image)
+            written = cache.label(scene, values, volume, label) or written
             entries.append({"image": image, "label": label})
             yield ExportStep(number, total, name, written)
         unlabeledEntries = []
@@ -522,20 +546,12 @@ def exportTrainingSteps(
             zip(unlabeled, unlabeledNames, strict=True), start=len(pairs) + 1
         ):
             image = f"{IMAGES_FOLDER}/{name}{IMAGE_SUFFIX}"
-            written = writeImage(volume, image)
+            written = cache.image(volume, image)
             unlabeledEntries.append({"image": image})
             yield ExportStep(number, total, name, written)
-    for relative in set(previous) - set(index):  # cases that left the set: their files go too
-        with contextlib.suppress(OSError):
-            (folder / relative).unlink()
-    manifest = {
-        "labeled": entries[:split],
-        "unlabeled": unlabeledEntries,
-        "validation": entries[split:],
-        "classes": classes,
-    }
-    writeJson(result.manifestPath, manifest)
-    writeJson(folder / EXPORT_INDEX_NAME, index)
+    cache.finish()
+    manifest = {"labeled": entries[:split], "unlabeled": unlabeledEntries, "validation": entries[split:]}
+    writeJson(result.manifestPath, {**manifest, "classes": classes})
     result.labeledCases = labeledNames[:split]
     result.validationCases = labeledNames[split:]
     result.unlabeledCases = unlabeledNames

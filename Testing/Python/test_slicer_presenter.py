@@ -407,3 +407,22 @@ def test_this_environment_has_everything_the_worker_needs():
     """The test environment runs the worker too: the dependency check must find nothing missing."""
     assert dependencies.findProblems() == []
     assert presenter.BUTTON_LABELS[TRAIN] == "Train"
+
+
+def test_a_training_that_falls_back_to_the_cpu_shows_a_visible_warning():
+    p = ready_presenter()
+    p.jobStarting(TRAIN)
+    p.handleEvent({"event": "export", "index": 2, "total": 5, "case": "CT_2", "written": False})
+    assert p.view.progressText == "Exporting case 2 of 5 (CT_2), unchanged"
+    p.handleEvent(started())  # device cpu, reason "auto: no GPU"
+    assert "Training runs on the CPU (auto: no GPU)" in p.view.warningText
+    p.workerEnded("cancelled")
+    assert p.view.warningText == ""  # shown while it matters: the training can still be stopped
+
+    p.jobStarting(TRAIN)
+    p.handleEvent({**started(), "device_reason": "requested"})  # the user chose the CPU: no warning
+    assert p.view.warningText == ""
+    p.workerEnded("cancelled")
+    p.jobStarting(SEGMENT)
+    p.handleEvent(started())  # segmenting on the CPU is normal
+    assert p.view.warningText == ""
