@@ -151,8 +151,10 @@ class PanelController:
 
     def kill(self) -> None:
         """Stop the job at once (while cancelling: the worker takes too long to save)."""
-        if self.job is not None:
+        if self.job is not None and not self.job.done:
             self.job.kill()
+        elif self.presenter.state == presenter.CANCELLING:  # nothing left to stop: never stuck cancelling
+            self.presenter.workerEnded("cancelled")
 
     def shutdown(self) -> None:
         """The module is closed or Slicer quits: stop the job (checkpoint first, then kill)."""
@@ -214,7 +216,6 @@ class PanelController:
             return None
         message = self.addCorrectedCase()
         if not self.store.unlabeledVolumes():
-            self.presenter.startAborted()
             self.hooks.info(message + " No unlabeled volume is left.")
             return None
         model = self.store.get("modelPath")

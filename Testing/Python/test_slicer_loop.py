@@ -200,6 +200,12 @@ def test_an_unexpected_error_while_starting_leaves_a_message_and_a_usable_panel(
     )
     assert view.buttonLabels[presenter.TRAIN] == "Train" and view.buttonEnabled[presenter.TRAIN]
     assert controller.presenter.buttonClicked(presenter.TRAIN) == "start"  # no 'cancelling' without a way out
+    # Even a presenter left cancelling without a job (nothing to stop) gets out with "Stop now".
+    controller.presenter.jobStarting(presenter.TRAIN)
+    controller.buttonClicked(presenter.TRAIN)
+    assert controller.presenter.state == presenter.CANCELLING
+    controller.buttonClicked(presenter.TRAIN)
+    assert controller.presenter.state == presenter.IDLE
 
 
 def test_an_installer_that_crashes_ends_the_installing_state(app, store, tmp_path):
