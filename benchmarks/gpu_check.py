@@ -208,15 +208,26 @@ def run_limited(argv: list[str], limit_s: float, env: dict[str, str]) -> tuple[i
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
+    RUNNING_GROUPS.add(process.pid)
     try:
         stdout, stderr = process.communicate(timeout=max(limit_s, 0.1))
         code: int | None = process.returncode
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process.pid)
         stdout, stderr = process.communicate()
         code = None
+    finally:
+        RUNNING_GROUPS.discard(process.pid)
     return code, stdout or "", stderr or "", time.perf_counter() - start
+
+
+# Process groups of the subprocesses running now: the watchdog ends them before it ends this process.
+RUNNING_GROUPS: set[int] = set()
+
+
+def kill_group(group: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def clean_env() -> dict[str, str]:
@@ -339,6 +350,8 @@ class Watchdog:
                 part["status"] = "partial: stopped by the watchdog at the end of the budget"
         md_path, _ = self.report.write(status)
         print(f"gpu_check: {status}; wrote {md_path}", file=sys.stderr, flush=True)
+        for group in list(RUNNING_GROUPS):  # torchrun's or pytest's processes must not outlive this one
+            kill_group(group)
         self.exit(3)
 
     def __enter__(self) -> Watchdog:
@@ -438,19 +451,23 @@ def time_training_run(
         )
     except Cancelled:
         stopped = True
+    row = iteration_figures(seconds, profile)
+    row.update(
+        gpu_peak_mib=peak_memory_mib(device), precision=started.get("precision"), stopped_at_limit=stopped
+    )
+    return row
+
+
+def iteration_figures(seconds: list[float], profile: Profile) -> dict[str, Any]:
+    """Counts and seconds per iteration of a run's iterations (the warm-up ones not timed)."""
     timed = seconds[profile.warmup_iterations :]
     return {
-        "method": method,
-        "label": METHOD_LABELS[method],
         "iterations_done": len(seconds),
         "warmup_iterations": profile.warmup_iterations,
         "timed_iterations": len(timed),
         "planned_timed_iterations": profile.timed_iterations,
         "s_per_iteration_median": round(statistics.median(timed), 4) if timed else None,
         "s_per_iteration_mean": round(statistics.fmean(timed), 4) if timed else None,
-        "gpu_peak_mib": peak_memory_mib(device),
-        "precision": started.get("precision"),
-        "stopped_at_limit": stopped,
     }
 
 
@@ -681,6 +698,41 @@ def ddp_plan(gpu_count: int) -> tuple[str, str, str]:
     return "gloo", "cpu", "gloo on the CPU: no GPU"
 
 
+def ddp_argv(data: dict[str, Path], out: Path, device: str, iterations: int) -> list[str]:
+    """``torchrun`` with 2 processes training ours on ``data`` (2D, tiny network, progress as JSON lines)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "buseg",
+    ]
+    argv += [
+        "train",
+        "--method",
+        "buarl",
+        "--labeled",
+        str(data["labeled"]),
+        "--unlabeled",
+        str(data["unlabeled"]),
+    ]
+    argv += [
+        "--iterations",
+        str(iterations),
+        "--pretrain-iterations",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        device,
+    ]
+    argv += ["--patch-size", "48", "48", "--batch-size", "4", "--base-channels", "8", "--log-interval", "1"]
+    argv += ["--validation-interval", "0", "--progress", "jsonl"]
+    return argv + (["--num-threads", "1"] if device == "cpu" else [])
+
+
 def run_ddp(part: dict[str, Any], limit_s: float, profile: Profile, gpu_count: int) -> None:
     backend, device, why = ddp_plan(gpu_count)
     part.update(backend=backend, device=device, why=why, processes=2)
@@ -689,50 +741,25 @@ def run_ddp(part: dict[str, Any], limit_s: float, profile: Profile, gpu_count: i
             Path(work) / "data", labeled=2, unlabeled=3, test=1, shape_zyx=(16, 48, 48), seed=7
         )
         out = Path(work) / "run"
-        argv = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "buseg",
-        ]
-        argv += [
-            "train",
-            "--method",
-            "buarl",
-            "--labeled",
-            str(data["labeled"]),
-            "--unlabeled",
-            str(data["unlabeled"]),
-        ]
-        argv += ["--iterations", str(profile.ddp_iterations), "--pretrain-iterations", "2", "--out", str(out)]
-        argv += ["--device", device, "--patch-size", "48", "48", "--batch-size", "4", "--base-channels", "8"]
-        argv += ["--log-interval", "1", "--validation-interval", "0", "--progress", "jsonl"]
-        if device == "cpu":
-            argv += ["--num-threads", "1"]
+        argv = ddp_argv(data, out, device, profile.ddp_iterations)
         code, stdout, stderr, seconds = run_limited(argv, limit_s, {**clean_env(), "OMP_NUM_THREADS": "1"})
         part["process_seconds"] = round(seconds, 1)
         events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
         started = [e for e in events if e.get("event") == "started"]
         finished = [e for e in events if e.get("event") == "finished"]
-        part["iterations_done"] = max(
-            (e["iteration"] for e in events if e.get("event") == "progress"), default=0
-        )
+        progress = [e["iteration"] for e in events if e.get("event") == "progress"]
+        part["iterations_done"] = max(progress, default=0)
         if started:
             part.update(
                 world_size=started[0].get("world_size"), device_reason=started[0].get("device_reason")
             )
         if code is None:
-            part["partial_reason"] = f"stopped at its limit ({limit_s:.0f} s)"
-            part["passed"] = False
+            part.update(partial_reason=f"stopped at its limit ({limit_s:.0f} s)", passed=False)
             return
         problems = check_ddp_run(code, started, finished, out)
         part["passed"] = not problems
         if problems:
-            part["problems"] = problems
-            part["stderr_tail"] = stderr.strip().splitlines()[-8:]
+            part.update(problems=problems, stderr_tail=stderr.strip().splitlines()[-8:])
 
 
 def check_ddp_run(code: int, started: list[dict], finished: list[dict], out: Path) -> list[str]:
@@ -1012,20 +1039,37 @@ def prepare_out(out: Path) -> None:
         raise SystemExit(f"gpu_check: --out {out}: cannot write there ({exc.strerror or exc})") from None
 
 
+def check_arguments(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """The data root and how it was found; SystemExit with a one-line message for anything unusable."""
+    if not torch.cuda.is_available() and not args.tiny:
+        raise SystemExit(
+            "gpu_check: no CUDA GPU visible to torch; run it on a GPU machine, or with --tiny to check the logic"
+        )
+    if args.budget_seconds <= 0:
+        raise SystemExit(f"gpu_check: --budget-seconds {args.budget_seconds:g}: must be positive")
+    data_root, data_note = find_data_root(args.data_root)
+    prepare_out(Path(args.out))
+    return data_root, data_note
+
+
+def run_parts(report: Report, args: argparse.Namespace, parts: dict[str, tuple], deadline: float) -> str:
+    """Run the selected parts in order, each within its share of the time to ``deadline``; the final status."""
+    selected = [p for p in PARTS if p in args.parts]
+    for index, name in enumerate(selected):
+        print(f"gpu_check: {PART_TITLES[name]} ...", flush=True)
+        function, extra = parts[name]
+        run_part(report, name, part_limit(name, deadline, selected[index:]), function, *extra)
+        report.write()
+    unfinished = [(p, report.part(p)["status"]) for p in selected if report.part(p)["status"] != "complete"]
+    if not unfinished:
+        return "complete"
+    return "partial: " + ", ".join(f"{PART_TITLES[p]} {status.split(':')[0]}" for p, status in unfinished)
+
+
 def main(argv: list[str] | None = None, *, watchdog_exit: Callable[[int], None] = os._exit) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available() and not args.tiny:
-        print(
-            "gpu_check: no CUDA GPU visible to torch; run it on a GPU machine, or with --tiny to check the logic",
-            file=sys.stderr,
-        )
-        return 2
-    if args.budget_seconds <= 0:
-        print(f"gpu_check: --budget-seconds {args.budget_seconds:g}: must be positive", file=sys.stderr)
-        return 2
     try:
-        data_root, data_note = find_data_root(args.data_root)
-        prepare_out(Path(args.out))
+        data_root, data_note = check_arguments(args)
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -1033,51 +1077,28 @@ def main(argv: list[str] | None = None, *, watchdog_exit: Callable[[int], None] 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     profile = PROFILES["tiny" if args.tiny else "full"]
     machine = machine_facts(device)
-    stem = f"gpu_{safe_card_name(machine['card'])}{'-tiny' if args.tiny else ''}"
+    command = [".venv/bin/python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]
     header = {
-        "command": " ".join(
-            shlex.quote(a)
-            for a in [
-                ".venv/bin/python",
-                "benchmarks/gpu_check.py",
-                *(sys.argv[1:] if argv is None else argv),
-            ]
-        ),
+        "command": " ".join(shlex.quote(a) for a in command),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "tiny": args.tiny,
         "budget_seconds": args.budget_seconds,
         "machine": machine,
         "data_root": data_note,
     }
+    stem = f"gpu_{safe_card_name(machine['card'])}{'-tiny' if args.tiny else ''}"
     report = Report(Path(args.out), stem, header)
-    # Writing the report and printing the summary take a few seconds; the parts share the rest.
-    deadline = start + args.budget_seconds - min(15.0, 0.05 * args.budget_seconds)
-    functions: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
+    parts = {
         "cuda_tests": (run_cuda_tests, (args.cuda_tests,)),
         "training": (run_training, (profile, data_root, device, args.methods)),
         "inference": (run_inference, (profile, data_root, device)),
         "ddp": (run_ddp, (profile, machine["gpu_count"])),
     }
-    selected = [p for p in PARTS if p in args.parts]
+    # Writing the report and printing the summary take a few seconds; the parts share the rest.
+    deadline = start + args.budget_seconds - min(15.0, 0.05 * args.budget_seconds)
     with Watchdog(report, start + args.budget_seconds - time.perf_counter(), exit=watchdog_exit):
         report.write()
-        for index, name in enumerate(selected):
-            print(f"gpu_check: {PART_TITLES[name]} ...", flush=True)
-            function, extra = functions[name]
-            run_part(report, name, part_limit(name, deadline, selected[index:]), function, *extra)
-            report.write()
-        statuses = [report.part(p)["status"] for p in selected]
-        final = (
-            "complete"
-            if all(s == "complete" for s in statuses)
-            else "partial: "
-            + ", ".join(
-                f"{PART_TITLES[p]} {s.split(':')[0]}"
-                for p, s in zip(selected, statuses, strict=True)
-                if s != "complete"
-            )
-        )
-        md_path, _ = report.write(final)
+        md_path, _ = report.write(run_parts(report, args, parts, deadline))
     print("\n".join(summary_lines(report.data, md_path)), flush=True)
     return 0
 

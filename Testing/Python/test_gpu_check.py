@@ -10,7 +10,9 @@ import contextlib
 import dataclasses
 import io
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -197,6 +199,22 @@ def test_the_watchdog_writes_the_report_and_ends_the_process(tmp_path):
     assert written["status"].startswith("stopped by the watchdog")
     assert written["parts"]["training"]["status"].startswith("partial")
     assert "stopped by the watchdog" in (tmp_path / "gpu_test.md").read_text()
+
+
+def test_the_watchdog_ends_the_subprocess_of_the_part_that_overran(tmp_path):
+    report = gpu_check.Report(tmp_path, "gpu_test", {"tiny": True, "command": "x", "started": "now"})
+    report.data.update(budget_seconds=1.0, machine={"card": "test", "torch": "t", "cuda": "c"}, data_root="-")
+    results: list[tuple] = []
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    part = threading.Thread(
+        target=lambda: results.append(gpu_check.run_limited(sleeper, 60, gpu_check.clean_env()))
+    )
+    exits: list[int] = []
+    with gpu_check.Watchdog(report, 1.0, exit=exits.append):
+        part.start()
+        part.join(timeout=30)
+    assert exits == [3] and results, "the part's subprocess was still running 30 s after the watchdog fired"
+    assert results[0][0] == -signal.SIGKILL and not gpu_check.RUNNING_GROUPS
 
 
 def test_a_part_past_its_limit_is_killed_with_its_children():
