@@ -167,21 +167,17 @@ def exportVolume(volumeNode: Any, path: str | Path) -> Path:
     return writeVolume(volumeNode, path)
 
 
-def volumeFingerprint(volumeNode: Any, *extra: Any) -> str:
-    """A digest of a volume's voxels and geometry (and ``extra``): equal digests, equal exported file."""
-    slicer = _slicer()
-    digest = hashlib.blake2b(digest_size=16)
-    voxels = np.ascontiguousarray(slicer.util.arrayFromVolume(volumeNode))
-    digest.update(f"{voxels.dtype.str}{voxels.shape}".encode())
-    digest.update(memoryview(voxels).cast("B"))
-    digest.update(np.round(ijkToRas(volumeNode), 6).tobytes())
-    for value in extra:
-        digest.update(repr(value).encode())
-    return digest.hexdigest()
+def volumeFingerprint(volumeNode: Any) -> str:
+    """A digest of a volume's voxels and geometry: equal digests, equal exported file."""
+    return arrayFingerprint(
+        _slicer().util.arrayFromVolume(volumeNode), np.round(ijkToRas(volumeNode), 6).tolist()
+    )
 
 
 def arrayFingerprint(array: np.ndarray, *extra: Any) -> str:
-    digest = hashlib.blake2b(digest_size=16)
+    """A digest of an array (type, shape, values) and ``extra``. SHA-1 as a cache key, not for
+    security: with the CPU's SHA instructions it hashes 31 MB in 0.07 s, faster than BLAKE2 (0.17 s)."""
+    digest = hashlib.sha1(usedforsecurity=False)
     values = np.ascontiguousarray(array)
     digest.update(f"{values.dtype.str}{values.shape}".encode())
     digest.update(memoryview(values).cast("B"))

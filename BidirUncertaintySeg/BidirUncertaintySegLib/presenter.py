@@ -8,8 +8,8 @@ event dictionaries the worker prints (``buseg ... --progress jsonl``).
 
 States::
 
-    idle --start--> starting --started event--> running --finished(completed)--> importing --> idle
-                        |                          |--cancel--> cancelling --finished(cancelled)--> idle
+    idle --start--> starting (export events) --started event--> running --finished(completed)--> importing --> idle
+                        |                          |--cancel--> cancelling --finished(cancelled)/stop now--> idle
                         |                          |--finished(failed) / process died--> failed
                         +--------------------------+
     failed --start--> starting (a new job clears the error)
