@@ -167,11 +167,20 @@ def exportVolume(volumeNode: Any, path: str | Path) -> Path:
     return writeVolume(volumeNode, path)
 
 
+# Fingerprints of this session, by (node ID, node and voxel modification times): VTK's
+# modification time is one counter for all objects, so an unchanged key means unchanged voxels
+# and geometry, and the next training of the session hashes nothing.
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
 def volumeFingerprint(volumeNode: Any) -> str:
     """A digest of a volume's voxels and geometry: equal digests, equal exported file."""
-    return arrayFingerprint(
-        _slicer().util.arrayFromVolume(volumeNode), np.round(ijkToRas(volumeNode), 6).tolist()
-    )
+    image = volumeNode.GetImageData()
+    key = (volumeNode.GetID(), volumeNode.GetMTime(), image.GetMTime() if image is not None else 0)
+    if key not in _FINGERPRINTS:
+        voxels = _slicer().util.arrayFromVolume(volumeNode)
+        _FINGERPRINTS[key] = arrayFingerprint(voxels, np.round(ijkToRas(volumeNode), 6).tolist())
+    return _FINGERPRINTS[key]
 
 
 def arrayFingerprint(array: np.ndarray, *extra: Any) -> str:
