@@ -573,15 +573,21 @@ def test_semi_supervised_training_without_unlabeled_data_is_an_error(tmp_path):
 
 
 def test_safe_case_names():
-    assert safe_case_name("case_01") == "case_01"
-    assert safe_case_name("..") == "case" and safe_case_name(".") == "case" and safe_case_name("") == "case"
-    assert safe_case_name("../../etc/passwd") == "_.._etc_passwd"
-    assert safe_case_name("/abs/path") == "_abs_path"
-    assert safe_case_name("a\\b") == "a_b" and safe_case_name("C:evil") == "C_evil"
+    import re
+
+    assert safe_case_name("case_01") == "case_01" and safe_case_name("") == "case"
+    # Names that lose characters keep a short hash of the original: never one name for two inputs.
+    assert re.fullmatch(r"case_[0-9a-f]{8}", safe_case_name(".."))
+    assert safe_case_name(".") != safe_case_name("..")
+    assert re.fullmatch(r"_\.\._etc_passwd_[0-9a-f]{8}", safe_case_name("../../etc/passwd"))
+    assert safe_case_name("/abs/path").startswith("_abs_path_")
+    assert safe_case_name("a\\b").startswith("a_b_") and safe_case_name("C:evil").startswith("C_evil_")
     assert safe_case_name("con") == "con_" and safe_case_name("NUL.backup") == "NUL.backup_"
     assert safe_case_name("COM1") == "COM1_" and safe_case_name("console") == "console"
-    assert safe_case_name(".hidden") == "hidden" and safe_case_name("Pat ?*:|2") == "Pat_2"
-    assert len(safe_case_name("x" * 1000)) <= 128
+    assert safe_case_name(".hidden").startswith("hidden_")
+    assert safe_case_name("Pat ?*:|2").startswith("Pat_2_")
+    assert safe_case_name("Pat ?*:|2") != safe_case_name("Pat ?2") != safe_case_name("Pat_2")
+    assert len(safe_case_name("x" * 1000)) <= 128 and safe_case_name("x" * 1000) != safe_case_name("x" * 999)
 
 
 def test_inputs_and_class_names_cannot_make_predict_or_rank_write_outside_the_output_folder(tmp_path):
@@ -604,7 +610,8 @@ def test_inputs_and_class_names_cannot_make_predict_or_rank_write_outside_the_ou
     before = _files_under(tmp_path)
     out = tmp_path / "work" / "out"
     result = predict_files([inputs / n for n in names], _predict_config(model, out))
-    assert {c["case"] for c in result.cases} == {"case", "con_", "hidden", "a_b_c"}
+    assert {c["case"] for c in result.cases} == {safe_case_name(n[: -len(".nii.gz")]) for n in names}
+    assert {c["case"].rsplit("_", 1)[0] for c in result.cases} == {"case", "con", "hidden", "a_b_c"}
     ranking = tmp_path / "work" / "ranking"
     rank_files([inputs / n for n in names], _predict_config(model, ranking), save_predictions=True)
     written = _files_under(tmp_path) - before
@@ -612,7 +619,8 @@ def test_inputs_and_class_names_cannot_make_predict_or_rank_write_outside_the_ou
         map(str, written)
     )
     assert all(p.parent.parent in (out, ranking) or p.parent in (out, ranking) for p in written)
-    segments = read_label(out / "case" / "case.seg.nrrd").segments
+    first = safe_case_name("..")
+    segments = read_label(out / first / f"{first}.seg.nrrd").segments
     assert [s["name"] for s in segments.values()] == ["../../escaped", "/etc/passwd"]
 
 

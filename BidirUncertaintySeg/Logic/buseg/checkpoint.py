@@ -32,7 +32,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ModelFileError
-from .io import atomic_path
+from .io import atomic_path, regular_file_problem
 from .networks import build_network
 
 FORMAT = "buseg-model"
@@ -114,8 +114,10 @@ def _cpu(obj: Any) -> Any:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a model file or checkpoint safely (``weights_only=True``) and validate its metadata."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError("model file not found", path=path)
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise ModelFileError("model file not found" if problem == "file not found" else problem, path=path)
+    _check_pickle_size(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -144,12 +146,73 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+# The pickled part of a model file (metadata, names, training history; not the tensors, which are
+# stored beside it) is unpickled by Python, about 2 s per MiB at worst: bounded, so that a crafted
+# file is refused at once. A real one holds a few KiB (a model) to a few MiB (a long run's history).
+MAX_PICKLE_BYTES = 16 * 2**20
+# Shape limits of the metadata: checked, without recursion, before any field is looked at.
+MAX_METADATA_DEPTH = 32
+MAX_METADATA_ITEMS = 200_000
+
+
+def _check_pickle_size(path: Path) -> None:
+    """Refuse a model file whose pickled part is too large to unpickle quickly (before unpickling)."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                size = sum(i.file_size for i in archive.infolist() if i.filename.endswith(".pkl"))
+        else:  # torch's legacy format: pickle and tensors in one stream
+            size = path.stat().st_size
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise ModelFileError(
+            f"not a readable model file (truncated or corrupt?): {str(exc)[:200]}", path=path
+        ) from None
+    if size > MAX_PICKLE_BYTES:
+        raise ModelFileError(
+            f"refused: its metadata and other non-tensor data take {size / 2**20:.1f} MiB, more than the "
+            f"{MAX_PICKLE_BYTES // 2**20} MiB a model file holds (a damaged or crafted file?)",
+            path=path,
+        )
+
+
+def check_metadata_shape(metadata: Any, *, path: str | Path | None = None) -> None:
+    """Refuse metadata nested deeper than 32 levels or holding more than 200,000 items, and any value
+    that is not plain data (str, number, bool, None, list, tuple, dict, tensor). Iterative, and it
+    stops at the first excess: bounded time and memory whatever the metadata hold."""
+    stack: list[tuple[Any, int]] = [(metadata, 1)]
+    items = 0
+    while stack:
+        value, depth = stack.pop()
+        items += 1
+        if items > MAX_METADATA_ITEMS:
+            raise ModelFileError(
+                f"refused: its metadata hold more than {MAX_METADATA_ITEMS} items", path=path
+            )
+        if isinstance(value, (str, int, float, bool, type(None), torch.Tensor)):
+            continue
+        if not isinstance(value, (dict, list, tuple)):
+            raise ModelFileError(f"refused: its metadata hold a {type(value).__name__}", path=path)
+        if depth >= MAX_METADATA_DEPTH:
+            raise ModelFileError(
+                f"refused: its metadata are nested more than {MAX_METADATA_DEPTH} levels", path=path
+            )
+        if len(value) > MAX_METADATA_ITEMS:
+            raise ModelFileError(
+                f"refused: its metadata hold more than {MAX_METADATA_ITEMS} items", path=path
+            )
+        children = [v for pair in value.items() for v in pair] if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children)
+
+
 def validate_metadata(metadata: Any, *, path: str | Path | None = None) -> None:
     """Check that metadata are complete, of known version and of sane types and values."""
 
     def fail(message: str) -> None:
         raise ModelFileError(message, path=path)
 
+    check_metadata_shape(metadata, path=path)
     if not isinstance(metadata, dict):
         fail("metadata are not a mapping")
     if metadata.get("format") != FORMAT:
@@ -258,6 +321,21 @@ def network_from_metadata(metadata: dict[str, Any]) -> nn.Module:
     )
 
 
+def _check_finite_weights(weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A weight or statistic that is NaN or infinite is a corrupt model (a diverged training, a
+    damaged file): such a network outputs NaN, which argmax turns into a 'certain' background."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+            if bad:
+                raise ModelFileError(
+                    f"refused: the weights hold {bad} NaN or infinite value(s) (tensor {name[:120]}): a corrupt "
+                    "model, or a training that diverged",
+                    path=path,
+                    hint="use an earlier checkpoint, or train again (a lower learning rate if it diverged)",
+                )
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model file for inference (network in eval mode on ``device``)."""
     payload = read_checkpoint(path)
@@ -275,6 +353,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Loade
             f"e.g. {differing[0]})",
             path=path,
         )
+    _check_finite_weights(payload["weights"], path)
     network = network_from_metadata(metadata)
     try:
         network.load_state_dict(payload["weights"], strict=True)

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,15 +32,33 @@ from .config import TrainConfig
 from .errors import ConfigError, InputError, ResourceError
 from .io import (
     DEFAULT_COLORS,
+    MAX_LABEL_VALUE,
     SEGMENTATION_SUFFIX,
     LabelVolume,
     Volume,
     case_name,
     is_image_file,
+    label_values_array,
     read_image,
+    read_image_header,
+    read_json,
     read_label,
+    regular_file_problem,
+    resolved_path,
 )
 from .preprocessing import normalize_intensity, resolve_normalization
+from .resample import (
+    Grid,
+    image_on_working_grid,
+    label_on_working_grid,
+    probabilities_to_grid,
+    resample_array,
+    resample_label_array,
+    working_grid,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 LABEL_NAME_SUFFIXES = ("_label", "_labels", "_seg", "_segmentation", "_mask", "-label", "-seg", ".seg")
 MIN_SIZE_VOXELS = 8
@@ -79,6 +96,19 @@ class ValidationCase:
     image: np.ndarray
     labels: np.ndarray
     spacing_mm: tuple[float, ...]
+    # With a working spacing, ``image`` lies on the working grid and ``labels`` on the case's own
+    # grid (``spacing_mm`` is its spacing): predictions are scored where the labels were drawn.
+    image_grid: Grid | None = None
+    label_grid: Grid | None = None
+
+    def to_case_grid(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (C, *image.shape) on the labels' grid (resampled linearly if needed)."""
+        if self.image_grid is None or self.label_grid is None:
+            return probabilities
+        import torch
+
+        array = probabilities_to_grid(probabilities.numpy(), self.image_grid, self.label_grid)
+        return torch.from_numpy(array)
 
 
 @dataclass
@@ -181,8 +211,9 @@ def cases_from_manifest(manifest: Path) -> CaseList:
     JSON: ``{"labeled": [{"image": ..., "label": ...}], "unlabeled": [{"image": ...} or
     "path"], "validation": [...], "classes": [{"value": 1, "name": "liver", "color": [r, g, b]}]}``.
     """
-    if not manifest.is_file():
-        raise InputError("manifest not found", path=manifest)
+    problem = regular_file_problem(manifest)
+    if problem is not None:
+        raise InputError("manifest not found" if problem == "file not found" else problem, path=manifest)
     base = manifest.parent
     result = CaseList(source=str(manifest))
     suffix = manifest.suffix.lower()
@@ -204,10 +235,7 @@ def cases_from_manifest(manifest: Path) -> CaseList:
             label = _resolve(base, label_text, where, manifest) if label_text else None
             _add_case(result, split, CaseRef(image, label), where, manifest)
     elif suffix == ".json":
-        try:
-            data = json.loads(manifest.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot be read as JSON: {exc}", path=manifest) from None
+        data = read_json(manifest, what="JSON manifest")
         if not isinstance(data, dict):
             raise InputError(
                 "JSON manifest must be an object with 'labeled'/'unlabeled'/'validation' lists", path=manifest
@@ -240,9 +268,11 @@ def _parse_declared_classes(entries: Any, manifest: Path) -> list[dict[str, Any]
         raise InputError("'classes' must be a non-empty list of {value, name[, color]}", path=manifest)
     classes = []
     for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("value"), int) or entry["value"] <= 0:
+        value = entry.get("value") if isinstance(entry, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_LABEL_VALUE:
             raise InputError(
-                f"class entry {entry!r}: needs an integer 'value' > 0 and a 'name'", path=manifest
+                f"class entry {str(entry)[:200]}: needs an integer 'value' in 1..{MAX_LABEL_VALUE} and a 'name'",
+                path=manifest,
             )
         color = entry.get("color")
         if color is not None and (not isinstance(color, list) or len(color) != 3):
@@ -282,10 +312,7 @@ def _add_case(result: CaseList, split: str, case: CaseRef, where: str, manifest:
 
 def classes_from_file(path: Path) -> list[dict[str, Any]]:
     """A ``classes.json``: ``{"1": "liver", "2": "tumor"}`` or a list of {value, name[, color]}."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot be read as JSON: {exc}", path=path) from None
+    data = read_json(path, what="classes file")
     if isinstance(data, dict):
         try:
             data = [{"value": int(k), "name": str(v)} for k, v in data.items()]
@@ -296,8 +323,8 @@ def classes_from_file(path: Path) -> list[dict[str, Any]]:
 
 def _from_path(path_text: str, *, labeled: bool) -> CaseList:
     path = Path(path_text)
-    if path.is_file() and path.suffix.lower() in (".csv", ".json"):
-        return cases_from_manifest(path)
+    if path.suffix.lower() in (".csv", ".json") and not path.is_dir():
+        return cases_from_manifest(path)  # refuses, by name, what is not a readable file
     if not path.exists():
         raise InputError("not found (expected a folder or a .csv/.json manifest)", path=path)
     cases = cases_from_folder(path, labeled=labeled)
@@ -333,7 +360,7 @@ def _check_case_list(cases: CaseList) -> None:
         ("validation", cases.validation),
     ):
         for case in group:
-            key = case.image.resolve()
+            key = resolved_path(case.image)
             if key in seen:
                 if seen[key] == role:
                     raise InputError(f"listed twice as {role}", path=case.image)
@@ -345,13 +372,13 @@ def _check_case_list(cases: CaseList) -> None:
             seen[key] = role
     labels_seen: dict[Path, Path] = {}
     for case in cases.labeled + cases.validation:
-        key = case.label.resolve()
+        key = resolved_path(case.label)
         if key in labels_seen:
             raise InputError(
                 f"used as the label of two images ({labels_seen[key]} and {case.image})", path=case.label
             )
         labels_seen[key] = case.image
-        if key == case.image.resolve():
+        if key == resolved_path(case.image):
             raise InputError("image and label are the same file", path=case.image)
 
 
@@ -360,20 +387,12 @@ def _check_case_list(cases: CaseList) -> None:
 
 
 def estimate_bytes(paths: Sequence[Path]) -> int:
-    """Memory the decoded float32 images will take, from the file headers alone."""
-    import SimpleITK as sitk
-
+    """Memory the decoded float32 images will take, from the file headers alone (a path that is not
+    a regular file - a FIFO would block the reader - is refused by name first)."""
     total = 0
     for path in paths:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise InputError(
-                "cannot be read as an image (corrupt, truncated or unsupported)", path=path
-            ) from None
-        total += int(np.prod(reader.GetSize())) * max(1, reader.GetNumberOfComponents()) * 4
+        header = read_image_header(path)
+        total += header.voxels * header.components * 4
     return total
 
 
@@ -589,10 +608,11 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
         )
 
     numpy_axis = 2 - config.model.slice_axis
+    working = config.model.working_spacing_mm
     labeled_images, labeled_labels, names = [], [], []
     for image, label in labeled_pairs:
-        normalized = normalize_intensity(image.array, mode)
-        indices = table.to_indices(label, classes)
+        normalized = normalize_intensity(image_on_working_grid(image, working).array, mode)
+        indices = table.to_indices(label_on_working_grid(label, working), classes)
         if dimension == "2d":
             labeled_images += _slices(normalized, numpy_axis)
             labeled_labels += _slices(indices, numpy_axis)
@@ -605,22 +625,24 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
         image = read_image(case.image)
         _check_image(image, dimension=dimension)
         check_unique(image, "unlabeled")
-        normalized = normalize_intensity(image.array, mode)
+        normalized = normalize_intensity(image_on_working_grid(image, working).array, mode)
         unlabeled_images += _slices(normalized, numpy_axis) if dimension == "2d" else [normalized]
         unlabeled_names.append(case.name)
     validation = []
     for case in cases.validation:
         image, label = read_pair(case)
         check_unique(image, "validation")
+        seen = image_on_working_grid(image, working)
         validation.append(
             ValidationCase(
                 case.name,
-                normalize_intensity(image.array, mode),
+                normalize_intensity(seen.array, mode),
                 table.to_indices(label, classes),
                 image.spacing_mm,
+                *((Grid.of(seen), Grid.of(image)) if seen is not image else ()),
             )
         )
-    spacing = np.median(np.array([img.spacing_mm for img, _ in labeled_pairs]), axis=0)
+    spacing = working or np.median(np.array([img.spacing_mm for img, _ in labeled_pairs]), axis=0)
     data = TrainingData(
         dimension=dimension,
         labeled_images=labeled_images,
@@ -698,18 +720,25 @@ def load_acdc(config: TrainConfig, log: Log = print) -> TrainingData:
     excluded = set(config.data.exclude_cases)
     labeled_images, labeled_labels = [], []
     for name in labeled_names:
-        image, label = _h5(root / "data" / f"{name}.h5", "image", "label")
+        path = root / "data" / f"{name}.h5"
+        image, label = _h5(path, "image", "label")
         labeled_images.append(image.astype(np.float32))
-        labeled_labels.append(label.astype(np.uint8))
+        labeled_labels.append(_class_indices(label, len(ACDC_CLASSES), path))
     unlabeled = [_h5(root / "data" / f"{n}.h5", "image")[0].astype(np.float32) for n in unlabeled_names]
     val_list = Path(config.data.validation) if config.data.validation else root / "val.list"
     validation = []
     for name in _read_list(val_list):
         if name in excluded:
             continue
-        image, label = _h5(root / "data" / f"{name}.h5", "image", "label")
+        path = root / "data" / f"{name}.h5"
+        image, label = _h5(path, "image", "label")
         validation.append(
-            ValidationCase(name, image.astype(np.float32), label.astype(np.uint8), (1.0, 1.0, 1.0))
+            ValidationCase(
+                name,
+                image.astype(np.float32),
+                _class_indices(label, len(ACDC_CLASSES), path),
+                (1.0, 1.0, 1.0),
+            )
         )
     classes = [{"index": 0, "name": "background", "label_value": 0, "color": [0.0, 0.0, 0.0]}] + [
         {"index": i, "name": n, "label_value": i, "color": list(c)}
@@ -734,11 +763,56 @@ def load_acdc(config: TrainConfig, log: Log = print) -> TrainingData:
 
 
 def _la_volume(root: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
-    image, label = _h5(root / "volumes" / case / "mri_norm2.h5", "image", "label")
+    path = root / "volumes" / case / "mri_norm2.h5"
+    image, label = _h5(path, "image", "label")
     # The HDF5 arrays are indexed (x, y, z); the engine uses numpy order (z, y, x).
     return (
         np.ascontiguousarray(image.transpose(2, 1, 0)).astype(np.float32),
-        np.ascontiguousarray(label.transpose(2, 1, 0)).astype(np.uint8),
+        _class_indices(np.ascontiguousarray(label.transpose(2, 1, 0)), 1, path),
+    )
+
+
+def _class_indices(label: np.ndarray, foreground_classes: int, path: Path) -> np.ndarray:
+    """A benchmark label array (values are class indices) checked in its stored type, as uint8."""
+    values = label_values_array(label, path)
+    if values.size and int(values.max()) > foreground_classes:
+        raise InputError(
+            f"label value {int(values.max())} is not a class of this data set (0..{foreground_classes})",
+            path=path,
+        )
+    return values.astype(np.uint8)
+
+
+LA_SPACING_MM = (0.625, 0.625, 0.625)
+
+
+def _la_on_working_grid(
+    image: np.ndarray, labels: np.ndarray | None, working: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """An LA image (and labels) resampled from 0.625 mm to the working spacing (if one is set)."""
+    if not working:
+        return image, labels
+    source = Grid.plain(image.shape, LA_SPACING_MM)
+    target = working_grid(source, working)
+    image = resample_array(image, source, target)
+    return image, None if labels is None else resample_label_array(labels, source, target)
+
+
+def _la_validation_case(
+    name: str, image: np.ndarray, labels: np.ndarray, working: Sequence[float]
+) -> ValidationCase:
+    """An LA validation case: the image on the working grid, the labels on their own 0.625 mm grid."""
+    if not working:
+        return ValidationCase(name, image, labels, LA_SPACING_MM)
+    source = Grid.plain(image.shape, LA_SPACING_MM)
+    target = working_grid(source, working)
+    return ValidationCase(
+        name,
+        resample_array(image, source, target),
+        labels,
+        LA_SPACING_MM,
+        image_grid=target,
+        label_grid=source,
     )
 
 
@@ -764,21 +838,22 @@ def load_la(config: TrainConfig, log: Log = print) -> TrainingData:
             path=root / "train.list",
             hint="lower --labeled-count, hold out fewer cases, or use --method supervised",
         )
-    labeled_data = [_la_volume(root, c) for c in labeled]
-    validation = [ValidationCase(c, *_la_volume(root, c), (0.625, 0.625, 0.625)) for c in validation_names]
+    working = config.model.working_spacing_mm
+    labeled_data = [_la_on_working_grid(*_la_volume(root, c), working) for c in labeled]
+    validation = [_la_validation_case(c, *_la_volume(root, c), working) for c in validation_names]
     log(f"LA: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(validation)} validation cases")
     return TrainingData(
         dimension="3d",
         labeled_images=[v[0] for v in labeled_data],
         labeled_labels=[v[1] for v in labeled_data],
-        unlabeled_images=[_la_volume(root, c)[0] for c in unlabeled],
+        unlabeled_images=[_la_on_working_grid(_la_volume(root, c)[0], None, working)[0] for c in unlabeled],
         validation=validation,
         classes=[
             {"index": 0, "name": "background", "label_value": 0, "color": [0.0, 0.0, 0.0]},
             {"index": 1, "name": "left atrium", "label_value": 1, "color": [0.85, 0.30, 0.30]},
         ],
         normalization="zscore",
-        spacing_mm=[0.625, 0.625, 0.625],
+        spacing_mm=[float(s) for s in working] if working else list(LA_SPACING_MM),
         labeled_case_names=labeled,
         unlabeled_case_names=unlabeled,
     )

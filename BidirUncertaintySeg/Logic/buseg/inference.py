@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import functools
 import itertools
 import math
 import sys
@@ -61,13 +62,16 @@ from .io import (
     is_image_file,
     read_image,
     read_image_header,
+    resolved_path,
     safe_case_name,
     write_image,
     write_json_atomic,
     write_segmentation,
 )
+from .onnx_engine import choose_engine, engine_description, load_session, session_forward
 from .preprocessing import normalize_intensity, resize_slices
-from .regions import RegionSet, find_regions, regions_document
+from .regions import RegionSet, find_regions, regions_document, review_slice_axis
+from .shape_flags import parse_nesting_rules, shape_flag_map
 from .uncertainty import mc_dropout_probabilities, normalized_entropy
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -416,6 +420,7 @@ class Prediction:
     seconds: float
     probabilities: np.ndarray | None = None  # (C, z, y, x) float32, only with keep_probabilities
     warnings: list[str] = field(default_factory=list)
+    engine: str = "torch"  # which engine ran the network: 'torch' or 'onnx' (ONNX Runtime)
 
     def label_values(self) -> np.ndarray:
         """The label map in the model's label values (what the training labels used), smallest dtype."""
@@ -569,6 +574,48 @@ def _spacing_warning(model: LoadedModel, image: Volume) -> str | None:
     return None
 
 
+def review_regions(
+    model: LoadedModel,
+    labels: np.ndarray,
+    uncertainty: np.ndarray,
+    reference: Volume,
+    config: PredictConfig,
+    nesting: Sequence[tuple[int, int]] = (),
+) -> RegionSet:
+    """The regions to review and the slice order (docs/inference.md): uncertainty and shape flags,
+    cut along the slice axis a 2D model ran on (a 3D model's: the axis of the coarsest spacing)."""
+    axis_ijk = model.slice_axis if model.dimension == "2d" else review_slice_axis(reference.spacing_mm)
+    flags = None
+    if config.shape_flags:
+        flags = shape_flag_map(labels, model.num_classes, 2 - axis_ijk, nesting=nesting)
+    return find_regions(
+        uncertainty,
+        reference,
+        labels=labels,
+        class_names=[c["name"] for c in model.classes],
+        threshold=config.region_threshold,
+        min_region_mm3=config.min_region_mm3,
+        min_region_voxels=config.min_region_voxels,
+        max_regions=config.max_regions,
+        flags=flags,
+        slice_axis_ijk=axis_ijk,
+        region_slices=config.region_slices,
+        region_extent_mm=config.region_extent_mm,
+    )
+
+
+def _check_finite_output(probs: torch.Tensor, model: LoadedModel, image: Volume) -> None:
+    """NaN or infinite probabilities are an error, never a result: argmax would call every such
+    voxel background and the entropy would call it certain."""
+    if not bool(torch.isfinite(probs).all()):
+        raise InputError(
+            f"the network's output is not finite (NaN or infinity) for this image (model {model.path}); "
+            "no segmentation is written",
+            path=image.path,
+            hint="check the image's intensities (values near the float limits?) and the model file",
+        )
+
+
 def predict_case(
     model: LoadedModel,
     image: Volume,
@@ -586,8 +633,23 @@ def predict_case(
     """
     config = config or PredictConfig()
     check_model_settings(model, config)
+    nesting = parse_nesting_rules(config.nesting, [c["name"] for c in model.classes])
     if image.array.ndim != 3:
         raise InputError(f"expected a 3D volume, got {image.array.ndim} dimensions", path=image.path)
+    from .resample import model_working_spacing, predict_at_working_spacing, same_spacing
+
+    working_spacing = model_working_spacing(model.metadata)
+    if working_spacing and not same_spacing(image.spacing_mm, working_spacing):
+        # A model trained at a working resolution predicts there; outputs come back to this grid.
+        return predict_at_working_spacing(
+            model,
+            image,
+            config,
+            working_spacing,
+            keep_probabilities=keep_probabilities,
+            should_stop=should_stop,
+            warn=warn,
+        )
     start = time.perf_counter()
     notes: list[str] = []
 
@@ -606,13 +668,15 @@ def predict_case(
         )
     network = inference_network(model.network, model.dimension)
     device = network_device(network)
+    engine, _ = choose_engine(config.engine, device, config.uncertainty, config.amp)
+    if engine == "onnx":  # the same network exported once (cached), run by ONNX Runtime in float32
+        forward = session_forward(
+            load_session(model.network, lambda: network, model.dimension, model.path)[0]
+        )
+    else:
+        forward = _forward_for(network, device, config.amp, model.dimension)
     normalized = normalize_intensity(image.array, model.normalization)
-    prob_fn = probability_function(
-        network,
-        config.uncertainty,
-        config.samples,
-        _forward_for(network, device, config.amp, model.dimension),
-    )
+    prob_fn = probability_function(network, config.uncertainty, config.samples, forward)
     num_classes = model.num_classes
     labels = np.zeros(image.array.shape, dtype=np.uint8 if num_classes <= 256 else np.int16)
     uncertainty = np.zeros(image.array.shape, dtype=np.float32)
@@ -638,6 +702,7 @@ def predict_case(
         )
         label_view, uncertainty_view = np.moveaxis(labels, axis, 0), np.moveaxis(uncertainty, axis, 0)
         for a, b, probs in chunks:
+            _check_finite_output(probs, model, image)
             # A few slices at a time: the entropy's temporaries stay small for a large slab.
             for offset in range(0, b - a, FINISH_SLICES):
                 part = probs[offset : offset + FINISH_SLICES]
@@ -660,16 +725,7 @@ def predict_case(
         image.direction,
         image.path,
     )
-    region_set = find_regions(
-        uncertainty,
-        reference,
-        labels=labels,
-        class_names=[c["name"] for c in model.classes],
-        threshold=config.region_threshold,
-        min_region_mm3=config.min_region_mm3,
-        min_region_voxels=config.min_region_voxels,
-        max_regions=config.max_regions,
-    )
+    region_set = review_regions(model, labels, uncertainty, reference, config, nesting)
     release_freed_memory()
     spatial_dims = 2 if model.dimension == "2d" else 3
     return Prediction(
@@ -684,6 +740,7 @@ def predict_case(
         seconds=time.perf_counter() - start,
         probabilities=probabilities,
         warnings=notes,
+        engine=engine,
     )
 
 
@@ -705,7 +762,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
         path = Path(item)
         if not path.exists():
             raise InputError("input not found", path=path)
-        if path.is_file():
+        if not path.is_dir():  # a FIFO or device too: refused by name when read, as an unreadable file
             if image_suffix(path) in ("", SEGMENTATION_SUFFIX):
                 raise InputError("not an image file (NIfTI, NRRD or MetaImage expected)", path=path)
             found.append((case_name(path), path))
@@ -724,7 +781,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
         found += [(case_name(f), f) for f in files]
     # Absolute paths: the outputs name their inputs. Safe case names: they name output folders and
     # files, so a name such as '..' or 'con' must not lead outside the output folder or to a device.
-    found = [(safe_case_name(case), path.resolve()) for case, path in found]
+    found = [(safe_case_name(case), resolved_path(path)) for case, path in found]
     seen: dict[str, Path] = {}
     for case, path in found:
         if case.lower() in seen:  # case-insensitively: so are the file systems of Windows and macOS
@@ -807,6 +864,19 @@ def write_prediction(
     return {kind: str(path) for kind, path in paths.items()}
 
 
+SUMMARY_SLICES = 3  # slices to check first, per case in summary.json
+
+
+def review_summary(region_set: RegionSet) -> dict[str, Any]:
+    """What summary.json says per case about where to look: the slice axis and the first slices."""
+    review = region_set.slice_review or {"axis_ijk": None, "slices": []}
+    return {
+        "slice_axis_ijk": review["axis_ijk"],
+        "slices_to_check": review["slices"][:SUMMARY_SLICES],
+        "first_region_reason": region_set.regions[0].reason if region_set.regions else None,
+    }
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with NaN/infinity replaced by None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -826,7 +896,22 @@ def load_for_prediction(config: PredictConfig) -> tuple[LoadedModel, torch.devic
     device, reason = resolve_device(config.device)
     model = load_model(config.model_path, device=device)
     check_model_settings(model, config)
+    choose_engine(config.engine, device, config.uncertainty, config.amp)  # refuse impossible ones first
     return model, device, reason
+
+
+def engine_info(model: LoadedModel, config: PredictConfig, device: torch.device) -> dict[str, str]:
+    """The engine of a prediction run and its arithmetic, in words (the run's device line and summary).
+
+    With ONNX Runtime the network is exported (or its cached export loaded) here, so that an export
+    failure stops the run before its first case.
+    """
+    engine, reason = choose_engine(config.engine, device, config.uncertainty, config.amp)
+    info = {"engine": engine, "precision": engine_description(engine, reason, device, config.amp)}
+    if engine == "onnx":
+        inference_form = functools.partial(inference_network, model.network, model.dimension)
+        info["onnx_export"] = load_session(model.network, inference_form, model.dimension, model.path)[1]
+    return info
 
 
 @dataclass
@@ -839,7 +924,9 @@ class CaseOutcome:
     seconds: float
 
 
-BYTES_PER_VOXEL = 20  # image, normalised copy, uncertainty, labels, region map (predict_case, find_regions)
+# Image, normalised copy, uncertainty, labels, region map, and the review's flag codes, region keys and
+# chance-of-error map (predict_case, review_regions).
+BYTES_PER_VOXEL = 26
 
 
 def prediction_memory_bytes(
@@ -960,6 +1047,7 @@ def predict_files(
                 hint="pass --overwrite to replace them, or choose another --out",
             )
     model, device, reason = load_for_prediction(config)
+    engine = engine_info(model, config, device)
     ensure_output_folder(out_dir)  # before the first case is computed
     sink.emit(
         "started",
@@ -967,6 +1055,7 @@ def predict_files(
         config=to_dict(config),
         device=str(device),
         device_reason=reason,
+        **engine,
         total=len(images),
         classes=[c["name"] for c in model.classes],
         buseg_version=__version__,
@@ -977,6 +1066,7 @@ def predict_files(
         "buseg_version": __version__,
         "model": str(Path(config.model_path).resolve()),
         "device": str(device),
+        **engine,
         "config": to_dict(config),
         "classes": model.classes,
         "cases": [],
@@ -1010,6 +1100,7 @@ def predict_files(
                 **prediction.statistics(),
                 flagged_volume_mm3=prediction.regions.flagged_volume_mm3,
                 regions_listed=len(prediction.regions.regions),
+                **review_summary(prediction.regions),
                 warnings=prediction.warnings,
             )
             sink.emit(

@@ -12,9 +12,13 @@ into place, so a crash or a kill never leaves a half-written file under the fina
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import stat
 import tempfile
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError, ResourceError
+from .errors import BusegError, InputError, OutputError, ResourceError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
@@ -74,19 +78,30 @@ def safe_case_name(name: str, fallback: str = "case") -> str:
     """A case name that is safe as one file or folder name on every system.
 
     Output folders and files are named after cases, and case names come from input file
-    names (or a scene's node names): characters other than letters, digits, ``.``, ``_`` and
-    ``-`` become ``_``, leading dots go (no hidden files, no ``..``), device names of Windows
-    (``con``, ``nul``, ``com1`` ...) get a ``_`` appended, and the length is capped. Already
-    safe names are unchanged, so the names of ordinary files stay as they are.
+    names (or a scene's node names): characters other than letters and digits of any script
+    (Unicode, NFC), ``.``, ``_`` and ``-`` become ``_``, leading dots go (no hidden files, no
+    ``..``), device names of Windows (``con``, ``nul``, ``com1`` ...) get a ``_`` appended, and
+    the length is capped. Already safe names are unchanged, so the names of ordinary files stay
+    as they are. A name that loses characters gets a short hash of the original appended, so two
+    different names never become the same case name (no transliteration: '肝臓' stays '肝臓').
     """
     import re
 
-    text = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name or "")).lstrip(".").rstrip(". ")[:128]
-    if not text.strip("_"):
-        return fallback
-    if text.split(".")[0].lower() in WINDOWS_RESERVED:
-        text = f"{text}_"
-    return text
+    original = unicodedata.normalize("NFC", str(name or ""))
+    # \w of a str pattern: letters, digits and '_' of every script (not marks, symbols or controls).
+    text = re.sub(r"[^\w.-]+", "_", original).lstrip(".").rstrip(". ")[:_CASE_NAME_CHARACTERS]
+    if text == original or not original:
+        return _windows_safe(text) if text.strip("_") else fallback
+    digest = hashlib.blake2b(original.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+    stem = text[: _CASE_NAME_CHARACTERS - len(digest) - 1]
+    return _windows_safe(f"{stem}_{digest}" if stem.strip("_") else f"{fallback}_{digest}")
+
+
+_CASE_NAME_CHARACTERS = 128
+
+
+def _windows_safe(text: str) -> str:
+    return f"{text}_" if text.split(".")[0].lower() in WINDOWS_RESERVED else text
 
 
 def ensure_output_folder(folder: str | Path) -> Path:
@@ -103,7 +118,103 @@ def ensure_output_folder(folder: str | Path) -> Path:
 
 
 def is_image_file(path: str | Path) -> bool:
-    return Path(path).is_file() and image_suffix(path) != "" and not Path(path).name.startswith(".")
+    """Whether a folder entry is named like an image (not hidden, not a folder).
+
+    Entries that cannot be read - broken or looping links, FIFOs, devices - count too: they
+    are then refused by name when read (:func:`regular_file_problem`), never skipped silently.
+    """
+    path = Path(path)
+    if image_suffix(path) == "" or path.name.startswith("."):
+        return False
+    try:
+        return os.path.lexists(path) and not path.is_dir()
+    except OSError:
+        return True  # a name the system cannot even look up: reported when it is read
+
+
+def regular_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a file (missing, a folder, a FIFO, a device, a broken or
+    looping link, a name too long ...), or None for a regular file.
+
+    Opening a FIFO would block until another program writes to it, and a device would be
+    read without end: only regular files (or links to them) are read.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and os.path.lexists(path):
+            return "is a broken symbolic link (its target does not exist)"
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link that points to itself (a loop)"
+        if exc.errno == errno.ENOENT:
+            return "file not found"
+        if exc.errno == errno.ENAMETOOLONG:
+            return "the path or a name in it is longer than the system allows"
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, expected a file"
+    kind = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a device", stat.S_ISBLK: "a device"}
+    what = next((name for test, name in kind.items() if test(mode)), "not a regular file")
+    return f"is {what}, not a regular file"
+
+
+def check_regular_file(path: str | Path, error: type[BusegError] = InputError) -> Path:
+    """``path`` if it is a regular file, else ``error`` naming it and saying what it is."""
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise error(problem, path=path)
+    return Path(path)
+
+
+def resolved_path(path: str | Path) -> Path:
+    """``path`` made absolute with its links resolved; a link loop (which ``Path.resolve`` raises
+    RuntimeError for) or an unreadable link stays as it is named, to be refused when read."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
+JSON_MAX_BYTES = 64 * 2**20
+
+
+def read_json(path: str | Path, *, what: str = "JSON file", error: type[BusegError] = InputError) -> Any:
+    """The content of a JSON file, or ``error`` naming the file: unreadable, not UTF-8, not JSON,
+    larger than 64 MiB or nested too deeply (Python's parser recurses: a deep file would crash it)."""
+    path = check_regular_file(path, error)
+    try:
+        if path.stat().st_size > JSON_MAX_BYTES:
+            raise error(f"is larger than {JSON_MAX_BYTES // 2**20} MiB; not a {what}", path=path)
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise error(f"cannot be read: {exc.strerror or exc}", path=path) from None
+    except UnicodeDecodeError:
+        raise error(f"is not a {what}: not UTF-8 text", path=path) from None
+    except json.JSONDecodeError as exc:
+        raise error(
+            f"is not a valid {what}: {exc.msg} (line {exc.lineno}, column {exc.colno})", path=path
+        ) from None
+    except RecursionError:
+        raise error(f"is not a {what}: nested too deeply", path=path) from None
+
+
+def error_from_os_error(exc: OSError) -> BusegError | None:
+    """The one-line error for an OS-level error on a file (name too long, no space, a FIFO ...):
+    ``PATH: what the system says``; None when the error names no file."""
+    path = exc.filename if exc.filename is not None else exc.filename2
+    if path is None:
+        return None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return OutputError(f"cannot be written: {reason}", path=path)
+    if exc.errno == errno.ENAMETOOLONG:
+        return InputError(f"the path or a name in it is longer than the system allows ({reason})", path=path)
+    return InputError(reason, path=path)
 
 
 @dataclass
@@ -171,15 +282,31 @@ class Volume:
     def same_grid(self, other: Volume, *, tolerance: float = 1e-4) -> str | None:
         """None if both lie on the same voxel grid, else a sentence saying how they differ."""
         if self.array.shape != other.array.shape:
-            return f"size {other.size_xyz} differs from {self.size_xyz}"
+            return f"size {format_numbers(other.size_xyz)} differs from {format_numbers(self.size_xyz)}"
         for name in ("spacing_mm", "origin", "direction"):
             a = np.asarray(getattr(self, name), dtype=float)
             b = np.asarray(getattr(other, name), dtype=float)
             scale = max(1.0, float(np.abs(a).max(initial=0.0)))
             if a.shape != b.shape or not np.allclose(a, b, atol=tolerance * scale, rtol=0):
                 label = name.replace("_mm", "")
-                return f"{label} {tuple(np.round(b, 5))} differs from {tuple(np.round(a, 5))}"
+                return f"{label} {format_numbers(b)} differs from {format_numbers(a)}"
         return None
+
+
+def format_numbers(values: Sequence[Any]) -> str:
+    """Numbers as people read them, '(-40, 0.5, 1)': no numpy reprs, at most 5 decimals."""
+    return "(" + ", ".join(_number(round(float(v), 5)) for v in np.asarray(values).ravel()) + ")"
+
+
+def is_orthogonal(direction: Sequence[float], *, tolerance: float = 1e-4) -> bool:
+    """Whether a direction matrix (flat, row-major) is a rotation or reflection (no shear)."""
+    d = round(len(direction) ** 0.5)
+    matrix = np.asarray(direction, dtype=float).reshape(d, d)
+    return bool(np.allclose(matrix.T @ matrix, np.eye(d), atol=tolerance, rtol=0))
+
+
+# Formats whose header stores only an orthogonal orientation (NIfTI's qform/sform as ITK writes them).
+ORTHOGONAL_ONLY_SUFFIXES = (".nii", ".nii.gz")
 
 
 @dataclass
@@ -249,11 +376,26 @@ def format_hint(path: str | Path) -> str | None:
     return f"its content is {kind}, not what the name {Path(path).name!r} announces"
 
 
+# ITK's refusals of an impossible geometry, said in words (its own text ends in matrix rows).
+_GEOMETRY_ERRORS = (
+    (
+        r"Bad direction, determinant is 0",
+        "its direction matrix is singular (an axis direction is zero, or two axes point the same way): "
+        "the voxels have no position in space",
+    ),
+    (r"Zero-valued spacing", "its voxel spacing is zero along an axis: the voxels have no size"),
+)
+
+
 def _read_error(exc: RuntimeError) -> str:
     """The informative line of a SimpleITK read error (without source file names and object addresses)."""
     import re
 
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = str(exc)
+    for pattern, meaning in _GEOMETRY_ERRORS:
+        if re.search(pattern, text):
+            return meaning
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     lines = [
         re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\):|sitk::ERROR:|\[nrrd\] \w+:)\s*", "", line)
         for line in lines
@@ -286,17 +428,24 @@ def _unambiguous(path: Path) -> Iterator[Path]:
 
 
 def _read_sitk(path: Path) -> sitk.Image:
-    if not path.exists():
-        raise InputError("file not found", path=path)
-    if path.is_dir():
-        raise InputError("is a folder, expected an image file", path=path)
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise InputError(problem.replace("a file", "an image file"), path=path)
     if not image_suffix(path):
         raise InputError(
             "unrecognised image format",
             path=path,
             hint=f"supported: {', '.join((SEGMENTATION_SUFFIX, *IMAGE_SUFFIXES))}",
         )
-    _check_fits_in_memory(read_image_header(path))  # a corrupt or absurd header is refused before allocating
+    header = read_image_header(path)
+    _check_fits_in_memory(header)  # a corrupt or absurd header is refused before allocating
+    if header.complex:
+        # One rule for every format: NIfTI and NRRD would be read with the imaginary part dropped.
+        raise InputError(
+            "has complex voxel values (real and imaginary parts); a real-valued image is needed "
+            "(save the magnitude or the real part)",
+            path=path,
+        )
     try:
         with _unambiguous(path) as readable:
             image = sitk.ReadImage(str(readable))
@@ -397,6 +546,7 @@ class ImageHeader:
     components: int
     bytes_per_component: int
     path: str
+    complex: bool = False
 
     @property
     def voxels(self) -> int:
@@ -421,9 +571,7 @@ def _check_fits_in_memory(header: ImageHeader, *, fraction: float = 0.7) -> None
 
 def read_image_header(path: str | Path) -> ImageHeader:
     """Size and pixel type of an image from its header alone (to estimate memory before reading)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", path=path)
+    path = check_regular_file(path)
     reader = sitk.ImageFileReader()
     try:
         with _unambiguous(path) as readable:
@@ -438,8 +586,13 @@ def read_image_header(path: str | Path) -> ImageHeader:
     pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     sizes = {"8-bit": 1, "16-bit": 2, "32-bit": 4, "64-bit": 8}
     width = next((b for key, b in sizes.items() if key in pixel), 4)
+    complex_pixels = reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
     return ImageHeader(
-        tuple(int(s) for s in reader.GetSize()), max(1, reader.GetNumberOfComponents()), width, str(path)
+        tuple(int(s) for s in reader.GetSize()),
+        max(1, reader.GetNumberOfComponents()),
+        width,
+        str(path),
+        complex=complex_pixels,
     )
 
 
@@ -523,6 +676,28 @@ def read_label(path: str | Path, *, allow_2d: bool = False) -> LabelVolume:
         raise InputError(f"label map has {image.GetDimension()} dimensions; 3D is needed", path=path)
     volume = volume_from_sitk(image, str(path))
     array = volume.array
+    array = label_values_array(volume.array, path)
+    return LabelVolume(array, volume.spacing_mm, volume.origin, volume.direction, str(path))
+
+
+# The largest label value a class can have (model files store it as a 32-bit signed integer).
+MAX_LABEL_VALUE = 2**31 - 1
+
+
+def label_values_array(array: np.ndarray, path: str | Path | None) -> np.ndarray:
+    """A label map's values, checked in the type they were stored in, as uint8 (values up to 255)
+    or int32.
+
+    Every reader of label maps (training, evaluation, the benchmark loaders) goes through here:
+    values are compared before any conversion, so a value that does not fit 32 bits (an int64
+    4294967299, a uint32 2147483651) is refused instead of wrapping around into another class.
+    Non-integer, NaN, infinite, negative and complex values are refused too.
+    """
+    array = np.asarray(array)
+    if np.iscomplexobj(array):
+        raise InputError("label map has complex values; a label map holds integers", path=path)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(f"label map has {array.dtype} values, not integers", path=path)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise InputError("label map contains NaN or infinite values", path=path)
@@ -530,17 +705,32 @@ def read_label(path: str | Path, *, allow_2d: bool = False) -> LabelVolume:
             raise InputError(
                 "label map has non-integer values (is this an image rather than a label map?)", path=path
             )
-    if array.min(initial=0) < 0:
-        raise InputError(f"label map has negative values (min {array.min()})", path=path)
-    array = array.astype(np.int32 if array.max(initial=0) > 255 else np.uint8)
-    return LabelVolume(array, volume.spacing_mm, volume.origin, volume.direction, str(path))
+    if not array.size:
+        return array.astype(np.uint8)
+    lowest, highest = array.min(), array.max()  # in the stored type: no wrap-around
+    if lowest < 0:
+        raise InputError(f"label map has negative values (min {_number(lowest)})", path=path)
+    if highest > MAX_LABEL_VALUE:
+        raise InputError(
+            f"label map has the value {_number(highest)}, larger than the largest label value a class can "
+            f"have ({MAX_LABEL_VALUE}); is this a label map?",
+            path=path,
+        )
+    return array.astype(np.uint8 if highest <= 255 else np.int32)
+
+
+def _number(value: Any) -> str:
+    """A number as people write it (no numpy repr, integers without '.0')."""
+    value = float(value) if not isinstance(value, (int, np.integer)) else int(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _read_seg_nrrd(path: Path) -> LabelVolume:
     import slicerio
 
-    if not path.exists():
-        raise InputError("file not found", path=path)
+    check_regular_file(path)
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as exc:  # slicerio raises plain exceptions of many kinds for bad files
@@ -654,7 +844,19 @@ def write_image(
     overwrite: bool = False,
     compress: bool = True,
 ) -> None:
-    """Write ``array`` (default: the volume's) with the volume's geometry, atomically."""
+    """Write ``array`` (default: the volume's) with the volume's geometry, atomically.
+
+    A sheared (non-orthogonal) direction is refused for NIfTI: ITK would write another
+    orientation with a warning only, and voxels would land millimetres away from where they
+    belong. NRRD and MetaImage hold such a direction as it is.
+    """
+    if image_suffix(path) in ORTHOGONAL_ONLY_SUFFIXES and not is_orthogonal(volume.direction):
+        raise OutputError(
+            f"NIfTI cannot hold the input's non-orthogonal (sheared) direction {format_numbers(volume.direction)}; "
+            "written as NIfTI, its voxels would lie elsewhere in space",
+            path=path,
+            hint="write NRRD or MetaImage, which hold this geometry (--output-format nrrd or mha)",
+        )
     image = volume.to_sitk(array)
     with atomic_path(path, overwrite=overwrite) as temp:
         try:
@@ -713,3 +915,96 @@ def write_segmentation(
     segmentation["referenceImageExtentOffset"] = [0, 0, 0]
     with atomic_path(path, overwrite=overwrite) as temp:
         slicerio.write_segmentation(str(temp), segmentation)
+
+
+# --------------------------------------------------------------------------------------
+# Output folders: one writer at a time, and what a killed writer left
+
+
+class FolderLock:
+    """A lock file in an output folder: a second job writing to the same folder refuses.
+
+    The file holds the owner's process id and job; a lock whose process is gone (killed) is
+    taken over. Use as a context manager, or :meth:`acquire` / :meth:`release`.
+    """
+
+    def __init__(self, folder: str | Path, *, name: str = "buseg.lock", job: str = "buseg") -> None:
+        self.path = Path(folder) / name
+        self.job = job
+        self.held = False
+
+    def _owner(self) -> tuple[int, str]:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
+            return int(text[0].strip() or 0), (text[1].strip() if len(text) > 1 else "") or "job"
+        except (OSError, ValueError):
+            return 0, "job"
+
+    def acquire(self) -> FolderLock:
+        import psutil
+
+        for _ in range(3):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid, job = self._owner()
+                if pid and pid != os.getpid() and psutil.pid_exists(pid):
+                    raise OutputError(
+                        f"another {job} (process {pid}) is writing to this folder",
+                        path=self.path.parent,
+                        hint=f"wait for it, cancel it, or choose another output folder (lock: {self.path.name})",
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()  # the lock of a process that is gone
+                continue
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write to the output folder: {exc.strerror or exc}", path=self.path.parent
+                ) from None
+            with os.fdopen(handle, "w", encoding="utf-8") as lock_file:
+                lock_file.write(f"{os.getpid()}\n{self.job}\n")
+            self.held = True
+            return self
+        raise OutputError("cannot take the lock of this folder", path=self.path)
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self.held = False
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+# Temporary names of atomic_path ('.<name>.<8 random>.tmp<suffix>') and of the write probe.
+_TEMPORARY_NAME = r"^\.(.+\.[a-z0-9_]{8}\.tmp.*|buseg-write-test\.[a-z0-9_]{8})$"
+
+
+def remove_stale_temporaries(folder: str | Path, *, depth: int = 1) -> list[Path]:
+    """Remove the temporary files that a killed writer left in ``folder`` (and its sub-folders down
+    to ``depth``); only the holder of the folder's :class:`FolderLock` may call this (another job
+    could be writing its own). Returns what was removed."""
+    import re
+
+    removed: list[Path] = []
+    folders = [Path(folder)]
+    for _ in range(depth + 1):
+        children: list[Path] = []
+        for current in folders:
+            try:
+                entries = list(os.scandir(current))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    children.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False) and re.match(_TEMPORARY_NAME, entry.name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+        folders = children
+    return removed

@@ -28,6 +28,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,12 +41,14 @@ import numpy as np
 from .errors import InputError, OutputError
 from .events import EventSink
 from .io import (
+    MAX_LABEL_VALUE,
     LabelVolume,
     atomic_path,
     case_name,
     ensure_output_folder,
     image_suffix,
     is_image_file,
+    read_json,
     read_label,
 )
 
@@ -230,20 +233,13 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
             add(path)
             continue
         summary = path / "summary.json"
-        if summary.is_file():
-            try:
-                data = json.loads(summary.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise InputError(f"cannot read: {exc}", path=summary) from None
-            if data.get("schema") == "buseg-predict-summary":
-                for entry in data.get("classes", []):
-                    if entry.get("index", 0) > 0:
-                        names[int(entry["label_value"])] = str(entry["name"])
-                for entry in data.get("cases", []):
-                    label = (entry.get("outputs") or {}).get("label")
-                    if entry.get("status") == "ok" and label:
-                        label_path = Path(label) if Path(label).is_absolute() else path / label
-                        add(label_path, entry["case"])
+        if os.path.lexists(summary):
+            data = read_json(summary, what="prediction summary")
+            if isinstance(data, dict) and data.get("schema") == "buseg-predict-summary":
+                summary_names, labels = _summary_label_files(data, summary)
+                names.update(summary_names)
+                for case, label in labels:
+                    add(label if label.is_absolute() else path / label, case)
                 continue
         files = _label_files_in(path)
         if not files and (path / "labels").is_dir():
@@ -261,6 +257,44 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
         for file in files:
             add(file)
     return found, names
+
+
+def _summary_label_files(
+    data: dict[str, Any], summary: Path
+) -> tuple[dict[int, str], list[tuple[str, Path]]]:
+    """Class names (label value -> name) and (case, label file) of a ``buseg predict`` summary.json,
+    every field checked: a summary edited by hand or damaged is refused by name, not half used."""
+
+    def bad(what: str) -> InputError:
+        return InputError(f"is not a valid prediction summary: {what}", path=summary)
+
+    classes, cases = data.get("classes", []), data.get("cases", [])
+    if not isinstance(classes, list) or not isinstance(cases, list):
+        raise bad("'classes' and 'cases' must be lists")
+    names: dict[int, str] = {}
+    for number, entry in enumerate(classes):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise bad(f"classes[{number}] is not a class with a name")
+        index, value = entry.get("index", 0), entry.get("label_value")
+        if not _plain_int(index) or not _plain_int(value) or not 0 <= value <= MAX_LABEL_VALUE:
+            raise bad(f"classes[{number}] has no integer 'index' and 'label_value' (0..{MAX_LABEL_VALUE})")
+        if index > 0:
+            names[value] = entry["name"]
+    labels: list[tuple[str, Path]] = []
+    for number, entry in enumerate(cases):
+        if not isinstance(entry, dict) or not isinstance(entry.get("case"), str) or not entry["case"]:
+            raise bad(f"cases[{number}] is not a case with a name")
+        outputs = entry.get("outputs") or {}
+        label = outputs.get("label") if isinstance(outputs, dict) else None
+        if entry.get("status") == "ok":
+            if not isinstance(label, str) or not label:
+                raise bad(f"cases[{number}] ({entry['case'][:80]}) names no label file")
+            labels.append((entry["case"], Path(label)))
+    return names, labels
+
+
+def _plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _value_names(label: LabelVolume, known: dict[int, str]) -> dict[int, str]:
@@ -367,6 +401,16 @@ def evaluate_files(
     from .errors import Cancelled
 
     sink = events or EventSink()
+    invalid = [
+        v
+        for v in label_values or ()
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= MAX_LABEL_VALUE
+    ]
+    if invalid:
+        raise InputError(
+            f"label value(s) {', '.join(map(str, invalid))} cannot be evaluated: foreground label values are "
+            f"1..{MAX_LABEL_VALUE} (0 is the background)"
+        )
     out = Path(out_dir)
     csv_path, json_path = out / "metrics.csv", out / "metrics.json"
     for path in (csv_path, json_path):
@@ -413,6 +457,7 @@ def evaluate_files(
     names: dict[int, str] = {**truth_names, **pred_names}
     per_case: dict[str, list[ClassResult]] = {}
     seen: set[int] = set(label_values or ())
+    present: set[int] = set()  # label values found in any file
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about empty masks; the rules above handle them
@@ -424,14 +469,12 @@ def evaluate_files(
                 pred_files[case], truth_files[case], pred_names, truth_names
             )
             names.update(anchor)
-            if label_values:
-                values = sorted(label_values)
-            else:
-                values = sorted(
-                    {int(v) for v in np.unique(truth_array) if v}
-                    | {int(v) for v in np.unique(pred_array) if v}
-                )
-                seen.update(values)
+            found = {int(v) for v in np.unique(truth_array) if v} | {
+                int(v) for v in np.unique(pred_array) if v
+            }
+            present.update(found)
+            values = sorted(label_values) if label_values else sorted(found)
+            seen.update(values)
             per_case[case] = evaluate_arrays(
                 case, pred_array, truth_array, spacing, [(v, names.get(v, f"label_{v}")) for v in values]
             )
@@ -446,6 +489,14 @@ def evaluate_files(
             )
     if not seen:
         raise InputError("no foreground labels in any prediction or ground truth file")
+    absent = sorted(set(label_values or ()) - present)
+    if absent:
+        # Scores of a class that no file contains would be empty rows that look like results.
+        raise InputError(
+            f"label value(s) {', '.join(map(str, absent))} occur in no prediction and no ground truth "
+            f"(values found: {', '.join(map(str, sorted(present))) or 'none'})",
+            hint="--labels takes label values present in the files",
+        )
     classes = [(v, names.get(v, f"label_{v}")) for v in sorted(seen)]
     rows: list[ClassResult] = []
     for case in cases:

@@ -6,6 +6,7 @@ an image is fed to the network exactly as the training images were.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,25 +31,49 @@ def normalize_intensity(array: np.ndarray, mode: str) -> np.ndarray:
     * ``none``: unchanged.
 
     A constant image maps to zeros (callers that must refuse constant images check first).
+    Differences and scales are computed in float64, slab by slab: finite float32 values near
+    3e38 would overflow to infinity in float32 (``max - min`` of such an image is 6e38) and the
+    network would see NaN.
     """
     x = np.asarray(array, dtype=np.float32)
     if mode == "none":
         return x.copy()
     if mode == "zscore":
         mean, std = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
-        return ((x - mean) / std).astype(np.float32) if std > 0 else np.zeros_like(x)
+        return _affine(x, mean, std) if std > 0 and math.isfinite(std) else np.zeros_like(x)
     if mode == "minmax":
         lo, hi = float(x.min()), float(x.max())
     elif mode == "percentile":
-        lo, hi = (float(v) for v in np.percentile(x, (0.5, 99.5)))
+        # float64 so that the interpolation between two huge neighbours cannot overflow either.
+        lo, hi = (
+            float(v) for v in np.percentile(x.astype(np.float64, copy=False) if _huge(x) else x, (0.5, 99.5))
+        )
     else:
         raise ValueError(f"unknown normalization {mode!r}")
     if hi <= lo:
         return np.zeros_like(x)
-    out = (x - lo) / (hi - lo)
+    out = _affine(x, lo, hi - lo)
     if mode == "percentile":
         np.clip(out, 0.0, 1.0, out=out)
-    return out.astype(np.float32, copy=False)
+    return out
+
+
+def _huge(x: np.ndarray) -> bool:
+    """Whether differences of ``x``'s values could overflow float32."""
+    return bool(x.size) and max(abs(float(x.min())), abs(float(x.max()))) > 1e37
+
+
+def _affine(x: np.ndarray, offset: float, scale: float) -> np.ndarray:
+    """``(x - offset) / scale`` as float32, computed in float64 a slab at a time (bounded extra memory)."""
+    out = np.empty(x.shape, dtype=np.float32)
+    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
+    step = 1 << 22  # 4 Mi voxels: 32 MiB of float64 at a time
+    for start in range(0, flat_in.size, step):
+        part = flat_in[start : start + step].astype(np.float64)
+        part -= offset
+        part /= scale
+        flat_out[start : start + step] = part
+    return out
 
 
 def resize_slices(slices: torch.Tensor, size: Sequence[int], *, mode: str) -> torch.Tensor:

@@ -229,10 +229,14 @@ def rank_files(
     with atomic_path(json_path, overwrite=config.overwrite) as temp:
         temp.write_text(json.dumps(json_safe(document), indent=2) + "\n")
     if failed:
-        sink.emit(
-            "warning",
-            message=f"{len(failed)} image(s) could not be predicted and are not ranked: "
-            + ", ".join(f["case"] for f in failed[:10]),
+        # The rule of ``buseg predict``: the others are ranked and written, then the job fails
+        # naming every image left out (a ranking that silently lacks images would mislead).
+        names = ", ".join(f["case"] for f in failed[:10]) + (" ..." if len(failed) > 10 else "")
+        raise InputError(
+            f"{len(failed)} of {len(images)} image(s) could not be predicted and are not ranked: {names} "
+            f"(first: {failed[0]['error']})",
+            path=failed[0]["image"],
+            hint=f"the others are ranked in {csv_path}; the reasons are in the warnings and in {json_path}",
         )
     return RankResult(entries, csv_path, json_path)
 

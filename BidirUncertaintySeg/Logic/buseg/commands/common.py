@@ -30,7 +30,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import BusegError, Cancelled
@@ -66,6 +67,32 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "schema in docs/worker-protocol.md); 'bar'/'plain' = for people, on stderr; 'auto' = bar on a terminal.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="More detail in the log (stderr).")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def label_value(text: str) -> int:
+    """argparse type: a foreground label value (1 .. 2**31 - 1, what a class can hold)."""
+    from ..io import MAX_LABEL_VALUE
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a label value (a whole number), got {text!r}") from None
+    if not 1 <= value <= MAX_LABEL_VALUE:
+        raise argparse.ArgumentTypeError(
+            f"a foreground label value is 1..{MAX_LABEL_VALUE} (0 is the background), got {value}"
+        )
+    return value
 
 
 def _rank() -> int:
@@ -173,6 +200,10 @@ class StopFlag:
 
     Call it (``stop()``) to ask whether to stop; a job checks it between steps, finishes
     the current one, saves what it needs and raises :class:`~buseg.errors.Cancelled`.
+    With ``immediate`` (jobs with nothing to save: predict, rank, evaluate) the first signal
+    raises ``KeyboardInterrupt`` at once wherever the job is (reading a model
+    file, validating it, writing): its outputs are atomic, so the unwinding removes the
+    temporary files and the lock, and nothing half-written stays.
     :meth:`install` also starts a watchdog thread when the client asked for it through the
     environment: ``BUSEG_CANCEL_FILE`` (the flag is set when that file appears: cancel
     without signals, for Windows GUI parents) and ``BUSEG_PARENT_PID`` (the flag is set
@@ -180,7 +211,9 @@ class StopFlag:
     flag is a plain attribute (no lock), so the signal handler never blocks on it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, immediate: bool = False) -> None:
+        self.immediate = immediate
+        self.raising = False  # run_job sets it while the job itself runs
         self._set = False
         self._signals = 0
         self._first_signal_seconds = 0.0
@@ -207,6 +240,11 @@ class StopFlag:
             os._exit(EXIT_CANCELLED)
         self._signals, self._first_signal_seconds = 1, now
         self.set(name)
+        if self.immediate and self.raising:
+            self.raising = False
+            _say(f"{name}: stopping now (outputs already written stay; nothing half-written is left)\n")
+            # KeyboardInterrupt, not Cancelled: no ``except Exception`` on the way may swallow it.
+            raise KeyboardInterrupt(f"cancelled by {name}")
         _say(
             f"{name}: finishing the current step, then writing a checkpoint and stopping "
             "(send it again to stop at once)\n"
@@ -288,6 +326,46 @@ OOM_HINT = (
 )
 
 
+@contextlib.contextmanager
+def locked_output_folder(folder: str | Path, job: str) -> Iterator[Path]:
+    """Create ``folder``, hold its lock while the block runs (a second job into the same folder
+    refuses instead of silently replacing this one's files), and first remove the temporary
+    files that an interrupted job left there. A folder created here and left empty (the job
+    failed before writing) is removed again."""
+    from ..io import FolderLock, ensure_output_folder, remove_stale_temporaries
+
+    folder = Path(folder)
+    created = not folder.exists()
+    ensure_output_folder(folder)
+    try:
+        with FolderLock(folder, job=f"buseg {job}"):
+            for stale in remove_stale_temporaries(folder, depth=1):
+                logger.info("removed %s, left by an interrupted run", stale)
+            yield folder
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+
+
+def _user_error_from(exc: Exception) -> BusegError | None:
+    """An OS-level error on a file (a name too long, a FIFO, no space, a vanished file ...) as the
+    usual one-line error naming the path: every such error on a user's path, wherever raised."""
+    from ..io import error_from_os_error
+
+    if isinstance(exc, OSError) and not _out_of_memory(exc):
+        return error_from_os_error(exc)
+    return None
+
+
+def _report_user_error(sink: EventSink, exc: BusegError) -> tuple[str, int, str]:
+    message = f"{exc.path}: {exc.message}" if exc.path else exc.message  # the hint has its own field
+    sink.emit("error", message=message, kind=type(exc).__name__, path=exc.path, hint=exc.hint, detail=None)
+    if not isinstance(sink, TerminalSink):
+        logger.error("%s", exc)
+    return "failed", exc.exit_code, message
+
+
 def run_job(
     sink: EventSink, job: Callable[[], dict[str, Any] | None], *, job_name: str, stop: StopFlag | None = None
 ) -> int:
@@ -302,7 +380,13 @@ def run_job(
     outputs: dict[str, Any] = {}
     message: str | None = None
     try:
-        outputs = job() or {}
+        try:
+            if stop is not None:
+                stop.raising = True
+            outputs = job() or {}
+        finally:
+            if stop is not None:
+                stop.raising = False
         status, code = "completed", EXIT_COMPLETED
     except (Cancelled, KeyboardInterrupt) as exc:
         status, code = "cancelled", EXIT_CANCELLED
@@ -310,16 +394,15 @@ def run_job(
         outputs = dict(getattr(exc, "outputs", None) or {})
         logger.info("%s", message)
     except BusegError as exc:
-        status, code = "failed", exc.exit_code
-        message = f"{exc.path}: {exc.message}" if exc.path else exc.message  # the hint has its own field
-        sink.emit(
-            "error", message=message, kind=type(exc).__name__, path=exc.path, hint=exc.hint, detail=None
-        )
-        if not isinstance(sink, TerminalSink):
-            logger.error("%s", exc)
+        status, code, message = _report_user_error(sink, exc)
     except Exception as exc:  # a bug, out of memory, an environment failure: report it, never hang
         detail = traceback.format_exc()
-        if _out_of_memory(exc):
+        user_error = _user_error_from(exc)
+        if user_error is not None:
+            status, code, message = _report_user_error(sink, user_error)
+            logger.debug("%s", detail.rstrip())
+            detail = ""
+        elif _out_of_memory(exc):
             status, code = "failed", EXIT_RESOURCE
             where = "GPU " if "cuda" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError" else ""
             message = f"out of {where}memory: {OOM_HINT}"
@@ -335,7 +418,8 @@ def run_job(
                 hint="this is a bug or an environment problem; the log has the details",
                 detail=detail,
             )
-        logger.error("%s\n%s", message, detail.rstrip())
+        if detail:
+            logger.error("%s\n%s", message, detail.rstrip())
     finally:
         if stop is not None:
             stop.restore()

@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_logging
+from .common import (
+    StopFlag,
+    add_common_arguments,
+    label_value,
+    locked_output_folder,
+    make_sink,
+    run_job,
+    setup_logging,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels",
         nargs="+",
-        type=int,
+        type=label_value,
         metavar="V",
         help="Label values to evaluate (default: every non-zero value found).",
     )
@@ -45,20 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     sink = make_sink(args.progress)
-    stop = StopFlag()
+    stop = StopFlag(immediate=True)  # outputs are atomic: a signal stops at once
 
     def job() -> dict:
         from ..metrics import evaluate_files, format_summary
 
-        result = evaluate_files(
-            args.pred,
-            args.truth,
-            Path(args.out).resolve(),
-            label_values=args.labels,
-            overwrite=args.overwrite,
-            events=sink,
-            should_stop=stop,
-        )
+        out = Path(args.out).resolve()
+        with locked_output_folder(out, "evaluate"):
+            result = evaluate_files(
+                args.pred,
+                args.truth,
+                out,
+                label_values=args.labels,
+                overwrite=args.overwrite,
+                events=sink,
+                should_stop=stop,
+            )
         stream = sys.stderr if args.progress == "jsonl" else sys.stdout
         print(format_summary(result.summary), file=stream, flush=True)
         return {"metrics_csv": str(result.csv_path), "metrics_json": str(result.json_path)}

@@ -7,12 +7,22 @@ inputs and building the config from ``--config`` plus flags.
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 from pathlib import Path
 
 from ..config import PredictConfig, add_dataclass_arguments, apply_arguments, from_dict
 from ..errors import ConfigError
-from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_logging
+from ..io import read_json
+from .common import (
+    StopFlag,
+    add_common_arguments,
+    locked_output_folder,
+    make_sink,
+    run_job,
+    setup_logging,
+)
+
+logger = logging.getLogger("buseg")
 
 
 def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +51,8 @@ def config_from_args(args: argparse.Namespace) -> PredictConfig:
     config = PredictConfig()
     if args.config:
         path = Path(args.config)
-        try:
-            config = from_dict(PredictConfig, json.loads(path.read_text()), where=str(path))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read the config file: {exc}", path=path) from None
+        data = read_json(path, what="prediction config file", error=ConfigError)
+        config = from_dict(PredictConfig, data, where=str(path))
     config = apply_arguments(config, args)
     if config.out_dir:
         # Absolute, so that the paths in events and outputs mean the same to the caller.
@@ -52,16 +60,32 @@ def config_from_args(args: argparse.Namespace) -> PredictConfig:
     return config
 
 
+def log_slices_to_check(cases: list[dict]) -> None:
+    """Where to look first, per case, on stderr: the slices of summary.json's ``slices_to_check``."""
+    for case in cases:
+        slices = case.get("slices_to_check") or []
+        if case.get("status") == "ok" and slices:
+            listed = ", ".join(f"{s['index']} ({s['expected_error_voxels']:.0f})" for s in slices)
+            logger.info(
+                "%s: slices to check first along IJK axis %s (expected wrong voxels): %s",
+                case["case"],
+                case["slice_axis_ijk"],
+                listed,
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     sink = make_sink(args.progress)
-    stop = StopFlag()
+    stop = StopFlag(immediate=True)  # outputs are atomic: a signal stops at once
 
     def job() -> dict:
         from ..inference import predict_files
 
         config = config_from_args(args).validate()
-        result = predict_files(args.inputs, config, events=sink, should_stop=stop)
+        with locked_output_folder(config.out_dir, "predict"):
+            result = predict_files(args.inputs, config, events=sink, should_stop=stop)
+        log_slices_to_check(result.cases)
         return {"out_dir": str(result.out_dir), "summary": str(result.summary_path)}
 
     return run_job(sink, job, job_name="predict", stop=stop)

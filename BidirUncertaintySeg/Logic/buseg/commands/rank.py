@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_logging
+from .common import (
+    StopFlag,
+    add_common_arguments,
+    locked_output_folder,
+    make_sink,
+    non_negative_int,
+    run_job,
+    setup_logging,
+)
 from .predict import add_prediction_arguments, config_from_args
 
 
@@ -24,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--top-regions",
-        type=int,
+        type=non_negative_int,
         default=3,
         metavar="N",
         help="Regions listed per case in ranking.json (default: 3).",
@@ -41,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     sink = make_sink(args.progress)
-    stop = StopFlag()
+    stop = StopFlag(immediate=True)  # outputs are atomic: a signal stops at once
 
     def job() -> dict:
         from ..ranking import format_ranking, rank_files
@@ -50,15 +58,16 @@ def run(args: argparse.Namespace) -> int:
         if args.out_dir is None and not args.config:
             config.out_dir = str(Path("ranking").resolve())
         config.validate()
-        result = rank_files(
-            args.inputs,
-            config,
-            score_name=args.score,
-            top_regions=max(0, args.top_regions),
-            save_predictions=args.save_predictions,
-            events=sink,
-            should_stop=stop,
-        )
+        with locked_output_folder(config.out_dir, "rank"):
+            result = rank_files(
+                args.inputs,
+                config,
+                score_name=args.score,
+                top_regions=args.top_regions,
+                save_predictions=args.save_predictions,
+                events=sink,
+                should_stop=stop,
+            )
         # stdout carries the events with --progress jsonl; the table then goes to stderr.
         stream = sys.stderr if args.progress == "jsonl" else sys.stdout
         print(format_ranking(result.entries, args.score), file=stream, flush=True)
