@@ -275,6 +275,7 @@ def trained(tmp_path_factory):
     folders = write_dataset(root / "data", labeled=2, unlabeled=0, test=1, shape_zyx=(16, 48, 48), seed=3)
     config = TrainConfig()
     config.method.name = "supervised"
+    config.method.model_weights = "student"  # after 30 iterations the EMA teacher has barely moved
     config.data.labeled = str(folders["labeled"])
     config.model.patch_size = [48, 48]
     config.optim.iterations = 30
@@ -313,3 +314,88 @@ def test_mc_dropout_t1_is_one_noisy_pass_and_more_passes_converge(trained):
     many_a, many_b = run(8, 0).uncertainty_map, run(8, 1).uncertainty_map
     assert np.abs(many_a - many_b).mean() < 0.6 * np.abs(one_a - one_b).mean()
     assert not model.network.training and all(not m.training for m in model.network.modules())
+
+
+# --------------------------------------------------------------------------------------
+# Precision: bfloat16 autocast where the CPU runs it (BUSEG_CPU_BF16=1 opts in), float32 with --no-amp
+
+
+def _forward_pair(dimension: str):
+    """fp32 and bf16 logits of the full-width network (non-trivial BatchNorm statistics) on a fixed input."""
+    from buseg.inference import _forward_for, inference_network
+
+    torch.manual_seed(0)
+    network = build_network("unet2d" if dimension == "2d" else "vnet", in_channels=1, num_classes=4)
+    for module in network.modules():
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    fast = inference_network(network.eval(), dimension)
+    shape = (2, 1, 64, 64) if dimension == "2d" else (1, 1, 32, 32, 16)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        return _forward_for(fast, cpu, False, dimension)(x), _forward_for(fast, cpu, True, dimension)(x)
+
+
+@pytest.mark.parametrize("dimension", ["2d", "3d"])
+def test_bf16_forward_is_within_tolerance_of_fp32(dimension, monkeypatch):
+    """Stated tolerance: mean |bf16 - fp32| <= 1% and max <= 5% of the fp32 logits' std (measured 0.3%/1.3%
+    for the U-Net, 0.4%/2.6% for the V-Net); softmax within 5e-3. The logits come back float32."""
+    monkeypatch.setenv("BUSEG_CPU_BF16", "1")
+    fp32, bf16 = _forward_pair(dimension)
+    assert bf16.dtype == torch.float32
+    difference, scale = (fp32 - bf16).abs(), fp32.std()
+    assert difference.max() > 0, "bfloat16 did not run"
+    assert difference.mean() <= 0.01 * scale and difference.max() <= 0.05 * scale
+    assert (torch.softmax(fp32, 1) - torch.softmax(bf16, 1)).abs().max() <= 5e-3
+
+
+@pytest.mark.parametrize("dimension", ["2d", "3d"])
+@pytest.mark.parametrize("method", ["entropy", "mc-dropout", "tta"])
+def test_every_network_pass_runs_under_bf16_autocast(tmp_path, dimension, method, monkeypatch):
+    """2D slices, 3D windows, each MC-dropout and TTA pass: autocast on, bfloat16, when the CPU has it."""
+    monkeypatch.setenv("BUSEG_CPU_BF16", "1")
+    model = _untrained(tmp_path, dimension)
+    states = []
+    original = type(model.network).forward
+
+    def recording(self, x):
+        states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return original(self, x)
+
+    monkeypatch.setattr(type(model.network), "forward", recording)
+    predict_case(model, _image(), PredictConfig(uncertainty=method, samples=3, slice_batch_size=4))
+    passes = 1 if method == "entropy" else 3
+    assert len(states) >= passes * (3 if dimension == "2d" else 1)  # 9 slices in batches of 4: 3 batches
+    assert all(state == (True, torch.bfloat16) for state in states)
+    states.clear()
+    predict_case(model, _image(), PredictConfig(uncertainty=method, samples=3, amp=False))
+    assert states and not any(enabled for enabled, _ in states)
+
+
+@pytest.mark.parametrize(("method", "samples"), [("entropy", 1), ("mc-dropout", 6), ("tta", 4)])
+def test_bf16_uncertainty_maps_are_close_to_fp32(trained, method, samples, monkeypatch):
+    """Stated tolerance: labels agree on >= 99% of voxels, mean |uncertainty difference| <= 0.01 (0..1 scale),
+    and the maps are float32 with the same range."""
+    model, image, _ = trained
+    config = PredictConfig(uncertainty=method, samples=samples)
+    fp32 = predict_case(model, image, config)
+    monkeypatch.setenv("BUSEG_CPU_BF16", "1")
+    bf16 = predict_case(model, image, config)
+    assert bf16.uncertainty_map.dtype == np.float32
+    difference = np.abs(bf16.uncertainty_map - fp32.uncertainty_map)
+    assert 0 < difference.mean() <= 0.01
+    assert (bf16.labels == fp32.labels).mean() >= 0.99
+
+
+def test_no_amp_gives_the_float32_numbers_exactly(trained, monkeypatch):
+    model, image, _ = trained
+    config = PredictConfig(uncertainty="tta", samples=2, amp=False)
+    reference = predict_case(model, image, config)  # float32 CPU (the suite's default)
+    monkeypatch.setenv("BUSEG_CPU_BF16", "1")
+    no_amp = predict_case(model, image, config)
+    assert np.array_equal(no_amp.uncertainty_map, reference.uncertainty_map)
+    assert np.array_equal(no_amp.labels, reference.labels)
+    with_amp = predict_case(model, image, PredictConfig(uncertainty="tta", samples=2))
+    assert not np.array_equal(with_amp.uncertainty_map, reference.uncertainty_map)

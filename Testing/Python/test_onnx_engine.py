@@ -1,0 +1,246 @@
+"""The ONNX Runtime engine: same results as torch, which engine 'auto' picks and why, the export cache
+(beside the model, checked against the weights, never someone else's file), clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import buseg.onnx_engine as onnx_engine
+from buseg.checkpoint import LoadedModel, load_model, save_checkpoint
+from buseg.config import PredictConfig
+from buseg.errors import ConfigError, ModelFileError, OutputError
+from buseg.inference import predict_case, predict_files
+from buseg.io import Volume, write_image
+from buseg.networks import build_network
+from buseg.onnx_engine import ONNX_UNCERTAINTY, choose_engine
+
+CPU = torch.device("cpu")
+needs_onnxruntime = pytest.mark.skipif(
+    onnx_engine.onnxruntime_version() is None, reason="onnxruntime is not installed (the 'onnx' extra)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sessions(tmp_path, monkeypatch):
+    """No session carried over from another test; the user cache folder inside the test's folder."""
+    onnx_engine._SESSIONS.clear()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    yield
+    onnx_engine._SESSIONS.clear()
+
+
+def _model(folder, dimension="2d", seed=0) -> LoadedModel:
+    torch.manual_seed(seed)
+    name = "unet2d" if dimension == "2d" else "vnet"
+    network = build_network(name, in_channels=1, num_classes=4, base_channels=4)
+    for module in network.modules():  # running statistics as after training (folded into the convolutions)
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    metadata = {
+        "method": "supervised",
+        "dimension": dimension,
+        "normalization": "minmax",
+        "network": {"name": name, "in_channels": 1, "num_classes": 4, "base_channels": 4, "dropout": True},
+        "classes": [{"index": i, "name": f"c{i}", "label_value": i, "color": [0.5] * 3} for i in range(4)],
+        "patch_size": [32, 32] if dimension == "2d" else [32, 32, 16],
+        "slice_axis": 2,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.pt"
+    save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
+    return load_model(path)
+
+
+def _image(shape=(9, 40, 36)) -> Volume:
+    array = np.random.default_rng(0).normal(100.0, 20.0, shape).astype(np.float32)
+    array[2:7, 10:30, 8:28] += 80.0
+    return Volume(array, (0.9, 1.1, 3.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+
+
+def _count_exports(monkeypatch) -> list[int]:
+    calls = []
+    original = onnx_engine.export_onnx
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_engine, "export_onnx", counting)
+    return calls
+
+
+# --------------------------------------------------------------------------------------
+# Which engine
+
+
+def test_auto_picks_onnx_only_on_a_cpu_without_bf16_with_amp_and_a_supported_method(monkeypatch):
+    monkeypatch.setattr(onnx_engine, "onnxruntime_version", lambda: "1.0")
+    monkeypatch.setenv("BUSEG_ONNX", "1")
+    monkeypatch.setenv("BUSEG_CPU_BF16", "0")
+    for method in ONNX_UNCERTAINTY:
+        assert choose_engine("auto", CPU, method, True)[0] == "onnx"
+    engine, reason = choose_engine("auto", CPU, "mc-dropout", True)
+    assert engine == "torch" and "dropout" in reason
+    assert choose_engine("auto", CPU, "entropy", False) == (
+        "torch",
+        "auto: --no-amp runs the float32 torch reference",
+    )
+    assert choose_engine("auto", torch.device("cuda"), "entropy", True)[0] == "torch"
+    monkeypatch.setenv("BUSEG_ONNX", "0")
+    assert choose_engine("auto", CPU, "entropy", True)[0] == "torch"
+    monkeypatch.setenv("BUSEG_ONNX", "1")
+    monkeypatch.setenv("BUSEG_CPU_BF16", "1")
+    engine, reason = choose_engine("auto", CPU, "entropy", True)
+    assert engine == "torch" and "BUSEG_CPU_BF16=1" in reason
+    monkeypatch.setenv("BUSEG_CPU_BF16", "0")
+    monkeypatch.setattr(onnx_engine, "onnxruntime_version", lambda: None)
+    engine, reason = choose_engine("auto", CPU, "entropy", True)
+    assert engine == "torch" and "not installed" in reason
+    assert choose_engine("torch", CPU, "entropy", True)[0] == "torch"
+
+
+def test_engine_onnx_refuses_what_it_cannot_run_in_one_line(monkeypatch):
+    monkeypatch.setattr(onnx_engine, "onnxruntime_version", lambda: "1.0")
+    assert choose_engine("onnx", CPU, "tta", True)[0] == "onnx"
+    with pytest.raises(ConfigError, match="cannot run --uncertainty mc-dropout"):
+        choose_engine("onnx", CPU, "mc-dropout", True)
+    with pytest.raises(ConfigError, match="CPU only"):
+        choose_engine("onnx", torch.device("cuda"), "entropy", True)
+    monkeypatch.setattr(onnx_engine, "onnxruntime_version", lambda: None)
+    with pytest.raises(ConfigError, match="onnxruntime is not installed") as caught:
+        choose_engine("onnx", CPU, "entropy", True)
+    assert "\n" not in caught.value.message
+    with pytest.raises(ConfigError, match="--engine must be"):
+        PredictConfig(model_path="m.pt", engine="tensorrt").validate()
+
+
+# --------------------------------------------------------------------------------------
+# Same results as torch
+
+
+@needs_onnxruntime
+@pytest.mark.parametrize("dimension", ["2d", "3d"])
+@pytest.mark.parametrize("method", ONNX_UNCERTAINTY)
+def test_onnx_runtime_equals_torch(tmp_path, dimension, method):
+    """Probabilities within 1e-4 (float32 both; measured ~2e-7), labels equal, uncertainty within 1e-4."""
+    model = _model(tmp_path / "m", dimension)
+    image = _image()
+    config = {"uncertainty": method, "samples": 4, "slice_batch_size": 4}
+    ours = predict_case(model, image, PredictConfig(engine="onnx", **config), keep_probabilities=True)
+    reference = predict_case(model, image, PredictConfig(engine="torch", **config), keep_probabilities=True)
+    assert (ours.engine, reference.engine) == ("onnx", "torch")
+    assert np.abs(ours.probabilities - reference.probabilities).max() < 1e-4
+    assert np.abs(ours.uncertainty_map - reference.uncertainty_map).max() < 1e-4
+    assert np.array_equal(ours.labels, reference.labels)
+
+
+# --------------------------------------------------------------------------------------
+# The export cache
+
+
+@needs_onnxruntime
+def test_export_is_cached_beside_the_model_and_redone_when_the_weights_change(tmp_path, monkeypatch):
+    exports = _count_exports(monkeypatch)
+    model = _model(tmp_path / "m")
+    first = predict_case(model, _image(), PredictConfig(engine="onnx"))
+    cached, sidecar = tmp_path / "m" / "model.onnx", tmp_path / "m" / "model.onnx.json"
+    document = json.loads(sidecar.read_text())
+    assert cached.stat().st_size > 0 and document["weights_sha256"] == onnx_engine.weights_sha256(
+        model.network
+    )
+    assert len(exports) == 1
+    onnx_engine._SESSIONS.clear()  # as a new process: the file is read, not exported again
+    again = predict_case(load_model(tmp_path / "m" / "model.pt"), _image(), PredictConfig(engine="onnx"))
+    assert len(exports) == 1 and np.array_equal(again.uncertainty_map, first.uncertainty_map)
+    onnx_engine._SESSIONS.clear()
+    changed = _model(tmp_path / "m", seed=1)  # same file name, other weights
+    result = predict_case(changed, _image(), PredictConfig(engine="onnx"))
+    assert len(exports) == 2
+    assert json.loads(sidecar.read_text())["weights_sha256"] == onnx_engine.weights_sha256(changed.network)
+    reference = predict_case(changed, _image(), PredictConfig(engine="torch"))
+    assert np.abs(result.uncertainty_map - reference.uncertainty_map).max() < 1e-4
+
+
+@needs_onnxruntime
+def test_a_model_onnx_that_is_not_ours_is_never_replaced(tmp_path):
+    model = _model(tmp_path / "m")
+    theirs = tmp_path / "m" / "model.onnx"
+    theirs.write_bytes(b"the user's own file")
+    predict_case(model, _image(), PredictConfig(engine="onnx"))
+    assert theirs.read_bytes() == b"the user's own file"
+    assert not (tmp_path / "m" / "model.onnx.json").exists()
+    assert len(list((tmp_path / "user-cache" / "buseg" / "onnx").glob("*.onnx"))) == 1
+
+
+@needs_onnxruntime
+def test_no_writable_cache_still_predicts(tmp_path, monkeypatch):
+    import buseg.io
+
+    def refuse(path, data, *, overwrite=True):
+        raise OutputError("cannot write here: read-only file system", path=path)
+
+    monkeypatch.setattr(buseg.io, "write_bytes_atomic", refuse)
+    model = _model(tmp_path / "m")
+    prediction = predict_case(model, _image(), PredictConfig(engine="onnx"))
+    assert prediction.engine == "onnx"
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.pt"]
+    assert not (tmp_path / "user-cache").exists()
+
+
+@needs_onnxruntime
+def test_export_failure_is_a_one_line_error(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported: ONNX export of operator foo\nlong traceback text")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(ModelFileError, match="exporting the network to ONNX failed: Unsupported") as caught:
+        predict_case(_model(tmp_path / "m"), _image(), PredictConfig(engine="onnx"))
+    assert "\n" not in caught.value.message
+
+
+# --------------------------------------------------------------------------------------
+# What a run reports
+
+
+@needs_onnxruntime
+def test_predict_summary_names_the_engine_and_precision(tmp_path):
+    model = _model(tmp_path / "m")
+    image_path = tmp_path / "case.nii.gz"
+    write_image(_image(), image_path)
+    config = PredictConfig(model_path=model.path, out_dir=str(tmp_path / "out"), engine="onnx")
+    result = predict_files([image_path], config)
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["engine"] == "onnx" and summary["precision"].startswith("float32 ONNX Runtime")
+    assert summary["onnx_export"] == f"exported to {tmp_path / 'm' / 'model.onnx'}"
+    torch_config = PredictConfig(model_path=model.path, out_dir=str(tmp_path / "out2"), amp=False)
+    summary = json.loads(predict_files([image_path], torch_config).summary_path.read_text())
+    assert summary["engine"] == "torch" and summary["precision"].startswith(
+        "float32 (--no-amp), torch engine"
+    )
+
+
+def test_cli_engine_flag_for_predict_and_rank(tmp_path, capsys):
+    from buseg.cli import main
+
+    model = _model(tmp_path / "m")
+    image_path = tmp_path / "case.nii.gz"
+    write_image(_image(), image_path)
+    common = [str(image_path), "--model", model.path, "--progress", "jsonl"]
+    out = tmp_path / "refused"
+    assert (
+        main(["predict", *common, "--out", str(out), "--engine", "onnx", "--uncertainty", "mc-dropout"]) == 2
+    )
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    error = next(e for e in events if e["event"] == "error")
+    assert "cannot run --uncertainty mc-dropout" in error["message"] and "\n" not in error["message"]
+    assert not out.exists()  # refused before any output
+    if onnx_engine.onnxruntime_version() is None:
+        return
+    assert main(["rank", *common, "--out", str(tmp_path / "rank"), "--engine", "onnx"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "m" / "model.onnx.json").exists()  # rank ran the ONNX engine
