@@ -434,8 +434,9 @@ class PredictConfig:
         "uncertainty around a whole structure is cut into one region per slab of slices).",
     )
     region_extent_mm: float = opt(
-        0.0,
-        "Regions wider than this (mm) in the slice plane are cut into equal tiles no wider (0 = not cut).",
+        64.0,
+        "Regions wider than this (mm) in the slice plane are cut into equal tiles no wider (0 = not cut); "
+        "64 mm: about a quarter of a band around a heart (docs/benchmarks.md, review guidance).",
     )
     shape_flags: bool = opt(
         True,
@@ -474,8 +475,8 @@ class PredictConfig:
         "auto",
         "What runs the network: 'torch', or 'onnx' (ONNX Runtime, float32, CPU only; entropy and tta, not "
         "mc-dropout; the network is exported once to <model>.onnx beside the model file). 'auto': ONNX "
-        "Runtime on a CPU without native bfloat16 when it is installed (pip install 'buseg[onnx]'; about "
-        "1.9x faster than torch float32 there) and --amp is on, else torch.",
+        "Runtime on a CPU without native bfloat16 when it is installed (pip install 'buseg[onnx]'; faster "
+        "than torch float32 there) and --amp is on, else torch. See docs/inference.md.",
         choices=("auto", "torch", "onnx"),
     )
     overwrite: bool = opt(False, "Replace existing outputs of the same case (never done silently).")
@@ -582,10 +583,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "model.dimension": "3d",
         "model.working_spacing_mm": [1.25, 1.25, 1.25],
         "model.base_channels": 16,
-        "model.patch_size": [64, 64, 48],
+        "model.patch_size": [64, 64, 32],
         "optim.batch_size": 4,
         "optim.pretrain_iterations": 1000,
-        "optim.iterations": 2000,
+        "optim.iterations": 1000,
         "optim.lr_schedule": "poly",
         "validation_interval": 250,
     },
