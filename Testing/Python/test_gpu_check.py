@@ -231,6 +231,79 @@ def test_a_part_past_its_limit_is_killed_with_its_children():
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
 
 
+def test_targets_are_judged_on_a_full_run_and_shown_in_the_report():
+    data = {
+        "tiny": False,
+        "command": "x",
+        "started": "now",
+        "wall_seconds": 400.0,
+        "budget_seconds": 480.0,
+        "status": "complete",
+        "machine": {"card": "NVIDIA H100", "torch": "2.13", "cuda": "12.6"},
+        "data_root": "-",
+        "parts": {
+            "training": {
+                "title": "Training speed",
+                "status": "complete",
+                "runs": [
+                    {
+                        "dataset": "acdc",
+                        "method": "bcp",
+                        "label": "BCP",
+                        "setting": "s",
+                        "status": "complete",
+                        "projected_minutes": 10.0,
+                        "published_iterations": 30000,
+                    },
+                    {
+                        "dataset": "acdc",
+                        "method": "buarl",
+                        "label": "ours",
+                        "setting": "s",
+                        "status": "complete",
+                        "projected_minutes": 61.0,
+                        "published_iterations": 30000,
+                    },
+                ],
+            },
+            "inference": {
+                "title": "Inference speed",
+                "status": "complete",
+                "rows": [
+                    {
+                        "volume": "ACDC volume",
+                        "method": "entropy",
+                        "model_seconds_median": 0.04,
+                        "shape_xyz": "s",
+                        "data": "d",
+                        "status": "complete",
+                    },
+                    {
+                        "volume": "LA volume",
+                        "method": "entropy",
+                        "status": "not run: no time left",
+                        "shape_xyz": "s",
+                        "data": "d",
+                    },
+                ],
+            },
+        },
+    }
+    verdicts = gpu_check.target_verdicts(data)
+    assert [(v["measured"], v["met"]) for v in verdicts] == [
+        ("61.0 min", False),
+        ("40.0 ms", True),
+        ("not measured", None),
+    ]
+    data["targets"] = verdicts
+    markdown = gpu_check.markdown(data)
+    assert (
+        "## Targets (issue 17)" in markdown
+        and "| 61.0 min | no |" in markdown
+        and "| not measured | - |" in markdown
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "safe"),
     [
