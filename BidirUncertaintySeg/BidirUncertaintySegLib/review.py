@@ -255,6 +255,25 @@ def regionsToRois(
     return nodes
 
 
+def placeUnderStudy(scene: Any, referenceNode: Any, *nodes: Any) -> None:
+    """Put result nodes next to the volume they come from in the subject hierarchy (under its study,
+    where the Data module shows them together); nothing moves when the volume is not in a folder."""
+    shNode = _slicer().vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if shNode is None or referenceNode is None:
+        return
+    parent = shNode.GetItemParent(shNode.GetItemByDataNode(referenceNode))
+    if not parent or parent == shNode.GetSceneItemID():
+        return
+    for node in nodes:
+        if node is None:
+            continue
+        item = shNode.GetItemByDataNode(node)
+        if item:
+            shNode.SetItemParent(item, parent)
+        else:  # no subject hierarchy plugins (slicer-core) made an item for the new node
+            shNode.CreateItem(parent, node)
+
+
 def jumpToPosition(scene: Any, positionRas: Sequence[float], markupsLogic: Any = None) -> None:
     """Center every slice view on ``positionRas`` (the slices pass through it)."""
     x, y, z = (float(v) for v in positionRas)

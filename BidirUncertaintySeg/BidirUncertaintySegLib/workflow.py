@@ -626,6 +626,7 @@ class Workflow:
             )
         elif markups is not None:
             markups.RemoveAllControlPoints()
+        review.placeUnderStudy(self.scene, volumeNode, segmentation, uncertainty, table, markups)
         if show:
             review.showUncertaintyOverlay(
                 self.scene,

@@ -366,11 +366,18 @@ def test_the_work_folder_goes_after_the_import_and_the_slice_order_drives_next_s
     (tmp_path / "model.pt").write_bytes(b"m")
     store.setNodeReference("InputVolume", volume)
     store.set("modelPath", str(tmp_path / "model.pt"))
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient 1"), "CT study")
+    sh.CreateItem(study, volume)  # in Slicer the Data module's plugins make the items
     controller = controller_for(flow)
     job = controller.buttonClicked(presenter.SEGMENT)
     run_until_done(controller)
     assert job.succeeded, job.failureMessage()
     assert not job.outDir.exists() and job.outDir.parent == tmp_path / "work"
+    # The results sit under the input's study in the subject hierarchy, next to the volume.
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    for node in (job.value.segmentationNode, job.value.uncertaintyNode, job.value.regionsTable):
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
 
     assert flow.sliceReview().axisIjk == 2
     number, first = flow.jumpToNextSlice()
