@@ -167,14 +167,20 @@ def test_export_is_cached_beside_the_model_and_redone_when_the_weights_change(tm
 
 
 @needs_onnxruntime
-def test_a_model_onnx_that_is_not_ours_is_never_replaced(tmp_path):
+def test_a_model_onnx_that_is_not_ours_is_never_replaced(tmp_path, monkeypatch):
+    exports = _count_exports(monkeypatch)
     model = _model(tmp_path / "m")
     theirs = tmp_path / "m" / "model.onnx"
     theirs.write_bytes(b"the user's own file")
     predict_case(model, _image(), PredictConfig(engine="onnx"))
     assert theirs.read_bytes() == b"the user's own file"
     assert not (tmp_path / "m" / "model.onnx.json").exists()
-    assert len(list((tmp_path / "user-cache" / "buseg" / "onnx").glob("*.onnx"))) == 1
+    (cached,) = (tmp_path / "user-cache" / "buseg" / "onnx").glob("*.onnx")
+    # In the user cache folder every file is ours: one whose sidecar is gone (an interrupted run) is redone.
+    (cached.parent / (cached.name + ".json")).unlink()
+    onnx_engine._SESSIONS.clear()
+    predict_case(model, _image(), PredictConfig(engine="onnx"))
+    assert len(exports) == 2 and (cached.parent / (cached.name + ".json")).exists()
 
 
 @needs_onnxruntime

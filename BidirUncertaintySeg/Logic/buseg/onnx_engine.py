@@ -164,11 +164,13 @@ def _cached_export(place: Path, digest: str) -> bytes | None:
 def _store_export(place: Path, data: bytes, digest: str, model_path: str | Path | None) -> bool:
     """Write an export and its sidecar at ``place``; False (and nothing half-written) where that fails.
 
-    A file at ``place`` without our sidecar is someone else's and is never replaced.
+    A file beside the model without our sidecar is someone else's and is never replaced (in the user
+    cache folder every file is ours: one left without its sidecar by an interrupted run is replaced).
     """
     from .io import write_bytes_atomic, write_json_atomic
 
-    if place.exists() and _read_sidecar(place) is None:
+    ours = place.parent == user_cache_folder() or _read_sidecar(place) is not None
+    if place.exists() and not ours:
         return False
     document = {
         "schema": EXPORT_SCHEMA,
