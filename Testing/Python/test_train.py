@@ -77,6 +77,9 @@ def test_supervised_overfits_a_tiny_dataset(tmp_path):
     config.data.validation = str(tmp_path / "val")
     config.data.augment = False
     config.validation_interval = 50
+    # The fit of the network being trained: its EMA teacher (what the supervised baseline is scored
+    # with by default) averages the last ~100 of these 250 iterations and lags far behind here.
+    config.method.model_weights = "student"
     result = train(config)
     assert result.best_metric > 0.9
     model = load_model(result.model_path)
