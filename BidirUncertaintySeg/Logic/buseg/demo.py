@@ -251,6 +251,9 @@ def train_config(
     config.optim.pretrain_iterations = 0
     if run == SHARED_RUN:
         config.optim.iterations, config.optim.lr = plan.shared_iterations, plan.lr
+        # A pre-training: the branches start from the student, as after copy-paste pre-training (an
+        # EMA teacher of a run from scratch lags far behind it).
+        config.method.model_weights = "student"
     else:
         config.optim.iterations, config.optim.lr = plan.iterations, plan.branch_lr
         config.init_weights = str(init_weights)
