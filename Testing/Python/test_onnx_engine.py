@@ -250,3 +250,15 @@ def test_cli_engine_flag_for_predict_and_rank(tmp_path, capsys):
     assert main(["rank", *common, "--out", str(tmp_path / "rank"), "--engine", "onnx"]) == 0
     capsys.readouterr()
     assert (tmp_path / "m" / "model.onnx.json").exists()  # rank ran the ONNX engine
+
+
+def test_the_device_line_says_which_precision_and_engine_ran(tmp_path, capsys):
+    from buseg.cli import main
+
+    model = _model(tmp_path / "m")
+    image_path = tmp_path / "case.nii.gz"
+    write_image(_image(), image_path)
+    argv = [str(image_path), "--model", model.path, "--out", str(tmp_path / "out"), "--progress", "plain"]
+    assert main(["predict", *argv, "--no-amp"]) == 0
+    captured = capsys.readouterr()
+    assert "precision: float32 (--no-amp), torch engine (auto: --no-amp" in captured.out + captured.err

@@ -264,6 +264,8 @@ class TerminalSink(EventSink):
             self._write(
                 f"{event.get('job', 'job')} started on {event.get('device')} ({event.get('device_reason', '')})"
             )
+            if event.get("precision"):  # which arithmetic (and for prediction, engine) runs, and why
+                self._write(f"  precision: {event['precision']}")
             if self.bar_enabled and event.get("total"):
                 from tqdm import tqdm
 
