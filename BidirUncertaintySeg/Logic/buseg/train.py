@@ -236,7 +236,7 @@ def evaluate(
                 slice_axis=config.model.slice_axis,
                 device=device,
             )
-            prediction = probabilities.argmax(0).numpy()
+            prediction = case.to_case_grid(probabilities).argmax(0).numpy()
             per_class.append(dice_per_class(prediction, case.labels, data.num_classes))
     finally:
         network.train(was_training)
@@ -569,7 +569,9 @@ class Trainer:
             self.teacher.train(wanted_training)
         with torch.no_grad(), self._autocast():
             logits = self.teacher_call(self.layout(x))
-        return logits.float()
+        # float32 in the standard layout, in one copy: pseudo-labels take the argmax over classes,
+        # which is ~10x slower on channels-last (measured 225 ms for a 24x4x128x128 batch).
+        return logits.to(torch.float32, memory_format=torch.contiguous_format)
 
     def exported(self, stage: str) -> nn.Module:
         """The network that validation scores and model files hold (``method.model_weights``):
