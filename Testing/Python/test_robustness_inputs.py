@@ -135,8 +135,8 @@ def test_complex_images_are_refused_in_every_format(tmp_path, suffix):
 @pytest.mark.parametrize("mode", ["minmax", "zscore", "percentile"])
 def test_normalisation_near_the_float32_limit_does_not_overflow(mode):
     array = np.zeros((4, 8, 8), dtype=np.float32)
-    array[:2] = -3e38
-    array[2:] = 3e38
+    array[:1] = -3e38  # mean 1.5e38: x - mean and max - min both leave the float32 range
+    array[1:] = 3e38
     normalized = normalize_intensity(array, mode)
     assert np.isfinite(normalized).all()
     assert normalized[0, 0, 0] < normalized[3, 0, 0]  # the two halves stay apart
@@ -194,17 +194,39 @@ def test_a_second_prediction_into_a_busy_folder_refuses(tmp_path, model_2d):
 
 
 def test_two_predictions_at_once_never_mix_their_outputs(tmp_path, model_2d):
-    """Two real `buseg predict` processes into one folder: one refuses, the other's files stay whole."""
+    """Two real `buseg predict --overwrite` processes into one folder: the first is paused (SIGSTOP) while
+    it writes, the second starts then - it refuses, where it used to replace the first one's files."""
     inputs = tmp_path / "in"
-    for index in range(6):
+    for index in range(4):
         write_image(_case(index).image, inputs / f"c{index}.nrrd")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "buseg", "predict", str(inputs), "--model", str(model_2d)]
-    command += ["--out", str(out), "--progress", "none", "--num-threads", "1"]
-    runs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    codes, errors = zip(*[(r.wait(timeout=300), r.stderr.read()) for r in runs], strict=True)
-    assert sorted(codes) == [0, 2], errors
-    assert "is writing to this folder" in errors[codes.index(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "buseg",
+        "predict",
+        str(inputs),
+        "--model",
+        str(model_2d),
+        "--out",
+        str(out),
+    ]
+    command += ["--progress", "none", "--num-threads", "1", "--overwrite"]
+    first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (
+        not ((out / "buseg.lock").exists() or (out / "summary.json").exists()) and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert second.returncode == 2 and "is writing to this folder" in second.stderr, second.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["status"] for c in summary["cases"]] == ["ok"] * 4
 
 
 # --------------------------------------------------------------------------------------
@@ -268,6 +290,37 @@ def test_fifos_and_devices_named_like_images_are_refused_by_name(tmp_path, model
         assert "Traceback" not in caplog.text and f": is a {what}" in caplog.text, caplog.text
     with pytest.raises(ModelFileError, match="FIFO"):
         load_model(fifo)
+
+
+def test_file_names_that_are_not_utf8_are_read_and_unusable_output_folders_refused(tmp_path, model_2d):
+    # SimpleITK aborted the whole process (a C++ exception, exit 134, no message) on such a path:
+    # each run is a subprocess so that the test reports it instead of dying with it.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"case\xff.nrrd")
+    write_image(_case().image, tmp_path / "plain.nrrd")
+    os.replace(tmp_path / "plain.nrrd", raw)
+
+    def predict(out: bytes) -> subprocess.CompletedProcess:
+        command = [
+            sys.executable,
+            "-m",
+            "buseg",
+            "predict",
+            os.fsencode(folder),
+            "--model",
+            os.fsencode(model_2d),
+        ]
+        return subprocess.run(
+            [*command, "--out", out, "--progress", "plain"], capture_output=True, timeout=300
+        )
+
+    done = predict(os.fsencode(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["cases"][0]["status"] == "ok" and summary["cases"][0]["case"].startswith("case_")
+    refused = predict(os.path.join(os.fsencode(tmp_path), b"out\xff"))
+    assert refused.returncode == 2 and b"not valid UTF-8" in refused.stderr, refused.stderr[-2000:]
 
 
 def _deep_json(depth: int) -> str:

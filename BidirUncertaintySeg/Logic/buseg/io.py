@@ -104,9 +104,28 @@ def _windows_safe(text: str) -> str:
     return f"{text}_" if text.split(".")[0].lower() in WINDOWS_RESERVED else text
 
 
+def is_utf8(path: str | Path) -> bool:
+    """Whether a path is valid UTF-8 text (a name in another encoding holds surrogate escapes)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_utf8_output(path: str | Path) -> None:
+    if not is_utf8(path):
+        raise OutputError(
+            "the path is not valid UTF-8 text; the image library cannot write there (it would abort)",
+            path=path,
+            hint="choose an output folder whose name is plain text",
+        )
+
+
 def ensure_output_folder(folder: str | Path) -> Path:
     """Create ``folder`` if needed and check that files can be created in it, before any work is done."""
     folder = Path(folder)
+    _check_utf8_output(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".buseg-write-test.", dir=folder)
@@ -410,14 +429,23 @@ def _unambiguous(path: Path) -> Iterator[Path]:
 
     ITK's NIfTI library, asked for ``case.nii.gz``, reads ``case.nii`` instead when both lie in
     the same folder (it tries the uncompressed name first): another file's voxels, silently.
-    Such a file is read through a link of its own in a temporary folder.
+    And SimpleITK aborts the whole process (a C++ exception, no Python error) on a path that is
+    not valid UTF-8 (a file name in another encoding). Such a file is read through a link of its
+    own, with a plain name, in a temporary folder.
     """
     name = path.name
-    if not (name.lower().endswith(".nii.gz") and path.with_name(name[:-3]).exists()):
+    ambiguous = name.lower().endswith(".nii.gz") and path.with_name(name[:-3]).exists()
+    if is_utf8(path) and not ambiguous:
         yield path
         return
+    if image_suffix(path) in (".mhd", ".nhdr"):  # the header names a data file beside it: no link
+        raise InputError(
+            "its path is not valid UTF-8 text, which the image library cannot open",
+            path=path,
+            hint="rename the file (and its data file) or its folder",
+        )
     with tempfile.TemporaryDirectory(prefix="buseg-read-") as folder:
-        link = Path(folder) / "image.nii.gz"
+        link = Path(folder) / f"image{image_suffix(path)}"
         try:
             os.symlink(path.resolve(), link)
         except OSError:  # no symbolic links (Windows without the privilege): a copy
@@ -857,6 +885,7 @@ def write_image(
             path=path,
             hint="write NRRD or MetaImage, which hold this geometry (--output-format nrrd or mha)",
         )
+    _check_utf8_output(path)
     image = volume.to_sitk(array)
     with atomic_path(path, overwrite=overwrite) as temp:
         try:
