@@ -248,7 +248,9 @@ def test_cli_engine_flag_for_predict_and_rank(tmp_path, capsys):
     if onnx_engine.onnxruntime_version() is None:
         return
     assert main(["rank", *common, "--out", str(tmp_path / "rank"), "--engine", "onnx"]) == 0
-    capsys.readouterr()
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    started = next(e for e in events if e["event"] == "started")
+    assert started["engine"] == "onnx" and started["precision"].startswith("float32 ONNX Runtime")
     assert (tmp_path / "m" / "model.onnx.json").exists()  # rank ran the ONNX engine
 
 

@@ -45,6 +45,7 @@ from .events import EventSink
 from .inference import (
     Prediction,
     collect_images,
+    engine_info,
     iter_predictions,
     json_safe,
     load_for_prediction,
@@ -157,6 +158,7 @@ def rank_files(
                 hint="pass --overwrite to replace it, or choose another --out",
             )
     model, device, reason = load_for_prediction(config)
+    engine = engine_info(model, config, device)  # an ONNX export failure stops before any output
     ensure_output_folder(out_dir)  # before the first case is computed
     model_file = str(Path(config.model_path).resolve())
     sink.emit(
@@ -165,6 +167,7 @@ def rank_files(
         config={**to_dict(config), "score": score_name},
         device=str(device),
         device_reason=reason,
+        **engine,
         total=len(images),
         classes=[c["name"] for c in model.classes],
         buseg_version=__version__,
