@@ -121,6 +121,22 @@ def test_a_sheared_direction_is_never_written_as_nifti(tmp_path, model_2d):
     assert np.allclose(label.direction, image.direction, atol=1e-6)
 
 
+@pytest.mark.parametrize("qform_code", [0, 1])
+def test_a_sheared_nifti_sform_is_refused_not_replaced_by_the_qform(tmp_path, qform_code):
+    import struct
+
+    path = tmp_path / "sheared.nii"
+    write_image(_case().image, path)
+    header = bytearray(path.read_bytes())
+    for row, values in enumerate([(1.0, 0.5, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0)]):
+        header[280 + 16 * row : 296 + 16 * row] = struct.pack("<4f", *values)  # srow_x, srow_y, srow_z
+    header[252:256] = struct.pack("<2h", qform_code, 2)  # qform_code, sform_code (aligned)
+    path.write_bytes(bytes(header))
+    # With a qform, ITK read the qform instead (identity here) with a warning only: voxels elsewhere.
+    with pytest.raises(InputError, match=r"sform .* is sheared"):
+        read_image(path)
+
+
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
 def test_complex_images_are_refused_in_every_format(tmp_path, suffix):
     values = (np.random.default_rng(0).random((4, 6, 6)) * (1 + 1j)).astype(np.complex64)

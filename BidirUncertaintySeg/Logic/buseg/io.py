@@ -465,6 +465,10 @@ def _read_sitk(path: Path) -> sitk.Image:
             path=path,
             hint=f"supported: {', '.join((SEGMENTATION_SUFFIX, *IMAGE_SUFFIXES))}",
         )
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        sheared = _nifti_sform_problem(path)
+        if sheared:
+            raise InputError(sheared, path=path, hint="convert it to NRRD, which holds a sheared direction")
     header = read_image_header(path)
     _check_fits_in_memory(header)  # a corrupt or absurd header is refused before allocating
     if header.complex:
@@ -510,6 +514,45 @@ def _nifti_header(header: bytes) -> tuple[str, int, int, int, int] | None:
 
 
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+def _nifti_sform_problem(path: Path) -> str | None:
+    """Why a NIfTI file's sform cannot be read as it is (a sheared matrix), or None.
+
+    ITK holds only orthogonal directions: given a sheared sform it reads the qform instead with a
+    warning only (another geometry than other tools show: voxels millimetres away), or fails
+    with "no orthonormal definition". Refused here, saying why. Unparseable headers are left to ITK.
+    """
+    import gzip
+    import struct
+
+    try:
+        with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as handle:
+            head = handle.read(540)
+    except (OSError, EOFError):
+        return None
+    rows = None
+    for order in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:  # NIfTI-1
+            if struct.unpack(order + "h", head[254:256])[0] > 0:
+                rows = struct.unpack(order + "12f", head[280:328])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:  # NIfTI-2
+            if struct.unpack(order + "i", head[348:352])[0] > 0:
+                rows = struct.unpack(order + "12d", head[400:496])
+            break
+    if rows is None:
+        return None
+    matrix = np.asarray(rows, dtype=float).reshape(3, 4)[:, :3]
+    lengths = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(matrix)) or np.any(lengths == 0):
+        return "its sform (orientation matrix) is not finite or has a zero column"
+    if is_orthogonal(tuple((matrix / lengths).ravel())):
+        return None
+    return (
+        "its sform (the orientation most tools use) is sheared (non-orthogonal), which the image library "
+        "cannot hold: it would place the voxels elsewhere (reading the qform instead, with a warning only)"
+    )
 
 
 def _check_nifti_complete(path: Path) -> None:
