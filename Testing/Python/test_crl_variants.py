@@ -295,3 +295,33 @@ def test_supervised_is_scored_with_an_ema_teacher_like_every_method(tiny_dataset
     for key, value in model["weights"].items():
         assert torch.equal(value, state["teacher"][key]), key
     assert any(not torch.equal(v, state["student"][k]) for k, v in model["weights"].items())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"crl.weighting": "concentration"},
+        {"crl.weighting": "foreground"},
+        {"crl.weighting": "negative", "crl.uncertainty_after_cleanup": True},
+        {"url.selection": "random"},
+    ],
+)
+def test_each_variant_runs_in_the_training_loop(tiny_dataset, tmp_path, settings):
+    from buseg.events import ListSink
+    from buseg.train import train
+
+    config = TrainConfig()
+    config.method.name = "buarl"
+    config.data.labeled, config.data.unlabeled = str(tiny_dataset["labeled"]), str(tiny_dataset["unlabeled"])
+    config.model.patch_size = [48, 48]
+    config.optim.pretrain_iterations, config.optim.iterations, config.optim.batch_size = 2, 4, 4
+    config.validation_interval, config.checkpoint_interval, config.log_interval = 0, 1000, 2
+    config.out_dir = str(tmp_path / "run")
+    for key, value in settings.items():
+        section, name = key.split(".")
+        setattr(getattr(config, section), name, value)
+    sink = ListSink()
+    assert train(config, events=sink).status == "completed"
+    stats = [e["stats"] for e in sink.events if e["event"] == "progress" and e["stage"] == "train"][-1]
+    assert 0 < stats["crl_kept_fraction"] <= 1 and 0 <= stats["url_selected_fraction"] < 1
+    assert ("crl_cleanup_changed_fraction" in stats) == ("crl.uncertainty_after_cleanup" in settings)
