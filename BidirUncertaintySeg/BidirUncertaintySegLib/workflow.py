@@ -378,11 +378,49 @@ class Workflow:
         store = self.store or ParameterStore(self._scratchParameterNode())
         overrides = dict(overrides or {})
         fineTuneFrom = self._fineTuneModel(store, overrides)
+        if validationCount is None:
+            validationCount = 1 if store.get("holdOutValidation") else 0
+        requested = outDir
+        outDir, overwrite = self._runFolder(outDir, overwrite, fineTuneFrom)
+        inputs = outDir / INPUTS_FOLDER
+        try:
+            nodefiles.checkTrainingCases(list(labeled), list(unlabeled), validationCount)
+            config = buildTrainConfig(
+                store,
+                inputs / nodefiles.MANIFEST_NAME,
+                outDir,
+                hasValidation=bool(validationCount),
+                overrides=overrides,
+                initWeights=outDir / PREVIOUS_MODEL if fineTuneFrom is not None else None,
+            )
+            if config.method.name != "supervised" and not unlabeled:
+                raise ModuleError(
+                    f"Method '{config.method.name}' learns from unlabeled volumes too: add some, "
+                    "or choose the supervised method."
+                )
+        except ModuleError:
+            if requested is None and not overwrite:  # the new run-<date> folder: nothing left behind
+                with contextlib.suppress(OSError):
+                    outDir.rmdir()
+            raise
+        return TrainingPlan(
+            outDir,
+            inputs / CONFIG_NAME,
+            config,
+            list(labeled),
+            list(unlabeled),
+            validationCount,
+            overwrite,
+            fineTuneFrom,
+            modelClasses(fineTuneFrom) if fineTuneFrom is not None else [],
+        )
+
+    def _runFolder(
+        self, outDir: str | Path | None, overwrite: bool, fineTuneFrom: Path | None
+    ) -> tuple[Path, bool]:
+        """The training's folder and whether it may replace a previous training there."""
         if outDir is None and fineTuneFrom is not None and isRunFolder(fineTuneFrom.parent):
-            outDir, overwrite = (
-                fineTuneFrom.parent,
-                True,
-            )  # the loop's own folder: this round replaces its model
+            return fineTuneFrom.parent, True  # the loop's own folder: this round replaces its model
         outDir = Path(outDir) if outDir else timestampedFolder(self.context.runsFolder, "run")
         previous = [
             name
@@ -399,34 +437,7 @@ class Workflow:
             raise ModuleError(
                 f"{inputs} exists and was not written by this module; choose another output folder."
             )
-        if validationCount is None:
-            validationCount = 1 if store.get("holdOutValidation") else 0
-        nodefiles.checkTrainingCases(list(labeled), list(unlabeled), validationCount)
-        initWeights = outDir / PREVIOUS_MODEL if fineTuneFrom is not None else None
-        config = buildTrainConfig(
-            store,
-            inputs / nodefiles.MANIFEST_NAME,
-            outDir,
-            hasValidation=bool(validationCount),
-            overrides=overrides,
-            initWeights=initWeights,
-        )
-        if config.method.name != "supervised" and not unlabeled:
-            raise ModuleError(
-                f"Method '{config.method.name}' learns from unlabeled volumes too: add some, "
-                "or choose the supervised method."
-            )
-        return TrainingPlan(
-            outDir,
-            inputs / CONFIG_NAME,
-            config,
-            list(labeled),
-            list(unlabeled),
-            validationCount,
-            overwrite,
-            fineTuneFrom,
-            modelClasses(fineTuneFrom) if fineTuneFrom is not None else [],
-        )
+        return outDir, overwrite
 
     @staticmethod
     def _fineTuneModel(store: ParameterStore, overrides: dict[str, Any]) -> Path | None:

@@ -325,6 +325,19 @@ def test_a_second_training_exports_nothing_unchanged_and_fine_tunes_the_current_
     assert plan.config.optim.pretrain_iterations == store.get("pretrainIterations")
 
 
+def test_refused_inputs_leave_no_empty_run_folder(app, store, tmp_path):
+    flow = stub_flow(app, store, tmp_path)
+    volume = add_volume(app.scene, synthetic().image, "V")
+    store.set("patchSize", "64 x 64 x")
+    with pytest.raises(ModuleError, match="whole numbers"):
+        flow.prepareTraining(
+            [(volume, add_segmentation(app.scene, synthetic().label.array, volume, CLASS_NAMES))]
+        )
+    with pytest.raises(ModuleError, match="No labeled case"):
+        flow.prepareTraining([])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_fine_tuning_refuses_classes_the_current_model_does_not_know(app, store, tmp_path):
     cases, volumes = labeled_scene(app, store)
     flow = stub_flow(app, store, tmp_path)
