@@ -477,6 +477,29 @@ def test_counts_and_label_values_are_checked(tmp_path, model_2d, capsys):
     assert not (tmp_path / "eval" / "metrics.csv").exists()
 
 
+def test_numbers_that_are_not_finite_or_too_large_are_refused_by_flag(tmp_path, model_2d, caplog):
+    image = tmp_path / "a.nrrd"
+    write_image(_case().image, image)
+    predict = ["predict", str(image), "--model", str(model_2d), "--out", str(tmp_path / "o")]
+    for args, flag in (
+        (["--min-region-mm3", "nan"], "--min-region-mm3"),  # accepted before: every comparison false
+        (["--seed", str(10**20)], "--seed"),  # a traceback inside torch before
+    ):
+        caplog.clear()
+        assert _cli(*predict, *args) == 2, args
+        assert flag in caplog.text and "Traceback" not in caplog.text, caplog.text
+    labeled = _labeled_folder(tmp_path / "data", _case().image, _case().label)
+    caplog.clear()
+    train = ["train", "--labeled", str(labeled), "--method", "supervised", "--out", str(tmp_path / "run")]
+    assert _cli(*train, "--lr", "nan") == 2
+    assert "--lr must be a finite number" in caplog.text and not (tmp_path / "run").exists()
+    fifo = tmp_path / "pred" / "a.nii.gz"  # a prediction given as a file: a FIFO named like one
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="FIFO"):
+        evaluate_files([fifo], [image], tmp_path / "eval")
+
+
 def test_non_latin_case_names_stay_distinct(tmp_path):
     names = ["肝臓", "心臓", "сердце", "قلب", "🫀", "🫁", "a b", "a_b", "a?b"]
     folder = tmp_path / "in"

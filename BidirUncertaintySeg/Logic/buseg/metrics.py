@@ -227,7 +227,7 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
         path = Path(item)
         if not path.exists():
             raise InputError(f"{role} not found", path=path)
-        if path.is_file():
+        if not path.is_dir():  # a file, or a FIFO or device: refused by name when read
             if not image_suffix(path):
                 raise InputError(f"not a label map or segmentation file ({role})", path=path)
             add(path)

@@ -95,6 +95,33 @@ def label_value(text: str) -> int:
     return value
 
 
+def check_numbers(config: Any, prefix: str = "") -> None:
+    """Every number of a config (and of its sections) is finite and integers fit 64 bits.
+
+    A NaN threshold or learning rate does not fail: comparisons with it are simply false, and
+    the result is silently wrong (or a training diverges for hours); an integer beyond 64 bits
+    ends in a traceback deep inside torch. Both are refused here, naming the flag.
+    """
+    import dataclasses
+    import math
+
+    from ..config import _flag_for
+    from ..errors import ConfigError
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_numbers(value, prefix=f.name)
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, bool):
+                continue
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{_flag_for(prefix, f)} must be a finite number, got {item}")
+            if isinstance(item, int) and not -(2**63) <= item < 2**63:
+                raise ConfigError(f"{_flag_for(prefix, f)} is out of range (64-bit integers): {item}")
+
+
 def _rank() -> int:
     """torchrun's RANK (0 outside torchrun); read from the environment, without importing torch."""
     try:

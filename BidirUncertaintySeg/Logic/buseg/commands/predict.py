@@ -16,6 +16,7 @@ from ..io import read_json
 from .common import (
     StopFlag,
     add_common_arguments,
+    check_numbers,
     locked_output_folder,
     make_sink,
     run_job,
@@ -54,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> PredictConfig:
         data = read_json(path, what="prediction config file", error=ConfigError)
         config = from_dict(PredictConfig, data, where=str(path))
     config = apply_arguments(config, args)
+    check_numbers(config)
     if config.out_dir:
         # Absolute, so that the paths in events and outputs mean the same to the caller.
         config.out_dir = str(Path(config.out_dir).expanduser().resolve())

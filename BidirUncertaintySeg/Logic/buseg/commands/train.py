@@ -19,7 +19,7 @@ from ..config import (
     from_dict,
 )
 from ..errors import ConfigError
-from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_logging
+from .common import StopFlag, add_common_arguments, check_numbers, make_sink, run_job, setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=tuple(TRAIN_PRESETS),
         help="Named settings applied on top of --config; other flags override them. 'cpu-3d': 3D training "
-        "in under an hour on a 2-core CPU (1.25 mm working spacing, 64x64x32 patches, batch 4, 1000+1000 "
-        "iterations; docs/benchmarks.md).",
+        "in under an hour on a 2-core CPU (1.25 mm working spacing, 8 base channels, 64x64x32 patches, "
+        "batch 4, 1000+1000 iterations, float32; docs/benchmarks.md).",
     )
     parser.add_argument(
         "--resume",
@@ -61,7 +61,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         config = from_dict(TrainConfig, data, where=str(path))
     if getattr(args, "preset", None):
         config = apply_preset(config, args.preset)
-    return apply_arguments(config, args)
+    config = apply_arguments(config, args)
+    check_numbers(config)
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
