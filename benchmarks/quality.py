@@ -135,10 +135,18 @@ PRESETS = {
         labeled_count=8,
         extra={"lr_step_iterations": 2500},
     ),
-    # The engine's `--preset cpu-3d` (buseg/config.py TRAIN_PRESETS): run it with
-    # --set 'model.working_spacing_mm=[1.25, 1.25, 1.25]' (docs/benchmarks.md, LA).
+    # The engine's `--preset cpu-3d` (buseg/config.py TRAIN_PRESETS, float32): run it with --set
+    # 'model.working_spacing_mm=[1.25, 1.25, 1.25]' --set model.base_channels=8 (docs/benchmarks.md, LA).
     ("la", "cpu"): Preset(
-        "la", [64, 64, 32], 4, 1000, 1000, lr_schedule="poly", validation_interval=250, labeled_count=8
+        "la",
+        [64, 64, 32],
+        4,
+        1000,
+        1000,
+        lr_schedule="poly",
+        validation_interval=250,
+        labeled_count=8,
+        extra={"amp": False},
     ),
 }
 

@@ -220,14 +220,14 @@ def test_the_la_loader_honours_the_working_spacing(tmp_path):
 
 def test_a_preset_fills_the_config_and_explicit_flags_override_it():
     parser = build_parser()
-    args = parser.parse_args(["train", "--preset", "cpu-3d", "--labeled", "x", "--base-channels", "8"])
+    args = parser.parse_args(["train", "--preset", "cpu-3d", "--labeled", "x", "--base-channels", "16"])
     config = config_from_args(args)
     preset = TRAIN_PRESETS["cpu-3d"]
     assert config.model.dimension == "3d"
     assert config.model.working_spacing_mm == preset["model.working_spacing_mm"]
     assert config.model.patch_size == preset["model.patch_size"]
     assert config.optim.iterations == preset["optim.iterations"]
-    assert config.model.base_channels == 8 != preset["model.base_channels"]
+    assert config.model.base_channels == 16 != preset["model.base_channels"]
     assert config_from_args(parser.parse_args(["train", "--labeled", "x"])).model.working_spacing_mm == []
     # The console API and the Slicer module fill the same object.
     assert (

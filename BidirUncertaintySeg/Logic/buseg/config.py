@@ -579,15 +579,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # 3D training on a 2-core CPU in under an hour (docs/benchmarks.md, LA: what each setting gave).
+    # float32: bfloat16 autocast made the V-Net's gradients explode within 10 iterations on LA.
     "cpu-3d": {
         "model.dimension": "3d",
         "model.working_spacing_mm": [1.25, 1.25, 1.25],
-        "model.base_channels": 16,
+        "model.base_channels": 8,
         "model.patch_size": [64, 64, 32],
         "optim.batch_size": 4,
         "optim.pretrain_iterations": 1000,
         "optim.iterations": 1000,
         "optim.lr_schedule": "poly",
+        "optim.amp": False,
         "validation_interval": 250,
     },
 }
