@@ -619,6 +619,10 @@ def test_walk_through_segment_review_correct_add_fine_tune_resegment(app, store,
     assert store.nodeReference("RegionsTable").GetNumberOfRows() == len(result.regions)
     if result.regions:
         assert controller.stepRegion(1, -1) == 0
+    order = flow.sliceReview()  # the engine's slice review order came with the result
+    assert order is not None and order.axisIjk in (0, 1, 2)
+    if order.slices:
+        assert flow.jumpToNextSlice()[1] == order.slices[0]
     before = mean_dice(app, result.segmentationNode, volumes[1], cases[1].label.array)
     # Correct it (as in the Segment Editor) and add it to the labeled cases.
     correct(app, result.segmentationNode, volumes[1], cases[1].label.array)
