@@ -137,6 +137,30 @@ def test_a_sheared_nifti_sform_is_refused_not_replaced_by_the_qform(tmp_path, qf
         read_image(path)
 
 
+CORRUPT_GEOMETRY = {
+    "NaN origin (read as 0 before)": (
+        "Offset = 0 0 0",
+        "Offset = nan 0 0",
+        "'Offset' is not a finite number",
+    ),
+    "absurd spacing": ("ElementSpacing = 1 1 1", "ElementSpacing = 1e300 1 1", "not a positive size"),
+    "absurd origin": ("Offset = 0 0 0", "Offset = 1e12 0 0", "not a plausible position"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPT_GEOMETRY))
+def test_corrupt_geometry_in_a_header_is_refused_not_used(tmp_path, kind):
+    before, after, message = CORRUPT_GEOMETRY[kind]
+    path = _write_array(np.ones((4, 5, 6), np.float32), tmp_path / "a.mha")
+    header = path.read_bytes()
+    assert before.encode() in header
+    path.write_bytes(header.replace(before.encode(), after.encode()))
+    with pytest.raises(InputError, match=message):
+        read_image(path)
+    with pytest.raises(InputError, match=message):
+        read_label(path)
+
+
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
 def test_complex_images_are_refused_in_every_format(tmp_path, suffix):
     values = (np.random.default_rng(0).random((4, 6, 6)) * (1 + 1j)).astype(np.complex64)

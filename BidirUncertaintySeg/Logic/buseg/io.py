@@ -402,7 +402,10 @@ _GEOMETRY_ERRORS = (
         "its direction matrix is singular (an axis direction is zero, or two axes point the same way): "
         "the voxels have no position in space",
     ),
-    (r"Zero-valued spacing", "its voxel spacing is zero along an axis: the voxels have no size"),
+    (
+        r"Zero-valued spacing",
+        "its voxel spacing is zero, infinite or not a number along an axis: the voxels have no size",
+    ),
 )
 
 
@@ -455,6 +458,66 @@ def _unambiguous(path: Path) -> Iterator[Path]:
         yield link
 
 
+# Beyond these a header is corrupt, not a medical image: a 100 m voxel, a position a km away.
+MAX_SPACING_MM = 1e5
+MAX_ORIGIN_MM = 1e6
+# Geometry keys of the text headers (NRRD, MetaImage) whose values must be finite numbers.
+_GEOMETRY_KEYS = (
+    "space origin",
+    "space directions",
+    "spacings",
+    "offset",
+    "origin",
+    "position",
+    "elementspacing",
+    "transformmatrix",
+    "rotation",
+    "orientation",
+    "centerofrotation",
+)
+
+
+def _check_text_header_geometry(path: Path) -> None:
+    """Refuse a NRRD/MetaImage header whose geometry holds 'nan' or 'inf': ITK's MetaImage reader
+    reads such an origin as 0 without a word (voxels elsewhere)."""
+    import re
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(65536)
+    except OSError:
+        return
+    for raw in head.split(b"\n"):
+        line = raw.decode("latin-1").strip()
+        if not line or line.lower().startswith(("elementdatafile", "data file")):
+            break
+        key, sep, value = line.partition("=") if "=" in line.split(":")[0] else line.partition(":")
+        if sep and key.strip().lower() in _GEOMETRY_KEYS and re.search(r"(?i)\b(nan|inf|infinity)\b", value):
+            raise InputError(
+                f"its header's {key.strip()!r} is not a finite number: {value.strip()[:80]}",
+                path=path,
+            )
+
+
+def _check_geometry(volume: Volume, path: Path) -> None:
+    """Spacing, origin and direction that are finite and plausible (a corrupt header is refused, not used)."""
+    spacing = np.asarray(volume.spacing_mm, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > MAX_SPACING_MM):
+        raise InputError(
+            f"has the voxel spacing {format_numbers(spacing)} mm: not a positive size up to {MAX_SPACING_MM:g} mm "
+            "(a corrupt header?)",
+            path=path,
+        )
+    origin = np.asarray(volume.origin, dtype=float)
+    if not np.all(np.isfinite(origin)) or np.any(np.abs(origin) > MAX_ORIGIN_MM):
+        raise InputError(
+            f"has the origin {format_numbers(origin)} mm, not a plausible position (a corrupt header?)",
+            path=path,
+        )
+    if not np.all(np.isfinite(volume.direction)):
+        raise InputError("has a direction matrix that is not finite (a corrupt header?)", path=path)
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     problem = regular_file_problem(path)
     if problem is not None:
@@ -465,6 +528,8 @@ def _read_sitk(path: Path) -> sitk.Image:
             path=path,
             hint=f"supported: {', '.join((SEGMENTATION_SUFFIX, *IMAGE_SUFFIXES))}",
         )
+    if image_suffix(path) in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        _check_text_header_geometry(path)
     if image_suffix(path) in (".nii", ".nii.gz"):
         sheared = _nifti_sform_problem(path)
         if sheared:
@@ -710,6 +775,7 @@ def read_image(path: str | Path, *, allow_2d: bool = False) -> Volume:
     if dim not in (2, 3):
         raise InputError(f"has {dim} dimensions; 3D volumes are supported", path=path)
     volume = volume_from_sitk(image, str(path))
+    _check_geometry(volume, path)
     array = volume.array
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
@@ -746,6 +812,7 @@ def read_label(path: str | Path, *, allow_2d: bool = False) -> LabelVolume:
     if image.GetDimension() not in (2, 3) or (image.GetDimension() == 2 and not allow_2d):
         raise InputError(f"label map has {image.GetDimension()} dimensions; 3D is needed", path=path)
     volume = volume_from_sitk(image, str(path))
+    _check_geometry(volume, path)
     array = volume.array
     array = label_values_array(volume.array, path)
     return LabelVolume(array, volume.spacing_mm, volume.origin, volume.direction, str(path))
