@@ -565,7 +565,7 @@ def test_metadata_of_any_shape_are_refused_in_bounded_time(tmp_path, model_2d):
     # A pickled part too large to unpickle quickly is refused before unpickling.
     path = tmp_path / "large.pt"
     torch.save(
-        {"metadata": {**payload["metadata"], "notes": "x" * (20 * 2**20)}, "weights": payload["weights"]},
+        {"metadata": {**payload["metadata"], "notes": "x" * (40 * 2**20)}, "weights": payload["weights"]},
         path,
     )
     start = time.perf_counter()
