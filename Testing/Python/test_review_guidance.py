@@ -5,6 +5,7 @@ anatomy rule stops the job before any output."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -63,7 +64,10 @@ def _predict(tmp_path: Path, model: Path, images: Path, *extra: str) -> int:
 
 
 @pytest.mark.parametrize("slice_axis", [2, 0])
-def test_predict_writes_the_slice_order_and_reasons_along_the_models_slice_axis(tmp_path, data, slice_axis):
+def test_predict_writes_the_slice_order_and_reasons_along_the_models_slice_axis(
+    tmp_path, data, slice_axis, caplog
+):
+    caplog.set_level(logging.INFO, logger="buseg")
     model = _model(tmp_path, slice_axis)
     extra = ["--nesting", "cavity:wall", "--region-threshold", "0.2", "--min-region-mm3", "0"]
     assert _predict(tmp_path, model, data["test"], *extra) == 0
@@ -87,6 +91,9 @@ def test_predict_writes_the_slice_order_and_reasons_along_the_models_slice_axis(
     case = summary["cases"][0]
     assert case["slice_axis_ijk"] == slice_axis and case["slices_to_check"] == review["slices"][:3]
     assert summary["config"]["nesting"] == ["cavity:wall"]
+    first = review["slices"][0]
+    assert f"test_000: slices to check first along IJK axis {slice_axis}" in caplog.text
+    assert f": {first['index']} ({first['expected_error_voxels']:.0f})" in caplog.text
 
 
 def test_a_bad_nesting_rule_stops_before_any_output(tmp_path, data, caplog):
