@@ -15,8 +15,9 @@ region threshold):
 * ``mean-uncertainty`` = mean of u over the whole image (MONAI Label's epistemic score).
   Grows with the image's share of uncertain voxels, so it favours images whose anatomy fills
   a larger part of the field of view.
-* ``flagged-volume`` = sum of u x voxel volume over the voxels above the region threshold
-  (mm^3 of expected errors a reviewer would be shown): favours large images with much to fix.
+* ``flagged-volume`` = sum of the chance of an error x voxel volume over the flagged voxels:
+  u above the region threshold, or a shape flag's error rate (:mod:`buseg.shape_flags`; mm^3
+  of expected errors a reviewer would be shown): favours large images with much to fix.
 
 A model that finds nothing and doubts nothing gives 0 on every score. Ties are broken by
 case name. Measured with a tiny 2D model (Testing/Python/test_rank.py): images with more noise than
