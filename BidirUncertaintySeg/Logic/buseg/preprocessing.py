@@ -64,7 +64,14 @@ def _huge(x: np.ndarray) -> bool:
 
 
 def _affine(x: np.ndarray, offset: float, scale: float) -> np.ndarray:
-    """``(x - offset) / scale`` as float32, computed in float64 a slab at a time (bounded extra memory)."""
+    """``(x - offset) / scale`` as float32.
+
+    Ordinary images are computed in float32 exactly as before (the same values the existing
+    models were trained on); only images whose differences could overflow float32 go through
+    float64, a slab at a time (bounded extra memory).
+    """
+    if not _huge(x) and abs(scale) < 1e37:
+        return ((x - offset) / scale).astype(np.float32, copy=False)
     out = np.empty(x.shape, dtype=np.float32)
     flat_in, flat_out = x.reshape(-1), out.reshape(-1)
     step = 1 << 22  # 4 Mi voxels: 32 MiB of float64 at a time
