@@ -232,6 +232,9 @@ def _session(data: bytes, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No memory arena: it kept ~0.9 GB more than torch at the peak of a 512x512x300 prediction (3.26 vs
+    # 2.36 GB) and holds it after the run; without it the U-Net pass was 3-10% slower (measured).
+    options.enable_cpu_mem_arena = False
     options.log_severity_level = 3  # errors only: ORT's warnings are about its own graph rewrites
     try:
         return onnxruntime.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
