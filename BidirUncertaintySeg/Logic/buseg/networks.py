@@ -79,11 +79,28 @@ class UNet2D(nn.Module):
         return self.head(y)
 
 
+class Conv3dBf16Safe(nn.Conv3d):
+    """A Conv3d that computes in float32 where the CPU's bfloat16 weight gradient is wrong.
+
+    Measured with torch 2.13 (oneDNN) on the CPU: a 3x3x3 convolution of an input only 2 voxels
+    deep gives a bfloat16 weight gradient off by orders of magnitude, sometimes inf (a NaN loss
+    a few iterations later); depths 1 and 3 or more are right, as are 2D convolutions. A V-Net
+    meets it at a patch depth of 16 (2 voxels at the fourth level). Such layers are tiny, so
+    float32 there costs nothing measurable; the weights are the same parameters either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and 2 in x.shape[2:]:
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 def _conv_stage3d(stages: int, in_channels: int, out_channels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(stages):
         layers += [
-            nn.Conv3d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1),
+            Conv3dBf16Safe(in_channels if i == 0 else out_channels, out_channels, 3, padding=1),
             nn.BatchNorm3d(out_channels),
             nn.ReLU(inplace=True),
         ]
