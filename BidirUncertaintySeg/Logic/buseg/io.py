@@ -590,12 +590,13 @@ def _nifti_sform_problem(path: Path) -> str | None:
     """
     import gzip
     import struct
+    import zlib
 
     try:
         with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as handle:
             head = handle.read(540)
-    except (OSError, EOFError):
-        return None
+    except (OSError, EOFError, zlib.error):
+        return None  # a damaged file: the completeness check says so, naming the file
     rows = None
     for order in ("<", ">"):
         if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:  # NIfTI-1
