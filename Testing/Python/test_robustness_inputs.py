@@ -330,6 +330,9 @@ def test_fifos_and_devices_named_like_images_are_refused_by_name(tmp_path, model
         assert "Traceback" not in caplog.text and f": is a {what}" in caplog.text, caplog.text
     with pytest.raises(ModelFileError, match="FIFO"):
         load_model(fifo)
+    # A NUL character (possible in a manifest or a summary, never on the command line): ValueError before.
+    with pytest.raises(InputError, match="NUL character"):
+        read_label(tmp_path / "a\x00b.nrrd")
 
 
 def test_file_names_that_are_not_utf8_are_read_and_unusable_output_folders_refused(tmp_path, model_2d):

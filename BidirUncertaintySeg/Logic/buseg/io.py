@@ -161,6 +161,8 @@ def regular_file_problem(path: str | Path) -> str | None:
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
+    except ValueError:  # from a manifest or summary: no system accepts such a name
+        return "the path contains a NUL character"
     except OSError as exc:
         if exc.errno == errno.ENOENT and os.path.lexists(path):
             return "is a broken symbolic link (its target does not exist)"
