@@ -7,11 +7,13 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from buseg.config import TrainConfig
 from buseg.data import acdc_split, load_training_data
 from buseg.errors import InputError
 from buseg.io import Volume, read_image, read_label, write_image, write_segmentation
+from buseg.sampling import PatchSampler, SliceSampler
 from buseg.synthetic import make_case, rotation_direction
 
 
@@ -198,3 +200,17 @@ def test_acdc_and_la_layouts(tmp_path):
     data = load_training_data(config, log=lambda m: None)
     assert data.labeled_images[0].shape == (10, 20, 30)  # numpy (z, y, x)
     assert len(data.unlabeled_images) == 2 and [v.name for v in data.validation] == ["case4"]
+
+
+def test_samplers_keep_class_indices_above_255():
+    # uint8 storage would wrap class 300 to 44 (and 256 to background) without a word.
+    generator = torch.Generator().manual_seed(0)
+    volume = np.random.default_rng(0).random((4, 16, 16)).astype(np.float32)
+    labels = np.full((4, 16, 16), 300, dtype=np.int32)
+    labels[:, :8] = 256
+    for sampler in (
+        SliceSampler(list(volume), list(labels), (16, 16), augment=False),
+        PatchSampler([volume], [labels], (4, 16, 16), augment=False),
+    ):
+        _, targets = sampler.sample(2, generator)
+        assert set(torch.unique(targets).tolist()) == {256, 300}

@@ -28,6 +28,15 @@ def _randint(high: int, generator: torch.Generator, size: int = 1) -> torch.Tens
     return torch.randint(0, high, (size,), generator=generator)
 
 
+def _label_dtype(labels: Sequence[np.ndarray], *, numpy: bool = False) -> torch.dtype | type:
+    """uint8 for class indices up to 255 (a quarter of int32's memory), int32 beyond: a narrower
+    type would wrap class 256 around to background without a word."""
+    wide = any(np.asarray(lab).size and int(np.asarray(lab).max()) > 255 for lab in labels)
+    if numpy:
+        return np.int32 if wide else np.uint8
+    return torch.int32 if wide else torch.uint8
+
+
 class SliceSampler:
     """2D slices (all resized to ``size_hw`` up front) and their labels."""
 
@@ -64,7 +73,7 @@ class SliceSampler:
                     )
                     for lab in labels
                 ]
-            )[:, 0].to(torch.uint8)
+            )[:, 0].to(_label_dtype(labels))
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -131,7 +140,12 @@ class PatchSampler:
         self.augment = augment
         self.images = [torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for v in images]
         self.labels = (
-            [torch.from_numpy(np.ascontiguousarray(v).astype(np.uint8)) for v in labels] if labels else None
+            [
+                torch.from_numpy(np.ascontiguousarray(v).astype(_label_dtype(labels, numpy=True)))
+                for v in labels
+            ]
+            if labels
+            else None
         )
 
     def __len__(self) -> int:
