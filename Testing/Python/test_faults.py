@@ -536,7 +536,7 @@ def test_a_second_training_into_the_same_folder_refuses_while_the_first_runs(tin
             assert error["kind"] == "OutputError"
             assert f"another training (process {first.pid}) is writing to this folder" in error["message"]
         assert first.poll() is None  # the first one runs on, untouched
-        assert (out / "train.lock").read_text() == str(first.pid)
+        assert (out / "train.lock").read_text().splitlines()[0] == str(first.pid)
     finally:
         first.send_signal(signal.SIGTERM)
         rest, _ = first.communicate(timeout=60)

@@ -46,7 +46,7 @@ from .distributed import DistributedContext, init_distributed
 from .errors import BusegError, Cancelled, ConfigError, OutputError, ResourceError
 from .events import EventSink, split_logs
 from .inference import is_out_of_memory, predict_probabilities
-from .io import write_json_atomic
+from .io import FolderLock, write_json_atomic
 from .methods import Batch, Method, StepContext, build_method
 from .networks import build_network, channels_last_format, to_channels_last
 from .sampling import PatchSampler, SliceSampler
@@ -76,52 +76,8 @@ class TrainResult:
 # Output folder: lock and no silent overwrite
 
 
-class OutputLock:
-    """``train.lock`` in the output folder: a second training into the same folder refuses."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_NAME
-        self.held = False
-
-    def acquire(self) -> None:
-        import psutil
-
-        for _ in range(2):
-            try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and psutil.pid_exists(pid):
-                    raise OutputError(
-                        f"another training (process {pid}) is writing to this folder",
-                        path=self.path.parent,
-                        hint="wait for it, cancel it, or choose another --out folder",
-                    ) from None
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()  # stale lock of a process that is gone
-                continue
-            except OSError as exc:
-                raise OutputError(
-                    f"cannot write to the output folder: {exc.strerror}", path=self.path.parent
-                ) from None
-            with os.fdopen(handle, "w") as f:
-                f.write(str(os.getpid()))
-            self.held = True
-            return
-        raise OutputError("cannot take the training lock", path=self.path)
-
-    def release(self) -> None:
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            self.held = False
-
-
 def prepare_output_folder(
-    out_dir: Path, *, resume: bool, overwrite: bool, lock: OutputLock | None = None
+    out_dir: Path, *, resume: bool, overwrite: bool, lock: FolderLock | None = None
 ) -> None:
     """Create the folder, take its ``lock`` (a running training there is reported before anything
     else), refuse to replace a previous training, and remove temporary files that a killed
@@ -373,7 +329,7 @@ def train(
     dist = init_distributed(config.device)
     if not dist.is_main:
         sink = EventSink()  # only rank 0 reports (docs/worker-protocol.md, multi-GPU)
-    lock = OutputLock(out_dir)
+    lock = FolderLock(out_dir, name=LOCK_NAME, job="training")  # a second training here refuses
     if dist.is_main:
         prepare_output_folder(out_dir, resume=resume, overwrite=overwrite, lock=lock)
     try:
