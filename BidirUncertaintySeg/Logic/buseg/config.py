@@ -475,8 +475,8 @@ class PredictConfig:
         "auto",
         "What runs the network: 'torch', or 'onnx' (ONNX Runtime, float32, CPU only; entropy and tta, not "
         "mc-dropout; the network is exported once to <model>.onnx beside the model file). 'auto': ONNX "
-        "Runtime on a CPU without native bfloat16 when it is installed (pip install 'buseg[onnx]'; faster "
-        "than torch float32 there) and --amp is on, else torch. See docs/inference.md.",
+        "Runtime on a CPU without native bfloat16 when it is installed (pip install 'buseg[onnx]') and "
+        "--amp is on, else torch. Speeds per engine: docs/inference.md.",
         choices=("auto", "torch", "onnx"),
     )
     overwrite: bool = opt(False, "Replace existing outputs of the same case (never done silently).")

@@ -1,9 +1,10 @@
 """ONNX Runtime as the inference engine on CPUs without native bfloat16.
 
-On such a CPU torch runs float32, and ONNX Runtime runs the same float32 network faster (measured
-1.2x for the 2D U-Net and 1.6x for the 3D V-Net: benchmarks/results/inference_speed.md). Where the
-CPU has bfloat16, torch's bfloat16 autocast is faster still (1.8-2.9x), so ONNX Runtime is only
-chosen automatically on the others.
+On such a CPU torch runs float32, and ONNX Runtime runs the same float32 network - measured on a
+shared CPU: 1.1-2.2x faster for the 3D V-Net, but 0.7-1.2x for the 2D U-Net, whose torch path
+already folds BatchNorm and runs channels-last (benchmarks/results/inference_speed.md). Where the
+CPU has bfloat16, torch's bfloat16 autocast is faster (1.6-2.9x), so ONNX Runtime is only chosen
+automatically on the others.
 
 * **Which engine** (:func:`choose_engine`): ``--engine torch`` or ``onnx`` as asked;
   ``auto`` takes ONNX Runtime when it is installed, the device is the CPU, the CPU has no
