@@ -146,7 +146,8 @@ PRESETS = {
         lr_schedule="poly",
         validation_interval=250,
         labeled_count=8,
-        extra={"amp": False},
+        # The 3D CPU preset (buseg train --preset cpu-3d): 1.25 mm working grid, 8 base channels.
+        extra={"amp": False, "model.working_spacing_mm": [1.25, 1.25, 1.25], "model.base_channels": 8},
     ),
 }
 
@@ -175,8 +176,8 @@ def base_config(
     c.optim.lr = preset.lr
     c.optim.self_training_lr = preset.self_training_lr
     c.optim.lr_schedule = preset.lr_schedule
-    for key, value in preset.extra.items():
-        setattr(c.optim, key, value)
+    for key, value in preset.extra.items():  # "section.field", or an optim field by its name
+        _set_option(c, key if "." in key else f"optim.{key}", value)
     c.method.name = method
     c.url.enabled, c.crl.enabled = url, crl
     for key, value in settings.items():
@@ -247,6 +248,7 @@ def predict_case(model_path: Path, case: ValidationCase, device: str) -> tuple[n
         slice_axis=model.slice_axis,
         device=device,
     )
+    probabilities = case.to_case_grid(probabilities)  # from a working grid back to the labels' own
     return probabilities.argmax(0).numpy(), normalized_entropy(probabilities[None])[0].numpy()
 
 

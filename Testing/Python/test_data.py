@@ -200,6 +200,11 @@ def test_acdc_and_la_layouts(tmp_path):
     data = load_training_data(config, log=lambda m: None)
     assert data.labeled_images[0].shape == (10, 20, 30)  # numpy (z, y, x)
     assert len(data.unlabeled_images) == 2 and [v.name for v in data.validation] == ["case4"]
+    # Z-scored as the model file says (data.normalization) and as prediction does: the stored
+    # values (uniform 0..1 here, mean 0.5) are not what `buseg predict` would feed the network.
+    assert data.normalization == "zscore"
+    for volume in [*data.labeled_images, *data.unlabeled_images, data.validation[0].image]:
+        assert abs(float(volume.mean())) < 1e-4 and abs(float(volume.std()) - 1) < 1e-3
 
 
 def test_samplers_keep_class_indices_above_255():

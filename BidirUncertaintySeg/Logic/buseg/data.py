@@ -765,9 +765,12 @@ def load_acdc(config: TrainConfig, log: Log = print) -> TrainingData:
 def _la_volume(root: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
     path = root / "volumes" / case / "mri_norm2.h5"
     image, label = _h5(path, "image", "label")
-    # The HDF5 arrays are indexed (x, y, z); the engine uses numpy order (z, y, x).
+    # The HDF5 arrays are indexed (x, y, z); the engine uses numpy order (z, y, x). The stored values
+    # were z-scored before the volumes were cropped (mean about 1.4, sd 1.5 now): z-score them again,
+    # as the model file says and as prediction does, so that the network sees at training what it
+    # will see in `buseg predict`.
     return (
-        np.ascontiguousarray(image.transpose(2, 1, 0)).astype(np.float32),
+        normalize_intensity(np.ascontiguousarray(image.transpose(2, 1, 0)), "zscore"),
         _class_indices(np.ascontiguousarray(label.transpose(2, 1, 0)), 1, path),
     )
 
