@@ -333,7 +333,7 @@ def train(
     if dist.is_main:
         prepare_output_folder(out_dir, resume=resume, overwrite=overwrite, lock=lock)
     try:
-        return _train(config, sink, stored, should_stop or (lambda: False), data, dist)
+        return Trainer(config, sink, stored, should_stop or (lambda: False), data, dist).run()
     except (RuntimeError, MemoryError) as exc:  # torch's OutOfMemoryError is a RuntimeError
         if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
             raise
@@ -352,17 +352,6 @@ def train(
         if dist.is_main:
             lock.release()
         dist.shutdown()
-
-
-def _train(
-    config: TrainConfig,
-    sink: EventSink,
-    stored: dict | None,
-    should_stop: Callable[[], bool],
-    data: TrainingData | None,
-    dist: DistributedContext,
-) -> TrainResult:
-    return Trainer(config, sink, stored, should_stop, data, dist).run()
 
 
 @dataclass
