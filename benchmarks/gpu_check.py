@@ -214,7 +214,15 @@ def run_limited(argv: list[str], limit_s: float, env: dict[str, str]) -> tuple[i
         code: int | None = process.returncode
     except subprocess.TimeoutExpired:
         kill_group(process.pid)
-        stdout, stderr = process.communicate()
+        try:
+            stdout, stderr = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            # A descendant that left the group (torchrun's workers can) still holds the pipes:
+            # stop waiting for its output rather than hang the whole check.
+            for stream in (process.stdout, process.stderr):
+                with contextlib.suppress(OSError):
+                    stream.close()
+            stdout, stderr = "", ""
         code = None
     finally:
         RUNNING_GROUPS.discard(process.pid)
@@ -226,8 +234,19 @@ RUNNING_GROUPS: set[int] = set()
 
 
 def kill_group(group: int) -> None:
+    """Kill the process group ``group`` and every descendant of its leader, including those that
+    started a session of their own (they would hold the output pipes open)."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(group).children(recursive=True)
+    except psutil.Error:
+        descendants = []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def clean_env() -> dict[str, str]:
