@@ -72,7 +72,7 @@ from .onnx_engine import choose_engine, engine_description, load_session, sessio
 from .preprocessing import normalize_intensity, resize_slices
 from .regions import RegionSet, find_regions, regions_document, review_slice_axis
 from .shape_flags import parse_nesting_rules, shape_flag_map
-from .uncertainty import mc_dropout_probabilities, normalized_entropy
+from .uncertainty import class_argmax, mc_dropout_probabilities, normalized_entropy
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
@@ -472,21 +472,6 @@ def inference_network(network: nn.Module, dimension: str) -> nn.Module:
     if dimension == "2d":
         fast = fast.to(memory_format=torch.channels_last)
     return fast
-
-
-def class_argmax(probabilities: torch.Tensor, dtype: torch.dtype = torch.int16) -> torch.Tensor:
-    """``probabilities.argmax(1)`` (first maximum wins), as a running maximum over the few classes.
-
-    torch's argmax over a short, strided class axis is ~8x slower on the CPU than these
-    element-wise passes (120 ms vs 15 ms for 10 x 4 x 256 x 224).
-    """
-    best = probabilities[:, 0].clone()
-    labels = torch.zeros(best.shape, dtype=dtype, device=probabilities.device)
-    for index in range(1, probabilities.shape[1]):
-        candidate = probabilities[:, index]
-        labels[candidate > best] = index
-        torch.maximum(best, candidate, out=best)
-    return labels
 
 
 def network_device(network: nn.Module) -> torch.device:

@@ -192,8 +192,7 @@ def maps_on_grid(
     slices at a time; the label map and entropy are computed on the slab."""
     import torch
 
-    from .inference import class_argmax
-    from .uncertainty import normalized_entropy
+    from .uncertainty import class_argmax, normalized_entropy
 
     num_classes = probabilities.shape[0]
     class_images = [source.image(p.astype(np.float32, copy=False)) for p in probabilities]

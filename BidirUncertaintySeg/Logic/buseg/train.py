@@ -50,6 +50,7 @@ from .io import FolderLock, write_json_atomic
 from .methods import Batch, Method, StepContext, build_method
 from .networks import build_network, channels_last_format, to_channels_last
 from .sampling import PatchSampler, SliceSampler
+from .uncertainty import class_argmax
 
 logger = logging.getLogger("buseg")
 
@@ -192,7 +193,7 @@ def evaluate(
                 slice_axis=config.model.slice_axis,
                 device=device,
             )
-            prediction = case.to_case_grid(probabilities).argmax(0).numpy()
+            prediction = class_argmax(case.to_case_grid(probabilities)[None], torch.int64)[0].numpy()
             per_class.append(dice_per_class(prediction, case.labels, data.num_classes))
     finally:
         network.train(was_training)

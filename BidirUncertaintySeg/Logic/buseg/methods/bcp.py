@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from ..copy_paste import box_mask, largest_component_per_class, mix
 from ..losses import negative_loss, one_hot, region_loss
+from ..uncertainty import class_argmax
 from .base import Batch, Method, StepContext, StepOutput
 
 
@@ -102,7 +103,7 @@ class BidirectionalCopyPaste(Method):
         ua, ub = unlabeled[:half], unlabeled[half : 2 * half]
         teacher_input = torch.cat([ua, ub, la, lb] if self.teacher_sees_labeled() else [ua, ub])
         probabilities = self.teacher_probabilities(ctx, teacher_input)
-        argmax = probabilities[: 2 * half].argmax(dim=1)
+        argmax = class_argmax(probabilities[: 2 * half], torch.int64)
         pseudo = argmax
         if self.config.method.pseudo_label_lcc:
             pseudo = largest_component_per_class(argmax, self.num_classes)
