@@ -124,7 +124,21 @@ def test_invalid_config_is_refused_with_the_option_named(tiny_dataset, tmp_path)
     config.model.patch_size = [50, 48]
     with pytest.raises(ConfigError, match="patch-size"):
         train(config)
+    config = _config(tiny_dataset, tmp_path / "run", "supervised")
+    config.log_interval = 0
+    with pytest.raises(ConfigError, match="log-interval"):
+        train(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_interval_zero_saves_only_at_the_end(tiny_dataset, tmp_path):
+    """0 means no periodic checkpoint (it used to divide by zero at the first iteration)."""
+    config = _config(tiny_dataset, tmp_path / "run", "supervised", iterations=6, pretrain=0)
+    config.checkpoint_interval = 0
+    sink = ListSink()
+    assert train(config, events=sink).status == "completed"
+    assert (tmp_path / "run" / "model.pt").exists()
+    assert not [e for e in sink.events if e["event"] == "checkpoint" and e.get("iteration", 0) < 6]
 
 
 def test_buseg_train_command_end_to_end(tiny_dataset, tmp_path, capsys):

@@ -334,7 +334,9 @@ class TrainConfig:
     device: str = opt("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.")
     num_threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
     validation_interval: int = opt(200, "Iterations between validations (needs validation data; 0 = never).")
-    checkpoint_interval: int = opt(500, "Iterations between resumable checkpoints (last.pt).")
+    checkpoint_interval: int = opt(
+        500, "Iterations between resumable checkpoints (last.pt; 0 = only when cancelled)."
+    )
     log_interval: int = opt(10, "Iterations between progress events/log lines.")
 
     def validate(self) -> TrainConfig:
@@ -392,6 +394,11 @@ class TrainConfig:
             )
         if self.uncertainty.samples < 1:
             raise ConfigError("--uncertainty-samples must be at least 1")
+        if self.validation_interval < 0 or self.checkpoint_interval < 0 or self.log_interval < 1:
+            raise ConfigError(
+                "--validation-interval and --checkpoint-interval must not be negative (0 = never), "
+                "--log-interval must be at least 1"
+            )
         if self.data.source == "files" and not self.data.labeled:
             raise ConfigError("--labeled is required (a folder or a manifest of labeled images)")
         if self.data.source in ("acdc", "la") and not self.data.data_root:

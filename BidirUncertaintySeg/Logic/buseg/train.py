@@ -560,7 +560,8 @@ class Trainer:
             if self._validation_due(done) and self.validate(done, stage) is not None:
                 window.start_seconds = time.perf_counter()  # validation time is not training speed
             stop = done < self.total and self.dist.any(self.should_stop())  # every rank stops together
-            if (done % self.config.checkpoint_interval == 0 and done != self.total) or stop:
+            interval = self.config.checkpoint_interval
+            if (interval and done % interval == 0 and done != self.total) or stop:
                 self.save_last(done)
             if stop:
                 raise _cancelled(
