@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,193 +210,222 @@ def _history(path: str) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: str) -> Path:
-    """Draw ``report.png`` (see the module docstring) for test ``case``; returns its path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+@dataclass
+class _CaseView:
+    """What the slice panels show of one test volume: image, truth, both models' outputs, flagged regions."""
 
-    from .io import read_image, read_label
+    image: np.ndarray
+    truth: np.ndarray
+    cases: dict[str, dict[str, Any]]  # method -> _load_case
+    classes: list[dict[str, Any]]  # the foreground classes
+    colors: dict[int, tuple[float, ...]]  # label value -> color
+    region_masks: list[tuple[int, np.ndarray]]
+    slices: list[tuple[int, str]]
+    aspect: float
+    window: tuple[float, float]  # intensities shown from black to white
 
-    image_volume = read_image(out_dir / "data" / "test" / "images" / f"{case}.nii.gz")
-    image = image_volume.array
-    truth = read_label(out_dir / "data" / "test" / "labels" / f"{case}.nii.gz").array
-    methods = comparison["methods"]
-    cases = {m: _load_case(out_dir, m, case) for m in methods}
-    ours = cases["buarl"]
-    classes = [c for c in ours["classes"] if c["index"] > 0]
-    colors = {int(c["label_value"]): tuple(c["color"]) for c in classes}
-    values = list(colors)
-    regions = ours["regions"]["regions"]
-    region_masks = _listed_region_masks(ours["uncertainty"], regions[:OUTLINED_REGIONS], ours["threshold"])
-    slices = choose_slices(truth, ours["labels"], regions)
-    spacing = image_volume.spacing_mm
-    aspect = spacing[1] / spacing[0]  # rows are y, columns x
-    low, high = np.percentile(image, [0.5, 99.5])
+    @classmethod
+    def load(cls, comparison: dict[str, Any], out_dir: Path, case: str) -> _CaseView:
+        from .io import read_image, read_label
 
-    figure = Figure(figsize=(15, 12), dpi=100, facecolor="white")
-    FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(
-        4,
-        5,
-        height_ratios=[1, 1, 0.12, 1.05],
-        hspace=0.2,
-        wspace=0.05,
-        left=0.045,
-        right=0.94,
-        top=0.865,
-        bottom=0.05,
-    )
-    figure.text(
-        0.045,
-        0.965,
-        "buseg demo: semi-supervised segmentation with voxel-wise uncertainty",
-        fontsize=16,
-        fontweight="bold",
-        ha="left",
-    )
-    plan = comparison["plan"]
-    ours_training = methods["buarl"]["training"]
-    figure.text(
-        0.045,
-        0.937,
-        f"Synthetic 3D volumes with known truth; test volume {case} was never seen in training. Both models: "
-        f"2D U-Net, {ours_training['iterations']} iterations of batch {ours_training['batch_size']} "
-        f"(plan '{plan}', seed {comparison['seed']}), the first {comparison['shared']['iterations']} shared.\n"
-        "Then ours learns from the labeled and the unlabeled volumes (copy-paste self-training with "
-        "uncertainty-aware region learning); the supervised baseline from the labeled volumes only.",
-        fontsize=10.5,
-        color="#333333",
-        ha="left",
-        va="top",
-        linespacing=1.5,
-    )
+        image_volume = read_image(out_dir / "data" / "test" / "images" / f"{case}.nii.gz")
+        image = image_volume.array
+        truth = read_label(out_dir / "data" / "test" / "labels" / f"{case}.nii.gz").array
+        cases = {m: _load_case(out_dir, m, case) for m in comparison["methods"]}
+        ours = cases["buarl"]
+        classes = [c for c in ours["classes"] if c["index"] > 0]
+        regions = ours["regions"]["regions"]
+        spacing = image_volume.spacing_mm
+        low, high = np.percentile(image, [0.5, 99.5])
+        return cls(
+            image=image,
+            truth=truth,
+            cases=cases,
+            classes=classes,
+            colors={int(c["label_value"]): tuple(c["color"]) for c in classes},
+            region_masks=_listed_region_masks(
+                ours["uncertainty"], regions[:OUTLINED_REGIONS], ours["threshold"]
+            ),
+            slices=choose_slices(truth, ours["labels"], regions),
+            aspect=spacing[1] / spacing[0],  # rows are y, columns x
+            window=(low, high),
+        )
 
-    titles = [
-        "Image",
-        "Ground truth",
-        f"Supervised (volume Dice {_pct(_dice(cases['supervised']['labels'], truth, values))}%)",
-        f"Ours (volume Dice {_pct(_dice(ours['labels'], truth, values))}%)",
-        "Ours: uncertainty, flagged regions",
-    ]
-    heat = None
-    for row, (k, why) in enumerate(slices):
-        shown = np.clip((image[k] - low) / max(high - low, 1e-6), 0, 1)
-        panels = [None, truth[k], cases["supervised"]["labels"][k], ours["labels"][k]]
+    @property
+    def ours(self) -> dict[str, Any]:
+        return self.cases["buarl"]
+
+    @property
+    def supervised(self) -> dict[str, Any]:
+        return self.cases["supervised"]
+
+    def shown(self, k: int) -> np.ndarray:
+        """Axial slice ``k`` of the image, windowed to 0..1."""
+        low, high = self.window
+        return np.clip((self.image[k] - low) / max(high - low, 1e-6), 0, 1)
+
+    def column_titles(self) -> list[str]:
+        values = list(self.colors)
+        return [
+            "Image",
+            "Ground truth",
+            f"Supervised (volume Dice {_pct(_dice(self.supervised['labels'], self.truth, values))}%)",
+            f"Ours (volume Dice {_pct(_dice(self.ours['labels'], self.truth, values))}%)",
+            "Ours: uncertainty, flagged regions",
+        ]
+
+
+class _ReportFigure:
+    """``report.png``, drawn part by part from the top: heading, slice rows, legend, curves and table."""
+
+    def __init__(self, comparison: dict[str, Any], view: _CaseView, case: str) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.comparison = comparison
+        self.view = view
+        self.case = case
+        self.figure = Figure(figsize=(15, 12), dpi=100, facecolor="white")
+        FigureCanvasAgg(self.figure)
+        self.grid = self.figure.add_gridspec(
+            4,
+            5,
+            height_ratios=[1, 1, 0.12, 1.05],
+            hspace=0.2,
+            wspace=0.05,
+            left=0.045,
+            right=0.94,
+            top=0.865,
+            bottom=0.05,
+        )
+
+    def draw(self) -> None:
+        self._heading()
+        titles = self.view.column_titles()
+        for row, (k, why) in enumerate(self.view.slices):
+            self._slice_row(row, k, why, titles if row == 0 else None)
+        self._legend()
+        bottom = self.grid[3, :].subgridspec(1, 3, width_ratios=[1.55, 1.0, 1.75], wspace=0.22)
+        curves = self.figure.add_subplot(bottom[0])
+        losses = self.figure.add_subplot(bottom[1])
+        _draw_training_curves(curves, losses, self.comparison)
+        _draw_metric_table(self.figure.add_subplot(bottom[2]), self.comparison)
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path, overwrite=True) as temp:
+            self.figure.savefig(temp, format="png", dpi=100, facecolor="white")
+
+    def _heading(self) -> None:
+        comparison = self.comparison
+        self.figure.text(
+            0.045,
+            0.965,
+            "buseg demo: semi-supervised segmentation with voxel-wise uncertainty",
+            fontsize=16,
+            fontweight="bold",
+            ha="left",
+        )
+        ours_training = comparison["methods"]["buarl"]["training"]
+        self.figure.text(
+            0.045,
+            0.937,
+            f"Synthetic 3D volumes with known truth; test volume {self.case} was never seen in training. Both "
+            f"models: 2D U-Net, {ours_training['iterations']} iterations of batch {ours_training['batch_size']} "
+            f"(plan '{comparison['plan']}', seed {comparison['seed']}), the first "
+            f"{comparison['shared']['iterations']} shared.\n"
+            "Then ours learns from the labeled and the unlabeled volumes (copy-paste self-training with "
+            "uncertainty-aware region learning); the supervised baseline from the labeled volumes only.",
+            fontsize=10.5,
+            color="#333333",
+            ha="left",
+            va="top",
+            linespacing=1.5,
+        )
+
+    def _slice_row(self, row: int, k: int, why: str, titles: list[str] | None) -> None:
+        """One slice: image, truth, both predictions; then our uncertainty. ``titles`` for the first row only."""
+        view = self.view
+        shown = view.shown(k)
+        panels = [None, view.truth[k], view.supervised["labels"][k], view.ours["labels"][k]]
         for column, labels in enumerate(panels):
-            ax = figure.add_subplot(grid[row, column])
-            _overlay(ax, shown, labels, colors, aspect)
-            if row == 0:
+            ax = self.figure.add_subplot(self.grid[row, column])
+            _overlay(ax, shown, labels, view.colors, view.aspect)
+            if titles is not None:
                 ax.set_title(titles[column], fontsize=11.5)
             if column == 0:
                 ax.set_ylabel(f"slice k={k}\n{why}", fontsize=10)
-        ax = figure.add_subplot(grid[row, 4])
-        ax.imshow(shown, cmap="gray", aspect=aspect, interpolation="nearest")
+        self._uncertainty_panel(row, k, shown, titles[4] if titles is not None else None)
+
+    def _uncertainty_panel(self, row: int, k: int, shown: np.ndarray, title: str | None) -> None:
+        view = self.view
+        ax = self.figure.add_subplot(self.grid[row, 4])
+        ax.imshow(shown, cmap="gray", aspect=view.aspect, interpolation="nearest")
         heat = ax.imshow(
-            np.ma.masked_less(ours["uncertainty"][k], 0.02),
+            np.ma.masked_less(view.ours["uncertainty"][k], 0.02),
             cmap="inferno",
             vmin=0,
             vmax=1,
             alpha=0.85,
-            aspect=aspect,
+            aspect=view.aspect,
             interpolation="nearest",
         )
-        for rank, mask in region_masks:
-            if mask[k].any():
-                ax.contour(mask[k], levels=[0.5], colors=[REGION_COLOR], linewidths=1.3)
-                if rank <= NUMBERED_REGIONS:
-                    ys, xs = np.nonzero(mask[k])
-                    ax.text(
-                        min(xs.max() + 1.5, mask.shape[2] - 2),
-                        max(ys.min(), 1),
-                        str(rank),
-                        color=REGION_COLOR,
-                        fontsize=11,
-                        fontweight="bold",
-                        va="top",
-                    )
+        _outline_regions(ax, view.region_masks, k)
         ax.set_xticks([])
         ax.set_yticks([])
-        if row == 0:
-            ax.set_title(titles[4], fontsize=11.5)
+        if title is not None:
+            ax.set_title(title, fontsize=11.5)
         bar_axes = ax.inset_axes([1.04, 0.0, 0.05, 1.0])
-        bar = figure.colorbar(heat, cax=bar_axes)
+        bar = self.figure.colorbar(heat, cax=bar_axes)
         bar.ax.tick_params(labelsize=8.5)
         if row == 1:
             bar.set_label("uncertainty (normalised entropy)", fontsize=9)
-    legend = [
-        Patch(facecolor=color, label=c["name"]) for c, color in zip(classes, colors.values(), strict=True)
-    ]
-    legend.append(
-        Patch(
-            facecolor="none",
-            edgecolor=REGION_COLOR,
-            linewidth=1.5,
-            label=f"flagged region (uncertainty > {ours['threshold']:g}), the first {NUMBERED_REGIONS} "
-            "numbered in review order",
-        )
-    )
-    legend_axes = figure.add_subplot(grid[2, :])
-    legend_axes.axis("off")
-    legend_axes.legend(handles=legend, loc="center", ncol=len(legend), frameon=False, fontsize=10.5)
 
-    # Training curves.
-    bottom = grid[3, :].subgridspec(1, 3, width_ratios=[1.55, 1.0, 1.75], wspace=0.22)
-    curves = figure.add_subplot(bottom[0])
-    losses = figure.add_subplot(bottom[1])
-    shared = comparison["shared"]
-    start = shared["iterations"]
-    shared_history = _history(shared["history"])
-    shared_validation = shared_history.get("validation", [])
-    if shared_validation:
-        curves.plot(
-            [v["iteration"] for v in shared_validation],
-            [100 * v["dice"] for v in shared_validation],
-            "-o",
-            color=SHARED_COLOR,
-            label="shared supervised start",
-            markersize=3.5,
-            linewidth=1.8,
-        )
-    shared_loss = shared_history.get("losses", [])
-    if shared_loss:
-        losses.plot(
-            [v["iteration"] for v in shared_loss],
-            [v["total"] for v in shared_loss],
-            color=SHARED_COLOR,
-            linewidth=1.2,
-        )
-    join = (start, 100 * shared_validation[-1]["dice"]) if shared_validation else None
-    for method, info in methods.items():
-        history = _history(info["training"]["history"])
-        color, title = METHOD_COLORS.get(method, "black"), info["title"]
-        validation = history.get("validation", [])
-        if validation:
-            x = [start + v["iteration"] for v in validation]
-            y = [100 * v["dice"] for v in validation]
-            if join is not None:  # the branch starts from the shared start's last weights
-                x, y = [join[0], *x], [join[1], *y]
-            curves.plot(x, y, "-o", color=color, label=title, markersize=3.5, linewidth=1.8)
-            best = info["training"]["best_iteration"]
-            if best is not None:
-                curves.plot(
-                    [best],
-                    [100 * info["training"]["best_validation_dice"]],
-                    "*",
-                    color=color,
-                    markersize=14,
-                    markeredgecolor="black",
-                    markeredgewidth=0.6,
-                )
-        loss = history.get("losses", [])
-        if loss:
-            losses.plot(
-                [start + v["iteration"] for v in loss],
-                [v["total"] for v in loss],
-                color=color,
-                linewidth=1.2,
-                label=title,
+    def _legend(self) -> None:
+        from matplotlib.patches import Patch
+
+        view = self.view
+        legend = [
+            Patch(facecolor=color, label=c["name"])
+            for c, color in zip(view.classes, view.colors.values(), strict=True)
+        ]
+        legend.append(
+            Patch(
+                facecolor="none",
+                edgecolor=REGION_COLOR,
+                linewidth=1.5,
+                label=f"flagged region (uncertainty > {view.ours['threshold']:g}), the first {NUMBERED_REGIONS} "
+                "numbered in review order",
             )
+        )
+        legend_axes = self.figure.add_subplot(self.grid[2, :])
+        legend_axes.axis("off")
+        legend_axes.legend(handles=legend, loc="center", ncol=len(legend), frameon=False, fontsize=10.5)
+
+
+def _outline_regions(ax: Any, region_masks: list[tuple[int, np.ndarray]], k: int) -> None:
+    """The listed regions that cross slice ``k``, outlined; the first :data:`NUMBERED_REGIONS` numbered."""
+    for rank, mask in region_masks:
+        if mask[k].any():
+            ax.contour(mask[k], levels=[0.5], colors=[REGION_COLOR], linewidths=1.3)
+            if rank <= NUMBERED_REGIONS:
+                ys, xs = np.nonzero(mask[k])
+                ax.text(
+                    min(xs.max() + 1.5, mask.shape[2] - 2),
+                    max(ys.min(), 1),
+                    str(rank),
+                    color=REGION_COLOR,
+                    fontsize=11,
+                    fontweight="bold",
+                    va="top",
+                )
+
+
+def _draw_training_curves(curves: Any, losses: Any, comparison: dict[str, Any]) -> None:
+    """Validation Dice (``curves``) and training loss (``losses``) of the shared start and both branches."""
+    start = comparison["shared"]["iterations"]
+    join = _plot_shared_start(curves, losses, comparison["shared"])
+    for method, info in comparison["methods"].items():
+        _plot_branch(curves, losses, method, info, start, join)
     for ax in (curves, losses):
         ax.axvline(start, color="#888888", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
@@ -408,9 +438,72 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
     losses.set_title("Training loss (each method's own terms)", fontsize=11.5)
     losses.set_ylim(bottom=0)
 
-    # Metric table: labels as the first column, so that it stays inside its axes.
-    table_ax = figure.add_subplot(bottom[2])
+
+def _plot_shared_start(curves: Any, losses: Any, shared: dict[str, Any]) -> tuple[int, float] | None:
+    """The shared start's curves; returns its last validation point (where the branches' curves begin)."""
+    history = _history(shared["history"])
+    validation = history.get("validation", [])
+    if validation:
+        curves.plot(
+            [v["iteration"] for v in validation],
+            [100 * v["dice"] for v in validation],
+            "-o",
+            color=SHARED_COLOR,
+            label="shared supervised start",
+            markersize=3.5,
+            linewidth=1.8,
+        )
+    loss = history.get("losses", [])
+    if loss:
+        losses.plot(
+            [v["iteration"] for v in loss],
+            [v["total"] for v in loss],
+            color=SHARED_COLOR,
+            linewidth=1.2,
+        )
+    return (shared["iterations"], 100 * validation[-1]["dice"]) if validation else None
+
+
+def _plot_branch(
+    curves: Any, losses: Any, method: str, info: dict[str, Any], start: int, join: tuple[int, float] | None
+) -> None:
+    """One method's curves after the shared start, its kept model starred."""
+    training = info["training"]
+    history = _history(training["history"])
+    color, title = METHOD_COLORS.get(method, "black"), info["title"]
+    validation = history.get("validation", [])
+    if validation:
+        x = [start + v["iteration"] for v in validation]
+        y = [100 * v["dice"] for v in validation]
+        if join is not None:  # the branch starts from the shared start's last weights
+            x, y = [join[0], *x], [join[1], *y]
+        curves.plot(x, y, "-o", color=color, label=title, markersize=3.5, linewidth=1.8)
+        best = training["best_iteration"]
+        if best is not None:
+            curves.plot(
+                [best],
+                [100 * training["best_validation_dice"]],
+                "*",
+                color=color,
+                markersize=14,
+                markeredgecolor="black",
+                markeredgewidth=0.6,
+            )
+    loss = history.get("losses", [])
+    if loss:
+        losses.plot(
+            [start + v["iteration"] for v in loss],
+            [v["total"] for v in loss],
+            color=color,
+            linewidth=1.2,
+            label=title,
+        )
+
+
+def _draw_metric_table(table_ax: Any, comparison: dict[str, Any]) -> None:
+    # Labels as the first column, so that the table stays inside its axes.
     table_ax.axis("off")
+    methods = list(comparison["methods"])
     method_titles, rows = comparison_rows(comparison)
     table = table_ax.table(
         cellText=[[label.replace("  ", "    "), *values] for label, values in rows],
@@ -428,13 +521,17 @@ def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: st
             cell.PAD = 0.03
         if r == 0 and c > 0:
             cell.set_text_props(color="white", fontweight="bold", ha="center")
-            cell.set_facecolor(METHOD_COLORS.get(list(methods)[c - 1], "#444444"))
+            cell.set_facecolor(METHOD_COLORS.get(methods[c - 1], "#444444"))
         elif r == 0:
             cell.set_edgecolor("white")
     table_ax.set_title(f"Test metrics, mean over {len(comparison['cases'])} held-out volumes", fontsize=11.5)
 
-    with atomic_path(path, overwrite=True) as temp:
-        figure.savefig(temp, format="png", dpi=100, facecolor="white")
+
+def write_report(path: Path, comparison: dict[str, Any], out_dir: Path, case: str) -> Path:
+    """Draw ``report.png`` (see the module docstring) for test ``case``; returns its path."""
+    report = _ReportFigure(comparison, _CaseView.load(comparison, out_dir, case), case)
+    report.draw()
+    report.save(path)
     return path
 
 
