@@ -304,132 +304,231 @@ def run_demo(
     ``events`` receives the training and prediction events (a :class:`TerminalSink` draws
     the progress bars); ``should_stop`` is polled as in :func:`buseg.train.train`.
     """
-    from .config import PredictConfig
-    from .inference import predict_files
-    from .metrics import evaluate_files
-    from .report import format_comparison, write_comparison_markdown, write_report, write_slicer_script
-    from .train import train
+    _import_engine()
+    demo = _DemoRun(
+        Path(out_dir).expanduser().resolve(),
+        plan=QUICK if quick else FULL,
+        quick=quick,
+        seed=seed,
+        device=device,
+        sink=events or EventSink(),
+        should_stop=should_stop or (lambda: False),
+        stream=stream or sys.stdout,
+    )
+    return demo.run(overwrite=overwrite)
 
-    out = Path(out_dir).expanduser().resolve()
-    plan = QUICK if quick else FULL
-    sink = events or EventSink()
-    stream = stream or sys.stdout
-    stop = should_stop or (lambda: False)
-    start = time.perf_counter()
 
-    def say(text: str = "") -> None:
-        stream.write(text + "\n")
-        stream.flush()
+def _import_engine() -> None:
+    # Up front, before the folder is touched and the clock starts: a missing dependency (torch) fails
+    # before anything is written, and the times the demo reports are its own, not the imports'.
+    import importlib
 
-    def check_stop() -> None:
-        if stop():
+    for module in ("config", "inference", "metrics", "report", "train"):
+        importlib.import_module(f".{module}", __package__)
+
+
+class _DemoRun:
+    """One run of the demo, in the steps the module docstring lists (the terminal numbers them 1-6)."""
+
+    def __init__(
+        self,
+        out: Path,
+        *,
+        plan: DemoPlan,
+        quick: bool,
+        seed: int,
+        device: str,
+        sink: EventSink,
+        should_stop: Callable[[], bool],
+        stream: TextIO,
+    ) -> None:
+        self.out = out
+        self.plan = plan
+        self.quick = quick
+        self.seed = seed
+        self.device = device
+        self.sink = sink
+        self.should_stop = should_stop
+        self.stream = stream
+        self.start = time.perf_counter()
+        self.marker: dict[str, Any] = {}
+
+    def run(self, *, overwrite: bool) -> DemoResult:
+        self._begin(overwrite)
+        folders = self._make_data()
+        runs = self._train_all(folders)
+        comparison = self._segment_and_evaluate(folders, runs)
+        table = self._write_comparison(comparison)
+        case, report_path, script = self._write_report(comparison)
+        seconds = self._finish(report_path)
+        self._say("\n" + table)
+        self._say(where_everything_is(self.out, case, script, seconds))
+        return DemoResult(out_dir=self.out, report_path=report_path, comparison=comparison, seconds=seconds)
+
+    def _say(self, text: str = "") -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _check_stop(self) -> None:
+        if self.should_stop():
             raise Cancelled("demo cancelled")
 
-    def end_phase() -> None:
+    def _end_phase(self) -> None:
         # A terminal sink draws one progress bar per job: close it before the next job starts.
-        if isinstance(sink, TerminalSink):
-            sink.close()
+        if isinstance(self.sink, TerminalSink):
+            self.sink.close()
 
-    prepare_folder(out, overwrite=overwrite)
-    marker: dict[str, Any] = {
-        "schema": MARKER_SCHEMA,
-        "schema_version": 1,
-        "buseg_version": __version__,
-        "status": "running",
-        "seed": seed,
-        "plan": asdict(plan),
-    }
-    write_json_atomic(out / MARKER, marker)
+    def _begin(self, overwrite: bool) -> None:
+        """The folder, and the marker that makes it a demo folder (``--overwrite`` may clear it later)."""
+        prepare_folder(self.out, overwrite=overwrite)
+        self.marker = {
+            "schema": MARKER_SCHEMA,
+            "schema_version": 1,
+            "buseg_version": __version__,
+            "status": "running",
+            "seed": self.seed,
+            "plan": asdict(self.plan),
+        }
+        write_json_atomic(self.out / MARKER, self.marker)
+        self._say(f"buseg demo ({self.plan.name}) -> {self.out}")
+        if self.quick:
+            self._say("Quick mode: a smoke test of every step on tiny data; its numbers mean nothing.")
 
-    say(f"buseg demo ({plan.name}) -> {out}")
-    if quick:
-        say("Quick mode: a smoke test of every step on tiny data; its numbers mean nothing.")
-    say(
-        f"\n[1/6] Generating synthetic 3D volumes with known truth: {plan.labeled} labeled, {plan.unlabeled} "
-        f"unlabeled, {plan.validation} validation, {plan.test} test ({plan.shape_zyx[2]}x{plan.shape_zyx[1]}x"
-        f"{plan.shape_zyx[0]} voxels of {' x '.join(f'{s:g}' for s in plan.spacing_mm)} mm, rotated; three "
-        "structures, noise, bias field)"
-    )
-    folders = make_data(out, plan, seed)
-    check_stop()
+    def _make_data(self) -> dict[str, Path]:
+        plan = self.plan
+        self._say(
+            f"\n[1/6] Generating synthetic 3D volumes with known truth: {plan.labeled} labeled, {plan.unlabeled} "
+            f"unlabeled, {plan.validation} validation, {plan.test} test ({plan.shape_zyx[2]}x{plan.shape_zyx[1]}x"
+            f"{plan.shape_zyx[0]} voxels of {' x '.join(f'{s:g}' for s in plan.spacing_mm)} mm, rotated; three "
+            "structures, noise, bias field)"
+        )
+        folders = make_data(self.out, plan, self.seed)
+        self._check_stop()
+        return folders
 
-    runs: dict[str, dict[str, Any]] = {}
-    net = f"2D U-Net at {plan.patch_size[0]}x{plan.patch_size[1]}, batch {plan.batch_size}"
-    steps = (
-        (
-            SHARED_RUN,
-            f"the shared supervised start: {plan.shared_iterations} iterations on the labeled volumes, {net}",
-        ),
-        (
-            "buarl",
-            f"ours (buarl) from it: {plan.iterations} iterations of copy-paste self-training with the "
-            "unlabeled volumes, URL and CRL",
-        ),
-        (
-            "supervised",
-            f"the supervised baseline from it: {plan.iterations} more iterations on the labeled volumes",
-        ),
-    )
-    for step, (run, what) in enumerate(steps, start=2):
-        init = runs[SHARED_RUN]["result"].out_dir / "final.pt" if run != SHARED_RUN else None
-        config = train_config(run, folders, out, plan, seed, device, init_weights=init)
-        say(f"\n[{step}/6] Training {what}")
+    def _training_steps(self) -> tuple[tuple[str, str], ...]:
+        """(run, what the terminal says it is) of the three trainings, in order."""
+        plan = self.plan
+        net = f"2D U-Net at {plan.patch_size[0]}x{plan.patch_size[1]}, batch {plan.batch_size}"
+        return (
+            (
+                SHARED_RUN,
+                f"the shared supervised start: {plan.shared_iterations} iterations on the labeled volumes, {net}",
+            ),
+            (
+                "buarl",
+                f"ours (buarl) from it: {plan.iterations} iterations of copy-paste self-training with the "
+                "unlabeled volumes, URL and CRL",
+            ),
+            (
+                "supervised",
+                f"the supervised baseline from it: {plan.iterations} more iterations on the labeled volumes",
+            ),
+        )
+
+    def _train_all(self, folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """Steps 2-4; per run its config, :func:`buseg.train.train` result and seconds."""
+        runs: dict[str, dict[str, Any]] = {}
+        for step, (run, what) in enumerate(self._training_steps(), start=2):
+            init = runs[SHARED_RUN]["result"].out_dir / "final.pt" if run != SHARED_RUN else None
+            runs[run] = self._train(step, run, what, folders, init)
+        return runs
+
+    def _train(
+        self, step: int, run: str, what: str, folders: dict[str, Path], init: Path | None
+    ) -> dict[str, Any]:
+        from .train import train
+
+        config = train_config(run, folders, self.out, self.plan, self.seed, self.device, init_weights=init)
+        self._say(f"\n[{step}/6] Training {what}")
         train_start = time.perf_counter()
         try:
-            result = train(config, events=sink, overwrite=True, should_stop=stop)
+            result = train(config, events=self.sink, overwrite=True, should_stop=self.should_stop)
         finally:
-            end_phase()
+            self._end_phase()
         seconds = time.perf_counter() - train_start
-        runs[run] = {"config": config, "result": result, "seconds": seconds}
         best = (
             f"{100 * result.best_metric:.1f}% after {result.best_iteration} iterations"
             if result.best_metric is not None
             else "-"
         )
-        say(f"      done in {_duration(seconds)}; best validation Dice {best}")
+        self._say(f"      done in {_duration(seconds)}; best validation Dice {best}")
+        return {"config": config, "result": result, "seconds": seconds}
 
-    say("\n[5/6] Segmenting the test volumes with uncertainty and evaluating against the truth")
-    evaluations: dict[str, Any] = {}
-    reviews: dict[str, dict[str, float]] = {}
-    predictions: dict[str, Path] = {}
-    for method in METHODS:
-        check_stop()
+    def _segment_and_evaluate(
+        self, folders: dict[str, Path], runs: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Step 5, both methods; returns the comparison (:func:`build_comparison`)."""
+        self._say("\n[5/6] Segmenting the test volumes with uncertainty and evaluating against the truth")
+        evaluations: dict[str, Any] = {}
+        reviews: dict[str, dict[str, float]] = {}
+        predictions: dict[str, Path] = {}
+        for method in METHODS:
+            self._check_stop()
+            predictions[method], evaluations[method], reviews[method] = self._segment_and_evaluate_one(
+                method, folders, runs[method]["result"].model_path
+            )
+        return build_comparison(self.plan, runs, evaluations, reviews, predictions, self.seed)
+
+    def _segment_and_evaluate_one(
+        self, method: str, folders: dict[str, Path], model_path: Path
+    ) -> tuple[Path, Any, dict[str, float]]:
+        """(prediction folder, :func:`buseg.metrics.evaluate_files` result, review figures) of one method."""
+        from .config import PredictConfig
+        from .inference import predict_files
+        from .metrics import evaluate_files
+
         predict = PredictConfig(
-            model_path=str(runs[method]["result"].model_path),
-            out_dir=str(out / "predictions" / method),
-            device=device,
+            model_path=str(model_path), out_dir=str(self.out / "predictions" / method), device=self.device
         )
         try:
-            predicted = predict_files([folders["test"]], predict, events=sink, should_stop=stop)
+            predicted = predict_files(
+                [folders["test"]], predict, events=self.sink, should_stop=self.should_stop
+            )
         finally:
-            end_phase()
-        predictions[method] = predicted.out_dir
+            self._end_phase()
         evaluation = evaluate_files(
-            [predicted.out_dir], [folders["test"]], out / "evaluation" / method, should_stop=stop
+            [predicted.out_dir],
+            [folders["test"]],
+            self.out / "evaluation" / method,
+            should_stop=self.should_stop,
         )
-        evaluations[method] = evaluation
         cases = [c["case"] for c in predicted.cases]
         num_classes = len(json.loads(predicted.summary_path.read_text())["classes"])
-        reviews[method] = review_figures(predicted.out_dir, folders["test"], cases, num_classes)
+        return (
+            predicted.out_dir,
+            evaluation,
+            review_figures(predicted.out_dir, folders["test"], cases, num_classes),
+        )
 
-    comparison = build_comparison(plan, runs, evaluations, reviews, predictions, seed)
-    write_json_atomic(out / "comparison.json", comparison)
-    table = format_comparison(comparison)
-    write_comparison_markdown(out / "comparison.md", comparison)
+    def _write_comparison(self, comparison: dict[str, Any]) -> str:
+        """comparison.json and .md; returns the table for the terminal."""
+        from .report import format_comparison, write_comparison_markdown
 
-    say("\n[6/6] Writing the report")
-    check_stop()
-    case = sorted(c["case"] for c in comparison["cases"])[0]
-    report_path = write_report(out / "report.png", comparison, out, case)
-    script = write_slicer_script(out / "open_in_slicer.py", out, case)
+        write_json_atomic(self.out / "comparison.json", comparison)
+        table = format_comparison(comparison)
+        write_comparison_markdown(self.out / "comparison.md", comparison)
+        return table
 
-    seconds = time.perf_counter() - start
-    marker.update(status="completed", seconds=seconds, report=str(report_path), comparison="comparison.json")
-    write_json_atomic(out / MARKER, marker)
+    def _write_report(self, comparison: dict[str, Any]) -> tuple[str, Path, Path]:
+        """Step 6, for the first test volume; returns (that case, report.png, open_in_slicer.py)."""
+        from .report import write_report, write_slicer_script
 
-    say("\n" + table)
-    say(where_everything_is(out, case, script, seconds))
-    return DemoResult(out_dir=out, report_path=report_path, comparison=comparison, seconds=seconds)
+        self._say("\n[6/6] Writing the report")
+        self._check_stop()
+        case = sorted(c["case"] for c in comparison["cases"])[0]
+        report_path = write_report(self.out / "report.png", comparison, self.out, case)
+        script = write_slicer_script(self.out / "open_in_slicer.py", self.out, case)
+        return case, report_path, script
+
+    def _finish(self, report_path: Path) -> float:
+        """Marks the folder's demo completed; returns the seconds the whole demo took."""
+        seconds = time.perf_counter() - self.start
+        self.marker.update(
+            status="completed", seconds=seconds, report=str(report_path), comparison="comparison.json"
+        )
+        write_json_atomic(self.out / MARKER, self.marker)
+        return seconds
 
 
 def build_comparison(
