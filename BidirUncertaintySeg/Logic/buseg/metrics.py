@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import Cancelled, InputError, OutputError
 from .events import EventSink
 from .io import (
     MAX_LABEL_VALUE,
@@ -398,9 +398,46 @@ def evaluate_files(
     any truth or prediction; each case gets a row for each class (so a class a prediction
     misses is counted, by the protocol's rule).
     """
-    from .errors import Cancelled
-
     sink = events or EventSink()
+    _check_label_values(label_values)
+    out = Path(out_dir)
+    csv_path, json_path = out / "metrics.csv", out / "metrics.json"
+    for path in (csv_path, json_path):
+        if path.exists() and not overwrite:
+            raise OutputError("exists already; refusing to overwrite it", path=path, hint="pass --overwrite")
+    matched = _match_files(predictions, truths)
+    ensure_output_folder(out)  # before the work, not after it
+    _announce(sink, matched, predictions, truths, out, label_values)
+    start = time.perf_counter()
+    scorer = _CaseScorer(matched, label_values)
+    scorer.score_all(sink, should_stop)
+    classes = scorer.classes()
+    rows = scorer.rows(classes)
+    summary = summarize(rows)
+    document = {
+        "schema": "buseg-evaluation",
+        "schema_version": 1,
+        "protocol": "medpy-style dc/jc/hd95/asd; a class missing from the prediction scores 0 on all four; "
+        "see docs/inference.md",
+        "predictions": [str(p) for p in predictions],
+        "truths": [str(t) for t in truths],
+        "classes": [{"label_value": v, "name": n} for v, n in classes],
+        "summary": summary,
+        "cases": [asdict(r) for r in rows],
+        "unmatched_predictions": matched.unmatched_predictions,
+        "unmatched_truths": matched.unmatched_truths,
+        "seconds": time.perf_counter() - start,
+    }
+    with atomic_path(csv_path, overwrite=overwrite) as temp:
+        temp.write_text(_rows_csv(rows))
+    with atomic_path(json_path, overwrite=overwrite) as temp:
+        temp.write_text(json.dumps(_json_safe(document), indent=2) + "\n")
+    return EvaluationResult(
+        rows, summary, csv_path, json_path, matched.unmatched_predictions, matched.unmatched_truths
+    )
+
+
+def _check_label_values(label_values: Sequence[int] | None) -> None:
     invalid = [
         v
         for v in label_values or ()
@@ -411,23 +448,51 @@ def evaluate_files(
             f"label value(s) {', '.join(map(str, invalid))} cannot be evaluated: foreground label values are "
             f"1..{MAX_LABEL_VALUE} (0 is the background)"
         )
-    out = Path(out_dir)
-    csv_path, json_path = out / "metrics.csv", out / "metrics.json"
-    for path in (csv_path, json_path):
-        if path.exists() and not overwrite:
-            raise OutputError("exists already; refusing to overwrite it", path=path, hint="pass --overwrite")
+
+
+@dataclass
+class _MatchedFiles:
+    """Prediction and ground-truth files paired by case name, and the class names their folders give."""
+
+    pred_files: dict[str, Path]
+    truth_files: dict[str, Path]
+    pred_names: dict[int, str]
+    truth_names: dict[int, str]
+    cases: list[str]
+    unmatched_predictions: list[str]
+    unmatched_truths: list[str]
+
+
+def _match_files(predictions: Sequence[str | Path], truths: Sequence[str | Path]) -> _MatchedFiles:
     pred_files, pred_names = collect_label_files(predictions, role="prediction")
     truth_files, truth_names = collect_label_files(truths, role="ground truth")
     cases = sorted(set(pred_files) & set(truth_files))
-    unmatched_pred = sorted(set(pred_files) - set(truth_files))
-    unmatched_truth = sorted(set(truth_files) - set(pred_files))
     if not cases:
         raise InputError(
             f"no case names match between predictions ({', '.join(sorted(pred_files)[:5])}) and ground truth "
             f"({', '.join(sorted(truth_files)[:5])})",
             hint="files are matched by name, ignoring suffixes such as _label, _seg, _pred, _gt",
         )
-    ensure_output_folder(out)  # before the work, not after it
+    return _MatchedFiles(
+        pred_files,
+        truth_files,
+        pred_names,
+        truth_names,
+        cases,
+        unmatched_predictions=sorted(set(pred_files) - set(truth_files)),
+        unmatched_truths=sorted(set(truth_files) - set(pred_files)),
+    )
+
+
+def _announce(
+    sink: EventSink,
+    matched: _MatchedFiles,
+    predictions: Sequence[str | Path],
+    truths: Sequence[str | Path],
+    out: Path,
+    label_values: Sequence[int] | None,
+) -> None:
+    """The 'started' event, then a warning for each side's cases that the other side lacks."""
     sink.emit(
         "started",
         job="evaluate",
@@ -439,8 +504,9 @@ def evaluate_files(
         },
         device="cpu",
         device_reason="metrics are computed on the CPU",
-        total=len(cases),
+        total=len(matched.cases),
     )
+    unmatched_pred, unmatched_truth = matched.unmatched_predictions, matched.unmatched_truths
     if unmatched_pred:
         sink.emit(
             "warning",
@@ -454,80 +520,81 @@ def evaluate_files(
             + ", ".join(unmatched_truth[:10]),
         )
 
-    names: dict[int, str] = {**truth_names, **pred_names}
-    per_case: dict[str, list[ClassResult]] = {}
-    seen: set[int] = set(label_values or ())
-    present: set[int] = set()  # label values found in any file
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns about empty masks; the rules above handle them
-        for index, case in enumerate(cases, start=1):
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"cancelled after {index - 1} of {len(cases)} cases; nothing written")
-            case_start = time.perf_counter()
-            pred_array, truth_array, spacing, anchor = _load_pair(
-                pred_files[case], truth_files[case], pred_names, truth_names
-            )
-            names.update(anchor)
-            found = {int(v) for v in np.unique(truth_array) if v} | {
-                int(v) for v in np.unique(pred_array) if v
-            }
-            present.update(found)
-            values = sorted(label_values) if label_values else sorted(found)
-            seen.update(values)
-            per_case[case] = evaluate_arrays(
-                case, pred_array, truth_array, spacing, [(v, names.get(v, f"label_{v}")) for v in values]
-            )
-            del pred_array, truth_array
-            sink.emit(
-                "case",
-                index=index,
-                total=len(cases),
-                case=case,
-                outputs={},
-                seconds=time.perf_counter() - case_start,
-            )
-    if not seen:
-        raise InputError("no foreground labels in any prediction or ground truth file")
-    absent = sorted(set(label_values or ()) - present)
-    if absent:
-        # Scores of a class that no file contains would be empty rows that look like results.
-        raise InputError(
-            f"label value(s) {', '.join(map(str, absent))} occur in no prediction and no ground truth "
-            f"(values found: {', '.join(map(str, sorted(present))) or 'none'})",
-            hint="--labels takes label values present in the files",
+
+class _CaseScorer:
+    """Scores the matched cases one at a time, gathering the class names and label values met on the way.
+
+    The class list is known only after the last case (a value may first appear there), so rows
+    are completed to one per class and case at the end.
+    """
+
+    def __init__(self, matched: _MatchedFiles, label_values: Sequence[int] | None):
+        self.matched = matched
+        self.label_values = label_values
+        self.names: dict[int, str] = {**matched.truth_names, **matched.pred_names}
+        self.per_case: dict[str, list[ClassResult]] = {}
+        self.seen: set[int] = set(label_values or ())
+        self.present: set[int] = set()  # label values found in any file
+
+    def score_all(self, sink: EventSink, should_stop: Callable[[], bool] | None) -> None:
+        cases = self.matched.cases
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI warns about empty masks; the rules above handle them
+            for index, case in enumerate(cases, start=1):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"cancelled after {index - 1} of {len(cases)} cases; nothing written")
+                case_start = time.perf_counter()
+                self.score_case(case)
+                sink.emit(
+                    "case",
+                    index=index,
+                    total=len(cases),
+                    case=case,
+                    outputs={},
+                    seconds=time.perf_counter() - case_start,
+                )
+
+    def score_case(self, case: str) -> None:
+        m = self.matched
+        pred_array, truth_array, spacing, anchor = _load_pair(
+            m.pred_files[case], m.truth_files[case], m.pred_names, m.truth_names
         )
-    classes = [(v, names.get(v, f"label_{v}")) for v in sorted(seen)]
-    rows: list[ClassResult] = []
-    for case in cases:
-        done = {r.label_value: r for r in per_case[case]}
-        for value, name in classes:
-            # A class seen only in other cases is absent from both masks here.
-            row = done.get(value) or ClassResult(
-                case, name, value, *(float("nan"),) * len(METRICS), 0, 0, "both"
+        self.names.update(anchor)
+        found = {int(v) for v in np.unique(truth_array) if v} | {int(v) for v in np.unique(pred_array) if v}
+        self.present.update(found)
+        values = sorted(self.label_values) if self.label_values else sorted(found)
+        self.seen.update(values)
+        self.per_case[case] = evaluate_arrays(
+            case, pred_array, truth_array, spacing, [(v, self.names.get(v, f"label_{v}")) for v in values]
+        )
+
+    def classes(self) -> list[tuple[int, str]]:
+        """(label value, name) of every class evaluated; refuses label values that no file has."""
+        if not self.seen:
+            raise InputError("no foreground labels in any prediction or ground truth file")
+        absent = sorted(set(self.label_values or ()) - self.present)
+        if absent:
+            # Scores of a class that no file contains would be empty rows that look like results.
+            raise InputError(
+                f"label value(s) {', '.join(map(str, absent))} occur in no prediction and no ground truth "
+                f"(values found: {', '.join(map(str, sorted(self.present))) or 'none'})",
+                hint="--labels takes label values present in the files",
             )
-            row.class_name = name
-            rows.append(row)
-    summary = summarize(rows)
-    document = {
-        "schema": "buseg-evaluation",
-        "schema_version": 1,
-        "protocol": "medpy-style dc/jc/hd95/asd; a class missing from the prediction scores 0 on all four; "
-        "see docs/inference.md",
-        "predictions": [str(p) for p in predictions],
-        "truths": [str(t) for t in truths],
-        "classes": [{"label_value": v, "name": n} for v, n in classes],
-        "summary": summary,
-        "cases": [asdict(r) for r in rows],
-        "unmatched_predictions": unmatched_pred,
-        "unmatched_truths": unmatched_truth,
-        "seconds": time.perf_counter() - start,
-    }
-    with atomic_path(csv_path, overwrite=overwrite) as temp:
-        temp.write_text(_rows_csv(rows))
-    with atomic_path(json_path, overwrite=overwrite) as temp:
-        temp.write_text(json.dumps(_json_safe(document), indent=2) + "\n")
-    return EvaluationResult(rows, summary, csv_path, json_path, unmatched_pred, unmatched_truth)
+        return [(v, self.names.get(v, f"label_{v}")) for v in sorted(self.seen)]
+
+    def rows(self, classes: Sequence[tuple[int, str]]) -> list[ClassResult]:
+        """One row per case and class, in case order, each class under its final name."""
+        rows: list[ClassResult] = []
+        for case in self.matched.cases:
+            done = {r.label_value: r for r in self.per_case[case]}
+            for value, name in classes:
+                # A class seen only in other cases is absent from both masks here.
+                row = done.get(value) or ClassResult(
+                    case, name, value, *(float("nan"),) * len(METRICS), 0, 0, "both"
+                )
+                row.class_name = name
+                rows.append(row)
+        return rows
 
 
 def format_summary(summary: dict[str, Any]) -> str:
