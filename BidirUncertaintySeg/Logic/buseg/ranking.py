@@ -44,6 +44,7 @@ from .config import PredictConfig, to_dict
 from .errors import InputError, OutputError
 from .events import EventSink
 from .inference import (
+    CaseOutcome,
     Prediction,
     collect_images,
     engine_info,
@@ -149,15 +150,7 @@ def rank_files(
         case: output_paths(out_dir, case, output_suffix(path, config.output_format)) for case, path in images
     }
     if not config.overwrite:
-        existing = [p for p in (csv_path, json_path) if p.exists()]
-        if save_predictions:
-            existing += [p for paths in planned.values() for p in paths.values() if p.exists()]
-        if existing:
-            raise OutputError(
-                "exists already; refusing to overwrite it",
-                path=existing[0],
-                hint="pass --overwrite to replace it, or choose another --out",
-            )
+        _refuse_existing(csv_path, json_path, planned if save_predictions else {})
     model, device, reason = load_for_prediction(config)
     engine = engine_info(model, config, device)  # an ONNX export failure stops before any output
     ensure_output_folder(out_dir)  # before the first case is computed
@@ -173,51 +166,10 @@ def rank_files(
         classes=[c["name"] for c in model.classes],
         buseg_version=__version__,
     )
-    entries, failed = [], []
+    scorer = _ImageScorer(config, score_name, top_regions, planned if save_predictions else None, model_file)
     for outcome in iter_predictions(images, model, config, sink=sink, should_stop=should_stop):
-        if outcome.prediction is None:
-            failed.append({"case": outcome.case, "image": str(outcome.path), "error": str(outcome.error)})
-            continue
-        prediction = outcome.prediction
-        stats = case_statistics(prediction, config.region_threshold)
-        outputs: dict[str, str] = {}
-        write_start = time.perf_counter()
-        if save_predictions:
-            outputs = write_prediction(
-                prediction,
-                planned[outcome.case],
-                overwrite=config.overwrite,
-                context={"case": outcome.case, "image": str(outcome.path), "model": model_file},
-            )
-        entries.append(
-            {
-                "case": outcome.case,
-                "image": str(outcome.path),
-                "score": score(stats, score_name),
-                "statistics": stats,
-                "regions": len(prediction.regions.regions),
-                "top_regions": [r.to_dict() for r in prediction.regions.regions[:top_regions]],
-                "outputs": outputs,
-                "seconds": outcome.seconds + (time.perf_counter() - write_start),
-            }
-        )
-        sink.emit(
-            "case",
-            index=outcome.index,
-            total=len(images),
-            case=outcome.case,
-            outputs=outputs,
-            seconds=entries[-1]["seconds"],
-        )
-        del prediction
-    if not entries:
-        raise InputError(
-            "no image could be predicted; nothing to rank",
-            hint="; ".join(f"{f['case']}: {f['error']}" for f in failed[:3]),
-        )
-    entries.sort(key=lambda e: (-e["score"], e["case"]))
-    for rank, entry in enumerate(entries, start=1):
-        entry["rank"] = rank
+        scorer.add(outcome, sink, total=len(images))
+    entries, failed = scorer.ranked(), scorer.failed
     document = {
         "schema": "buseg-ranking",
         "schema_version": 1,
@@ -228,21 +180,119 @@ def rank_files(
         "cases": entries,
         "failed": failed,
     }
-    with atomic_path(csv_path, overwrite=config.overwrite) as temp:
-        temp.write_text(_csv(entries))
-    with atomic_path(json_path, overwrite=config.overwrite) as temp:
-        temp.write_text(json.dumps(json_safe(document), indent=2) + "\n")
+    _write_ranking(csv_path, json_path, entries, document, overwrite=config.overwrite)
     if failed:
-        # The rule of ``buseg predict``: the others are ranked and written, then the job fails
-        # naming every image left out (a ranking that silently lacks images would mislead).
-        names = ", ".join(f["case"] for f in failed[:10]) + (" ..." if len(failed) > 10 else "")
-        raise InputError(
-            f"{len(failed)} of {len(images)} image(s) could not be predicted and are not ranked: {names} "
-            f"(first: {failed[0]['error']})",
-            path=failed[0]["image"],
-            hint=f"the others are ranked in {csv_path}; the reasons are in the warnings and in {json_path}",
-        )
+        raise _unranked_error(failed, len(images), csv_path, json_path)
     return RankResult(entries, csv_path, json_path)
+
+
+def _refuse_existing(csv_path: Path, json_path: Path, planned: dict[str, dict[str, Path]]) -> None:
+    """Refuse, before the model is loaded, to replace the ranking or the predictions it would save."""
+    existing = [p for p in (csv_path, json_path) if p.exists()]
+    existing += [p for paths in planned.values() for p in paths.values() if p.exists()]
+    if existing:
+        raise OutputError(
+            "exists already; refusing to overwrite it",
+            path=existing[0],
+            hint="pass --overwrite to replace it, or choose another --out",
+        )
+
+
+def _write_ranking(
+    csv_path: Path,
+    json_path: Path,
+    entries: list[dict[str, Any]],
+    document: dict[str, Any],
+    *,
+    overwrite: bool,
+) -> None:
+    with atomic_path(csv_path, overwrite=overwrite) as temp:
+        temp.write_text(_csv(entries))
+    with atomic_path(json_path, overwrite=overwrite) as temp:
+        temp.write_text(json.dumps(json_safe(document), indent=2) + "\n")
+
+
+class _ImageScorer:
+    """Collects one ranking entry per predicted image (writing its outputs if asked) and the failures."""
+
+    def __init__(
+        self,
+        config: PredictConfig,
+        score_name: str,
+        top_regions: int,
+        planned: dict[str, dict[str, Path]] | None,
+        model_file: str,
+    ):
+        self.config = config
+        self.score_name = score_name
+        self.top_regions = top_regions
+        self.planned = planned  # None: predictions are not saved
+        self.model_file = model_file
+        self.entries: list[dict[str, Any]] = []
+        self.failed: list[dict[str, Any]] = []
+
+    def add(self, outcome: CaseOutcome, sink: EventSink, *, total: int) -> None:
+        if outcome.prediction is None:
+            self.failed.append(
+                {"case": outcome.case, "image": str(outcome.path), "error": str(outcome.error)}
+            )
+            return
+        entry = self._entry(outcome, outcome.prediction)
+        self.entries.append(entry)
+        sink.emit(
+            "case",
+            index=outcome.index,
+            total=total,
+            case=outcome.case,
+            outputs=entry["outputs"],
+            seconds=entry["seconds"],
+        )
+
+    def _entry(self, outcome: CaseOutcome, prediction: Prediction) -> dict[str, Any]:
+        stats = case_statistics(prediction, self.config.region_threshold)
+        outputs: dict[str, str] = {}
+        write_start = time.perf_counter()
+        if self.planned is not None:
+            outputs = write_prediction(
+                prediction,
+                self.planned[outcome.case],
+                overwrite=self.config.overwrite,
+                context={"case": outcome.case, "image": str(outcome.path), "model": self.model_file},
+            )
+        return {
+            "case": outcome.case,
+            "image": str(outcome.path),
+            "score": score(stats, self.score_name),
+            "statistics": stats,
+            "regions": len(prediction.regions.regions),
+            "top_regions": [r.to_dict() for r in prediction.regions.regions[: self.top_regions]],
+            "outputs": outputs,
+            "seconds": outcome.seconds + (time.perf_counter() - write_start),
+        }
+
+    def ranked(self) -> list[dict[str, Any]]:
+        """The entries, highest score first (ties by case name), each with its rank."""
+        if not self.entries:
+            raise InputError(
+                "no image could be predicted; nothing to rank",
+                hint="; ".join(f"{f['case']}: {f['error']}" for f in self.failed[:3]),
+            )
+        self.entries.sort(key=lambda e: (-e["score"], e["case"]))
+        for rank, entry in enumerate(self.entries, start=1):
+            entry["rank"] = rank
+        return self.entries
+
+
+def _unranked_error(failed: list[dict[str, Any]], total: int, csv_path: Path, json_path: Path) -> InputError:
+    # The rule of ``buseg predict``: the others are ranked and written, then the job fails
+    # naming every image left out (a ranking that silently lacks images would mislead).
+    names = ", ".join(f["case"] for f in failed[:10]) + (" ..." if len(failed) > 10 else "")
+    return InputError(
+        f"{len(failed)} of {total} image(s) could not be predicted and are not ranked: {names} "
+        f"(first: {failed[0]['error']})",
+        path=failed[0]["image"],
+        hint=f"the others are ranked in {csv_path}; the reasons are in the warnings and in {json_path}",
+    )
 
 
 def format_ranking(entries: Sequence[dict[str, Any]], score_name: str) -> str:
