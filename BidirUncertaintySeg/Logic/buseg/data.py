@@ -545,116 +545,29 @@ def _slices(array: np.ndarray, numpy_axis: int) -> list[np.ndarray]:
 def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
     """Read, check and prepare the cases of a ``files`` run."""
     cases = discover_cases(config)
-    dimension = config.model.dimension
-    mode = resolve_normalization(config.data.normalization, dimension)
+    loader = _FilesLoader(config, cases.declared_classes)
     every_image = [c.image for c in cases.labeled + cases.unlabeled + cases.validation]
     check_memory(estimate_bytes(every_image) * 2, f"the {len(every_image)} training images")
-    table = ClassTable(cases.declared_classes)
-
-    def read_pair(case: CaseRef) -> tuple[Volume, LabelVolume]:
-        image = read_image(case.image)
-        _check_image(image, dimension=dimension)
-        label = read_label(case.label)
-        if label.array.ndim != 3:
-            raise InputError(f"label has {label.array.ndim} dimensions; 3D is needed", path=case.label)
-        label = _label_on_image_grid(label, image, resample=config.data.resample_labels_to_image)
-        return image, label
-
-    seen_content: dict[str, tuple[str, str]] = {}
-    warnings: list[str] = []
-
-    def check_unique(volume: Volume, role: str) -> None:
-        """The same voxels under two file names (a copy of an image) get a warning naming both: an
-        unlabeled copy of a labeled image adds nothing to learn from, and a validation copy of a
-        training image makes the validation score optimistic (a deliberate overfitting check
-        does that, so it is not refused; the same *file* listed twice is refused above)."""
-        digest = hashlib.blake2b(np.ascontiguousarray(volume.array).view(np.uint8), digest_size=16)
-        digest.update(str(volume.array.shape).encode())
-        key = digest.hexdigest()
-        if key in seen_content:
-            other, other_role = seen_content[key]
-            effect = (
-                "the validation score will be optimistic"
-                if "validation" in (role, other_role)
-                else "the copy adds nothing to learn from"
-            )
-            warnings.append(f"{volume.path} ({role}) has the same voxels as {other} ({other_role}): {effect}")
-            return
-        seen_content[key] = (str(volume.path), role)
-
-    labeled_pairs = [read_pair(c) for c in cases.labeled]
+    labeled_pairs = [loader.read_pair(c) for c in cases.labeled]
     for image, _ in labeled_pairs:
-        check_unique(image, "labeled")
-    for _, label in labeled_pairs:
-        table.observe(label)
-    classes = table.classes()
-    if table.declared:
-        seen = {c["name"] for c in classes}
-        missing = [c["name"] for c in table.declared if c["name"] not in seen]
-        if missing:
-            raise InputError(
-                f"class(es) {', '.join(missing)} declared but absent from every labeled case",
-                path=cases.source,
-            )
-    present = set()
-    for _, label in labeled_pairs:
-        present.update(int(v) for v in np.unique(table.to_indices(label, classes)))
-    absent = [c["name"] for c in classes[1:] if c["index"] not in present]
-    if absent:  # observed classes occur by definition: these are declared ones
-        raise InputError(
-            f"class(es) {', '.join(absent)} declared but absent from every labeled case",
-            path=cases.source,
-            hint="remove them from 'classes', or add labeled cases that have them",
-        )
-
-    numpy_axis = 2 - config.model.slice_axis
-    working = config.model.working_spacing_mm
-    labeled_images, labeled_labels, names = [], [], []
-    for image, label in labeled_pairs:
-        normalized = normalize_intensity(image_on_working_grid(image, working).array, mode)
-        indices = table.to_indices(label_on_working_grid(label, working), classes)
-        if dimension == "2d":
-            labeled_images += _slices(normalized, numpy_axis)
-            labeled_labels += _slices(indices, numpy_axis)
-        else:
-            labeled_images.append(normalized)
-            labeled_labels.append(indices)
-        names.append(case_name(image.path))
-    unlabeled_images, unlabeled_names = [], []
-    for case in cases.unlabeled:
-        image = read_image(case.image)
-        _check_image(image, dimension=dimension)
-        check_unique(image, "unlabeled")
-        normalized = normalize_intensity(image_on_working_grid(image, working).array, mode)
-        unlabeled_images += _slices(normalized, numpy_axis) if dimension == "2d" else [normalized]
-        unlabeled_names.append(case.name)
-    validation = []
-    for case in cases.validation:
-        image, label = read_pair(case)
-        check_unique(image, "validation")
-        seen = image_on_working_grid(image, working)
-        validation.append(
-            ValidationCase(
-                case.name,
-                normalize_intensity(seen.array, mode),
-                table.to_indices(label, classes),
-                image.spacing_mm,
-                *((Grid.of(seen), Grid.of(image)) if seen is not image else ()),
-            )
-        )
-    spacing = working or np.median(np.array([img.spacing_mm for img, _ in labeled_pairs]), axis=0)
+        loader.check_unique(image, "labeled")
+    classes = loader.class_list(labeled_pairs, source=cases.source)
+    labeled_images, labeled_labels, names = loader.labeled(labeled_pairs, classes)
+    unlabeled_images, unlabeled_names = loader.unlabeled(cases.unlabeled)
+    validation = loader.validation(cases.validation, classes)
+    spacing = loader.working or np.median(np.array([img.spacing_mm for img, _ in labeled_pairs]), axis=0)
     data = TrainingData(
-        dimension=dimension,
+        dimension=loader.dimension,
         labeled_images=labeled_images,
         labeled_labels=labeled_labels,
         unlabeled_images=unlabeled_images,
         validation=validation,
         classes=classes,
-        normalization=mode,
+        normalization=loader.mode,
         spacing_mm=[float(s) for s in spacing],
         labeled_case_names=names,
         unlabeled_case_names=unlabeled_names,
-        warnings=warnings,
+        warnings=loader.warnings,
     )
     if config.method.name != "supervised" and not unlabeled_images:
         raise InputError(
@@ -667,6 +580,133 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
         f"cases; classes: {', '.join(c['name'] for c in classes[1:])}"
     )
     return data
+
+
+class _FilesLoader:
+    """Reads the cases of a ``files`` run role by role, with what the roles share: the class table
+    (built from the labeled cases) and the contents met so far (a copy under another name is warned of)."""
+
+    def __init__(self, config: TrainConfig, declared_classes: list[dict[str, Any]] | None):
+        self.config = config
+        self.dimension = config.model.dimension
+        self.mode = resolve_normalization(config.data.normalization, self.dimension)
+        self.working = config.model.working_spacing_mm
+        self.numpy_axis = 2 - config.model.slice_axis
+        self.table = ClassTable(declared_classes)
+        self.seen_content: dict[str, tuple[str, str]] = {}
+        self.warnings: list[str] = []
+
+    def read_image(self, path: Path) -> Volume:
+        image = read_image(path)
+        _check_image(image, dimension=self.dimension)
+        return image
+
+    def read_pair(self, case: CaseRef) -> tuple[Volume, LabelVolume]:
+        image = self.read_image(case.image)
+        label = read_label(case.label)
+        if label.array.ndim != 3:
+            raise InputError(f"label has {label.array.ndim} dimensions; 3D is needed", path=case.label)
+        label = _label_on_image_grid(label, image, resample=self.config.data.resample_labels_to_image)
+        return image, label
+
+    def check_unique(self, volume: Volume, role: str) -> None:
+        """The same voxels under two file names (a copy of an image) get a warning naming both: an
+        unlabeled copy of a labeled image adds nothing to learn from, and a validation copy of a
+        training image makes the validation score optimistic (a deliberate overfitting check
+        does that, so it is not refused; the same *file* listed twice is refused above)."""
+        digest = hashlib.blake2b(np.ascontiguousarray(volume.array).view(np.uint8), digest_size=16)
+        digest.update(str(volume.array.shape).encode())
+        key = digest.hexdigest()
+        if key in self.seen_content:
+            other, other_role = self.seen_content[key]
+            effect = (
+                "the validation score will be optimistic"
+                if "validation" in (role, other_role)
+                else "the copy adds nothing to learn from"
+            )
+            self.warnings.append(
+                f"{volume.path} ({role}) has the same voxels as {other} ({other_role}): {effect}"
+            )
+            return
+        self.seen_content[key] = (str(volume.path), role)
+
+    def class_list(
+        self, labeled_pairs: Sequence[tuple[Volume, LabelVolume]], *, source: str
+    ) -> list[dict[str, Any]]:
+        """The classes of the labeled cases; a declared class that none of them has is refused."""
+        table = self.table
+        for _, label in labeled_pairs:
+            table.observe(label)
+        classes = table.classes()
+        if table.declared:
+            seen = {c["name"] for c in classes}
+            missing = [c["name"] for c in table.declared if c["name"] not in seen]
+            if missing:
+                raise InputError(
+                    f"class(es) {', '.join(missing)} declared but absent from every labeled case",
+                    path=source,
+                )
+        present = set()
+        for _, label in labeled_pairs:
+            present.update(int(v) for v in np.unique(table.to_indices(label, classes)))
+        absent = [c["name"] for c in classes[1:] if c["index"] not in present]
+        if absent:  # observed classes occur by definition: these are declared ones
+            raise InputError(
+                f"class(es) {', '.join(absent)} declared but absent from every labeled case",
+                path=source,
+                hint="remove them from 'classes', or add labeled cases that have them",
+            )
+        return classes
+
+    def _samples(self, array: np.ndarray) -> list[np.ndarray]:
+        """2D training takes a volume as its slices along the slice axis, 3D as a whole."""
+        return _slices(array, self.numpy_axis) if self.dimension == "2d" else [array]
+
+    def _normalized(self, image: Volume) -> np.ndarray:
+        return normalize_intensity(image_on_working_grid(image, self.working).array, self.mode)
+
+    def labeled(
+        self, labeled_pairs: Sequence[tuple[Volume, LabelVolume]], classes: list[dict[str, Any]]
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+        """Normalised images, class-index labels (both on the working grid) and case names."""
+        images: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        names: list[str] = []
+        for image, label in labeled_pairs:
+            images += self._samples(self._normalized(image))
+            labels += self._samples(
+                self.table.to_indices(label_on_working_grid(label, self.working), classes)
+            )
+            names.append(case_name(image.path))
+        return images, labels, names
+
+    def unlabeled(self, cases: Sequence[CaseRef]) -> tuple[list[np.ndarray], list[str]]:
+        images: list[np.ndarray] = []
+        names: list[str] = []
+        for case in cases:
+            image = self.read_image(case.image)
+            self.check_unique(image, "unlabeled")
+            images += self._samples(self._normalized(image))
+            names.append(case.name)
+        return images, names
+
+    def validation(self, cases: Sequence[CaseRef], classes: list[dict[str, Any]]) -> list[ValidationCase]:
+        """Validation cases: the image on the working grid, the labels on the case's own grid."""
+        validation = []
+        for case in cases:
+            image, label = self.read_pair(case)
+            self.check_unique(image, "validation")
+            seen = image_on_working_grid(image, self.working)
+            validation.append(
+                ValidationCase(
+                    case.name,
+                    normalize_intensity(seen.array, self.mode),
+                    self.table.to_indices(label, classes),
+                    image.spacing_mm,
+                    *((Grid.of(seen), Grid.of(image)) if seen is not image else ()),
+                )
+            )
+        return validation
 
 
 # --------------------------------------------------------------------------------------
