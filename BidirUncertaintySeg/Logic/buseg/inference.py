@@ -601,6 +601,65 @@ def _check_finite_output(probs: torch.Tensor, model: LoadedModel, image: Volume)
         )
 
 
+def _input_notes(model: LoadedModel, image: Volume) -> list[str]:
+    """What the user should know about this input before trusting its segmentation."""
+    notes = []
+    message = _spacing_warning(model, image)
+    if message:
+        notes.append(message)
+    if image.array.size and float(image.array.min()) == float(image.array.max()):
+        notes.append(
+            f"the image is constant (every voxel is {float(image.array.min()):g}): its segmentation carries "
+            "no information"
+        )
+    return notes
+
+
+def _engine_forward(
+    model: LoadedModel, network: nn.Module, device: torch.device, config: PredictConfig
+) -> tuple[str, Forward]:
+    """The engine that runs this prediction and its batch -> float32 logits function."""
+    engine, _ = choose_engine(config.engine, device, config.uncertainty, config.amp)
+    if engine == "onnx":  # the same network exported once (cached), run by ONNX Runtime in float32
+        session = load_session(model.network, lambda: network, model.dimension, model.path)[0]
+        return engine, session_forward(session)
+    return engine, _forward_for(network, device, config.amp, model.dimension)
+
+
+class _CaseMaps:
+    """The label, uncertainty (and optionally probability) maps of one case, filled chunk by chunk."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int, keep_probabilities: bool) -> None:
+        self.labels = np.zeros(shape, dtype=np.uint8 if num_classes <= 256 else np.int16)
+        self.uncertainty = np.zeros(shape, dtype=np.float32)
+        self.probabilities = np.zeros((num_classes, *shape), dtype=np.float32) if keep_probabilities else None
+
+    def fill(self, axis: int, first: int, probs: torch.Tensor) -> None:
+        """Store the chunk ``probs`` (N, C, ...) whose N entries start at index ``first`` along ``axis``."""
+        label_view = np.moveaxis(self.labels, axis, 0)
+        uncertainty_view = np.moveaxis(self.uncertainty, axis, 0)
+        # A few slices at a time: the entropy's temporaries stay small for a large slab.
+        for offset in range(0, probs.shape[0], FINISH_SLICES):
+            part = probs[offset : offset + FINISH_SLICES]
+            rows = slice(first + offset, first + offset + part.shape[0])
+            label_view[rows] = class_argmax(part).cpu().numpy()
+            uncertainty_view[rows] = normalized_entropy(part, dim=1).cpu().numpy()
+            if self.probabilities is not None:
+                np.moveaxis(self.probabilities, 1 + axis, 0)[rows] = part.cpu().numpy()
+
+
+def _geometry_only(image: Volume) -> Volume:
+    """The image's geometry without its voxels: a zero-stride placeholder of the right shape lets the
+    caller free the image (300 MB for a 512x512x300 CT) before the outputs are written."""
+    return Volume(
+        np.broadcast_to(np.zeros((), dtype=np.float32), image.array.shape),
+        image.spacing_mm,
+        image.origin,
+        image.direction,
+        image.path,
+    )
+
+
 def predict_case(
     model: LoadedModel,
     image: Volume,
@@ -636,38 +695,21 @@ def predict_case(
             warn=warn,
         )
     start = time.perf_counter()
-    notes: list[str] = []
+    notes = _input_notes(model, image)
+    for message in notes if warn is not None else ():
+        warn(message)
 
     def note(message: str) -> None:
         notes.append(message)
         if warn is not None:
             warn(message)
 
-    message = _spacing_warning(model, image)
-    if message:
-        note(message)
-    if image.array.size and float(image.array.min()) == float(image.array.max()):
-        note(
-            f"the image is constant (every voxel is {float(image.array.min()):g}): its segmentation carries "
-            "no information"
-        )
     network = inference_network(model.network, model.dimension)
     device = network_device(network)
-    engine, _ = choose_engine(config.engine, device, config.uncertainty, config.amp)
-    if engine == "onnx":  # the same network exported once (cached), run by ONNX Runtime in float32
-        forward = session_forward(
-            load_session(model.network, lambda: network, model.dimension, model.path)[0]
-        )
-    else:
-        forward = _forward_for(network, device, config.amp, model.dimension)
+    engine, forward = _engine_forward(model, network, device, config)
     normalized = normalize_intensity(image.array, model.normalization)
     prob_fn = probability_function(network, config.uncertainty, config.samples, forward)
-    num_classes = model.num_classes
-    labels = np.zeros(image.array.shape, dtype=np.uint8 if num_classes <= 256 else np.int16)
-    uncertainty = np.zeros(image.array.shape, dtype=np.float32)
-    probabilities = (
-        np.zeros((num_classes, *image.array.shape), dtype=np.float32) if keep_probabilities else None
-    )
+    maps = _CaseMaps(image.array.shape, model.num_classes, keep_probabilities)
     model_start = time.perf_counter()
     with _seeded(config.seed, device), torch.inference_mode():
         axis, chunks = probability_chunks(
@@ -685,37 +727,22 @@ def predict_case(
             warn=note,
             should_stop=should_stop,
         )
-        label_view, uncertainty_view = np.moveaxis(labels, axis, 0), np.moveaxis(uncertainty, axis, 0)
-        for a, b, probs in chunks:
+        for first, _, probs in chunks:
             _check_finite_output(probs, model, image)
-            # A few slices at a time: the entropy's temporaries stay small for a large slab.
-            for offset in range(0, b - a, FINISH_SLICES):
-                part = probs[offset : offset + FINISH_SLICES]
-                rows = slice(a + offset, a + offset + part.shape[0])
-                label_view[rows] = class_argmax(part).cpu().numpy()
-                uncertainty_view[rows] = normalized_entropy(part, dim=1).cpu().numpy()
-                if probabilities is not None:
-                    np.moveaxis(probabilities, 1 + axis, 0)[rows] = part.cpu().numpy()
+            maps.fill(axis, first, probs)
             del probs
     model_seconds = time.perf_counter() - model_start
     del normalized
+    labels = maps.labels
     if config.largest_component:
-        labels = largest_component_per_class(labels, num_classes)
-    # The outputs need the image's geometry, not its voxels: a zero-stride placeholder of the
-    # right shape lets the caller free the image (300 MB for a 512x512x300 CT) before writing.
-    reference = Volume(
-        np.broadcast_to(np.zeros((), dtype=np.float32), image.array.shape),
-        image.spacing_mm,
-        image.origin,
-        image.direction,
-        image.path,
-    )
-    region_set = review_regions(model, labels, uncertainty, reference, config, nesting)
+        labels = largest_component_per_class(labels, model.num_classes)
+    reference = _geometry_only(image)
+    region_set = review_regions(model, labels, maps.uncertainty, reference, config, nesting)
     release_freed_memory()
     spatial_dims = 2 if model.dimension == "2d" else 3
     return Prediction(
         labels=labels,
-        uncertainty_map=uncertainty,
+        uncertainty_map=maps.uncertainty,
         regions=region_set,
         reference=reference,
         classes=model.classes,
@@ -723,7 +750,7 @@ def predict_case(
         passes=passes_per_input(config.uncertainty, config.samples, spatial_dims),
         model_seconds=model_seconds,
         seconds=time.perf_counter() - start,
-        probabilities=probabilities,
+        probabilities=maps.probabilities,
         warnings=notes,
         engine=engine,
     )
@@ -998,6 +1025,62 @@ class PredictResult:
         return [c for c in self.cases if c["status"] != "ok"]
 
 
+def _refuse_existing_outputs(planned: dict[str, dict[str, Path]], summary_path: Path, out_dir: Path) -> None:
+    """An OutputError naming the first output an earlier run left, if any (nothing is replaced)."""
+    existing = [p for paths in planned.values() for p in paths.values() if p.exists()]
+    existing += [summary_path] if summary_path.exists() else []
+    if existing:
+        raise OutputError(
+            f"exists already ({len(existing)} output file(s) of an earlier run in {out_dir}); refusing to "
+            "overwrite",
+            path=existing[0],
+            hint="pass --overwrite to replace them, or choose another --out",
+        )
+
+
+def _case_entry(
+    outcome: Any, paths: dict[str, Path], out_dir: Path, config: PredictConfig, model_file: str
+) -> tuple[dict[str, Any], Any]:
+    """Write one predicted case's outputs; returns its summary entry and the 'case' event's outputs."""
+    prediction = outcome.prediction
+    write_start = time.perf_counter()
+    outputs = write_prediction(
+        prediction,
+        paths,
+        overwrite=config.overwrite,
+        context={"case": outcome.case, "image": str(outcome.path), "model": model_file},
+    )
+    entry = {
+        "case": outcome.case,
+        "input": str(outcome.path),
+        "status": "ok",
+        "outputs": {k: str(p.relative_to(out_dir)) for k, p in paths.items()},
+        "seconds": outcome.seconds + (time.perf_counter() - write_start),
+        "model_seconds": prediction.model_seconds,
+        **prediction.statistics(),
+        "flagged_volume_mm3": prediction.regions.flagged_volume_mm3,
+        "regions_listed": len(prediction.regions.regions),
+        **review_summary(prediction.regions),
+        "warnings": prediction.warnings,
+    }
+    return entry, outputs
+
+
+def _raise_for_failures(result: PredictResult, errors: list[BusegError], total: int) -> None:
+    """The job's error when cases failed: the case's own error for one input, else a list of them."""
+    if not result.failed:
+        return
+    if total == 1:
+        raise errors[0]  # the one case's own error (and exit code: a ResourceError is 3)
+    names = ", ".join(c["case"] for c in result.failed[:10])
+    raise InputError(
+        f"{len(result.failed)} of {total} case(s) could not be predicted: {names} "
+        f"(first: {errors[0].message})",
+        path=result.failed[0]["input"],
+        hint=f"details in the warnings and in {result.summary_path}",
+    )
+
+
 def predict_files(
     inputs: Sequence[str | Path],
     config: PredictConfig,
@@ -1022,18 +1105,11 @@ def predict_files(
     }
     summary_path = out_dir / "summary.json"
     if not config.overwrite:
-        existing = [p for paths in planned.values() for p in paths.values() if p.exists()]
-        existing += [summary_path] if summary_path.exists() else []
-        if existing:
-            raise OutputError(
-                f"exists already ({len(existing)} output file(s) of an earlier run in {out_dir}); refusing to "
-                "overwrite",
-                path=existing[0],
-                hint="pass --overwrite to replace them, or choose another --out",
-            )
+        _refuse_existing_outputs(planned, summary_path, out_dir)
     model, device, reason = load_for_prediction(config)
     engine = engine_info(model, config, device)
     ensure_output_folder(out_dir)  # before the first case is computed
+    classes = [c["name"] for c in model.classes]
     sink.emit(
         "started",
         job="predict",
@@ -1042,7 +1118,7 @@ def predict_files(
         device_reason=reason,
         **engine,
         total=len(images),
-        classes=[c["name"] for c in model.classes],
+        classes=classes,
         buseg_version=__version__,
     )
     summary: dict[str, Any] = {
@@ -1058,57 +1134,28 @@ def predict_files(
     }
     errors: list[BusegError] = []
     for outcome in iter_predictions(images, model, config, sink=sink, should_stop=should_stop):
-        entry: dict[str, Any] = {"case": outcome.case, "input": str(outcome.path)}
         if outcome.prediction is None:
-            entry.update(status="failed", error=str(outcome.error))
+            entry = {
+                "case": outcome.case,
+                "input": str(outcome.path),
+                "status": "failed",
+                "error": str(outcome.error),
+            }
             errors.append(outcome.error)
         else:
-            prediction = outcome.prediction
             paths = planned[outcome.case]
-            write_start = time.perf_counter()
-            outputs = write_prediction(
-                prediction,
-                paths,
-                overwrite=config.overwrite,
-                context={
-                    "case": outcome.case,
-                    "image": str(outcome.path),
-                    "model": summary["model"],
-                },
-            )
-            seconds = outcome.seconds + (time.perf_counter() - write_start)
-            entry.update(
-                status="ok",
-                outputs={k: str(p.relative_to(out_dir)) for k, p in paths.items()},
-                seconds=seconds,
-                model_seconds=prediction.model_seconds,
-                **prediction.statistics(),
-                flagged_volume_mm3=prediction.regions.flagged_volume_mm3,
-                regions_listed=len(prediction.regions.regions),
-                **review_summary(prediction.regions),
-                warnings=prediction.warnings,
-            )
+            entry, outputs = _case_entry(outcome, paths, out_dir, config, summary["model"])
             sink.emit(
                 "case",
                 index=outcome.index,
                 total=len(images),
                 case=outcome.case,
                 outputs=outputs,
-                seconds=seconds,
+                seconds=entry["seconds"],
             )
         summary["cases"].append(entry)
         # Rewritten after every case, so an interrupted run leaves a consistent summary.
         write_json_atomic(summary_path, json_safe(summary), overwrite=True)
     result = PredictResult(out_dir, summary_path, summary["cases"])
-    if result.failed:
-        if len(images) == 1:
-            raise errors[0]  # the one case's own error (and exit code: a ResourceError is 3)
-        names = ", ".join(c["case"] for c in result.failed[:10])
-        first = errors[0]
-        raise InputError(
-            f"{len(result.failed)} of {len(images)} case(s) could not be predicted: {names} "
-            f"(first: {first.message})",
-            path=result.failed[0]["input"],
-            hint=f"details in the warnings and in {summary_path}",
-        )
+    _raise_for_failures(result, errors, len(images))
     return result
