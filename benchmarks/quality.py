@@ -797,7 +797,9 @@ def summary_rows(rows: list[dict], references: list[str]) -> list[dict]:
         line = {"configuration": key, "seeds": len(group)}
         for column, metric, scale in (
             ("Dice last", "last_dice", 100),
+            ("Jaccard last", "last_jaccard", 100),
             ("HD95 last", "last_hd95_voxels", 1),
+            ("ASD last", "last_asd_voxels", 1),
             ("Dice selected", "best_dice", 100),
             ("HD95 selected", "best_hd95_voxels", 1),
         ):
@@ -855,7 +857,8 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str) -> list[st
         "",
         "Mean ± sample standard deviation over seeds. *Last*: the final checkpoint on all held-out "
         "volumes (no selection; the primary figure). *Selected*: the checkpoint with the best mean Dice "
-        "on the selection half, scored on the evaluation half. Dice in %, HD95 in voxels. *vs X*: "
+        "on the selection half, scored on the evaluation half. Dice and Jaccard in %, "
+        "HD95 and ASD in voxels (the published tables' units). *vs X*: "
         "verdict on the last-checkpoint Dice paired by seed, mean difference ± its standard error; "
         "'better' only when ahead in every seed or the mean difference exceeds twice its standard "
         f"error (at least {MIN_SEEDS_FOR_VERDICT} seeds). *Per seed*: the differences against "
