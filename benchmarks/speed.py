@@ -910,6 +910,58 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+_CSV_COLUMNS = (
+    "setting",
+    "configuration",
+    "kind",
+    "what",
+    "timed_iterations",
+    "median_s",
+    "min_s",
+    "max_s",
+    "speedup_vs_reference",
+    "speedup_vs_same_semantics",
+    "cost_vs_bcp",
+    "speedup_vs_fp32",
+    "median_cpu_s",
+    "cpu_speedup_vs_reference",
+    "cpu_speedup_vs_same_semantics",
+    "cpu_cost_vs_bcp",
+    "sampling_s",
+    "peak_rss_mb",
+    "rss_before_step_mb",
+    "gpu_peak_mb",
+    "all_seconds",
+    "error",
+)
+
+_METHOD_NOTE = (
+    "Seconds per training iteration (whole iteration: sampling + augmentation, teacher, pseudo-labels, "
+    "student, loss, backward, SGD, EMA). Median of the timed iterations; configurations interleaved "
+    "round by round in one process. *Speed-up* = median over rounds of (reference time / this time); "
+    "*vs its fp32 twin*: the same configuration with --no-amp (float32), paired by round; "
+    "*vs same semantics* compares with the straightforward code computing what our engine computes. "
+    "*Cost vs bcp* = median / median of bcp. **Wall** = elapsed seconds; **CPU** = CPU seconds of the "
+    "process during the iteration (all its threads; only one configuration runs at a time and threads "
+    "wait passively), the measure that other jobs on a shared machine disturb least. Peak RSS: fresh "
+    "process per configuration, one iteration."
+)
+
+_TABLE_HEAD = [
+    "| configuration | wall s/it | speed-up vs reference | vs same semantics | cost vs bcp "
+    "| speed-up vs its fp32 twin "
+    "| CPU s/it | CPU speed-up vs reference | vs same semantics | CPU cost vs bcp "
+    "| peak RSS MB | RSS before step MB | GPU peak MB |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+_REFERENCE_NOTE = (
+    "The reference differs from our engine in what it computes (teacher in train mode: batch "
+    "BatchNorm statistics and dropout; two teacher and two student passes: BatchNorm statistics per "
+    "half batch); `reference same-semantics` removes those differences. See docs/speed.md."
+)
+
+
 def write_report(
     out: Path,
     preset: str,
@@ -920,118 +972,107 @@ def write_report(
     started: str,
     wall_s: float,
 ) -> tuple[Path, Path]:
+    """Write ``speed_<preset>.csv`` (one row per setting and configuration) and ``speed_<preset>.md``."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / f"speed_{preset}.csv", out / f"speed_{preset}.md"
-    columns = [
-        "setting",
-        "configuration",
-        "kind",
-        "what",
-        "timed_iterations",
-        "median_s",
-        "min_s",
-        "max_s",
-        "speedup_vs_reference",
-        "speedup_vs_same_semantics",
-        "cost_vs_bcp",
-        "speedup_vs_fp32",
-        "median_cpu_s",
-        "cpu_speedup_vs_reference",
-        "cpu_speedup_vs_same_semantics",
-        "cpu_cost_vs_bcp",
-        "sampling_s",
-        "peak_rss_mb",
-        "rss_before_step_mb",
-        "gpu_peak_mb",
-        "all_seconds",
-        "error",
-    ]
-    temporary_csv = csv_path.with_suffix(".csv.tmp")
-    with temporary_csv.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+    _write_csv(csv_path, rows)
+    lines = _report_header(preset, info, command, started, wall_s)
+    for result in results:
+        lines += _setting_section(result, [r for r in rows if r["setting"] == result.setting.name])
+    lines += _configurations_section(rows)
+    _replace(md_path, "\n".join(lines))
+    return csv_path, md_path
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    # Through a temporary file: the report is rewritten after every setting, and a run stopped
+    # while writing must leave the previous complete file, not half of a new one.
+    temporary = path.with_suffix(".csv.tmp")
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(_CSV_COLUMNS), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    temporary_csv.replace(csv_path)
+    temporary.replace(path)
 
-    lines = [
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file (see :func:`_write_csv`)."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def _report_header(preset: str, info: dict[str, str], command: str, started: str, wall_s: float) -> list[str]:
+    return [
         f"# Training speed ({preset} preset)",
         "",
         f"Command: `{command}`  ",
         f"Started: {started}; wall time {wall_s / 60:.1f} min.  ",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
         "",
-        "Seconds per training iteration (whole iteration: sampling + augmentation, teacher, pseudo-labels, "
-        "student, loss, backward, SGD, EMA). Median of the timed iterations; configurations interleaved "
-        "round by round in one process. *Speed-up* = median over rounds of (reference time / this time); "
-        "*vs its fp32 twin*: the same configuration with --no-amp (float32), paired by round; "
-        "*vs same semantics* compares with the straightforward code computing what our engine computes. "
-        "*Cost vs bcp* = median / median of bcp. **Wall** = elapsed seconds; **CPU** = CPU seconds of the "
-        "process during the iteration (all its threads; only one configuration runs at a time and threads "
-        "wait passively), the measure that other jobs on a shared machine disturb least. Peak RSS: fresh "
-        "process per configuration, one iteration.",
+        _METHOD_NOTE,
         "",
     ]
-    for result in results:
-        loads = [f"{a[0]:.1f}" for a in result.load_average]
+
+
+def _setting_section(result: SettingResult, rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown of one setting: what ran, the table of ``rows`` (this setting's), the notes."""
+    loads = [f"{a[0]:.1f}" for a in result.load_average]
+    lines = [
+        f"## {result.setting.label}",
+        "",
+        f"Data: {result.data_description}. Warm-up {result.warmup}, timed {result.timed} iteration(s) "
+        f"each; load average (1 min) per round: {', '.join(loads)}; wall {result.wall_seconds / 60:.1f} min.",
+        "",
+        *_TABLE_HEAD,
+    ]
+    lines += [_table_row(row) for row in rows]
+    sampling = [r["sampling_s"] for r in rows if r["sampling_s"]]
+    if sampling:
         lines += [
-            f"## {result.setting.label}",
             "",
-            f"Data: {result.data_description}. Warm-up {result.warmup}, timed {result.timed} iteration(s) "
-            f"each; load average (1 min) per round: {', '.join(loads)}; wall {result.wall_seconds / 60:.1f} min.",
-            "",
-            "| configuration | wall s/it | speed-up vs reference | vs same semantics | cost vs bcp "
-            "| speed-up vs its fp32 twin "
-            "| CPU s/it | CPU speed-up vs reference | vs same semantics | CPU cost vs bcp "
-            "| peak RSS MB | RSS before step MB | GPU peak MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"Batch sampling and augmentation (same code on both sides): "
+            f"{statistics.median(sampling):.2f} s of each iteration.",
         ]
-        for row in (r for r in rows if r["setting"] == result.setting.name):
-            name = row["configuration"] + (f" (error: {row['error']})" if row["error"] else "")
-            lines.append(
-                f"| {name} | {_fmt(row['median_s'])} | "
-                f"{_fmt(row['speedup_vs_reference'])} | {_fmt(row['speedup_vs_same_semantics'])} | "
-                f"{_fmt(row['cost_vs_bcp'])} | {_fmt(row['speedup_vs_fp32'])} | {_fmt(row['median_cpu_s'])} | "
-                f"{_fmt(row['cpu_speedup_vs_reference'])} | {_fmt(row['cpu_speedup_vs_same_semantics'])} | "
-                f"{_fmt(row['cpu_cost_vs_bcp'])} | {_fmt(row['peak_rss_mb'], 0)} | "
-                f"{_fmt(row['rss_before_step_mb'], 0)} | {_fmt(row['gpu_peak_mb'], 0)} |"
-            )
-        sampling = [r["sampling_s"] for r in rows if r["setting"] == result.setting.name and r["sampling_s"]]
-        if sampling:
-            lines += [
-                "",
-                f"Batch sampling and augmentation (same code on both sides): "
-                f"{statistics.median(sampling):.2f} s of each iteration.",
-            ]
-        if result.clean_up:
-            c = result.clean_up
-            lines += [
-                "",
-                f"Pseudo-label clean-up alone, on blobby label maps of the teacher's batch shape "
-                f"(the random-weight teachers above give nearly uniform maps): ours "
-                f"{c['ours_s'] * 1000:.1f} ms, reference per-image per-class loop "
-                f"{c['reference_s'] * 1000:.1f} ms per iteration.",
-            ]
-        lines.append("")
-    lines += ["Configurations:", ""]
+    if result.clean_up:
+        lines += ["", _clean_up_note(result.clean_up)]
+    lines.append("")
+    return lines
+
+
+def _table_row(row: dict[str, Any]) -> str:
+    name = row["configuration"] + (f" (error: {row['error']})" if row["error"] else "")
+    return (
+        f"| {name} | {_fmt(row['median_s'])} | "
+        f"{_fmt(row['speedup_vs_reference'])} | {_fmt(row['speedup_vs_same_semantics'])} | "
+        f"{_fmt(row['cost_vs_bcp'])} | {_fmt(row['speedup_vs_fp32'])} | {_fmt(row['median_cpu_s'])} | "
+        f"{_fmt(row['cpu_speedup_vs_reference'])} | {_fmt(row['cpu_speedup_vs_same_semantics'])} | "
+        f"{_fmt(row['cpu_cost_vs_bcp'])} | {_fmt(row['peak_rss_mb'], 0)} | "
+        f"{_fmt(row['rss_before_step_mb'], 0)} | {_fmt(row['gpu_peak_mb'], 0)} |"
+    )
+
+
+def _clean_up_note(clean_up: dict[str, float]) -> str:
+    return (
+        f"Pseudo-label clean-up alone, on blobby label maps of the teacher's batch shape "
+        f"(the random-weight teachers above give nearly uniform maps): ours "
+        f"{clean_up['ours_s'] * 1000:.1f} ms, reference per-image per-class loop "
+        f"{clean_up['reference_s'] * 1000:.1f} ms per iteration."
+    )
+
+
+def _configurations_section(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["Configurations:", ""]
     for name in dict.fromkeys(r["configuration"] for r in rows):
         lines.append(f"- `{name}`: {CONFIGURATIONS[name].describe() or 'defaults'}")
-    lines += [
-        "",
-        "The reference differs from our engine in what it computes (teacher in train mode: batch "
-        "BatchNorm statistics and dropout; two teacher and two student passes: BatchNorm statistics per "
-        "half batch); `reference same-semantics` removes those differences. See docs/speed.md.",
-        "",
-    ]
-    temporary_md = md_path.with_suffix(".md.tmp")
-    temporary_md.write_text("\n".join(lines))
-    temporary_md.replace(md_path)
-    return csv_path, md_path
+    return [*lines, "", _REFERENCE_NOTE, ""]
 
 
 # --------------------------------------------------------------------------------------
+# Command line
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="default: the preset's")
@@ -1067,57 +1108,65 @@ def main(argv: list[str] | None = None) -> int:
         "OMP_WAIT_POLICY of the environment (unset: libgomp's default)",
     )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.memory_child:
-        print(json.dumps(memory_child(json.loads(args.memory_child))), flush=True)
-        return 0
-    if args.single:
-        setting = SETTINGS[(args.settings or ["acdc-128"])[0]]
-        data, description = load_data(
-            setting, Path(args.data_root) if Path(args.data_root).is_dir() else None
-        )
-        print(
-            f"{setting.label}, {args.single} alone, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
-            f"load average {os.getloadavg()[0]:.1f}: {description}",
-            flush=True,
-        )
-        values = single_run(setting, args.single, data, args.timed or 6, args.seed)
-        print(
-            f"median of iterations 2..: {statistics.median(values[1:] or values):.2f} s; "
-            f"load average {os.getloadavg()[0]:.1f}",
-            flush=True,
-        )
-        return 0
 
-    preset = PRESETS[args.preset]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(preset["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("the gpu preset needs a CUDA GPU", file=sys.stderr)
-        return 2
-    data_root = Path(args.data_root) if args.data_root and Path(args.data_root).is_dir() else None
-    settings = [SETTINGS[s] for s in (args.settings or preset["settings"])]
-    memory_settings = preset["memory"] if args.memory is None else args.memory
-    command = shown_command(".venv/bin/python benchmarks/speed.py", argv or sys.argv[1:])
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    start = time.perf_counter()
-    info = machine_info(device)
-    print(f"machine: {info}", flush=True)
-    rows, results = [], []
-    for setting in settings:
-        names = list(args.configs or preset["configs"].get(setting.name, DEFAULT_CONFIGURATIONS))
-        names += [n for n in preset.get("extra_configs", []) if n not in names and not args.configs]
-        warmup = args.warmup if args.warmup is not None else preset["warmup"][setting.name]
-        timed = args.timed if args.timed is not None else preset["timed"][setting.name]
-        data, description = load_data(setting, data_root)
-        print(f"{setting.label}: {description}; {', '.join(names)}", flush=True)
+def _run_single(args: argparse.Namespace) -> int:
+    """``--single``: one engine configuration alone, each iteration's seconds printed, no report."""
+    setting = SETTINGS[(args.settings or ["acdc-128"])[0]]
+    data, description = load_data(setting, Path(args.data_root) if Path(args.data_root).is_dir() else None)
+    print(
+        f"{setting.label}, {args.single} alone, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+        f"load average {os.getloadavg()[0]:.1f}: {description}",
+        flush=True,
+    )
+    values = single_run(setting, args.single, data, args.timed or 6, args.seed)
+    print(
+        f"median of iterations 2..: {statistics.median(values[1:] or values):.2f} s; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    return 0
+
+
+class _PresetRun:
+    """A preset's settings one after the other, the command-line options overriding the preset's choices."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args, self.device = args, device
+        self.preset = PRESETS[args.preset]
+        self.data_root = Path(args.data_root) if args.data_root and Path(args.data_root).is_dir() else None
+        self.memory_settings = self.preset["memory"] if args.memory is None else args.memory
+
+    def settings(self) -> list[Setting]:
+        return [SETTINGS[s] for s in (self.args.settings or self.preset["settings"])]
+
+    def configuration_names(self, setting: Setting) -> list[str]:
+        names = list(self.args.configs or self.preset["configs"].get(setting.name, DEFAULT_CONFIGURATIONS))
+        # The preset's extras (e.g. fp32 twins on the GPU) only when --configs leaves the choice to it.
+        names += [n for n in self.preset.get("extra_configs", []) if n not in names and not self.args.configs]
+        return names
+
+    def memory(self, setting: Setting, names: list[str]) -> dict[str, dict[str, Any]]:
+        """Peak RSS per configuration (CPU, settings the preset or --memory names; else none)."""
         memory: dict[str, dict[str, Any]] = {}
-        if device.type == "cpu" and setting.name in memory_settings:
+        if self.device.type == "cpu" and setting.name in self.memory_settings:
             for name in names:
-                memory[name] = measure_memory(setting, name, data_root, torch.get_num_threads(), args.seed)
+                memory[name] = measure_memory(
+                    setting, name, self.data_root, torch.get_num_threads(), self.args.seed
+                )
                 print(f"  [{setting.name} memory] {name}: {memory[name]}", flush=True)
+        return memory
+
+    def measure(self, setting: Setting) -> tuple[SettingResult, dict[str, dict[str, Any]]]:
+        """One setting: memory first (fresh processes), then the interleaved timing and the clean-up alone."""
+        args = self.args
+        names = self.configuration_names(setting)
+        warmup = args.warmup if args.warmup is not None else self.preset["warmup"][setting.name]
+        timed = args.timed if args.timed is not None else self.preset["timed"][setting.name]
+        data, description = load_data(setting, self.data_root)
+        print(f"{setting.label}: {description}; {', '.join(names)}", flush=True)
+        memory = self.memory(setting, names)
         result = time_setting(
             setting,
             names,
@@ -1125,18 +1174,48 @@ def main(argv: list[str] | None = None) -> int:
             description,
             warmup=warmup,
             timed=timed,
-            device=device,
+            device=self.device,
             seed=args.seed,
             turn_timeout_s=args.turn_timeout,
         )
         result.clean_up = clean_up_timings(setting)
+        return result, memory
+
+
+def _run_preset(args: argparse.Namespace, argv: list[str] | None) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(PRESETS[args.preset]["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("the gpu preset needs a CUDA GPU", file=sys.stderr)
+        return 2
+    run = _PresetRun(args, device)
+    command = shown_command(".venv/bin/python benchmarks/speed.py", argv or sys.argv[1:])
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    start = time.perf_counter()
+    info = machine_info(device)
+    print(f"machine: {info}", flush=True)
+    rows, results = [], []
+    for setting in run.settings():
+        result, memory = run.measure(setting)
         results.append(result)
         rows += summarise(result, memory)
+        # After every setting, so that a long run stopped half-way still leaves a report.
         csv_path, md_path = write_report(
             Path(args.out), args.preset, rows, results, info, command, started, time.perf_counter() - start
         )
     print(f"wrote {csv_path} and {md_path}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))), flush=True)
+        return 0
+    if args.single:
+        return _run_single(args)
+    return _run_preset(args, argv)
 
 
 if __name__ == "__main__":
