@@ -234,6 +234,48 @@ def find_regions(
     Without ``slice_axis_ijk`` a region is a whole connected component (no slabs, no tiles,
     no slice order); with it, see the module docstring.
     """
+    _check_shapes(uncertainty, reference, labels, flags)
+    voxel_mm3 = reference.voxel_volume_mm3
+    axis_numpy = None if slice_axis_ijk is None else 2 - int(slice_axis_ijk)
+    settings = _settings(
+        threshold,
+        min_region_mm3,
+        min_region_voxels,
+        max_regions,
+        slice_axis_ijk,
+        region_slices,
+        region_extent_mm,
+        shape_flags=flags is not None,
+    )
+    error_chance, keys = _voxel_maps(uncertainty, threshold, flags)
+    tiles = None if axis_numpy is None else _tile_voxels(reference, axis_numpy, region_extent_mm)
+    pieces = _Pieces.measure(
+        keys, uncertainty, flags is not None, error_chance, axis_numpy, region_slices, tiles
+    )
+    kept, dropped, beyond = pieces.ranked(voxel_mm3, min_region_mm3, min_region_voxels, max_regions)
+    regions = pieces.regions(kept, reference, labels, class_names)
+    review = None
+    if axis_numpy is not None:
+        review = slice_review(error_chance, keys > 0, reference, int(slice_axis_ijk))
+    return RegionSet(
+        regions=regions,
+        threshold=threshold,
+        flagged_voxels=pieces.flagged_voxels,
+        flagged_volume_mm3=pieces.flagged_voxels * voxel_mm3,
+        found=int(pieces.found),
+        dropped_small=dropped,
+        beyond_cap=beyond,
+        listed_review_value=float(sum(r.review_value for r in regions)),
+        total_review_value=float(pieces.error_sums[1:].sum()) * voxel_mm3,
+        settings=settings,
+        slice_review=review,
+    )
+
+
+def _check_shapes(
+    uncertainty: np.ndarray, reference: Volume, labels: np.ndarray | None, flags: np.ndarray | None
+) -> None:
+    """Refuse maps that do not lie on the same grid (a ValueError naming the map that differs)."""
     for name, array in (("labels", labels), ("flags", flags)):
         if array is not None and array.shape != uncertainty.shape:
             raise ValueError(
@@ -243,11 +285,21 @@ def find_regions(
         raise ValueError(
             f"uncertainty shape {uncertainty.shape} differs from the image's {reference.array.shape}"
         )
-    from .shape_flags import expected_error_map, reason_of_code
 
-    voxel_mm3 = reference.voxel_volume_mm3
-    axis_numpy = None if slice_axis_ijk is None else 2 - int(slice_axis_ijk)
-    settings = {
+
+def _settings(
+    threshold: float,
+    min_region_mm3: float,
+    min_region_voxels: int,
+    max_regions: int,
+    slice_axis_ijk: int | None,
+    region_slices: int,
+    region_extent_mm: float,
+    *,
+    shape_flags: bool,
+) -> dict[str, Any]:
+    """The settings recorded in ``regions.json`` (the slab and tile sizes only with a slice axis)."""
+    return {
         "threshold": threshold,
         "min_region_mm3": min_region_mm3,
         "min_region_voxels": min_region_voxels,
@@ -257,82 +309,130 @@ def find_regions(
         "slice_axis_ijk": slice_axis_ijk,
         "region_slices": region_slices if slice_axis_ijk is not None else None,
         "region_extent_mm": region_extent_mm if slice_axis_ijk is not None else None,
-        "shape_flags": flags is not None,
+        "shape_flags": shape_flags,
     }
+
+
+def _voxel_maps(
+    uncertainty: np.ndarray, threshold: float, flags: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per voxel, the chance that it is wrong (:func:`buseg.shape_flags.expected_error_map`) and why
+    it is flagged: 0 none, 1 uncertainty, 1 + flag code for a shape flag (a flag takes precedence,
+    so that a confident miss is listed with its own reason)."""
+    from .shape_flags import expected_error_map
+
     error_chance = expected_error_map(uncertainty, flags)
-    # Key per voxel: 0 none, 1 uncertainty, 1 + flag code for a shape flag (a flag takes precedence).
     keys = (uncertainty > threshold).astype(np.uint8)
     if flags is not None:
         flagged_by_shape = flags > 0
         keys[flagged_by_shape] = flags[flagged_by_shape] + 1
-        del flagged_by_shape
-    tiles = None if axis_numpy is None else _tile_voxels(reference, axis_numpy, region_extent_mm)
-    component, found, piece_keys = _label_pieces(keys, axis_numpy, region_slices, tiles)
-    counts, sums, maxima, centroids = _region_statistics(component, found, uncertainty)
-    error_sums = _region_statistics(component, found, error_chance)[1] if flags is not None else sums
-    total_review = float(error_sums[1:].sum()) * voxel_mm3
-    flagged = int(counts[1:].sum())
+    return error_chance, keys
 
-    candidates = np.arange(1, found + 1)
-    big = (counts[candidates] * voxel_mm3 >= min_region_mm3) & (counts[candidates] >= min_region_voxels)
-    kept = candidates[big]
-    dropped = int(found - kept.size)
-    # Rank: expected error, then peak uncertainty, then size; the label id breaks exact ties.
-    order = np.lexsort((kept, -counts[kept], -maxima[kept], -error_sums[kept]))
-    kept = kept[order]
-    beyond = max(0, kept.size - max_regions) if max_regions > 0 else 0
-    if max_regions > 0:
-        kept = kept[:max_regions]
 
-    boxes = ndimage.find_objects(component)
-    names = list(class_names) if class_names is not None else None
-    regions = []
-    for rank, label_id in enumerate(kept, start=1):
-        box = boxes[label_id - 1]
-        centroid_ijk = [float(v) for v in centroids[:, label_id][::-1]]
-        class_voxels = _class_voxels(labels, component, box, label_id, names)
+@dataclass
+class _Pieces:
+    """The labelled pieces of the flagged voxels and their statistics, indexed by piece id (0 = none)."""
+
+    component: np.ndarray  # piece id per voxel
+    found: int
+    piece_keys: list[int]  # each piece's voxel key (see _voxel_maps), at index id - 1
+    counts: np.ndarray
+    sums: np.ndarray  # of the uncertainty
+    maxima: np.ndarray  # of the uncertainty
+    centroids: np.ndarray  # (3, ids), numpy axis order
+    error_sums: np.ndarray  # of the chance of an error
+
+    @classmethod
+    def measure(
+        cls,
+        keys: np.ndarray,
+        uncertainty: np.ndarray,
+        shape_flags: bool,
+        error_chance: np.ndarray,
+        slice_axis_numpy: int | None,
+        region_slices: int,
+        tile_voxels: Sequence[int] | None,
+    ) -> _Pieces:
+        """Label the pieces of ``keys`` (see :func:`_label_pieces`) and measure them. Without
+        ``shape_flags`` the chance of an error is the uncertainty: its sums are not gathered twice."""
+        component, found, piece_keys = _label_pieces(keys, slice_axis_numpy, region_slices, tile_voxels)
+        counts, sums, maxima, centroids = _region_statistics(component, found, uncertainty)
+        error_sums = _region_statistics(component, found, error_chance)[1] if shape_flags else sums
+        return cls(component, found, piece_keys, counts, sums, maxima, centroids, error_sums)
+
+    @property
+    def flagged_voxels(self) -> int:
+        return int(self.counts[1:].sum())
+
+    def ranked(
+        self, voxel_mm3: float, min_region_mm3: float, min_region_voxels: int, max_regions: int
+    ) -> tuple[np.ndarray, int, int]:
+        """The ids of the pieces to list, best first; how many were too small; how many the cap left out."""
+        counts, candidates = self.counts, np.arange(1, self.found + 1)
+        big = (counts[candidates] * voxel_mm3 >= min_region_mm3) & (counts[candidates] >= min_region_voxels)
+        kept = candidates[big]
+        dropped = int(self.found - kept.size)
+        # Rank: expected error, then peak uncertainty, then size; the label id breaks exact ties.
+        order = np.lexsort((kept, -counts[kept], -self.maxima[kept], -self.error_sums[kept]))
+        kept = kept[order]
+        beyond = max(0, kept.size - max_regions) if max_regions > 0 else 0
+        if max_regions > 0:
+            kept = kept[:max_regions]
+        return kept, dropped, beyond
+
+    def regions(
+        self,
+        kept: np.ndarray,
+        reference: Volume,
+        labels: np.ndarray | None,
+        class_names: Sequence[str] | None,
+    ) -> list[Region]:
+        """The listed pieces as regions, their ids the ranks (1 = review first)."""
+        boxes = ndimage.find_objects(self.component)
+        names = list(class_names) if class_names is not None else None
+        return [
+            self.region(rank, label_id, boxes[label_id - 1], reference, labels, names)
+            for rank, label_id in enumerate(kept, start=1)
+        ]
+
+    def region(
+        self,
+        rank: int,
+        label_id: int,
+        box: tuple[slice, ...],
+        reference: Volume,
+        labels: np.ndarray | None,
+        names: list[str] | None,
+    ) -> Region:
+        """One piece measured in physical space (``box``: its bounding box, numpy order)."""
+        from .shape_flags import reason_of_code
+
+        voxel_mm3 = reference.voxel_volume_mm3
+        centroid_ijk = [float(v) for v in self.centroids[:, label_id][::-1]]
+        class_voxels = _class_voxels(labels, self.component, box, label_id, names)
         low_ijk = [s.start for s in box][::-1]
         high_ijk = [s.stop - 1 for s in box][::-1]
         ras_min, ras_max = _ras_box(reference, [v - 0.5 for v in low_ijk], [v + 0.5 for v in high_ijk])
-        count = int(counts[label_id])
-        key = piece_keys[label_id - 1]
-        regions.append(
-            Region(
-                id=rank,
-                voxel_count=count,
-                volume_mm3=count * voxel_mm3,
-                mean_uncertainty=float(sums[label_id] / count),
-                max_uncertainty=float(maxima[label_id]),
-                review_value=float(error_sums[label_id] * voxel_mm3),
-                classes=list(class_voxels),
-                class_voxels=class_voxels,
-                centroid_ijk=centroid_ijk,
-                centroid_ras=list(reference.index_to_ras(centroid_ijk)),
-                bbox_ijk_min=[int(v) for v in low_ijk],
-                bbox_ijk_max=[int(v) for v in high_ijk],
-                bbox_ras_min=ras_min,
-                bbox_ras_max=ras_max,
-                reason="uncertainty" if key == 1 else reason_of_code(key - 1),
-                expected_error_voxels=float(error_sums[label_id]),
-            )
+        count = int(self.counts[label_id])
+        key = self.piece_keys[label_id - 1]
+        return Region(
+            id=rank,
+            voxel_count=count,
+            volume_mm3=count * voxel_mm3,
+            mean_uncertainty=float(self.sums[label_id] / count),
+            max_uncertainty=float(self.maxima[label_id]),
+            review_value=float(self.error_sums[label_id] * voxel_mm3),
+            classes=list(class_voxels),
+            class_voxels=class_voxels,
+            centroid_ijk=centroid_ijk,
+            centroid_ras=list(reference.index_to_ras(centroid_ijk)),
+            bbox_ijk_min=[int(v) for v in low_ijk],
+            bbox_ijk_max=[int(v) for v in high_ijk],
+            bbox_ras_min=ras_min,
+            bbox_ras_max=ras_max,
+            reason="uncertainty" if key == 1 else reason_of_code(key - 1),
+            expected_error_voxels=float(self.error_sums[label_id]),
         )
-    review = None
-    if axis_numpy is not None:
-        review = slice_review(error_chance, keys > 0, reference, int(slice_axis_ijk))
-    del component, keys
-    return RegionSet(
-        regions=regions,
-        threshold=threshold,
-        flagged_voxels=flagged,
-        flagged_volume_mm3=flagged * voxel_mm3,
-        found=int(found),
-        dropped_small=dropped,
-        beyond_cap=beyond,
-        listed_review_value=float(sum(r.review_value for r in regions)),
-        total_review_value=total_review,
-        settings=settings,
-        slice_review=review,
-    )
 
 
 def _class_voxels(
