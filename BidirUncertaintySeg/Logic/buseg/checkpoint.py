@@ -25,7 +25,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -209,91 +209,134 @@ def check_metadata_shape(metadata: Any, *, path: str | Path | None = None) -> No
 
 def validate_metadata(metadata: Any, *, path: str | Path | None = None) -> None:
     """Check that metadata are complete, of known version and of sane types and values."""
-
-    def fail(message: str) -> None:
-        raise ModelFileError(message, path=path)
-
     check_metadata_shape(metadata, path=path)
     if not isinstance(metadata, dict):
-        fail("metadata are not a mapping")
-    if metadata.get("format") != FORMAT:
-        fail(f"not a buseg model file (format {metadata.get('format')!r})")
-    version = metadata.get("format_version")
-    if not isinstance(version, int):
-        fail("format_version missing")
-    if version > FORMAT_VERSION:
-        fail(
-            f"written by a newer buseg (model format {version}; this buseg {__version__} reads up to "
-            f"{FORMAT_VERSION}); update buseg to use it"
-        )
-    for key, kind in (
-        ("dimension", str),
-        ("network", dict),
-        ("classes", list),
-        ("normalization", str),
-        ("patch_size", list),
-        ("method", str),
-    ):
-        if not isinstance(metadata.get(key), kind):
-            fail(f"metadata field {key!r} missing or not a {kind.__name__}")
-    if metadata["dimension"] not in ("2d", "3d"):
-        fail(f"dimension {metadata['dimension']!r} is neither 2d nor 3d")
-    network = metadata["network"]
-    if network.get("name") not in NETWORKS:
-        fail(f"unknown network {network.get('name')!r}")
-    if NETWORK_DIMENSION[network["name"]] != metadata["dimension"]:
-        fail(f"a {network['name']} network cannot be a {metadata['dimension']} model")
-    for key in ("in_channels", "num_classes", "base_channels"):
-        value = network.get(key)
-        if not _is_int(value) or not 1 <= value <= 4096:
-            fail(f"network field {key!r} is not a sensible integer: {value!r}")
-    if network["in_channels"] != 1:
-        fail(
-            f"the model expects {network['in_channels']} images per case (input channels); this buseg "
-            "segments one image per case"
-        )
-    if not isinstance(network.get("dropout", True), bool):
-        fail(f"network field 'dropout' is not true/false: {network.get('dropout')!r}")
-    classes = metadata["classes"]
-    if len(classes) != network["num_classes"] or len(classes) < 2:
-        fail(f"{len(classes)} classes listed but the network has {network['num_classes']} outputs")
-    names, values = set(), set()
-    for index, cls in enumerate(classes):
+        raise ModelFileError("metadata are not a mapping", path=path)
+    check = _MetadataCheck(metadata, path)
+    check.format()
+    check.fields()
+    check.network()
+    check.classes()
+    check.sampling()
+
+
+class _MetadataCheck:
+    """The checks of :func:`validate_metadata`, run in this order: each relies on the fields the
+    ones before it checked, and refuses the file at the first problem (a ModelFileError)."""
+
+    def __init__(self, metadata: dict[str, Any], path: str | Path | None) -> None:
+        self.metadata = metadata
+        self.path = path
+
+    def fail(self, message: str) -> NoReturn:
+        raise ModelFileError(message, path=self.path)
+
+    def format(self) -> None:
+        """A buseg model file of a format version this buseg reads."""
+        metadata = self.metadata
+        if metadata.get("format") != FORMAT:
+            self.fail(f"not a buseg model file (format {metadata.get('format')!r})")
+        version = metadata.get("format_version")
+        if not isinstance(version, int):
+            self.fail("format_version missing")
+        if version > FORMAT_VERSION:
+            self.fail(
+                f"written by a newer buseg (model format {version}; this buseg {__version__} reads up to "
+                f"{FORMAT_VERSION}); update buseg to use it"
+            )
+
+    def fields(self) -> None:
+        """The required fields, each of its type, and a known dimension."""
+        metadata = self.metadata
+        for key, kind in (
+            ("dimension", str),
+            ("network", dict),
+            ("classes", list),
+            ("normalization", str),
+            ("patch_size", list),
+            ("method", str),
+        ):
+            if not isinstance(metadata.get(key), kind):
+                self.fail(f"metadata field {key!r} missing or not a {kind.__name__}")
+        if metadata["dimension"] not in ("2d", "3d"):
+            self.fail(f"dimension {metadata['dimension']!r} is neither 2d nor 3d")
+
+    def network(self) -> None:
+        """A known network of the model's dimension, with sensible sizes and one input channel."""
+        network = self.metadata["network"]
+        if network.get("name") not in NETWORKS:
+            self.fail(f"unknown network {network.get('name')!r}")
+        if NETWORK_DIMENSION[network["name"]] != self.metadata["dimension"]:
+            self.fail(f"a {network['name']} network cannot be a {self.metadata['dimension']} model")
+        for key in ("in_channels", "num_classes", "base_channels"):
+            value = network.get(key)
+            if not _is_int(value) or not 1 <= value <= 4096:
+                self.fail(f"network field {key!r} is not a sensible integer: {value!r}")
+        if network["in_channels"] != 1:
+            self.fail(
+                f"the model expects {network['in_channels']} images per case (input channels); this buseg "
+                "segments one image per case"
+            )
+        if not isinstance(network.get("dropout", True), bool):
+            self.fail(f"network field 'dropout' is not true/false: {network.get('dropout')!r}")
+
+    def classes(self) -> None:
+        """One class per network output (at least two), each well formed, no name or label value twice."""
+        classes, outputs = self.metadata["classes"], self.metadata["network"]["num_classes"]
+        if len(classes) != outputs or len(classes) < 2:
+            self.fail(f"{len(classes)} classes listed but the network has {outputs} outputs")
+        names, values = set(), set()
+        for index, cls in enumerate(classes):
+            self.class_entry(index, cls)
+            if cls["name"] in names or cls["label_value"] in values:
+                self.fail(f"class {cls['name']!r} (label value {cls['label_value']}) is listed twice")
+            names.add(cls["name"])
+            values.add(cls["label_value"])
+            self.class_color(cls)
+
+    def class_entry(self, index: int, cls: Any) -> None:
+        """Class ``index``: a mapping with its index, a usable name and a valid label value."""
         if not isinstance(cls, dict) or cls.get("index") != index or not isinstance(cls.get("name"), str):
-            fail(f"class entry {index} is malformed: {str(cls)[:200]}")
+            self.fail(f"class entry {index} is malformed: {str(cls)[:200]}")
         problem = class_name_problem(cls["name"])
         if problem:
-            fail(f"class {index} name {cls['name'][:80]!r} {problem}")
+            self.fail(f"class {index} name {cls['name'][:80]!r} {problem}")
         if not _is_int(cls.get("label_value")) or not 0 <= cls["label_value"] <= 2**31 - 1:
-            fail(f"class {cls['name']!r} has no valid label_value")
-        if cls["name"] in names or cls["label_value"] in values:
-            fail(f"class {cls['name']!r} (label value {cls['label_value']}) is listed twice")
-        names.add(cls["name"])
-        values.add(cls["label_value"])
+            self.fail(f"class {cls['name']!r} has no valid label_value")
+
+    def class_color(self, cls: dict[str, Any]) -> None:
+        """A class's color, if any: three numbers in 0..1."""
         color = cls.get("color")
         if color is not None and not (
             isinstance(color, (list, tuple))
             and len(color) == 3
             and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in color)
         ):
-            fail(f"class {cls['name']!r} has a color that is not three numbers in 0..1: {str(color)[:80]}")
-    if metadata["normalization"] not in NORMALIZATIONS:
-        fail(f"unknown normalization {metadata['normalization']!r}")
-    expected = 2 if metadata["dimension"] == "2d" else 3
-    patch = metadata["patch_size"]
-    if len(patch) != expected or not all(_is_int(s) and 1 <= s <= 4096 for s in patch):
-        fail(f"patch_size {str(patch)[:80]} does not fit a {metadata['dimension']} model")
-    if not _is_int(metadata.get("slice_axis", 2)) or metadata.get("slice_axis", 2) not in (0, 1, 2):
-        fail(f"slice_axis {metadata.get('slice_axis')!r} is not 0, 1 or 2")
-    spacing = metadata.get("spacing_mm")
-    if spacing is not None and not (
-        isinstance(spacing, list)
-        and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-            for v in spacing
-        )
-    ):
-        fail(f"spacing_mm {str(spacing)[:80]} is not a list of positive numbers")
+            self.fail(
+                f"class {cls['name']!r} has a color that is not three numbers in 0..1: {str(color)[:80]}"
+            )
+
+    def sampling(self) -> None:
+        """How the images are fed: a known normalisation, a patch of the model's dimension, the
+        slice axis and the training spacing (if recorded)."""
+        metadata = self.metadata
+        if metadata["normalization"] not in NORMALIZATIONS:
+            self.fail(f"unknown normalization {metadata['normalization']!r}")
+        expected = 2 if metadata["dimension"] == "2d" else 3
+        patch = metadata["patch_size"]
+        if len(patch) != expected or not all(_is_int(s) and 1 <= s <= 4096 for s in patch):
+            self.fail(f"patch_size {str(patch)[:80]} does not fit a {metadata['dimension']} model")
+        if not _is_int(metadata.get("slice_axis", 2)) or metadata.get("slice_axis", 2) not in (0, 1, 2):
+            self.fail(f"slice_axis {metadata.get('slice_axis')!r} is not 0, 1 or 2")
+        spacing = metadata.get("spacing_mm")
+        if spacing is not None and not (
+            isinstance(spacing, list)
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in spacing
+            )
+        ):
+            self.fail(f"spacing_mm {str(spacing)[:80]} is not a list of positive numbers")
 
 
 def _is_int(value: Any) -> bool:
