@@ -257,37 +257,99 @@ def _window_chunks(
     should_stop: Callable[[], bool] | None,
 ) -> Chunks:
     """3D: Gaussian-blended sliding windows, finished slab by slab along z (see the module docstring)."""
-    from monai.data.utils import compute_importance_map, dense_patch_slices
+    plan = _WindowPlan.of(image, patch_size_xyz, overlap, stride_xyz)
+    weight_on_device = plan.weight.to(device)
+    slab = _BlendSlab(plan)
+    batch = max(1, int(batch_size))
+    for row_start, row in plan.rows.items():
+        if row_start > slab.base and slab.acc is not None:
+            yield from slab.finish(row_start - slab.base)
+            release_freed_memory()
+        slab.base = row_start
+        index = 0
+        while index < len(row):
+            _check_stop(should_stop)
+            group = row[index : index + batch]
+            try:
+                x = torch.stack([plan.volume[w] for w in group])[:, None].to(device)
+                probs = (prob_fn(x) * weight_on_device).to("cpu", torch.float32)
+            except Exception as exc:  # out-of-memory is retried with a smaller batch; anything else re-raised
+                batch = _lower_batch(exc, len(group), "window", device, warn)
+                continue
+            slab.add(probs, group)
+            index += len(group)
+    if slab.acc is not None:
+        yield from slab.finish(plan.size[0] - slab.base)
+    del slab  # the slab buffers go before the caller writes its outputs
+    release_freed_memory()
 
-    roi = tuple(int(s) for s in patch_size_xyz[::-1])
-    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    # Pad (zeros, centred, as MONAI does) up to the window so that small volumes see a full window.
-    pads = [max(0, r - s) for r, s in zip(roi, volume.shape, strict=True)]
-    if any(pads):
-        volume = torch.nn.functional.pad(
-            volume[None], [v for p in reversed(pads) for v in (p // 2, p - p // 2)]
-        )[0]
-    size = tuple(volume.shape)
-    steps = scan_interval(size, roi, overlap, None if stride_xyz is None else list(stride_xyz)[::-1])
-    windows = sorted(dense_patch_slices(size, roi, steps), key=lambda w: w[0].start)
-    weight = compute_importance_map(
-        roi, mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32
-    )
-    weight_on_device = weight.to(device)
-    keep = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, image.shape, strict=True))
 
-    rows: dict[int, list[tuple[slice, ...]]] = {}
-    for window in windows:  # windows sharing a z start form a row; rows are visited in z order
-        rows.setdefault(window[0].start, []).append(window)
-    depth = roi[0]
-    acc: torch.Tensor | None = (
-        None  # (C, depth, Y, X): weighted sum of probabilities over [base, base + depth)
-    )
-    total = torch.zeros((depth, *size[1:]))  # (depth, Y, X): sum of weights over the same slices
-    base, batch = 0, max(1, int(batch_size))
+@dataclass
+class _WindowPlan:
+    """Where the windows of one 3D volume go, and how much each of their voxels weighs."""
 
-    def finish(count: int) -> Chunks:
+    volume: torch.Tensor  # the image (z, y, x), padded up to the window where it is smaller
+    size: tuple[int, ...]  # the padded volume's shape
+    depth: int  # the window's z size: the depth of the slab of probabilities kept
+    rows: dict[int, list[tuple[slice, ...]]]  # the windows by z start, in z order
+    weight: torch.Tensor  # the Gaussian importance map of a window, on the CPU
+    keep: tuple[slice, ...]  # the image inside the padded volume
+
+    @classmethod
+    def of(
+        cls,
+        image: np.ndarray,
+        patch_size_xyz: Sequence[int],
+        overlap: float,
+        stride_xyz: Sequence[int] | None,
+    ) -> _WindowPlan:
+        """MONAI's windows and weights (as ``sliding_window_inference``), grouped in rows along z."""
+        from monai.data.utils import compute_importance_map, dense_patch_slices
+
+        roi = tuple(int(s) for s in patch_size_xyz[::-1])
+        volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        # Pad (zeros, centred, as MONAI does) up to the window so that small volumes see a full window.
+        pads = [max(0, r - s) for r, s in zip(roi, volume.shape, strict=True)]
+        if any(pads):
+            volume = torch.nn.functional.pad(
+                volume[None], [v for p in reversed(pads) for v in (p // 2, p - p // 2)]
+            )[0]
+        size = tuple(volume.shape)
+        steps = scan_interval(size, roi, overlap, None if stride_xyz is None else list(stride_xyz)[::-1])
+        windows = sorted(dense_patch_slices(size, roi, steps), key=lambda w: w[0].start)
+        weight = compute_importance_map(
+            roi, mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32
+        )
+        keep = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, image.shape, strict=True))
+        rows: dict[int, list[tuple[slice, ...]]] = {}
+        for window in windows:  # windows sharing a z start form a row; rows are visited in z order
+            rows.setdefault(window[0].start, []).append(window)
+        return cls(volume, size, roi[0], rows, weight, keep)
+
+
+class _BlendSlab:
+    """The slices [base, base + depth) of the padded volume while windows are added to them: the
+    weighted sum of the windows' probabilities and the sum of their weights. Slices no later
+    window reaches are finished (blended, cropped, yielded) and the rest shifted forward."""
+
+    def __init__(self, plan: _WindowPlan) -> None:
+        self.plan = plan
+        self.base = 0
+        # (C, depth, Y, X): weighted sum of probabilities; made at the first batch, when C is known.
+        self.acc: torch.Tensor | None = None
+        self.total = torch.zeros((plan.depth, *plan.size[1:]))  # (depth, Y, X): sum of weights
+
+    def add(self, probs: torch.Tensor, group: Sequence[tuple[slice, ...]]) -> None:
+        """Add the weighted probabilities (n, C, *roi) of the windows ``group`` (of the row at ``base``)."""
+        if self.acc is None:
+            self.acc = torch.zeros((probs.shape[1], self.plan.depth, *self.plan.size[1:]))
+        for p, w in zip(probs, group, strict=True):
+            self.acc[:, :, w[1], w[2]] += p
+            self.total[:, w[1], w[2]] += self.plan.weight
+
+    def finish(self, count: int) -> Chunks:
         """Yield the blended slices [base, base + count), cropped to the image; shift the rest forward."""
+        acc, total, base, keep = self.acc, self.total, self.base, self.plan.keep
         for start in range(0, count, FINISH_SLICES):
             z0, z1 = (
                 max(base + start, keep[0].start),
@@ -297,6 +359,11 @@ def _window_chunks(
                 part = slice(z0 - base, z1 - base)
                 blended = acc[:, part, keep[1], keep[2]] / total[part, keep[1], keep[2]]
                 yield z0 - keep[0].start, z1 - keep[0].start, blended.movedim(0, 1)
+        self._shift(count)
+
+    def _shift(self, count: int) -> None:
+        """Move the slices from ``count`` on to the front and zero the slices freed at the end."""
+        acc, total, depth = self.acc, self.total, self.plan.depth
         # Shift in pieces no longer than ``count``: source and destination never overlap.
         for start in range(0, depth - count, count):
             length = min(count, depth - count - start)
@@ -304,32 +371,6 @@ def _window_chunks(
             total[start : start + length] = total[start + count : start + count + length]
         acc[:, max(depth - count, 0) :] = 0
         total[max(depth - count, 0) :] = 0
-
-    for row_start, row in rows.items():
-        if row_start > base and acc is not None:
-            yield from finish(row_start - base)
-            release_freed_memory()
-        base = row_start
-        index = 0
-        while index < len(row):
-            _check_stop(should_stop)
-            group = row[index : index + batch]
-            try:
-                x = torch.stack([volume[w] for w in group])[:, None].to(device)
-                probs = (prob_fn(x) * weight_on_device).to("cpu", torch.float32)
-            except Exception as exc:  # out-of-memory is retried with a smaller batch; anything else re-raised
-                batch = _lower_batch(exc, len(group), "window", device, warn)
-                continue
-            if acc is None:
-                acc = torch.zeros((probs.shape[1], depth, *size[1:]))
-            for p, w in zip(probs, group, strict=True):
-                acc[:, :, w[1], w[2]] += p
-                total[:, w[1], w[2]] += weight
-            index += len(group)
-    if acc is not None:
-        yield from finish(size[0] - base)
-    acc = total = None  # the slab buffers go before the caller writes its outputs
-    release_freed_memory()
 
 
 def probability_chunks(
