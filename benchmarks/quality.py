@@ -706,7 +706,21 @@ def _same_config(out: Path, config: TrainConfig) -> bool:
         for entry in (stored, current):
             for name in MEAN_TEACHER_FIELDS:
                 entry.get("method", {}).pop(name, None)
+    if not _reads_self_training_lr(current):  # a first stage: a self-training --set shares it
+        for entry in (stored, current):
+            entry.get("optim", {}).pop("self_training_lr", None)
     return stored == current
+
+
+def _reads_self_training_lr(entry: dict) -> bool:
+    """Whether a run's training reads ``optim.self_training_lr`` (buseg.train.learning_rate: only a
+    copy-paste method's self-training after its own pre-training in the same run)."""
+    optim = entry.get("optim", {})
+    return bool(
+        entry.get("method", {}).get("name") in ("bcp", "buarl")
+        and optim.get("pretrain_iterations")
+        and optim.get("iterations")
+    )
 
 
 def _start_weights(config: TrainConfig) -> str | None:

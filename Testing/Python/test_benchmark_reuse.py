@@ -87,3 +87,22 @@ def test_runs_made_before_an_option_existed_match_only_its_reproducing_value(qua
     assert not quality._same_config(
         tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"url.loss": "ce"})
     )
+
+
+def test_a_first_stage_is_shared_across_self_training_learning_rates(quality, tmp_path):
+    """The copy-paste pre-training never reads the self-training rate: a --set of it must not retrain it
+    (a run in which both stages happen does read it)."""
+
+    def first_stage(**sets):
+        config = _config(quality, "bcp", tmp_path / "pretrain", **sets)
+        config.optim.pretrain_iterations, config.optim.iterations = 2000, 0
+        return config
+
+    _store(quality, first_stage(), tmp_path / "pretrain")
+    assert quality._same_config(tmp_path / "pretrain", first_stage(**{"optim.self_training_lr": 0.001}))
+    assert not quality._same_config(tmp_path / "pretrain", first_stage(**{"optim.lr": 0.001}))
+    both = _config(quality, "bcp", tmp_path / "both")
+    _store(quality, both, tmp_path / "both")
+    assert not quality._same_config(
+        tmp_path / "both", _config(quality, "bcp", tmp_path / "both", **{"optim.self_training_lr": 0.001})
+    )
