@@ -921,13 +921,15 @@ def plot_example(
         return
     foreground = (case.labels > 0).reshape(case.labels.shape[0], -1).sum(1)
     k = int(np.argmax(foreground))  # the slice (first axis) with the most structure
+    # A model at a working spacing sees the image on its own grid; the panels show the labels' grid.
+    image = case.to_case_grid(torch.from_numpy(case.image[None].astype(np.float32)))[0].numpy()
     fig, axes = plt.subplots(len(models), 4, figsize=(10, 2.6 * len(models)), squeeze=False)
     for row, (method, model_path) in enumerate(models.items()):
         prediction, uncertainty = predict_case(model_path, case, device)
         flagged = flag_budget(uncertainty, budget)
         classes = max(1, int(case.labels.max()))
         panels = [
-            (case.image[k], "gray", {}),
+            (image[k], "gray", {}),
             (case.labels[k], "viridis", {"vmin": 0, "vmax": classes}),
             (prediction[k], "viridis", {"vmin": 0, "vmax": classes}),
             (uncertainty[k], "inferno", {"vmin": 0, "vmax": 1}),

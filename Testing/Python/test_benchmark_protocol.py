@@ -275,3 +275,33 @@ def test_a_saved_row_is_reused_only_for_the_same_protocol_and_weights(
     assert quality._saved_row(tmp_path / "bcp_seed1", config) is None
     assert quality.run_method("bcp", preset, args, 1, tmp_path, data, {}, volumes)[0]["protocol"] == 2
     assert len(fake_train.calls) == calls
+
+
+def test_the_example_figure_of_a_working_resolution_model_shows_the_labels_grid(
+    quality, tmp_path, monkeypatch
+):
+    """An LA model at 1.25 mm sees a 44-slice image while its labels have 88 slices: the figure used to
+    index the image with a label slice (IndexError after every LA benchmark)."""
+    import numpy as np
+
+    from buseg.data import ValidationCase
+    from buseg.resample import Grid
+
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    label_grid = Grid((16, 12, 12), (0.625, 0.625, 0.625), (0.0, 0.0, 0.0), identity)
+    image_grid = Grid((8, 6, 6), (1.25, 1.25, 1.25), (0.3125, 0.3125, 0.3125), identity)
+    labels = np.zeros(label_grid.shape, dtype=np.uint8)
+    labels[12:15, 3:9, 3:9] = 1  # the most structure beyond the image's 8 slices
+    case = ValidationCase(
+        "case",
+        np.random.default_rng(0).random(image_grid.shape, dtype=np.float32),
+        labels,
+        label_grid.spacing_mm,
+        image_grid=image_grid,
+        label_grid=label_grid,
+    )
+    uncertainty = np.zeros(labels.shape, dtype=np.float32)
+    monkeypatch.setattr(quality, "predict_case", lambda *args: (labels, uncertainty))
+    path = tmp_path / "example.png"
+    quality.plot_example({"bcp": tmp_path / "model.pt"}, case, path, "cpu", 0.01)
+    assert path.stat().st_size > 0
