@@ -95,8 +95,9 @@ PRETRAINING_ONLY = "cp-pretrain-only"
 SHARED_PRETRAINING = {key for key, (method, *_) in METHODS.items() if method != "supervised"}
 DEFAULT_SEEDS = [1337, 2, 3]
 MIN_SEEDS_FOR_VERDICT = 3
-# Rows written by an older protocol (last checkpoint on the evaluation half only) are re-scored.
-PROTOCOL_VERSION = 2
+# Rows written by an older protocol are re-scored: 2 scored the last checkpoint on all held-out volumes
+# (1: the evaluation half only); 3 keeps the largest connected component on LA, as the published test.
+PROTOCOL_VERSION = 3
 
 
 @dataclass
@@ -114,6 +115,8 @@ class Preset:
     validation_interval: int = 200
     labeled_count: int = 7
     extra: dict = field(default_factory=dict)
+    # The published LA test keeps the largest connected component of the prediction (every method).
+    largest_component: bool = False
 
 
 PRESETS = {
@@ -134,6 +137,7 @@ PRESETS = {
         validation_interval=500,
         labeled_count=8,
         extra={"lr_step_iterations": 2500},
+        largest_component=True,
     ),
     # The engine's `--preset cpu-3d` (buseg/config.py TRAIN_PRESETS, float32): run it with --set
     # 'model.working_spacing_mm=[1.25, 1.25, 1.25]' --set model.base_channels=8 (docs/benchmarks.md, LA).
@@ -148,6 +152,7 @@ PRESETS = {
         labeled_count=8,
         # The 3D CPU preset (buseg train --preset cpu-3d): 1.25 mm working grid, 8 base channels.
         extra={"amp": False, "model.working_spacing_mm": [1.25, 1.25, 1.25], "model.base_channels": 8},
+        largest_component=True,
     ),
 }
 
@@ -253,15 +258,23 @@ def predict_case(model_path: Path, case: ValidationCase, device: str) -> tuple[n
 
 
 def evaluate_model(
-    model_path: Path, cases: list[ValidationCase], num_classes: int, device: str, review_budget: float
+    model_path: Path,
+    cases: list[ValidationCase],
+    num_classes: int,
+    device: str,
+    review_budget: float,
+    largest_component: bool = False,
 ) -> dict:
     # Per class Dice, Jaccard, HD95, ASD (voxels and mm) with the published (medpy) rules.
+    from buseg.inference import largest_component_per_class
     from buseg.metrics import evaluate_arrays
     from buseg.review import simulate_review
 
     per_case = []
     for case in cases:
         prediction, uncertainty = predict_case(model_path, case, device)
+        if largest_component:
+            prediction = largest_component_per_class(prediction, num_classes)
         rows = evaluate_arrays(
             case.name,
             prediction,
@@ -392,7 +405,11 @@ def run_benchmark(args: argparse.Namespace, labeled: int) -> None:
     work = args.work / tag
     work.mkdir(parents=True, exist_ok=True)
     data_all, evaluation_cases = load_splits(preset, args, work)
-    volumes = Volumes(everything=[*data_all.validation, *evaluation_cases], evaluation=evaluation_cases)
+    volumes = Volumes(
+        everything=[*data_all.validation, *evaluation_cases],
+        evaluation=evaluation_cases,
+        largest_component=preset.largest_component,
+    )
     print(
         f"{tag}: selection {len(data_all.validation)} volumes, evaluation {len(evaluation_cases)}; "
         f"last checkpoint scored on all {len(volumes.everything)}",
@@ -430,6 +447,7 @@ class Volumes:
 
     everything: list[ValidationCase]
     evaluation: list[ValidationCase]
+    largest_component: bool = False  # predictions keep their largest connected component (LA's test)
 
 
 def load_splits(preset: Preset, args, work: Path) -> tuple[TrainingData, list[ValidationCase]]:
@@ -616,6 +634,7 @@ def score_run(
         "method": key,
         "seed": seed,
         "protocol": PROTOCOL_VERSION,
+        "largest_component": volumes.largest_component,
         "train_seconds": round(seconds, 1),
         "seconds_per_iteration": round(seconds / max(1, iterations), 4),
         "best_iteration": (result.best_iteration or 0) + offset,
@@ -629,7 +648,9 @@ def score_run(
         ("last", final, volumes.everything),
     )
     for which, path, cases in scored:
-        evaluation = evaluate_model(path, cases, data.num_classes, device, args.review_budget)
+        evaluation = evaluate_model(
+            path, cases, data.num_classes, device, args.review_budget, volumes.largest_component
+        )
         for metric, value in evaluation["summary"].items():
             row[f"{which}_{metric}"] = value
         (out / f"evaluation_{which}.json").write_text(json.dumps(evaluation, indent=1))
@@ -872,7 +893,9 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str) -> list[st
         "Mean ± sample standard deviation over seeds. *Last*: the final checkpoint on all held-out "
         "volumes (no selection; the primary figure). *Selected*: the checkpoint with the best mean Dice "
         "on the selection half, scored on the evaluation half. Dice and Jaccard in %, "
-        "HD95 and ASD in voxels (the published tables' units). *vs X*: "
+        "HD95 and ASD in voxels (the published tables' units); with `largest_component` in the preset "
+        "(LA) every method's prediction keeps its largest connected component before it is scored, as "
+        "the published test does. *vs X*: "
         "verdict on the last-checkpoint Dice paired by seed, mean difference ± its standard error; "
         "'better' only when ahead in every seed or the mean difference exceeds twice its standard "
         f"error (at least {MIN_SEEDS_FOR_VERDICT} seeds). *Per seed*: the differences against "

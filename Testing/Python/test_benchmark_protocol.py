@@ -273,7 +273,9 @@ def test_a_saved_row_is_reused_only_for_the_same_protocol_and_weights(
     saved["row"]["protocol"] = 1  # scored by the old protocol: re-scored from the finished run
     (tmp_path / "bcp_seed1" / "row.json").write_text(json.dumps(saved))
     assert quality._saved_row(tmp_path / "bcp_seed1", config) is None
-    assert quality.run_method("bcp", preset, args, 1, tmp_path, data, {}, volumes)[0]["protocol"] == 2
+    assert quality.run_method("bcp", preset, args, 1, tmp_path, data, {}, volumes)[0]["protocol"] == (
+        quality.PROTOCOL_VERSION
+    )
     assert len(fake_train.calls) == calls
 
 
@@ -305,3 +307,27 @@ def test_the_example_figure_of_a_working_resolution_model_shows_the_labels_grid(
     path = tmp_path / "example.png"
     quality.plot_example({"bcp": tmp_path / "model.pt"}, case, path, "cpu", 0.01)
     assert path.stat().st_size > 0
+
+
+def test_la_scoring_keeps_the_largest_component_as_the_published_test(quality, monkeypatch):
+    """LA's presets score every method after the largest-connected-component step (BCP's LA test does);
+    ACDC's do not. A stray blob far from the structure then costs no HD95."""
+    import numpy as np
+
+    from buseg.data import ValidationCase
+
+    assert (
+        quality.PRESETS[("la", "cpu")].largest_component
+        and quality.PRESETS[("la", "paper")].largest_component
+    )
+    assert not quality.PRESETS[("acdc", "cpu")].largest_component
+    labels = np.zeros((24, 24, 24), dtype=np.uint8)
+    labels[8:16, 8:16, 8:16] = 1
+    prediction = labels.copy()
+    prediction[18:22, 18:22, 0:4] = 1  # a stray blob in a corner
+    monkeypatch.setattr(quality, "predict_case", lambda *a: (prediction, np.zeros(labels.shape, np.float32)))
+    case = ValidationCase("case", np.zeros(labels.shape, np.float32), labels, (1.0, 1.0, 1.0))
+    plain = quality.evaluate_model(Path("m.pt"), [case], 2, "cpu", 0.01)["summary"]
+    kept = quality.evaluate_model(Path("m.pt"), [case], 2, "cpu", 0.01, largest_component=True)["summary"]
+    assert plain["dice"] < 1.0 and plain["hd95_voxels"] > 0
+    assert kept["dice"] == 1.0 and kept["hd95_voxels"] == 0.0
