@@ -849,7 +849,7 @@ def summary_rows(rows: list[dict], references: list[str]) -> list[dict]:
             mean, se = mean_and_standard_error(values)
             line[f"vs {reference}"] = f"{verdict(values)}: {mean:+.2f} ± {se:.2f}" if values else "-"
             if index == 0:
-                line["per seed"] = " / ".join(f"{v:+.2f}" for v in values) or "-"
+                line["per seed"] = " / ".join(f"{seed}: {100 * d:+.2f}" for seed, d in diffs.items()) or "-"
                 hd95 = list(paired_differences(rows, key, reference, "last_hd95_voxels").values())
                 line["HD95 Δ"] = (
                     f"{verdict(hd95, higher_is_better=False)}: {mean_and_standard_error(hd95)[0]:+.2f}"
@@ -899,7 +899,7 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str) -> list[st
         "verdict on the last-checkpoint Dice paired by seed, mean difference ± its standard error; "
         "'better' only when ahead in every seed or the mean difference exceeds twice its standard "
         f"error (at least {MIN_SEEDS_FOR_VERDICT} seeds). *Per seed*: the differences against "
-        f"{references[0] if references else '-'} in the order of the seeds; *HD95 Δ*: the same rule on "
+        f"{references[0] if references else '-'}, seed: difference; *HD95 Δ*: the same rule on "
         "HD95 (lower is better). Minutes: training time of the run (the shared pre-training is the "
         f"{PRETRAINING_ONLY} row's). Default configuration: {default or 'not among these runs'}.",
         "",

@@ -96,7 +96,7 @@ def test_summary_reports_spread_per_seed_differences_and_verdicts(quality):
     lines = {line["configuration"]: line for line in quality.summary_rows(rows, ["bcp"])}
     assert lines["bcp"]["Dice last"] == "74.00 ± 4.00"
     assert lines["bcp"]["vs bcp"] == "(reference)"
-    assert lines["ours"]["per seed"] == "+2.00 / +1.00 / +1.00"
+    assert lines["ours"]["per seed"] == "1: +2.00 / 2: +1.00 / 3: +1.00"
     assert lines["ours"]["vs bcp"].startswith("better: +1.33")
     assert lines["ours"]["HD95 Δ"].startswith("better")  # 2 voxels lower in every seed
     assert lines["noisy"]["vs bcp"].startswith("not separable")  # +5 / -6 / +6
