@@ -139,8 +139,7 @@ PRESETS = {
         extra={"lr_step_iterations": 2500},
         largest_component=True,
     ),
-    # The engine's `--preset cpu-3d` (buseg/config.py TRAIN_PRESETS, float32): run it with --set
-    # 'model.working_spacing_mm=[1.25, 1.25, 1.25]' --set model.base_channels=8 (docs/benchmarks.md, LA).
+    # The engine's `--preset cpu-3d` (buseg/config.py TRAIN_PRESETS): the same settings (docs/benchmarks.md, LA).
     ("la", "cpu"): Preset(
         "la",
         [64, 64, 32],
