@@ -399,3 +399,19 @@ def test_no_amp_gives_the_float32_numbers_exactly(trained, monkeypatch):
     assert np.array_equal(no_amp.labels, reference.labels)
     with_amp = predict_case(model, image, PredictConfig(uncertainty="tta", samples=2))
     assert not np.array_equal(with_amp.uncertainty_map, reference.uncertainty_map)
+
+
+def test_class_argmax_equals_torch_argmax_with_the_first_maximum_winning_ties():
+    """Pseudo-labels, validation and inference take the class argmax by a running maximum (faster on
+    the CPU); it must give torch's labels, ties to the lowest class included."""
+    import torch
+
+    from buseg.uncertainty import class_argmax
+
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.softmax(torch.randn(3, 4, 17, 19, generator=generator), dim=1)
+    probabilities[:, 2] = probabilities[:, 1]  # exact ties between classes 1 and 2
+    probabilities[0, :, 0, 0] = 0.25  # a four-way tie
+    assert torch.equal(class_argmax(probabilities, torch.int64), probabilities.argmax(1))
+    volume = probabilities[0]  # (C, z, y) as validation passes it, with a leading batch of one
+    assert torch.equal(class_argmax(volume[None], torch.int64)[0], volume.argmax(0))
