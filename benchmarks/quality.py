@@ -297,8 +297,16 @@ def evaluate_model(
         )
         per_case.append({"case": case.name, **metrics, **review})
     keys = [k for k in per_case[0] if k != "case"]
-    summary = {k: float(np.nanmean([c[k] for c in per_case])) for k in keys}
+    summary = {k: _mean_over_defined_cases([c[k] for c in per_case]) for k in keys}
     return {"summary": summary, "cases": per_case}
+
+
+def _mean_over_defined_cases(values: list[float]) -> float:
+    """Mean over the cases where a metric is defined; NaN (kept, and shown as such) where it is defined
+    for none, e.g. the error AUROC of volumes predicted without a single wrong voxel."""
+    defined = np.asarray(values, dtype=float)
+    defined = defined[~np.isnan(defined)]
+    return float(defined.mean()) if defined.size else float("nan")
 
 
 # --------------------------------------------------------------------------------------
@@ -550,9 +558,11 @@ def run_method(
     else:
         print(f"{key} (seed {seed}): {config.optim.iterations} iterations", flush=True)
         result, seconds = train_or_resume(config, out, key, args, data)
+    iterations = config.optim.iterations
     if key == "supervised" and "supervised" in starts:  # its first stage is its own, not shared
         seconds += _seconds(starts["supervised"].parent)
-    return score_run(key, seed, out, result, seconds, config.optim.iterations, offset, data, args, volumes)
+        iterations += offset  # the first stage's time is in `seconds`, so its iterations count too
+    return score_run(key, seed, out, result, seconds, iterations, offset, data, args, volumes)
 
 
 def score_pretraining(
@@ -846,7 +856,7 @@ def summary_rows(rows: list[dict], references: list[str]) -> list[dict]:
             diffs = paired_differences(rows, key, reference, "last_dice")
             values = [100 * d for d in diffs.values()]
             mean, se = mean_and_standard_error(values)
-            line[f"vs {reference}"] = f"{verdict(values)}: {mean:+.2f} ± {se:.2f}" if values else "-"
+            line[f"vs {reference}"] = f"{verdict(values)}: {mean:+.2f}{_error_text(se)}" if values else "-"
             if index == 0:
                 line["per seed"] = " / ".join(f"{seed}: {100 * d:+.2f}" for seed, d in diffs.items()) or "-"
                 hd95 = list(paired_differences(rows, key, reference, "last_hd95_voxels").values())
@@ -857,6 +867,11 @@ def summary_rows(rows: list[dict], references: list[str]) -> list[dict]:
                 )
         lines.append(line)
     return lines
+
+
+def _error_text(standard_error: float) -> str:
+    """' ± SE', or a note where one paired seed gives no standard error (it would print 'nan')."""
+    return f" ± {standard_error:.2f}" if np.isfinite(standard_error) else " (one seed, no error estimate)"
 
 
 def write_results(
