@@ -72,6 +72,13 @@ METHOD_LABELS = (
     "Mean teacher",
     "Supervised (labeled cases only)",
 )
+CRL_WEIGHTING_CHOICES = ("discard", "concentration", "foreground", "negative")
+CRL_WEIGHTING_LABELS = (
+    "Discard uncertain pseudo-labels",
+    "Keep all, extra weight on certain ones",
+    "Foreground only, shrinking over training",
+    "Discard, and learn 'not this class' on uncertain ones",
+)
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
 DEVICE_LABELS = ("Automatic (GPU if available)", "NVIDIA GPU (CUDA)", "CPU", "Apple GPU (MPS)")
 
@@ -106,8 +113,20 @@ PARAMETERS: tuple[Parameter, ...] = (
         ("entropy", "mc-dropout"),
         ("Entropy", "MC dropout"),
     ),
+    # Ours' two parts, each switchable (the ablation's `--no-url` / `--no-crl`), and what CRL does.
+    Parameter("urlEnabled", True, "urlEnabledCheckBox", "QCheckBox", "url.enabled"),
     Parameter("urlWeight", 1.0, "urlWeightSpinBox", "QDoubleSpinBox", "url.weight"),
     Parameter("urlQuantile", 0.8, "urlQuantileSpinBox", "QDoubleSpinBox", "url.quantile"),
+    Parameter("crlEnabled", True, "crlEnabledCheckBox", "QCheckBox", "crl.enabled"),
+    Parameter(
+        "crlWeighting",
+        "discard",
+        "crlWeightingComboBox",
+        "QComboBox",
+        "crl.weighting",
+        CRL_WEIGHTING_CHOICES,
+        CRL_WEIGHTING_LABELS,
+    ),
     Parameter("crlQuantile", 0.8, "crlQuantileSpinBox", "QDoubleSpinBox", "crl.quantile"),
     Parameter("unlabeledWeight", 0.5, "unlabeledWeightSpinBox", "QDoubleSpinBox", "method.unlabeled_weight"),
     Parameter("holdOutValidation", False, "holdOutValidationCheckBox", "QCheckBox"),

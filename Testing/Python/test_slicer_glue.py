@@ -8,6 +8,7 @@ through the real worker process (``python -m buseg ...``), as the module runs it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -287,6 +288,18 @@ def test_train_config_is_the_engines_config_filled_from_the_parameter_node(store
     assert config.data.labeled == str(tmp_path / "manifest.json") and config.out_dir == str(tmp_path / "run")
     assert config.validation_interval == 0  # no held-out case: nothing to validate on
     assert parameters.buildTrainConfig(store, "m.json", "o", hasValidation=True).validation_interval == 200
+
+    # Ours' parts and CRL's weighting: the ablation's switches, from the panel or the console.
+    store.set("crlWeighting", "foreground")
+    store.set("urlEnabled", False)
+    config = parameters.buildTrainConfig(store, "m.json", "o", overrides={"crlEnabled": False})
+    assert (config.url.enabled, config.crl.enabled, config.crl.weighting) == (False, False, "foreground")
+    with pytest.raises(ModuleError, match="crlWeighting: 'softest' is not one of discard"):
+        parameters.buildTrainConfig(store, "m.json", "o", overrides={"crlWeighting": "softest"})
+    crl_fields = {f.name: f for f in dataclasses.fields(type(TrainConfig().crl))}
+    assert (
+        crl_fields["weighting"].metadata["choices"] == parameters.CRL_WEIGHTING_CHOICES
+    )  # every one, in order
 
     # The panel's defaults are the engine's, except the documented overrides.
     defaults = TrainConfig()
