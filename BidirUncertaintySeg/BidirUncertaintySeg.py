@@ -34,10 +34,13 @@ from slicer.util import VTKObservationMixin
 from BidirUncertaintySegLib import dependencies, engine, nodefiles, panel, presenter, review
 from BidirUncertaintySegLib.errors import ModuleError
 from BidirUncertaintySegLib.parameters import (
+    METHOD_DEPENDENT_PARAMETERS,
     NODE_REFERENCES,
     PARAMETERS,
     WIDGET_BINDINGS,
     ParameterStore,
+    inactiveParameters,
+    parameter,
 )
 from BidirUncertaintySegLib.workflow import INPUT_VOLUME_ROLE, SlicerContext, Workflow
 
@@ -466,7 +469,13 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.store is None:
             return
         self._updateResultViews()
+        self._updateApplicableSettings()
         self.controller.readiness()
+
+    def _updateApplicableSettings(self):
+        inactive = inactiveParameters(self.store.values())
+        for name in METHOD_DEPENDENT_PARAMETERS:
+            getattr(self.ui, parameter(name).widget).enabled = name not in inactive
 
     def _updateResultViews(self):
         self.ui.regionsTableView.setMRMLTableNode(self.store.nodeReference("RegionsTable"))

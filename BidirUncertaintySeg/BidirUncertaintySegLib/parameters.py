@@ -197,6 +197,44 @@ LEGACY_LABELED_SEGMENTATIONS = "LabeledSegmentation"
 _BY_NAME = {p.name: p for p in PARAMETERS}
 
 
+# Settings that only some methods read: the panel greys them out where they would do nothing.
+_COPY_PASTE_METHODS = ("bcp", "buarl")
+METHOD_DEPENDENT_PARAMETERS = (
+    "urlEnabled",
+    "urlWeight",
+    "urlQuantile",
+    "crlEnabled",
+    "crlWeighting",
+    "crlQuantile",
+    "trainUncertainty",
+    "unlabeledWeight",
+)
+
+
+def inactiveParameters(values: dict[str, Any]) -> set[str]:
+    """Which of :data:`METHOD_DEPENDENT_PARAMETERS` the chosen method and switches ignore.
+
+    ``values``: parameter name -> value (:meth:`ParameterStore.values`). URL and CRL belong to
+    ours (``buarl``); each part's own settings also to its switch; the pseudo-label weight to
+    the copy-paste methods.
+    """
+    ours = values.get("method") == "buarl"
+    urlOn = ours and bool(values.get("urlEnabled"))
+    crlOn = ours and bool(values.get("crlEnabled"))
+    inactive: set[str] = set()
+    if not ours:
+        inactive |= {"urlEnabled", "crlEnabled"}
+    if not urlOn:
+        inactive |= {"urlWeight", "urlQuantile"}
+    if not crlOn:
+        inactive |= {"crlWeighting", "crlQuantile"}
+    if not (urlOn or crlOn):
+        inactive.add("trainUncertainty")
+    if values.get("method") not in _COPY_PASTE_METHODS:
+        inactive.add("unlabeledWeight")
+    return inactive
+
+
 def parameter(name: str) -> Parameter:
     try:
         return _BY_NAME[name]

@@ -445,3 +445,18 @@ def test_icon_is_a_128_pixel_png():
         assert icon.format == "PNG" and icon.size == (128, 128)
         colors = icon.convert("RGB").getcolors(128 * 128)
         assert colors is not None and len(colors) > 50  # a drawing, not a flat placeholder
+
+
+def test_the_panel_greys_out_the_settings_the_chosen_method_ignores():
+    inactive = parameters.inactiveParameters
+    dependent = set(parameters.METHOD_DEPENDENT_PARAMETERS)
+    assert all(parameters.parameter(name).widget for name in dependent)
+    ours = {p.name: p.default for p in parameters.PARAMETERS}
+    assert ours["method"] == "buarl" and inactive(ours) == set()  # both parts on: everything applies
+    assert inactive(ours | {"urlEnabled": False}) == {"urlWeight", "urlQuantile"}
+    assert inactive(ours | {"crlEnabled": False}) == {"crlWeighting", "crlQuantile"}
+    neither = {"urlWeight", "urlQuantile", "crlWeighting", "crlQuantile", "trainUncertainty"}
+    assert inactive(ours | {"urlEnabled": False, "crlEnabled": False}) == neither
+    assert inactive(ours | {"method": "bcp"}) == dependent - {"unlabeledWeight"}
+    assert inactive(ours | {"method": "mean-teacher"}) == dependent
+    assert inactive(ours | {"method": "supervised"}) == dependent
