@@ -43,6 +43,7 @@ from paths import shown_command  # noqa: E402
 from quality import (  # noqa: E402
     METHODS,
     PRETRAINING_ONLY,
+    _file_sha256,
     _set_option,
     mean_and_standard_error,
     paired_differences,
@@ -61,7 +62,7 @@ SHARED_START = "shared-start"  # the demo's shared supervised start, scored as i
 CONFIGURATIONS = [SHARED_START] + [key for key in METHODS if key != PRETRAINING_ONLY]
 DEFAULT_CONFIGURATIONS = [key for key in CONFIGURATIONS if key != "ours"]
 REFERENCES = ("supervised", "bcp")
-ROW_SCHEMA = 1
+ROW_SCHEMA = 2  # 2: rows record their start weights' hash
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -141,18 +142,31 @@ def branch_config(
 
 
 def _train_once(config: TrainConfig, label: str) -> Path:
-    """Train ``config`` unless its folder holds a finished run of the same configuration; its final.pt.
+    """Train ``config`` unless its folder holds a finished run of it; its final.pt.
 
-    The training's seconds go to ``train_seconds.json`` beside it (a reused run keeps its own)."""
+    Finished means: final.pt, the same configuration, and the same start weights (a branch's
+    ``init_weights`` path stays the same when the shared start is trained again). ``trained.json``
+    records the training's seconds and the start weights' hash."""
     out = Path(config.out_dir)
-    saved = out / "config.json"
-    if (out / "final.pt").exists() and saved.exists() and _same(json.loads(saved.read_text()), config):
+    saved, trained = out / "config.json", out / "trained.json"
+    if (
+        (out / "final.pt").exists()
+        and saved.exists()
+        and trained.exists()
+        and _same(json.loads(saved.read_text()), config)
+        and json.loads(trained.read_text()).get("start_sha256") == _start_sha256(config)
+    ):
         return out / "final.pt"
     print(f"{label}: training {config.optim.iterations} iterations", flush=True)
     start = time.perf_counter()
     train(config, overwrite=True)
-    (out / "train_seconds.json").write_text(json.dumps(time.perf_counter() - start))
+    record = {"seconds": time.perf_counter() - start, "start_sha256": _start_sha256(config)}
+    trained.write_text(json.dumps(record))
     return out / "final.pt"
+
+
+def _start_sha256(config: TrainConfig) -> str | None:
+    return _file_sha256(Path(config.init_weights)) if config.init_weights else None
 
 
 def _same(saved: dict, config: TrainConfig) -> bool:
@@ -170,6 +184,8 @@ def _saved_row(config: TrainConfig) -> dict | None:
     saved = json.loads(path.read_text())
     if saved.get("schema") != ROW_SCHEMA or not _same(saved["config"], config):
         return None
+    if saved.get("start_sha256") != _start_sha256(config):  # the shared start was trained again
+        return None
     return saved["row"]
 
 
@@ -178,10 +194,18 @@ def _train_and_score(
 ) -> dict:
     out = Path(config.out_dir)
     final = _train_once(config, f"{key} (seed {seed})")
-    seconds = json.loads((out / "train_seconds.json").read_text())
+    seconds = json.loads((out / "trained.json").read_text())["seconds"]
     row = score(key, seed, final, out, folders, args, seconds=seconds, shipped=out / "model.pt")
     (out / "row.json").write_text(
-        json.dumps({"schema": ROW_SCHEMA, "config": to_dict(config), "row": row}, indent=1)
+        json.dumps(
+            {
+                "schema": ROW_SCHEMA,
+                "config": to_dict(config),
+                "start_sha256": _start_sha256(config),
+                "row": row,
+            },
+            indent=1,
+        )
     )
     return row
 

@@ -77,3 +77,9 @@ def test_quick_run_writes_paired_tables_and_reuses_finished_branches(variants, t
 
     monkeypatch.setattr(variants, "train", no_training)
     assert variants.main(argv) == 0
+
+    # The shared start trained again (other weights, same path): its branches are stale.
+    shared_final = tmp_path / "work" / "quick" / "seed0" / "runs" / "shared-supervised" / "final.pt"
+    shared_final.write_bytes(shared_final.read_bytes() + b"other weights")
+    with pytest.raises(AssertionError, match="trained again"):
+        variants.main(argv)
