@@ -292,7 +292,9 @@ def markdown_report(rows: list[dict], plan: demo.DemoPlan, args: argparse.Namesp
         f"validation, {plan.test} test volumes; a shared supervised start of {plan.shared_iterations} "
         f"iterations, then {plan.iterations} iterations per branch (batch {plan.batch_size}).",
         "",
-        "Test volumes' mean Dice over the 3 structures in %, HD95 in mm. *Last*: the branch's final "
+        "Test volumes' mean Dice over the 3 structures in %, HD95 in mm (a structure missing from a "
+        "prediction scores 0 on every metric, the published protocol's rule: it lowers Dice and *flatters* "
+        "HD95, so read HD95 beside the per-structure Dice). *Last*: the branch's final "
         "weights (the primary figure); *shipped*: its `model.pt` (best on the validation volumes), "
         "what `buseg demo` reports. *Per seed*: seed: last Dice. *vs X*: verdict on the last "
         "Dice paired by seed, mean difference ± its standard error; better only when ahead in every "
