@@ -370,7 +370,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--reuse-only",
         action="store_true",
-        help="Only assemble finished runs (stop instead of training anything).",
+        help="Only assemble finished runs: nothing is trained; runs not finished yet are left out of "
+        "the tables and listed under them (verdicts use the seeds both configurations have).",
     )
     parser.add_argument(
         "--tag",
@@ -422,19 +423,20 @@ def run_benchmark(args: argparse.Namespace, labeled: int) -> None:
         f"last checkpoint scored on all {len(volumes.everything)}",
         flush=True,
     )
-    rows, curves = [], {}
+    rows, curves, missing = [], {}, []
     for seed in args.seeds:
-        starts = {}
-        if SHARED_PRETRAINING & set(args.methods) and preset.pretrain_iterations:
-            starts["copy-paste"] = run_first_stage("copy-paste", preset, args, seed, work, data_all)
-        if "supervised" in args.methods and preset.pretrain_iterations:
-            starts["supervised"] = run_first_stage("supervised", preset, args, seed, work, data_all)
+        starts = first_stages(preset, args, seed, work, data_all)
         for key in args.methods:
-            row, curve = run_method(key, preset, args, seed, work, data_all, starts, volumes)
+            try:
+                row, curve = run_method(key, preset, args, seed, work, data_all, starts, volumes)
+            except UnfinishedRunError as reason:  # only with --reuse-only
+                print(f"  left out: {reason}", flush=True)
+                missing.append(f"{key} (seed {seed})")
+                continue
             rows.append(row)
             curves[(key, seed)] = curve
-            write_results(rows, curves, preset, args, tag)
-    write_results(rows, curves, preset, args, tag, final=True)
+            write_results(rows, curves, preset, args, tag, missing=missing)
+    write_results(rows, curves, preset, args, tag, final=True, missing=missing)
     models = {key: _model_file(work / f"{key}_seed{args.seeds[0]}") for key in args.methods}
     if PRETRAINING_ONLY in models:
         models[PRETRAINING_ONLY] = _model_file(work / f"pretrain_seed{args.seeds[0]}")
@@ -492,6 +494,27 @@ def _model_file(run: Path) -> Path | None:
 FIRST_STAGE_FOLDERS = {"copy-paste": "pretrain", "supervised": "supervised-stage1"}
 
 
+class UnfinishedRunError(Exception):
+    """With --reuse-only: a run the tables need has not finished (it is left out, not trained)."""
+
+
+def first_stages(preset: Preset, args, seed: int, work: Path, data: TrainingData) -> dict[str, Path]:
+    """The seed's first stages the chosen methods start from (with --reuse-only, the finished ones: a
+    method whose start is missing is then left out, as its own run cannot have finished either)."""
+    kinds = []
+    if SHARED_PRETRAINING & set(args.methods) and preset.pretrain_iterations:
+        kinds.append("copy-paste")
+    if "supervised" in args.methods and preset.pretrain_iterations:
+        kinds.append("supervised")
+    starts = {}
+    for kind in kinds:
+        try:
+            starts[kind] = run_first_stage(kind, preset, args, seed, work, data)
+        except UnfinishedRunError as reason:
+            print(f"  left out: {reason}", flush=True)
+    return starts
+
+
 def run_first_stage(kind: str, preset: Preset, args, seed: int, work: Path, data: TrainingData) -> Path:
     """The first ``pretrain_iterations`` at ``lr``: the copy-paste pre-training (BCP stage 1) shared by
     every semi-supervised configuration of the seed, or the supervised baseline's first stage.
@@ -509,7 +532,8 @@ def run_first_stage(kind: str, preset: Preset, args, seed: int, work: Path, data
     if (out / "model.pt").exists() and _reusable(out, config):
         print(f"{kind} first stage (seed {seed}): reusing {out / 'model.pt'}", flush=True)
         return out / "model.pt"
-    print(f"{kind} first stage (seed {seed}): {preset.pretrain_iterations} iterations", flush=True)
+    if not args.reuse_only:
+        print(f"{kind} first stage (seed {seed}): {preset.pretrain_iterations} iterations", flush=True)
     train_or_resume(config, out, f"{kind}-stage1", args, data)
     return out / "model.pt"
 
@@ -547,6 +571,9 @@ def run_method(
     if key == PRETRAINING_ONLY:
         return score_pretraining(preset, args, seed, work, data, volumes)
     out = work / f"{key}_seed{seed}"
+    first_stage = "supervised" if key == "supervised" else "copy-paste"
+    if args.reuse_only and preset.pretrain_iterations and first_stage not in starts:
+        raise UnfinishedRunError(f"{key} (seed {seed}): its {first_stage} first stage has not finished")
     config, offset = second_stage_config(key, preset, args, seed, out, starts)
     saved = _saved_row(out, config)
     if saved is not None:
@@ -556,7 +583,8 @@ def run_method(
         print(f"{key} (seed {seed}): reusing the finished training in {out}", flush=True)
         result, seconds = _finished_result(out), _seconds(out)
     else:
-        print(f"{key} (seed {seed}): {config.optim.iterations} iterations", flush=True)
+        if not args.reuse_only:
+            print(f"{key} (seed {seed}): {config.optim.iterations} iterations", flush=True)
         result, seconds = train_or_resume(config, out, key, args, data)
     iterations = config.optim.iterations
     if key == "supervised" and "supervised" in starts:  # its first stage is its own, not shared
@@ -578,7 +606,8 @@ def score_pretraining(
     if saved is not None:
         return saved
     if not (source / "final.pt").exists() or not _reusable(source, config):
-        raise SystemExit(f"{PRETRAINING_ONLY} (seed {seed}): no finished pre-training in {source}")
+        message = f"{PRETRAINING_ONLY} (seed {seed}): no finished pre-training in {source}"
+        raise UnfinishedRunError(message) if args.reuse_only else SystemExit(message)
     result = _finished_result(source)
     return score_run(
         PRETRAINING_ONLY,
@@ -599,7 +628,7 @@ def train_or_resume(config: TrainConfig, out: Path, label: str, args, data: Trai
     result and the training seconds (over every sitting)."""
     resumable = (out / "last.pt").exists() and _reusable(out, config)
     if args.reuse_only:
-        raise SystemExit(
+        raise UnfinishedRunError(
             f"{label} (seed {config.seed}): no finished run with this config in {out} (--reuse-only)"
         )
     previous = _seconds(out) if resumable else 0.0
@@ -875,7 +904,14 @@ def _error_text(standard_error: float) -> str:
 
 
 def write_results(
-    rows: list[dict], curves: dict, preset: Preset, args, tag: str, *, final: bool = False
+    rows: list[dict],
+    curves: dict,
+    preset: Preset,
+    args,
+    tag: str,
+    *,
+    final: bool = False,
+    missing: list[str] = (),
 ) -> None:
     out = args.out
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -886,12 +922,13 @@ def write_results(
     (out / f"quality_{tag}_curves.json").write_text(
         json.dumps({f"{k}/seed{s}": v for (k, s), v in curves.items()}, indent=1)
     )
-    (out / f"quality_{tag}.md").write_text("\n".join(markdown_report(rows, preset, args, tag)) + "\n")
+    report = markdown_report(rows, preset, args, tag, missing)
+    (out / f"quality_{tag}.md").write_text("\n".join(report) + "\n")
     if final:
         plot_curves(curves, out / f"quality_{tag}_curves.png", tag)
 
 
-def markdown_report(rows: list[dict], preset: Preset, args, tag: str) -> list[str]:
+def markdown_report(rows: list[dict], preset: Preset, args, tag: str, missing: list[str] = ()) -> list[str]:
     references = [r for r in args.references if any(row["method"] == r for row in rows)]
     default = next(
         (k for k in dict.fromkeys(r["method"] for r in rows) if _is_default(k, preset, args)), None
@@ -928,6 +965,12 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str) -> list[st
         if line["configuration"] == default:
             cells[0] += " (default)"
         lines.append("| " + " | ".join(cells) + " |")
+    if missing:
+        lines += [
+            "",
+            "Not finished yet, so not in this table (each comparison uses the seeds both "
+            f"configurations have): {', '.join(missing)}.",
+        ]
     return lines
 
 

@@ -207,7 +207,7 @@ def test_runs_are_reused_resumed_or_started(quality, fake_train, tmp_path):
     assert quality._reusable(out, other)
     start.write_bytes(b"other pre-trained weights")
     assert not quality._reusable(out, other)
-    with pytest.raises(SystemExit, match="reuse-only"):
+    with pytest.raises(quality.UnfinishedRunError, match="reuse-only"):
         quality.train_or_resume(other, out, "bcp", _args(reuse_only=True), data=None)
 
 
@@ -359,3 +359,41 @@ def test_a_single_paired_seed_shows_no_nan_error(quality):
     line = {line["configuration"]: line for line in quality.summary_rows(rows, ["bcp"])}["ours"]
     assert line["vs bcp"] == "too few seeds: +3.00 (one seed, no error estimate)"
     assert "nan" not in " ".join(str(value) for value in line.values())
+
+
+def test_reuse_only_assembles_the_finished_runs_and_lists_the_rest(
+    quality, fake_train, tmp_path, monkeypatch
+):
+    """Seeds finish one after another over days: the tables must show what has finished (and say what
+    has not) without training anything."""
+    monkeypatch.setattr(quality, "evaluate_model", lambda *a, **k: {"summary": {"dice": 0.5}, "cases": []})
+    monkeypatch.setattr(
+        quality, "load_splits", lambda *a: (argparse.Namespace(validation=[0, 1], num_classes=4), [2])
+    )
+    monkeypatch.setattr(quality, "plot_example", lambda *a, **k: None)
+    args = _args(
+        dataset="acdc",
+        preset="cpu",
+        iterations=None,
+        pretrain_iterations=None,
+        tag="t",
+        labeled=[7],
+        work=tmp_path / "work",
+        out=tmp_path / "out",
+        methods=["cp-pretrain-only", "bcp", "ours-url-only"],
+        references=["bcp"],
+        seeds=[1],
+        review_budget=0.01,
+    )
+    args.out.mkdir()
+    quality.run_benchmark(args, 7)  # seed 1 trained
+    (args.work / "t" / "ours-url-only_seed1" / "final.pt").unlink()  # and this run interrupted
+    trained = len(fake_train.calls)
+    args.reuse_only, args.seeds = True, [1, 2]
+    quality.run_benchmark(args, 7)
+    assert len(fake_train.calls) == trained  # nothing trained or resumed
+    rows = (args.out / "quality_t.csv").read_text().splitlines()[1:]
+    assert sorted(r.split(",")[:2] for r in rows) == [["bcp", "1"], ["cp-pretrain-only", "1"]]
+    report = (args.out / "quality_t.md").read_text()
+    for left_out in ("ours-url-only (seed 1)", "cp-pretrain-only (seed 2)", "bcp (seed 2)"):
+        assert left_out in report.split("Not finished yet")[1]
