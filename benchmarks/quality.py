@@ -968,8 +968,8 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str, missing: l
     if missing:
         lines += [
             "",
-            "Not finished yet, so not in this table (each comparison uses the seeds both "
-            f"configurations have): {', '.join(missing)}.",
+            "No finished run (queued, running or not planned), so not in this table; each comparison "
+            f"uses the seeds both configurations have: {', '.join(missing)}.",
         ]
     return lines
 

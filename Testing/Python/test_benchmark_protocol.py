@@ -396,4 +396,4 @@ def test_reuse_only_assembles_the_finished_runs_and_lists_the_rest(
     assert sorted(r.split(",")[:2] for r in rows) == [["bcp", "1"], ["cp-pretrain-only", "1"]]
     report = (args.out / "quality_t.md").read_text()
     for left_out in ("ours-url-only (seed 1)", "cp-pretrain-only (seed 2)", "bcp (seed 2)"):
-        assert left_out in report.split("Not finished yet")[1]
+        assert left_out in report.split("No finished run")[1]
