@@ -924,7 +924,7 @@ def write_results(
     )
     report = markdown_report(rows, preset, args, tag, missing)
     (out / f"quality_{tag}.md").write_text("\n".join(report) + "\n")
-    if final:
+    if final and curves:
         plot_curves(curves, out / f"quality_{tag}_curves.png", tag)
 
 
@@ -956,10 +956,9 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str, missing: l
         "",
     ]
     summary = summary_rows(rows, references)
-    if not summary:
-        return lines
     columns = list(dict.fromkeys(k for line in summary for k in line))
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    if summary:
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for line in summary:
         cells = [str(line.get(c, "-")) for c in columns]
         if line["configuration"] == default:

@@ -397,3 +397,9 @@ def test_reuse_only_assembles_the_finished_runs_and_lists_the_rest(
     report = (args.out / "quality_t.md").read_text()
     for left_out in ("ours-url-only (seed 1)", "cp-pretrain-only (seed 2)", "bcp (seed 2)"):
         assert left_out in report.split("No finished run")[1]
+
+
+def test_a_report_with_no_finished_run_still_lists_what_is_missing(quality):
+    args = _args(references=["bcp"], device="cpu", dataset="acdc")
+    lines = quality.markdown_report([], quality.PRESETS[("acdc", "cpu")], args, "t", ["bcp (seed 1)"])
+    assert "bcp (seed 1)" in lines[-1] and not any(line.startswith("|") for line in lines)
