@@ -701,6 +701,44 @@ def _geometry_only(image: Volume) -> Volume:
     )
 
 
+def _model_maps(
+    model: LoadedModel,
+    image: Volume,
+    config: PredictConfig,
+    keep_probabilities: bool,
+    note: Warn,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[str, _CaseMaps]:
+    """The model's pass over the whole volume (slice batches or sliding windows): the engine that ran
+    it and the label, uncertainty (and probability) maps it filled."""
+    network = inference_network(model.network, model.dimension)
+    device = network_device(network)
+    engine, forward = _engine_forward(model, network, device, config)
+    normalized = normalize_intensity(image.array, model.normalization)
+    prob_fn = probability_function(network, config.uncertainty, config.samples, forward)
+    maps = _CaseMaps(image.array.shape, model.num_classes, keep_probabilities)
+    batch_size = config.slice_batch_size if model.dimension == "2d" else window_batch_size(config, device)
+    with _seeded(config.seed, device), torch.inference_mode():
+        axis, chunks = probability_chunks(
+            prob_fn,
+            normalized,
+            dimension=model.dimension,
+            patch_size_xyz=model.patch_size_xyz,
+            slice_axis=model.slice_axis,
+            device=device,
+            batch_size=batch_size,
+            overlap=config.overlap,
+            stride_xyz=config.stride,
+            warn=note,
+            should_stop=should_stop,
+        )
+        for first, _, probs in chunks:
+            _check_finite_output(probs, model, image)
+            maps.fill(axis, first, probs)
+            del probs
+    return engine, maps
+
+
 def predict_case(
     model: LoadedModel,
     image: Volume,
@@ -745,35 +783,9 @@ def predict_case(
         if warn is not None:
             warn(message)
 
-    network = inference_network(model.network, model.dimension)
-    device = network_device(network)
-    engine, forward = _engine_forward(model, network, device, config)
-    normalized = normalize_intensity(image.array, model.normalization)
-    prob_fn = probability_function(network, config.uncertainty, config.samples, forward)
-    maps = _CaseMaps(image.array.shape, model.num_classes, keep_probabilities)
     model_start = time.perf_counter()
-    with _seeded(config.seed, device), torch.inference_mode():
-        axis, chunks = probability_chunks(
-            prob_fn,
-            normalized,
-            dimension=model.dimension,
-            patch_size_xyz=model.patch_size_xyz,
-            slice_axis=model.slice_axis,
-            device=device,
-            batch_size=config.slice_batch_size
-            if model.dimension == "2d"
-            else window_batch_size(config, device),
-            overlap=config.overlap,
-            stride_xyz=config.stride,
-            warn=note,
-            should_stop=should_stop,
-        )
-        for first, _, probs in chunks:
-            _check_finite_output(probs, model, image)
-            maps.fill(axis, first, probs)
-            del probs
+    engine, maps = _model_maps(model, image, config, keep_probabilities, note, should_stop)
     model_seconds = time.perf_counter() - model_start
-    del normalized
     labels = maps.labels
     if config.largest_component:
         labels = largest_component_per_class(labels, model.num_classes)
