@@ -436,6 +436,8 @@ def run_benchmark(args: argparse.Namespace, labeled: int) -> None:
             rows.append(row)
             curves[(key, seed)] = curve
             write_results(rows, curves, preset, args, tag, missing=missing)
+    if not rows:  # a mistyped --work or --tag must not replace a results table with an empty one
+        raise SystemExit(f"{tag}: no finished run in {work} (--reuse-only); nothing written to {args.out}")
     write_results(rows, curves, preset, args, tag, final=True, missing=missing)
     models = {key: _model_file(work / f"{key}_seed{args.seeds[0]}") for key in args.methods}
     if PRETRAINING_ONLY in models:

@@ -397,6 +397,11 @@ def test_reuse_only_assembles_the_finished_runs_and_lists_the_rest(
     report = (args.out / "quality_t.md").read_text()
     for left_out in ("ours-url-only (seed 1)", "cp-pretrain-only (seed 2)", "bcp (seed 2)"):
         assert left_out in report.split("No finished run")[1]
+    # Nothing finished (a mistyped work folder): an error, and the existing tables stay as they were.
+    args.work = tmp_path / "typo"
+    with pytest.raises(SystemExit, match="no finished run"):
+        quality.run_benchmark(args, 7)
+    assert (args.out / "quality_t.md").read_text() == report
 
 
 def test_a_report_with_no_finished_run_still_lists_what_is_missing(quality):
