@@ -344,6 +344,14 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         default=["bcp", "ours-url-only"],
         help="Configurations every other one is compared with, seed by seed (the first: per-seed differences).",
     )
+    parser.add_argument(
+        "--default-candidates",
+        nargs="+",
+        choices=tuple(METHODS),
+        default=None,
+        help="Apply the pre-registered rule for the default to these configurations (the last one "
+        "is today's default) and add its verdicts and pick to the report.",
+    )
     parser.add_argument("--iterations", type=int, help="Override the preset's self-training iterations.")
     parser.add_argument(
         "--pretrain-iterations", type=int, help="Override the preset's pre-training iterations."
@@ -853,6 +861,71 @@ def verdict(differences: list[float], *, higher_is_better: bool = True) -> str:
     return "not separable"
 
 
+def choose_default(rows: list[dict], candidates: list[str], incumbent: str) -> dict:
+    """The pre-registered rule for the default (docs/benchmarks.md), on last-checkpoint Dice.
+
+    A candidate is *eligible* when no other candidate is better than it (:func:`verdict`). The
+    incumbent stays unless another candidate is better than it; otherwise the pick is the eligible
+    candidate with the highest mean. Returns ``pick`` (None while any pair has fewer than
+    MIN_SEEDS_FOR_VERDICT paired seeds: the rule is not applied on partial evidence), ``eligible``,
+    ``means`` (in %) and ``verdicts[(a, b)]`` (a against b).
+    """
+    if incumbent not in candidates:
+        raise ValueError(f"the incumbent {incumbent!r} must be one of the candidates {candidates}")
+    means = {}
+    for key in candidates:
+        values = [100 * r["last_dice"] for r in rows if r["method"] == key and np.isfinite(r["last_dice"])]
+        means[key] = float(np.mean(values)) if values else float("nan")
+    verdicts = {
+        (a, b): verdict([100 * d for d in paired_differences(rows, a, b, "last_dice").values()])
+        for a in candidates
+        for b in candidates
+        if a != b
+    }
+    eligible = [a for a in candidates if not any(verdicts[(b, a)] == "better" for b in candidates if b != a)]
+    result = {"pick": None, "eligible": eligible, "means": means, "verdicts": verdicts}
+    if any(v == "too few seeds" for v in verdicts.values()):
+        return result
+    if not any(verdicts[(b, incumbent)] == "better" for b in candidates if b != incumbent):
+        result["pick"] = incumbent
+    else:
+        result["pick"] = max(eligible, key=lambda key: means[key])
+    return result
+
+
+def default_rule_report(rows: list[dict], candidates: list[str], incumbent: str) -> list[str]:
+    """Markdown lines: each candidate's verdicts against the others, and what the rule picks."""
+    choice = choose_default(rows, candidates, incumbent)
+    lines = [
+        "",
+        f"## The default by the pre-registered rule (candidates: {', '.join(candidates)}; "
+        f"today's default: {incumbent})",
+        "",
+        "| candidate | seeds | mean Dice last | "
+        + " | ".join(f"vs {b}" for b in candidates)
+        + " | eligible |",
+        "|" + "---|" * (len(candidates) + 4),
+    ]
+    for a in candidates:
+        cells = ["-" if a == b else choice["verdicts"][(a, b)] for b in candidates]
+        eligible = "yes" if a in choice["eligible"] else "no"
+        seeds = sum(1 for r in rows if r["method"] == a and np.isfinite(r["last_dice"]))
+        lines.append(
+            f"| {a} | {seeds} | {choice['means'][a]:.2f} | " + " | ".join(cells) + f" | {eligible} |"
+        )
+    lines.append("")
+    if choice["pick"] is None:
+        lines.append(f"Not applied yet: some pairs have fewer than {MIN_SEEDS_FOR_VERDICT} paired seeds.")
+    elif choice["pick"] == incumbent:
+        lines.append(f"Pick: **{incumbent}** stays (no candidate is better than it by the rule).")
+    else:
+        lines.append(
+            f"Pick: **{choice['pick']}** (a candidate is better than {incumbent}; the highest mean of "
+            "the eligible ones)."
+        )
+    return lines
+
+
 def spread(values: list[float], scale: float = 1.0) -> str:
     """'mean ± sample standard deviation' (the value alone for one seed)."""
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=float) * scale
@@ -966,6 +1039,8 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str, missing: l
         if line["configuration"] == default:
             cells[0] += " (default)"
         lines.append("| " + " | ".join(cells) + " |")
+    if getattr(args, "default_candidates", None):
+        lines += default_rule_report(rows, args.default_candidates, args.default_candidates[-1])
     if missing:
         lines += [
             "",

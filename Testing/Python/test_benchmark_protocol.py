@@ -103,6 +103,55 @@ def test_summary_reports_spread_per_seed_differences_and_verdicts(quality):
     assert lines["ours"]["minutes"] == "10.00 ± 0.00"
 
 
+def _rule_rows(dice_by_key: dict[str, tuple[float, float, float]]) -> list[dict]:
+    return [
+        _row(key, seed, d)
+        for key, dice in dice_by_key.items()
+        for seed, d in zip((1, 2, 3), dice, strict=True)
+    ]
+
+
+def test_the_default_stays_unless_a_candidate_is_better_than_it(quality):
+    # 'high' has the highest mean, but +9 / -1 / +1 against the default is not separable
+    rows = _rule_rows({"high": (0.90, 0.70, 0.76), "default": (0.81, 0.71, 0.75)})
+    choice = quality.choose_default(rows, ["high", "default"], "default")
+    assert choice["pick"] == "default"
+    assert choice["eligible"] == ["high", "default"]
+
+
+def test_a_beaten_default_gives_way_to_the_best_eligible_mean(quality):
+    rows = _rule_rows(
+        {
+            "steady": (0.78, 0.79, 0.78),  # ahead of the default in every seed
+            "lucky": (0.95, 0.60, 0.70),  # better than nobody, beaten by nobody (+17 / -19 / -8 vs steady)
+            "default": (0.74, 0.76, 0.75),
+        }
+    )
+    choice = quality.choose_default(rows, ["steady", "lucky", "default"], "default")
+    assert choice["verdicts"][("steady", "default")] == "better"
+    assert "default" not in choice["eligible"]
+    # both are eligible; 'steady' has the higher mean (78.3 against 75.0)
+    assert choice["eligible"] == ["steady", "lucky"]
+    assert choice["pick"] == "steady"
+
+
+def test_the_rule_is_not_applied_before_every_pair_has_three_seeds(quality):
+    rows = _rule_rows({"url": (0.80, 0.81, 0.82), "default": (0.70, 0.71, 0.72)})
+    rows = [r for r in rows if not (r["method"] == "default" and r["seed"] == 3)]
+    choice = quality.choose_default(rows, ["url", "default"], "default")
+    assert choice["pick"] is None
+    report = "\n".join(quality.default_rule_report(rows, ["url", "default"], "default"))
+    assert "Not applied yet" in report
+
+
+def test_the_report_shows_the_rule_and_its_pick(quality):
+    rows = _rule_rows({"url": (0.80, 0.81, 0.82), "default": (0.70, 0.71, 0.72)})
+    report = quality.default_rule_report(rows, ["url", "default"], "default")
+    assert "| url | 3 | 81.00 | - | better | yes |" in report
+    assert "| default | 3 | 71.00 | worse | - | no |" in report
+    assert report[-1].startswith("Pick: **url**")
+
+
 def test_variants_and_controls_are_configurations(quality):
     preset = quality.PRESETS[("acdc", "cpu")]
     config = quality.base_config(preset, _args(), "ours-crl-foreground-constant", 1, Path("x"))
