@@ -927,13 +927,13 @@ def default_rule_report(rows: list[dict], candidates: list[str], incumbent: str)
 
 
 def spread(values: list[float], scale: float = 1.0) -> str:
-    """'mean ± sample standard deviation' (the value alone for one seed)."""
+    """'mean ± sample standard deviation' (the value alone for one seed); where some seeds have no
+    finite value, the count of those used follows, so the row's *seeds* column cannot mislead."""
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=float) * scale
     if v.size == 0:
         return "-"
-    if v.size == 1:
-        return f"{v[0]:.2f}"
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+    text = f"{v[0]:.2f}" if v.size == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+    return text if v.size == len(values) else f"{text} ({v.size} of {len(values)} seeds)"
 
 
 def summary_rows(rows: list[dict], references: list[str]) -> list[dict]:

@@ -103,6 +103,12 @@ def test_summary_reports_spread_per_seed_differences_and_verdicts(quality):
     assert lines["ours"]["minutes"] == "10.00 ± 0.00"
 
 
+def test_a_seed_without_a_finite_value_is_counted_out_in_the_cell(quality):
+    assert quality.spread([0.70, float("nan"), 0.78], 100) == "74.00 ± 5.66 (2 of 3 seeds)"
+    assert quality.spread([0.70, 0.78], 100) == "74.00 ± 5.66"
+    assert quality.spread([float("inf"), 5.0]) == "5.00 (1 of 2 seeds)"
+
+
 def _rule_rows(dice_by_key: dict[str, tuple[float, float, float]]) -> list[dict]:
     return [
         _row(key, seed, d)
