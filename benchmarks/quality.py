@@ -86,7 +86,12 @@ METHODS: dict[str, tuple[str, bool, bool, dict]] = {
         {"crl.weighting": "foreground", "crl.shrink_iterations": 0},
     ),
     "ours-crl-negative": ("buarl", True, True, {"crl.weighting": "negative"}),
-    "ours-crl-after-cleanup": ("buarl", True, True, {"crl.uncertainty_after_cleanup": True}),
+    "ours-crl-after-cleanup": (
+        "buarl",
+        True,
+        True,
+        {"crl.weighting": "discard", "crl.uncertainty_after_cleanup": True},
+    ),
 }
 # The protocol's configurations: all but "ours", which repeats whichever variant is the default
 # (the tables mark that one).
@@ -743,6 +748,9 @@ ADDED_OPTIONS = {
 }
 # Sections only our method reads: they do not distinguish runs of the other methods.
 BUARL_SECTIONS = ("url", "crl", "uncertainty")
+# What our method reads of the crl section with CRL off (buarl.BUARL.weighted_loss): the other
+# fields, and so a change of their defaults, do not distinguish runs without CRL.
+CRL_FIELDS_READ_WITH_CRL_OFF = ("enabled", "loss")
 # Fields of the method section only mean teacher reads.
 MEAN_TEACHER_FIELDS = ("consistency_weight", "consistency_rampup_iterations", "noise_std")
 # How often a run reports and checkpoints, and on how many threads: not what it computes.
@@ -771,6 +779,9 @@ def _same_config(out: Path, config: TrainConfig) -> bool:
         for section in BUARL_SECTIONS:
             stored.pop(section, None)
             current.pop(section, None)
+    elif not current["crl"]["enabled"] and not stored.get("crl", {}).get("enabled", True):
+        for entry in (stored, current):
+            entry["crl"] = {k: v for k, v in entry["crl"].items() if k in CRL_FIELDS_READ_WITH_CRL_OFF}
     if current["method"]["name"] != "mean-teacher":
         for entry in (stored, current):
             for name in MEAN_TEACHER_FIELDS:

@@ -287,7 +287,7 @@ def test_mean_teacher_settings_distinguish_only_mean_teacher_runs(quality, tmp_p
 
 def test_runs_made_before_the_crl_variants_are_the_discard_variant(quality, tmp_path):
     preset = quality.PRESETS[("acdc", "cpu")]
-    made = quality.to_dict(quality.base_config(preset, _args(), "ours", 1, tmp_path))
+    made = quality.to_dict(quality.base_config(preset, _args(), "ours-crl-discard", 1, tmp_path))
     for name in (
         "weighting",
         "extra_weight",
@@ -304,6 +304,23 @@ def test_runs_made_before_the_crl_variants_are_the_discard_variant(quality, tmp_
     assert not quality._same_config(
         tmp_path, quality.base_config(preset, _args(), "ours-crl-concentration", 1, tmp_path)
     )
+
+
+def test_crl_settings_distinguish_only_runs_with_crl(quality, tmp_path):
+    preset = quality.PRESETS[("acdc", "cpu")]
+    for key, weighting_matters in (("ours-url-only", False), ("ours-url-random", False), ("ours", True)):
+        config = quality.base_config(preset, _args(), key, 1, tmp_path)
+        config.crl.enabled = key == "ours"
+        (tmp_path / "config.json").write_text(json.dumps(quality.to_dict(config)))
+        config.crl.weighting = "negative" if config.crl.weighting != "negative" else "discard"
+        config.crl.quantile = 0.5
+        assert quality._same_config(tmp_path, config) is not weighting_matters, key
+        config.crl.loss = "ce"  # read with CRL off too: the pseudo-label Dice is weighted or not
+        assert not quality._same_config(tmp_path, config), key
+    url_only = quality.base_config(preset, _args(), "ours-url-only", 1, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(quality.to_dict(url_only)))
+    url_only.crl.enabled = True  # a run with CRL never matches one without
+    assert not quality._same_config(tmp_path, url_only)
 
 
 def test_a_saved_row_is_reused_only_for_the_same_protocol_and_weights(
