@@ -44,7 +44,7 @@ from quality import (  # noqa: E402
     METHODS,
     PRETRAINING_ONLY,
     _file_sha256,
-    _set_option,
+    apply_method_settings,
     mean_and_standard_error,
     paired_differences,
     spread,
@@ -129,13 +129,11 @@ def branch_config(
     if key == SHARED_START:
         config = demo.train_config(demo.SHARED_RUN, folders, seed_dir, plan, seed, args.device)
     else:
-        method, url, crl, settings = METHODS[key]
+        method = METHODS[key][0]
         config = demo.train_config(method, folders, seed_dir, plan, seed, args.device, init_weights)
         if method != "supervised":
             config.data.unlabeled = str(folders["unlabeled"])
-        config.url.enabled, config.crl.enabled = url, crl
-        for option, value in settings.items():
-            _set_option(config, option, value)
+        apply_method_settings(config, key)
         config.out_dir = str(seed_dir / "runs" / key)
     config.num_threads = args.threads
     return config.validate()

@@ -66,13 +66,13 @@ from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa:
 from buseg.events import EventSink  # noqa: E402
 from buseg.train import train  # noqa: E402
 
-METHODS: dict[str, tuple[str, bool, bool, dict]] = {
-    # name: (method, url, crl, other settings "section.field": value)
+METHODS: dict[str, tuple[str, bool | None, bool | None, dict]] = {
+    # name: (method, url, crl, other settings "section.field": value); None: the engine's default
     "supervised": ("supervised", False, False, {}),
     "mean-teacher": ("mean-teacher", False, False, {}),
     "cp-pretrain-only": ("bcp", False, False, {}),  # the shared copy-paste pre-training, scored as is
     "bcp": ("bcp", False, False, {}),
-    "ours": ("buarl", True, True, {}),  # the engine's defaults, whichever variant they are
+    "ours": ("buarl", None, None, {}),  # the engine's defaults, whichever variant they are
     "ours-url-only": ("buarl", True, False, {}),
     "ours-url-random": ("buarl", True, False, {"url.selection": "random"}),  # URL's control
     "ours-crl-only": ("buarl", False, True, {}),
@@ -174,7 +174,6 @@ def acdc_split(root: Path) -> tuple[list[str], list[str]]:
 def base_config(
     preset: Preset, args: argparse.Namespace, method_key: str, seed: int, out: Path
 ) -> TrainConfig:
-    method, url, crl, settings = METHODS[method_key]
     c = TrainConfig()
     c.data.source = preset.dataset
     c.data.data_root = str(args.data_root)
@@ -187,10 +186,7 @@ def base_config(
     c.optim.lr_schedule = preset.lr_schedule
     for key, value in preset.extra.items():  # "section.field", or an optim field by its name
         _set_option(c, key if "." in key else f"optim.{key}", value)
-    c.method.name = method
-    c.url.enabled, c.crl.enabled = url, crl
-    for key, value in settings.items():
-        _set_option(c, key, value)
+    apply_method_settings(c, method_key)
     c.seed = seed
     c.validation_interval = preset.validation_interval
     c.checkpoint_interval = preset.validation_interval  # an interrupted run resumes from there
@@ -202,6 +198,19 @@ def base_config(
         key, value = assignment.split("=", 1)
         _set_option(c, key, json.loads(value))
     return c
+
+
+def apply_method_settings(config: TrainConfig, method_key: str) -> None:
+    """Set ``config``'s method, URL and CRL switches and other settings to those of ``method_key``
+    (a switch given as None keeps the engine's default)."""
+    method, url, crl, settings = METHODS[method_key]
+    config.method.name = method
+    if url is not None:
+        config.url.enabled = url
+    if crl is not None:
+        config.crl.enabled = crl
+    for key, value in settings.items():
+        _set_option(config, key, value)
 
 
 def _set_option(config: TrainConfig, key: str, value) -> None:

@@ -46,6 +46,9 @@ def test_each_branch_trains_its_own_method_from_the_shared_start(variants, tmp_p
     assert len({c.out_dir for c in configs.values()}) == len(configs)
     for key, config in configs.items():
         method, url, crl, _ = variants.METHODS[key]
+        defaults = variants.TrainConfig()
+        url = defaults.url.enabled if url is None else url
+        crl = defaults.crl.enabled if crl is None else crl
         assert config.method.name == method
         assert (config.url.enabled, config.crl.enabled) == (url, crl)
         assert config.init_weights == str(start)
