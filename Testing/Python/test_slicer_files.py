@@ -354,6 +354,24 @@ def test_every_widget_the_module_uses_exists_in_the_ui_with_the_right_class():
     assert {"trainButton", "segmentButton", "rankButton", "resumeButton"} <= used
 
 
+def test_the_ui_opens_with_the_parameter_defaults():
+    # Until the parameter node fills the widgets, the panel shows the .ui's own states; a changed
+    # default must change them too, or the panel shows one setting and trains another.
+    widgets = ui_widgets()
+    checked = 0
+    for p in parameters.PARAMETERS:
+        element = widgets.get(p.widget)
+        if p.widgetClass == "QCheckBox":
+            state = element.find("property[@name='checked']/bool")
+            assert (state is not None and state.text == "true") == p.default, p.name
+            checked += 1
+        elif p.widgetClass == "QComboBox" and p.choices:
+            index = element.find("property[@name='currentIndex']/number")
+            assert (int(index.text) if index is not None else 0) == p.choices.index(p.default), p.name
+            checked += 1
+    assert checked >= 8  # every switch and choice of the panel, not a vacuous loop
+
+
 def test_combo_box_items_match_the_stored_choices_and_mrml_widgets_get_the_scene():
     widgets = ui_widgets()
     for p in parameters.PARAMETERS:
