@@ -117,10 +117,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("urlEnabled", True, "urlEnabledCheckBox", "QCheckBox", "url.enabled"),
     Parameter("urlWeight", 1.0, "urlWeightSpinBox", "QDoubleSpinBox", "url.weight"),
     Parameter("urlQuantile", 0.8, "urlQuantileSpinBox", "QDoubleSpinBox", "url.quantile"),
-    Parameter("crlEnabled", True, "crlEnabledCheckBox", "QCheckBox", "crl.enabled"),
+    Parameter("crlEnabled", False, "crlEnabledCheckBox", "QCheckBox", "crl.enabled"),
     Parameter(
         "crlWeighting",
-        "discard",
+        "concentration",
         "crlWeightingComboBox",
         "QComboBox",
         "crl.weighting",

@@ -168,7 +168,7 @@ def test_variants_and_controls_are_configurations(quality):
         preset, _args(), "ours-crl-after-cleanup", 1, Path("x")
     ).crl.uncertainty_after_cleanup
     assert "ours" not in quality.PROTOCOL and {"cp-pretrain-only", "ours-url-random"} <= set(quality.PROTOCOL)
-    assert quality._is_default("ours-crl-discard", preset, _args())  # today's default CRL
+    assert quality._is_default("ours-url-only", preset, _args())  # the default: URL alone
     assert not quality._is_default("ours-crl-concentration", preset, _args())
 
 

@@ -62,9 +62,11 @@ def test_a_different_setting_is_a_different_run(quality, tmp_path):
     assert not quality._same_config(
         tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"optim.lr": 0.02})
     )
-    # Our method reads the CRL settings: another threshold rule is another run.
+    # Our method with CRL reads the CRL settings: another threshold rule is another run.
+    with_crl = tmp_path / "with-crl"
+    _store(quality, _config(quality, "ours-crl-concentration", with_crl), with_crl)
     assert not quality._same_config(
-        tmp_path / "run", _config(quality, "ours", tmp_path / "run", **{"crl.threshold_mode": "ramp"})
+        with_crl, _config(quality, "ours-crl-concentration", with_crl, **{"crl.threshold_mode": "ramp"})
     )
     assert not (tmp_path / "missing").exists() and not quality._same_config(
         tmp_path / "missing", _config(quality, "ours", tmp_path / "missing")

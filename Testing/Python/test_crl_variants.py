@@ -37,7 +37,7 @@ def _teacher(probability_of_label: float = 0.9) -> torch.Tensor:
 def _config(weighting: str, **crl) -> TrainConfig:
     config = TrainConfig()
     config.method.name = "buarl"
-    config.url.enabled = False
+    config.url.enabled, config.crl.enabled = False, True
     config.crl.weighting = weighting
     config.crl.threshold_mode, config.crl.threshold = "fixed", 0.5
     for key, value in crl.items():
@@ -225,7 +225,7 @@ def test_url_random_control_selects_as_many_truth_pixels_at_random():
 @pytest.mark.parametrize(
     ("flags", "section", "name", "value"),
     [
-        (["--crl-weighting", "concentration"], "crl", "weighting", "concentration"),
+        (["--crl-weighting", "discard"], "crl", "weighting", "discard"),
         (
             ["--crl-weighting", "foreground", "--crl-shrink-iterations", "300"],
             "crl",
@@ -252,9 +252,12 @@ def test_every_variant_is_a_command_line_flag(flags, section, name, value):
     assert getattr(getattr(TrainConfig(), section), name) != value  # the default is not the variant
 
 
-def test_defaults_are_unchanged_discard_and_uncertainty_selection():
+def test_defaults_are_url_only_and_concentration_when_crl_is_turned_on():
+    # The pre-registered rule's pick on ACDC (docs/benchmarks.md): URL alone; `--crl` turns on the
+    # best CRL weighting by the same rule.
     config = TrainConfig()
-    assert config.crl.weighting == "discard" and not config.crl.uncertainty_after_cleanup
+    assert config.url.enabled and not config.crl.enabled
+    assert config.crl.weighting == "concentration" and not config.crl.uncertainty_after_cleanup
     assert config.url.selection == "uncertainty"
 
 
@@ -311,7 +314,7 @@ def test_each_variant_runs_in_the_training_loop(tiny_dataset, tmp_path, settings
     from buseg.train import train
 
     config = TrainConfig()
-    config.method.name = "buarl"
+    config.method.name, config.crl.enabled = "buarl", True
     config.data.labeled, config.data.unlabeled = str(tiny_dataset["labeled"]), str(tiny_dataset["unlabeled"])
     config.model.patch_size = [48, 48]
     config.optim.pretrain_iterations, config.optim.iterations, config.optim.batch_size = 2, 4, 4

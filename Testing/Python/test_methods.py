@@ -91,7 +91,7 @@ def test_url_raises_the_loss_weight_of_selected_pixels_only():
 def test_crl_uncertain_pseudo_label_pixels_get_no_gradient():
     config = TrainConfig()
     config.method.name = "buarl"
-    config.url.enabled = False
+    config.url.enabled, config.crl.enabled, config.crl.weighting = False, True, "discard"
     config.crl.threshold_mode = "fixed"
     config.crl.threshold = 0.5
     method = BUARL(config, num_classes=2)
@@ -133,7 +133,7 @@ def test_crl_loss_ce_keeps_the_pseudo_label_dice_over_all_pseudo_pixels():
     get gradient (through the Dice alone); certain ones get more (CE as well)."""
     config = TrainConfig()
     config.method.name = "buarl"
-    config.url.enabled = False
+    config.url.enabled, config.crl.enabled, config.crl.weighting = False, True, "discard"
     config.crl.threshold_mode, config.crl.threshold, config.crl.loss = "fixed", 0.5, "ce"
     torch.manual_seed(0)
     logits = torch.randn(2, 2, 8, 8, requires_grad=True)

@@ -469,7 +469,7 @@ def test_the_panel_greys_out_the_settings_the_chosen_method_ignores():
     inactive = parameters.inactiveParameters
     dependent = set(parameters.METHOD_DEPENDENT_PARAMETERS)
     assert all(parameters.parameter(name).widget for name in dependent)
-    ours = {p.name: p.default for p in parameters.PARAMETERS}
+    ours = {p.name: p.default for p in parameters.PARAMETERS} | {"crlEnabled": True}
     assert ours["method"] == "buarl" and inactive(ours) == set()  # both parts on: everything applies
     assert inactive(ours | {"urlEnabled": False}) == {"urlWeight", "urlQuantile"}
     assert inactive(ours | {"crlEnabled": False}) == {"crlWeighting", "crlQuantile"}

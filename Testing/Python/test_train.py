@@ -21,6 +21,7 @@ from buseg.train import train
 def _config(data, out, method, *, dimension="2d", iterations=30, pretrain=10) -> TrainConfig:
     c = TrainConfig()
     c.method.name = method
+    c.crl.enabled = method == "buarl"  # both of our method's parts (CRL is off by default)
     c.data.labeled = str(data["labeled"])
     c.data.unlabeled = str(data["unlabeled"])
     c.model.dimension = dimension

@@ -87,6 +87,7 @@ def test_worker_reports_a_whole_training_as_valid_events(tiny_dataset, tmp_path)
     out = tmp_path / "run"
     args = [
         *semi_args(tiny_dataset, out, iterations=16),
+        "--crl",  # both of our method's parts report their losses (CRL is off by default)
         "--validation",
         str(tiny_dataset["test"]),
         "--validation-interval",
