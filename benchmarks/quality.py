@@ -363,8 +363,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=tuple(METHODS),
         default=None,
-        help="Apply the pre-registered rule for the default to these configurations (the last one "
-        "is today's default) and add its verdicts and pick to the report.",
+        help="Apply the pre-registered rule for the default to these configurations (the last one: "
+        "the default it keeps or replaces) and add its verdicts and pick to the report.",
     )
     parser.add_argument("--iterations", type=int, help="Override the preset's self-training iterations.")
     parser.add_argument(
@@ -919,7 +919,7 @@ def default_rule_report(rows: list[dict], candidates: list[str], incumbent: str)
     lines = [
         "",
         f"## The default by the pre-registered rule (candidates: {', '.join(candidates)}; "
-        f"today's default: {incumbent})",
+        f"the default it keeps or replaces: {incumbent})",
         "",
         "| candidate | seeds | mean Dice last | "
         + " | ".join(f"vs {b}" for b in candidates)
