@@ -175,3 +175,19 @@ def test_refuses_a_file_as_output_folder(tmp_path):
     path.write_text("x")
     with pytest.raises(OutputError, match="not a folder"):
         prepare_folder(path, overwrite=True)
+
+
+def test_the_terminal_names_the_parts_of_ours_the_defaults_train(monkeypatch):
+    from buseg import config as config_module
+    from buseg import demo as demo_module
+
+    assert demo_module.our_parts() == "URL"  # the default since the ACDC benchmark chose URL only
+    engine_config = config_module.TrainConfig
+
+    def both_parts():
+        config = engine_config()
+        config.crl.enabled = True
+        return config
+
+    monkeypatch.setattr(config_module, "TrainConfig", both_parts)
+    assert demo_module.our_parts() == "URL and CRL (concentration)"

@@ -7,7 +7,8 @@ One call, in-process, through the same APIs the commands use:
    a few labeled, more unlabeled, validation (model selection) and held-out test volumes;
 2. **training** (:func:`buseg.train.train`) - a shared supervised start on the labeled
    volumes, then two branches of the same length from it: our method (``buarl``: copy-paste
-   self-training with the unlabeled volumes, URL and CRL) and the supervised baseline
+   self-training with the unlabeled volumes and the engine's default parts, URL only since
+   the ACDC benchmark chose it) and the supervised baseline
    (more of the same supervised training). Both end with the same number of iterations
    of the same batch size; the start is the engine's ``--init-weights`` (a shared
    supervised pre-training, docs/method.md);
@@ -228,6 +229,17 @@ def make_data(out_dir: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
 SHARED_RUN = "shared-supervised"
 
 
+def our_parts() -> str:
+    """Which of our method's parts the engine's defaults train, as the terminal and report say it."""
+    from .config import TrainConfig
+
+    defaults = TrainConfig()
+    parts = ["URL"] if defaults.url.enabled else []
+    if defaults.crl.enabled:
+        parts.append(f"CRL ({defaults.crl.weighting})")
+    return " and ".join(parts) if parts else "no uncertainty weighting (BCP)"
+
+
 def train_config(
     run: str,
     folders: dict[str, Path],
@@ -418,7 +430,7 @@ class _DemoRun:
             (
                 "buarl",
                 f"ours (buarl) from it: {plan.iterations} iterations of copy-paste self-training with the "
-                "unlabeled volumes, URL and CRL",
+                f"unlabeled volumes, {our_parts()}",
             ),
             (
                 "supervised",
