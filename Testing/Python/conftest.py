@@ -36,3 +36,21 @@ def dataset_copy(tiny_dataset, tmp_path) -> dict[str, Path]:
     root = tmp_path / "data"
     shutil.copytree(tiny_dataset["labeled"].parent, root)
     return {k: root / v.name for k, v in tiny_dataset.items()}
+
+
+@pytest.fixture()
+def crl_default(monkeypatch):
+    """``crl_default(module, enabled)``: ``module.TrainConfig()`` then builds the engine's defaults
+    with CRL switched as given - for tests that a caller follows the defaults, whatever they are."""
+
+    def switch(module, enabled: bool) -> None:
+        engine_config = module.TrainConfig
+
+        def defaults():
+            config = engine_config()
+            config.crl.enabled = enabled
+            return config
+
+        monkeypatch.setattr(module, "TrainConfig", defaults)
+
+    return switch

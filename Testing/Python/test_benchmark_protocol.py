@@ -306,20 +306,14 @@ def test_runs_made_before_the_crl_variants_are_the_discard_variant(quality, tmp_
     )
 
 
-def test_ours_is_whatever_the_engine_defaults_are(quality, monkeypatch, tmp_path):
+def test_ours_is_whatever_the_engine_defaults_are(quality, crl_default, tmp_path):
     preset = quality.PRESETS[("acdc", "cpu")]
-    engine_config = quality.TrainConfig
-
-    def defaults_without_crl():
-        config = engine_config()
-        config.crl.enabled = False
-        return config
-
-    monkeypatch.setattr(quality, "TrainConfig", defaults_without_crl)
-    ours = quality.base_config(preset, _args(), "ours", 1, tmp_path)
-    assert (ours.url.enabled, ours.crl.enabled) == (True, False)
-    assert quality._is_default("ours-url-only", preset, _args())
-    assert not quality._is_default("ours-crl-discard", preset, _args())
+    for crl_on in (False, True):  # today's default (URL only), then CRL switched on by default
+        crl_default(quality, crl_on)
+        ours = quality.base_config(preset, _args(), "ours", 1, tmp_path)
+        assert (ours.url.enabled, ours.crl.enabled) == (True, crl_on)
+        assert quality._is_default("ours-url-only", preset, _args()) is not crl_on
+        assert quality._is_default("ours-crl-concentration", preset, _args()) is crl_on
 
 
 def test_crl_settings_distinguish_only_runs_with_crl(quality, tmp_path):

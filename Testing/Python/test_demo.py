@@ -177,17 +177,10 @@ def test_refuses_a_file_as_output_folder(tmp_path):
         prepare_folder(path, overwrite=True)
 
 
-def test_the_terminal_names_the_parts_of_ours_the_defaults_train(monkeypatch):
+def test_the_terminal_names_the_parts_of_ours_the_defaults_train(crl_default):
     from buseg import config as config_module
     from buseg import demo as demo_module
 
     assert demo_module.our_parts() == "URL"  # the default since the ACDC benchmark chose URL only
-    engine_config = config_module.TrainConfig
-
-    def both_parts():
-        config = engine_config()
-        config.crl.enabled = True
-        return config
-
-    monkeypatch.setattr(config_module, "TrainConfig", both_parts)
+    crl_default(config_module, True)
     assert demo_module.our_parts() == "URL and CRL (concentration)"
