@@ -402,6 +402,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "values, _<N>labeled is appended to a given tag).",
     )
     args = parser.parse_args(argv)
+    unmeasured = [key for key in args.default_candidates or [] if key not in args.methods]
+    if unmeasured:  # else the rule would just say "not applied yet", as if seeds were missing
+        parser.error(f"--default-candidates {' '.join(unmeasured)}: not among --methods")
     if args.data_root is None:
         args.data_root = ROOT.parent / "shared" / "data" / ("ACDC" if args.dataset == "acdc" else "LA")
     if args.labeled is None:

@@ -490,3 +490,16 @@ def test_a_report_with_no_finished_run_still_lists_what_is_missing(quality):
     args = _args(references=["bcp"], device="cpu", dataset="acdc")
     lines = quality.markdown_report([], quality.PRESETS[("acdc", "cpu")], args, "t", ["bcp (seed 1)"])
     assert "bcp (seed 1)" in lines[-1] and not any(line.startswith("|") for line in lines)
+
+
+def test_a_default_candidate_that_is_not_run_is_an_error(quality, capsys):
+    with pytest.raises(SystemExit) as stop:
+        quality.parse_arguments(
+            ["--methods", "bcp", "ours-url-only", "--default-candidates", "ours-url-only", "ours-crl-discard"]
+        )
+    assert stop.value.code == 2
+    assert "--default-candidates ours-crl-discard: not among --methods" in capsys.readouterr().err
+    args = quality.parse_arguments(
+        ["--methods", "bcp", "ours-url-only", "--default-candidates", "ours-url-only"]
+    )
+    assert args.default_candidates == ["ours-url-only"]
