@@ -996,6 +996,34 @@ def summary_rows(rows: list[dict], references: list[str]) -> list[dict]:
     return lines
 
 
+def per_seed_table(rows: list[dict], references: list[str]) -> list[str]:
+    """Markdown table of every configuration's last-checkpoint Dice and HD95 in each seed, and its
+    per-seed Dice differences against every reference: the figures the summary's means and
+    verdicts are made of, so a per-seed claim can be read from the results file, not worked out."""
+    seeds = sorted({r["seed"] for r in rows})
+    if not seeds:
+        return []
+    header = ["configuration", *(f"seed {s}: Dice / HD95" for s in seeds)]
+    header += [f"− {reference}, per seed" for reference in references]
+    lines = ["", "## Per seed (last checkpoint, all held-out volumes)", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in dict.fromkeys(r["method"] for r in rows):
+        by_seed = {r["seed"]: r for r in rows if r["method"] == key}
+        cells = [key]
+        for seed in seeds:
+            row = by_seed.get(seed)
+            cells.append(
+                "-"
+                if row is None
+                else f"{100 * row.get('last_dice', np.nan):.2f} / {row.get('last_hd95_voxels', np.nan):.2f}"
+            )
+        for reference in references:
+            diffs = paired_differences(rows, key, reference, "last_dice") if reference != key else {}
+            cells.append(" / ".join(f"{seed}: {100 * d:+.2f}" for seed, d in diffs.items()) or "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _error_text(standard_error: float) -> str:
     """' ± SE', or a note where one paired seed gives no standard error (it would print 'nan')."""
     return f" ± {standard_error:.2f}" if np.isfinite(standard_error) else " (one seed, no error estimate)"
@@ -1062,6 +1090,7 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str, missing: l
         if line["configuration"] == default:
             cells[0] += " (default)"
         lines.append("| " + " | ".join(cells) + " |")
+    lines += per_seed_table(rows, references)
     if getattr(args, "default_candidates", None):
         lines += default_rule_report(rows, args.default_candidates, args.default_candidates[-1])
     if missing:

@@ -503,3 +503,26 @@ def test_a_default_candidate_that_is_not_run_is_an_error(quality, capsys):
         ["--methods", "bcp", "ours-url-only", "--default-candidates", "ours-url-only"]
     )
     assert args.default_candidates == ["ours-url-only"]
+
+
+def test_the_report_lists_every_seed_and_the_differences_against_every_reference(quality):
+    rows = [_row("bcp", s, d, hd95=6.0) for s, d in ((1, 0.70), (2, 0.78), (3, 0.74))]
+    rows += [_row("ours-url-only", s, d, hd95=4.0) for s, d in ((1, 0.72), (2, 0.79), (3, 0.75))]
+    rows += [_row("ours-crl-concentration", s, d) for s, d in ((1, 0.71), (3, 0.77))]  # seed 2 unfinished
+    table = quality.per_seed_table(rows, ["bcp", "ours-url-only"])
+    assert table[3] == (
+        "| configuration | seed 1: Dice / HD95 | seed 2: Dice / HD95 | seed 3: Dice / HD95 "
+        "| − bcp, per seed | − ours-url-only, per seed |"
+    )
+    assert (
+        "| ours-url-only | 72.00 / 4.00 | 79.00 / 4.00 | 75.00 / 4.00 | 1: +2.00 / 2: +1.00 / 3: +1.00 | - |"
+        in table
+    )
+    assert (
+        "| ours-crl-concentration | 71.00 / 5.00 | - | 77.00 / 5.00 | 1: +1.00 / 3: +3.00 | 1: -1.00 / 3: +2.00 |"
+        in table
+    )
+    report = quality.markdown_report(
+        rows, quality.PRESETS[("acdc", "cpu")], _args(references=["bcp", "ours-url-only"]), "t"
+    )
+    assert "## Per seed (last checkpoint, all held-out volumes)" in report
