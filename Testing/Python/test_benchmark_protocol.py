@@ -452,7 +452,8 @@ def test_reuse_only_assembles_the_finished_runs_and_lists_the_rest(
     monkeypatch.setattr(
         quality, "load_splits", lambda *a: (argparse.Namespace(validation=[0, 1], num_classes=4), [2])
     )
-    monkeypatch.setattr(quality, "plot_example", lambda *a, **k: None)
+    plotted = []
+    monkeypatch.setattr(quality, "plot_example", lambda models, *a, **k: plotted.append(sorted(models)))
     args = _args(
         dataset="acdc",
         preset="cpu",
@@ -476,6 +477,7 @@ def test_reuse_only_assembles_the_finished_runs_and_lists_the_rest(
     assert len(fake_train.calls) == trained  # nothing trained or resumed
     rows = (args.out / "quality_t.csv").read_text().splitlines()[1:]
     assert sorted(r.split(",")[:2] for r in rows) == [["bcp", "1"], ["cp-pretrain-only", "1"]]
+    assert plotted[-1] == ["bcp", "cp-pretrain-only"]  # not the interrupted run's checkpoint
     report = (args.out / "quality_t.md").read_text()
     for left_out in ("ours-url-only (seed 1)", "cp-pretrain-only (seed 2)", "bcp (seed 2)"):
         assert left_out in report.split("No finished run")[1]
@@ -509,8 +511,9 @@ def test_the_report_lists_every_seed_and_the_differences_against_every_reference
     rows = [_row("bcp", s, d, hd95=6.0) for s, d in ((1, 0.70), (2, 0.78), (3, 0.74))]
     rows += [_row("ours-url-only", s, d, hd95=4.0) for s, d in ((1, 0.72), (2, 0.79), (3, 0.75))]
     rows += [_row("ours-crl-concentration", s, d) for s, d in ((1, 0.71), (3, 0.77))]  # seed 2 unfinished
+    rows[-1]["last_zero_dice_structures"] = 2
     table = quality.per_seed_table(rows, ["bcp", "ours-url-only"])
-    assert table[3] == (
+    assert next(line for line in table if line.startswith("| configuration")) == (
         "| configuration | seed 1: Dice / HD95 | seed 2: Dice / HD95 | seed 3: Dice / HD95 "
         "| − bcp, per seed | − ours-url-only, per seed |"
     )
@@ -519,10 +522,28 @@ def test_the_report_lists_every_seed_and_the_differences_against_every_reference
         in table
     )
     assert (
-        "| ours-crl-concentration | 71.00 / 5.00 | - | 77.00 / 5.00 | 1: +1.00 / 3: +3.00 | 1: -1.00 / 3: +2.00 |"
+        "| ours-crl-concentration | 71.00 / 5.00 | - | 77.00 / 5.00 (2 at Dice 0) | 1: +1.00 / 3: +3.00 | 1: -1.00 / 3: +2.00 |"
         in table
     )
     report = quality.markdown_report(
         rows, quality.PRESETS[("acdc", "cpu")], _args(references=["bcp", "ours-url-only"]), "t"
     )
     assert "## Per seed (last checkpoint, all held-out volumes)" in report
+
+
+def test_structures_at_dice_0_are_counted_for_new_and_earlier_scored_runs(quality, tmp_path, monkeypatch):
+    evaluation = {
+        "cases": [
+            {"case": "a", "dice": 0.5, "dice_class1": 0.0, "dice_class2": 0.9, "dice_class3": 0.8},
+            {"case": "b", "dice": 0.6, "dice_class1": 0.7, "dice_class2": 0.0, "dice_class3": 0.0},
+            {"case": "c", "dice": 0.9, "dice_class1": 0.9, "dice_class2": 0.9, "dice_class3": float("nan")},
+        ]
+    }
+    assert quality.zero_dice_structures(evaluation) == 3
+    # a row scored before the count existed gets it from the evaluation stored beside it
+    (tmp_path / "evaluation_last.json").write_text(json.dumps(evaluation))
+    row = {"method": "bcp", "seed": 1, "protocol": quality.PROTOCOL_VERSION, "final_sha256": None}
+    (tmp_path / "row.json").write_text(json.dumps({"row": row, "curve": []}))
+    monkeypatch.setattr(quality, "_reusable", lambda out, config: True)
+    saved, _ = quality._saved_row(tmp_path, config=None)
+    assert saved["last_zero_dice_structures"] == 3
