@@ -324,9 +324,10 @@ def _mean_over_defined_cases(values: list[float]) -> float:
 
 
 def zero_dice_structures(evaluation: dict) -> int:
-    """How many (volume, class) pairs of an ``evaluate_model`` result have Dice 0: a structure missed
-    or entirely misplaced. The published rule scores a missed structure's HD95 and ASD as 0, which
-    flatters a mean, so the report counts them beside the distances."""
+    """How many (volume, class) pairs of an ``evaluate_model`` result have Dice 0: a structure missed,
+    entirely misplaced, or predicted in a volume without it. The published rule scores a missed
+    structure's HD95 and ASD as 0, which flatters a mean, so the report counts them beside the
+    distances."""
     return sum(
         1
         for case in evaluation["cases"]
@@ -1030,7 +1031,8 @@ def per_seed_table(rows: list[dict], references: list[str]) -> list[str]:
         "",
         "## Per seed (last checkpoint, all held-out volumes)",
         "",
-        "*(n at Dice 0)*: structures (volume and class) the model missed or entirely misplaced; the "
+        "*(n at Dice 0)*: structures (volume and class) at Dice 0 - missed, misplaced, or predicted where "
+        "there is none; the "
         "published rule scores a missed structure's HD95 as 0, which lowers that run's HD95 mean.",
         "",
     ]
