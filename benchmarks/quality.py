@@ -41,6 +41,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import hashlib
@@ -48,12 +49,18 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: run one benchmark process per --work folder there
+    fcntl = None
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
@@ -64,6 +71,7 @@ from paths import shown_command  # noqa: E402
 from buseg.config import TrainConfig, to_dict  # noqa: E402
 from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa: E402
 from buseg.events import EventSink  # noqa: E402
+from buseg.io import write_bytes_atomic  # noqa: E402
 from buseg.train import train  # noqa: E402
 
 METHODS: dict[str, tuple[str, bool | None, bool | None, dict]] = {
@@ -514,15 +522,16 @@ def load_splits(preset: Preset, args, work: Path) -> tuple[TrainingData, list[Va
         held = cases[-args.la_holdout :]
         selection, evaluation = held[0::2], held[1::2]
         excluded_from_selection, excluded_from_evaluation = evaluation, selection
+    # Written atomically: benchmark processes sharing --work read these while another writes them.
     selection_list = work / "selection.list"
-    selection_list.write_text("\n".join(selection) + "\n")
+    write_bytes_atomic(selection_list, ("\n".join(selection) + "\n").encode())
     probe.data.validation = str(selection_list)
     if excluded_from_selection:
         probe.data.exclude_cases = excluded_from_selection
     data_all = load_training_data(probe, log=print)
     eval_config = copy.deepcopy(probe)
     eval_list = work / "evaluation.list"
-    eval_list.write_text("\n".join(evaluation) + "\n")
+    write_bytes_atomic(eval_list, ("\n".join(evaluation) + "\n").encode())
     eval_config.data.validation = str(eval_list)
     if excluded_from_evaluation:
         eval_config.data.exclude_cases = excluded_from_evaluation
@@ -540,6 +549,25 @@ FIRST_STAGE_FOLDERS = {"copy-paste": "pretrain", "supervised": "supervised-stage
 
 class UnfinishedRunError(Exception):
     """With --reuse-only: a run the tables need has not finished (it is left out, not trained)."""
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, args) -> Iterator[None]:
+    """Hold the lock of run folder ``out`` while its run is checked, trained and scored, so that
+    benchmark processes sharing ``--work`` (two queues of seeds, say) never train one folder at once:
+    the second waits, then finds the run finished and reuses it. ``--reuse-only`` takes no lock (it
+    trains nothing, and must not wait for runs in progress). No locking where ``fcntl`` is missing."""
+    if args.reuse_only or fcntl is None:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"  waiting: another process is training {out}", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def first_stages(preset: Preset, args, seed: int, work: Path, data: TrainingData) -> dict[str, Path]:
@@ -573,12 +601,13 @@ def run_first_stage(kind: str, preset: Preset, args, seed: int, work: Path, data
     else:
         config.optim.pretrain_iterations, config.optim.iterations = 0, preset.pretrain_iterations
         config.method.model_weights = "student"
-    if (out / "model.pt").exists() and _reusable(out, config):
-        print(f"{kind} first stage (seed {seed}): reusing {out / 'model.pt'}", flush=True)
-        return out / "model.pt"
-    if not args.reuse_only:
-        print(f"{kind} first stage (seed {seed}): {preset.pretrain_iterations} iterations", flush=True)
-    train_or_resume(config, out, f"{kind}-stage1", args, data)
+    with run_lock(out, args):
+        if (out / "model.pt").exists() and _reusable(out, config):
+            print(f"{kind} first stage (seed {seed}): reusing {out / 'model.pt'}", flush=True)
+            return out / "model.pt"
+        if not args.reuse_only:
+            print(f"{kind} first stage (seed {seed}): {preset.pretrain_iterations} iterations", flush=True)
+        train_or_resume(config, out, f"{kind}-stage1", args, data)
     return out / "model.pt"
 
 
@@ -613,12 +642,30 @@ def run_method(
     volumes: Volumes,
 ) -> tuple[dict, list]:
     if key == PRETRAINING_ONLY:
-        return score_pretraining(preset, args, seed, work, data, volumes)
+        with run_lock(work / f"{PRETRAINING_ONLY}_seed{seed}", args):
+            return score_pretraining(preset, args, seed, work, data, volumes)
     out = work / f"{key}_seed{seed}"
     first_stage = "supervised" if key == "supervised" else "copy-paste"
     if args.reuse_only and preset.pretrain_iterations and first_stage not in starts:
         raise UnfinishedRunError(f"{key} (seed {seed}): its {first_stage} first stage has not finished")
     config, offset = second_stage_config(key, preset, args, seed, out, starts)
+    with run_lock(out, args):
+        return _train_and_score(key, config, offset, preset, args, seed, out, data, starts, volumes)
+
+
+def _train_and_score(
+    key: str,
+    config: TrainConfig,
+    offset: int,
+    preset: Preset,
+    args,
+    seed: int,
+    out: Path,
+    data: TrainingData,
+    starts: dict[str, Path],
+    volumes: Volumes,
+) -> tuple[dict, list]:
+    """The row of configuration ``key``: reused when scored already, else trained (or resumed) and scored."""
     saved = _saved_row(out, config)
     if saved is not None:
         print(f"{key} (seed {seed}): reusing {out / 'row.json'}", flush=True)

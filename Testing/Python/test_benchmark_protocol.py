@@ -11,6 +11,8 @@ import importlib.util
 import json
 import math
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -547,3 +549,46 @@ def test_structures_at_dice_0_are_counted_for_new_and_earlier_scored_runs(qualit
     monkeypatch.setattr(quality, "_reusable", lambda out, config: True)
     saved, _ = quality._saved_row(tmp_path, config=None)
     assert saved["last_zero_dice_structures"] == 3
+
+
+def test_two_processes_sharing_a_work_folder_train_a_first_stage_once(
+    quality, fake_train, tmp_path, monkeypatch
+):
+    """Two queues of runs (say, one per seed range) start the same seed's pre-training at once: the
+    second waits for the first and reuses its model instead of training the folder a second time."""
+
+    def train_slowly(config, **kwargs):
+        time.sleep(0.5)  # long enough for the other thread to find no model.pt without the lock
+        return fake_train(config, **kwargs)
+
+    monkeypatch.setattr(quality, "train", train_slowly)
+    preset = quality.PRESETS[("acdc", "cpu")]
+    starts = []
+    threads = [
+        threading.Thread(
+            target=lambda: starts.append(
+                quality.run_first_stage("copy-paste", preset, _args(), 1, tmp_path, None)
+            )
+        )
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(fake_train.calls) == 1
+    assert starts == [tmp_path / "pretrain_seed1" / "model.pt"] * 2
+
+
+def test_assembling_takes_no_lock_so_it_never_waits_for_a_run_in_progress(quality, tmp_path):
+    out = tmp_path / "bcp_seed1"
+
+    def assemble():
+        with quality.run_lock(out, _args(reuse_only=True)):
+            pass
+
+    with quality.run_lock(out, _args()):  # a training process holds the folder
+        assembler = threading.Thread(target=assemble)
+        assembler.start()
+        assembler.join(timeout=10)
+        assert not assembler.is_alive()
