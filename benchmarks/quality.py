@@ -669,7 +669,9 @@ def _train_and_score(
     saved = _saved_row(out, config)
     if saved is not None:
         print(f"{key} (seed {seed}): reusing {out / 'row.json'}", flush=True)
-        return saved
+        # Named as asked: its config equals this configuration's, whatever name it was run under (a
+        # default's old runs, linked in under the name that now says what they trained).
+        return {**saved[0], "method": key}, saved[1]
     if (out / "final.pt").exists() and (out / "history.json").exists() and _reusable(out, config):
         print(f"{key} (seed {seed}): reusing the finished training in {out}", flush=True)
         result, seconds = _finished_result(out), _seconds(out)

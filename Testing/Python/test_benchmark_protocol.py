@@ -592,3 +592,19 @@ def test_assembling_takes_no_lock_so_it_never_waits_for_a_run_in_progress(qualit
         assembler.start()
         assembler.join(timeout=10)
         assert not assembler.is_alive()
+
+
+def test_a_reused_row_takes_the_name_it_is_asked_for(quality, fake_train, tmp_path, monkeypatch):
+    """Runs made under 'ours' when the default was URL + CRL discard, linked in as ours-crl-discard
+    (what they trained), must be tabled as ours-crl-discard, not under the old name."""
+    monkeypatch.setattr(quality, "evaluate_model", lambda *a, **k: {"summary": {"dice": 0.5}, "cases": []})
+    preset = quality.PRESETS[("acdc", "cpu")]
+    args = _args(review_budget=0.01)
+    volumes = quality.Volumes(everything=list(range(2)), evaluation=list(range(1)))
+    data = argparse.Namespace(num_classes=4)
+    quality.run_method("ours-crl-discard", preset, args, 1, tmp_path, data, {}, volumes)
+    row = json.loads((tmp_path / "ours-crl-discard_seed1" / "row.json").read_text())
+    row["row"]["method"] = "ours"  # as scored under the old name
+    (tmp_path / "ours-crl-discard_seed1" / "row.json").write_text(json.dumps(row))
+    reused, _ = quality.run_method("ours-crl-discard", preset, args, 1, tmp_path, data, {}, volumes)
+    assert reused["method"] == "ours-crl-discard"
