@@ -650,20 +650,11 @@ def run_method(
         raise UnfinishedRunError(f"{key} (seed {seed}): its {first_stage} first stage has not finished")
     config, offset = second_stage_config(key, preset, args, seed, out, starts)
     with run_lock(out, args):
-        return _train_and_score(key, config, offset, preset, args, seed, out, data, starts, volumes)
+        return _row_of_run(key, config, offset, args, seed, out, data, starts, volumes)
 
 
-def _train_and_score(
-    key: str,
-    config: TrainConfig,
-    offset: int,
-    preset: Preset,
-    args,
-    seed: int,
-    out: Path,
-    data: TrainingData,
-    starts: dict[str, Path],
-    volumes: Volumes,
+def _row_of_run(
+    key: str, config: TrainConfig, offset: int, args, seed: int, out: Path, data, starts, volumes
 ) -> tuple[dict, list]:
     """The row of configuration ``key``: reused when scored already, else trained (or resumed) and scored."""
     saved = _saved_row(out, config)
@@ -807,8 +798,9 @@ def _saved_row(out: Path, config: TrainConfig, source: Path | None = None) -> tu
     ):
         return None
     if "last_zero_dice_structures" not in row:  # scored before the count existed; same evaluation
-        row["last_zero_dice_structures"] = zero_dice_structures(
-            json.loads((out / "evaluation_last.json").read_text())
+        stored = out / "evaluation_last.json"
+        row["last_zero_dice_structures"] = (
+            zero_dice_structures(json.loads(stored.read_text())) if stored.exists() else None
         )
     return row, saved["curve"]
 
@@ -1101,7 +1093,9 @@ def per_seed_table(rows: list[dict], references: list[str]) -> list[str]:
 
 def _per_seed_cell(row: dict) -> str:
     text = f"{100 * row.get('last_dice', np.nan):.2f} / {row.get('last_hd95_voxels', np.nan):.2f}"
-    missed = row.get("last_zero_dice_structures", 0)
+    missed = row.get("last_zero_dice_structures")
+    if missed is None:  # not "none at Dice 0": the count is not known for this run
+        return f"{text} (Dice-0 count unknown)"
     return f"{text} ({missed} at Dice 0)" if missed else text
 
 

@@ -73,6 +73,7 @@ def _row(method: str, seed: int, dice: float, hd95: float = 5.0) -> dict:
         "last_hd95_voxels": hd95,
         "best_hd95_voxels": hd95,
         "train_seconds": 600.0,
+        "last_zero_dice_structures": 0,
     }
 
 
@@ -549,6 +550,12 @@ def test_structures_at_dice_0_are_counted_for_new_and_earlier_scored_runs(qualit
     monkeypatch.setattr(quality, "_reusable", lambda out, config: True)
     saved, _ = quality._saved_row(tmp_path, config=None)
     assert saved["last_zero_dice_structures"] == 3
+    # without its stored evaluation the count is unknown, and the table must not read as "none"
+    (tmp_path / "evaluation_last.json").unlink()
+    saved, _ = quality._saved_row(tmp_path, config=None)
+    assert saved["last_zero_dice_structures"] is None
+    table = quality.per_seed_table([{**_row("bcp", 1, 0.7), **saved}], [])
+    assert "(Dice-0 count unknown)" in "\n".join(table)
 
 
 def test_two_processes_sharing_a_work_folder_train_a_first_stage_once(
