@@ -28,7 +28,11 @@ Splits (no label of an unlabeled training case is used for anything):
 
 Runs are resumable: every run checkpoints at each validation; a finished run with the same
 configuration (and the same start weights) is reused, an unfinished one is resumed from its
-``last.pt``. Stop it at any time and run the same command again.
+``last.pt``. Stop it at any time and run the same command again. Every finished run is also
+recorded beside the results (``<out>/runs/<tag>/<configuration>_seed<seed>.json``: its row, curve,
+per-volume scores and configuration), and a table takes a run from its record when its folder is
+gone - the runs of one table are made over days, on machines that do not keep their work folders.
+A record counts only for the configuration it recorded; nothing with a record is trained again.
 
 Usage::
 
@@ -66,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # also when loaded by file path (tests)
 
-from paths import shown_command  # noqa: E402
+from paths import shown_command, shown_path  # noqa: E402
 
 from buseg.config import TrainConfig, to_dict  # noqa: E402
 from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa: E402
@@ -469,22 +473,32 @@ def run_benchmark(args: argparse.Namespace, labeled: int) -> None:
         f"last checkpoint scored on all {len(volumes.everything)}",
         flush=True,
     )
-    rows, curves, missing = [], {}, []
+    rows, curves, missing, from_records = [], {}, [], []
+    records = args.out / RECORDS_FOLDER / tag
     for seed in args.seeds:
-        starts = first_stages(preset, args, seed, work, data_all)
+        recorded = {key: read_record(records, key, preset, args, seed, work) for key in args.methods}
+        to_run = [key for key in args.methods if recorded[key] is None]
+        starts = first_stages(preset, args, seed, work, data_all, to_run) if to_run else {}
         for key in args.methods:
-            try:
-                row, curve = run_method(key, preset, args, seed, work, data_all, starts, volumes)
-            except UnfinishedRunError as reason:  # only with --reuse-only
-                print(f"  left out: {reason}", flush=True)
-                missing.append(f"{key} (seed {seed})")
-                continue
+            if recorded[key] is not None:
+                row, curve = recorded[key]
+                from_records.append(f"{key} (seed {seed})")
+            else:
+                try:
+                    row, curve = run_method(key, preset, args, seed, work, data_all, starts, volumes)
+                except UnfinishedRunError as reason:  # only with --reuse-only
+                    print(f"  left out: {reason}", flush=True)
+                    missing.append(f"{key} (seed {seed})")
+                    continue
+                row = write_record(records, key, row, curve, preset, args, seed, work)
             rows.append(row)
             curves[(key, seed)] = curve
-            write_results(rows, curves, preset, args, tag, missing=missing)
+            write_results(rows, curves, preset, args, tag, missing=missing, from_records=from_records)
     if not rows:  # a mistyped --work or --tag must not replace a results table with an empty one
-        raise SystemExit(f"{tag}: no finished run in {work} (--reuse-only); nothing written to {args.out}")
-    write_results(rows, curves, preset, args, tag, final=True, missing=missing)
+        raise SystemExit(
+            f"{tag}: no finished run in {work} or {records} (--reuse-only); nothing written to {args.out}"
+        )
+    write_results(rows, curves, preset, args, tag, final=True, missing=missing, from_records=from_records)
     # Only runs in the tables: an unfinished run's best.pt is not the model its row will be scored with.
     shown = [
         key for key in args.methods if any(r["method"] == key and r["seed"] == args.seeds[0] for r in rows)
@@ -492,8 +506,12 @@ def run_benchmark(args: argparse.Namespace, labeled: int) -> None:
     models = {key: _model_file(work / f"{key}_seed{args.seeds[0]}") for key in shown}
     if PRETRAINING_ONLY in models:
         models[PRETRAINING_ONLY] = _model_file(work / f"pretrain_seed{args.seeds[0]}")
+    absent = [key for key, model in models.items() if model is None]
+    if absent:  # rows from records: their models are not on this machine
+        print(f"example figure kept as it was: no model file of {', '.join(absent)} here", flush=True)
+        return
     plot_example(
-        {k: m for k, m in models.items() if m is not None},
+        models,
         evaluation_cases[0],
         args.out / f"quality_{tag}_example.png",
         args.device if args.device != "auto" else "cpu",
@@ -570,21 +588,28 @@ def run_lock(out: Path, args) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
-def first_stages(preset: Preset, args, seed: int, work: Path, data: TrainingData) -> dict[str, Path]:
-    """The seed's first stages the chosen methods start from (with --reuse-only, the finished ones: a
+def first_stages(
+    preset: Preset, args, seed: int, work: Path, data: TrainingData, methods: list[str]
+) -> dict[str, Path]:
+    """The seed's first stages ``methods`` start from (with --reuse-only, the finished ones: a
     method whose start is missing is then left out, as its own run cannot have finished either)."""
-    kinds = []
-    if SHARED_PRETRAINING & set(args.methods) and preset.pretrain_iterations:
-        kinds.append("copy-paste")
-    if "supervised" in args.methods and preset.pretrain_iterations:
-        kinds.append("supervised")
     starts = {}
-    for kind in kinds:
+    for kind in first_stage_kinds(preset, methods):
         try:
             starts[kind] = run_first_stage(kind, preset, args, seed, work, data)
         except UnfinishedRunError as reason:
             print(f"  left out: {reason}", flush=True)
     return starts
+
+
+def first_stage_kinds(preset: Preset, methods: list[str]) -> list[str]:
+    """The first stages (``"copy-paste"``, ``"supervised"``) that ``methods`` start from."""
+    kinds = []
+    if SHARED_PRETRAINING & set(methods) and preset.pretrain_iterations:
+        kinds.append("copy-paste")
+    if "supervised" in methods and preset.pretrain_iterations:
+        kinds.append("supervised")
+    return kinds
 
 
 def run_first_stage(kind: str, preset: Preset, args, seed: int, work: Path, data: TrainingData) -> Path:
@@ -595,12 +620,7 @@ def run_first_stage(kind: str, preset: Preset, args, seed: int, work: Path, data
     checkpoint on the selection volumes (model.pt), as the published recipe does.
     """
     out = work / f"{FIRST_STAGE_FOLDERS[kind]}_seed{seed}"
-    config = base_config(preset, args, "bcp" if kind == "copy-paste" else "supervised", seed, out)
-    if kind == "copy-paste":
-        config.optim.pretrain_iterations, config.optim.iterations = preset.pretrain_iterations, 0
-    else:
-        config.optim.pretrain_iterations, config.optim.iterations = 0, preset.pretrain_iterations
-        config.method.model_weights = "student"
+    config = first_stage_config(kind, preset, args, seed, out)
     with run_lock(out, args):
         if (out / "model.pt").exists() and _reusable(out, config):
             print(f"{kind} first stage (seed {seed}): reusing {out / 'model.pt'}", flush=True)
@@ -609,6 +629,17 @@ def run_first_stage(kind: str, preset: Preset, args, seed: int, work: Path, data
             print(f"{kind} first stage (seed {seed}): {preset.pretrain_iterations} iterations", flush=True)
         train_or_resume(config, out, f"{kind}-stage1", args, data)
     return out / "model.pt"
+
+
+def first_stage_config(kind: str, preset: Preset, args, seed: int, out: Path) -> TrainConfig:
+    """The training of a first stage (``kind``: "copy-paste" or "supervised") into ``out``."""
+    config = base_config(preset, args, "bcp" if kind == "copy-paste" else "supervised", seed, out)
+    if kind == "copy-paste":
+        config.optim.pretrain_iterations, config.optim.iterations = preset.pretrain_iterations, 0
+    else:
+        config.optim.pretrain_iterations, config.optim.iterations = 0, preset.pretrain_iterations
+        config.method.model_weights = "student"
+    return config
 
 
 def second_stage_config(
@@ -684,8 +715,7 @@ def score_pretraining(
     source = work / f"pretrain_seed{seed}"
     out = work / f"{PRETRAINING_ONLY}_seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    config = base_config(preset, args, "bcp", seed, source)
-    config.optim.pretrain_iterations, config.optim.iterations = preset.pretrain_iterations, 0
+    config = first_stage_config("copy-paste", preset, args, seed, source)
     saved = _saved_row(out, config, source)
     if saved is not None:
         return saved
@@ -847,6 +877,13 @@ def _same_config(out: Path, config: TrainConfig) -> bool:
             entry.pop(name, None)
         if entry.get("init_weights"):
             entry["init_weights"] = str(Path(entry["init_weights"]).resolve())
+    return _same_computation(stored, current)
+
+
+def _same_computation(stored: dict, current: dict) -> bool:
+    """Whether config ``stored`` (of a run made earlier) trains what ``current`` trains: options added
+    since take the value that reproduces the earlier runs, and what a method does not read does not
+    count. Both are changed in place."""
     for (section, name), value in ADDED_OPTIONS.items():
         if isinstance(stored.get(section), dict):
             stored[section].setdefault(name, value)
@@ -906,6 +943,114 @@ def _finished_result(out: Path) -> SimpleNamespace:
         best_iteration=best["iteration"] if best else None,
         best_metric=best["dice"] if best else None,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Run records: a finished run's row, kept with the results
+#
+# A run folder (checkpoints, logs) lives on the machine that trained it; the runs of one table
+# take days, on machines that do not keep their work folders. A record keeps what the tables
+# need of a finished run - its row, curve, per-volume scores and the configuration it trained -
+# beside the results (``<out>/runs/<tag>/<configuration>_seed<seed>.json``), so that a table is
+# assembled from runs made anywhere. A record counts only for the configuration it recorded.
+
+RECORDS_FOLDER = "runs"
+RECORD_FORMAT = 1
+
+
+def planned_configs(key: str, preset: Preset, args, seed: int, work: Path) -> dict[str, dict]:
+    """What configuration ``key`` trains for ``seed``, as a record keeps it: its ``training`` and the
+    ``first stage`` it starts from (whose length the training's own config does not show)."""
+    if key == PRETRAINING_ONLY:
+        config = first_stage_config("copy-paste", preset, args, seed, work / f"pretrain_seed{seed}")
+        return {"training": _portable(config, work)}
+    kinds = first_stage_kinds(preset, [key])
+    starts = {kind: work / f"{FIRST_STAGE_FOLDERS[kind]}_seed{seed}" / "model.pt" for kind in kinds}
+    config, _ = second_stage_config(key, preset, args, seed, work / f"{key}_seed{seed}", starts)
+    planned = {"training": _portable(config, work)}
+    for kind, start in starts.items():
+        planned["first stage"] = _portable(first_stage_config(kind, preset, args, seed, start.parent), work)
+    return planned
+
+
+def _portable(config: TrainConfig, work: Path) -> dict:
+    """``config`` without what does not change what it computes, its paths made machine-independent:
+    the start weights relative to the work folder, the data folder as result files show paths."""
+    entry = to_dict(config)
+    for name in NOT_COMPUTED:
+        entry.pop(name, None)
+    if entry.get("init_weights"):
+        entry["init_weights"] = Path(entry["init_weights"]).relative_to(work).as_posix()
+    entry["data"]["data_root"] = shown_path(entry["data"]["data_root"])
+    return entry
+
+
+def read_record(records: Path, key: str, preset: Preset, args, seed: int, work: Path):
+    """The recorded ``(row, curve)`` of ``key`` for ``seed`` when a record of this very configuration
+    exists, else None (a record of another configuration is ignored: the run is made or left out)."""
+    path = records / f"{key}_seed{seed}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("format") != RECORD_FORMAT or record["row"].get("protocol") != PROTOCOL_VERSION:
+        return None
+    planned = planned_configs(key, preset, args, seed, work)
+    if set(record["configs"]) != set(planned) or not all(
+        _same_computation(copy.deepcopy(record["configs"][part]), planned[part]) for part in planned
+    ):
+        print(f"{key} (seed {seed}): {path} records another configuration; not used", flush=True)
+        return None
+    print(f"{key} (seed {seed}): from the record {path}", flush=True)
+    return {**record["row"], "method": key}, record["curve"]
+
+
+def write_record(
+    records: Path, key: str, row: dict, curve: list, preset: Preset, args, seed: int, work: Path
+):
+    """Record a row just scored or reused from its run folder; returns the row with the identity of
+    the weights its run started from (``start_weights_sha256``; None for a run from scratch)."""
+    folder = work / (f"{PRETRAINING_ONLY}_seed{seed}" if key == PRETRAINING_ONLY else f"{key}_seed{seed}")
+    source = work / f"pretrain_seed{seed}" if key == PRETRAINING_ONLY else folder
+    try:
+        start = json.loads((source / "start_weights.json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        start = None
+    row = {**row, "start_weights_sha256": start}
+    evaluation = folder / "evaluation_last.json"
+    record = {
+        "format": RECORD_FORMAT,
+        "configuration": key,
+        "seed": seed,
+        "row": row,
+        "curve": curve,
+        "configs": planned_configs(key, preset, args, seed, work),
+        "evaluation_last": json.loads(evaluation.read_text())["cases"] if evaluation.exists() else None,
+    }
+    path = records / f"{key}_seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+    return row
+
+
+def start_weight_mismatches(rows: list[dict]) -> list[str]:
+    """Seeds whose copy-paste configurations started from different weights: their pre-training was
+    trained again (another sitting) and came out different, so those pairs share the seed and the
+    configuration but not the start."""
+    lines = []
+    for seed in sorted({r["seed"] for r in rows}):
+        starts = {
+            r["method"]: r["start_weights_sha256"]
+            for r in rows
+            if r["seed"] == seed and r.get("start_weights_sha256") and r["method"] in SHARED_PRETRAINING
+        }
+        if len(set(starts.values())) > 1:
+            groups = {}
+            for key, sha in starts.items():
+                groups.setdefault(sha[:8], []).append(key)
+            lines.append(
+                f"seed {seed}: " + "; ".join(f"{', '.join(k)} from {sha}" for sha, k in groups.items())
+            )
+    return lines
 
 
 # --------------------------------------------------------------------------------------
@@ -1113,6 +1258,7 @@ def write_results(
     *,
     final: bool = False,
     missing: list[str] = (),
+    from_records: list[str] = (),
 ) -> None:
     out = args.out
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -1123,13 +1269,20 @@ def write_results(
     (out / f"quality_{tag}_curves.json").write_text(
         json.dumps({f"{k}/seed{s}": v for (k, s), v in curves.items()}, indent=1)
     )
-    report = markdown_report(rows, preset, args, tag, missing)
+    report = markdown_report(rows, preset, args, tag, missing, from_records)
     (out / f"quality_{tag}.md").write_text("\n".join(report) + "\n")
     if final and curves:
         plot_curves(curves, out / f"quality_{tag}_curves.png", tag)
 
 
-def markdown_report(rows: list[dict], preset: Preset, args, tag: str, missing: list[str] = ()) -> list[str]:
+def markdown_report(
+    rows: list[dict],
+    preset: Preset,
+    args,
+    tag: str,
+    missing: list[str] = (),
+    from_records: list[str] = (),
+) -> list[str]:
     references = [r for r in args.references if any(row["method"] == r for row in rows)]
     default = next(
         (k for k in dict.fromkeys(r["method"] for r in rows) if _is_default(k, preset, args)), None
@@ -1173,6 +1326,21 @@ def markdown_report(rows: list[dict], preset: Preset, args, tag: str, missing: l
             "",
             "No finished run (queued, running or not planned), so not in this table; each comparison "
             f"uses the seeds both configurations have: {', '.join(missing)}.",
+        ]
+    if from_records:
+        which = "every row" if len(from_records) == len(rows) else ", ".join(from_records)
+        lines += [
+            "",
+            f"From run records ({RECORDS_FOLDER}/{tag}/ beside this file; trained in an earlier sitting, "
+            f"the run folders are not on this machine): {which}.",
+        ]
+    mismatches = start_weight_mismatches(rows)
+    if mismatches:
+        lines += [
+            "",
+            "Not the same start weights within a seed (the pre-training was trained again and came out "
+            "different; these pairs share the seed and the configuration, not the start): "
+            + " | ".join(mismatches),
         ]
     return lines
 

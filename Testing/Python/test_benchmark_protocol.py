@@ -474,6 +474,7 @@ def test_reuse_only_assembles_the_finished_runs_and_lists_the_rest(
     args.out.mkdir()
     quality.run_benchmark(args, 7)  # seed 1 trained
     (args.work / "t" / "ours-url-only_seed1" / "final.pt").unlink()  # and this run interrupted
+    (args.out / "runs" / "t" / "ours-url-only_seed1.json").unlink()  # (so not recorded)
     trained = len(fake_train.calls)
     args.reuse_only, args.seeds = True, [1, 2]
     quality.run_benchmark(args, 7)
@@ -484,8 +485,10 @@ def test_reuse_only_assembles_the_finished_runs_and_lists_the_rest(
     report = (args.out / "quality_t.md").read_text()
     for left_out in ("ours-url-only (seed 1)", "cp-pretrain-only (seed 2)", "bcp (seed 2)"):
         assert left_out in report.split("No finished run")[1]
-    # Nothing finished (a mistyped work folder): an error, and the existing tables stay as they were.
-    args.work = tmp_path / "typo"
+    # Nothing finished (a mistyped work folder, no records): an error, and the tables stay as they were.
+    args.work, args.out = tmp_path / "typo", tmp_path / "results without records"
+    args.out.mkdir()
+    (args.out / "quality_t.md").write_text(report)
     with pytest.raises(SystemExit, match="no finished run"):
         quality.run_benchmark(args, 7)
     assert (args.out / "quality_t.md").read_text() == report
@@ -615,3 +618,102 @@ def test_a_reused_row_takes_the_name_it_is_asked_for(quality, fake_train, tmp_pa
     (tmp_path / "ours-crl-discard_seed1" / "row.json").write_text(json.dumps(row))
     reused, _ = quality.run_method("ours-crl-discard", preset, args, 1, tmp_path, data, {}, volumes)
     assert reused["method"] == "ours-crl-discard"
+
+
+def _assembly_args(tmp_path: Path, **extra) -> argparse.Namespace:
+    values = dict(
+        dataset="acdc",
+        preset="cpu",
+        iterations=None,
+        pretrain_iterations=None,
+        tag="t",
+        labeled=[7],
+        work=tmp_path / "work",
+        out=tmp_path / "out",
+        methods=["cp-pretrain-only", "bcp", "supervised"],
+        references=["bcp"],
+        seeds=[1],
+        review_budget=0.01,
+    )
+    values.update(extra)
+    args = _args(**values)
+    args.out.mkdir(exist_ok=True)
+    return args
+
+
+@pytest.fixture()
+def fake_scoring(quality, monkeypatch):
+    cases = [{"name": "a", "dice_class1": 0.0, "dice_class2": 0.8}]
+    monkeypatch.setattr(quality, "evaluate_model", lambda *a, **k: {"summary": {"dice": 0.5}, "cases": cases})
+    monkeypatch.setattr(
+        quality, "load_splits", lambda *a: (argparse.Namespace(validation=[0, 1], num_classes=4), [2])
+    )
+    monkeypatch.setattr(quality, "plot_example", lambda *a, **k: None)
+
+
+def test_a_table_is_assembled_from_run_records_when_the_run_folders_are_gone(
+    quality, fake_train, fake_scoring, tmp_path
+):
+    """Runs of one table are made over days on machines that do not keep their work folders: each
+    finished run leaves a record beside the results, and the tables come back from the records alone -
+    nothing trained again, not even the first stages."""
+    import shutil
+
+    args = _assembly_args(tmp_path)
+    quality.run_benchmark(args, 7)
+    first = (args.out / "quality_t.csv").read_text()
+    record = json.loads((args.out / "runs" / "t" / "bcp_seed1.json").read_text())
+    assert record["configs"]["training"]["init_weights"] == "pretrain_seed1/model.pt"  # machine-independent
+    assert record["configs"]["first stage"]["optim"]["pretrain_iterations"] == 2000
+    assert record["evaluation_last"][0]["dice_class1"] == 0.0
+    shutil.rmtree(args.work)
+    trained = len(fake_train.calls)
+    for reuse_only in (True, False):
+        args.reuse_only = reuse_only
+        quality.run_benchmark(args, 7)
+        assert len(fake_train.calls) == trained
+        assert (args.out / "quality_t.csv").read_text() == first
+        report = (args.out / "quality_t.md").read_text()
+        assert "From run records" in report and "every row" in report.split("From run records")[1]
+
+
+@pytest.mark.parametrize(
+    ("change", "method"),
+    [
+        (["--set", "method.mask_ratio=0.5"], "bcp"),  # its own training
+        (["--pretrain-iterations", "100"], "bcp"),  # only the first stage it starts from
+        (["--pretrain-iterations", "100"], "supervised"),  # its own first stage
+        (["--iterations", "100"], "cp-pretrain-only"),  # not read by the pre-training: still used
+    ],
+)
+def test_a_record_counts_only_for_the_configuration_it_recorded(
+    quality, fake_train, fake_scoring, tmp_path, change, method
+):
+    import shutil
+
+    args = _assembly_args(tmp_path, methods=[method])
+    quality.run_benchmark(args, 7)
+    shutil.rmtree(args.work)
+    option, value = change
+    if option == "--set":
+        args.set = [value]
+    else:
+        setattr(args, option[2:].replace("-", "_"), int(value))
+    args.reuse_only = True
+    if method == "cp-pretrain-only":
+        quality.run_benchmark(args, 7)
+        assert "From run records" in (args.out / "quality_t.md").read_text()
+    else:
+        with pytest.raises(SystemExit, match="no finished run"):
+            quality.run_benchmark(args, 7)
+
+
+def test_a_seed_whose_runs_started_from_different_pretrainings_is_named(quality):
+    rows = [
+        {**_row("bcp", 1, 0.7), "start_weights_sha256": "aaaaaaaa11"},
+        {**_row("ours-url-only", 1, 0.8), "start_weights_sha256": "bbbbbbbb22"},
+        {**_row("bcp", 2, 0.7), "start_weights_sha256": "cccccccc33"},
+        {**_row("ours-url-only", 2, 0.8), "start_weights_sha256": "cccccccc33"},
+        {**_row("supervised", 2, 0.6), "start_weights_sha256": "dddddddd44"},  # its own first stage
+    ]
+    assert quality.start_weight_mismatches(rows) == ["seed 1: bcp from aaaaaaaa; ours-url-only from bbbbbbbb"]
