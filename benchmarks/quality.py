@@ -72,6 +72,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # also when loaded by file path (t
 
 from paths import shown_command, shown_path  # noqa: E402
 
+from buseg.checkpoint import read_checkpoint  # noqa: E402
 from buseg.config import TrainConfig, to_dict  # noqa: E402
 from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa: E402
 from buseg.events import EventSink  # noqa: E402
@@ -964,13 +965,28 @@ def planned_configs(key: str, preset: Preset, args, seed: int, work: Path) -> di
     if key == PRETRAINING_ONLY:
         config = first_stage_config("copy-paste", preset, args, seed, work / f"pretrain_seed{seed}")
         return {"training": _portable(config, work)}
-    kinds = first_stage_kinds(preset, [key])
-    starts = {kind: work / f"{FIRST_STAGE_FOLDERS[kind]}_seed{seed}" / "model.pt" for kind in kinds}
+    starts = first_stage_starts(preset, [key], seed, work)
     config, _ = second_stage_config(key, preset, args, seed, work / f"{key}_seed{seed}", starts)
     planned = {"training": _portable(config, work)}
     for kind, start in starts.items():
         planned["first stage"] = _portable(first_stage_config(kind, preset, args, seed, start.parent), work)
     return planned
+
+
+def first_stage_starts(preset: Preset, methods: list[str], seed: int, work: Path) -> dict[str, Path]:
+    """Where the first stages ``methods`` start from keep their start weights (trained or not)."""
+    kinds = first_stage_kinds(preset, methods)
+    return {kind: work / f"{FIRST_STAGE_FOLDERS[kind]}_seed{seed}" / "model.pt" for kind in kinds}
+
+
+def weights_sha256(path: Path) -> str:
+    """The identity of a model file's weights alone: the file's own hash changes with its metadata (its
+    creation time and folder) although training is deterministic and the weights come out the same."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(read_checkpoint(path)["weights"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _portable(config: TrainConfig, work: Path) -> dict:
@@ -1010,12 +1026,9 @@ def write_record(
     """Record a row just scored or reused from its run folder; returns the row with the identity of
     the weights its run started from (``start_weights_sha256``; None for a run from scratch)."""
     folder = work / (f"{PRETRAINING_ONLY}_seed{seed}" if key == PRETRAINING_ONLY else f"{key}_seed{seed}")
-    source = work / f"pretrain_seed{seed}" if key == PRETRAINING_ONLY else folder
-    try:
-        start = json.loads((source / "start_weights.json").read_text())["sha256"]
-    except (OSError, ValueError, KeyError):
-        start = None
-    row = {**row, "start_weights_sha256": start}
+    # The run was reused or made only with this start file (``_reusable``), so it is the one it started from.
+    start = next(iter(first_stage_starts(preset, [key], seed, work).values()), None)
+    row = {**row, "start_weights_sha256": weights_sha256(start) if start and start.exists() else None}
     evaluation = folder / "evaluation_last.json"
     record = {
         "format": RECORD_FORMAT,
@@ -1033,9 +1046,10 @@ def write_record(
 
 
 def start_weight_mismatches(rows: list[dict]) -> list[str]:
-    """Seeds whose copy-paste configurations started from different weights: their pre-training was
-    trained again (another sitting) and came out different, so those pairs share the seed and the
-    configuration but not the start."""
+    """Seeds whose copy-paste configurations started from different weights (compared as weights, not
+    files): their pre-training was trained again in another sitting and came out different, so those
+    pairs share the seed and the configuration but not the start. Training here is deterministic
+    (a pre-training trained again scores the same to the last digit), so this names a real change."""
     lines = []
     for seed in sorted({r["seed"] for r in rows}):
         starts = {

@@ -204,6 +204,8 @@ class FakeTrain:
 def fake_train(quality, monkeypatch):
     fake = FakeTrain()
     monkeypatch.setattr(quality, "train", fake)
+    # FakeTrain's model files are bytes, not checkpoints: their weights are the bytes.
+    monkeypatch.setattr(quality, "weights_sha256", quality._file_sha256)
     return fake
 
 
@@ -666,6 +668,8 @@ def test_a_table_is_assembled_from_run_records_when_the_run_folders_are_gone(
     assert record["configs"]["training"]["init_weights"] == "pretrain_seed1/model.pt"  # machine-independent
     assert record["configs"]["first stage"]["optim"]["pretrain_iterations"] == 2000
     assert record["evaluation_last"][0]["dice_class1"] == 0.0
+    start = quality.weights_sha256(args.work / "t" / "pretrain_seed1" / "model.pt")
+    assert record["row"]["start_weights_sha256"] == start
     shutil.rmtree(args.work)
     trained = len(fake_train.calls)
     for reuse_only in (True, False):
@@ -717,3 +721,35 @@ def test_a_seed_whose_runs_started_from_different_pretrainings_is_named(quality)
         {**_row("supervised", 2, 0.6), "start_weights_sha256": "dddddddd44"},  # its own first stage
     ]
     assert quality.start_weight_mismatches(rows) == ["seed 1: bcp from aaaaaaaa; ours-url-only from bbbbbbbb"]
+
+
+def test_the_identity_of_start_weights_is_the_weights_not_the_file(quality, tmp_path):
+    """Training is deterministic, but a model file also holds its creation time and folder: the same
+    pre-training trained again must count as the same start, other weights as another."""
+    import torch
+
+    from buseg.checkpoint import save_checkpoint
+
+    metadata = {
+        "method": "bcp",
+        "dimension": "2d",
+        "normalization": "minmax",
+        "patch_size": [32, 32],
+        "slice_axis": 2,
+        "network": {
+            "name": "unet2d",
+            "in_channels": 1,
+            "num_classes": 2,
+            "base_channels": 4,
+            "dropout": True,
+        },
+        "classes": [{"index": i, "name": n, "label_value": i} for i, n in enumerate(["background", "a"])],
+    }
+    weights = {"b": torch.tensor([1.0, 2.0], dtype=torch.bfloat16), "a": torch.arange(3)}
+    paths = [tmp_path / f"{name}.pt" for name in ("first", "again", "other")]
+    save_checkpoint(paths[0], weights=weights, metadata={**metadata, "created_unix_seconds": 1.0})
+    save_checkpoint(paths[1], weights=weights, metadata={**metadata, "created_unix_seconds": 2.0})
+    save_checkpoint(paths[2], weights={**weights, "a": torch.arange(3) + 1}, metadata=metadata)
+    assert quality._file_sha256(paths[0]) != quality._file_sha256(paths[1])
+    identities = [quality.weights_sha256(path) for path in paths]
+    assert identities[0] == identities[1] != identities[2]
