@@ -1009,6 +1009,7 @@ def read_record(records: Path, key: str, preset: Preset, args, seed: int, work: 
         return None
     record = json.loads(path.read_text())
     if record.get("format") != RECORD_FORMAT or record["row"].get("protocol") != PROTOCOL_VERSION:
+        print(f"{key} (seed {seed}): {path} is of an earlier protocol; not used", flush=True)
         return None
     planned = planned_configs(key, preset, args, seed, work)
     if set(record["configs"]) != set(planned) or not all(
@@ -1024,7 +1025,8 @@ def write_record(
     records: Path, key: str, row: dict, curve: list, preset: Preset, args, seed: int, work: Path
 ):
     """Record a row just scored or reused from its run folder; returns the row with the identity of
-    the weights its run started from (``start_weights_sha256``; None for a run from scratch)."""
+    the weights its run started from (``start_weights_sha256``; None for a run from scratch; for
+    ``cp-pretrain-only``, the pre-training's model, which the other configurations start from)."""
     folder = work / (f"{PRETRAINING_ONLY}_seed{seed}" if key == PRETRAINING_ONLY else f"{key}_seed{seed}")
     # The run was reused or made only with this start file (``_reusable``), so it is the one it started from.
     start = next(iter(first_stage_starts(preset, [key], seed, work).values()), None)
