@@ -1053,7 +1053,7 @@ def start_weight_mismatches(rows: list[dict]) -> list[str]:
     pairs share the seed and the configuration but not the start. Training here is deterministic
     (a pre-training trained again scores the same to the last digit), so this names a real change."""
     lines = []
-    for seed in sorted({r["seed"] for r in rows}):
+    for seed in dict.fromkeys(r["seed"] for r in rows):
         starts = {
             r["method"]: r["start_weights_sha256"]
             for r in rows
@@ -1079,8 +1079,10 @@ def paired_differences(rows: list[dict], key: str, reference: str, metric: str) 
     theirs = {r["seed"]: r.get(metric, np.nan) for r in rows if r["method"] == reference}
     return {
         seed: float(ours[seed] - theirs[seed])
-        for seed in sorted(ours)
-        if seed in theirs and np.isfinite(ours[seed]) and np.isfinite(theirs[seed])
+        for seed in dict.fromkeys(
+            r["seed"] for r in rows
+        )  # as asked (--seeds 1337 2 3): rows come seed by seed
+        if seed in ours and seed in theirs and np.isfinite(ours[seed]) and np.isfinite(theirs[seed])
     }
 
 
@@ -1224,7 +1226,7 @@ def per_seed_table(rows: list[dict], references: list[str]) -> list[str]:
     """Markdown table of every configuration's last-checkpoint Dice and HD95 in each seed, and its
     per-seed Dice differences against every reference: the figures the summary's means and
     verdicts are made of, so a per-seed claim can be read from the results file, not worked out."""
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = list(dict.fromkeys(r["seed"] for r in rows))  # as asked: --seeds 1337 2 3
     if not seeds:
         return []
     header = ["configuration", *(f"seed {s}: Dice / HD95" for s in seeds)]

@@ -88,7 +88,7 @@ def test_differences_are_paired_by_seed(quality):
         _row("ours", 4, 0.99),  # no BCP run with seed 4: not paired
     ]
     differences = quality.paired_differences(rows, "ours", "bcp", "last_dice")
-    assert list(differences) == [1, 2, 3]
+    assert list(differences) == [2, 1, 3]  # the seeds' order in the rows: the order they were asked for
     assert [round(v, 6) for v in differences.values()] == [0.01, 0.01, 0.03]
 
 
