@@ -1007,7 +1007,13 @@ def read_record(records: Path, key: str, preset: Preset, args, seed: int, work: 
     path = records / f"{key}_seed{seed}.json"
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+        missing = {"row", "configs", "curve"} - set(record)  # what every record holds
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+    except (OSError, ValueError, KeyError, TypeError) as problem:  # a truncated or hand-edited file
+        raise SystemExit(f"{path}: not a readable run record ({problem!r}); restore it from git") from None
     if record.get("format") != RECORD_FORMAT or record["row"].get("protocol") != PROTOCOL_VERSION:
         print(f"{key} (seed {seed}): {path} is of an earlier protocol; not used", flush=True)
         return None

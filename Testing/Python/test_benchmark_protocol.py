@@ -459,21 +459,7 @@ def test_reuse_only_assembles_the_finished_runs_and_lists_the_rest(
     )
     plotted = []
     monkeypatch.setattr(quality, "plot_example", lambda models, *a, **k: plotted.append(sorted(models)))
-    args = _args(
-        dataset="acdc",
-        preset="cpu",
-        iterations=None,
-        pretrain_iterations=None,
-        tag="t",
-        labeled=[7],
-        work=tmp_path / "work",
-        out=tmp_path / "out",
-        methods=["cp-pretrain-only", "bcp", "ours-url-only"],
-        references=["bcp"],
-        seeds=[1],
-        review_budget=0.01,
-    )
-    args.out.mkdir()
+    args = _assembly_args(tmp_path, methods=["cp-pretrain-only", "bcp", "ours-url-only"])
     quality.run_benchmark(args, 7)  # seed 1 trained
     (args.work / "t" / "ours-url-only_seed1" / "final.pt").unlink()  # and this run interrupted
     (args.out / "runs" / "t" / "ours-url-only_seed1.json").unlink()  # (so not recorded)
@@ -753,3 +739,13 @@ def test_the_identity_of_start_weights_is_the_weights_not_the_file(quality, tmp_
     assert quality._file_sha256(paths[0]) != quality._file_sha256(paths[1])
     identities = [quality.weights_sha256(path) for path in paths]
     assert identities[0] == identities[1] != identities[2]
+
+
+def test_a_damaged_record_is_an_error_that_names_it(quality, fake_train, fake_scoring, tmp_path):
+    args = _assembly_args(tmp_path, methods=["bcp"])
+    quality.run_benchmark(args, 7)
+    record = args.out / "runs" / "t" / "bcp_seed1.json"
+    record.write_text(record.read_text()[:100])  # truncated
+    args.reuse_only = True
+    with pytest.raises(SystemExit, match=r"bcp_seed1\.json: not a readable run record"):
+        quality.run_benchmark(args, 7)
