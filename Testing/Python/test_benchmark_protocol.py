@@ -713,24 +713,11 @@ def test_the_identity_of_start_weights_is_the_weights_not_the_file(quality, tmp_
     """Training is deterministic, but a model file also holds its creation time and folder: the same
     pre-training trained again must count as the same start, other weights as another."""
     import torch
+    from model_files import model_metadata
 
     from buseg.checkpoint import save_checkpoint
 
-    metadata = {
-        "method": "bcp",
-        "dimension": "2d",
-        "normalization": "minmax",
-        "patch_size": [32, 32],
-        "slice_axis": 2,
-        "network": {
-            "name": "unet2d",
-            "in_channels": 1,
-            "num_classes": 2,
-            "base_channels": 4,
-            "dropout": True,
-        },
-        "classes": [{"index": i, "name": n, "label_value": i} for i, n in enumerate(["background", "a"])],
-    }
+    metadata = model_metadata(["background", "a"], method="bcp")
     weights = {"b": torch.tensor([1.0, 2.0], dtype=torch.bfloat16), "a": torch.arange(3)}
     paths = [tmp_path / f"{name}.pt" for name in ("first", "again", "other")]
     save_checkpoint(paths[0], weights=weights, metadata={**metadata, "created_unix_seconds": 1.0})

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_files import model_metadata, write_untrained_model
 
 from buseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from buseg.cli import main
@@ -180,28 +181,8 @@ def test_sigkill_at_random_moments_of_training_leaves_a_whole_checkpoint_and_res
 
 @pytest.fixture(scope="module")
 def model_2d(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    network = build_network("unet2d", in_channels=1, num_classes=3, base_channels=4)
-    metadata = {
-        "method": "supervised",
-        "dimension": "2d",
-        "normalization": "minmax",
-        "patch_size": [32, 32],
-        "slice_axis": 2,
-        "network": {
-            "name": "unet2d",
-            "in_channels": 1,
-            "num_classes": 3,
-            "base_channels": 4,
-            "dropout": True,
-        },
-        "classes": [
-            {"index": i, "name": n, "label_value": i} for i, n in enumerate(["background", "a", "b"])
-        ],
-    }
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
-    return path
+    return write_untrained_model(path, model_metadata(["background", "a", "b"]))
 
 
 @pytest.fixture(scope="module")

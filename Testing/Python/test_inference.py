@@ -8,8 +8,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from model_files import model_metadata, write_untrained_model
 
-from buseg.checkpoint import LoadedModel, load_model, save_checkpoint
+from buseg.checkpoint import LoadedModel, load_model
 from buseg.config import PredictConfig, TrainConfig
 from buseg.errors import Cancelled, ConfigError, ResourceError
 from buseg.inference import (
@@ -28,29 +29,14 @@ from buseg.uncertainty import normalized_entropy
 
 
 def _untrained(tmp_path, dimension="2d", *, dropout=True, patch=None, classes=3, seed=0) -> LoadedModel:
-    torch.manual_seed(seed)
-    name = "unet2d" if dimension == "2d" else "vnet"
-    network = build_network(name, in_channels=1, num_classes=classes + 1, base_channels=4, dropout=dropout)
-    metadata = {
-        "method": "supervised",
-        "dimension": dimension,
-        "normalization": "minmax",
-        "network": {
-            "name": name,
-            "in_channels": 1,
-            "num_classes": classes + 1,
-            "base_channels": 4,
-            "dropout": dropout,
-        },
-        "classes": [
-            {"index": i, "name": f"c{i}", "label_value": i, "color": [0.5, 0.5, 0.5]}
-            for i in range(classes + 1)
-        ],
-        "patch_size": patch or ([32, 32] if dimension == "2d" else [32, 32, 16]),
-        "slice_axis": 2,
-    }
-    path = tmp_path / f"{dimension}_{dropout}_{seed}.pt"
-    save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
+    metadata = model_metadata(
+        [f"c{i}" for i in range(classes + 1)],
+        dimension=dimension,
+        colors=[[0.5, 0.5, 0.5]] * (classes + 1),
+        patch_size=patch,
+        dropout=dropout,
+    )
+    path = write_untrained_model(tmp_path / f"{dimension}_{dropout}_{seed}.pt", metadata, seed=seed)
     return load_model(path)
 
 

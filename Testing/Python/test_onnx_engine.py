@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_files import model_metadata, untrained_network
 
 import buseg.onnx_engine as onnx_engine
 from buseg.checkpoint import LoadedModel, load_model, save_checkpoint
@@ -15,7 +16,6 @@ from buseg.config import PredictConfig
 from buseg.errors import ConfigError, ModelFileError, OutputError
 from buseg.inference import predict_case, predict_files
 from buseg.io import Volume, write_image
-from buseg.networks import build_network
 from buseg.onnx_engine import ONNX_UNCERTAINTY, choose_engine
 
 CPU = torch.device("cpu")
@@ -34,22 +34,12 @@ def _fresh_sessions(tmp_path, monkeypatch):
 
 
 def _model(folder, dimension="2d", seed=0) -> LoadedModel:
-    torch.manual_seed(seed)
-    name = "unet2d" if dimension == "2d" else "vnet"
-    network = build_network(name, in_channels=1, num_classes=4, base_channels=4)
+    metadata = model_metadata([f"c{i}" for i in range(4)], dimension=dimension, colors=[[0.5] * 3] * 4)
+    network = untrained_network(metadata, seed=seed)
     for module in network.modules():  # running statistics as after training (folded into the convolutions)
         if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
-    metadata = {
-        "method": "supervised",
-        "dimension": dimension,
-        "normalization": "minmax",
-        "network": {"name": name, "in_channels": 1, "num_classes": 4, "base_channels": 4, "dropout": True},
-        "classes": [{"index": i, "name": f"c{i}", "label_value": i, "color": [0.5] * 3} for i in range(4)],
-        "patch_size": [32, 32] if dimension == "2d" else [32, 32, 16],
-        "slice_axis": 2,
-    }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.pt"
     save_checkpoint(path, weights=network.state_dict(), metadata=metadata)

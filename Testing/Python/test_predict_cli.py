@@ -11,16 +11,15 @@ import sys
 import numpy as np
 import pytest
 import slicerio
-import torch
+from model_files import model_metadata, write_untrained_model
 
 from buseg import events as buseg_events
-from buseg.checkpoint import load_model, save_checkpoint
+from buseg.checkpoint import load_model
 from buseg.cli import main
 from buseg.config import PredictConfig
 from buseg.errors import Cancelled
 from buseg.inference import predict_case, predict_files
 from buseg.io import Volume, read_image, read_label, write_image, write_segmentation
-from buseg.networks import build_network
 from buseg.synthetic import write_dataset
 
 CLASSES = [
@@ -33,31 +32,12 @@ CLASSES = [
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    network = build_network("unet2d", in_channels=1, num_classes=4, base_channels=4)
-    with torch.no_grad():
-        network.head.bias.zero_()  # untrained, but its argmax then varies with the image: several classes
-    metadata = {
-        "method": "supervised",
-        "dimension": "2d",
-        "normalization": "minmax",
-        "patch_size": [32, 32],
-        "slice_axis": 2,
-        "network": {
-            "name": "unet2d",
-            "in_channels": 1,
-            "num_classes": 4,
-            "base_channels": 4,
-            "dropout": True,
-        },
-        "classes": [
-            {"index": i, "name": n, "label_value": v, "color": [0.1 * i, 0.9 - 0.2 * i, 0.3]}
-            for i, (n, v) in enumerate(CLASSES)
-        ],
-    }
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
-    return path
+    metadata = model_metadata(
+        [name for name, _ in CLASSES],
+        label_values=[value for _, value in CLASSES],
+        colors=[[0.1 * i, 0.9 - 0.2 * i, 0.3] for i in range(len(CLASSES))],
+    )
+    return write_untrained_model(tmp_path_factory.mktemp("model") / "model.pt", metadata, zero_head_bias=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from model_files import model_metadata, write_untrained_model
 
-from buseg.checkpoint import save_checkpoint
 from buseg.cli import main
-from buseg.networks import build_network
 from buseg.shape_flags import REASONS
 from buseg.synthetic import write_dataset
 
@@ -24,31 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
 def _model(folder: Path, slice_axis: int) -> Path:
-    torch.manual_seed(0)
-    network = build_network("unet2d", in_channels=1, num_classes=4, base_channels=4)
-    with torch.no_grad():
-        network.head.bias.zero_()  # untrained, but its argmax varies with the image: several classes
-    metadata = {
-        "method": "supervised",
-        "dimension": "2d",
-        "normalization": "minmax",
-        "patch_size": [32, 32],
-        "slice_axis": slice_axis,
-        "network": {
-            "name": "unet2d",
-            "in_channels": 1,
-            "num_classes": 4,
-            "base_channels": 4,
-            "dropout": True,
-        },
-        "classes": [
-            {"index": i, "name": n, "label_value": i, "color": [0.2 * i, 0.5, 0.3]}
-            for i, n in enumerate(NAMES)
-        ],
-    }
-    path = folder / f"model_axis{slice_axis}.pt"
-    save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
-    return path
+    metadata = model_metadata(
+        NAMES, colors=[[0.2 * i, 0.5, 0.3] for i in range(len(NAMES))], slice_axis=slice_axis
+    )
+    return write_untrained_model(folder / f"model_axis{slice_axis}.pt", metadata, zero_head_bias=True)
 
 
 @pytest.fixture(scope="module")

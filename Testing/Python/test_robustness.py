@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from model_files import model_metadata, write_untrained_model
 
-from buseg.checkpoint import FORMAT, load_model, save_checkpoint
+from buseg.checkpoint import FORMAT, load_model
 from buseg.config import PredictConfig, TrainConfig
 from buseg.data import load_training_data
 from buseg.errors import InputError, ModelFileError, ResourceError
@@ -75,37 +76,18 @@ def model_2d(tmp_path_factory) -> Path:
 
 
 def _metadata(dimension="2d", **changes) -> dict:
-    name = "unet2d" if dimension == "2d" else "vnet"
-    metadata = {
-        "format": FORMAT,
-        "format_version": 1,
-        "method": "supervised",
-        "dimension": dimension,
-        "normalization": "minmax",
-        "patch_size": [32, 32] if dimension == "2d" else [16, 16, 16],
-        "slice_axis": 2,
-        "network": {"name": name, "in_channels": 1, "num_classes": 3, "base_channels": 4, "dropout": True},
-        "classes": [
-            {"index": i, "name": n, "label_value": v, "color": [0.2 * i, 0.5, 0.5]}
-            for i, (n, v) in enumerate([("background", 0), ("liver", 1), ("tumour", 2)])
-        ],
-    }
-    metadata.update(changes)
-    return metadata
+    names = ["background", "liver", "tumour"]
+    metadata = model_metadata(
+        names,
+        dimension=dimension,
+        colors=[[0.2 * i, 0.5, 0.5] for i in range(len(names))],
+        patch_size=[32, 32] if dimension == "2d" else [16, 16, 16],
+    )
+    return {"format": FORMAT, "format_version": 1, **metadata, **changes}
 
 
 def _model_file(path: Path, dimension="2d", **changes) -> Path:
-    metadata = _metadata(dimension, **changes)
-    torch.manual_seed(0)
-    net = metadata["network"]
-    network = build_network(
-        net["name"],
-        in_channels=net["in_channels"],
-        num_classes=net["num_classes"],
-        base_channels=net["base_channels"],
-    )
-    save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
-    return path
+    return write_untrained_model(path, _metadata(dimension, **changes))
 
 
 def _predict_config(model: Path, out: Path, **changes) -> PredictConfig:
