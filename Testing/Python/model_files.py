@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from buseg.checkpoint import save_checkpoint
-from buseg.networks import build_network
+from buseg.checkpoint import network_from_metadata, save_checkpoint
 
 
 def model_metadata(
@@ -60,14 +59,7 @@ def model_metadata(
 def untrained_network(metadata: dict[str, Any], *, seed: int = 0) -> torch.nn.Module:
     """The network ``metadata`` describes, initialised from ``seed``."""
     torch.manual_seed(seed)
-    network = metadata["network"]
-    return build_network(
-        network["name"],
-        in_channels=network["in_channels"],
-        num_classes=network["num_classes"],
-        base_channels=network["base_channels"],
-        dropout=network["dropout"],
-    )
+    return network_from_metadata(metadata)
 
 
 def write_untrained_model(
