@@ -1355,8 +1355,8 @@ def markdown_report(
         which = "every row" if len(from_records) == len(rows) else ", ".join(from_records)
         lines += [
             "",
-            f"From run records ({RECORDS_FOLDER}/{tag}/ beside this file; trained in an earlier sitting, "
-            f"the run folders are not on this machine): {which}.",
+            f"From run records ({RECORDS_FOLDER}/{tag}/ beside this file, each written when its run "
+            f"finished; a record is read before a run folder, which may no longer exist): {which}.",
         ]
     mismatches = start_weight_mismatches(rows)
     if mismatches:
