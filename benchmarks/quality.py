@@ -1427,24 +1427,42 @@ def plot_example(
 
 
 def plot_curves(curves: dict, path: Path, title: str) -> None:
+    """Validation Dice over iterations: one panel per seed, one colour per configuration.
+
+    With a dozen configurations and three seeds a single panel repeats colours and hides curves
+    under its legend; panels keep each seed's runs (which share a pre-training) together."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (method, seed), curve in curves.items():
-        if curve:
-            ax.plot(
-                [c["iteration"] for c in curve], [c["dice"] for c in curve], label=f"{method} (seed {seed})"
-            )
-    ax.set_xlabel("iteration (pre-training + self-training)")
-    ax.set_ylabel("mean Dice, selection split")
-    ax.set_title(f"Validation Dice over iterations: {title}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    curves = {key: curve for key, curve in curves.items() if curve}
+    if not curves:
+        return
+    methods = list(dict.fromkeys(method for method, _ in curves))
+    seeds = list(dict.fromkeys(seed for _, seed in curves))
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colours = {method: palette(index % palette.N) for index, method in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(seeds), figsize=(2.0 + 4.2 * len(seeds), 4.6), sharey=True, squeeze=False)
+    for ax, seed in zip(axes[0], seeds, strict=True):
+        for method in methods:
+            curve = curves.get((method, seed))
+            if curve:
+                ax.plot(
+                    [c["iteration"] for c in curve],
+                    [c["dice"] for c in curve],
+                    color=colours[method],
+                    label=method,
+                )
+        ax.set_title(f"seed {seed}")
+        ax.set_xlabel("iteration (pre-training + self-training)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean Dice, selection split")
+    handles = [plt.Line2D([], [], color=colours[method]) for method in methods]
+    fig.legend(handles, methods, loc="center right", fontsize=8)
+    fig.suptitle(f"Validation Dice over iterations: {title}")
+    fig.tight_layout(rect=(0, 0, 1.0 - 2.0 / (2.0 + 4.2 * len(seeds)), 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

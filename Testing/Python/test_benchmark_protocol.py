@@ -736,3 +736,24 @@ def test_a_damaged_record_is_an_error_that_names_it(quality, fake_train, fake_sc
     args.reuse_only = True
     with pytest.raises(SystemExit, match=r"bcp_seed1\.json: not a readable run record"):
         quality.run_benchmark(args, 7)
+
+
+def test_the_curves_figure_has_a_panel_per_seed_and_a_colour_per_configuration(quality, tmp_path):
+    import matplotlib.image
+
+    curve = [{"iteration": 250, "dice": 0.5}, {"iteration": 500, "dice": 0.6}]
+    curves = {
+        ("bcp", 1337): curve,
+        ("ours-url-only", 1337): curve,
+        ("bcp", 2): curve,
+        ("mean-teacher", 2): [],
+    }
+    path = tmp_path / "curves.png"
+    quality.plot_curves(curves, path, "t")
+    height, width = matplotlib.image.imread(path).shape[:2]
+    one_seed = tmp_path / "one_seed.png"
+    quality.plot_curves({("bcp", 1337): curve}, one_seed, "t")
+    assert width > 1.5 * matplotlib.image.imread(one_seed).shape[1]  # two panels side by side
+    assert height == matplotlib.image.imread(one_seed).shape[0]
+    quality.plot_curves({("bcp", 3): []}, tmp_path / "none.png", "t")
+    assert not (tmp_path / "none.png").exists()  # no finished curve: no empty figure
