@@ -1426,6 +1426,21 @@ def plot_example(
     plt.close(fig)
 
 
+def curve_styles(methods: list[str]) -> dict[str, dict]:
+    """A line colour and style per configuration, none shared: 20 colours, then dashed, dotted..."""
+    import matplotlib.pyplot as plt
+
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    dashes = ["-", "--", ":", "-."]
+    return {
+        method: {
+            "color": palette(index % palette.N),
+            "linestyle": dashes[(index // palette.N) % len(dashes)],
+        }
+        for index, method in enumerate(methods)
+    }
+
+
 def plot_curves(curves: dict, path: Path, title: str) -> None:
     """Validation Dice over iterations: one panel per seed, one colour per configuration.
 
@@ -1441,8 +1456,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
         return
     methods = list(dict.fromkeys(method for method, _ in curves))
     seeds = list(dict.fromkeys(seed for _, seed in curves))
-    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    colours = {method: palette(index % palette.N) for index, method in enumerate(methods)}
+    styles = curve_styles(methods)
     fig, axes = plt.subplots(1, len(seeds), figsize=(2.0 + 4.2 * len(seeds), 4.6), sharey=True, squeeze=False)
     for ax, seed in zip(axes[0], seeds, strict=True):
         for method in methods:
@@ -1451,14 +1465,14 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
                 ax.plot(
                     [c["iteration"] for c in curve],
                     [c["dice"] for c in curve],
-                    color=colours[method],
+                    **styles[method],
                     label=method,
                 )
         ax.set_title(f"seed {seed}")
         ax.set_xlabel("iteration (pre-training + self-training)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean Dice, selection split")
-    handles = [plt.Line2D([], [], color=colours[method]) for method in methods]
+    handles = [plt.Line2D([], [], **styles[method]) for method in methods]
     fig.legend(handles, methods, loc="center right", fontsize=8)
     fig.suptitle(f"Validation Dice over iterations: {title}")
     fig.tight_layout(rect=(0, 0, 1.0 - 2.0 / (2.0 + 4.2 * len(seeds)), 1))

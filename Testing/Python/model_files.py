@@ -31,6 +31,9 @@ def model_metadata(
     ``label_values`` default to the class indices; classes have no colour unless ``colors``
     gives one per class; the patch defaults to 32x32 (2D) or 32x32x16 (3D).
     """
+    for given, what in ((label_values, "label_values"), (colors, "colors")):
+        if given is not None and len(given) != len(class_names):
+            raise ValueError(f"{what}: {len(given)} given for {len(class_names)} classes")
     name = "unet2d" if dimension == "2d" else "vnet"
     values = list(label_values) if label_values is not None else list(range(len(class_names)))
     classes = []

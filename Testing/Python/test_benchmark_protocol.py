@@ -738,7 +738,14 @@ def test_a_damaged_record_is_an_error_that_names_it(quality, fake_train, fake_sc
         quality.run_benchmark(args, 7)
 
 
-def test_the_curves_figure_has_a_panel_per_seed_and_a_colour_per_configuration(quality, tmp_path):
+def test_every_configuration_gets_its_own_curve_style(quality):
+    for count in (3, 13, 45):  # tab10, tab20, and more configurations than colours
+        methods = [f"m{i}" for i in range(count)]
+        styles = quality.curve_styles(methods)
+        assert len({(tuple(s["color"]), s["linestyle"]) for s in styles.values()}) == count
+
+
+def test_the_curves_figure_has_a_panel_per_seed(quality, tmp_path):
     import matplotlib.image
 
     curve = [{"iteration": 250, "dice": 0.5}, {"iteration": 500, "dice": 0.6}]
