@@ -97,6 +97,38 @@ def _assert_final_files_complete(folder: Path) -> None:
             raise AssertionError(f"unexpected file {path}")
 
 
+def _wait_for_a_random_moment(process: subprocess.Popen, rng: random.Random) -> str:
+    """Read ``process``'s events up to a random moment to kill it at, and say which.
+
+    Counted in the run's own checkpoints, not in seconds, so that the kill lands inside the training
+    on a fast machine as on a slow one: after 2-8 checkpoints (at most 24 of the 80 iterations over
+    three kills), a random part of the last checkpoint-to-checkpoint time later - mid-iteration or
+    mid-write (from the second checkpoint on, that time is one iteration, not the start-up). One time in five, during start-up instead (a random fraction of a second after the
+    first event, before or around the first checkpoint).
+    """
+    if rng.random() < 0.2:
+        process.stdout.readline()
+        delay = rng.uniform(0.0, 0.5)
+        time.sleep(delay)
+        return f"{delay:.2f} s after start-up"
+    checkpoints = rng.randint(2, 8)
+    seen, last, interval = 0, time.monotonic(), 0.0
+    for line in process.stdout:
+        event = json.loads(line)
+        if event["event"] == "finished":
+            return "after it finished (missed)"
+        if event["event"] == "checkpoint" and event["kind"] == "last":
+            now = time.monotonic()
+            interval, last, seen = now - last, now, seen + 1
+            if seen == checkpoints:
+                break
+    else:
+        return "after its output ended (missed)"
+    delay = rng.uniform(0.0, 1.0) * interval
+    time.sleep(delay)
+    return f"{delay:.3f} s after checkpoint {seen} of this run"
+
+
 # --------------------------------------------------------------------------------------
 # Killed at any moment
 
@@ -107,7 +139,7 @@ def test_sigkill_at_random_moments_of_training_leaves_a_whole_checkpoint_and_res
 ):
     rng = random.Random(_seed())
     out = tmp_path / "run"
-    total = 80  # about 5 s of training here: the kills below land in its middle
+    total = 80
     args = [
         "--method",
         "buarl",
@@ -136,14 +168,7 @@ def test_sigkill_at_random_moments_of_training_leaves_a_whole_checkpoint_and_res
             text=True,
             env=ENV,
         )
-        # Kill at a random moment after the first checkpoint of this run (or, once, during start-up).
-        wait_for_checkpoint = rng.random() < 0.8
-        for line in process.stdout:
-            event = json.loads(line)
-            if event["event"] == "checkpoint" or not wait_for_checkpoint or event["event"] == "finished":
-                break
-        delay = rng.uniform(0.0, 2.0)
-        time.sleep(delay)
+        moment = _wait_for_a_random_moment(process, rng)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         process.stdout.close()
@@ -155,8 +180,8 @@ def test_sigkill_at_random_moments_of_training_leaves_a_whole_checkpoint_and_res
             saved = state["iteration"]
         left = [p.name for p in out.iterdir() if p.name.startswith(".")]
         print(
-            f"killed {delay:.2f} s after {'a checkpoint' if wait_for_checkpoint else 'start-up'}: "
-            f"exit {process.returncode}, last.pt whole at iteration {saved}, temporary files left: {left}"
+            f"killed {moment}: exit {process.returncode}, last.pt whole at iteration {saved}, "
+            f"temporary files left: {left}"
         )
         assert not (out / "model.pt").exists() or saved == total
     assert kills >= 2
