@@ -431,8 +431,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.controller.resume()
 
     def onPollJob(self):
-        if self.controller.poll():
-            self._timer.stop()
+        panel.timerTick(self.controller, self._timer)
 
     def _onTrainingEvent(self, event):
         if event.get("event") in ("progress", "validation"):

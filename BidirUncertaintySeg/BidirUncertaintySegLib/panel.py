@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from . import dependencies, engine, presenter
 from .errors import ModuleError, PreviousTrainingError
@@ -134,16 +134,21 @@ class PanelController:
         self.hooks.startPolling()
 
     def poll(self) -> bool:
-        """One timer tick: True when there is nothing more to follow (stop the timer)."""
+        """One timer tick: True when there is nothing more to follow (stop the timer).
+
+        A job that ends may start the next one (its ``then``: ranking, then segmenting the
+        first-ranked volume); the answer is about the job followed *after* the tick, so the
+        timer keeps running for it."""
         if self.job is None:
             return True
         try:
-            return self.job.poll()
+            self.job.poll()
         except Exception as exc:  # a listener failed: end the job's display rather than poll it forever
             message = unexpectedMessage(exc, "following the job")
             if self.presenter.busy:
                 self.presenter.workerEnded("failed", message=message)
             return True
+        return self.job is None or self.job.done
 
     def cancel(self) -> None:
         if self.presenter.cancelRequested() and self.job is not None:
@@ -308,6 +313,21 @@ class PanelController:
         self.presenter.setInputsReady(presenter.SEGMENT, store.segmentProblem())
         self.presenter.setInputsReady(presenter.RANK, store.rankProblem())
         self.presenter.setResumable(engine.resumable(store.get("lastRunFolder")))
+
+
+class PollTimer(Protocol):
+    """What :func:`timerTick` needs of a ``qt.QTimer``."""
+
+    def stop(self) -> None: ...
+
+
+def timerTick(controller: PanelController, timer: PollTimer) -> None:
+    """The widget's timer handler: poll the panel's job; stop the timer when nothing is left to follow.
+
+    Once stopped, nothing polls until a job is started again (``PanelHooks.startPolling``):
+    this is the contract the widget's ``QTimer`` gives, and the one tests drive."""
+    if controller.poll():
+        timer.stop()
 
 
 def pollInBackground(job: Job, onDone: Callable[[Job], None]) -> bool:
