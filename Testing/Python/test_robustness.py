@@ -654,3 +654,81 @@ def test_slicer_export_keeps_node_names_inside_their_folders(tmp_path):
     manifest = json.loads((inputs / nodefiles.MANIFEST_NAME).read_text())
     for entry in manifest["labeled"] + manifest["unlabeled"]:
         assert not Path(entry["image"]).is_absolute() and ".." not in Path(entry["image"]).parts
+
+
+# --------------------------------------------------------------------------------------
+# Options, outputs and the user's files (issue 35)
+
+
+def _all_scalar_fields(cls, prefix=""):
+    """(dotted name, type, is a list) of every bool, int, float and str field of a config (and of
+    every list of them), sections included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _all_scalar_fields(hint, f"{prefix}{f.name}.")
+            continue
+        is_list = typing.get_origin(hint) is list
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if base[0] in (bool, int, float, str):
+            yield f"{prefix}{f.name}", base[0], is_list
+
+
+NOT_OF_TYPE = {
+    bool: [[0], "maybe", "true", 1, 0, {}],
+    int: [True, 2.5, "3", [3]],
+    float: [True, "0.5", [0.5]],
+    str: [["a"], 3, {"a": 1}, True],
+}
+
+
+def _nested(dotted: str, value) -> dict:
+    *sections, name = dotted.split(".")
+    data: dict = {name: value}
+    for section in reversed(sections):
+        data = {section: data}
+    return data
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, PredictConfig], ids=["train", "predict"])
+def test_config_files_take_only_values_of_each_fields_type(cls):
+    from buseg.config import from_dict
+    from buseg.errors import ConfigError
+
+    fields = list(_all_scalar_fields(cls))
+    assert {kind for _, kind, _ in fields} >= {bool, int, float, str}
+    for dotted, kind, is_list in fields:
+        for value in NOT_OF_TYPE[kind]:
+            with pytest.raises(ConfigError, match=dotted.rsplit(".", 1)[-1]):
+                from_dict(cls, _nested(dotted, [value] if is_list else value))
+    # What JSON writes for each type is taken as it is; 3.0 is the whole number 3.
+    assert from_dict(TrainConfig, {"optim": {"amp": False, "iterations": 3.0, "lr": 1}}).optim.iterations == 3
+    assert from_dict(PredictConfig, {"overwrite": True, "samples": 2}).overwrite is True
+
+
+def _error_event(stdout: str) -> dict:
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return next(e for e in events if e["event"] == "error")
+
+
+def test_a_config_file_with_a_truthy_overwrite_replaces_nothing(tmp_path, model_2d, capsys):
+    from buseg.cli import main
+
+    image = tmp_path / "in" / "a.nrrd"
+    write_image(_case().image, image)
+    out = tmp_path / "out"
+    argv = ["predict", str(image), "--model", str(model_2d), "--out", str(out), "--num-threads", "1"]
+    assert main([*argv, "--progress", "none"]) == 0
+    label = out / "a" / "a_label.nrrd"
+    before = label.stat().st_mtime_ns
+    config = tmp_path / "config.json"
+    for value in ([0], "maybe", 1):
+        config.write_text(json.dumps({"overwrite": value}))
+        capsys.readouterr()
+        assert main([*argv, "--config", str(config), "--progress", "jsonl"]) == 2
+        assert "overwrite" in _error_event(capsys.readouterr().out)["message"]
+        assert label.stat().st_mtime_ns == before

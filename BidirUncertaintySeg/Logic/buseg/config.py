@@ -564,26 +564,35 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, args[0], where) for v in value]
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if hint is float:
-            return float(value)
-        if hint is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {value!r} is not a valid {hint.__name__}") from None
-    return value
+    return _coerce_scalar(value, hint, where)
+
+
+def _coerce_scalar(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as a ``hint`` (bool, int, float, str), or :class:`ConfigError`.
+
+    Strict as JSON types are: only true and false are booleans (``[0]`` or ``"maybe"`` must not
+    turn an option on), only whole numbers are integers (not ``true``, not ``2.5``; ``3.0`` is 3),
+    numbers are numbers (not strings, not booleans), and text is text (a list must not become its
+    repr). Command-line values arrive here already typed by argparse.
+    """
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and is_number and (isinstance(value, int) or value.is_integer()):
+        return int(value)
+    if hint is float and is_number:
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    if hint not in (bool, int, float, str):
+        return value
+    expected = {
+        bool: "true or false",
+        int: "a whole number",
+        float: "a number",
+        str: "text",
+    }[hint]
+    raise ConfigError(f"{where}: {value!r} is not {expected}")
 
 
 # --------------------------------------------------------------------------------------
