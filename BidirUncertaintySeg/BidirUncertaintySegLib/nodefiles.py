@@ -99,22 +99,35 @@ def removeNodes(scene: Any, *nodes: Any) -> None:
 
 
 @contextlib.contextmanager
+def addedNodes(scene: Any) -> Iterator[list[Any]]:
+    """The nodes added to the scene inside the block (the list is filled when the block ends).
+
+    Only for a block that runs without returning to the event loop: across a ``yield`` (one
+    export step per timer tick) the user's own new nodes would be counted too."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    added: list[Any] = []
+    try:
+        yield added
+    finally:
+        nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        added.extend(node for node in nodes if node is not None and node.GetID() not in before)
+
+
+@contextlib.contextmanager
 def scratchNodes(scene: Any, keep: Sequence[Any] = ()) -> Iterator[list[Any]]:
     """Remove every node added to the scene inside the block (temporary labelmaps, the color
     tables that conversions create for them ...), except the nodes appended to the yielded
-    list or given in ``keep``."""
-    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    list or given in ``keep``. Never across a ``yield`` (see :func:`addedNodes`)."""
     kept: list[Any] = list(keep)
+    added: list[Any] = []
     try:
-        yield kept
+        with addedNodes(scene) as added:
+            yield kept
     finally:
         keepIds = {node.GetID() for node in kept if node is not None}
-        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
         for node in added:
-            if node is not None and node.GetID() not in before and node.GetID() not in keepIds:
-                keepIds.add(node.GetID())  # removed below; do not visit twice
-                if scene.GetNodeByID(node.GetID()) is not None:
-                    scene.RemoveNode(node)
+            if node.GetID() not in keepIds and scene.GetNodeByID(node.GetID()) is not None:
+                scene.RemoveNode(node)
 
 
 # --------------------------------------------------------------------------------------
@@ -524,8 +537,12 @@ def exportTrainingSteps(
     pairs = list(labeled)
     checkTrainingCases(pairs, unlabeled, validationCount)
     cache = ExportCache(folder)
-    with scratchNodes(scene):  # label maps are converted to temporary segmentations
-        segmentations = _segmentationsOf(scene, pairs)
+    # Label maps are converted to temporary segmentations, removed when the export ends. Only
+    # those: between two steps the user may load, edit and add nodes, which must stay.
+    temporary: list[Any] = []
+    try:
+        with addedNodes(scene) as temporary:
+            segmentations = _segmentationsOf(scene, pairs)
         split = len(pairs) - int(validationCount or 0)
         classes = trainingClasses(segmentations, [v for v, _ in pairs], split, classOrder)
         names = uniqueNames(
@@ -554,6 +571,8 @@ def exportTrainingSteps(
             written = cache.image(volume, image)
             unlabeledEntries.append({"image": image})
             yield ExportStep(number, total, name, written)
+    finally:
+        removeNodes(scene, *temporary)
     cache.finish()
     manifest = {"labeled": entries[:split], "unlabeled": unlabeledEntries, "validation": entries[split:]}
     writeJson(result.manifestPath, {**manifest, "classes": classes})

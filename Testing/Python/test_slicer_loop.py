@@ -362,6 +362,41 @@ def test_a_second_training_exports_nothing_unchanged_and_fine_tunes_the_current_
     assert plan.config.optim.pretrain_iterations == store.get("pretrainIterations")
 
 
+def scene_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def test_a_training_export_removes_its_own_nodes_only_not_those_the_user_adds_between_ticks(
+    app, store, tmp_path
+):
+    cases = [synthetic(seed=i) for i in range(3)]
+    volumes = [add_volume(app.scene, c.image, f"Case {i}") for i, c in enumerate(cases)]
+    labelmap = add_volume(app.scene, cases[0].label, "Case 0 label", "vtkMRMLLabelMapVolumeNode")
+    store.setLabeledCases([(volumes[0], labelmap)])  # converted to a temporary segmentation
+    for volume in volumes[1:]:
+        store.addUnlabeledVolume(volume)
+    flow = stub_flow(app, store, tmp_path)
+    controller = controller_for(flow)
+    before = scene_ids(app.scene)
+    users, usersIds = [], set()
+
+    def user_adds_nodes():  # while the export is half-way: a markup and a segmentation of their own
+        if controller.job.preparing and controller.job.events and not users:
+            existing = scene_ids(app.scene)
+            users.append(app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my points"))
+            users.append(app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation"))
+            usersIds.update(scene_ids(app.scene) - existing)  # with the markup's display node
+
+    job = controller.start(
+        presenter.TRAIN, lambda: flow.startTraining(store.labeledCases(), store.unlabeledVolumes())
+    )
+    run_until_done(controller, between_ticks=user_adds_nodes)
+    assert users and job.worker is not None  # the export ran to its end, the worker started
+    for node in users:
+        assert app.scene.GetNodeByID(node.GetID()) is node, f"'{node.GetName()}' was removed"
+    assert scene_ids(app.scene) == before | usersIds  # and the export's temporary nodes went
+
+
 def test_refused_inputs_leave_no_empty_run_folder(app, store, tmp_path):
     flow = stub_flow(app, store, tmp_path)
     volume = add_volume(app.scene, synthetic().image, "V")
