@@ -72,10 +72,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # also when loaded by file path (t
 
 from paths import shown_command, shown_path  # noqa: E402
 
-from buseg.checkpoint import read_checkpoint  # noqa: E402
+from buseg.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 from buseg.config import TrainConfig, to_dict  # noqa: E402
 from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa: E402
-from buseg.events import EventSink  # noqa: E402
+from buseg.events import EventSink, MultiSink  # noqa: E402
 from buseg.io import write_bytes_atomic  # noqa: E402
 from buseg.train import train  # noqa: E402
 
@@ -260,6 +260,103 @@ class Progress(EventSink):
             (self.out / "seconds.json").write_text(json.dumps({"seconds": self.seconds(), "finished": False}))
 
 
+class TeacherScores(EventSink):
+    """``--score-every``: scores the EMA teacher (what a model file of the run would hold) on every
+    held-out volume each ``every`` self-training iterations, as the run trains.
+
+    A long run's last checkpoint is one draw from a curve that moves by points from one checkpoint to
+    the next; these scores show the curve itself and how much the model a user gets depends on where
+    training stopped. Each score is written as it comes to ``mirror`` (beside the results, so a run
+    cut short by the end of a sitting still leaves its curve) and a resumed run skips what is scored.
+    """
+
+    def __init__(
+        self,
+        mirror: Path,
+        every: int,
+        volumes: Volumes,
+        num_classes: int,
+        args,
+        about: dict,
+    ):
+        self.mirror, self.every, self.volumes = mirror, every, volumes
+        self.num_classes, self.args, self.about = num_classes, args, about
+        self.scores = read_teacher_scores(mirror, about)
+
+    def handle(self, event: dict) -> None:
+        if event["event"] != "checkpoint" or event.get("kind") != "last":
+            return
+        iteration = event["iteration"]
+        if iteration % self.every or any(s["iteration"] == iteration for s in self.scores):
+            return
+        started = time.time()
+        snapshot = Path(event["path"]).with_name("teacher_snapshot.pt")
+        payload = read_checkpoint(event["path"])
+        teacher = payload["training_state"]["teacher"]
+        save_checkpoint(snapshot, weights=teacher, metadata={**payload["metadata"], "weights": "teacher"})
+        device = self.args.device if self.args.device != "auto" else "cpu"
+        evaluation = evaluate_model(
+            snapshot,
+            self.volumes.everything,
+            self.num_classes,
+            device,
+            self.args.review_budget,
+            self.volumes.largest_component,
+        )
+        snapshot.unlink()
+        summary = evaluation["summary"]
+        self.scores.append(
+            {
+                "iteration": iteration,
+                "dice": summary["dice"],
+                "hd95_voxels": summary["hd95_voxels"],
+                "zero_dice_structures": zero_dice_structures(evaluation),
+                **{k: v for k, v in summary.items() if k.startswith("dice_class")},
+                "scoring_seconds": round(time.time() - started, 1),
+            }
+        )
+        self.save(finished=False)
+        print(
+            f"  teacher at {iteration}: Dice {summary['dice']:.4f} on {len(self.volumes.everything)} volumes"
+        )
+
+    def save(self, *, finished: bool) -> None:
+        record = {
+            **self.about,
+            "machine": machine_description(),
+            "finished": finished,
+            "scores": sorted(self.scores, key=lambda s: s["iteration"]),
+        }
+        self.mirror.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(self.mirror, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def machine_description() -> str:
+    """The CPU (and its bfloat16 support: it decides the precision and the speed) and threads a run
+    ran on, for the minutes a report quotes."""
+    from buseg.device import cpu_native_bf16
+
+    _, how = cpu_native_bf16()
+    return f"{platform.machine()} {platform.processor() or ''}".strip() + (
+        f", {torch.get_num_threads()} thread(s), {how}"
+    )
+
+
+def read_teacher_scores(path: Path, about: dict) -> list[dict]:
+    """The teacher scores recorded in ``path`` for the run ``about`` describes (none for another run:
+    a changed configuration starts its curve again)."""
+    if not path.exists():
+        return []
+    try:
+        record = json.loads(path.read_text())
+        scores = list(record["scores"])
+    except (OSError, ValueError, KeyError, TypeError) as problem:
+        raise SystemExit(
+            f"{path}: not a readable teacher-score record ({problem!r}); restore it from git"
+        ) from None
+    return scores if all(record.get(k) == v for k, v in about.items()) else []
+
+
 # --------------------------------------------------------------------------------------
 # Evaluation
 
@@ -403,6 +500,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="Override any TrainConfig field for every method, e.g. crl.threshold=0.4",
     )
     parser.add_argument(
+        "--score-every",
+        type=int,
+        default=0,
+        metavar="ITERATIONS",
+        help="Also score each run's EMA teacher on every held-out volume every ITERATIONS self-training "
+        "iterations while it trains (a multiple of the preset's validation interval; 0: off). The scores "
+        "are kept beside the results as they come (runs/<tag>/<configuration>_seed<seed>.teacher.json), "
+        "so a run cut short still leaves its curve; benchmarks/teacher_curve.py reports them.",
+    )
+    parser.add_argument(
         "--review-budget",
         type=float,
         default=0.01,
@@ -431,6 +538,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     unmeasured = [key for key in args.default_candidates or [] if key not in args.methods]
     if unmeasured:  # else the rule would just say "not applied yet", as if seeds were missing
         parser.error(f"--default-candidates {' '.join(unmeasured)}: not among --methods")
+    if args.score_every < 0:
+        parser.error("--score-every: a number of iterations >= 0")
     if args.data_root is None:
         args.data_root = ROOT.parent / "shared" / "data" / ("ACDC" if args.dataset == "acdc" else "LA")
     if args.labeled is None:
@@ -463,6 +572,11 @@ def run_benchmark(args: argparse.Namespace, labeled: int) -> None:
         tag = args.tag if len(args.labeled) == 1 else f"{args.tag}_{labeled}labeled"
     work = args.work / tag
     work.mkdir(parents=True, exist_ok=True)
+    if args.score_every and args.score_every % preset.validation_interval:
+        raise SystemExit(
+            f"--score-every {args.score_every}: not a multiple of the checkpoint interval "
+            f"({preset.validation_interval}), so the teacher would never be scored"
+        )
     data_all, evaluation_cases = load_splits(preset, args, work)
     volumes = Volumes(
         everything=[*data_all.validation, *evaluation_cases],
@@ -486,7 +600,7 @@ def run_benchmark(args: argparse.Namespace, labeled: int) -> None:
                 from_records.append(f"{key} (seed {seed})")
             else:
                 try:
-                    row, curve = run_method(key, preset, args, seed, work, data_all, starts, volumes)
+                    row, curve = run_method(key, preset, args, seed, work, data_all, starts, volumes, records)
                 except UnfinishedRunError as reason:  # only with --reuse-only
                     print(f"  left out: {reason}", flush=True)
                     missing.append(f"{key} (seed {seed})")
@@ -672,7 +786,10 @@ def run_method(
     data: TrainingData,
     starts: dict[str, Path],
     volumes: Volumes,
+    records: Path | None = None,
 ) -> tuple[dict, list]:
+    """Train (or resume, or reuse) and score configuration ``key`` for ``seed``; with --score-every its
+    teacher scores go to ``records``."""
     if key == PRETRAINING_ONLY:
         with run_lock(work / f"{PRETRAINING_ONLY}_seed{seed}", args):
             return score_pretraining(preset, args, seed, work, data, volumes)
@@ -681,12 +798,25 @@ def run_method(
     if args.reuse_only and preset.pretrain_iterations and first_stage not in starts:
         raise UnfinishedRunError(f"{key} (seed {seed}): its {first_stage} first stage has not finished")
     config, offset = second_stage_config(key, preset, args, seed, out, starts)
+    scores = None
+    if args.score_every and records is not None:
+        about = {
+            "configuration": key,
+            "seed": seed,
+            "every": args.score_every,
+            "config": _portable(config, work),
+        }
+        mirror = records / f"{key}_seed{seed}.teacher.json"
+        scores = TeacherScores(mirror, args.score_every, volumes, data.num_classes, args, about)
     with run_lock(out, args):
-        return _row_of_run(key, config, offset, args, seed, out, data, starts, volumes)
+        row, curve = _row_of_run(key, config, offset, args, seed, out, data, starts, volumes, scores)
+    if scores is not None:
+        scores.save(finished=True)
+    return row, curve
 
 
 def _row_of_run(
-    key: str, config: TrainConfig, offset: int, args, seed: int, out: Path, data, starts, volumes
+    key: str, config: TrainConfig, offset: int, args, seed: int, out: Path, data, starts, volumes, scores=None
 ) -> tuple[dict, list]:
     """The row of configuration ``key``: reused when scored already, else trained (or resumed) and scored."""
     saved = _saved_row(out, config)
@@ -701,7 +831,7 @@ def _row_of_run(
     else:
         if not args.reuse_only:
             print(f"{key} (seed {seed}): {config.optim.iterations} iterations", flush=True)
-        result, seconds = train_or_resume(config, out, key, args, data)
+        result, seconds = train_or_resume(config, out, key, args, data, scores)
     iterations = config.optim.iterations
     if key == "supervised" and "supervised" in starts:  # its first stage is its own, not shared
         seconds += _seconds(starts["supervised"].parent)
@@ -738,7 +868,9 @@ def score_pretraining(
     )
 
 
-def train_or_resume(config: TrainConfig, out: Path, label: str, args, data: TrainingData):
+def train_or_resume(
+    config: TrainConfig, out: Path, label: str, args, data: TrainingData, also: EventSink | None = None
+):
     """Train ``config`` into ``out``, resuming an interrupted run of the same configuration; returns the
     result and the training seconds (over every sitting)."""
     resumable = (out / "last.pt").exists() and _reusable(out, config)
@@ -755,7 +887,8 @@ def train_or_resume(config: TrainConfig, out: Path, label: str, args, data: Trai
         (out / "seconds.json").unlink(missing_ok=True)
         (out / "row.json").unlink(missing_ok=True)
         (out / "start_weights.json").write_text(json.dumps({"sha256": _start_weights(config)}))
-    result = train(config, events=sink, resume=resumable, overwrite=not resumable, data=data)
+    events = sink if also is None else MultiSink(sink, also)
+    result = train(config, events=events, resume=resumable, overwrite=not resumable, data=data)
     seconds = sink.seconds()
     (out / "seconds.json").write_text(json.dumps({"seconds": seconds, "finished": True}))
     return result, seconds

@@ -1,0 +1,131 @@
+"""``--score-every``: the quality benchmark scores a long run's EMA teacher as it trains.
+
+The curve is the evidence for "does the result depend on where training stopped"; scoring the
+student (what last.pt's top-level weights are) instead of the teacher (what model files ship), or
+losing the scores of a run cut short, would each make that evidence say something else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from model_files import model_metadata, untrained_network
+
+from buseg.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def scored(quality, monkeypatch):
+    """evaluate_model replaced by one that 'scores' a model file by the first weight of its head, so a
+    test can tell which network was scored."""
+    calls = []
+
+    def fake_evaluate(path, cases, num_classes, device, budget, largest_component=False):
+        weights = torch.load(path, map_location="cpu", weights_only=True)["weights"]
+        marker = float(weights["head.bias"][0])
+        calls.append(marker)
+        summary = {"dice": marker, "hd95_voxels": 3.0, "dice_class1": marker}
+        return {"summary": summary, "cases": [{"case": "a", "dice": marker, "dice_class1": marker}]}
+
+    monkeypatch.setattr(quality, "evaluate_model", fake_evaluate)
+    return calls
+
+
+def _last_checkpoint(folder: Path, iteration: int, teacher_marker: float, student_marker: float) -> Path:
+    metadata = model_metadata(["background", "a"])
+    student, teacher = untrained_network(metadata), untrained_network(metadata)
+    with torch.no_grad():
+        student.head.bias.fill_(student_marker)
+        teacher.head.bias.fill_(teacher_marker)
+    path = folder / "last.pt"
+    save_checkpoint(
+        path,
+        weights=student.state_dict(),
+        metadata=metadata,
+        training_state={
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "iteration": iteration,
+        },
+    )
+    return path
+
+
+def _sink(quality, mirror: Path, about: dict | None = None):
+    volumes = quality.Volumes(everything=["v1", "v2"], evaluation=["v2"])
+    args = SimpleNamespace(device="cpu", review_budget=0.01)
+    about = about or {"configuration": "ours-url-only", "seed": 1, "every": 1000, "config": {"lr": 0.005}}
+    return quality.TeacherScores(mirror, 1000, volumes, 2, args, about)
+
+
+def _checkpoint(sink, path: Path, iteration: int) -> None:
+    sink.handle({"event": "checkpoint", "kind": "last", "iteration": iteration, "path": str(path)})
+
+
+def test_the_teacher_is_scored_every_n_iterations_and_kept_as_it_comes(quality, scored, tmp_path):
+    mirror = tmp_path / "results" / "ours-url-only_seed1.teacher.json"
+    sink = _sink(quality, mirror)
+    for iteration in (250, 500, 750, 1000, 1250, 2000):
+        _checkpoint(sink, _last_checkpoint(tmp_path, iteration, iteration / 10000, -1.0), iteration)
+        sink.handle({"event": "checkpoint", "kind": "best", "iteration": iteration, "path": "x"})
+    assert scored == pytest.approx([0.1, 0.2])  # the teacher at 1000 and 2000; never the student (-1)
+    record = json.loads(mirror.read_text())  # written before the run ends: a run cut short keeps them
+    assert record["finished"] is False and record["machine"]
+    assert [s["iteration"] for s in record["scores"]] == [1000, 2000]
+    assert record["scores"][0]["dice"] == pytest.approx(0.1)
+    assert not (tmp_path / "teacher_snapshot.pt").exists()  # the scored snapshot is not left behind
+
+
+def test_a_resumed_run_skips_what_is_scored_and_another_configuration_starts_again(quality, scored, tmp_path):
+    mirror = tmp_path / "teacher.json"
+    first = _sink(quality, mirror)
+    _checkpoint(first, _last_checkpoint(tmp_path, 1000, 0.1, -1.0), 1000)
+    resumed = _sink(quality, mirror)
+    _checkpoint(resumed, _last_checkpoint(tmp_path, 1000, 0.5, -1.0), 1000)
+    _checkpoint(resumed, _last_checkpoint(tmp_path, 2000, 0.2, -1.0), 2000)
+    assert scored == pytest.approx([0.1, 0.2])
+    resumed.save(finished=True)
+    assert json.loads(mirror.read_text())["finished"] is True
+    other = {"configuration": "ours-url-only", "seed": 1, "every": 1000, "config": {"lr": 0.01}}
+    assert _sink(quality, mirror, other).scores == []
+
+
+def test_a_damaged_teacher_record_is_an_error_that_names_it(quality, tmp_path):
+    mirror = tmp_path / "teacher.json"
+    mirror.write_text('{"scores": [')
+    with pytest.raises(SystemExit, match=r"teacher\.json"):
+        _sink(quality, mirror)
+
+
+def test_score_every_must_be_a_multiple_of_the_checkpoint_interval(quality, tmp_path):
+    args = quality.parse_arguments(
+        [
+            "--score-every",
+            "300",
+            "--work",
+            str(tmp_path),
+            "--out",
+            str(tmp_path),
+            "--data-root",
+            str(tmp_path),
+        ]
+    )
+    with pytest.raises(SystemExit, match="not a multiple of the checkpoint interval"):
+        quality.run_benchmark(args, 7)
