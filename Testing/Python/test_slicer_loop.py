@@ -11,6 +11,7 @@ the worker's event protocol and copy prepared output files, so these tests take 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -305,6 +306,87 @@ def test_kill_while_cancelling_stops_the_worker_at_once(app, store, tmp_path):
     controller.buttonClicked(presenter.TRAIN)  # Stop now
     run_until_done(controller, seconds=10)
     assert job.done and controller.presenter.state != presenter.CANCELLING
+
+
+# --------------------------------------------------------------------------------------
+# Cancel through Slicer's launcher: PythonSlicer is CTK's AppLauncher, the worker its child
+
+LAUNCHER = """#!{python}
+# A stand-in for PythonSlicer (CTK's AppLauncher): starts the real interpreter as its child
+# (same process group, the pipes inherited) and forwards no signal. 'ignore': it ignores
+# signals and waits for its child; 'die': a signal ends it at once, the child runs on.
+import os, signal, subprocess, sys
+
+if os.environ["LAUNCHER_MODE"] == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, os.environ["LAUNCHED_WORKER"], *sys.argv[1:]])
+sys.exit(child.wait())
+"""
+
+SAVING_WORKER = """
+# A training worker that stops only on a signal (no cancel file), then takes a while to save.
+import json, os, signal, sys, time
+
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+out = sys.argv[sys.argv.index("--out") + 1]
+open(os.path.join(out, "worker.pid"), "w").write(str(os.getpid()))
+print(json.dumps({"event": "started", "schema": 1, "job": "train", "device": "cpu", "total": 100}), flush=True)
+while not stop:
+    time.sleep(0.05)
+time.sleep(1.5)  # writing the checkpoint
+with open(os.path.join(out, "last.pt.tmp"), "w") as f:
+    f.write("checkpoint")
+os.replace(os.path.join(out, "last.pt.tmp"), os.path.join(out, "last.pt"))
+print(json.dumps({"event": "finished", "schema": 1, "status": "cancelled", "outputs": {}}), flush=True)
+sys.exit(130)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups; Windows kills the tree")
+@pytest.mark.parametrize("mode", ["ignore", "die"])
+def test_cancel_reaches_the_worker_behind_slicers_launcher_and_ends_only_when_it_has(
+    app, store, tmp_path, mode
+):
+    import psutil
+
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(LAUNCHER.format(python=sys.executable))
+    launcher.chmod(0o755)
+    (tmp_path / "worker.py").write_text(SAVING_WORKER)
+    out = tmp_path / "run"
+    out.mkdir()
+    flow = stub_flow(app, store, tmp_path, LAUNCHER_MODE=mode, LAUNCHED_WORKER=tmp_path / "worker.py")
+    flow.context.python = str(launcher)
+    controller = controller_for(flow)
+    job = controller.start(
+        presenter.TRAIN,
+        lambda: workflow.Job("train", flow._worker(["train", "--out", str(out)], out), outDir=out).start(),
+    )
+    deadline = time.monotonic() + 30
+    while controller.presenter.state != presenter.RUNNING or not (out / "worker.pid").exists():
+        controller.timer.tick()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    worker = psutil.Process(int((out / "worker.pid").read_text()))
+    assert worker.ppid() == job.worker._client.pid  # the worker is the launcher's child
+
+    controller.buttonClicked(presenter.TRAIN)  # Cancel
+    states = []
+    try:
+        run_until_done(
+            controller, seconds=20, between_ticks=lambda: states.append(controller.presenter.state)
+        )
+        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE  # gone before "cancelled"
+    finally:
+        with contextlib.suppress(psutil.Error):
+            worker.kill()
+    assert (out / "last.pt").read_text() == "checkpoint"  # it heard the cancel and saved
+    assert job.result.status == "cancelled" and "before it could save" not in job.result.message
+    assert set(states[:-1]) == {presenter.CANCELLING}  # "Stop now" offered while it saved
+    assert "cancelled" in controller.presenter.view.statusText
 
 
 # --------------------------------------------------------------------------------------

@@ -69,6 +69,9 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 # After the worker process has exited, wait at most this long for the end of its output
 # (a grandchild that inherited the pipes could otherwise keep it open forever).
 EOF_WAIT_SECONDS = 2.0
+# While the worker runs, how often its descendants are listed (so that they are known if the
+# process started - a launcher - ends first).
+TREE_REFRESH_SECONDS = 1.0
 LOG_TAIL_LINES = 20
 
 
@@ -236,6 +239,7 @@ class WorkerClient:
         self._exited_seconds: float | None = None
         self._kill_at: float | None = None
         self._tree: list[Any] = []
+        self._tree_seconds = 0.0
         self._private_dir: str | None = None
         self._cancel_file: str | None = None
         self._warned_schema = False
@@ -361,10 +365,13 @@ class WorkerClient:
     def cancel(self) -> bool:
         """Ask the worker to stop: it finishes the current step, saves a checkpoint and exits.
 
-        The first call sends SIGTERM (Windows: creates the cancel file and sends
-        CTRL_BREAK_EVENT); if the worker has not exited ``grace_seconds`` later, its whole
-        process tree is killed (by :meth:`poll`/:meth:`wait`). A second call while
-        cancelling kills the tree at once. Returns False if there was nothing to cancel.
+        The first call creates the cancel file and sends SIGTERM to the worker's whole process
+        group (Windows: CTRL_BREAK_EVENT), so that a worker behind a launcher that forwards no
+        signal (Slicer's PythonSlicer) hears it too; if the worker has not exited
+        ``grace_seconds`` later, its whole process tree is killed (by :meth:`poll`/:meth:`wait`).
+        A second call while cancelling kills the tree at once. The job ends (``cancelled``)
+        only when every process of it has ended, not when the launcher has.
+        Returns False if there was nothing to cancel.
         """
         if self.state == CANCELLING:
             self.kill()
@@ -375,12 +382,15 @@ class WorkerClient:
         if self._cancel_file:
             with contextlib.suppress(OSError):
                 Path(self._cancel_file).touch()
-        if self.process is not None and self.process.poll() is None:
+        if self.process is not None and self._worker_alive():
             try:
-                if sys.platform == "win32":  # untested here
+                if sys.platform == "win32":  # untested here: to the process group made at start
                     self.process.send_signal(signal.CTRL_BREAK_EVENT)
                 else:
-                    self.process.send_signal(signal.SIGTERM)
+                    # The whole process group: the process started may be a launcher (Slicer's
+                    # PythonSlicer is CTK's AppLauncher) whose child, the real worker, gets no
+                    # signal the launcher receives.
+                    os.killpg(self.process.pid, signal.SIGTERM)
             except (OSError, ValueError) as exc:
                 self._log(f"[client] could not signal the worker ({exc}); it will see the cancel file\n")
         self._kill_at = time.monotonic() + self.grace_seconds
@@ -400,7 +410,7 @@ class WorkerClient:
 
     def close(self) -> None:
         """Kill the worker if it still runs and release the log file (a client that is thrown away)."""
-        if self.process is not None and self.process.poll() is None:
+        if self.process is not None and self._worker_alive():
             self.kill()
             with contextlib.suppress(TimeoutError):
                 self.wait(timeout=10)
@@ -455,12 +465,15 @@ class WorkerClient:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 item = None
-        if self._kill_at is not None and time.monotonic() >= self._kill_at and self.process.poll() is None:
+        if self._kill_at is not None and time.monotonic() >= self._kill_at and self._worker_alive():
             self._log(f"[client] the worker did not exit within {self.grace_seconds:.0f} s of the cancel\n")
             self.kill()
         exit_code = self.process.poll()
         if exit_code is None:
+            self._refresh_tree()
             return
+        if self._worker_alive():
+            return  # a launcher ended, the worker it started has not: the job is not over
         if self._exited_seconds is None:
             self._exited_seconds = time.monotonic()
         if self._open_streams > 0 and time.monotonic() - self._exited_seconds < EOF_WAIT_SECONDS:
@@ -490,6 +503,24 @@ class WorkerClient:
         new = self.events[self._delivered :]
         self._delivered = len(self.events)
         return new
+
+    def _worker_alive(self) -> bool:
+        """Whether any process of the job is left: the one started, a member of its process group
+        (POSIX: what a launcher started) or a descendant seen before (Windows: no groups)."""
+        if self.process is None:
+            return False
+        if self.process.poll() is None:
+            return True
+        if sys.platform != "win32" and _group_alive(self.process.pid):
+            return True
+        return any(_alive(p) for p in self._tree)
+
+    def _refresh_tree(self) -> None:
+        """Re-read the descendants about once a second while the process started lives."""
+        now = time.monotonic()
+        if now - self._tree_seconds >= TREE_REFRESH_SECONDS:
+            self._tree_seconds = now
+            self._snapshot_tree()
 
     def _snapshot_tree(self) -> None:
         """Remember the worker's descendants now: after the worker exits, orphans are hard to find."""
@@ -588,6 +619,23 @@ def _kill_tree(process: subprocess.Popen, known: Sequence[Any]) -> None:
     while others and time.monotonic() < deadline:
         others = [v for v in others if _alive(v)]
         time.sleep(0.05)
+
+
+def _group_alive(group_id: int) -> bool:
+    """Whether a live (not zombie) process is left in a process group (POSIX)."""
+    try:
+        os.killpg(group_id, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone is there (not ours to signal)
+    import psutil
+
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(pid) == group_id and _alive(psutil.Process(pid)):
+                return True
+    return False
 
 
 def _alive(process: Any) -> bool:
