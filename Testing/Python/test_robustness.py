@@ -732,3 +732,38 @@ def test_a_config_file_with_a_truthy_overwrite_replaces_nothing(tmp_path, model_
         assert main([*argv, "--config", str(config), "--progress", "jsonl"]) == 2
         assert "overwrite" in _error_event(capsys.readouterr().out)["message"]
         assert label.stat().st_mtime_ns == before
+
+
+def test_files_that_merely_look_temporary_are_never_deleted(tmp_path, model_2d):
+    from buseg.cli import main
+    from buseg.io import atomic_path
+    from buseg.train import prepare_output_folder
+
+    image = tmp_path / "in" / "a.nrrd"
+    write_image(_case().image, image)
+    out = tmp_path / "out"
+    users = [
+        out / ".backup.20240101.tmp",
+        out / "mydata" / ".notes.draft_v2.tmp.md",
+        out / ".summary.json.draft_01.tmp.json",
+        out / "a" / ".a_label.nrrd.k2j4h5g6.tmp.nrrd",
+    ]
+    for path in users:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    argv = ["predict", str(image), "--model", str(model_2d), "--out", str(out), "--num-threads", "1"]
+    assert main([*argv, "--progress", "none"]) == 0
+    assert all(p.read_text() == "mine" for p in users)
+    # Nor in a training folder: only its own files' temporaries go.
+    run = tmp_path / "run"
+    keep = [run / ".last.pt.mine.tmp.txt", run / ".history.json.draft.tmp", run / ".config.json.abcdefgh.tmp.md"]
+    stale = [run / ".buseg-tmp-last.pt.k2j4h5g6.pt", run / ".last.pt.k2j4h5g6.tmp.pt"]
+    for path in keep + stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    prepare_output_folder(run, resume=False, overwrite=False)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    # Every temporary name buseg writes carries its own prefix.
+    with atomic_path(tmp_path / "x.nii.gz") as temp:
+        assert temp.name.startswith(".buseg-tmp-x.nii.gz.") and temp.name.endswith(".nii.gz")
+

@@ -470,10 +470,11 @@ def test_a_rerun_removes_the_temporary_files_of_an_interrupted_prediction(tmp_pa
     out = tmp_path / "out"
     assert _cli("predict", str(image), "--model", str(model_2d), "--out", str(out)) == 0
     leftovers = [
-        out / "a" / ".a_label.nrrd.k2j4h5g6.tmp.nrrd",
-        out / "a" / ".a.seg.nrrd.abcdefgh.tmp.seg.nrrd",
-        out / ".summary.json.x1y2z3w4.tmp.json",
-        out / ".buseg-write-test.q1w2e3r4",
+        out / "a" / ".buseg-tmp-a_label.nrrd.k2j4h5g6.nrrd",
+        out / "a" / ".buseg-tmp-a.seg.nrrd.abcdefgh.seg.nrrd",
+        out / ".buseg-tmp-summary.json.x1y2z3w4.json",
+        out / ".buseg-tmp-write-test.q1w2e3r4",
+        out / ".buseg-write-test.q1w2e3r4",  # the write probe of earlier versions
     ]
     for path in leftovers:
         path.write_bytes(b"half")

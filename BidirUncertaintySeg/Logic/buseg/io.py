@@ -46,6 +46,10 @@ DEFAULT_COLORS = (
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+# Every temporary file buseg writes into a user's folder starts with this, and the clean-up of
+# what a killed run left removes nothing else (a user's '.backup.tmp' is the user's).
+TEMPORARY_PREFIX = ".buseg-tmp-"
+
 
 def image_suffix(path: str | Path) -> str:
     """The recognised suffix of an image path ('.seg.nrrd', '.nii.gz', ...), or ''."""
@@ -128,7 +132,7 @@ def ensure_output_folder(folder: str | Path) -> Path:
     _check_utf8_output(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".buseg-write-test.", dir=folder)
+        handle, probe = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}write-test.", dir=folder)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
@@ -939,9 +943,11 @@ def _read_seg_nrrd(path: Path) -> LabelVolume:
 def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
-    The temporary name keeps the suffix (writers choose the format from it). Refuses to
-    replace an existing file unless ``overwrite``. Translates permission and disk-full errors
-    into :class:`OutputError` naming the file.
+    The temporary name, ``.buseg-tmp-<name>.<random><suffix>``, keeps the suffix (writers
+    choose the format from it) and starts with :data:`TEMPORARY_PREFIX`, so that the clean-up of
+    a killed writer's files (:func:`remove_stale_temporaries`) can never take a user's file for
+    one. Refuses to replace an existing file unless ``overwrite``. Translates permission and
+    disk-full errors into :class:`OutputError` naming the file.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -951,7 +957,9 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     suffix = image_suffix(path) or path.suffix
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        handle, temp_name = tempfile.mkstemp(
+            prefix=f"{TEMPORARY_PREFIX}{path.name}.", suffix=suffix, dir=path.parent
+        )
         os.close(handle)
     except OSError as exc:
         raise OutputError(f"cannot write here: {exc.strerror or exc}", path=path) from None
@@ -1122,16 +1130,23 @@ class FolderLock:
         self.release()
 
 
-# Temporary names of atomic_path ('.<name>.<8 random>.tmp<suffix>') and of the write probe.
-_TEMPORARY_NAME = r"^\.(.+\.[a-z0-9_]{8}\.tmp.*|buseg-write-test\.[a-z0-9_]{8})$"
+# The write probe of earlier versions: a name no user file has. Their atomic_path names
+# ('.<name>.<8 random>.tmp<suffix>') are not cleaned up: '.backup.20240101.tmp' has that form too.
+_OLD_WRITE_PROBE = r"^\.buseg-write-test\.[a-z0-9_]{8}$"
+
+
+def is_stale_temporary_name(name: str) -> bool:
+    """Whether a file name is one that buseg's writers give their temporary files (and only they)."""
+    import re
+
+    return name.startswith(TEMPORARY_PREFIX) or re.match(_OLD_WRITE_PROBE, name) is not None
 
 
 def remove_stale_temporaries(folder: str | Path, *, depth: int = 1) -> list[Path]:
     """Remove the temporary files that a killed writer left in ``folder`` (and its sub-folders down
     to ``depth``); only the holder of the folder's :class:`FolderLock` may call this (another job
-    could be writing its own). Returns what was removed."""
-    import re
-
+    could be writing its own). Only names with buseg's own prefix are touched: a user's hidden
+    file that merely looks temporary ('.notes.draft_v2.tmp.md') stays. Returns what was removed."""
     removed: list[Path] = []
     folders = [Path(folder)]
     for _ in range(depth + 1):
@@ -1144,7 +1159,7 @@ def remove_stale_temporaries(folder: str | Path, *, depth: int = 1) -> list[Path
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     children.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False) and re.match(_TEMPORARY_NAME, entry.name):
+                elif entry.is_file(follow_symlinks=False) and is_stale_temporary_name(entry.name):
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
                         removed.append(Path(entry.path))

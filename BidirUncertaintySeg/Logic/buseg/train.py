@@ -46,7 +46,7 @@ from .distributed import DistributedContext, init_distributed
 from .errors import BusegError, Cancelled, ConfigError, OutputError, ResourceError
 from .events import EventSink, split_logs
 from .inference import is_out_of_memory, predict_probabilities
-from .io import FolderLock, write_json_atomic
+from .io import TEMPORARY_PREFIX, FolderLock, write_json_atomic
 from .methods import Batch, Method, StepContext, build_method
 from .networks import build_network, channels_last_format, to_channels_last
 from .sampling import PatchSampler, SliceSampler
@@ -106,12 +106,30 @@ def prepare_output_folder(
         if lock is not None:
             lock.release()
         raise
-    # Temporary files of io.atomic_path ('.last.pt.<random>.tmp.pt') that a killed run left; only
-    # the lock holder may remove them (another training could be writing its own).
+    # Temporary files of io.atomic_path that a killed training left; only the lock holder may
+    # remove them (another training could be writing its own).
+    for stale in _stale_temporaries(out_dir):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def _stale_temporaries(out_dir: Path) -> list[Path]:
+    """The temporary files of this folder's own output files: buseg's temporary names
+    ('.buseg-tmp-last.pt.<random>.pt'), and those of earlier versions ('.last.pt.<8 random>.tmp.pt')
+    in exactly that form. A user's file is never taken for one, nor another job's (a prediction
+    may write here under its own lock)."""
+    import re
+
+    found = []
     for name in OUTPUT_FILES:
-        for stale in out_dir.glob(f".{name}.*.tmp*"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        suffix = re.escape(Path(name).suffix)
+        current = rf"{re.escape(TEMPORARY_PREFIX + name)}\.[a-z0-9_]{{8}}{suffix}"
+        old = rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp{suffix}"
+        pattern = re.compile(rf"^({current}|{old})$")
+        found += [
+            p for p in out_dir.glob(".*") if pattern.match(p.name) and p.is_file() and not p.is_symlink()
+        ]
+    return found
 
 
 # --------------------------------------------------------------------------------------
