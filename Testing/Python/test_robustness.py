@@ -767,3 +767,24 @@ def test_files_that_merely_look_temporary_are_never_deleted(tmp_path, model_2d):
     with atomic_path(tmp_path / "x.nii.gz") as temp:
         assert temp.name.startswith(".buseg-tmp-x.nii.gz.") and temp.name.endswith(".nii.gz")
 
+
+BAD_CLASSES_FILES = {
+    "colour out of 0..1": ([{"value": 1, "name": "liver", "color": [2, 0, 0]}], "'color'"),
+    "colour not numbers": ([{"value": 1, "name": "liver", "color": ["red", 0, 0]}], "'color'"),
+    "colour of booleans": ([{"value": 1, "name": "liver", "color": [True, 0, 0]}], "'color'"),
+    "name a list": ({"1": ["liver"]}, "not text"),
+    "name a mapping": ([{"value": 1, "name": {"en": "liver"}}], "not text"),
+    "name a number": ({"1": 5}, "not text"),
+    "name of label value 0": ({"1": "background"}, "label value 0"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CLASSES_FILES))
+def test_a_bad_classes_file_is_refused_when_read_before_any_training(tmp_path, kind):
+    content, message = BAD_CLASSES_FILES[kind]
+    case = _case()
+    labeled = _labeled_folder(tmp_path / "labeled", case.image, case.label)
+    (labeled / "classes.json").write_text(json.dumps(content))
+    with pytest.raises(InputError, match=message) as error:
+        _load(_config(labeled))
+    assert error.value.path == str(labeled / "classes.json")

@@ -274,14 +274,28 @@ def _parse_declared_classes(entries: Any, manifest: Path) -> list[dict[str, Any]
                 f"class entry {str(entry)[:200]}: needs an integer 'value' in 1..{MAX_LABEL_VALUE} and a 'name'",
                 path=manifest,
             )
-        color = entry.get("color")
-        if color is not None and (not isinstance(color, list) or len(color) != 3):
-            raise InputError(f"class {entry.get('name')!r}: 'color' must be [r, g, b] in 0..1", path=manifest)
-        name = str(entry.get("name") or f"label_{entry['value']}")
+        name = entry.get("name")
+        if name is None or name == "":
+            name = f"label_{value}"
+        if not isinstance(name, str):
+            raise InputError(
+                f"class {value}: the name {str(name)[:80]} is not text (a {type(name).__name__})",
+                path=manifest,
+            )
         problem = class_name_problem(name)
+        if name == "background":
+            problem = "is the name of label value 0 (every model file has it); name this class otherwise"
         if problem:
             raise InputError(f"class name {name[:80]!r} {problem}", path=manifest)
-        classes.append({"value": entry["value"], "name": name, "color": color})
+        color = entry.get("color")
+        if color is not None and not _is_color(color):
+            raise InputError(
+                f"class {name!r}: 'color' {str(color)[:80]} must be [r, g, b], three numbers in 0..1",
+                path=manifest,
+            )
+        classes.append(
+            {"value": value, "name": name, "color": None if color is None else list(map(float, color))}
+        )
     values = [c["value"] for c in classes]
     if len(set(values)) != len(values):
         raise InputError("'classes' lists a value twice", path=manifest)
@@ -289,6 +303,15 @@ def _parse_declared_classes(entries: Any, manifest: Path) -> list[dict[str, Any]
     if len(set(names)) != len(names):
         raise InputError("'classes' lists a name twice", path=manifest)
     return classes
+
+
+def _is_color(color: Any) -> bool:
+    """Whether ``color`` is what a model file and Slicer take as a colour: [r, g, b] in 0..1."""
+    return (
+        isinstance(color, list)
+        and len(color) == 3
+        and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in color)
+    )
 
 
 def _add_case(result: CaseList, split: str, case: CaseRef, where: str, manifest: Path) -> None:
@@ -315,7 +338,7 @@ def classes_from_file(path: Path) -> list[dict[str, Any]]:
     data = read_json(path, what="classes file")
     if isinstance(data, dict):
         try:
-            data = [{"value": int(k), "name": str(v)} for k, v in data.items()]
+            data = [{"value": int(k), "name": v} for k, v in data.items()]
         except ValueError:
             raise InputError('keys must be label values, e.g. {"1": "liver"}', path=path) from None
     return _parse_declared_classes(data, path)
