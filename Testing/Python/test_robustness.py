@@ -756,7 +756,11 @@ def test_files_that_merely_look_temporary_are_never_deleted(tmp_path, model_2d):
     assert all(p.read_text() == "mine" for p in users)
     # Nor in a training folder: only its own files' temporaries go.
     run = tmp_path / "run"
-    keep = [run / ".last.pt.mine.tmp.txt", run / ".history.json.draft.tmp", run / ".config.json.abcdefgh.tmp.md"]
+    keep = [
+        run / ".last.pt.mine.tmp.txt",
+        run / ".history.json.draft.tmp",
+        run / ".config.json.abcdefgh.tmp.md",
+    ]
     stale = [run / ".buseg-tmp-last.pt.k2j4h5g6.pt", run / ".last.pt.k2j4h5g6.tmp.pt"]
     for path in keep + stale:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -788,3 +792,55 @@ def test_a_bad_classes_file_is_refused_when_read_before_any_training(tmp_path, k
     with pytest.raises(InputError, match=message) as error:
         _load(_config(labeled))
     assert error.value.path == str(labeled / "classes.json")
+
+
+def test_case_names_of_the_tools_own_files_get_folders_that_cannot_collide(tmp_path, model_2d):
+    from buseg.ranking import rank_files
+
+    inputs = tmp_path / "inputs"
+    names = ["buseg.lock", "summary.json", "ranking.json", "ranking.csv"]
+    for name in names:
+        write_image(_case().image, inputs / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    for overwrite in (False, True):
+        result = predict_files(sorted(inputs.iterdir()), _predict_config(model_2d, out, overwrite=overwrite))
+        assert sorted(c["case"] for c in result.cases) == sorted(f"{n}_" for n in names)
+        assert (out / "summary.json").is_file() and (out / "summary.json_").is_dir()
+    ranking = tmp_path / "ranking"
+    rank_files(sorted(inputs.iterdir()), _predict_config(model_2d, ranking), save_predictions=True)
+    assert (ranking / "ranking.json").is_file() and (ranking / "ranking.json_").is_dir()
+    assert safe_case_name("Summary.JSON") == "Summary.JSON_" and safe_case_name("summary") == "summary"
+
+
+def test_folders_and_files_in_the_way_of_outputs_are_named(tmp_path, model_2d, capsys):
+    from buseg.cli import main
+
+    image = tmp_path / "in" / "a.nrrd"
+    write_image(_case().image, image)
+    args = ["--model", str(model_2d), "--num-threads", "1", "--progress", "jsonl"]
+    # --out is a file
+    not_a_folder = tmp_path / "out.txt"
+    not_a_folder.write_text("mine")
+    assert main(["predict", str(image), "--out", str(not_a_folder), *args]) == 2
+    error = _error_event(capsys.readouterr().out)
+    assert error["path"] == str(not_a_folder) and "is a file, but it must be a folder" in error["message"]
+    from buseg.errors import OutputError
+    from buseg.train import prepare_output_folder
+
+    with pytest.raises(OutputError, match="is a file, but it must be a folder"):
+        prepare_output_folder(not_a_folder / "run", resume=False, overwrite=False)
+    assert not_a_folder.read_text() == "mine"
+    # a case's folder is a file
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("mine")
+    assert main(["predict", str(image), "--out", str(out), *args, "--overwrite"]) == 2
+    error = _error_event(capsys.readouterr().out)
+    assert error["path"] == str(out / "a") and "is a file, but it must be a folder" in error["message"]
+    assert (out / "a").read_text() == "mine"
+    # a folder where buseg writes a file (left by an earlier version's case 'summary.json')
+    (out / "a").unlink()
+    (out / "summary.json").mkdir()
+    assert main(["predict", str(image), "--out", str(out), *args, "--overwrite"]) == 2
+    error = _error_event(capsys.readouterr().out)
+    assert error["path"] == str(out / "summary.json") and "is a folder" in error["message"]

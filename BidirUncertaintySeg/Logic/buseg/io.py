@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from . import image_checks
 from .errors import BusegError, InputError, OutputError, ResourceError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -84,7 +85,8 @@ def safe_case_name(name: str, fallback: str = "case") -> str:
     Output folders and files are named after cases, and case names come from input file
     names (or a scene's node names): characters other than letters and digits of any script
     (Unicode, NFC), ``.``, ``_`` and ``-`` become ``_``, leading dots go (no hidden files, no
-    ``..``), device names of Windows (``con``, ``nul``, ``com1`` ...) get a ``_`` appended, and
+    ``..``), device names of Windows (``con``, ``nul``, ``com1`` ...) and the names of buseg's
+    own files in an output folder (``summary.json``, ``buseg.lock`` ...) get a ``_`` appended, and
     the length is capped. Already safe names are unchanged, so the names of ordinary files stay
     as they are. A name that loses characters gets a short hash of the original appended, so two
     different names never become the same case name (no transliteration: '肝臓' stays '肝臓').
@@ -104,8 +106,24 @@ def safe_case_name(name: str, fallback: str = "case") -> str:
 _CASE_NAME_CHARACTERS = 128
 
 
+# Files buseg itself writes beside the case folders of an output folder (predict, rank,
+# evaluate): a case of that name would make its folder collide with the file ("File exists").
+TOOL_FILE_NAMES = {
+    "buseg.lock",
+    "train.lock",
+    "summary.json",
+    "ranking.csv",
+    "ranking.json",
+    "metrics.csv",
+    "metrics.json",
+}
+
+
 def _windows_safe(text: str) -> str:
-    return f"{text}_" if text.split(".")[0].lower() in WINDOWS_RESERVED else text
+    """``text`` with a ``_`` appended where it is a Windows device name or the name of one of
+    buseg's own files in an output folder (a case 'summary.json' gets the folder 'summary.json_')."""
+    reserved = text.split(".")[0].lower() in WINDOWS_RESERVED or text.lower() in TOOL_FILE_NAMES
+    return f"{text}_" if reserved else text
 
 
 def is_utf8(path: str | Path) -> bool:
@@ -126,10 +144,34 @@ def _check_utf8_output(path: str | Path) -> None:
         )
 
 
+def file_in_the_way(folder: str | Path) -> OutputError | None:
+    """The error to raise when ``folder``, or a folder above it, exists as a file (so that the
+    folder cannot be created), or None. It names that file, instead of the system's bare 'File exists'."""
+    folder = Path(folder)
+    for candidate in (folder, *folder.parents):
+        try:
+            if not candidate.exists():
+                continue
+            if candidate.is_dir():
+                return None
+        except OSError:
+            return None  # reported by the operation that needs the folder
+        need = "the outputs go into it" if candidate == folder else f"to hold {folder}"
+        return OutputError(
+            f"is a file, but it must be a folder ({need})",
+            path=candidate,
+            hint="choose another output folder, or move that file away",
+        )
+    return None
+
+
 def ensure_output_folder(folder: str | Path) -> Path:
     """Create ``folder`` if needed and check that files can be created in it, before any work is done."""
     folder = Path(folder)
     _check_utf8_output(folder)
+    blocking = file_in_the_way(folder)
+    if blocking is not None:
+        raise blocking
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}write-test.", dir=folder)
@@ -376,6 +418,8 @@ def _content_kind(path: Path) -> str | None:
         return "empty (0 bytes)"
     if len(head) >= 348 and head[344:347] in (b"n+1", b"ni1"):
         return "a NIfTI file"
+    if len(head) >= 8 and head[4:7] in (b"n+2", b"ni2"):
+        return "a NIfTI-2 file"
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "a DICOM file"
     return next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
@@ -383,8 +427,8 @@ def _content_kind(path: Path) -> str | None:
 
 # The content each suffix announces (as _content_kind names it); gzip: a compressed NIfTI.
 _EXPECTED_KIND = {
-    ".nii": ("a NIfTI file",),
-    ".nii.gz": ("gzip-compressed data", "a NIfTI file"),
+    ".nii": ("a NIfTI file", "a NIfTI-2 file"),
+    ".nii.gz": ("gzip-compressed data", "a NIfTI file", "a NIfTI-2 file"),
     ".nrrd": ("a NRRD file",),
     ".nhdr": ("a NRRD file",),
     SEGMENTATION_SUFFIX: ("a NRRD file",),
@@ -415,11 +459,15 @@ _GEOMETRY_ERRORS = (
 )
 
 
-def _read_error(exc: RuntimeError) -> str:
-    """The informative line of a SimpleITK read error (without source file names and object addresses)."""
+def _read_error(exc: RuntimeError, readable: Path | None = None, path: Path | None = None) -> str:
+    """The informative line of a SimpleITK read error (without source file names and object addresses);
+    ``readable``, the name ITK was given for the user's ``path`` (a link in a temporary folder), is
+    said as ``path``."""
     import re
 
     text = str(exc)
+    if readable is not None and path is not None and readable != path:
+        text = text.replace(str(readable), str(path))
     for pattern, meaning in _GEOMETRY_ERRORS:
         if re.search(pattern, text):
             return meaning
@@ -536,10 +584,9 @@ def _read_sitk(path: Path) -> sitk.Image:
         )
     if image_suffix(path) in (".nrrd", ".nhdr", ".mha", ".mhd"):
         _check_text_header_geometry(path)
+        image_checks.check_data_file_found(path)
     if image_suffix(path) in (".nii", ".nii.gz"):
-        sheared = _nifti_sform_problem(path)
-        if sheared:
-            raise InputError(sheared, path=path, hint="convert it to NRRD, which holds a sheared direction")
+        image_checks.check_nifti_header(path)
     header = read_image_header(path)
     _check_fits_in_memory(header)  # a corrupt or absurd header is refused before allocating
     if header.complex:
@@ -549,136 +596,20 @@ def _read_sitk(path: Path) -> sitk.Image:
             "(save the magnitude or the real part)",
             path=path,
         )
-    try:
-        with _unambiguous(path) as readable:
+    image_checks.check_data_stream(path, header.data_bytes)
+    with _unambiguous(path) as readable:
+        try:
             image = sitk.ReadImage(str(readable))
-    except RuntimeError as exc:
-        raise InputError(
-            f"cannot be read as an image (corrupt, truncated or not a {image_suffix(path)} file): {_read_error(exc)}",
-            path=path,
-            hint=format_hint(path),
-        ) from None
+        except RuntimeError as exc:
+            raise InputError(
+                f"cannot be read as an image (corrupt, truncated or not a {image_suffix(path)} file): "
+                f"{_read_error(exc, readable, path)}",
+                path=path,
+                hint=format_hint(path),
+            ) from None
     if image_suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path)
+        image_checks.check_nifti_complete(path)
     return image
-
-
-def _nifti_header(header: bytes) -> tuple[str, int, int, int, int] | None:
-    """(byte order, voxel count, bits per voxel, NIfTI datatype code, data offset) of a NIfTI-1/2 header."""
-    import struct
-
-    for order in ("<", ">"):
-        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:  # NIfTI-1
-            dims = struct.unpack(order + "8h", header[40:56])
-            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
-            offset = int(struct.unpack(order + "f", header[108:112])[0])
-            break
-        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:  # NIfTI-2
-            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
-            dims = struct.unpack(order + "8q", header[16:80])
-            offset = struct.unpack(order + "q", header[168:176])[0]
-            break
-    else:
-        return None
-    voxels = int(np.prod([max(1, int(d)) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
-    return order, voxels, max(1, int(bitpix)), int(datatype), max(int(offset), 348)
-
-
-NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
-
-
-def _nifti_sform_problem(path: Path) -> str | None:
-    """Why a NIfTI file's sform cannot be read as it is (a sheared matrix), or None.
-
-    ITK holds only orthogonal directions: given a sheared sform it reads the qform instead with a
-    warning only (another geometry than other tools show: voxels millimetres away), or fails
-    with "no orthonormal definition". Refused here, saying why. Unparseable headers are left to ITK.
-    """
-    import gzip
-    import struct
-    import zlib
-
-    try:
-        with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as handle:
-            head = handle.read(540)
-    except (OSError, EOFError, zlib.error):
-        return None  # a damaged file: the completeness check says so, naming the file
-    rows = None
-    for order in ("<", ">"):
-        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:  # NIfTI-1
-            if struct.unpack(order + "h", head[254:256])[0] > 0:
-                rows = struct.unpack(order + "12f", head[280:328])
-            break
-        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:  # NIfTI-2
-            if struct.unpack(order + "i", head[348:352])[0] > 0:
-                rows = struct.unpack(order + "12d", head[400:496])
-            break
-    if rows is None:
-        return None
-    matrix = np.asarray(rows, dtype=float).reshape(3, 4)[:, :3]
-    lengths = np.linalg.norm(matrix, axis=0)
-    if not np.all(np.isfinite(matrix)) or np.any(lengths == 0):
-        return "its sform (orientation matrix) is not finite or has a zero column"
-    if is_orthogonal(tuple((matrix / lengths).ravel())):
-        return None
-    return (
-        "its sform (the orientation most tools use) is sheared (non-orthogonal), which the image library "
-        "cannot hold: it would place the voxels elsewhere (reading the qform instead, with a warning only)"
-    )
-
-
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse what ITK's NIfTI reader accepts without a word: a truncated file (the missing voxels
-    become zeros) and NaN or infinite voxel values (they become zeros too).
-
-    The voxel data must reach ``vox_offset + voxels x bitpix / 8`` bytes; a ``.nii.gz`` is
-    decompressed to the end (a cut gzip stream has no end marker); float data are scanned for
-    NaN and infinity chunk by chunk.
-    """
-    import gzip
-    import zlib
-
-    try:
-        with open(path, "rb") as handle:
-            compressed = handle.read(2) == b"\x1f\x8b"  # ITK reads a plain NIfTI named .nii.gz too
-        with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
-            header = handle.read(540)
-            info = _nifti_header(header)
-            if info is None:
-                return  # not a header this check knows (ITK read it): nothing to compare with
-            order, voxels, bitpix, datatype, offset = info
-            expected = offset + voxels * bitpix // 8
-            float_type = NIFTI_FLOAT_TYPES.get(datatype)
-            if float_type is None and not compressed:
-                size = path.stat().st_size
-            else:
-                size, pending, bad = len(header), header[offset:expected], 0
-                while True:
-                    chunk = handle.read(1 << 22)
-                    if float_type is not None:
-                        data = pending + chunk[: max(0, expected - size)]
-                        usable = len(data) - len(data) % int(float_type[1])
-                        values = np.frombuffer(data[:usable], dtype=order + float_type)
-                        bad += int(values.size - np.count_nonzero(np.isfinite(values)))
-                        pending = data[usable:]
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                if bad:
-                    raise InputError(
-                        f"contains {bad} NaN or infinite voxel values (ITK would silently read them as 0)",
-                        path=path,
-                    )
-    except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(
-            f"cannot be read: the compressed data are cut short or corrupt ({exc})", path=path
-        ) from None
-    if size < expected:
-        raise InputError(
-            f"is truncated: {size} bytes of voxel data and header where {expected} are needed",
-            path=path,
-            hint="the file was cut short (an interrupted copy or download?); copy it again",
-        )
 
 
 @dataclass
@@ -694,6 +625,11 @@ class ImageHeader:
     @property
     def voxels(self) -> int:
         return int(np.prod(self.size_xyz, dtype=np.int64))
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of voxel data the file must hold (uncompressed)."""
+        return self.voxels * self.components * self.bytes_per_component
 
 
 def _check_fits_in_memory(header: ImageHeader, *, fraction: float = 0.7) -> None:
@@ -716,16 +652,16 @@ def read_image_header(path: str | Path) -> ImageHeader:
     """Size and pixel type of an image from its header alone (to estimate memory before reading)."""
     path = check_regular_file(path)
     reader = sitk.ImageFileReader()
-    try:
-        with _unambiguous(path) as readable:
+    with _unambiguous(path) as readable:
+        try:
             reader.SetFileName(str(readable))
             reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(
-            f"cannot be read as an image (corrupt, truncated or unsupported): {_read_error(exc)}",
-            path=path,
-            hint=format_hint(path),
-        ) from None
+        except RuntimeError as exc:
+            raise InputError(
+                f"cannot be read as an image (corrupt, truncated or unsupported): {_read_error(exc, readable, path)}",
+                path=path,
+                hint=format_hint(path),
+            ) from None
     pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     sizes = {"8-bit": 1, "16-bit": 2, "32-bit": 4, "64-bit": 8}
     width = next((b for key, b in sizes.items() if key in pixel), 4)
@@ -876,6 +812,7 @@ def _read_seg_nrrd(path: Path) -> LabelVolume:
     import slicerio
 
     check_regular_file(path)
+    image_checks.check_data_stream(path, None)  # slicerio's reader is given only whole gzip streams
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as exc:  # slicerio raises plain exceptions of many kinds for bad files
@@ -950,10 +887,19 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     disk-full errors into :class:`OutputError` naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(
+            "is a folder; a file of this name cannot replace it",
+            path=path,
+            hint="move the folder away, or choose another output folder",
+        )
     if path.exists() and not overwrite:
         raise OutputError(
             "exists already; refusing to overwrite it", path=path, hint="pass --overwrite to replace it"
         )
+    blocking = file_in_the_way(path.parent)
+    if blocking is not None:
+        raise blocking
     suffix = image_suffix(path) or path.suffix
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

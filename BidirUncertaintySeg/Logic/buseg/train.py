@@ -46,7 +46,7 @@ from .distributed import DistributedContext, init_distributed
 from .errors import BusegError, Cancelled, ConfigError, OutputError, ResourceError
 from .events import EventSink, split_logs
 from .inference import is_out_of_memory, predict_probabilities
-from .io import TEMPORARY_PREFIX, FolderLock, write_json_atomic
+from .io import TEMPORARY_PREFIX, FolderLock, file_in_the_way, write_json_atomic
 from .methods import Batch, Method, StepContext, build_method
 from .networks import build_network, channels_last_format, to_channels_last
 from .sampling import PatchSampler, SliceSampler
@@ -86,7 +86,9 @@ def prepare_output_folder(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create the output folder: {exc.strerror}", path=out_dir) from None
+        raise file_in_the_way(out_dir) or OutputError(
+            f"cannot create the output folder: {exc.strerror}", path=out_dir
+        ) from None
     if not os.access(out_dir, os.W_OK):
         raise OutputError("output folder is not writable", path=out_dir)
     if lock is not None:
