@@ -110,6 +110,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._timer = None
         self._jobButtons = {}
         self._shortcuts = []
+        self._sceneCloseMessage = ""
 
     @property
     def presenter(self):
@@ -139,7 +140,6 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 info=slicer.util.infoDisplay,
                 startPolling=self._timer.start,
                 trainingStarted=lambda job: self._showTrainingPlot(),
-                trainingEvent=self._onTrainingEvent,
                 jobDone=lambda job: self._refresh(),
                 processEvents=slicer.app.processEvents,
                 installDependencies=self._installDependencies,
@@ -238,11 +238,18 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             )
 
     def onSceneStartClose(self, caller, event):
+        # A running training is followed on (its model goes to the next scene's parameter node);
+        # a job whose nodes are in the closing scene is cancelled. Said in the status line.
+        self._sceneCloseMessage = self.controller.sceneAboutToClose()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
+        # Also when the module is not shown, while a job runs: its events need the parameter node.
+        if self.parent.isEntered or self.presenter.busy:
             self.initializeParameterNode()
+        if self._sceneCloseMessage:
+            self.ui.statusLabel.text = self._sceneCloseMessage
+            self._sceneCloseMessage = ""
 
     def onNodeRemoved(self, caller, event):
         # After the removal has finished: a labeled case whose volume or segmentation went is
@@ -433,10 +440,6 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onPollJob(self):
         panel.timerTick(self.controller, self._timer)
 
-    def _onTrainingEvent(self, event):
-        if event.get("event") in ("progress", "validation"):
-            self._updateTrainingPlot()
-
     def _installDependencies(self, plan):
         with slicer.util.WaitCursor():
             self.logic.installDependencies(plan)
@@ -444,25 +447,8 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # -- plot, results ----------------------------------------------------------------
 
     def _showTrainingPlot(self):
-        self._updateTrainingPlot()
-        chart = self.store.nodeReference("LossChart")
-        if chart is not None:
-            slicer.modules.plots.logic().ShowChartInLayout(chart)
-
-    def _updateTrainingPlot(self):
-        lossTable, validationTable, chart = review.updateTrainingPlot(
-            slicer.mrmlScene,
-            self.presenter.history,
-            self.store.nodeReference("LossTable"),
-            self.store.nodeReference("ValidationTable"),
-            self.store.nodeReference("LossChart"),
-        )
-        if self.store.nodeReference("LossChart") is None:
-            wasModifying = self.store.node.StartModify()
-            self.store.setNodeReference("LossTable", lossTable)
-            self.store.setNodeReference("ValidationTable", validationTable)
-            self.store.setNodeReference("LossChart", chart)
-            self.store.node.EndModify(wasModifying)
+        chart = self.controller.updateTrainingPlot()
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
 
     def _refresh(self):
         if self.store is None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import dependencies, engine, presenter
+from . import dependencies, engine, presenter, review
 from .errors import ModuleError, PreviousTrainingError
 from .workflow import INPUT_VOLUME_ROLE, Job, Workflow, readHistory, unexpectedMessage
 
@@ -35,8 +35,8 @@ class PanelHooks:
     confirm: Callable[[str], bool] = lambda text: False  # a yes/no question
     info: Callable[[str], None] = _no
     startPolling: Callable[[], None] = _no  # start the timer that calls PanelController.poll
-    trainingStarted: Callable[[Job], None] = _no  # show the live plot
-    trainingEvent: Callable[[dict[str, Any]], None] = _no  # update it
+    trainingStarted: Callable[[Job], None] = _no  # show the live plot (PanelController.updateTrainingPlot)
+    trainingEvent: Callable[[dict[str, Any]], None] = _no  # after the plot was updated from the event
     jobDone: Callable[[Job], None] = _no  # refresh the result views
     processEvents: Callable[[], None] = _no  # repaint before a blocking step
     installDependencies: Callable[[Any], None] = _no  # run an install plan
@@ -127,11 +127,54 @@ class PanelController:
         self.job = job
         job.eventListeners.append(self.presenter.handleEvent)
         if job.kind == presenter.TRAIN:
-            job.eventListeners.append(self.hooks.trainingEvent)
+            job.eventListeners.append(self._trainingEvent)
             self.hooks.trainingStarted(job)
         job.endListeners.append(self._workerEnded)
         job.doneListeners.append(self._jobDone)
         self.hooks.startPolling()
+
+    def _trainingEvent(self, event: dict[str, Any]) -> None:
+        if event.get("event") in ("progress", "validation"):
+            self.updateTrainingPlot()
+        self.hooks.trainingEvent(event)
+
+    def updateTrainingPlot(self) -> Any:
+        """The live loss and validation plot of the training, in the scene of now (a scene closed
+        meanwhile gets new tables); returns the chart node."""
+        store = self.store
+        lossTable, validationTable, chart = review.updateTrainingPlot(
+            self.workflow.scene,
+            self.presenter.history,
+            store.nodeReference("LossTable"),
+            store.nodeReference("ValidationTable"),
+            store.nodeReference("LossChart"),
+        )
+        if store.nodeReference("LossChart") is not chart:
+            wasModifying = store.node.StartModify()
+            store.setNodeReference("LossTable", lossTable)
+            store.setNodeReference("ValidationTable", validationTable)
+            store.setNodeReference("LossChart", chart)
+            store.node.EndModify(wasModifying)
+        return chart
+
+    def sceneAboutToClose(self) -> str:
+        """The user closes the scene while a job may run; what to tell them ('' when nothing runs).
+
+        A training whose worker runs is followed on: its inputs are files, its model goes to
+        the parameter node of the scene that follows, and no second job can start beside it.
+        A job whose inputs or results are nodes of the closing scene (segmenting, ranking, a
+        training still exporting its cases) is cancelled: its work has nowhere to go."""
+        self.then = None
+        job = self.job
+        if job is None or job.done:
+            return ""
+        if job.kind == presenter.TRAIN and not job.preparing:
+            return (
+                "The training goes on in the background (see its progress in the module's panel); "
+                "its model is set as the current model when it ends."
+            )
+        self.cancel()
+        return f"The {presenter.RUNNING_VERBS[job.kind].lower()} was cancelled: its volumes were in the closed scene."
 
     def poll(self) -> bool:
         """One timer tick: True when there is nothing more to follow (stop the timer).

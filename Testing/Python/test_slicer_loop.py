@@ -47,6 +47,12 @@ if os.environ.get("STUB_MODE") == "hang":  # ignores the cancel: only a kill sto
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     open(os.environ["STUB_PID_FILE"], "w").write(str(os.getpid()))
     time.sleep(300)
+for iteration in range(1, int(os.environ.get("STUB_PROGRESS", "0")) + 1):  # a training's progress
+    time.sleep(0.1)
+    loss = {{"total": 1.0 / iteration}}
+    print(json.dumps({{"event": "progress", "schema": 1, "iteration": iteration, "total": 9, "losses": loss}}), flush=True)
+if command == "train" and os.environ.get("STUB_PROGRESS"):
+    open(os.path.join(out, "model.pt"), "w").write("model")
 source = os.environ.get("STUB_OUTPUTS_" + command.upper())
 if source:
     shutil.copytree(source, out, dirs_exist_ok=True)
@@ -306,6 +312,59 @@ def test_kill_while_cancelling_stops_the_worker_at_once(app, store, tmp_path):
     controller.buttonClicked(presenter.TRAIN)  # Stop now
     run_until_done(controller, seconds=10)
     assert job.done and controller.presenter.state != presenter.CANCELLING
+
+
+# --------------------------------------------------------------------------------------
+# Closing the scene while a job runs (the module may not even be shown)
+
+
+def test_closing_the_scene_keeps_following_a_running_training_and_cancels_a_segmentation(app, tmp_path):
+    # The parameter node as Slicer's ScriptedLoadableModuleLogic makes it: a singleton, kept (and
+    # reset) when the scene is closed.
+    node = app.scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+    node.UnRegister(None)
+    node.SetSingletonTag("BidirUncertaintySeg")
+    store = parameters.ParameterStore(app.scene.AddNode(node))
+    store.setDefaults()
+    labeled_scene(app, store)
+    flow = stub_flow(app, store, tmp_path, STUB_PROGRESS=9)
+    controller = controller_for(flow)
+    job = controller.start(
+        presenter.TRAIN, lambda: flow.startTraining(store.labeledCases(), store.unlabeledVolumes())
+    )
+    messages = []
+
+    def close_the_scene_mid_training():
+        if not messages and any(e["event"] == "progress" for e in job.events):
+            messages.append(controller.sceneAboutToClose())  # the widget's StartCloseEvent
+            app.scene.Clear(0)
+            store.setDefaults()  # the widget's EndCloseEvent (module shown or not: a job runs)
+            assert controller.presenter.buttonClicked(presenter.SEGMENT) == "ignore"  # nothing beside it
+
+    run_until_done(controller, between_ticks=close_the_scene_mid_training)
+    assert "goes on in the background" in messages[0]
+    assert job.succeeded, job.failureMessage()
+    assert controller.presenter.state == presenter.IDLE and job.events[-1]["event"] == "finished"
+    assert store.get("modelPath") == str(job.outDir / engine.MODEL_FILE)  # known in the new scene
+    chart = store.nodeReference("LossChart")  # the plot went on in the new scene
+    assert chart is not None and app.scene.GetNodeByID(chart.GetID()) is chart
+    assert store.nodeReference("LossTable").GetNumberOfRows() == 9
+
+    # A segmentation's volume goes with the scene: its job is cancelled, nothing is imported.
+    case = synthetic()
+    volume = add_volume(app.scene, case.image, "Case")
+    store.set("modelPath", str(tmp_path / "model.pt"))
+    (tmp_path / "model.pt").write_bytes(b"m")
+    flow.context.env["STUB_MODE"] = "hang"
+    flow.context.env["STUB_PID_FILE"] = str(tmp_path / "pid")
+    segment = controller.start(
+        presenter.SEGMENT, lambda: flow.startSegmentation(volume, store.get("modelPath"))
+    )
+    assert "was cancelled" in controller.sceneAboutToClose()
+    app.scene.Clear(0)
+    controller.buttonClicked(presenter.SEGMENT)  # "Stop now": the stub ignores the cancel
+    run_until_done(controller, seconds=20)
+    assert segment.result.status == "cancelled" and segment.value is None and not segment.importError
 
 
 # --------------------------------------------------------------------------------------
