@@ -1,0 +1,233 @@
+"""Image and model files that were read as if whole, or gave a traceback (issue 35).
+
+One test per class of docs/robustness.md ("Damaged image and model files"): compressed voxel
+data that do not decompress cleanly (MetaImage, NRRD gzip and bzip2, detached data files,
+Slicer segmentations), NIfTI-1 header fields ITK replaces by defaults, NIfTI-2, detached data
+files cut short, error messages that named a temporary link instead of the user's file, model
+metadata no training writes, crafted working spacings, and a stale ONNX export beside a model.
+The inputs are small volumes written with SimpleITK and then patched byte by byte.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from buseg.errors import InputError
+from buseg.io import read_image, read_label, write_segmentation
+from buseg.metrics import evaluate_files
+
+VOXELS = np.arange(6 * 12 * 10, dtype=np.int16).reshape(6, 12, 10) % 97
+
+
+def _write(path: Path, array: np.ndarray = VOXELS, *, compress: bool = True) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.8, 0.9, 2.5))
+    image.SetOrigin((-10.0, 4.0, 7.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=compress)
+    return path
+
+
+def _data_start(data: bytes) -> int:
+    """Where the voxel data of a NRRD or MetaImage file with attached data begin."""
+    if data.startswith(b"NRRD"):
+        return data.index(b"\n\n") + 2
+    marker = b"ElementDataFile = LOCAL\n"
+    return data.index(marker) + len(marker)
+
+
+def _damage(path: Path, how: str) -> Path:
+    """Damage the compressed stream of ``path`` in place: 20 bytes flipped in its middle, or every
+    byte after the stream's own header (2 bytes zlib, 10 gzip) replaced by random bytes."""
+    data = bytearray(path.read_bytes())
+    start = _data_start(bytes(data))
+    if how == "flipped":
+        middle = start + (len(data) - start) // 2
+        data[middle : middle + 20] = bytes(b ^ 0xFF for b in data[middle : middle + 20])
+    else:
+        kept = start + (10 if data[start : start + 2] == b"\x1f\x8b" else 2)
+        data[kept:] = np.random.default_rng(1).integers(0, 256, len(data) - kept, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _as_bzip2(path: Path) -> Path:
+    """The NRRD at ``path`` with its gzip data recompressed as bzip2 ('encoding: bzip2', which Slicer's
+    segmentation reader takes and ITK's NRRD reader does not)."""
+    data = path.read_bytes()
+    start = _data_start(data)
+    header = data[:start].replace(b"encoding: gzip", b"encoding: bzip2")
+    path.write_bytes(header + bz2.compress(gzip.decompress(data[start:])))
+    return path
+
+
+DAMAGED = "are damaged, they do not decompress cleanly"
+
+
+@pytest.mark.parametrize("how", ["flipped", "random"])
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_damaged_compressed_images_are_refused_not_decoded_to_garbage(tmp_path, suffix, how):
+    path = _write(tmp_path / f"a{suffix}")
+    assert np.array_equal(read_image(path).array, VOXELS)  # the undamaged file reads as written
+    _damage(path, how)
+    with pytest.raises(InputError, match=DAMAGED) as error:
+        read_image(path)
+    assert str(path) in str(error.value)
+
+
+def test_damaged_compressed_label_files_are_refused_for_training_and_evaluation(tmp_path):
+    """A gzip NRRD label, and Slicer .seg.nrrd files compressed with gzip (as Slicer writes them) and
+    bzip2."""
+    labels = (VOXELS % 3).astype(np.uint8)
+    plain = _damage(_write(tmp_path / "truth" / "a.nrrd", labels), "flipped")
+    reference = read_image(_write(tmp_path / "image.nrrd", labels))
+    classes = [{"index": i, "name": f"c{i}", "color": [0.5, 0.5, 0.5]} for i in (1, 2)]
+    segmentations = [tmp_path / "seg" / "gzip.seg.nrrd", tmp_path / "seg" / "bzip2.seg.nrrd"]
+    for segmentation in segmentations:
+        write_segmentation(labels, reference, classes, segmentation)
+    _as_bzip2(segmentations[1])
+    for segmentation, how in zip(segmentations, ("random", "flipped"), strict=True):
+        assert np.array_equal(read_label(segmentation).array, labels)
+        _damage(segmentation, how)
+    for path in (plain, *segmentations):
+        with pytest.raises(InputError, match=DAMAGED) as error:
+            read_label(path)
+        assert str(path) in str(error.value)
+    _write(tmp_path / "predicted" / "a.nrrd", labels)
+    with pytest.raises(InputError, match=DAMAGED):
+        evaluate_files([tmp_path / "predicted" / "a.nrrd"], [plain], tmp_path / "scores")
+
+
+def test_compressed_data_are_checked_to_their_end_in_small_pieces(tmp_path):
+    """A long run of zeros (8 MiB decompressed from a few KiB) is read whole; cut a few bytes before
+    its end, the stream has no end marker and is refused (gzip in NRRD, zlib in MetaImage)."""
+    zeros = np.zeros((32, 256, 512), dtype=np.int16)
+    for suffix in (".nrrd", ".mha"):
+        path = _write(tmp_path / f"zeros{suffix}", zeros)
+        assert read_image(path).array.shape == zeros.shape
+        data = path.read_bytes()
+        path.write_bytes(data[:-12])
+        with pytest.raises(InputError, match=r"cut short|damaged"):
+            read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".mhd", ".nhdr"])
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_detached_data_file_cut_short_or_missing_is_named(tmp_path, suffix, compress):
+    header = _write(tmp_path / f"a{suffix}", compress=compress)
+    (data_file,) = [p for p in tmp_path.iterdir() if p != header]
+    data_file.write_bytes(data_file.read_bytes()[:-40])
+    with pytest.raises(InputError, match=r"cut short|damaged") as error:
+        read_image(header)
+    assert f"its data file {data_file}" in str(error.value)
+    data_file.unlink()
+    with pytest.raises(InputError, match=f"its data file {data_file} was not found"):
+        read_image(header)
+
+
+# --------------------------------------------------------------------------------------
+# NIfTI headers
+
+
+def _nifti(path: Path, *, sform: bool = False) -> Path:
+    """A NIfTI-1 file of VOXELS (int16) with only the qform in use (sform_code 0) unless ``sform``."""
+    _write(path, compress=False)
+    raw = bytearray(gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes())
+    if not sform:
+        raw[254:256] = struct.pack("<h", 0)
+    path.write_bytes(gzip.compress(bytes(raw)) if path.name.endswith(".gz") else bytes(raw))
+    return path
+
+
+def _patch(path: Path, offset: int, fmt: str, value) -> Path:
+    compressed = path.name.endswith(".gz")
+    raw = bytearray(gzip.decompress(path.read_bytes()) if compressed else path.read_bytes())
+    struct.pack_into("<" + fmt, raw, offset, value)
+    path.write_bytes(gzip.compress(bytes(raw)) if compressed else bytes(raw))
+    return path
+
+
+NAN, INF = float("nan"), float("inf")
+# field as the message names it: (byte offset, struct format, value)
+NIFTI_FAULTS = {
+    "qoffset_x": (268, "f", NAN),  # the origin was read 40 mm off
+    "quatern_b": (256, "f", NAN),  # the identity direction was read
+    "quatern_d": (264, "f", INF),
+    "pixdim[1]": (80, "f", INF),  # 1 mm was read
+    "pixdim[2]": (84, "f", 0.0),
+    "pixdim[3]": (88, "f", -2.5),
+    "dim[3]": (46, "h", 0),  # one slice of six was read
+    "dim[3] ": (46, "h", -8),
+    "dim[0]": (40, "h", 9),
+    "vox_offset": (108, "f", NAN),
+    "bitpix": (72, "h", 8),
+}
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("field", list(NIFTI_FAULTS))
+def test_nifti_header_fields_itk_would_replace_are_refused_by_name(tmp_path, field, suffix):
+    path = _nifti(tmp_path / f"a{suffix}")
+    volume = read_image(path)
+    assert np.array_equal(volume.array, VOXELS) and np.allclose(volume.spacing_mm, (0.8, 0.9, 2.5))
+    offset, fmt, value = NIFTI_FAULTS[field]
+    _patch(path, offset, fmt, value)
+    with pytest.raises(InputError, match=re.escape(f"its header field {field.strip()}")):
+        read_image(path)
+    with pytest.raises(InputError, match=re.escape(str(path))):
+        read_label(path)
+
+
+def test_a_nan_qform_under_a_valid_sform_is_refused_too(tmp_path):
+    path = _patch(_nifti(tmp_path / "a.nii", sform=True), 268, "f", NAN)
+    with pytest.raises(InputError, match="qoffset_x"):
+        read_image(path)
+
+
+def _nifti2(path: Path) -> Path:
+    """A NIfTI-2 file of VOXELS (540-byte header, 64-bit sizes and double geometry)."""
+    header = bytearray(540)
+    struct.pack_into("<i", header, 0, 540)
+    header[4:12] = b"n+2\x00\r\n\x1a\n"
+    struct.pack_into("<2h", header, 12, 4, 16)  # int16
+    struct.pack_into("<8q", header, 16, 3, *VOXELS.shape[::-1], 1, 1, 1, 1)
+    struct.pack_into("<8d", header, 104, 1.0, 0.8, 0.9, 2.5, 1, 1, 1, 1)
+    struct.pack_into("<q", header, 168, 544)
+    struct.pack_into("<ii", header, 344, 0, 1)  # qform_code 0, sform_code 1
+    struct.pack_into("<12d", header, 400, 0.8, 0, 0, 1, 0, 0.9, 0, 2, 0, 0, 2.5, 3)
+    data = bytes(header) + bytes(4) + VOXELS.astype("<i2").tobytes()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti2_is_named_as_not_supported(tmp_path, suffix):
+    path = _nifti2(tmp_path / f"a{suffix}")
+    with pytest.raises(
+        InputError, match=re.escape("is a NIfTI-2 file, which the image library (ITK) cannot read")
+    ) as error:
+        read_image(path)
+    assert str(path) in str(error.value) and "nibabel" in (error.value.hint or "")
+
+
+def test_read_errors_name_the_users_file_never_a_temporary_link(tmp_path):
+    """Files read through a link in a temporary folder (a name that is not UTF-8; a .nii.gz beside a
+    .nii of the same name): ITK's message named the link (/tmp/buseg-read-...)."""
+    odd = tmp_path / "b\udce9.nrrd"  # a Latin-1 'é' in a file name
+    odd.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 x\nencoding: raw\n\n" + bytes(64))
+    ambiguous = tmp_path / "c.nii.gz"
+    ambiguous.write_bytes(b"not an image at all" * 30)
+    _nifti(tmp_path / "c.nii")
+    for path in (odd, ambiguous):
+        with pytest.raises(InputError) as error:
+            read_image(path)
+        message = str(error.value)
+        assert "buseg-read-" not in message and str(path) in message, message
