@@ -34,13 +34,12 @@ from slicer.util import VTKObservationMixin
 from BidirUncertaintySegLib import dependencies, engine, nodefiles, panel, presenter, review
 from BidirUncertaintySegLib.errors import ModuleError
 from BidirUncertaintySegLib.parameters import (
-    METHOD_DEPENDENT_PARAMETERS,
     NODE_REFERENCES,
     PARAMETERS,
     WIDGET_BINDINGS,
     ParameterStore,
-    inactiveParameters,
     parameter,
+    settingsEnabled,
 )
 from BidirUncertaintySegLib.workflow import INPUT_VOLUME_ROLE, SlicerContext, Workflow
 
@@ -396,9 +395,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             button.enabled = view.buttonEnabled[job]
             button.toolTip = view.buttonToolTips.get(job, "")
         self.ui.resumeButton.enabled = view.resumeEnabled
-        for p in PARAMETERS:
-            if p.widget and p.name not in ("overlayOpacity", "overlayThreshold", "showMarkups"):
-                getattr(self.ui, p.widget).enabled = view.inputsEnabled
+        self._applySettingsEnabled()
         for name in (
             "addLabeledButton",
             "removeLabeledButton",
@@ -454,13 +451,14 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.store is None:
             return
         self._updateResultViews()
-        self._updateApplicableSettings()
+        self._applySettingsEnabled()
         self.controller.readiness()
 
-    def _updateApplicableSettings(self):
-        inactive = inactiveParameters(self.store.values())
-        for name in METHOD_DEPENDENT_PARAMETERS:
-            getattr(self.ui, parameter(name).widget).enabled = name not in inactive
+    def _applySettingsEnabled(self):
+        """Locked while a job runs; otherwise the settings the chosen method ignores are off."""
+        values = self.store.values() if self.store is not None else {}
+        for name, enabled in settingsEnabled(values, self.presenter.busy).items():
+            getattr(self.ui, parameter(name).widget).enabled = enabled
 
     def _updateResultViews(self):
         self.ui.regionsTableView.setMRMLTableNode(self.store.nodeReference("RegionsTable"))

@@ -235,6 +235,24 @@ def inactiveParameters(values: dict[str, Any]) -> set[str]:
     return inactive
 
 
+# Settings of what is shown, not of a job: they stay usable while a job runs.
+DISPLAY_PARAMETERS = ("overlayOpacity", "overlayThreshold", "showMarkups")
+
+
+def settingsEnabled(values: dict[str, Any], busy: bool) -> dict[str, bool]:
+    """Per parameter shown in a widget: whether the widget takes input now.
+
+    While a job runs every job setting is locked (a parameter change must not unlock them,
+    whatever the method); the display settings stay usable. Otherwise a setting the chosen
+    method ignores (:func:`inactiveParameters`) is off."""
+    inactive = inactiveParameters(values)
+    return {
+        p.name: p.name in DISPLAY_PARAMETERS or (not busy and p.name not in inactive)
+        for p in PARAMETERS
+        if p.widget
+    }
+
+
 def parameter(name: str) -> Parameter:
     try:
         return _BY_NAME[name]

@@ -478,3 +478,16 @@ def test_the_panel_greys_out_the_settings_the_chosen_method_ignores():
     assert inactive(ours | {"method": "bcp"}) == dependent - {"unlabeledWeight"}
     assert inactive(ours | {"method": "mean-teacher"}) == dependent
     assert inactive(ours | {"method": "supervised"}) == dependent
+
+
+def test_a_parameter_change_during_a_job_leaves_every_job_setting_locked():
+    # Every parameter change re-runs the applicability update: it used to ignore the running job
+    # and unlock the method's settings in the middle of a training.
+    ours = {p.name: p.default for p in parameters.PARAMETERS} | {"crlEnabled": True}
+    idle = parameters.settingsEnabled(ours, busy=False)
+    assert idle["urlWeight"] and idle["method"] and idle["iterations"]
+    assert not parameters.settingsEnabled(ours | {"method": "bcp"}, busy=False)["urlWeight"]
+    busy = parameters.settingsEnabled(ours | {"urlEnabled": True}, busy=True)
+    shown = {p.name for p in parameters.PARAMETERS if p.widget}
+    assert set(busy) == shown
+    assert {name for name, enabled in busy.items() if enabled} == set(parameters.DISPLAY_PARAMETERS)
