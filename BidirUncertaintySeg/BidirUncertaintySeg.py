@@ -34,12 +34,16 @@ from slicer.util import VTKObservationMixin
 from BidirUncertaintySegLib import dependencies, engine, nodefiles, panel, presenter, review
 from BidirUncertaintySegLib.errors import ModuleError
 from BidirUncertaintySegLib.parameters import (
+    DISPLAY_PARAMETERS,
     NODE_REFERENCES,
     PARAMETERS,
     WIDGET_BINDINGS,
     ParameterStore,
     parameter,
     settingsEnabled,
+    setWidgetValue,
+    writeEditedSetting,
+    writeSelectedNode,
 )
 from BidirUncertaintySegLib.workflow import INPUT_VOLUME_ROLE, SlicerContext, Workflow
 
@@ -158,15 +162,20 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.applyViewState(self.presenter.view)
 
     def _bindParameters(self):
-        """Settings <-> parameter node, generically from the parameter definitions."""
+        """Settings <-> parameter node, generically from the parameter definitions; an edit writes
+        only the setting edited (see onSettingEdited)."""
         for p in PARAMETERS:
             if p.widget:
                 _, signal = WIDGET_BINDINGS[p.widgetClass]
-                getattr(self.ui, p.widget).connect(signal, self.updateParameterNodeFromGUI)
-        for widgetName, widgetClass in NODE_REFERENCES.values():
+                getattr(self.ui, p.widget).connect(
+                    signal, lambda value=None, name=p.name: self.onSettingEdited(name)
+                )
+        for role, (widgetName, widgetClass) in NODE_REFERENCES.items():
             if widgetName:
                 _, signal = WIDGET_BINDINGS[widgetClass]
-                getattr(self.ui, widgetName).connect(signal, self.updateParameterNodeFromGUI)
+                getattr(self.ui, widgetName).connect(
+                    signal, lambda node=None, role=role: self.onNodeSelected(role)
+                )
 
     def _connectButtons(self):
         self._jobButtons = {
@@ -301,7 +310,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         try:
             for p in PARAMETERS:
                 if p.widget:
-                    self._setWidgetValue(getattr(self.ui, p.widget), p, self.store.get(p.name))
+                    setWidgetValue(getattr(self.ui, p.widget), p, self.store.get(p.name))
             for role, (widgetName, _) in NODE_REFERENCES.items():
                 if widgetName:
                     getattr(self.ui, widgetName).setCurrentNode(self.store.nodeReference(role))
@@ -310,40 +319,25 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         finally:
             self._updatingGUI = False
 
-    def updateParameterNodeFromGUI(self, *args):
-        if self.store is None or self._updatingGUI:
+    def _takesEdits(self):
+        # Only the user's edits reach the node: not the GUI's own updates, and nothing while the
+        # module is not shown (its widgets are stale then; a node deleted meanwhile changes a
+        # selector, which is no edit).
+        return self.store is not None and not self._updatingGUI and self.parent.isEntered
+
+    def onSettingEdited(self, name):
+        if not self._takesEdits():
             return
-        wasModifying = self.store.node.StartModify()
         try:
-            for p in PARAMETERS:
-                if p.widget:
-                    self.store.set(p.name, self._widgetValue(getattr(self.ui, p.widget), p))
-            for role, (widgetName, _) in NODE_REFERENCES.items():
-                if widgetName:
-                    self.store.setNodeReference(role, getattr(self.ui, widgetName).currentNode())
+            writeEditedSetting(self.store, name, getattr(self.ui, parameter(name).widget))
         except ModuleError as exc:
             self.ui.statusLabel.text = str(exc)
-        finally:
-            self.store.node.EndModify(wasModifying)
-        self._applyDisplaySettings()
+        if name in DISPLAY_PARAMETERS:
+            self._applyDisplaySettings()
 
-    @staticmethod
-    def _widgetValue(widget, p):
-        prop, _ = WIDGET_BINDINGS[p.widgetClass]
-        value = getattr(widget, prop)
-        if p.choices:
-            return p.choices[value] if 0 <= value < len(p.choices) else p.default
-        return value
-
-    @staticmethod
-    def _setWidgetValue(widget, p, value):
-        if p.choices:
-            widget.currentIndex = p.choices.index(value)
-        elif p.widgetClass == "ctkPathLineEdit":
-            widget.currentPath = value
-        else:
-            prop, _ = WIDGET_BINDINGS[p.widgetClass]
-            setattr(widget, prop, value)
+    def onNodeSelected(self, role):
+        if self._takesEdits():
+            writeSelectedNode(self.store, role, getattr(self.ui, NODE_REFERENCES[role][0]))
 
     # -- data lists ----------------------------------------------------------------
 

@@ -235,6 +235,35 @@ def inactiveParameters(values: dict[str, Any]) -> set[str]:
     return inactive
 
 
+def widgetValue(widget: Any, p: Parameter) -> Any:
+    """A setting's value as its widget holds it (a choice's index becomes the choice)."""
+    prop, _ = WIDGET_BINDINGS[p.widgetClass]
+    value = getattr(widget, prop)
+    if p.choices:
+        return p.choices[value] if 0 <= value < len(p.choices) else p.default
+    return value
+
+
+def setWidgetValue(widget: Any, p: Parameter, value: Any) -> None:
+    if p.choices:
+        widget.currentIndex = p.choices.index(value)
+    else:
+        setattr(widget, WIDGET_BINDINGS[p.widgetClass][0], value)
+
+
+def writeEditedSetting(store: ParameterStore, name: str, widget: Any) -> None:
+    """The user edited one setting: its value, and nothing else, goes to the parameter node.
+
+    The other widgets may be stale (while the module is not shown the GUI does not follow the
+    node, and a background job may have set e.g. the model path meanwhile)."""
+    store.set(name, widgetValue(widget, parameter(name)))
+
+
+def writeSelectedNode(store: ParameterStore, role: str, selector: Any) -> None:
+    """The user chose a node in one selector: that reference, and nothing else, is set."""
+    store.setNodeReference(role, selector.currentNode())
+
+
 # Settings of what is shown, not of a job: they stay usable while a job runs.
 DISPLAY_PARAMETERS = ("overlayOpacity", "overlayThreshold", "showMarkups")
 

@@ -491,3 +491,32 @@ def test_a_parameter_change_during_a_job_leaves_every_job_setting_locked():
     shown = {p.name for p in parameters.PARAMETERS if p.widget}
     assert set(busy) == shown
     assert {name for name, enabled in busy.items() if enabled} == set(parameters.DISPLAY_PARAMETERS)
+
+
+def test_an_edit_writes_only_its_own_setting_not_the_stale_values_of_the_other_widgets(app):
+    from types import SimpleNamespace
+
+    node = app.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "BidirUncertaintySeg")
+    store = parameters.ParameterStore(node)
+    store.setDefaults()
+    # What the widgets showed when the module was left ...
+    widgets = {
+        p.name: SimpleNamespace(**{parameters.WIDGET_BINDINGS[p.widgetClass][0]: None})
+        for p in parameters.PARAMETERS
+        if p.widget
+    }
+    for p in parameters.PARAMETERS:
+        if p.widget:
+            parameters.setWidgetValue(widgets[p.name], p, store.get(p.name))
+    # ... then a background training set its model; the module is shown again and one setting edited.
+    store.set("modelPath", "/runs/run-1/model.pt")
+    widgets["iterations"].value = 123
+    parameters.writeEditedSetting(store, "iterations", widgets["iterations"])
+    assert store.get("iterations") == 123
+    assert store.get("modelPath") == "/runs/run-1/model.pt"  # the stale path widget wrote nothing
+    widgets["method"].currentIndex = parameters.parameter("method").choices.index("bcp")
+    parameters.writeEditedSetting(store, "method", widgets["method"])
+    assert store.get("method") == "bcp" and store.get("modelPath") == "/runs/run-1/model.pt"
+    volume = app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "V")
+    parameters.writeSelectedNode(store, "InputVolume", SimpleNamespace(currentNode=lambda: volume))
+    assert store.nodeReference("InputVolume") is volume and store.get("modelPath") == "/runs/run-1/model.pt"

@@ -747,6 +747,11 @@ def test_the_self_test_never_raises_skip_test_and_cleanup_stops_the_worker_for_g
     widget = module_class_source("BidirUncertaintySegWidget")
     cleanup = widget[widget.index("def cleanup(") : widget.index("def enter(")]
     assert "self.controller.shutdown()" in cleanup  # cancel, grace period, kill (tested above)
+    # Only the edited setting is written, and only while the module is shown (stale widgets
+    # wrote every value back when a selector changed after exit()).
+    assert "updateParameterNodeFromGUI" not in widget
+    takesEdits = widget[widget.index("def _takesEdits(") : widget.index("def onSettingEdited(")]
+    assert "self.parent.isEntered" in takesEdits
 
 
 # --------------------------------------------------------------------------------------
