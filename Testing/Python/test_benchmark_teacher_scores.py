@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from model_files import model_metadata, untrained_network
@@ -129,3 +130,76 @@ def test_score_every_must_be_a_multiple_of_the_checkpoint_interval(quality, tmp_
     )
     with pytest.raises(SystemExit, match="not a multiple of the checkpoint interval"):
         quality.run_benchmark(args, 7)
+
+
+# -- the long-run report (benchmarks/teacher_curve.py) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_curve(quality):
+    spec = importlib.util.spec_from_file_location("teacher_curve", ROOT / "benchmarks" / "teacher_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _teacher_record(folder: Path, key: str, seed: int, dice_by_iteration: dict[int, float], finished=True):
+    scores = [{"iteration": i, "dice": d, "hd95_voxels": 4.0} for i, d in dice_by_iteration.items()]
+    record = {"configuration": key, "seed": seed, "every": 1000, "finished": finished, "scores": scores}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{key}_seed{seed}.teacher.json").write_text(json.dumps(record))
+
+
+def _long_runs(folder: Path) -> None:
+    base = {1000: 0.70, 2000: 0.74, 3000: 0.76, 4000: 0.78, 5000: 0.77, 6000: 0.79}
+    for seed, gain in ((1337, 0.010), (2, 0.020), (3, 0.005)):
+        _teacher_record(folder, "ours-url-only", seed, base)
+        crl = {i: d + (gain if i >= 4000 else -gain) for i, d in base.items()}
+        _teacher_record(folder, "ours-crl-concentration", seed, crl)
+
+
+def test_the_long_run_report_compares_seed_by_seed_at_each_iteration(teacher_curve, tmp_path):
+    records = tmp_path / "runs" / "long"
+    _long_runs(records)
+    _teacher_record(records, "bcp", 1337, {1000: 0.6, 2000: 0.62}, finished=False)
+    args = teacher_curve.parse_arguments(["--tag", "long", "--at", "2000", "4000", "--out", str(tmp_path)])
+    lines = teacher_curve.report(teacher_curve.read_runs(records), args, records)
+    row = next(line for line in lines if line.startswith("| ours-crl-concentration |"))
+    # behind in every seed at 2000, ahead in every seed at 4000: the rule says so, with the seeds' differences
+    assert "worse: -1.17" in row and "better: +1.17" in row and "2: +2.00" in row
+    assert "| bcp | 1 | 62.00 | - |" in "\n".join(lines)
+    assert "Not finished (shown up to their last score): bcp (seed 1337)." in lines
+
+
+def test_the_spread_of_the_last_checkpoints_is_that_of_a_finished_run_only(teacher_curve):
+    run = {
+        "finished": True,
+        "scores": [{"iteration": i, "dice": d} for i, d in enumerate([0.5, 0.7, 0.72, 0.74])],
+    }
+    spread = teacher_curve.last_scores_spread(run, 3)
+    assert (
+        spread["range"] == pytest.approx(4.0) and spread["sd"] == pytest.approx(2.0) and spread["from"] == 1
+    )
+    assert np.isnan(teacher_curve.last_scores_spread({**run, "finished": False}, 3)["sd"])
+    assert np.isnan(teacher_curve.last_scores_spread(run, 5)["sd"])
+
+
+def test_the_long_runs_are_checked_against_the_shorter_table(teacher_curve, tmp_path):
+    records = tmp_path / "runs" / "long"
+    _long_runs(records)
+    short = tmp_path / "runs" / "short"
+    short.mkdir(parents=True)
+    row = {"last_dice": 0.7790, "train_seconds": 100.0}
+    record = {"row": row, "configs": {"training": {"optim": {"iterations": 4000}}}}
+    (short / "ours-url-only_seed2.json").write_text(json.dumps(record))
+    args = teacher_curve.parse_arguments(["--tag", "long", "--short-tag", "short", "--out", str(tmp_path)])
+    text = "\n".join(teacher_curve.report(teacher_curve.read_runs(records), args, records))
+    assert "| ours-url-only | 2 | 4000 | 77.90 | 78.00 | +0.10 |" in text
+    assert teacher_curve.main(["--tag", "long", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "teacher_curve_long.png").stat().st_size > 0
+
+
+def test_no_teacher_records_is_an_error_that_names_the_folder(teacher_curve, tmp_path):
+    with pytest.raises(SystemExit, match="no teacher-score records"):
+        teacher_curve.read_runs(tmp_path)
