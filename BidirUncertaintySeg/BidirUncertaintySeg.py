@@ -138,6 +138,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._timer.connect("timeout()", self.onPollJob)
         self.controller = panel.PanelController(
             lambda: self.logic.workflow,
+            registry=self.logic.registry,
             hooks=panel.PanelHooks(
                 confirm=lambda text: slicer.util.confirmYesNoDisplay(text, windowTitle="BidirUncertaintySeg"),
                 info=slicer.util.infoDisplay,
@@ -566,8 +567,14 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
         segmentation, uncertainty, regions = logic.segment(ct3, model)
 
     With ``wait=False`` the methods return a running job (``job.done``, ``job.cancel()``,
-    ``job.value``) that a timer follows; ``wait=True`` blocks until it is over.
+    ``job.value``) that a timer follows; ``wait=True`` returns when it is over, Slicer handling
+    its events meanwhile. Either way the module's panel shows the job and its Cancel stops it;
+    no second job starts while one runs.
     """
+
+    # One per application, shared by every logic instance and the panel: the panel shows console
+    # jobs (and cancels them), and no job starts while another one runs.
+    registry = panel.JobRegistry()
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -597,11 +604,13 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
     def workflow(self):
         return Workflow(self.context(), self.getParameterStore())
 
-    def _finish(self, job, wait):
+    def _run(self, starter, wait):
+        """Start a job (refused while another runs; the panel shows it); with ``wait``, its value."""
+        job = panel.startConsoleJob(self.registry, starter)
         if not wait:
             self._followInBackground(job)
             return job
-        job.wait()
+        panel.waitProcessingEvents(job, slicer.app.processEvents)
         job.raiseForFailure()
         return job.value
 
@@ -630,23 +639,29 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
         store = self.getParameterStore()
         labeled = store.labeledCases() if labeled is None else list(labeled)
         unlabeled = store.unlabeledVolumes() if unlabeled is None else list(unlabeled)
-        job = self.workflow.startTraining(
-            labeled, unlabeled, outDir=outputFolder, overwrite=overwrite, overrides=options
+        return self._run(
+            lambda: self.workflow.startTraining(
+                labeled, unlabeled, outDir=outputFolder, overwrite=overwrite, overrides=options
+            ),
+            wait,
         )
-        return self._finish(job, wait)
 
     def resumeTraining(self, outputFolder=None, *, wait=True):
         """Continue an interrupted training (default: the last one). Returns the model path (or the job)."""
-        return self._finish(self.workflow.resumeTraining(outputFolder), wait)
+        return self._run(lambda: self.workflow.resumeTraining(outputFolder), wait)
 
     def segment(self, volumeNode, modelPath=None, uncertainty="entropy", *, wait=True, **options):
         """Segment a volume. Returns (segmentationNode, uncertaintyVolumeNode, regions) (or the job);
         ``options``: PredictConfig fields, e.g. ``region_threshold=0.4, samples=8``."""
         modelPath = modelPath or self.getParameterStore().get("modelPath")
-        job = self.workflow.startSegmentation(volumeNode, modelPath, uncertainty=uncertainty, options=options)
+        result = self._run(
+            lambda: self.workflow.startSegmentation(
+                volumeNode, modelPath, uncertainty=uncertainty, options=options
+            ),
+            wait,
+        )
         if not wait:
-            return self._finish(job, wait)
-        result = self._finish(job, wait)
+            return result
         return result.segmentationNode, result.uncertaintyNode, result.regions
 
     def segmentFiles(
@@ -663,27 +678,32 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
         """Segment every image of a folder (or a list of files) into ``outputFolder``; nothing is loaded.
         Returns {case: outputs} (or the job)."""
         modelPath = modelPath or self.getParameterStore().get("modelPath")
-        job = self.workflow.segmentFiles(
-            inputFolder,
-            outputFolder,
-            modelPath,
-            uncertainty=uncertainty,
-            options=options,
-            overwrite=overwrite,
+        return self._run(
+            lambda: self.workflow.segmentFiles(
+                inputFolder,
+                outputFolder,
+                modelPath,
+                uncertainty=uncertainty,
+                options=options,
+                overwrite=overwrite,
+            ),
+            wait,
         )
-        return self._finish(job, wait)
 
     def rankUnlabeled(self, volumeNodes=None, modelPath=None, uncertainty="entropy", *, wait=True):
         """Rank unlabeled volumes (default: the parameter node's list), most informative first.
         Returns [(volumeNode, score), ...] (or the job); the first becomes the volume to segment."""
         store = self.getParameterStore()
         volumeNodes = store.unlabeledVolumes() if volumeNodes is None else list(volumeNodes)
-        job = self.workflow.startRanking(
-            volumeNodes, modelPath or store.get("modelPath"), uncertainty=uncertainty
+        result = self._run(
+            lambda: self.workflow.startRanking(
+                volumeNodes, modelPath or store.get("modelPath"), uncertainty=uncertainty
+            ),
+            wait,
         )
         if not wait:
-            return self._finish(job, wait)
-        return [(entry.volumeNode, entry.score) for entry in self._finish(job, wait)]
+            return result
+        return [(entry.volumeNode, entry.score) for entry in result]
 
     def addCorrectedCase(self, volumeNode, segmentationNode):
         """Add a (corrected) segmentation and its volume to the labeled cases for the next training."""

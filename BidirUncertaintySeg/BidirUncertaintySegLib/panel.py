@@ -44,6 +44,54 @@ class PanelHooks:
     restart: Callable[[], None] = _no
 
 
+class JobRegistry:
+    """The module's jobs, whoever started them: the panel or the console (``wait=False`` too).
+
+    One registry per application (the module logic's): the panel follows every job added to
+    it (progress, Cancel), and neither side starts a job while another one runs."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self.listeners: list[Callable[[Job], None]] = []
+
+    def running(self) -> Job | None:
+        return next((job for job in self.jobs if not job.done), None)
+
+    def ensureIdle(self) -> None:
+        job = self.running()
+        if job is not None:
+            raise ModuleError(
+                f"A {job.kind} job is running; wait for it to end or cancel it (Cancel in the "
+                "module's panel, or job.cancel()) before starting another."
+            )
+
+    def add(self, job: Job) -> None:
+        if job in self.jobs:
+            return
+        self.jobs = [j for j in self.jobs if not j.done] + [job]
+        for listener in list(self.listeners):
+            listener(job)
+
+
+def waitProcessingEvents(job: Job, processEvents: Callable[[], None], intervalSeconds: float = 0.05) -> Any:
+    """Block the caller (a console call with ``wait=True``) until the job is over, while the
+    application goes on handling its events: the log, the progress and the panel keep
+    flowing, and the panel's Cancel works. Returns the job's result."""
+    while not job.poll():
+        processEvents()
+        if job.worker is not None:
+            job.worker.wait(intervalSeconds)
+    return job.result
+
+
+def startConsoleJob(registry: JobRegistry, starter: Callable[[], Job]) -> Job:
+    """A job started from the console: refused while another runs, then shown in the panel."""
+    registry.ensureIdle()
+    job = starter()
+    registry.add(job)
+    return job
+
+
 @dataclass
 class PanelController:
     """The panel's actions on one presenter and one workflow (made fresh for each action)."""
@@ -55,6 +103,17 @@ class PanelController:
     dependenciesDeclined: bool = False
     # Run after the current job succeeded (the chained "add, then segment the next case").
     then: Callable[[Job], None] | None = None
+    registry: JobRegistry = field(default_factory=JobRegistry)
+
+    def __post_init__(self) -> None:
+        self.registry.listeners.append(self._adopt)
+
+    def _adopt(self, job: Job) -> None:
+        """A job started elsewhere (the console): the panel shows it and its Cancel stops it."""
+        if job is self.job or job.done or self.presenter.busy:
+            return
+        self.presenter.jobStarting(job.kind)
+        self.follow(job)
 
     @property
     def workflow(self) -> Workflow:
@@ -81,6 +140,7 @@ class PanelController:
         """Start a job with ``starter``; whatever it raises ends as a message, the panel usable again."""
         self.presenter.jobStarting(kind, resume=resume)
         try:
+            self.registry.ensureIdle()
             job = starter()
         except ModuleError as exc:
             self.presenter.startFailed(str(exc))
@@ -125,6 +185,7 @@ class PanelController:
 
     def follow(self, job: Job) -> None:
         self.job = job
+        self.registry.add(job)
         job.eventListeners.append(self.presenter.handleEvent)
         if job.kind == presenter.TRAIN:
             job.eventListeners.append(self._trainingEvent)

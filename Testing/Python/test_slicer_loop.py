@@ -315,6 +315,54 @@ def test_kill_while_cancelling_stops_the_worker_at_once(app, store, tmp_path):
 
 
 # --------------------------------------------------------------------------------------
+# Console jobs and panel jobs: one registry
+
+
+def test_a_console_job_shows_in_the_panel_which_cancels_it_and_starts_nothing_beside_it(app, store, tmp_path):
+    volume = add_volume(app.scene, synthetic().image, "Case")
+    (tmp_path / "model.pt").write_bytes(b"m")
+    pid_file = tmp_path / "pid"
+    flow = stub_flow(app, store, tmp_path, STUB_MODE="hang", STUB_PID_FILE=pid_file)
+    controller = controller_for(flow)
+
+    def console_segment():  # logic.segment(volume, wait=False)
+        return panel.startConsoleJob(
+            controller.registry, lambda: flow.startSegmentation(volume, tmp_path / "model.pt")
+        )
+
+    job = console_segment()
+    assert controller.job is job and controller.timer.active
+    assert controller.presenter.state == presenter.STARTING
+    assert controller.presenter.view.buttonLabels[presenter.SEGMENT] == presenter.CANCEL_LABEL
+    assert controller.buttonClicked(presenter.TRAIN) is None and controller.job is job  # nothing beside it
+    with pytest.raises(ModuleError, match="A segment job is running"):
+        console_segment()
+    while not pid_file.exists():
+        controller.timer.tick()
+        time.sleep(0.02)
+    controller.buttonClicked(presenter.SEGMENT)  # Cancel (the stub ignores it) ...
+    controller.buttonClicked(presenter.SEGMENT)  # ... Stop now
+    run_until_done(controller, seconds=20)
+    assert job.done and job.result.status == "cancelled"
+    controller.registry.ensureIdle()  # over: the next job may start
+
+
+def test_a_console_call_that_waits_lets_the_application_handle_its_events(app, store, tmp_path):
+    labeled_scene(app, store)
+    flow = stub_flow(app, store, tmp_path, STUB_PROGRESS=3)
+    controller = controller_for(flow)
+    ticks = []
+    job = panel.startConsoleJob(
+        controller.registry, lambda: flow.startTraining(store.labeledCases(), store.unlabeledVolumes())
+    )
+    # Slicer's processEvents runs the panel's timer among the other events.
+    result = panel.waitProcessingEvents(job, lambda: ticks.append(1) or controller.timer.tick())
+    assert result.status == "completed" and job.succeeded, job.failureMessage()
+    assert len(ticks) >= 3 and controller.presenter.state == presenter.IDLE
+    assert controller.presenter.history.lossIterations == [1, 2, 3]  # the panel followed the progress
+
+
+# --------------------------------------------------------------------------------------
 # Closing the scene while a job runs (the module may not even be shown)
 
 
