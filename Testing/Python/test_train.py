@@ -290,3 +290,35 @@ def test_model_files_hold_the_chosen_network(tiny_dataset, tmp_path, which):
         assert torch.equal(value, state[which][key]), key
     other = "student" if which == "teacher" else "teacher"
     assert any(not torch.equal(v, state[other][k]) for k, v in model["weights"].items())
+
+
+def test_resume_refuses_a_last_pt_of_another_run_before_replacing_anything(tiny_dataset, tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    train(_config(tiny_dataset, run, "supervised", iterations=2))
+    train(_config(tiny_dataset, other, "supervised", dimension="3d", iterations=2))
+    model_before = (run / "model.pt").read_bytes()
+    resume = ["train", "--resume", "--out", str(run), "--progress", "jsonl"]
+
+    def refused(*flags: str) -> str:
+        assert main([*resume, *flags]) == 2
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        error = next(e for e in events if e["event"] == "error")
+        assert error["path"] == str(run / "last.pt") and (run / "model.pt").read_bytes() == model_before
+        return error["message"]
+
+    # Flags naming other data or another network than last.pt's.
+    message = refused("--labeled", str(tmp_path / "elsewhere"), "--patch-size", "32", "32")
+    assert "--labeled" in message and "--patch-size" in message and "--dimension" not in message
+    # The same through the API, where every field that is not its default counts as asked for.
+    config = _config(tiny_dataset, run, "supervised", iterations=2)
+    config.model.base_channels = 8
+    with pytest.raises(ConfigError, match="--base-channels"):
+        train(config, resume=True)
+    # The flags of the run itself (paths written another way included), or none: resumed.
+    same = ["--labeled", str(tiny_dataset["labeled"]) + "/", "--patch-size", "48", "48"]
+    assert main([*resume, *same]) == 0
+    capsys.readouterr()
+    # A last.pt of another run (3D) in this run's folder: refused, the folder's model files kept.
+    model_before = (run / "model.pt").read_bytes()
+    shutil.copy(other / "last.pt", run / "last.pt")
+    assert "--dimension" in refused() and "config.json" in refused()

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,14 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import read_checkpoint, save_checkpoint
-from .config import TrainConfig, from_dict, to_dict
+from .config import TrainConfig, _flag_for, from_dict, to_dict
 from .data import TrainingData, load_training_data
 from .device import autocast_dtype, configure_threads, precision_description, resolve_device
 from .distributed import DistributedContext, init_distributed
 from .errors import BusegError, Cancelled, ConfigError, OutputError, ResourceError
 from .events import EventSink, split_logs
 from .inference import is_out_of_memory, predict_probabilities
-from .io import TEMPORARY_PREFIX, FolderLock, file_in_the_way, write_json_atomic
+from .io import TEMPORARY_PREFIX, FolderLock, file_in_the_way, read_json, resolved_path, write_json_atomic
 from .methods import Batch, Method, StepContext, build_method
 from .networks import build_network, channels_last_format, to_channels_last
 from .sampling import PatchSampler, SliceSampler
@@ -291,6 +292,84 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Sections of the config that say what a run learns from and what it builds: a resume never
+# changes them, so a flag that names other values means last.pt is not the run the user means.
+RESUME_SAME_RUN = ("data", "model")
+
+
+def _same_run_fields() -> dict[str, str]:
+    """Dotted name -> command-line flag of every field of :data:`RESUME_SAME_RUN`."""
+    names = {}
+    for section in RESUME_SAME_RUN:
+        for f in dataclasses.fields(getattr(TrainConfig(), section)):
+            names[f"{section}.{f.name}"] = _flag_for(section, f)
+    return names
+
+
+def _field(config: dict[str, Any], dotted: str) -> Any:
+    section, name = dotted.split(".")
+    values = config.get(section)
+    return values.get(name) if isinstance(values, dict) else None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, or (paths of data) the same file or folder whichever way it was written."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str):
+        return resolved_path(Path(a).expanduser()) == resolved_path(Path(b).expanduser())
+    return False
+
+
+def _differences(ours: dict[str, Any], theirs: dict[str, Any], fields: dict[str, str]) -> list[str]:
+    return [
+        f"{flag} {_field(ours, name)!r} / {_field(theirs, name)!r}"
+        for name, flag in fields.items()
+        if not _same_value(_field(ours, name), _field(theirs, name))
+    ]
+
+
+def check_resume_is_the_same_run(
+    config: TrainConfig, stored: dict[str, Any], out_dir: Path, given: Collection[str] | None = None
+) -> None:
+    """Refuse a resume whose last.pt was written by another run, before anything is replaced.
+
+    Two signs: data or model settings the user asked for (``given``: the dotted names of the
+    fields set on the command line or in its --config file; None: every field that differs from
+    its default) that differ from last.pt's, and a folder whose config.json (the run that wrote
+    its model.pt and final.pt) names other data or model settings than last.pt. Resuming would
+    otherwise replace those model files with a network of another run.
+    """
+    fields = _same_run_fields()
+    asked = to_dict(config)
+    if given is None:
+        defaults = to_dict(TrainConfig())
+        wanted = {n: f for n, f in fields.items() if _field(asked, n) != _field(defaults, n)}
+    else:
+        wanted = {n: f for n, f in fields.items() if n in given}
+    differ = _differences(asked, stored, wanted)
+    if differ:
+        raise ConfigError(
+            "was written by a training with other data or model settings than given here (given / in last.pt): "
+            + "; ".join(differ),
+            path=out_dir / "last.pt",
+            hint="resume with the settings of that run (or only --resume --out), or start a new training "
+            "in another --out folder",
+        )
+    folder_config = out_dir / "config.json"
+    if folder_config.is_file():
+        written = read_json(folder_config, what="training config", error=ConfigError)
+        differ = _differences(written if isinstance(written, dict) else {}, stored, fields)
+        if differ:
+            raise ConfigError(
+                "comes from another run than this folder's config.json, model.pt and final.pt "
+                "(config.json / last.pt): " + "; ".join(differ),
+                path=out_dir / "last.pt",
+                hint="resuming would replace this folder's model files with another run's network; "
+                "move last.pt away, or use --overwrite to start this folder's training afresh",
+            )
+
+
 def _resume_config(config: TrainConfig, stored: dict[str, Any], sink: EventSink) -> TrainConfig:
     """The stored config wins on resume (except where/how fast it runs); differences are reported."""
     resumed = from_dict(TrainConfig, stored, where="checkpoint config")
@@ -326,6 +405,7 @@ def train(
     overwrite: bool = False,
     should_stop: Callable[[], bool] | None = None,
     data: TrainingData | None = None,
+    given: Collection[str] | None = None,
 ) -> TrainResult:
     """Train a model as ``config`` says; returns where the outputs are.
 
@@ -333,7 +413,8 @@ def train(
     it returns True, ``last.pt`` is written and :class:`~buseg.errors.Cancelled` is raised
     (its ``outputs`` name last.pt). Under torchrun all ranks agree on stopping. ``data``
     may be passed to reuse data already in memory (benchmarks); otherwise it is loaded
-    from the config.
+    from the config. ``given``: with ``resume``, the config fields the caller set on purpose
+    (dotted names; see :func:`check_resume_is_the_same_run`).
     """
     sink = events or EventSink()
     out_dir = Path(config.out_dir)
@@ -345,6 +426,7 @@ def train(
         stored = read_checkpoint(last)
         if "training_state" not in stored:
             raise OutputError("last.pt is a model file without training state; cannot resume", path=last)
+        check_resume_is_the_same_run(config, stored["metadata"]["config"], out_dir, given)
         config = _resume_config(config, stored["metadata"]["config"], sink)
     config.validate()
     dist = init_distributed(config.device)

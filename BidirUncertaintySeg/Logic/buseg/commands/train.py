@@ -54,18 +54,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return config_and_given_fields(args)[0]
+
+
+def config_and_given_fields(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """The config of the command line, and the dotted names of the fields the user set (in the
+    --config file, by --preset or by a flag): what a --resume compares with last.pt."""
     config = TrainConfig()
+    given: set[str] = set()
     if args.config:
         from ..io import read_json
 
         path = Path(args.config)
         data = read_json(path, what="training config file", error=ConfigError)
         config = from_dict(TrainConfig, data, where=str(path))
+        for key, value in data.items():
+            given |= {f"{key}.{name}" for name in value} if isinstance(value, dict) else {key}
     if getattr(args, "preset", None):
         config = apply_preset(config, args.preset)
+        given |= set(TRAIN_PRESETS[args.preset])
     config = apply_arguments(config, args)
+    given |= {dest for dest, value in vars(args).items() if value is not None}
     check_numbers(config)
-    return config
+    return config, given
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,12 +87,14 @@ def run(args: argparse.Namespace) -> int:
     def job() -> dict:
         from ..train import train  # torch is imported here, inside the reported job
 
-        config = config_from_args(args)
+        config, given = config_and_given_fields(args)
         # Absolute, so that the paths in events and outputs mean the same to the caller.
         config.out_dir = str(Path(config.out_dir).expanduser().resolve())
         if not args.resume:
             config.validate()
-        result = train(config, events=sink, resume=args.resume, overwrite=args.overwrite, should_stop=stop)
+        result = train(
+            config, events=sink, resume=args.resume, overwrite=args.overwrite, should_stop=stop, given=given
+        )
         return {
             "model": str(result.model_path),
             "last": str(result.last_path),
