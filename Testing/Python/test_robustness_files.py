@@ -19,10 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+from model_files import model_metadata
+from test_robustness import _case, _config, _labeled_folder
 
-from buseg.errors import InputError
+from buseg.checkpoint import FORMAT, load_model, network_from_metadata
+from buseg.cli import main
+from buseg.errors import InputError, ModelFileError, ResourceError
 from buseg.io import read_image, read_label, write_segmentation
 from buseg.metrics import evaluate_files
+from buseg.train import train
 
 VOXELS = np.arange(6 * 12 * 10, dtype=np.int16).reshape(6, 12, 10) % 97
 
@@ -231,3 +237,92 @@ def test_read_errors_name_the_users_file_never_a_temporary_link(tmp_path):
             read_image(path)
         message = str(error.value)
         assert "buseg-read-" not in message and str(path) in message, message
+
+
+# --------------------------------------------------------------------------------------
+# Model files
+
+
+def _crafted_model(path: Path, dimension: str = "2d", **changes) -> Path:
+    """A model file whose metadata carry ``changes`` (written with torch.save: save_checkpoint refuses
+    them), with the weights of the network the unchanged metadata describe."""
+    metadata = {
+        "format": FORMAT,
+        "format_version": 1,
+        **model_metadata(["background", "liver", "tumour"], dimension=dimension),
+    }
+    weights = network_from_metadata(metadata).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"metadata": {**metadata, **changes}, "weights": weights}, path)
+    return path
+
+
+def _classes(*values: int) -> list[dict]:
+    names = ("background", "liver", "tumour")
+    return [
+        {"index": i, "name": n, "label_value": v} for i, (n, v) in enumerate(zip(names, values, strict=True))
+    ]
+
+
+METADATA_TRAINING_NEVER_WRITES = {
+    "patch 1x1": ({"patch_size": [1, 1]}, re.escape("patch_size [1, 1] cannot be fed to the network")),
+    "patch 40x32": ({"patch_size": [40, 32]}, "a multiple of 16"),
+    "background value 5": (
+        {"classes": _classes(5, 1, 2)},
+        "the background class 'background' .* label value 5",
+    ),
+    "foreground value 0": ({"classes": _classes(5, 0, 2)}, "the background class"),
+    "only a foreground value 0": ({"classes": _classes(0, 1, 0)}, "listed twice"),
+    "foreground 0, background 0 elsewhere": ({"classes": _classes(0, 0, 2)}, "listed twice"),
+    "working spacing a string": (
+        {"config": {"model": {"working_spacing_mm": "abc"}}},
+        "working_spacing_mm 'abc'",
+    ),
+    "working spacing zeros": ({"config": {"model": {"working_spacing_mm": [0, 0, 0]}}}, "working_spacing_mm"),
+    "working spacing negative": (
+        {"config": {"model": {"working_spacing_mm": [1, -1, 1]}}},
+        "working_spacing_mm",
+    ),
+    "working spacing NaN": ({"config": {"model": {"working_spacing_mm": [1, NAN, 1]}}}, "working_spacing_mm"),
+    "working spacing of two": ({"config": {"model": {"working_spacing_mm": [1, 1]}}}, "working_spacing_mm"),
+    "config a string": ({"config": "x"}, "'config' .the training settings. is not a mapping"),
+    "config model a list": ({"config": {"model": [1]}}, "'config' .the training settings. is not a mapping"),
+}
+
+
+@pytest.mark.parametrize("kind", list(METADATA_TRAINING_NEVER_WRITES))
+def test_model_metadata_training_never_writes_are_refused_naming_the_file(tmp_path, kind):
+    changes, message = METADATA_TRAINING_NEVER_WRITES[kind]
+    path = _crafted_model(tmp_path / "model.pt", **changes)
+    with pytest.raises(ModelFileError, match=message) as error:
+        load_model(path)
+    assert error.value.path == str(path)
+
+
+def test_a_crafted_working_spacing_is_one_line_error_naming_the_model(tmp_path, caplog):
+    _write(tmp_path / "images" / "a.nrrd", VOXELS.astype(np.float32))
+    model = _crafted_model(tmp_path / "model.pt", config={"model": {"working_spacing_mm": "abc"}})
+    argv = ["predict", "--model", str(model), str(tmp_path / "images"), "--progress", "none"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert f"{model}: its training config's working_spacing_mm 'abc'" in caplog.text
+
+
+def test_a_working_grid_beyond_the_memory_is_refused_before_it_is_allocated(tmp_path, caplog):
+    """0.001 mm made ITK try to allocate ~10^12 voxels: prediction (the model's spacing) names the model
+    file, training (--working-spacing-mm) the image; nothing of that size is allocated."""
+    _write(tmp_path / "images" / "a.nrrd", VOXELS.astype(np.float32))
+    model = _crafted_model(tmp_path / "model.pt", config={"model": {"working_spacing_mm": [0.001] * 3}})
+    argv = ["predict", "--model", str(model), str(tmp_path / "images"), "--progress", "none"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 3
+    assert (
+        f"{model}: resampling to the model's working spacing (0.001, 0.001, 0.001) mm makes a grid of"
+        in caplog.text
+    )
+    case = _case(shape=(10, 24, 24))
+    root = _labeled_folder(tmp_path / "train", case.image, case.label)
+    config = _config(root, dimension="3d")
+    config.model.patch_size, config.model.working_spacing_mm = [16, 16, 16], [0.001, 0.001, 0.001]
+    config.out_dir = str(tmp_path / "run")
+    with pytest.raises(ResourceError, match="resampling to the working spacing") as error:
+        train(config)
+    assert error.value.path == str(root / "images" / "a.nrrd")

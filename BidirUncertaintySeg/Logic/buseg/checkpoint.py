@@ -218,6 +218,7 @@ def validate_metadata(metadata: Any, *, path: str | Path | None = None) -> None:
     check.network()
     check.classes()
     check.sampling()
+    check.working_spacing()
 
 
 class _MetadataCheck:
@@ -293,6 +294,19 @@ class _MetadataCheck:
             names.add(cls["name"])
             values.add(cls["label_value"])
             self.class_color(cls)
+        # Outputs are label maps where 0 is background: training gives class 0 the value 0 and every
+        # other class a value from the labels (never 0). Otherwise a class would be written as background.
+        if classes[0]["label_value"] != 0:
+            self.fail(
+                f"the background class {classes[0]['name']!r} (class 0) has the label value "
+                f"{classes[0]['label_value']}, not 0: its voxels would be written as another class"
+            )
+        foreground_zero = next((c["name"] for c in classes[1:] if c["label_value"] == 0), None)
+        if foreground_zero is not None:
+            self.fail(
+                f"the class {foreground_zero!r} has the label value 0, which is the background's: it would be "
+                "written as background"
+            )
 
     def class_entry(self, index: int, cls: Any) -> None:
         """Class ``index``: a mapping with its index, a usable name and a valid label value."""
@@ -326,6 +340,11 @@ class _MetadataCheck:
         patch = metadata["patch_size"]
         if len(patch) != expected or not all(_is_int(s) and 1 <= s <= 4096 for s in patch):
             self.fail(f"patch_size {str(patch)[:80]} does not fit a {metadata['dimension']} model")
+        if any(s % PATCH_MULTIPLE for s in patch):
+            self.fail(
+                f"patch_size {patch} cannot be fed to the network: each size must be a multiple of "
+                f"{PATCH_MULTIPLE} (the network halves the resolution four times; training never writes another)"
+            )
         if not _is_int(metadata.get("slice_axis", 2)) or metadata.get("slice_axis", 2) not in (0, 1, 2):
             self.fail(f"slice_axis {metadata.get('slice_axis')!r} is not 0, 1 or 2")
         spacing = metadata.get("spacing_mm")
@@ -337,6 +356,34 @@ class _MetadataCheck:
             )
         ):
             self.fail(f"spacing_mm {str(spacing)[:80]} is not a list of positive numbers")
+
+    def working_spacing(self) -> None:
+        """The training config (if recorded) a mapping, and its working spacing none or three plausible
+        positive spacings in mm (prediction resamples every image to it)."""
+        config = self.metadata.get("config")
+        if config is None:
+            return
+        if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
+            self.fail(f"metadata field 'config' (the training settings) is not a mapping: {str(config)[:80]}")
+        spacing = (config.get("model") or {}).get("working_spacing_mm")
+        if spacing is None or spacing == []:
+            return
+        if not (
+            isinstance(spacing, (list, tuple))
+            and len(spacing) == 3
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1e5
+                for v in spacing
+            )
+        ):
+            self.fail(
+                f"its training config's working_spacing_mm {repr(spacing)[:80]} is not three positive spacings "
+                "in mm (x y z)"
+            )
+
+
+# The network halves the resolution four times: every patch size training accepts is a multiple of 16.
+PATCH_MULTIPLE = 16
 
 
 def _is_int(value: Any) -> bool:

@@ -23,12 +23,14 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from .io import LabelVolume, Volume
+from .errors import ResourceError
+from .io import LabelVolume, Volume, format_numbers
 
 if TYPE_CHECKING:
     from .checkpoint import LoadedModel
@@ -87,12 +89,28 @@ def same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(abs(x - y) <= SPACING_TOLERANCE * max(abs(y), 1e-9) for x, y in zip(a, b, strict=True))
 
 
-def working_grid(grid: Grid, working_spacing_mm: Sequence[float]) -> Grid:
-    """The grid with ``working_spacing_mm`` (x, y, z) covering ``grid``'s field of view, centred on it."""
+def working_grid(
+    grid: Grid, working_spacing_mm: Sequence[float], *, path: str | Path | None = None, whose: str = "the"
+) -> Grid:
+    """The grid with ``working_spacing_mm`` (x, y, z) covering ``grid``'s field of view, centred on it.
+
+    A grid whose resampled volumes would not fit in memory (a working spacing far finer than the
+    image's, e.g. 0.001 mm) is a ResourceError naming ``path`` and ``whose`` working spacing it is,
+    raised before anything is allocated.
+    """
     spacing = np.array(grid.spacing_mm, dtype=np.float64)
     working = np.array([float(s) for s in working_spacing_mm], dtype=np.float64)
     size_xyz = np.array(grid.shape[::-1], dtype=np.float64)
-    new_size = np.maximum(1, np.round(size_xyz * spacing / working)).astype(int)
+    if not (np.all(np.isfinite(working)) and np.all(working > 0)):
+        raise ValueError(f"a working spacing is positive and finite, not {tuple(working_spacing_mm)}")
+    exact_size = np.maximum(1.0, np.round(size_xyz * spacing / working))
+    check_memory_for(
+        float(np.prod(exact_size)) * RESAMPLE_BYTES_PER_VOXEL,
+        f"resampling to {whose} working spacing {format_numbers(working)} mm makes a grid of "
+        f"{'x'.join(f'{s:.0f}' for s in exact_size)} voxels (from {'x'.join(map(str, grid.shape[::-1]))})",
+        path=path,
+    )
+    new_size = exact_size.astype(int)
     # Same centre: first voxel centre moved by half the difference of the two extents (centre to centre).
     shift = ((size_xyz - 1) * spacing - (new_size - 1) * working) / 2
     direction = np.array(grid.direction, dtype=np.float64).reshape(len(spacing), len(spacing))
@@ -103,6 +121,28 @@ def working_grid(grid: Grid, working_spacing_mm: Sequence[float]) -> Grid:
         tuple(float(o) for o in origin),
         grid.direction,
     )
+
+
+# Bytes per working-grid voxel while a volume is resampled to it: the float32 result and, for a label
+# map, each value's float32 share, the best share so far and the output (resample_label_array).
+RESAMPLE_BYTES_PER_VOXEL = 16
+MEMORY_FRACTION = 0.7
+
+
+def check_memory_for(needed_bytes: float, what: str, *, path: str | Path | None = None) -> None:
+    """A ResourceError saying ``what`` needs ``needed_bytes``, when that is more than 70% of the memory
+    available now."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if needed_bytes > MEMORY_FRACTION * available:
+        raise ResourceError(
+            f"{what}: about {needed_bytes / 2**30:.1f} GiB in memory, more than {MEMORY_FRACTION:.0%} of the "
+            f"{available / 2**30:.1f} GiB available",
+            path=path,
+            hint="a working spacing closer to the images' own (--working-spacing-mm when training), or smaller "
+            "(cropped, downsampled) images",
+        )
 
 
 def _resample(image: sitk.Image, target: Grid, interpolator: int) -> np.ndarray:
@@ -144,7 +184,7 @@ def image_on_working_grid(volume: Volume, working_spacing_mm: Sequence[float]) -
     if not working_spacing_mm or same_spacing(volume.spacing_mm, working_spacing_mm):
         return volume
     source = Grid.of(volume)
-    target = working_grid(source, working_spacing_mm)
+    target = working_grid(source, working_spacing_mm, path=volume.path)
     array = resample_array(volume.array, source, target)
     return Volume(array, target.spacing_mm, target.origin, target.direction, volume.path)
 
@@ -154,7 +194,7 @@ def label_on_working_grid(label: LabelVolume, working_spacing_mm: Sequence[float
     if not working_spacing_mm or same_spacing(label.spacing_mm, working_spacing_mm):
         return label
     source = Grid.of(label)
-    target = working_grid(source, working_spacing_mm)
+    target = working_grid(source, working_spacing_mm, path=label.path)
     array = resample_label_array(label.array, source, target)
     return LabelVolume(
         array, target.spacing_mm, target.origin, target.direction, label.path, segments=label.segments
@@ -226,11 +266,27 @@ def predict_at_working_spacing(
 ) -> Prediction:
     """:func:`~buseg.inference.predict_case` of an image whose grid differs from the model's working
     grid: predicted on the working grid, every output brought back to ``image``'s exact grid."""
-    from .inference import Prediction, largest_component_per_class, predict_case, review_regions
+    from .inference import (
+        Prediction,
+        largest_component_per_class,
+        network_device,
+        predict_case,
+        prediction_memory_bytes,
+        review_regions,
+    )
     from .shape_flags import parse_nesting_rules
 
     start = time.perf_counter()
     nesting = parse_nesting_rules(config.nesting, [c["name"] for c in model.classes])
+    # The model's spacing can make a grid far larger than the image (its memory was estimated from the
+    # image's header): refused, naming the model file, before anything of that size is allocated.
+    target = working_grid(Grid.of(image), working_spacing_mm, path=model.path, whose="the model's")
+    check_memory_for(
+        prediction_memory_bytes(target.shape[::-1], model, config, network_device(model.network)),
+        f"predicting {Path(image.path or 'the image').name} at the model's working spacing "
+        f"({'x'.join(map(str, target.shape[::-1]))} voxels)",
+        path=model.path,
+    )
     working = image_on_working_grid(image, working_spacing_mm)
     # Clean-up and shape flags belong to the output grid; on the working grid only probabilities.
     coarse_config = dataclasses.replace(config, largest_component=False, shape_flags=False)
