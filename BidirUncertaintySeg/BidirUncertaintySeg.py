@@ -187,6 +187,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for kind, button in self._jobButtons.items():
             button.connect("clicked(bool)", lambda checked=False, kind=kind: self.onJobButton(kind))
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
+        self.ui.resumeFromFolderButton.connect("clicked(bool)", self.onResumeFromFolder)
         self.ui.addLabeledButton.connect("clicked(bool)", self.onAddLabeled)
         self.ui.removeLabeledButton.connect("clicked(bool)", self.onRemoveLabeled)
         self.ui.addUnlabeledButton.connect("clicked(bool)", self.onAddUnlabeled)
@@ -390,6 +391,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             button.enabled = view.buttonEnabled[job]
             button.toolTip = view.buttonToolTips.get(job, "")
         self.ui.resumeButton.enabled = view.resumeEnabled
+        self.ui.resumeFromFolderButton.enabled = view.inputsEnabled
         self._applySettingsEnabled()
         for name in (
             "addLabeledButton",
@@ -428,6 +430,16 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onResume(self):
         self.controller.resume()
+
+    def onResumeFromFolder(self):
+        start = self.store.get("lastRunFolder") if self.store is not None else ""
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(),
+            "Training folder to resume",
+            start or str(self.logic.context().runsFolder),
+        )
+        if folder:
+            self.controller.resume(folder)
 
     def onPollJob(self):
         panel.timerTick(self.controller, self._timer)

@@ -172,10 +172,12 @@ class PanelController:
                 store.labeledCases(), store.unlabeledVolumes(), outDir=outDir, overwrite=True
             )
 
-    def resume(self) -> Job | None:
+    def resume(self, runFolder: str | None = None) -> Job | None:
+        """Continue an interrupted training: in ``runFolder`` (one the user picked on disk, e.g.
+        after a crash with an unsaved scene), by default the last run of the parameter node."""
         if self.presenter.busy or not self.ensureDependencies():
             return None
-        runFolder = self.store.get("lastRunFolder")
+        runFolder = runFolder or self.store.get("lastRunFolder")
 
         def starter() -> Job:
             self.presenter.history.loadEngineHistory(readHistory(runFolder) if runFolder else {})

@@ -586,6 +586,24 @@ def test_a_training_export_removes_its_own_nodes_only_not_those_the_user_adds_be
     assert scene_ids(app.scene) == before | usersIds  # and the export's temporary nodes went
 
 
+def test_resume_continues_a_run_folder_picked_on_disk_when_the_scene_does_not_know_it(app, store, tmp_path):
+    # Slicer crashed during a training and the scene was never saved: the parameter node has no
+    # run folder, the one on disk has a checkpoint newer than any model.
+    run = tmp_path / "runs" / "run-1"
+    run.mkdir(parents=True)
+    (run / engine.RUN_CONFIG).write_text("{}")
+    (run / engine.LAST_CHECKPOINT).write_bytes(b"checkpoint")
+    assert store.get("lastRunFolder") == ""
+    controller = controller_for(stub_flow(app, store, tmp_path, STUB_PROGRESS=2))
+    job = controller.resume(str(run))
+    assert job is not None, controller.presenter.view.errorText
+    argv = job.worker.argv
+    assert "--resume" in argv and argv[argv.index("--out") + 1] == str(run)
+    run_until_done(controller)
+    assert job.succeeded, job.failureMessage()
+    assert store.get("lastRunFolder") == str(run) and store.get("modelPath") == str(run / engine.MODEL_FILE)
+
+
 def test_refused_inputs_leave_no_empty_run_folder(app, store, tmp_path):
     flow = stub_flow(app, store, tmp_path)
     volume = add_volume(app.scene, synthetic().image, "V")
