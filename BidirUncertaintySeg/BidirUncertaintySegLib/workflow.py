@@ -608,7 +608,9 @@ class Workflow:
         missing = outputs.missing()
         if missing:
             raise ModuleError(f"the worker did not write {', '.join(str(p) for p in missing)}")
-        targetSegmentation, targetUncertainty = self._reusableResultNodes(volumeNode)
+        targetSegmentation, targetUncertainty, targetTable, targetMarkups = self._reusableResultNodes(
+            volumeNode
+        )
         segmentation = nodefiles.loadSegmentation(
             self.scene,
             self.context.segmentationsLogic,
@@ -619,24 +621,24 @@ class Workflow:
         uncertainty = nodefiles.loadUncertaintyVolume(
             self.scene, outputs.uncertainty, volumeNode, targetNode=targetUncertainty
         )
-        for node in (segmentation, uncertainty):
-            node.SetNodeReferenceID(INPUT_VOLUME_ROLE, volumeNode.GetID())
         document = engine.readRegions(outputs.regions)
         store = self.store
+        # Each result keeps its own table and points (named by its case): segmenting another
+        # volume makes new ones, re-segmenting the same volume replaces its own.
         table = review.regionsToTable(
-            self.scene,
-            document.regions,
-            store.nodeReference("RegionsTable") if store else None,
-            name=f"{volumeNode.GetName()} uncertain regions",
+            self.scene, document.regions, targetTable, name=f"{volumeNode.GetName()} uncertain regions"
         )
         showMarkups = store.get("showMarkups") if store else True
-        markups = store.nodeReference("RegionsMarkups") if store else None
+        markups = targetMarkups
         if showMarkups:
             markups = review.regionsToMarkups(
                 self.scene, document.regions, markups, name=f"{volumeNode.GetName()} regions"
             )
         elif markups is not None:
             markups.RemoveAllControlPoints()
+        for node in (segmentation, uncertainty, table, markups):
+            if node is not None:
+                node.SetNodeReferenceID(INPUT_VOLUME_ROLE, volumeNode.GetID())
         review.placeUnderStudy(self.scene, volumeNode, segmentation, uncertainty, table, markups)
         if show:
             review.showUncertaintyOverlay(
@@ -660,22 +662,22 @@ class Workflow:
             segmentation, uncertainty, document.regions, table, markups, outputs, document.summary
         )
 
-    def _reusableResultNodes(self, volumeNode: Any) -> tuple[Any, Any]:
-        """The previous result nodes, when they belong to the same volume and are not a labeled case
-        (re-segmenting replaces them; a corrected, labeled segmentation is never overwritten)."""
+    def _reusableResultNodes(self, volumeNode: Any) -> tuple[Any, Any, Any, Any]:
+        """The previous result nodes (segmentation, uncertainty map, regions table, points) when they
+        belong to the same volume and are not a labeled case (re-segmenting replaces them; a
+        corrected, labeled segmentation is never overwritten, another volume's results stay)."""
         if self.store is None:
-            return None, None
-        segmentation = self.store.nodeReference("OutputSegmentation")
-        uncertainty = self.store.nodeReference("UncertaintyVolume")
+            return None, None, None, None
         labeled = {s.GetID() for _, s in self.store.labeledCases()}
-        if segmentation is not None and (
-            segmentation.GetID() in labeled
-            or segmentation.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode
-        ):
-            segmentation = None
-        if uncertainty is not None and uncertainty.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode:
-            uncertainty = None
-        return segmentation, uncertainty
+        nodes = []
+        for role in ("OutputSegmentation", "UncertaintyVolume", "RegionsTable", "RegionsMarkups"):
+            node = self.store.nodeReference(role)
+            if node is not None and (
+                node.GetID() in labeled or node.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode
+            ):
+                node = None
+            nodes.append(node)
+        return tuple(nodes)
 
     def segmentFiles(
         self,

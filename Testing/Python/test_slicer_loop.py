@@ -683,6 +683,39 @@ def test_the_work_folder_goes_after_the_import_and_the_slice_order_drives_next_s
     assert flow.sliceReview() is None and flow.jumpToNextSlice() is None
 
 
+def test_each_segmented_case_keeps_its_own_regions_table_and_points(app, store, tmp_path):
+    cases = [synthetic(seed=i) for i in range(2)]
+    volumes = [add_volume(app.scene, c.image, f"Case {n}") for n, c in zip("AB", cases, strict=True)]
+    flow = stub_flow(app, store, tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"m")
+    controller = controller_for(flow)
+
+    def segment(volume, case):
+        prepared = tmp_path / f"prepared-{volume.GetName()}"
+        name = engine.caseName(f"{nodefiles.safeFileName(volume.GetName())}{nodefiles.IMAGE_SUFFIX}")
+        if not prepared.exists():
+            predict_outputs(prepared, name, case)
+        flow.context.env["STUB_OUTPUTS_PREDICT"] = str(prepared)
+        job = controller.start(
+            presenter.SEGMENT, lambda: flow.startSegmentation(volume, tmp_path / "model.pt")
+        )
+        run_until_done(controller)
+        assert job.succeeded, job.failureMessage()
+        return job.value
+
+    first = segment(volumes[0], cases[0])
+    points = first.regionsMarkups.GetNumberOfControlPoints()
+    assert points > 0 and first.regionsTable.GetNumberOfRows() == points
+    again = segment(volumes[0], cases[0])  # re-segmenting A replaces A's own nodes
+    assert again.regionsTable is first.regionsTable and again.regionsMarkups is first.regionsMarkups
+    second = segment(volumes[1], cases[1])
+    assert second.regionsTable is not first.regionsTable and second.regionsMarkups is not first.regionsMarkups
+    assert first.regionsTable.GetName() == "Case A uncertain regions"  # not renamed after case B
+    assert first.regionsMarkups.GetNumberOfControlPoints() == points  # A's markers stay
+    assert second.regionsTable.GetName() == "Case B uncertain regions"
+    assert store.nodeReference("RegionsTable") is second.regionsTable  # the panel shows the latest
+
+
 def test_slice_review_is_read_from_a_hand_written_regions_json(tmp_path):
     path = tmp_path / "regions.json"
     document = {
