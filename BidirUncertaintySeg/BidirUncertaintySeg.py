@@ -112,7 +112,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._updatingGUI = False
         self._timer = None
         self._jobButtons = {}
-        self._shortcuts = []
+        self._shown = None  # panel.ShownModuleBindings, made in setup
         self._sceneCloseMessage = ""
 
     @property
@@ -208,8 +208,8 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.labeledTableWidget.horizontalHeader().setStretchLastSection(True)
 
     def _setupReview(self):
-        """The Segment Editor inside the Review section (as MONAI Label's module has it), and the
-        keyboard shortcuts of the review buttons."""
+        """The Segment Editor inside the Review section (as MONAI Label's module has it); its effects
+        and shortcuts, and those of the review buttons, are live only while the module is shown."""
         editorNode = slicer.mrmlScene.GetSingletonNode("BidirUncertaintySeg", "vtkMRMLSegmentEditorNode")
         if editorNode is None:
             editorNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
@@ -217,14 +217,22 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             editorNode.SetSingletonTag("BidirUncertaintySeg")
             editorNode = slicer.mrmlScene.AddNode(editorNode)
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
-        for keys, callback in (
-            ("Alt+N", lambda: self.onStepRegion(1)),
-            ("Alt+P", lambda: self.onStepRegion(-1)),
-            ("Alt+S", self.onNextSlice),
-        ):
+
+        def makeShortcut(keys, callback):
             shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
             shortcut.connect("activated()", callback)
-            self._shortcuts.append(shortcut)
+            return shortcut
+
+        self._shown = panel.ShownModuleBindings(
+            self.ui.segmentEditorWidget,
+            {
+                "Alt+N": lambda: self.onStepRegion(1),
+                "Alt+P": lambda: self.onStepRegion(-1),
+                "Alt+S": self.onNextSlice,
+            },
+            makeShortcut,
+            lambda shortcut: shortcut.setParent(None),
+        )
 
     def cleanup(self):
         # A running job is stopped: asked first (a training writes its checkpoint), killed after
@@ -233,15 +241,16 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.controller.shutdown()
         if self._timer is not None:
             self._timer.stop()
-        for shortcut in self._shortcuts:
-            shortcut.setParent(None)
-        self._shortcuts = []
+        if self._shown is not None:
+            self._shown.left()
         self.removeObservers()
 
     def enter(self):
         self.initializeParameterNode()
+        self._shown.entered()
 
     def exit(self):
+        self._shown.left()
         if self.store is not None:
             self.removeObserver(
                 self.store.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode
@@ -251,6 +260,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         # A running training is followed on (its model goes to the next scene's parameter node);
         # a job whose nodes are in the closing scene is cancelled. Said in the status line.
         self._sceneCloseMessage = self.controller.sceneAboutToClose()
+        self._shown.sceneClosing()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):

@@ -436,6 +436,48 @@ def timerTick(controller: PanelController, timer: PollTimer) -> None:
         timer.stop()
 
 
+class ShownModuleBindings:
+    """What is live only while the module is shown: the embedded Segment Editor's effects and
+    keyboard shortcuts, and the review buttons' shortcuts (Alt+N/P/S).
+
+    Done the way Slicer's own Segment Editor module does it on enter (install the editor's
+    shortcuts) and on exit (no active effect - Paint would stay live in other modules -,
+    uninstall its shortcuts, remove its view observations); on a scene close the editor lets
+    go of its segmentation. ``makeShortcut(keys, callback)`` makes an application shortcut,
+    ``removeShortcut`` removes one (in Slicer: a ``qt.QShortcut`` on the main window)."""
+
+    def __init__(
+        self,
+        editor: Any,
+        shortcuts: dict[str, Callable[[], Any]],
+        makeShortcut: Callable[[str, Callable[[], Any]], Any],
+        removeShortcut: Callable[[Any], None],
+    ) -> None:
+        self.editor = editor
+        self.shortcuts = dict(shortcuts)
+        self.makeShortcut = makeShortcut
+        self.removeShortcut = removeShortcut
+        self.installed: list[Any] = []
+
+    def entered(self) -> None:
+        self.editor.installKeyboardShortcuts()
+        self.editor.updateWidgetFromMRML()
+        if not self.installed:
+            self.installed = [self.makeShortcut(keys, action) for keys, action in self.shortcuts.items()]
+
+    def left(self) -> None:
+        self.editor.setActiveEffect(None)
+        self.editor.uninstallKeyboardShortcuts()
+        self.editor.removeViewObservations()
+        for shortcut in self.installed:
+            self.removeShortcut(shortcut)
+        self.installed = []
+
+    def sceneClosing(self) -> None:
+        self.editor.setSegmentationNode(None)
+        self.editor.removeViewObservations()
+
+
 def pollInBackground(job: Job, onDone: Callable[[Job], None]) -> bool:
     """One tick of the console API's follower: True when the timer can stop (the job is over, or
     following it failed - it is then reported instead of polled every tick forever)."""

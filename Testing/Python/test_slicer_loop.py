@@ -851,6 +851,10 @@ def test_the_self_test_never_raises_skip_test_and_cleanup_stops_the_worker_for_g
     assert "updateParameterNodeFromGUI" not in widget
     takesEdits = widget[widget.index("def _takesEdits(") : widget.index("def onSettingEdited(")]
     assert "self.parent.isEntered" in takesEdits
+    # The editor and the review shortcuts follow enter/exit (panel.ShownModuleBindings, tested).
+    assert "self._shown.entered()" in widget[widget.index("def enter(") : widget.index("def exit(")]
+    assert "self._shown.left()" in widget[widget.index("def exit(") : widget.index("def onSceneStartClose(")]
+    assert "self._shown.sceneClosing()" in widget[widget.index("def onSceneStartClose(") :]
 
 
 # --------------------------------------------------------------------------------------

@@ -426,3 +426,32 @@ def test_a_training_that_falls_back_to_the_cpu_shows_a_visible_warning():
     p.jobStarting(SEGMENT)
     p.handleEvent(started())  # segmenting on the CPU is normal
     assert p.view.warningText == ""
+
+
+def test_the_editor_and_the_review_shortcuts_are_live_only_while_the_module_is_shown():
+    from BidirUncertaintySegLib import panel
+
+    calls, live = [], []
+
+    class Editor:  # the calls Slicer's own Segment Editor module makes on its editor
+        def __getattr__(self, name):
+            return lambda *args: calls.append((name, *args))
+
+    def make(keys, action):
+        live.append(keys)
+        return keys
+
+    shown = panel.ShownModuleBindings(
+        Editor(), {"Alt+N": print, "Alt+P": print, "Alt+S": print}, make, live.remove
+    )
+    shown.entered()
+    shown.entered()  # entering twice (a reload) binds nothing twice
+    assert sorted(live) == ["Alt+N", "Alt+P", "Alt+S"]
+    assert ("installKeyboardShortcuts",) in calls
+    calls.clear()
+    shown.left()
+    assert live == []  # Alt+N/P/S do nothing in other modules
+    assert calls == [("setActiveEffect", None), ("uninstallKeyboardShortcuts",), ("removeViewObservations",)]
+    calls.clear()
+    shown.sceneClosing()
+    assert calls == [("setSegmentationNode", None), ("removeViewObservations",)]
