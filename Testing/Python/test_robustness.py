@@ -13,6 +13,7 @@ test_faults.py; random inputs in test_fuzz.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -844,3 +845,45 @@ def test_folders_and_files_in_the_way_of_outputs_are_named(tmp_path, model_2d, c
     assert main(["predict", str(image), "--out", str(out), *args, "--overwrite"]) == 2
     error = _error_event(capsys.readouterr().out)
     assert error["path"] == str(out / "summary.json") and "is a folder" in error["message"]
+
+
+def test_a_lock_whose_process_id_now_belongs_to_another_process_is_taken_over(tmp_path):
+    import subprocess
+
+    import psutil
+
+    from buseg.errors import OutputError
+    from buseg.io import FolderLock
+
+    lock = tmp_path / "buseg.lock"
+    sleeper = subprocess.Popen(["sleep", "60"])  # alive, and no buseg job (pid 1 after a restart)
+    python = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(python.pid).create_time()
+        for owner, live in [
+            (f"{sleeper.pid}\nbuseg predict\n", False),  # an earlier version's lock: no start time
+            (f"{python.pid}\nbuseg predict\n{started - 3600!r}\n", False),  # the id was reused
+            (f"{python.pid}\nbuseg predict\n{started!r}\n", True),  # its owner runs
+        ]:
+            lock.write_text(owner)
+            if live:
+                with pytest.raises(OutputError, match=f"process {python.pid}") as error:
+                    FolderLock(tmp_path).acquire()
+                assert f"delete the lock file {lock}" in error.value.hint and lock.read_text() == owner
+            else:
+                with FolderLock(tmp_path):
+                    pid, _, when = lock.read_text().splitlines()
+                    assert int(pid) == os.getpid()
+                    assert float(when) == psutil.Process().create_time()
+                assert not lock.exists()
+    finally:
+        for process in (sleeper, python):
+            process.kill()
+            process.wait()
+    # An empty lock: another job has just created it (refused), or was killed while writing it (taken over).
+    lock.write_text("")
+    with pytest.raises(OutputError, match="another job is writing"):
+        FolderLock(tmp_path).acquire()
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    with FolderLock(tmp_path):
+        assert lock.read_text().startswith(f"{os.getpid()}\n")

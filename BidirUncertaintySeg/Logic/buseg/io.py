@@ -18,6 +18,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1020,8 +1021,10 @@ def write_segmentation(
 class FolderLock:
     """A lock file in an output folder: a second job writing to the same folder refuses.
 
-    The file holds the owner's process id and job; a lock whose process is gone (killed) is
-    taken over. Use as a context manager, or :meth:`acquire` / :meth:`release`.
+    The file holds the owner's process id, job and process start time. A lock whose process is
+    gone (killed), or whose process id now belongs to another process (started at another time:
+    the id was reused, e.g. pid 1 after a container restart), is taken over. Use as a context
+    manager, or :meth:`acquire` / :meth:`release`.
     """
 
     def __init__(self, folder: str | Path, *, name: str = "buseg.lock", job: str = "buseg") -> None:
@@ -1029,26 +1032,57 @@ class FolderLock:
         self.job = job
         self.held = False
 
-    def _owner(self) -> tuple[int, str]:
+    def _owner(self) -> tuple[int, str, float | None]:
+        """(process id, job, process start time or None) written in the lock; (0, ...) if unreadable."""
         try:
-            text = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
-            return int(text[0].strip() or 0), (text[1].strip() if len(text) > 1 else "") or "job"
+            lines = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
+            pid = int(lines[0].strip() or 0)
         except (OSError, ValueError):
-            return 0, "job"
+            return 0, "job", None
+        job = (lines[1].strip() if len(lines) > 1 else "") or "job"
+        try:
+            started = float(lines[2]) if len(lines) > 2 and lines[2].strip() else None
+        except ValueError:
+            started = None
+        return pid, job, started
+
+    def _held_by_a_live_owner(self) -> tuple[bool, int, str]:
+        """Whether the process that wrote the lock still runs (not merely a process of that id)."""
+        pid, job, started = self._owner()
+        if not pid:
+            # Empty: another job created it this instant and is writing its id, or (if it is older)
+            # a job was killed between the two.
+            return self._age_seconds() < _LOCK_BEING_WRITTEN_SECONDS, pid, job
+        if pid == os.getpid():
+            return False, pid, job
+        running = _process_start_time(pid)
+        if running is None:
+            return False, pid, job
+        if started is not None:
+            return abs(running - started) < _START_TIME_TOLERANCE_SECONDS, pid, job
+        # A lock of an earlier version holds no start time: its owner was a Python process.
+        return _looks_like_buseg(pid), pid, job
+
+    def _age_seconds(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return float("inf")
 
     def acquire(self) -> FolderLock:
-        import psutil
-
+        started = _process_start_time(os.getpid())  # before the lock exists: it is written at once
         for _ in range(3):
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                pid, job = self._owner()
-                if pid and pid != os.getpid() and psutil.pid_exists(pid):
+                live, pid, job = self._held_by_a_live_owner()
+                if live:
+                    owner = f"another {job} (process {pid})" if pid else "another job"
                     raise OutputError(
-                        f"another {job} (process {pid}) is writing to this folder",
+                        f"{owner} is writing to this folder",
                         path=self.path.parent,
-                        hint=f"wait for it, cancel it, or choose another output folder (lock: {self.path.name})",
+                        hint="wait for it, cancel it, or choose another output folder; if no buseg job "
+                        f"writes there, delete the lock file {self.path}",
                     ) from None
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()  # the lock of a process that is gone
@@ -1058,7 +1092,7 @@ class FolderLock:
                     f"cannot write to the output folder: {exc.strerror or exc}", path=self.path.parent
                 ) from None
             with os.fdopen(handle, "w", encoding="utf-8") as lock_file:
-                lock_file.write(f"{os.getpid()}\n{self.job}\n")
+                lock_file.write(f"{os.getpid()}\n{self.job}\n{'' if started is None else repr(started)}\n")
             self.held = True
             return self
         raise OutputError("cannot take the lock of this folder", path=self.path)
@@ -1074,6 +1108,36 @@ class FolderLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+# psutil derives start times from clock ticks since boot: the same process reads the same value.
+_START_TIME_TOLERANCE_SECONDS = 0.05
+# An empty lock younger than this is being written by the job that just created it.
+_LOCK_BEING_WRITTEN_SECONDS = 10.0
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if there is no such process."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _looks_like_buseg(pid: int) -> bool:
+    """Whether process ``pid`` may be a buseg job (a Python process or Slicer); True when unknown."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        words = " ".join([process.name(), *process.cmdline()[:3]]).lower()
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:
+        return False
+    return any(word in words for word in ("python", "buseg", "slicer"))
 
 
 # The write probe of earlier versions: a name no user file has. Their atomic_path names
