@@ -83,6 +83,10 @@ process; the same operations are available from the Python console
 (<code>slicer.util.getModuleLogic("BidirUncertaintySeg")</code>).
 See the <a href="https://github.com/bidiruncertaintyseg/BidirUncertaintySeg/blob/main/docs/slicer.md">documentation</a>.
 """
+        problem = slicerVersionProblem()
+        if problem:  # said when Slicer loads the module; the panel shows it too
+            logging.error(problem)
+            self.parent.helpText = f"<p><b>{problem}</b></p>" + self.parent.helpText
         self.parent.acknowledgementText = """
 Built on 3D Slicer, PyTorch and MONAI. The semi-supervised method extends bidirectional
 copy-paste (BCP, Bai et al., CVPR 2023) with uncertainty-aware and certainty-aware region
@@ -127,6 +131,13 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        problem = slicerVersionProblem()
+        if problem:  # the panel says what to install instead of failing later with a traceback
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/BidirUncertaintySeg.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -246,10 +257,14 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.removeObservers()
 
     def enter(self):
+        if self.controller is None:  # Slicer too old: only the message is shown
+            return
         self.initializeParameterNode()
         self._shown.entered()
 
     def exit(self):
+        if self.controller is None:
+            return
         self._shown.left()
         if self.store is not None:
             self.removeObserver(
@@ -527,10 +542,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         editor = self.ui.segmentEditorWidget
         editor.setSegmentationNode(segmentation)
-        if hasattr(editor, "setSourceVolumeNode"):
-            editor.setSourceVolumeNode(volume)
-        else:  # Slicer before 5.4
-            editor.setMasterVolumeNode(volume)
+        editor.setSourceVolumeNode(volume)
         self.ui.reviewCollapsibleButton.collapsed = False
 
     def onAddCorrectedCase(self):
@@ -554,6 +566,13 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def ensureDependencies(self, force=False):
         """True when the worker's packages are there; otherwise ask once and install them."""
         return self.controller.ensureDependencies(force)
+
+
+def slicerVersionProblem():
+    """Why this Slicer cannot run the module (None: it can); see dependencies.MINIMUM_SLICER."""
+    return dependencies.slicerVersionProblem(
+        (slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2]
+    )
 
 
 def pytorchExtensionAvailable():
@@ -600,6 +619,9 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
+        problem = slicerVersionProblem()
+        if problem:
+            raise ModuleError(problem)
         engine.ensureEngineImportable()
         self.store = None
         self._jobs = []

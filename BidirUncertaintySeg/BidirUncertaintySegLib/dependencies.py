@@ -29,6 +29,31 @@ from pathlib import Path
 
 from .errors import ModuleError
 
+# The oldest Slicer that can run the module: the first with Python 3.10 or newer (5.10 ships 3.12;
+# up to 5.8 Slicer has Python 3.9, and the module and the engine use 3.10 features such as
+# zip(strict=True)) and SimpleITK 2.3 or newer (5.4 and 5.6 ship 2.2).
+MINIMUM_SLICER = (5, 10)
+MINIMUM_PYTHON = (3, 10)
+
+
+def slicerVersionProblem(slicerVersion: Sequence[int], pythonVersion: Sequence[int]) -> str | None:
+    """Why this Slicer cannot run the module, with what to install (None: it can).
+
+    Checked when the module loads; this file and the module file must stay importable on the
+    Python of older Slicers (3.9) so that this message, not a traceback, is what users see."""
+    slicerVersion, pythonVersion = tuple(slicerVersion[:2]), tuple(pythonVersion[:2])
+    if slicerVersion >= MINIMUM_SLICER and pythonVersion >= MINIMUM_PYTHON:
+        return None
+    needed = ".".join(str(v) for v in MINIMUM_SLICER)
+    return (
+        f"BidirUncertaintySeg needs 3D Slicer {needed} or newer; this is Slicer "
+        f"{'.'.join(str(v) for v in slicerVersion)} with Python {'.'.join(str(v) for v in pythonVersion)}. "
+        f"The module and its engine need Python {'.'.join(str(v) for v in MINIMUM_PYTHON)} or newer and "
+        f"SimpleITK 2.3 or newer, which Slicer ships from version {needed}. Install the current "
+        "Slicer release from https://download.slicer.org and the extension again in it."
+    )
+
+
 PYTORCH = "pytorch"  # installed by the PyTorch extension (light-the-torch), else pip
 PIP = "pip"
 SLICER = "slicer"  # part of Slicer: never installed or upgraded by this module

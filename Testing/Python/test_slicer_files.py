@@ -520,3 +520,28 @@ def test_an_edit_writes_only_its_own_setting_not_the_stale_values_of_the_other_w
     volume = app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "V")
     parameters.writeSelectedNode(store, "InputVolume", SimpleNamespace(currentNode=lambda: volume))
     assert store.nodeReference("InputVolume") is volume and store.get("modelPath") == "/runs/run-1/model.pt"
+
+
+def test_the_minimum_slicer_is_checked_when_the_module_loads_and_said_everywhere():
+    import ast
+
+    from BidirUncertaintySegLib import dependencies
+
+    assert dependencies.MINIMUM_SLICER == (5, 10)
+    for slicer_version, python_version in (((5, 8), (3, 9)), ((5, 6), (3, 9)), ((5, 4), (3, 9))):
+        message = dependencies.slicerVersionProblem(slicer_version, python_version)
+        assert "needs 3D Slicer 5.10 or newer" in message and "download.slicer.org" in message
+        assert f"Python {python_version[0]}.{python_version[1]}" in message
+    assert dependencies.slicerVersionProblem((5, 10), (3, 12)) is None
+    assert dependencies.slicerVersionProblem((6, 0), (3, 12)) is None
+    # The message must reach users of older Slicers: what the module loads parses on their Python 3.9.
+    for path in [
+        MODULE_DIR / "BidirUncertaintySeg.py",
+        *sorted((MODULE_DIR / "BidirUncertaintySegLib").glob("*.py")),
+    ]:
+        ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
+    module = (MODULE_DIR / "BidirUncertaintySeg.py").read_text()
+    assert "Slicer before 5.4" not in module and "setMasterVolumeNode" not in module  # the dead fallback
+    assert module.count("slicerVersionProblem()") >= 3  # module, widget and logic check it
+    assert "Slicer 5.10 or newer" in (ROOT / "docs" / "slicer.md").read_text()
+    assert "Needs Slicer 5.10 or newer" in (ROOT / "CMakeLists.txt").read_text()
