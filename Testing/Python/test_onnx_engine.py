@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,6 +176,89 @@ def test_a_model_onnx_that_is_not_ours_is_never_replaced(tmp_path, monkeypatch):
     onnx_engine._SESSIONS.clear()
     predict_case(model, _image(), PredictConfig(engine="onnx"))
     assert len(exports) == 2 and (cached.parent / (cached.name + ".json")).exists()
+
+
+@needs_onnxruntime
+def test_another_models_export_beside_the_model_is_exported_again_never_run(tmp_path, monkeypatch):
+    """model.pt, its sidecar, and another model's model.onnx (copied over it): ran the other network."""
+    exports = _count_exports(monkeypatch)
+    model, other = _model(tmp_path / "m"), _model(tmp_path / "other", seed=1)
+    predict_case(model, _image(), PredictConfig(engine="onnx"))
+    predict_case(other, _image(), PredictConfig(engine="onnx"))
+    assert len(exports) == 2
+    beside = tmp_path / "m" / "model.onnx"
+    beside.write_bytes((tmp_path / "other" / "model.onnx").read_bytes())
+    onnx_engine._SESSIONS.clear()  # a new process
+    origin = onnx_engine.load_session(model.network, lambda: model.network, "2d", model.path)[1]
+    assert origin.startswith("exported to") and len(exports) == 3
+    onnx_engine._SESSIONS.clear()
+    result = predict_case(model, _image(), PredictConfig(engine="onnx"))
+    reference = predict_case(model, _image(), PredictConfig(engine="torch"))
+    assert np.abs(result.uncertainty_map - reference.uncertainty_map).max() < 1e-4
+    document = json.loads((tmp_path / "m" / "model.onnx.json").read_text())
+    assert document["onnx_sha256"] == hashlib.sha256(beside.read_bytes()).hexdigest()
+
+
+@needs_onnxruntime
+def test_an_export_and_a_sidecar_of_two_models_are_never_paired(tmp_path, monkeypatch):
+    """What two predictions racing while model.pt is replaced can leave: the export of one model and the
+    sidecar of the other, in either order; and a file replaced between reading the sidecar and the export."""
+    model, other = _model(tmp_path / "m"), _model(tmp_path / "other", seed=1)
+    for loaded in (model, other):
+        predict_case(loaded, _image(), PredictConfig(engine="onnx"))
+    place, digest = tmp_path / "m" / "model.onnx", onnx_engine.weights_sha256(model.network)
+    ours, theirs = place.read_bytes(), (tmp_path / "other" / "model.onnx").read_bytes()
+    ours_sidecar = (tmp_path / "m" / "model.onnx.json").read_text()
+    theirs_sidecar = (tmp_path / "other" / "model.onnx.json").read_text()
+    assert onnx_engine._cached_export(place, digest) == ours
+    place.write_bytes(theirs)  # the other's export under this model's sidecar
+    assert onnx_engine._cached_export(place, digest) is None
+    (tmp_path / "m" / "model.onnx.json").write_text(theirs_sidecar)  # this export under the other's sidecar
+    place.write_bytes(ours)
+    assert onnx_engine._cached_export(place, onnx_engine.weights_sha256(other.network)) is None
+    (tmp_path / "m" / "model.onnx.json").write_text(ours_sidecar)
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: theirs if self == place else real_read(self))
+    assert onnx_engine._cached_export(place, digest) is None  # replaced after the sidecar was read
+
+
+@needs_onnxruntime
+def test_out_of_memory_in_onnx_runtime_is_the_documented_error_not_bad_alloc(tmp_path):
+    """A 4096x4096 patch: ONNX Runtime failed with std::bad_alloc (an exception of its own type, not
+    RuntimeError), which ended as 'this is a bug'. Run in a child process whose address space is
+    limited once the session is loaded, so that ORT's allocation really fails."""
+    model = _model(tmp_path / "m")
+    huge = tmp_path / "huge.pt"
+    metadata = {**model.metadata, "patch_size": [4096, 4096]}
+    save_checkpoint(huge, weights=model.network.state_dict(), metadata=metadata)
+    script = f"""
+import resource, sys
+import numpy as np, psutil
+from buseg.checkpoint import load_model
+from buseg.config import PredictConfig
+from buseg.errors import ResourceError
+from buseg.inference import predict_case
+from buseg.io import Volume
+
+image = Volume(np.random.default_rng(0).random((2, 40, 36), dtype=np.float32), (1, 1, 1), (0, 0, 0),
+               (1, 0, 0, 0, 1, 0, 0, 0, 1))
+config = PredictConfig(engine="onnx", slice_batch_size=1)
+predict_case(load_model({str(model.path)!r}), image, config)  # exported and loaded while memory is free
+vms = psutil.Process().memory_info().vms
+resource.setrlimit(resource.RLIMIT_AS, (vms + 400 * 2**20, resource.RLIM_INFINITY))
+try:
+    predict_case(load_model({str(huge)!r}), image, config)
+except ResourceError as exc:
+    print("REFUSED", exc.message)
+"""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "user-cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert "REFUSED out of memory on cpu even with one slice per forward pass" in done.stdout, done.stderr[
+        -2000:
+    ]
+    assert "bad_alloc" not in done.stderr
 
 
 @needs_onnxruntime

@@ -18,10 +18,17 @@ automatically on the others.
   TorchScript exporter (``dynamo=False``: it needs the ``onnx`` package but not
   ``onnxscript``, takes 2 s instead of 17 s, and the torch.export path fails on the V-Net's
   dynamic sizes). Exported once per model file and cached beside it (``model.pt`` ->
-  ``model.onnx`` and ``model.onnx.json`` with the SHA-256 of the weights it came from; a
-  changed model is exported again). Where that folder is not writable, or a ``model.onnx``
-  there is not ours, the cache is the user cache folder; where that fails too, the export is
-  kept in memory. The cache never makes a prediction fail.
+  ``model.onnx`` and ``model.onnx.json`` with the SHA-256 of the weights it came from and the
+  SHA-256 of the export itself; a changed model is exported again). An export is run only when
+  the bytes read from the file - the very bytes given to ONNX Runtime - have the sidecar's
+  SHA-256 and the sidecar has the loaded weights' SHA-256: another model's ``model.onnx`` put
+  beside the model, or an export and a sidecar of two models paired by predictions that raced
+  while the model file was replaced, are exported again, never run. Both files are written
+  atomically (temporary file, rename). Where that folder is not writable, or a ``model.onnx``
+  there is not ours (no sidecar), the cache is the user cache folder; where that fails too,
+  the export is kept in memory. The cache never makes a prediction fail.
+* **Out of memory** in ONNX Runtime (``std::bad_alloc``, a failed allocation) is the same
+  out-of-memory error as torch's: the batch is halved and retried, then a clear error.
 """
 
 from __future__ import annotations
@@ -46,8 +53,9 @@ from .errors import BusegError, ConfigError, ModelFileError
 ENGINES = ("auto", "torch", "onnx")
 ONNX_UNCERTAINTY = ("entropy", "tta")  # mc-dropout: torch only (see the module docstring)
 EXPORT_SCHEMA = "buseg-onnx-export"
-# Raise when the exported graph changes (folding, opset, names): older caches are then re-exported.
-EXPORT_FORMAT = 1
+# Raise when the exported graph or the sidecar changes (folding, opset, names, the export's own SHA-256
+# in the sidecar since format 2): older caches are then re-exported.
+EXPORT_FORMAT = 2
 OPSET = 17
 INSTALL_HINT = "install it with: pip install 'buseg[onnx]' (onnxruntime and onnx), or use --engine torch"
 _SESSIONS: OrderedDict[tuple[str, int], Any] = OrderedDict()  # (weights digest, threads) -> session
@@ -150,7 +158,9 @@ def _read_sidecar(onnx_path: Path) -> dict[str, Any] | None:
 
 
 def _cached_export(place: Path, digest: str) -> bytes | None:
-    """The cached export at ``place`` if it was made from these weights."""
+    """The cached export at ``place`` if its sidecar says it was made from these weights and the bytes
+    read are the export the sidecar describes (checked on the bytes returned, which are the ones run:
+    a file replaced between reading the sidecar and the export cannot slip through)."""
     document = _read_sidecar(place)
     if (
         document is None
@@ -158,9 +168,11 @@ def _cached_export(place: Path, digest: str) -> bytes | None:
         or document.get("format") != EXPORT_FORMAT
     ):
         return None
-    with contextlib.suppress(OSError):
-        return place.read_bytes()
-    return None
+    try:
+        data = place.read_bytes()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == document.get("onnx_sha256") else None
 
 
 def _store_export(place: Path, data: bytes, digest: str, model_path: str | Path | None) -> bool:
@@ -178,6 +190,7 @@ def _store_export(place: Path, data: bytes, digest: str, model_path: str | Path 
         "schema": EXPORT_SCHEMA,
         "format": EXPORT_FORMAT,
         "weights_sha256": digest,
+        "onnx_sha256": hashlib.sha256(data).hexdigest(),
         "model_file": Path(model_path).name if model_path else None,
         "torch": torch.__version__,
         "opset": OPSET,
@@ -236,7 +249,10 @@ def _session(data: bytes, threads: int) -> Any:
     # No memory arena: it kept ~0.9 GB more than torch at the peak of a 512x512x300 prediction (3.26 vs
     # 2.36 GB) and holds it after the run; without it the U-Net pass was 3-10% slower (measured).
     options.enable_cpu_mem_arena = False
-    options.log_severity_level = 3  # errors only: ORT's warnings are about its own graph rewrites
+    # Fatal messages only: ORT's warnings are about its own graph rewrites, and its errors come back as
+    # exceptions, which are said in one line (an out-of-memory error retried with a smaller batch is no
+    # reason to print ORT's log line).
+    options.log_severity_level = 4
     try:
         return onnxruntime.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # a corrupt export: one line
@@ -285,7 +301,28 @@ def session_forward(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        (logits,) = session.run(None, {input_name: array})
+        try:
+            (logits,) = session.run(None, {input_name: array})
+        except Exception as exc:  # ORT's own exception types are not RuntimeError (and MemoryError)
+            if _is_allocation_failure(exc):
+                raise RuntimeError(f"out of memory in ONNX Runtime: {_last_words(exc)}") from None
+            raise
         return torch.from_numpy(logits)
 
     return forward
+
+
+# What ONNX Runtime says when an allocation fails (std::bad_alloc with the arena off, the arena's words
+# with it on); pybind11 turns a bare std::bad_alloc into MemoryError.
+_ALLOCATION_FAILURES = ("bad_alloc", "failed to allocate memory", "out of memory")
+
+
+def _is_allocation_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(words in text for words in _ALLOCATION_FAILURES)
+
+
+def _last_words(exc: BaseException) -> str:
+    """The end of ORT's message (the node that failed and why), in one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[-160:]
