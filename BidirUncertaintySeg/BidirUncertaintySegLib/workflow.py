@@ -73,6 +73,8 @@ def timestampedFolder(parent: str | Path, prefix: str) -> Path:
     raise ModuleError(f"Cannot create a new folder in {parent}.")
 
 
+# In the work folder: the volumes of the last ranking, kept so that unchanged ones are not exported again.
+RANK_INPUTS_FOLDER = "rank-inputs"
 PREVIOUS_MODEL = "previous-model.pt"  # in a run folder: the model a fine-tuning round started from
 
 
@@ -716,21 +718,38 @@ class Workflow:
         uncertainty: str | None = None,
         options: dict[str, Any] | None = None,
     ) -> Job:
-        """Rank unlabeled volumes by uncertainty; the job's value is a list of :class:`RankedVolume`, best first."""
+        """Rank unlabeled volumes by uncertainty; the job's value is a list of :class:`RankedVolume`, best first.
+
+        The volumes are exported one per :meth:`Job.poll` (a GUI timer never blocks for long),
+        into a folder kept between rankings: a volume unchanged since the last ranking is not
+        written again."""
         if not volumeNodes:
             raise ModuleError("No unlabeled volumes to rank.")
         if not Path(modelPath).is_file():
             raise ModuleError(f"Model file not found: {modelPath}")
-        folder = self._newWorkFolder("rank")
-        names = nodefiles.uniqueNames([nodefiles.safeFileName(v.GetName()) for v in volumeNodes])
-        byCase = {}
-        for volume, name in zip(volumeNodes, names, strict=True):
+        for volume in volumeNodes:
             nodefiles.checkScalarVolume(volume, "unlabeled volume")
-            path = nodefiles.exportVolume(volume, folder / "input" / f"{name}{nodefiles.IMAGE_SUFFIX}")
-            byCase[engine.caseName(path)] = volume
+        folder = self._newWorkFolder("rank")
+        inputs = self.context.workFolder / RANK_INPUTS_FOLDER
+        names = nodefiles.uniqueNames([nodefiles.safeFileName(v.GetName()) for v in volumeNodes])
+        byCase: dict[str, Any] = {}
+        images: list[Path] = []
+
+        def exportSteps() -> Iterator[nodefiles.ExportStep]:
+            cache = nodefiles.ExportCache(inputs)
+            for number, (volume, name) in enumerate(zip(volumeNodes, names, strict=True), start=1):
+                relative = f"{name}{nodefiles.IMAGE_SUFFIX}"
+                written = cache.image(volume, relative)
+                images.append(inputs / relative)
+                byCase[engine.caseName(inputs / relative)] = volume
+                yield nodefiles.ExportStep(number, len(volumeNodes), name, written)
+            cache.finish()  # the files of volumes no longer ranked go
+
         outDir = folder / "output"
         predict = self.predictOptions(uncertainty, options)
-        command = engine.rankCommand([folder / "input"], modelPath, outDir, predict)
+
+        def launch(_: Any) -> WorkerJob:
+            return self._worker(engine.rankCommand(images, modelPath, outDir, predict), folder)
 
         def completed(result: JobResult) -> list[RankedVolume]:
             ranked = []
@@ -752,7 +771,12 @@ class Workflow:
             return ranked
 
         return Job(
-            "rank", self._worker(command, folder), outDir=folder, onCompleted=completed, workFolder=folder
+            "rank",
+            outDir=folder,
+            onCompleted=completed,
+            preparation=exportSteps(),
+            launch=launch,
+            workFolder=folder,
         ).start()
 
     def showRanking(self, ranked: Sequence[RankedVolume]) -> Any:

@@ -806,6 +806,36 @@ def test_add_and_segment_next_ranks_then_segments_the_first_ranked_volume_on_one
     assert reference is volumes[2] and controller.presenter.state == presenter.IDLE
 
 
+def test_ranking_exports_one_volume_per_tick_and_only_the_volumes_that_changed(app, store, tmp_path):
+    cases = [synthetic(seed=i) for i in range(3)]
+    volumes = [add_volume(app.scene, c.image, f"Case {i}") for i, c in enumerate(cases)]
+    (tmp_path / "model.pt").write_bytes(b"m")
+    ranking = tmp_path / "ranking"
+    ranking.mkdir()
+    entries = [
+        {"case": f"Case_{i}", "rank": i + 1, "score": 1.0 - i / 10, "statistics": {}} for i in range(3)
+    ]
+    (ranking / "ranking.json").write_text(
+        json.dumps({"schema": "buseg-ranking", "schema_version": 1, "cases": entries})
+    )
+    flow = stub_flow(app, store, tmp_path, STUB_OUTPUTS_RANK=ranking)
+    controller = controller_for(flow)
+
+    def rank():
+        job = controller.start(presenter.RANK, lambda: flow.startRanking(volumes, tmp_path / "model.pt"))
+        controller.timer.tick()  # one tick exports one volume: the GUI never waits for all of them
+        assert job.preparing and [e["event"] for e in job.events] == ["export"]
+        run_until_done(controller)
+        assert job.succeeded, job.failureMessage()
+        return [e["written"] for e in job.events if e["event"] == "export"]
+
+    assert rank() == [True, True, True]
+    assert rank() == [False, False, False]  # unchanged: nothing written again
+    slicer.util.updateVolumeFromArray(volumes[1], cases[1].image.array[::-1].copy())
+    assert rank() == [False, True, False]
+    assert store.nodeReference("InputVolume") is volumes[0]
+
+
 def test_the_overlay_uses_slicers_set_slice_viewer_layers_on_the_applications_scene(app, monkeypatch):
     from BidirUncertaintySegLib import review
 
