@@ -75,7 +75,7 @@ def _as_bzip2(path: Path) -> Path:
     return path
 
 
-DAMAGED = "are damaged, they do not decompress cleanly"
+DAMAGED = "are damaged and do not decompress cleanly"
 
 
 @pytest.mark.parametrize("how", ["flipped", "random"])

@@ -111,7 +111,8 @@ def _nifti1_field_problem(head: bytes, order: str) -> str | None:
                 "positive size (a corrupt header? the image library would use 1 mm)"
             )
     vox_offset = struct.unpack(order + "f", head[108:112])[0]
-    if not (math.isfinite(vox_offset) and vox_offset >= 352):
+    single_file = head[344:347] == b"n+1"  # the voxels follow the header in the same file
+    if single_file and not (math.isfinite(vox_offset) and vox_offset >= 352):
         return f"its header field vox_offset (where the voxels start) is {vox_offset:g}, not 352 or more"
     datatype, bitpix = struct.unpack(order + "2h", head[70:74])
     if NIFTI_DATATYPE_BITS.get(datatype, bitpix) != bitpix:
@@ -286,7 +287,7 @@ def _nrrd_block(path: Path) -> _DataBlock | None:
     data_file = fields.get("data file", fields.get("datafile"))
     if data_file is None:
         block = _DataBlock(path, data_start, encoding)
-    elif data_file.startswith("LIST") or len(data_file.split()) > 1:
+    elif _several_files(data_file):
         return None  # several data files: each is read by ITK, not checked here
     else:
         skip_lines = int(fields.get("line skip", fields.get("lineskip", "0")) or 0)
@@ -322,14 +323,21 @@ def _metaimage_block(path: Path) -> _DataBlock | None:
     data_file = fields["elementdatafile"]
     if data_file.upper() == "LOCAL":
         block = _DataBlock(path, data_start, encoding)
-    elif data_file.upper().startswith("LIST") or len(data_file.split()) > 1:
-        return None  # several data files, or a file-name pattern: read by ITK, not checked here
+    elif _several_files(data_file):
+        return None  # several data files: each is read by ITK, not checked here
     else:
         header_size = int(fields.get("headersize", "0") or 0)
         block = _DataBlock(path.parent / data_file, -1 if header_size < 0 else header_size, encoding)
     if "compresseddatasize" in fields:
         block.compressed_size = int(fields["compresseddatasize"])
     return block
+
+
+def _several_files(data_file: str) -> bool:
+    """Whether a header's data file names several files: 'LIST', or a pattern with a numeric range
+    ('slice%03d.raw 1 40 1'), as NRRD and MetaImage write them."""
+    words = data_file.split()
+    return data_file.upper().startswith("LIST") or ("%" in words[0] and len(words) >= 4)
 
 
 def _data_block(path: Path) -> _DataBlock | None:
@@ -362,10 +370,9 @@ def check_data_stream(path: Path, expected_bytes: int | None) -> None:
         return  # a header this check cannot parse: ITK's reader says what is wrong
     if block is None or block.encoding == "other" or (block.encoding == "raw" and block.file == path):
         return  # attached raw data cut short are refused by ITK's readers themselves
-    data_name, are = (
-        ("its voxel data", "are") if block.file == path else (f"its data file {block.file}", "is")
-    )
-    they = "they" if block.file == path else "it"
+    attached = block.file == path
+    data_name = "its voxel data" if attached else f"its data file {block.file}"
+    are, do = ("are", "do") if attached else ("is", "does")
     try:
         with open(block.file, "rb") as handle:
             measure = _raw_size if block.encoding == "raw" else _decompressed_size
@@ -382,7 +389,7 @@ def check_data_stream(path: Path, expected_bytes: int | None) -> None:
     except (OSError, zlib.error) as exc:
         reason = str(exc) or type(exc).__name__
         raise InputError(
-            f"{data_name} ({block.encoding}-compressed) {are} damaged, {they} do not decompress cleanly: "
+            f"{data_name} ({block.encoding}-compressed) {are} damaged and {do} not decompress cleanly: "
             f"{reason[:120]} (the image library would read garbage voxels without a word)",
             path=path,
             hint="copy the file again from its source",
@@ -412,9 +419,9 @@ def _decompressed_size(handle: BinaryIO, block: _DataBlock) -> int:
     _skip_lines(handle, block.skip_lines)
     handle.seek(max(0, block.offset), 1)
     if block.encoding in ("gzip", "bzip2"):
-        opener = gzip.GzipFile if block.encoding == "gzip" else bz2.BZ2File
+        stream = gzip.GzipFile(fileobj=handle) if block.encoding == "gzip" else bz2.BZ2File(handle)
         size = 0
-        with opener(fileobj=handle) if block.encoding == "gzip" else opener(handle) as stream:
+        with stream:
             while chunk := stream.read(_OUTPUT_BYTES):
                 size += len(chunk)
         return size
