@@ -887,3 +887,34 @@ def test_a_lock_whose_process_id_now_belongs_to_another_process_is_taken_over(tm
     os.utime(lock, (time.time() - 60, time.time() - 60))
     with FolderLock(tmp_path):
         assert lock.read_text().startswith(f"{os.getpid()}\n")
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "-1"),
+        ("--weight-decay", "-1"),
+        ("--base-channels", "0"),
+        ("--momentum", "5"),
+        ("--consistency-weight", "-5"),
+        ("--self-training-lr", "0"),
+        ("--seed", "-1"),
+    ],
+)
+def test_numbers_out_of_their_range_are_refused_by_flag(tmp_path, capsys, flag, value):
+    from buseg.cli import main
+
+    argv = ["train", "--labeled", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--progress", "jsonl"]
+    assert main([*argv, flag, value]) == 2
+    error = _error_event(capsys.readouterr().out)
+    assert error["kind"] == "ConfigError" and error["message"].startswith(flag), error
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_refuses_a_negative_seed(tmp_path, capsys):
+    from buseg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--seed", "-1", "--out", str(tmp_path / "demo")])
+    assert exit_info.value.code == 2 and "--seed" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -404,11 +404,62 @@ class TrainConfig:
                 "--validation-interval and --checkpoint-interval must not be negative (0 = never), "
                 "--log-interval must be at least 1"
             )
+        self._check_ranges()
         if self.data.source == "files" and not self.data.labeled:
             raise ConfigError("--labeled is required (a folder or a manifest of labeled images)")
         if self.data.source in ("acdc", "la") and not self.data.data_root:
             raise ConfigError(f"--data-root is required with --source {self.data.source}")
         return self
+
+    def _check_ranges(self) -> None:
+        """Numbers outside what they can mean: a negative learning rate, a momentum of 5, a
+        network without channels (torch would fail with a traceback, or train on nonsense)."""
+        o, m = self.optim, self.method
+        checks = [
+            (o.lr > 0, f"--lr must be positive, got {o.lr}"),
+            (
+                o.self_training_lr is None or o.self_training_lr > 0,
+                f"--self-training-lr must be positive, got {o.self_training_lr}",
+            ),
+            (o.weight_decay >= 0, f"--weight-decay must not be negative, got {o.weight_decay}"),
+            (0 <= o.momentum < 1, f"--momentum must be in [0, 1), got {o.momentum}"),
+            (
+                o.lr_step_iterations >= 1,
+                f"--lr-step-iterations must be at least 1, got {o.lr_step_iterations}",
+            ),
+            (0 < o.lr_step_gamma <= 1, f"--lr-step-gamma must be in (0, 1], got {o.lr_step_gamma}"),
+            (
+                self.model.base_channels >= 1,
+                f"--base-channels must be at least 1, got {self.model.base_channels}",
+            ),
+            (
+                m.consistency_weight >= 0,
+                f"--consistency-weight must not be negative, got {m.consistency_weight}",
+            ),
+            (m.noise_std >= 0, f"--noise-std must not be negative, got {m.noise_std}"),
+            (m.unlabeled_weight >= 0, f"--unlabeled-weight must not be negative, got {m.unlabeled_weight}"),
+            (self.url.weight >= 0, f"--url-weight must not be negative, got {self.url.weight}"),
+            (
+                0 <= self.url.min_uncertainty <= 1,
+                f"--url-min-uncertainty must be in [0, 1], got {self.url.min_uncertainty}",
+            ),
+            (
+                self.crl.ramp_iterations >= 0,
+                f"--crl-ramp-iterations must not be negative, got {self.crl.ramp_iterations}",
+            ),
+            (
+                self.data.labeled_count >= 1,
+                f"--labeled-count must be at least 1, got {self.data.labeled_count}",
+            ),
+            (self.seed >= 0, f"--seed must not be negative, got {self.seed}"),
+            (
+                self.num_threads >= 0,
+                f"--num-threads must be 0 (torch's default) or more, got {self.num_threads}",
+            ),
+        ]
+        for fine, message in checks:
+            if not fine:
+                raise ConfigError(message)
 
     @property
     def network_name(self) -> str:
@@ -515,6 +566,10 @@ class PredictConfig:
             raise ConfigError(f"--engine must be auto, torch or onnx, not {self.engine!r}")
         if self.region_slices < 1 or self.region_extent_mm < 0:
             raise ConfigError("--region-slices must be at least 1 and --region-extent-mm not negative")
+        if self.seed < 0 or self.num_threads < 0:
+            raise ConfigError(
+                f"--seed and --num-threads must not be negative, got {self.seed}, {self.num_threads}"
+            )
         return self
 
 

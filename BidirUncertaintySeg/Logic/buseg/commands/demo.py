@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import StopFlag, add_common_arguments, make_sink, run_job, setup_logging
+from .common import StopFlag, add_common_arguments, make_sink, non_negative_int, run_job, setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "empty, or hold an earlier demo's outputs and --overwrite be given.",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="Random seed of the generated data and of training (default: 0)."
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="Random seed of the generated data and of training (default: 0).",
     )
     parser.add_argument(
         "--quick",
