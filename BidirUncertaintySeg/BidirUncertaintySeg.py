@@ -45,7 +45,7 @@ from BidirUncertaintySegLib.parameters import (
     writeEditedSetting,
     writeSelectedNode,
 )
-from BidirUncertaintySegLib.workflow import INPUT_VOLUME_ROLE, SlicerContext, Workflow
+from BidirUncertaintySegLib.workflow import INPUT_VOLUME_ROLE, SlicerContext, Workflow, defaultInputVolume
 
 POLL_INTERVAL_MS = 250
 # Submodules of the library, reloaded by "Reload" (developer mode) before the module itself.
@@ -314,8 +314,8 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if self.store.nodeReference("InputVolume") is None:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+            first = defaultInputVolume(slicer.mrmlScene)
+            if first is not None:
                 self.store.setNodeReference("InputVolume", first)
 
     def setParameterNode(self, node):
@@ -450,8 +450,9 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # -- jobs ------------------------------------------------------------------------
 
     def onJobButton(self, kind):
-        with slicer.util.WaitCursor():
-            self.controller.buttonClicked(kind)
+        # No wait cursor: a start may ask a question (install packages, replace a training), and
+        # the exports run one volume per timer tick.
+        self.controller.buttonClicked(kind)
 
     def onResume(self):
         self.controller.resume()
@@ -470,14 +471,19 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         panel.timerTick(self.controller, self._timer)
 
     def _installDependencies(self, plan):
-        with slicer.util.WaitCursor():
-            self.logic.installDependencies(plan)
+        # The panel says "Installing ... (this can take several minutes)"; no wait cursor over
+        # minutes of pip output in the Python console.
+        self.logic.installDependencies(plan)
 
     # -- plot, results ----------------------------------------------------------------
 
     def _showTrainingPlot(self):
+        # The layout switches to the plot once, when the plot is made; a later Train updates it
+        # in whatever layout the user has chosen since.
+        existing = self.store.nodeReference("LossChart") if self.store is not None else None
         chart = self.controller.updateTrainingPlot()
-        slicer.modules.plots.logic().ShowChartInLayout(chart)
+        if existing is None:
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
 
     def _refresh(self):
         if self.store is None:

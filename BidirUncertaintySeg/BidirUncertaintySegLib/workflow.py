@@ -278,10 +278,26 @@ class Job:
             self.importError = unexpectedMessage(exc, "loading the results")
         finally:
             self.done = True
-        if self.succeeded and self.workFolder is not None:
-            shutil.rmtree(self.workFolder, ignore_errors=True)
+        self._removeWorkFolder()
         for listener in list(self.doneListeners):
             listener(self)
+
+    def _removeWorkFolder(self) -> None:
+        """The temporary files go with the job: all of them once it succeeded or was cancelled;
+        after a failure all but the worker's log (what 'Show log' points to)."""
+        if self.workFolder is None or not self.workFolder.is_dir():
+            return
+        if self.succeeded or self.result.status == "cancelled":
+            shutil.rmtree(self.workFolder, ignore_errors=True)
+            return
+        for entry in self.workFolder.iterdir():
+            if entry.name == WORKER_LOG:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
     @property
     def succeeded(self) -> bool:
@@ -863,6 +879,16 @@ class Workflow:
         store = ParameterStore(node)
         store.setDefaults()
         return node
+
+
+def defaultInputVolume(scene: Any) -> Any:
+    """The volume to segment when none is chosen: the first scalar volume that is an input, not
+    a label map and not a result of this module (an uncertainty map); None if there is none."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode") and node.GetNodeReference(INPUT_VOLUME_ROLE) is None:
+            return node
+    return None
 
 
 def readHistory(outDir: str | Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ every file is listed in the CMakeLists, the icon is a 128x128 PNG.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -545,3 +546,27 @@ def test_the_minimum_slicer_is_checked_when_the_module_loads_and_said_everywhere
     assert module.count("slicerVersionProblem()") >= 3  # module, widget and logic check it
     assert "Slicer 5.10 or newer" in (ROOT / "docs" / "slicer.md").read_text()
     assert "Needs Slicer 5.10 or newer" in (ROOT / "CMakeLists.txt").read_text()
+
+
+def test_the_engine_leaves_slicers_openmp_alone_and_the_pytest_suites_register_on_windows():
+    import subprocess
+
+    probe = (
+        "import sys, types, os\n"
+        "if sys.argv[1] == 'slicer': sys.modules['slicer'] = types.ModuleType('slicer')\n"
+        "import buseg\n"
+        "print(os.environ.get('OMP_WAIT_POLICY', '-'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(MODULE_DIR / "Logic")
+
+    def policy(where):
+        return subprocess.run(
+            [sys.executable, "-c", probe, where], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    assert policy("slicer") == "-"  # inside Slicer's process (the module imports the engine)
+    assert policy("worker") == "PASSIVE"  # the worker and the command line
+    cmake = (ROOT / "Testing" / "CMakeLists.txt").read_text()
+    assert ".venv/Scripts/python.exe" in cmake and ".venv/bin/python" in cmake
+    assert "test_slicer_loop" in cmake

@@ -716,6 +716,42 @@ def test_each_segmented_case_keeps_its_own_regions_table_and_points(app, store, 
     assert store.nodeReference("RegionsTable") is second.regionsTable  # the panel shows the latest
 
 
+def test_cancelled_and_failed_work_folders_do_not_stay_in_the_temporary_folder(app, store, tmp_path):
+    volume = add_volume(app.scene, synthetic().image, "Case")
+    (tmp_path / "model.pt").write_bytes(b"m")
+    pid_file = tmp_path / "pid"
+    flow = stub_flow(app, store, tmp_path, STUB_MODE="hang", STUB_PID_FILE=pid_file)
+    controller = controller_for(flow)
+    cancelled = controller.start(
+        presenter.SEGMENT, lambda: flow.startSegmentation(volume, tmp_path / "model.pt")
+    )
+    while not pid_file.exists():
+        controller.timer.tick()
+        time.sleep(0.02)
+    controller.buttonClicked(presenter.SEGMENT)  # Cancel ...
+    controller.buttonClicked(presenter.SEGMENT)  # ... Stop now
+    run_until_done(controller, seconds=20)
+    assert cancelled.result.status == "cancelled" and not cancelled.outDir.exists()
+
+    del flow.context.env["STUB_MODE"]  # completes without writing any result: the import fails
+    failed = controller.start(
+        presenter.SEGMENT, lambda: flow.startSegmentation(volume, tmp_path / "model.pt")
+    )
+    run_until_done(controller)
+    assert not failed.succeeded and failed.importError
+    assert [p.name for p in failed.outDir.iterdir()] == [workflow.WORKER_LOG]  # only what 'Show log' names
+
+
+def test_the_default_volume_to_segment_is_an_input_not_an_uncertainty_map(app):
+    case = synthetic()
+    add_volume(app.scene, case.label, "labels", "vtkMRMLLabelMapVolumeNode")
+    heat = add_volume(app.scene, case.image, "CT uncertainty")  # first in the scene
+    assert workflow.defaultInputVolume(app.scene) is heat  # nothing says what it is yet
+    source = add_volume(app.scene, case.image, "CT")
+    heat.SetNodeReferenceID(workflow.INPUT_VOLUME_ROLE, source.GetID())  # as a segmentation leaves it
+    assert workflow.defaultInputVolume(app.scene) is source
+
+
 def test_slice_review_is_read_from_a_hand_written_regions_json(tmp_path):
     path = tmp_path / "regions.json"
     document = {
@@ -885,6 +921,11 @@ def test_the_self_test_never_raises_skip_test_and_cleanup_stops_the_worker_for_g
     assert "self._shown.entered()" in widget[widget.index("def enter(") : widget.index("def exit(")]
     assert "self._shown.left()" in widget[widget.index("def exit(") : widget.index("def onSceneStartClose(")]
     assert "self._shown.sceneClosing()" in widget[widget.index("def onSceneStartClose(") :]
+    # No wait cursor over a confirmation dialog or minutes of pip; the layout switches to the
+    # training plot only when the plot is made, not on every Train.
+    assert "WaitCursor" not in widget
+    plot = widget[widget.index("def _showTrainingPlot(") : widget.index("def _refresh(")]
+    assert "if existing is None:" in plot and "ShowChartInLayout" in plot
 
 
 # --------------------------------------------------------------------------------------

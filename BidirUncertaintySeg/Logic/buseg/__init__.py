@@ -9,11 +9,14 @@ Entry points: :mod:`buseg.config` (the typed configuration), :func:`buseg.train.
 """
 
 import os
+import sys
 
 # OpenMP threads that spin while waiting make torch many times slower on a busy machine
 # (measured: a BCP iteration 6.2 s -> 0.65 s with passive waiting while other jobs ran; see
 # docs/speed.md); results are unchanged. It only takes effect if torch is not imported yet
-# (the worker process), and a value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# (the worker process), and a value the user set wins. Not inside Slicer's own process (the
+# module imports the engine's pure-Python parts there): Slicer's OpenMP is not ours to tune.
+if "slicer" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
