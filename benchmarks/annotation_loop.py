@@ -914,9 +914,20 @@ def listed_names(args) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from buseg.errors import BusegError
+
     args = parse_arguments(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        run(args)
+    except BusegError as problem:  # a missing list or data file: its path and the problem, no traceback
+        raise SystemExit(f"annotation loop: {problem}") from None
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every asked arm and seed not recorded yet, then the report from the records."""
     preset = protocol_preset(args)
     quality_work = (args.quality_work or args.work) / quality_tag(args)
     loop_root = args.work / f"annotation_loop_{args.tag}"
@@ -935,7 +946,6 @@ def main(argv: list[str] | None = None) -> int:
             loop, start = loops[seed]
             run_arm(loop, arm, start, start_scores(loop, start), path, settings)
     assemble(args, preset, quality_work, records, pool_names, volume_names)
-    return 0
 
 
 def prepare_seed(

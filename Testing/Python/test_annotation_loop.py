@@ -436,6 +436,8 @@ def test_reuse_only_assembles_the_report_from_records_without_training(loop, tmp
     ]
     argv += ["--arms", "rank+full", "random+full", "--seeds", "1337", "2", "3", "--rounds", "1"]
     monkeypatch.setattr(loop, "prepare_seed", lambda *a: pytest.fail("--reuse-only loaded data"))
+    with pytest.raises(SystemExit, match=r"train_slices\.list"):  # a data folder without its lists
+        loop.main([*argv[:2], str(tmp_path), *argv[3:]])
     with pytest.raises(SystemExit, match="no loop record"):
         loop.main(argv)
     assert not out.exists() or not list(out.glob("annotation_loop_*"))
