@@ -326,3 +326,35 @@ def test_a_working_grid_beyond_the_memory_is_refused_before_it_is_allocated(tmp_
     with pytest.raises(ResourceError, match="resampling to the working spacing") as error:
         train(config)
     assert error.value.path == str(root / "images" / "a.nrrd")
+
+
+def test_predict_refuses_each_damaged_file_by_name_and_predicts_the_others(tmp_path, capsys):
+    """predict reads every header first (for its memory estimate): the same refusals there."""
+    folder = tmp_path / "images"
+    _write(folder / "good.nrrd", VOXELS.astype(np.float32))
+    _nifti2(folder / "nifti2.nii")
+    _patch(_nifti(folder / "nan_origin.nii"), 268, "f", NAN)
+    header = _write(folder / "detached.nhdr", compress=False)
+    (folder / "detached.raw").unlink()
+    _damage(_write(folder / "damaged.mha"), "flipped")
+    model = _crafted_model(tmp_path / "model.pt")
+    argv = [
+        "predict",
+        "--model",
+        str(model),
+        str(folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--progress",
+        "plain",
+    ]
+    assert main(argv) == 2
+    warnings = capsys.readouterr().err
+    for name, message in (
+        ("nifti2.nii", "is a NIfTI-2 file"),
+        ("nan_origin.nii", "its header field qoffset_x"),
+        ("detached.nhdr", f"its data file {header.with_suffix('.raw')} was not found"),
+        ("damaged.mha", f"its voxel data (zlib-compressed) {DAMAGED}"),
+    ):
+        assert f"{folder / name}: {message}" in warnings, name
+    assert (tmp_path / "out" / "good").is_dir()

@@ -585,9 +585,6 @@ def _read_sitk(path: Path) -> sitk.Image:
         )
     if image_suffix(path) in (".nrrd", ".nhdr", ".mha", ".mhd"):
         _check_text_header_geometry(path)
-        image_checks.check_data_file_found(path)
-    if image_suffix(path) in (".nii", ".nii.gz"):
-        image_checks.check_nifti_header(path)
     header = read_image_header(path)
     _check_fits_in_memory(header)  # a corrupt or absurd header is refused before allocating
     if header.complex:
@@ -650,8 +647,16 @@ def _check_fits_in_memory(header: ImageHeader, *, fraction: float = 0.7) -> None
 
 
 def read_image_header(path: str | Path) -> ImageHeader:
-    """Size and pixel type of an image from its header alone (to estimate memory before reading)."""
+    """Size and pixel type of an image from its header alone (to estimate memory before reading).
+
+    Header faults ITK would read with defaults (NIfTI), and a missing data file (NRRD, MetaImage,
+    which ITK does not name), are refused here, before ITK sees the file.
+    """
     path = check_regular_file(path)
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        image_checks.check_nifti_header(path)
+    elif image_suffix(path) in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        image_checks.check_data_file_found(path)
     reader = sitk.ImageFileReader()
     with _unambiguous(path) as readable:
         try:
