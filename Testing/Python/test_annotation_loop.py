@@ -380,6 +380,7 @@ def test_the_targets_are_evaluated_by_the_rule(loop):
     assert (
         first["status"] == "met" and "95% of full's" in first["detail"] and "20% of full's" in first["detail"]
     )
+    assert loop.target_regions_vs_full(loop.report_rows(_records(regions_gain=0.9)), 4)["status"] == "met"
     assert loop.target_regions_vs_full(loop.report_rows(_records(regions_gain=0.8)), 4)["status"] == "not met"
     assert loop.target_rank_beats_random(rows, 4)["status"] == "met"
     mixed = loop.report_rows(_records(0.95, random_offsets=(0.02, -0.03, 0.001)))
