@@ -904,7 +904,15 @@ def test_a_lock_whose_process_id_now_belongs_to_another_process_is_taken_over(tm
 def test_numbers_out_of_their_range_are_refused_by_flag(tmp_path, capsys, flag, value):
     from buseg.cli import main
 
-    argv = ["train", "--labeled", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--progress", "jsonl"]
+    argv = [
+        "train",
+        "--labeled",
+        str(tmp_path / "none"),
+        "--out",
+        str(tmp_path / "run"),
+        "--progress",
+        "jsonl",
+    ]
     assert main([*argv, flag, value]) == 2
     error = _error_event(capsys.readouterr().out)
     assert error["kind"] == "ConfigError" and error["message"].startswith(flag), error
@@ -918,3 +926,27 @@ def test_demo_refuses_a_negative_seed(tmp_path, capsys):
         main(["demo", "--seed", "-1", "--out", str(tmp_path / "demo")])
     assert exit_info.value.code == 2 and "--seed" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_an_image_given_as_labeled_data_is_named_as_such(tmp_path):
+    case = _case()
+    labeled = _labeled_folder(tmp_path / "labeled", case.image, case.label)
+    with pytest.raises(InputError, match=r"is an image file, not a folder \(expected a folder with 'images'"):
+        _load(_config(labeled / "images" / "a.nrrd"))
+
+
+def test_a_label_file_without_its_image_is_refused_like_an_image_without_its_label(tmp_path):
+    case = _case()
+    labeled = _labeled_folder(tmp_path / "labeled", case.image, case.label)
+    write_image(case.label, labeled / "labels" / "b_label.nrrd")
+    with pytest.raises(InputError, match="no image for this label file") as error:
+        _load(_config(labeled))
+    assert error.value.path == str(labeled / "labels" / "b_label.nrrd")
+
+
+def test_a_csv_manifest_with_a_byte_order_mark_is_read(tmp_path):
+    case = _case()
+    labeled = _labeled_folder(tmp_path / "labeled", case.image, case.label)
+    manifest = labeled / "cases.csv"  # as spreadsheet programs write it: a UTF-8 byte-order mark first
+    manifest.write_text("\ufeffimage,label\nimages/a.nrrd,labels/a.nrrd\n", encoding="utf-8")
+    assert _load(_config(manifest)).labeled_case_names == ["a"]

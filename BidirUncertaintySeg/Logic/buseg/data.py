@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from .io import (
     LabelVolume,
     Volume,
     case_name,
+    image_suffix,
     is_image_file,
     label_values_array,
     read_image,
@@ -164,7 +166,7 @@ def _images_in(folder: Path) -> list[Path]:
 def cases_from_folder(folder: Path, *, labeled: bool) -> list[CaseRef]:
     """A labeled folder has ``images/`` and ``labels/``; an unlabeled folder holds images."""
     if not folder.is_dir():
-        raise InputError("folder not found", path=folder)
+        raise InputError(_not_a_folder(folder, labeled=labeled), path=folder)
     if labeled:
         image_dir, label_dir = folder / "images", folder / "labels"
         if not image_dir.is_dir() or not label_dir.is_dir():
@@ -185,12 +187,44 @@ def cases_from_folder(folder: Path, *, labeled: bool) -> list[CaseRef]:
                     hint="name the label like the image (optionally with _label or .seg.nrrd)",
                 )
             cases.append(CaseRef(image, label))
+        _refuse_labels_without_images(label_dir, images)
         return cases
     images_dir = folder / "images" if (folder / "images").is_dir() else folder
     images = _images_in(images_dir)
     if not images:
         raise InputError("no images (.nii.gz, .nii, .nrrd, .mha, .mhd) found", path=images_dir)
     return [CaseRef(p) for p in images]
+
+
+def _not_a_folder(path: Path, *, labeled: bool) -> str:
+    """What ``path`` is instead of the folder expected there (an image given as --labeled ...)."""
+    expected = (
+        "a folder with 'images' and 'labels' sub-folders, or a .csv/.json manifest"
+        if labeled
+        else "a folder of images, or a .csv/.json manifest"
+    )
+    if not os.path.lexists(path):
+        return f"not found (expected {expected})"
+    what = (
+        "an image file"
+        if image_suffix(path)
+        else (regular_file_problem(path) or "a file").removeprefix("is ")
+    )
+    return f"is {what}, not a folder (expected {expected})"
+
+
+def _refuse_labels_without_images(label_dir: Path, images: list[Path]) -> None:
+    """A label file that no image is named for is refused, as an image without a label is: a
+    misspelt name would otherwise leave a labeled case out of training without a word."""
+    names = {case_name(image) for image in images}
+    named = names | {name + suffix for name in names for suffix in LABEL_NAME_SUFFIXES}
+    for label in _images_in(label_dir):
+        if case_name(label) not in named:
+            raise InputError(
+                f"no image for this label file in {images[0].parent}",
+                path=label,
+                hint="name the image like the label (the label may add _label or .seg.nrrd), or move the label away",
+            )
 
 
 def _resolve(base: Path, value: Any, where: str, manifest: Path) -> Path:
@@ -219,7 +253,8 @@ def cases_from_manifest(manifest: Path) -> CaseList:
     suffix = manifest.suffix.lower()
     if suffix == ".csv":
         try:
-            with open(manifest, newline="") as handle:
+            # utf-8-sig: spreadsheet programs begin a CSV with a byte-order mark, read as part of 'image'.
+            with open(manifest, newline="", encoding="utf-8-sig") as handle:
                 rows = list(csv.DictReader(handle))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise InputError(f"cannot be read as CSV: {exc}", path=manifest) from None
