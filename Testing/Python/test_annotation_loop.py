@@ -468,3 +468,36 @@ def test_reuse_only_assembles_the_report_from_records_without_training(loop, tmp
         "| random+full | 1 | 2 |" in report and "random+full (seed 3)" in report.split("Not recorded yet")[1]
     )
     assert "| rank+full | random+full | 1337: +1.00 / 2: +2.00 | +1.50 ± 0.50 | too few seeds |" in report
+
+
+def test_the_start_model_is_the_quality_protocols_run_trained_once(loop, tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(config, *, events, resume, overwrite, data):
+        from buseg.config import to_dict
+
+        out = Path(config.out_dir)
+        trained.append((out.name, config.init_weights, config.optim.iterations))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(config)))
+        for name in ("last.pt", "final.pt", "model.pt"):
+            (out / name).write_bytes(f"{out.name} {config.seed}".encode())
+        (out / "history.json").write_text(json.dumps({"validation": []}))
+        return argparse.Namespace(model_path=out / "model.pt", best_path=None, history={"validation": []})
+
+    monkeypatch.setattr(loop.quality, "train", fake_train)
+    args = loop.parse_arguments(["--data-root", str(tmp_path / "ACDC"), "--seeds", "2"])
+    preset, work = loop.protocol_preset(args), tmp_path / "quality" / loop.quality_tag(args)
+    start = loop.start_model(preset, args, 2, work, data=None)
+    assert start == work / "ours-url-only_seed2" / "final.pt"
+    assert trained == [
+        ("pretrain_seed2", None, 0),  # the copy-paste first stage (its pre-training iterations)
+        ("ours-url-only_seed2", str(work / "pretrain_seed2" / "model.pt"), preset.iterations),
+    ]
+    assert loop.start_model(preset, args, 2, work, data=None) == start and len(trained) == 2  # reused
+    (work / "pretrain_seed2" / "model.pt").write_bytes(b"a first stage trained again, other weights")
+    loop.start_model(preset, args, 2, work, data=None)
+    assert trained[-1][0] == "ours-url-only_seed2" and len(trained) == 3  # its second stage is stale
+    args.reuse_only = True
+    with pytest.raises(loop.quality.UnfinishedRunError):
+        loop.start_model(preset, args, 3, work, data=None)
