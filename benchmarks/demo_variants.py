@@ -14,11 +14,15 @@ it the weights the demo ships (``model.pt``: best on the validation volumes). Ve
 ``quality.verdict``: better only when ahead in every seed or the mean paired difference exceeds
 twice its standard error (at least 3 seeds).
 
+Precision: float32, as the demo (the same figures on every CPU); ``--amp`` trains with the engine's
+mixed precision instead (bfloat16 autocast on a CPU with native bfloat16, else float32 anyway).
+
 Runs are reused: a branch whose saved row has the same configuration is not trained again.
 
 Usage::
 
     python benchmarks/demo_variants.py --seeds 0 1 2 --threads 1
+    python benchmarks/demo_variants.py --seeds 0 1 2 --threads 1 --amp --tag demo_variants_bf16
     python benchmarks/demo_variants.py --methods supervised bcp ours-url-only --seeds 0
 """
 
@@ -53,6 +57,7 @@ from quality import (  # noqa: E402
 
 from buseg import demo  # noqa: E402
 from buseg.config import PredictConfig, TrainConfig, to_dict  # noqa: E402
+from buseg.device import precision_description, resolve_device  # noqa: E402
 from buseg.inference import predict_files  # noqa: E402
 from buseg.metrics import evaluate_files  # noqa: E402
 from buseg.train import train  # noqa: E402
@@ -62,7 +67,7 @@ SHARED_START = "shared-start"  # the demo's shared supervised start, scored as i
 CONFIGURATIONS = [SHARED_START] + [key for key in METHODS if key != PRETRAINING_ONLY]
 DEFAULT_CONFIGURATIONS = [key for key in CONFIGURATIONS if key != "ours"]
 REFERENCES = ("supervised", "bcp")
-ROW_SCHEMA = 2  # 2: rows record their start weights' hash
+ROW_SCHEMA = 3  # 2: rows record their start weights' hash; 3: the demo's scan population, best start
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -72,6 +77,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plan", choices=("full", "quick"), default="full", help="quick: a smoke test")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision (bfloat16 autocast where the CPU has it natively); default: float32 as the demo",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "demo_variants")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="demo_variants")
@@ -95,13 +105,14 @@ def run_seed(plan: demo.DemoPlan, seed: int, args: argparse.Namespace) -> list[d
     seed_dir = (args.work / plan.name / f"seed{seed}").resolve()
     folders = _data(seed_dir, plan, seed)
     shared = branch_config(SHARED_START, folders, seed_dir, plan, seed, args)
-    shared_final = _train_once(shared, f"shared start (seed {seed})")
+    # The branches start from the shared start's model.pt (best on the validation volumes), as the demo's.
+    shared_best = _train_once(shared, f"shared start (seed {seed})").with_name("model.pt")
     rows = []
     for key in args.methods:
         if key == SHARED_START:
             config = shared
         else:
-            config = branch_config(key, folders, seed_dir, plan, seed, args, init_weights=shared_final)
+            config = branch_config(key, folders, seed_dir, plan, seed, args, init_weights=shared_best)
         rows.append(_saved_row(config) or _train_and_score(key, seed, config, folders, args))
     return rows
 
@@ -136,6 +147,7 @@ def branch_config(
         apply_method_settings(config, key)
         config.out_dir = str(seed_dir / "runs" / key)
     config.num_threads = args.threads
+    config.optim.amp = args.amp
     return config.validate()
 
 
@@ -222,7 +234,7 @@ def score(
     """Test-volume figures of the last weights (and of the shipped ``model.pt`` where given)."""
     row: dict = {"method": key, "seed": seed, "branch_seconds": round(seconds, 1)}
     for which, model in (("last", final), ("shipped", shipped)):
-        summary = _evaluate(model, run_dir / f"test_{which}", folders, args.device)
+        summary = _evaluate(model, run_dir / f"test_{which}", folders, args.device, args.amp)
         row[f"{which}_dice"] = summary["mean"]["dice"]
         row[f"{which}_hd95_mm"] = summary["mean"]["hd95_mm"]
         for name, figures in summary["classes"].items():
@@ -234,10 +246,12 @@ def score(
     return row
 
 
-def _evaluate(model: Path, out: Path, folders: dict[str, Path], device: str) -> dict:
+def _evaluate(model: Path, out: Path, folders: dict[str, Path], device: str, amp: bool) -> dict:
     predicted = predict_files(
         [folders["test"]],
-        PredictConfig(model_path=str(model), out_dir=str(out / "predictions"), device=device, overwrite=True),
+        PredictConfig(
+            model_path=str(model), out_dir=str(out / "predictions"), device=device, overwrite=True, amp=amp
+        ),
     )
     evaluation = evaluate_files([predicted.out_dir], [folders["test"]], out / "evaluation", overwrite=True)
     return evaluation.summary
@@ -279,16 +293,24 @@ def summary_lines(rows: list[dict]) -> list[dict]:
     return lines
 
 
+def _precision(args: argparse.Namespace) -> str:
+    if not args.amp:
+        return "float32 (as the demo)"
+    return precision_description(resolve_device(args.device)[0], True)
+
+
 def markdown_report(rows: list[dict], plan: demo.DemoPlan, args: argparse.Namespace) -> list[str]:
     lines = [
         f"# Demo variants: {args.tag}",
         "",
         f"Machine: {platform.machine()}, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
-        f"thread(s) per run. Command: `{shown_command('python benchmarks/demo_variants.py', sys.argv[1:])}`",
+        f"thread(s) per run, precision: {_precision(args)}. "
+        f"Command: `{shown_command('python benchmarks/demo_variants.py', sys.argv[1:])}`",
         "",
         f"The demo's plan `{plan.name}`: {plan.labeled} labeled, {plan.unlabeled} unlabeled, {plan.validation} "
-        f"validation, {plan.test} test volumes; a shared supervised start of {plan.shared_iterations} "
-        f"iterations, then {plan.iterations} iterations per branch (batch {plan.batch_size}).",
+        f"validation, {plan.test} test volumes of the population `{plan.population}` (buseg.synthetic); a shared "
+        f"supervised start of {plan.shared_iterations} iterations, then {plan.iterations} iterations per branch "
+        f"(batch {plan.batch_size}) from its best weights on the validation volumes.",
         "",
         "Test volumes' mean Dice over the 3 structures in %, HD95 in mm (a structure missing from a "
         "prediction scores 0 on every metric, the published protocol's rule: it lowers Dice and *flatters* "

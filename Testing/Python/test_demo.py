@@ -95,6 +95,37 @@ def test_writes_every_output(demo):
 
 
 @pytest.mark.slow  # the module's demo run: ~15 s of CPU, more on a loaded machine
+def test_runs_in_float32_on_every_cpu_and_says_so(demo):
+    """The same figures on every CPU: no bfloat16 autocast where the CPU has it, and the terminal,
+    comparison.json and the models' training configurations say which precision made them."""
+    out, stdout, _ = demo
+    assert "Precision: float32" in stdout
+    assert json.loads((out / "comparison.json").read_text())["precision"] == "float32"
+    assert "Training time (float32)" in stdout
+    for run in ("shared-supervised", "buarl", "supervised"):
+        assert json.loads((out / "runs" / run / "config.json").read_text())["optim"]["amp"] is False
+
+
+@pytest.mark.slow  # the module's demo run: ~15 s of CPU, more on a loaded machine
+def test_data_are_a_population_of_scans_and_branches_start_from_the_best_shared_weights(demo):
+    from buseg.io import read_image
+
+    out, _, _ = demo
+    images = sorted((out / "data").rglob("*.nii.gz"))
+    images = [p for p in images if "labels" not in p.parts]
+    volumes = [read_image(p) for p in images]
+    # Scanners differ: grids, slice spacings and intensity ranges are not one fixed protocol's.
+    assert len({v.array.shape[1:] for v in volumes}) > 1
+    assert len({round(v.spacing_mm[2], 3) for v in volumes}) > 1
+    assert len({round(float(v.array.max())) for v in volumes}) > 1
+    shared_best = out / "runs" / "shared-supervised" / "model.pt"
+    for run in ("buarl", "supervised"):
+        assert json.loads((out / "runs" / run / "config.json").read_text())["init_weights"] == str(
+            shared_best
+        )
+
+
+@pytest.mark.slow  # the module's demo run: ~15 s of CPU, more on a loaded machine
 def test_report_is_a_sensible_png(demo):
     from PIL import Image
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ def variants():
 
 
 def _args(tmp_path: Path, **extra) -> argparse.Namespace:
+    extra.setdefault("amp", False)
     return argparse.Namespace(threads=1, device="cpu", work=tmp_path / "work", out=tmp_path / "out", **extra)
 
 
@@ -60,6 +62,10 @@ def test_each_branch_trains_its_own_method_from_the_shared_start(variants, tmp_p
     assert configs["ours-crl-after-cleanup"].crl.uncertainty_after_cleanup is True
     shared = variants.branch_config(variants.SHARED_START, folders, tmp_path, plan, 0, args)
     assert shared.optim.iterations == plan.shared_iterations and shared.init_weights is None
+    # float32 as the demo, unless --amp asks for the engine's mixed precision.
+    assert not any(c.optim.amp for c in [shared, *configs.values()])
+    mixed = variants.branch_config("bcp", folders, tmp_path, plan, 0, _args(tmp_path, amp=True), start)
+    assert mixed.optim.amp
 
 
 def test_quick_run_writes_paired_tables_and_reuses_finished_branches(variants, tmp_path, monkeypatch):
@@ -81,8 +87,13 @@ def test_quick_run_writes_paired_tables_and_reuses_finished_branches(variants, t
     monkeypatch.setattr(variants, "train", no_training)
     assert variants.main(argv) == 0
 
-    # The shared start trained again (other weights, same path): its branches are stale.
-    shared_final = tmp_path / "work" / "quick" / "seed0" / "runs" / "shared-supervised" / "final.pt"
-    shared_final.write_bytes(shared_final.read_bytes() + b"other weights")
+    # The shared start trained again (other weights, same path): its branches are stale. They start from
+    # its model.pt (best on the validation volumes), as the demo's branches do.
+    shared_dir = tmp_path / "work" / "quick" / "seed0" / "runs" / "shared-supervised"
+    assert json.loads((shared_dir.parent / "supervised" / "config.json").read_text())["init_weights"] == str(
+        shared_dir / "model.pt"
+    )
+    shared_best = shared_dir / "model.pt"
+    shared_best.write_bytes(shared_best.read_bytes() + b"other weights")
     with pytest.raises(AssertionError, match="trained again"):
         variants.main(argv)

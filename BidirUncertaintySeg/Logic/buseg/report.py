@@ -85,7 +85,8 @@ def comparison_rows(comparison: dict[str, Any]) -> tuple[list[str], list[tuple[s
             ],
         ),
         (
-            "Training time: shared + own",
+            # Older comparisons (before the demo fixed its precision) do not say it.
+            f"Training time{f' ({precision})' if (precision := comparison.get('precision')) else ''}: shared + own",
             [f"{shared['seconds']:.0f}+{methods[k]['training']['branch_seconds']:.0f} s" for k in keys],
         ),
     ]
@@ -331,7 +332,8 @@ class _ReportFigure:
             0.937,
             f"Synthetic 3D volumes with known truth; test volume {self.case} was never seen in training. Both "
             f"models: 2D U-Net, {ours_training['iterations']} iterations of batch {ours_training['batch_size']} "
-            f"(plan '{comparison['plan']}', seed {comparison['seed']}), the first "
+            f"(plan '{comparison['plan']}', seed {comparison['seed']}, {comparison.get('precision', 'precision not recorded')}), "
+            "the first "
             f"{comparison['shared']['iterations']} shared.\n"
             "Then ours learns from the labeled and the unlabeled volumes (copy-paste self-training with "
             "uncertainty-aware region learning); the supervised baseline from the labeled volumes only.",

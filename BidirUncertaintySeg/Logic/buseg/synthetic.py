@@ -216,6 +216,7 @@ class Population:
 SCANNERS = Population()
 # The same variety on tiny grids: a smoke test of the pipeline (demo --quick, tests).
 TINY_SCANNERS = replace(SCANNERS, matrix=(24, 32), slices=(4, 8))
+POPULATIONS = {"scanners": SCANNERS, "tiny-scanners": TINY_SCANNERS}
 
 
 @dataclass(frozen=True)
