@@ -31,7 +31,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from BidirUncertaintySegLib import dependencies, engine, nodefiles, panel, presenter, review
+from BidirUncertaintySegLib import dependencies, engine, labelsfolder, nodefiles, panel, presenter, review
 from BidirUncertaintySegLib.errors import ModuleError
 from BidirUncertaintySegLib.parameters import (
     DISPLAY_PARAMETERS,
@@ -57,6 +57,7 @@ LIBRARY_MODULES = (
     "dependencies",
     "nodefiles",
     "review",
+    "labelsfolder",
     "workflow",
     "panel",
 )
@@ -756,8 +757,15 @@ class BidirUncertaintySegLogic(ScriptedLoadableModuleLogic):
         return [(entry.volumeNode, entry.score) for entry in result]
 
     def addCorrectedCase(self, volumeNode, segmentationNode):
-        """Add a (corrected) segmentation and its volume to the labeled cases for the next training."""
+        """Add a (corrected) segmentation and its volume to the labeled cases for the next training;
+        both are saved in the labels folder at once."""
         return self.workflow.addCorrectedCase(volumeNode, segmentationNode)
+
+    def addLabeledFiles(self, pairs, classes):
+        """Labeled cases that are files on disk, used by every training without loading them:
+        ``pairs`` of (image file, label map file), ``classes`` their label values and names,
+        e.g. ``[{"value": 1, "name": "liver"}]``. Listed in the labels folder, not copied."""
+        return labelsfolder.addFiles(self.context().labelsFolderPath, pairs, classes)
 
     def jumpToRegion(self, region):
         """Center the slice views on a region (a Region from segment(), or a row of the regions table)."""

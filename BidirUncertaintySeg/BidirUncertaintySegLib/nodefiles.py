@@ -414,10 +414,11 @@ class ExportStep:
 
 
 def checkTrainingCases(
-    labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any], validationCount: int
+    labeled: Sequence[tuple[Any, Any]], unlabeled: Sequence[Any], validationCount: int, fileCaseCount: int = 0
 ) -> None:
-    """Refuse a training set the engine cannot use, naming the node (before anything is written)."""
-    if not labeled:
+    """Refuse a training set the engine cannot use, naming the node (before anything is written).
+    ``fileCaseCount``: labeled cases that are files of the labels folder (no nodes)."""
+    if not labeled and not fileCaseCount:
         raise ModuleError("No labeled case: add at least one volume with its segmentation.")
     seen: set[str] = set()
     for volume, label in labeled:
@@ -459,6 +460,27 @@ def trainingClasses(
             raise ModuleError(
                 f"Validation case '{volume.GetName()}' has segment(s) {', '.join(extra)} that no "
                 "training case has; the model could not learn them."
+            )
+    return classes
+
+
+def _withFileClasses(
+    classes: list[dict[str, Any]], fileClasses: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The training's classes with those of the labels folder's files, whose label values are
+    fixed: a class both have must have the same value in both, refused otherwise."""
+    if not fileClasses:
+        return classes
+    if not classes:
+        return [dict(c) for c in fileClasses]
+    byName = {c["name"]: c for c in classes}
+    for entry in fileClasses:
+        known = byName.get(entry["name"])
+        if known is None or int(known["value"]) != int(entry["value"]):
+            raise ModuleError(
+                f"The labels folder's class '{entry['name']}' has value {entry['value']}, but the "
+                f"labeled cases in the scene give it {known['value'] if known else 'no value'}; "
+                "the label files cannot be used with them (same class names, in the same order)."
             )
     return classes
 
@@ -524,9 +546,14 @@ def exportTrainingSteps(
     *,
     validationCount: int = 0,
     classOrder: Sequence[str] = (),
+    fileCases: Sequence[tuple[Path, Path]] = (),
+    fileClasses: Sequence[dict[str, Any]] = (),
 ) -> Iterator[ExportStep]:
     """:func:`exportTrainingData` one case at a time (a generator: the GUI exports one case per
     timer tick, with progress and cancel); its return value is the :class:`TrainingExport`.
+
+    ``fileCases`` (image, label map) are labeled cases that are files already (the labels
+    folder, values from ``fileClasses``): listed in the manifest by their paths, not exported.
 
     A file whose content would be the same as the one already in ``folder`` (same voxels,
     geometry and class values, recorded in ``export-index.json``) is not written again, so a
@@ -535,7 +562,7 @@ def exportTrainingSteps(
     """
     folder = Path(folder)
     pairs = list(labeled)
-    checkTrainingCases(pairs, unlabeled, validationCount)
+    checkTrainingCases(pairs, unlabeled, validationCount, len(fileCases))
     cache = ExportCache(folder)
     # Label maps are converted to temporary segmentations, removed when the export ends. Only
     # those: between two steps the user may load, edit and add nodes, which must stay.
@@ -544,7 +571,10 @@ def exportTrainingSteps(
         with addedNodes(scene) as temporary:
             segmentations = _segmentationsOf(scene, pairs)
         split = len(pairs) - int(validationCount or 0)
-        classes = trainingClasses(segmentations, [v for v, _ in pairs], split, classOrder)
+        classes = _withFileClasses(
+            trainingClasses(segmentations, [v for v, _ in pairs], split, classOrder) if pairs else [],
+            fileClasses if fileCases else (),
+        )
         names = uniqueNames(
             [safeFileName(v.GetName()) for v, _ in pairs] + [safeFileName(v.GetName()) for v in unlabeled]
         )
@@ -574,7 +604,12 @@ def exportTrainingSteps(
     finally:
         removeNodes(scene, *temporary)
     cache.finish()
-    manifest = {"labeled": entries[:split], "unlabeled": unlabeledEntries, "validation": entries[split:]}
+    files = [{"image": str(image), "label": str(label)} for image, label in fileCases]
+    manifest = {
+        "labeled": entries[:split] + files,
+        "unlabeled": unlabeledEntries,
+        "validation": entries[split:],
+    }
     writeJson(result.manifestPath, {**manifest, "classes": classes})
     result.labeledCases = labeledNames[:split]
     result.validationCases = labeledNames[split:]

@@ -315,10 +315,11 @@ class PanelController:
     def addCorrectedCase(self) -> str:
         """Add the reviewed segmentation and its volume to the labeled cases; the sentence to show."""
         segmentation, volume = self.resultNodes()
-        self.workflow.addCorrectedCase(volume, segmentation)
+        workflow = self.workflow
+        workflow.addCorrectedCase(volume, segmentation)
         return (
-            f"'{volume.GetName()}' is now a labeled case ({len(self.store.labeledCases())} in all); "
-            "train again to use it."
+            f"'{volume.GetName()}' is now a labeled case ({len(self.store.labeledCases())} in all), saved in "
+            f"{workflow.context.labelsFolderPath}; train again to use it."
         )
 
     def addAndSegmentNext(self) -> Job | None:
@@ -414,8 +415,14 @@ class PanelController:
 
     def readiness(self) -> None:
         """Tell the presenter what each job's button needs (from the parameter node)."""
-        store = self.store
-        self.presenter.setInputsReady(presenter.TRAIN, store.trainProblem())
+        workflow = self.workflow
+        store = workflow.store
+        try:
+            onDisk = len(workflow.fileCases(store.labeledCases()).cases)
+            trainProblem = store.trainProblem(onDisk)
+        except ModuleError as exc:  # a damaged labels folder: said on the button
+            trainProblem = str(exc)
+        self.presenter.setInputsReady(presenter.TRAIN, trainProblem)
         self.presenter.setInputsReady(presenter.SEGMENT, store.segmentProblem())
         self.presenter.setInputsReady(presenter.RANK, store.rankProblem())
         self.presenter.setResumable(engine.resumable(store.get("lastRunFolder")))

@@ -509,10 +509,11 @@ class ParameterStore:
 
     # -- readiness (what each job's button needs) ---------------------------------
 
-    def trainProblem(self) -> str | None:
-        """None if a training can start, else what is missing (shown in the button's tooltip)."""
+    def trainProblem(self, fileCaseCount: int = 0) -> str | None:
+        """None if a training can start, else what is missing (shown in the button's tooltip).
+        ``fileCaseCount``: labeled cases of the labels folder that are not in the scene."""
         cases = self.labeledCases()
-        if not cases:
+        if not cases and not fileCaseCount:
             return "Add at least one labeled case (a volume and its segmentation)."
         if self.get("method") != "supervised" and not self.unlabeledVolumes():
             return "Add unlabeled volumes, or choose the supervised method."

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import engine, nodefiles, review
+from . import engine, labelsfolder, nodefiles, review
 from .engine import JobResult, PredictOutputs, Region, ReviewSlice, SliceReview, WorkerJob
 from .errors import ModuleError, PreviousTrainingError
 from .parameters import ParameterStore, buildTrainConfig
@@ -49,6 +49,13 @@ class SlicerContext:
     workFolder: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "BidirUncertaintySeg")
     # Makes a new work folder for a job (Slicer: slicer.util.tempDirectory); default: under workFolder.
     newWorkFolder: Callable[[str], Path] | None = None
+    # Labeled cases on disk (labelsfolder): corrections saved at once, cases that are only files.
+    # Default: "labels" beside the runs folder.
+    labelsFolder: Path | None = None
+
+    @property
+    def labelsFolderPath(self) -> Path:
+        return Path(self.labelsFolder) if self.labelsFolder else Path(self.runsFolder).parent / "labels"
 
 
 def unexpectedMessage(exc: BaseException, doing: str) -> str:
@@ -105,6 +112,9 @@ class TrainingPlan:
     overwrite: bool
     fineTuneFrom: Path | None = None  # the model this run starts from (None: from scratch)
     classOrder: list[str] = field(default_factory=list)  # that model's classes
+    # Labeled cases of the labels folder that are not in the scene's list: (image, label) files.
+    fileCases: list[tuple[Path, Path]] = field(default_factory=list)
+    fileClasses: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
@@ -402,7 +412,8 @@ class Workflow:
         outDir, overwrite = self._runFolder(outDir, overwrite, fineTuneFrom)
         inputs = outDir / INPUTS_FOLDER
         try:
-            nodefiles.checkTrainingCases(list(labeled), list(unlabeled), validationCount)
+            onDisk = self.fileCases(labeled)
+            nodefiles.checkTrainingCases(list(labeled), list(unlabeled), validationCount, len(onDisk.cases))
             config = buildTrainConfig(
                 store,
                 inputs / nodefiles.MANIFEST_NAME,
@@ -431,7 +442,17 @@ class Workflow:
             overwrite,
             fineTuneFrom,
             modelClasses(fineTuneFrom) if fineTuneFrom is not None else [],
+            [(case.image, case.label) for case in onDisk.cases],
+            onDisk.classes,
         )
+
+    def fileCases(self, labeled: Sequence[tuple[Any, Any]] = ()) -> labelsfolder.LabelsFolder:
+        """The labels folder's cases that a training adds to ``labeled``: all but those of a
+        volume in ``labeled`` (the scene's version of a case is the one used)."""
+        onDisk = labelsfolder.read(self.context.labelsFolderPath)
+        inScene = {nodefiles.safeFileName(volume.GetName()) for volume, _ in labeled if volume is not None}
+        onDisk.cases = [case for case in onDisk.cases if case.name not in inScene]
+        return onDisk
 
     def _runFolder(
         self, outDir: str | Path | None, overwrite: bool, fineTuneFrom: Path | None
@@ -482,6 +503,8 @@ class Workflow:
             plan.unlabeled,
             validationCount=plan.validationCount,
             classOrder=plan.classOrder,
+            fileCases=plan.fileCases,
+            fileClasses=plan.fileClasses,
         )
         names = [c["name"] for c in exported.classes]
         if plan.classOrder and names != plan.classOrder:
@@ -835,7 +858,19 @@ class Workflow:
         changed = self.store.addLabeledCase(volumeNode, segmentationNode)
         if self.store.nodeReference("OutputSegmentation") is segmentationNode:
             self.store.setNodeReference("OutputSegmentation", None)
+        self.saveLabeledCase(volumeNode, segmentationNode)
         return changed
+
+    def saveLabeledCase(self, volumeNode: Any, segmentationNode: Any) -> labelsfolder.FileCase:
+        """Write a labeled case into the labels folder now (a crash or an unsaved scene loses
+        nothing); the next training reads it from there."""
+        folder = self.context.labelsFolderPath
+        try:
+            return labelsfolder.saveCase(self.scene, folder, volumeNode, segmentationNode)
+        except (ModuleError, OSError) as exc:
+            raise ModuleError(
+                f"'{volumeNode.GetName()}' is a labeled case now, but it could not be saved to {folder}: {exc}"
+            ) from None
 
     def jumpToRegionRow(
         self, row: int, tableNode: Any = None, *, viewRow: bool = False

@@ -28,7 +28,15 @@ slicer = pytest.importorskip("slicer", reason="needs PyPI slicer-core (Slicer's 
 from slicer_app import create_slicer_app  # noqa: E402
 from test_slicer_files import add_segmentation, add_volume, synthetic, write_predict_outputs  # noqa: E402
 
-from BidirUncertaintySegLib import engine, nodefiles, panel, parameters, presenter, workflow  # noqa: E402
+from BidirUncertaintySegLib import (  # noqa: E402
+    engine,
+    labelsfolder,
+    nodefiles,
+    panel,
+    parameters,
+    presenter,
+    workflow,
+)
 from BidirUncertaintySegLib.errors import ModuleError  # noqa: E402
 from buseg.synthetic import CLASS_NAMES  # noqa: E402
 
@@ -792,6 +800,83 @@ def test_slice_review_is_read_from_a_hand_written_regions_json(tmp_path):
     path.write_text(json.dumps(document))
     with pytest.raises(ModuleError, match=r"slice_review.slices\[0\] is incomplete"):
         engine.readRegions(path)
+
+
+# --------------------------------------------------------------------------------------
+# The labels folder: corrections saved at once, labeled cases that are only files
+
+
+def test_an_added_correction_is_on_disk_at_once_and_the_next_training_reads_it_after_a_crash(
+    app, store, tmp_path
+):
+    from buseg.data import cases_from_manifest
+    from buseg.io import read_label
+
+    cases = [synthetic(seed=i) for i in range(2)]
+    volumes = [add_volume(app.scene, c.image, f"Case {n}") for n, c in zip("AB", cases, strict=True)]
+    result = add_segmentation(app.scene, cases[0].label.array, volumes[0], CLASS_NAMES)
+    result.SetNodeReferenceID(workflow.INPUT_VOLUME_ROLE, volumes[0].GetID())
+    store.setNodeReference("OutputSegmentation", result)
+    controller = controller_for(stub_flow(app, store, tmp_path))
+    message = controller.addCorrectedCase()
+    labels = tmp_path / "labels"  # beside the runs folder
+    assert str(labels) in message
+    image, label = labels / "images" / "Case_A.nrrd", labels / "labels" / "Case_A_label.nrrd"
+    assert image.is_file() and label.is_file()
+    assert not list(labels.rglob(".*partial*"))  # written under a temporary name, then renamed
+    assert np.array_equal(read_label(label).array, cases[0].label.array)  # the class values 1..3
+    saved = cases_from_manifest(labels / nodefiles.MANIFEST_NAME)  # the engine reads the folder as it is
+    assert [c.image for c in saved.labeled] == [image]
+
+    # Slicer crashed, the scene was never saved: a new scene knows only case B.
+    other = create_slicer_app()
+    node = other.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "BidirUncertaintySeg")
+    newStore = parameters.ParameterStore(node)
+    newStore.setDefaults()
+    newStore.set("method", "supervised")
+    volumeB = add_volume(other.scene, cases[1].image, "Case B")
+    newStore.setLabeledCases(
+        [(volumeB, add_segmentation(other.scene, cases[1].label.array, volumeB, CLASS_NAMES))]
+    )
+    flow = stub_flow(other, newStore, tmp_path)
+    plan = flow.planTraining(newStore.labeledCases())
+    list(flow.trainingSteps(plan))
+    training = cases_from_manifest(plan.outDir / workflow.INPUTS_FOLDER / nodefiles.MANIFEST_NAME)
+    assert sorted(Path(c.image).name for c in training.labeled) == ["Case_A.nrrd", "Case_B.nrrd"]
+
+
+def test_labeled_cases_that_are_only_files_are_trained_on_without_being_loaded(app, store, tmp_path):
+    from buseg.data import cases_from_manifest
+    from buseg.io import write_image
+
+    study = tmp_path / "study"
+    pairs = []
+    for number in range(2):
+        case = synthetic(seed=number)
+        image, label = study / f"ct{number}.nii.gz", study / f"ct{number}_seg.nii.gz"
+        study.mkdir(exist_ok=True)
+        write_image(case.image, image)
+        write_image(case.label, label)
+        pairs.append((image, label))
+    classes = [{"value": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
+    flow = stub_flow(app, store, tmp_path)
+    added = labelsfolder.addFiles(flow.context.labelsFolderPath, pairs, classes)
+    assert [c.name for c in added] == ["ct0", "ct1"]
+    assert not (flow.context.labelsFolderPath / "images").exists()  # listed, not copied
+    store.set("method", "supervised")
+    assert store.trainProblem() is not None and store.trainProblem(fileCaseCount=2) is None
+    controller = controller_for(flow)
+    controller.readiness()
+    assert controller.presenter.canStart(presenter.TRAIN)  # no labeled case in the scene at all
+
+    plan = flow.planTraining([])
+    list(flow.trainingSteps(plan))
+    training = cases_from_manifest(plan.outDir / workflow.INPUTS_FOLDER / nodefiles.MANIFEST_NAME)
+    assert [c.image for c in training.labeled] == [p.resolve() for p, _ in pairs]
+    assert [c["name"] for c in plan.fileClasses] == list(CLASS_NAMES)
+    (study / "ct1.nii.gz").unlink()  # a listed file that went: said, with the file
+    with pytest.raises(ModuleError, match=r"ct1.nii.gz is missing"):
+        flow.planTraining([])
 
 
 # --------------------------------------------------------------------------------------
