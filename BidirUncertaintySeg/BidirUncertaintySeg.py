@@ -247,10 +247,14 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         )
 
     def cleanup(self):
-        # A running job is stopped: asked first (a training writes its checkpoint), killed after
-        # a grace period - nobody polls once the module is gone, so the kill must happen here.
-        if self.controller is not None:
-            self.controller.shutdown()
+        # A running job is stopped: asked first (a training writes its checkpoint, so Resume
+        # continues it), killed after a grace period by a background thread - nobody polls once
+        # the module is gone, and a reload or quit must not wait for the worker.
+        if self.controller is not None and self.controller.shutdown() is not None:
+            logging.warning(
+                "BidirUncertaintySeg: the running job was asked to stop (a training saves a "
+                "checkpoint; Resume continues it)."
+            )
         if self._timer is not None:
             self._timer.stop()
         if self._shown is not None:

@@ -267,10 +267,12 @@ class PanelController:
         elif self.presenter.state == presenter.CANCELLING:  # nothing left to stop: never stuck cancelling
             self.presenter.workerEnded("cancelled")
 
-    def shutdown(self) -> None:
-        """The module is closed or Slicer quits: stop the job (checkpoint first, then kill)."""
+    def shutdown(self) -> Any:
+        """The module is reloaded or closed, or Slicer quits: stop the job (checkpoint first, then
+        kill) without blocking; returns the thread that finishes it (None: nothing ran)."""
         if self.job is not None and not self.job.done:
-            self.job.shutdown(SHUTDOWN_GRACE_SECONDS)
+            return self.job.shutdown(SHUTDOWN_GRACE_SECONDS)
+        return None
 
     def _workerEnded(self, job: Job) -> None:
         self.presenter.appendLog(job.log)

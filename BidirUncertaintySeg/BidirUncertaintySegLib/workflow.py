@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -190,17 +191,28 @@ class Job:
         elif not self.worker.done:
             self.worker.close()
 
-    def shutdown(self, graceSeconds: float = 10.0) -> None:
-        """Stop for good (the module is closed, Slicer quits): ask the worker to stop, give it
-        ``graceSeconds`` to save a checkpoint, then kill what is left. Nobody polls after this,
-        so the client's own deadline for the kill would never come."""
+    def shutdown(self, graceSeconds: float = 10.0) -> threading.Thread | None:
+        """Stop for good (the module is reloaded or closed, Slicer quits) without blocking the
+        application: ask the worker to stop (a training writes its checkpoint), and a background
+        thread kills what is left after ``graceSeconds``. Nobody polls after this, so the
+        client's own deadline for the kill would never come. Returns that thread (None when no
+        worker runs). A worker whose Slicer has quit also stops on its own (it watches Slicer)."""
         if self.done:
-            return
+            return None
         self.cancel()
-        if self.worker is not None and not self.worker.wait(graceSeconds):
-            self.worker.close()
-        with contextlib.suppress(Exception):  # the end is best effort: the module is going away
-            self.poll()
+        if self.worker is None:
+            if self.preparation is not None:
+                self.preparation.close()  # its temporary nodes go now
+            return None
+        worker = self.worker
+
+        def stopForGood() -> None:
+            if not worker.wait(graceSeconds):
+                worker.close()
+
+        thread = threading.Thread(target=stopForGood, name="BidirUncertaintySeg-shutdown", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def importsResults(self) -> bool:
