@@ -13,6 +13,7 @@ done. Listeners are plain callables (no Qt signals).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
@@ -143,7 +144,7 @@ class Job:
         outDir: Path,
         onCompleted: Callable[[JobResult], Any] | None = None,
         preparation: Iterator[Any] | None = None,
-        launch: Callable[[Any], WorkerJob] | None = None,
+        launch: Callable[[Any], WorkerJob | None] | None = None,
         workFolder: Path | None = None,
     ) -> None:
         if worker is None and (preparation is None or launch is None):
@@ -255,6 +256,9 @@ class Job:
         except StopIteration as stop:
             try:
                 self.worker = self.launch(stop.value)
+                if self.worker is None:  # nothing left for a worker: every result was known already
+                    self._end(JobResult("completed"))
+                    return
                 self.worker.start()
             except Exception as exc:
                 self._end(JobResult("failed", message=unexpectedMessage(exc, "starting the worker")))
@@ -366,6 +370,65 @@ class RankedVolume:
     score: float
     statistics: dict[str, Any]
     regions: int = 0
+
+
+class RankingCache:
+    """Per-case ranking entries of earlier rankings (``rank-cache.json`` in the rank inputs folder),
+    keyed by what a case's score depends on: the model file, the image's content and the
+    prediction options. A case with a known key is not predicted again."""
+
+    FILE_NAME = "rank-cache.json"
+
+    def __init__(self, folder: Path, modelPath: str | Path, options: dict[str, Any]) -> None:
+        self.path = Path(folder) / self.FILE_NAME
+        model = Path(modelPath).resolve()
+        stat = model.stat()
+        self.modelKey = json.dumps(
+            [str(model), stat.st_mtime_ns, stat.st_size, options], sort_keys=True, default=str
+        )
+        self.previous: dict[str, dict[str, Any]] = {}
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.previous = {str(k): dict(v) for k, v in json.loads(self.path.read_text()).items()}
+        self.keys: dict[str, str] = {}  # case -> its key in this ranking
+        self.reused: list[dict[str, Any]] = []
+
+    def use(self, case: str, imageFingerprint: str) -> bool:
+        """Whether ``case`` has a known entry (then reused); remembers its key either way."""
+        key = hashlib.sha1(f"{self.modelKey}|{imageFingerprint}".encode()).hexdigest()
+        self.keys[case] = key
+        entry = self.previous.get(key)
+        if entry is not None:
+            self.reused.append({**entry, "case": case})
+        return entry is not None
+
+    def merged(self, fresh: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The reused entries and the worker's ``fresh`` ones, ranked again (best score first);
+        the cache then holds exactly this ranking's entries."""
+        entries = sorted([*self.reused, *fresh], key=lambda e: (-float(e["score"]), str(e["case"])))
+        for rank, entry in enumerate(entries, start=1):
+            entry["rank"] = rank
+        nodefiles.writeJson(
+            self.path, {self.keys[str(e["case"])]: e for e in entries if str(e["case"]) in self.keys}
+        )
+        return entries
+
+
+def rankedVolumes(entries: Sequence[dict[str, Any]], byCase: dict[str, Any]) -> list[RankedVolume]:
+    """Ranking entries (``buseg rank``'s) as :class:`RankedVolume` of the volumes they name."""
+    ranked = [
+        RankedVolume(
+            int(entry["rank"]),
+            byCase[str(entry.get("case"))],
+            float(entry["score"]),
+            dict(entry.get("statistics") or {}),
+            int(entry.get("regions") or 0),
+        )
+        for entry in entries
+        if str(entry.get("case")) in byCase
+    ]
+    if not ranked:
+        raise ModuleError("the ranking lists none of the volumes")
+    return ranked
 
 
 # --------------------------------------------------------------------------------------
@@ -773,7 +836,8 @@ class Workflow:
 
         The volumes are exported one per :meth:`Job.poll` (a GUI timer never blocks for long),
         into a folder kept between rankings: a volume unchanged since the last ranking is not
-        written again."""
+        written again, and not predicted again either while the model and the options are the
+        same (its score is reused, :class:`RankingCache`)."""
         if not volumeNodes:
             raise ModuleError("No unlabeled volumes to rank.")
         if not Path(modelPath).is_file():
@@ -783,41 +847,37 @@ class Workflow:
         folder = self._newWorkFolder("rank")
         inputs = self.context.workFolder / RANK_INPUTS_FOLDER
         names = nodefiles.uniqueNames([nodefiles.safeFileName(v.GetName()) for v in volumeNodes])
-        byCase: dict[str, Any] = {}
-        images: list[Path] = []
-
-        def exportSteps() -> Iterator[nodefiles.ExportStep]:
-            cache = nodefiles.ExportCache(inputs)
-            for number, (volume, name) in enumerate(zip(volumeNodes, names, strict=True), start=1):
-                relative = f"{name}{nodefiles.IMAGE_SUFFIX}"
-                written = cache.image(volume, relative)
-                images.append(inputs / relative)
-                byCase[engine.caseName(inputs / relative)] = volume
-                yield nodefiles.ExportStep(number, len(volumeNodes), name, written)
-            cache.finish()  # the files of volumes no longer ranked go
-
         outDir = folder / "output"
         predict = self.predictOptions(uncertainty, options)
+        known = RankingCache(inputs, modelPath, predict)
+        byCase: dict[str, Any] = {}
+        toPredict: list[Path] = []
 
-        def launch(_: Any) -> WorkerJob:
-            return self._worker(engine.rankCommand(images, modelPath, outDir, predict), folder)
+        def exportSteps() -> Iterator[nodefiles.ExportStep]:
+            export = nodefiles.ExportCache(inputs)
+            for number, (volume, name) in enumerate(zip(volumeNodes, names, strict=True), start=1):
+                relative = f"{name}{nodefiles.IMAGE_SUFFIX}"
+                written = export.image(volume, relative)
+                case = engine.caseName(inputs / relative)
+                byCase[case] = volume
+                if not known.use(case, export.index[relative]):
+                    toPredict.append(inputs / relative)
+                yield nodefiles.ExportStep(number, len(volumeNodes), name, written)
+            export.finish()  # the files of volumes no longer ranked go
+
+        def launch(_: Any) -> WorkerJob | None:
+            if not toPredict:
+                return None
+            return self._worker(engine.rankCommand(toPredict, modelPath, outDir, predict), folder)
 
         def completed(result: JobResult) -> list[RankedVolume]:
-            ranked = []
-            for entry in engine.readRanking(outDir):
-                volume = byCase.get(str(entry.get("case")))
-                if volume is not None:
-                    ranked.append(
-                        RankedVolume(
-                            int(entry["rank"]),
-                            volume,
-                            float(entry["score"]),
-                            dict(entry.get("statistics") or {}),
-                            int(entry.get("regions") or 0),
-                        )
-                    )
-            if not ranked:
-                raise ModuleError("the ranking lists none of the volumes")
+            predicted = {engine.caseName(path) for path in toPredict}
+            fresh = (
+                [e for e in engine.readRanking(outDir) if str(e.get("case")) in predicted]
+                if predicted
+                else []
+            )
+            ranked = rankedVolumes(known.merged(fresh), byCase)
             self.showRanking(ranked)
             return ranked
 

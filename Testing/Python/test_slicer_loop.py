@@ -931,33 +931,46 @@ def test_add_and_segment_next_ranks_then_segments_the_first_ranked_volume_on_one
     assert reference is volumes[2] and controller.presenter.state == presenter.IDLE
 
 
-def test_ranking_exports_one_volume_per_tick_and_only_the_volumes_that_changed(app, store, tmp_path):
+def test_ranking_exports_one_volume_per_tick_and_predicts_only_what_changed(app, store, tmp_path):
     cases = [synthetic(seed=i) for i in range(3)]
     volumes = [add_volume(app.scene, c.image, f"Case {i}") for i, c in enumerate(cases)]
-    (tmp_path / "model.pt").write_bytes(b"m")
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"m")
     ranking = tmp_path / "ranking"
     ranking.mkdir()
-    entries = [
-        {"case": f"Case_{i}", "rank": i + 1, "score": 1.0 - i / 10, "statistics": {}} for i in range(3)
-    ]
-    (ranking / "ranking.json").write_text(
-        json.dumps({"schema": "buseg-ranking", "schema_version": 1, "cases": entries})
-    )
+    scores = {"Case_0": 0.9, "Case_1": 0.5, "Case_2": 0.7}
+
+    def worker_ranks(scores):  # what the stub worker writes as ranking.json
+        entries = [{"case": c, "rank": 0, "score": v, "statistics": {}} for c, v in scores.items()]
+        (ranking / "ranking.json").write_text(
+            json.dumps({"schema": "buseg-ranking", "schema_version": 1, "cases": entries})
+        )
+
     flow = stub_flow(app, store, tmp_path, STUB_OUTPUTS_RANK=ranking)
     controller = controller_for(flow)
 
     def rank():
-        job = controller.start(presenter.RANK, lambda: flow.startRanking(volumes, tmp_path / "model.pt"))
+        job = controller.start(presenter.RANK, lambda: flow.startRanking(volumes, model))
         controller.timer.tick()  # one tick exports one volume: the GUI never waits for all of them
         assert job.preparing and [e["event"] for e in job.events] == ["export"]
         run_until_done(controller)
         assert job.succeeded, job.failureMessage()
-        return [e["written"] for e in job.events if e["event"] == "export"]
+        predicted = [Path(a).stem for a in job.worker.argv if a.endswith(".nrrd")] if job.worker else []
+        order = [r.volumeNode.GetName() for r in job.value]
+        return [e["written"] for e in job.events if e["event"] == "export"], predicted, order
 
-    assert rank() == [True, True, True]
-    assert rank() == [False, False, False]  # unchanged: nothing written again
+    worker_ranks(scores)
+    assert rank() == ([True, True, True], ["Case_0", "Case_1", "Case_2"], ["Case 0", "Case 2", "Case 1"])
+    # Same model, same volumes: nothing written, nothing predicted again, the same ranking.
+    assert rank() == ([False, False, False], [], ["Case 0", "Case 2", "Case 1"])
+    # One volume changed: only it is written and predicted; the others' scores are reused.
     slicer.util.updateVolumeFromArray(volumes[1], cases[1].image.array[::-1].copy())
-    assert rank() == [False, True, False]
+    worker_ranks({"Case_1": 0.95})
+    assert rank() == ([False, True, False], ["Case_1"], ["Case 1", "Case 0", "Case 2"])
+    # A new model: everything is predicted again.
+    model.write_bytes(b"a retrained model")
+    worker_ranks(scores)
+    assert rank()[1] == ["Case_0", "Case_1", "Case_2"]
     assert store.nodeReference("InputVolume") is volumes[0]
 
 
