@@ -950,3 +950,64 @@ def test_a_csv_manifest_with_a_byte_order_mark_is_read(tmp_path):
     manifest = labeled / "cases.csv"  # as spreadsheet programs write it: a UTF-8 byte-order mark first
     manifest.write_text("\ufeffimage,label\nimages/a.nrrd,labels/a.nrrd\n", encoding="utf-8")
     assert _load(_config(manifest)).labeled_case_names == ["a"]
+
+
+def test_window_counts_are_estimated_before_the_windows_are_made():
+    from monai.data.utils import dense_patch_slices
+
+    from buseg.inference import scan_interval, window_count
+
+    for size, roi, overlap in [
+        ((32, 64, 64), (16, 16, 16), 0.999),
+        ((17, 50, 33), (16, 16, 16), 0.5),
+        ((8,) * 3, (8,) * 3, 0.9),
+    ]:
+        steps = scan_interval(size, roi, overlap, None)
+        assert window_count(size, roi, steps) == len(dense_patch_slices(size, roi, steps))
+    assert (
+        window_count((32, 64, 64), (16, 16, 16), scan_interval((32, 64, 64), (16,) * 3, 0.999, None)) == 40817
+    )
+
+
+class _Events:
+    def __init__(self):
+        self.warnings = []
+
+    def emit(self, event, **fields):
+        if event == "warning":
+            self.warnings.append(fields["message"])
+
+    def close(self):
+        pass
+
+
+def test_dense_sliding_windows_are_announced_with_progress_or_refused(tmp_path, monkeypatch, caplog):
+    import buseg.inference as inference
+
+    model = _model_file(tmp_path / "m" / "model3d.pt", "3d")  # 16x16x16 windows
+    image = Volume(
+        np.random.default_rng(0).normal(size=(64, 96, 96)).astype(np.float32), (1, 1, 1), (0, 0, 0), IDENTITY
+    )
+    write_image(image, tmp_path / "in" / "big.nrrd")
+    deadline = time.perf_counter() + 20  # the code before this check ran 320 000 windows for minutes
+    events = _Events()
+    with pytest.raises(InputError, match=r"--overlap 0\.999 gives 321489 windows") as error:
+        predict_files(
+            [tmp_path / "in" / "big.nrrd"],
+            _predict_config(model, tmp_path / "out", overlap=0.999),
+            events=events,
+            should_stop=lambda: time.perf_counter() > deadline,
+        )
+    assert error.value.path == str(tmp_path / "in" / "big.nrrd") and "lower --overlap" in error.value.hint
+    # Fewer, but still many windows: said beforehand, with progress on the log while they run.
+    monkeypatch.setattr(inference, "MANY_WINDOWS", 20)
+    monkeypatch.setattr(inference, "WINDOW_PROGRESS_SECONDS", 0.0)
+    events = _Events()
+    small = tmp_path / "in2" / "small.nrrd"
+    write_image(Volume(image.array[:24, :40, :40].copy(), (1, 1, 1), (0, 0, 0), IDENTITY), small)
+    with caplog.at_level("INFO", logger="buseg"):
+        predict_files([small], _predict_config(model, tmp_path / "out2", overlap=0.5), events=events)
+    assert any("--overlap 0.5 gives 32 windows" in w and "this takes a while" in w for w in events.warnings)
+    assert any(
+        "sliding windows: " in r.getMessage() and " of 32 done" in r.getMessage() for r in caplog.records
+    )

@@ -35,6 +35,7 @@ import copy
 import ctypes
 import functools
 import itertools
+import logging
 import math
 import sys
 import time
@@ -77,6 +78,8 @@ from .uncertainty import class_argmax, mc_dropout_probabilities, normalized_entr
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
 Warn = Callable[[str], None]
+logger = logging.getLogger("buseg")
+
 UNCERTAINTY_METHODS = ("entropy", "mc-dropout", "tta")
 SUMMARY_SCHEMA = "buseg-predict-summary"
 FINISH_SLICES = 16  # slices per argmax/entropy step when a slab of probabilities is finished
@@ -257,10 +260,11 @@ def _window_chunks(
     should_stop: Callable[[], bool] | None,
 ) -> Chunks:
     """3D: Gaussian-blended sliding windows, finished slab by slab along z (see the module docstring)."""
-    plan = _WindowPlan.of(image, patch_size_xyz, overlap, stride_xyz)
+    plan = _WindowPlan.of(image, patch_size_xyz, overlap, stride_xyz, warn)
     weight_on_device = plan.weight.to(device)
     slab = _BlendSlab(plan)
     batch = max(1, int(batch_size))
+    progress = _WindowProgress(sum(len(row) for row in plan.rows.values()))
     for row_start, row in plan.rows.items():
         if row_start > slab.base and slab.acc is not None:
             yield from slab.finish(row_start - slab.base)
@@ -278,6 +282,7 @@ def _window_chunks(
                 continue
             slab.add(probs, group)
             index += len(group)
+            progress.add(len(group))
     if slab.acc is not None:
         yield from slab.finish(plan.size[0] - slab.base)
     del slab  # the slab buffers go before the caller writes its outputs
@@ -302,8 +307,10 @@ class _WindowPlan:
         patch_size_xyz: Sequence[int],
         overlap: float,
         stride_xyz: Sequence[int] | None,
+        warn: Warn | None = None,
     ) -> _WindowPlan:
-        """MONAI's windows and weights (as ``sliding_window_inference``), grouped in rows along z."""
+        """MONAI's windows and weights (as ``sliding_window_inference``), grouped in rows along z;
+        a pass of very many windows is announced through ``warn``, one of too many refused."""
         from monai.data.utils import compute_importance_map, dense_patch_slices
 
         roi = tuple(int(s) for s in patch_size_xyz[::-1])
@@ -316,6 +323,7 @@ class _WindowPlan:
             )[0]
         size = tuple(volume.shape)
         steps = scan_interval(size, roi, overlap, None if stride_xyz is None else list(stride_xyz)[::-1])
+        _check_window_work(size, roi, steps, overlap, stride_xyz, warn)
         windows = sorted(dense_patch_slices(size, roi, steps), key=lambda w: w[0].start)
         weight = compute_importance_map(
             roi, mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32
@@ -325,6 +333,69 @@ class _WindowPlan:
         for window in windows:  # windows sharing a z start form a row; rows are visited in z order
             rows.setdefault(window[0].start, []).append(window)
         return cls(volume, size, roi[0], rows, weight, keep)
+
+
+# Windows of one sliding-window pass: more is refused; more than MANY_WINDOWS is announced. The
+# reference LA stride (18 18 4) on a full-resolution LA volume gives about 2200.
+MAX_WINDOWS = 200_000
+MANY_WINDOWS = 10_000
+# A sliding-window pass reports how far it got at most this often (on the log: stderr).
+WINDOW_PROGRESS_SECONDS = 10.0
+
+
+def window_count(size_zyx: Sequence[int], roi_zyx: Sequence[int], steps_zyx: Sequence[int]) -> int:
+    """How many windows :func:`monai.data.utils.dense_patch_slices` makes, without making them."""
+    per_axis = [
+        math.ceil(max(0, s - r) / step) + 1 for s, r, step in zip(size_zyx, roi_zyx, steps_zyx, strict=True)
+    ]
+    return math.prod(per_axis)
+
+
+def _check_window_work(
+    size_zyx: Sequence[int],
+    roi_zyx: Sequence[int],
+    steps_zyx: Sequence[int],
+    overlap: float,
+    stride_xyz: Sequence[int] | None,
+    warn: Warn | None,
+) -> None:
+    """Refuse a pass of more than :data:`MAX_WINDOWS` windows (``--overlap 0.999`` on a CT: tens of
+    millions), and say beforehand when it runs more than :data:`MANY_WINDOWS` (``--overlap 0.999``
+    on a 64x64x32 image with 16^3 windows: 40 000, a minute or more), whose progress goes to the log."""
+    count = window_count(size_zyx, roi_zyx, steps_zyx)
+    if count <= MANY_WINDOWS:
+        return
+    coverage = count * math.prod(roi_zyx) / math.prod(size_zyx)
+    setting = f"--stride {' '.join(map(str, stride_xyz))}" if stride_xyz else f"--overlap {overlap:g}"
+    work = (
+        f"{setting} gives {count} windows of {'x'.join(map(str, roi_zyx[::-1]))} voxels for an image of "
+        f"{'x'.join(map(str, size_zyx[::-1]))} (each voxel computed {coverage:.0f} times)"
+    )
+    hint = "lower --overlap (0.5, the default, computes each voxel about 8 times) or raise --stride"
+    if count > MAX_WINDOWS:
+        raise InputError(f"{work}: more than the {MAX_WINDOWS} windows allowed", hint=hint)
+    if warn is not None:
+        warn(f"{work}; this takes a while (progress on the log); {hint}")
+
+
+@dataclass
+class _WindowProgress:
+    """'sliding windows: 1200 of 40000 done, about 50 s left' on the log while a long pass runs."""
+
+    total: int
+    done: int = 0
+    start_seconds: float = field(default_factory=time.perf_counter)
+    reported_seconds: float = field(default_factory=time.perf_counter)
+
+    def add(self, windows: int) -> None:
+        self.done += windows
+        now = time.perf_counter()
+        if now - self.reported_seconds >= WINDOW_PROGRESS_SECONDS and self.done < self.total:
+            self.reported_seconds = now
+            left_seconds = (now - self.start_seconds) / self.done * (self.total - self.done)
+            logger.info(
+                "sliding windows: %d of %d done, about %.0f s left", self.done, self.total, left_seconds
+            )
 
 
 class _BlendSlab:
@@ -732,10 +803,15 @@ def _model_maps(
             warn=note,
             should_stop=should_stop,
         )
-        for first, _, probs in chunks:
-            _check_finite_output(probs, model, image)
-            maps.fill(axis, first, probs)
-            del probs
+        try:
+            for first, _, probs in chunks:
+                _check_finite_output(probs, model, image)
+                maps.fill(axis, first, probs)
+                del probs
+        except InputError as exc:  # the window settings refused for this image: name the image
+            if exc.path is not None:
+                raise
+            raise InputError(exc.message, path=image.path, hint=exc.hint) from None
     return engine, maps
 
 
