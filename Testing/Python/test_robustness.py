@@ -1011,3 +1011,26 @@ def test_dense_sliding_windows_are_announced_with_progress_or_refused(tmp_path, 
     assert any(
         "sliding windows: " in r.getMessage() and " of 32 done" in r.getMessage() for r in caplog.records
     )
+
+
+def test_evaluate_warns_when_the_truths_classes_json_names_values_otherwise_than_the_model(
+    tmp_path, model_2d
+):
+    from buseg.metrics import evaluate_files
+
+    case = _case()
+    write_image(case.image, tmp_path / "in" / "a.nrrd")
+    predict_files([tmp_path / "in" / "a.nrrd"], _predict_config(model_2d, tmp_path / "pred"))
+    truth = tmp_path / "truth"
+    write_image(case.label, truth / "labels" / "a.nrrd")
+    for names, warned in ([{"1": "liver", "2": "tumour"}, False], [{"1": "tumour", "2": "liver"}, True]):
+        (truth / "classes.json").write_text(json.dumps(names))
+        events = _Events()
+        evaluate_files([tmp_path / "pred"], [truth], tmp_path / "eval", overwrite=True, events=events)
+        renamed = [w for w in events.warnings if "name label values differently" in w]
+        assert bool(renamed) == warned, events.warnings
+    assert "1 is 'tumour' in the ground truth but 'liver' in the predictions" in renamed[0]
+    # A classes.json there is checked as training checks it.
+    (truth / "classes.json").write_text(json.dumps({"1": ["liver"]}))
+    with pytest.raises(InputError, match="not text"):
+        evaluate_files([tmp_path / "pred"], [truth], tmp_path / "eval", overwrite=True)

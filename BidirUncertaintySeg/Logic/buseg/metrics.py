@@ -241,6 +241,7 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
                 for case, label in labels:
                     add(label if label.is_absolute() else path / label, case)
                 continue
+        names.update(_declared_class_names(path))
         files = _label_files_in(path)
         if not files and (path / "labels").is_dir():
             files = _label_files_in(path / "labels")
@@ -257,6 +258,20 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
         for file in files:
             add(file)
     return found, names
+
+
+def _declared_class_names(folder: Path) -> dict[int, str]:
+    """Label value -> name from the classes.json of a label folder (as training reads it: in the
+    folder, or beside its ``labels/`` sub-folder), checked the same way; {} without one."""
+    from .data import classes_from_file
+
+    for candidate in (
+        folder / "classes.json",
+        folder.parent / "classes.json" if folder.name == "labels" else None,
+    ):
+        if candidate is not None and os.path.lexists(candidate):
+            return {int(c["value"]): c["name"] for c in classes_from_file(candidate)}
+    return {}
 
 
 def _summary_label_files(
@@ -506,6 +521,19 @@ def _announce(
         device_reason="metrics are computed on the CPU",
         total=len(matched.cases),
     )
+    renamed = [
+        f"{value} is {matched.truth_names[value]!r} in the ground truth but {name!r} in the predictions"
+        for value, name in sorted(matched.pred_names.items())
+        if value in matched.truth_names and matched.truth_names[value] != name
+    ]
+    if renamed:
+        sink.emit(
+            "warning",
+            message="the two sides name label values differently (the ground truth's classes.json, the "
+            "model's classes): label value " + "; ".join(renamed[:10]) + ". Values are compared as they "
+            "are: check that each value means the same structure on both sides",
+            detail={"renamed": renamed},
+        )
     unmatched_pred, unmatched_truth = matched.unmatched_predictions, matched.unmatched_truths
     if unmatched_pred:
         sink.emit(
