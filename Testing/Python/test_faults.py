@@ -375,10 +375,10 @@ def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(
     events = _events(capsys.readouterr().out)
     assert code == 2
     error = next(e for e in events if e["event"] == "error")
-    assert (
+    assert (  # the file in the way is named, and what it is in the way of
         error["kind"] == "OutputError"
-        and str(out) in error["message"]
-        and "Not a directory" in error["message"]
+        and error["path"] == str(blocker)
+        and f"is a file, but it must be a folder (to hold {out})" in error["message"]
     )
     assert not any(e["event"] == "case" for e in events)  # refused before the first case
     assert time.perf_counter() - start < 30
