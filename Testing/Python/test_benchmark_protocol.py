@@ -30,7 +30,14 @@ def quality():
 
 
 def _args(**extra) -> argparse.Namespace:
-    values = {"data_root": Path("/data/ACDC"), "threads": 1, "device": "cpu", "set": [], "reuse_only": False}
+    values = {
+        "data_root": Path("/data/ACDC"),
+        "threads": 1,
+        "device": "cpu",
+        "set": [],
+        "reuse_only": False,
+        "score_every": 0,
+    }
     values.update(extra)
     return argparse.Namespace(**values)
 
@@ -764,3 +771,23 @@ def test_the_curves_figure_has_a_panel_per_seed(quality, tmp_path):
     assert height == matplotlib.image.imread(one_seed).shape[0]
     quality.plot_curves({("bcp", 3): []}, tmp_path / "none.png", "t")
     assert not (tmp_path / "none.png").exists()  # no finished curve: no empty figure
+
+
+def test_score_every_follows_each_self_training_run_and_marks_its_curve_finished(
+    quality, fake_train, fake_scoring, tmp_path, monkeypatch
+):
+    """With --score-every the training of every self-training run (not its first stage) also feeds the
+    teacher scorer, whose record says the run finished once it is scored."""
+    seen = []
+
+    def recording(config, *, events, **kw):
+        scorers = [s for s in getattr(events, "sinks", [events]) if isinstance(s, quality.TeacherScores)]
+        seen.append((config.optim.iterations, len(scorers)))
+        return fake_train(config, events=events, **kw)
+
+    monkeypatch.setattr(quality, "train", recording)
+    args = _assembly_args(tmp_path, score_every=1000, methods=["bcp"])
+    quality.run_benchmark(args, 7)
+    assert seen == [(0, 0), (4000, 1)]  # the first stage has no teacher to score; the run has one scorer
+    record = json.loads((args.out / "runs" / "t" / "bcp_seed1.teacher.json").read_text())
+    assert record["finished"] is True and record["every"] == 1000 and record["configuration"] == "bcp"
