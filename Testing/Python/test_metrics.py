@@ -95,6 +95,44 @@ def test_empty_masks_follow_the_protocol_rules():
     assert nothing["empty"] == "both" and math.isnan(nothing["dice"])
 
 
+def _copied_dice(p: np.ndarray, t: np.ndarray) -> float:
+    """The formula each of the four former copies (metrics, train, review, report) computed."""
+    denominator = int(p.sum()) + int(t.sum())
+    return 1.0 if denominator == 0 else 2.0 * int((p & t).sum()) / denominator
+
+
+def test_one_dice_function_keeps_every_former_copys_values_and_empty_mask_rules():
+    from buseg.metrics import dice, dice_per_class
+
+    truth = np.zeros((6, 7), dtype=np.int64)
+    truth[1:4, 1:5] = 1
+    truth[4:6, 2:3] = 2  # class 3 absent from both
+    prediction = np.zeros_like(truth)
+    prediction[2:5, 1:6] = 1
+    prediction[0, 0] = 3  # class 3 only predicted: 0, not 1
+    scores = dice_per_class(prediction, truth, range(1, 5))
+    expected = [_copied_dice(prediction == c, truth == c) for c in range(1, 5)]
+    assert scores == expected and scores[1:] == [0.0, 0.0, 1.0]  # exact, not approximate
+    assert scores[0] == 2 * 8 / (12 + 15)
+    empty = np.zeros((3, 3), dtype=bool)
+    assert dice(empty, empty) == 1.0 and math.isnan(dice(empty, empty, both_empty=math.nan))
+    assert dice(empty, ~empty) == 0.0 and dice(~empty, empty) == 0.0
+
+
+def test_review_and_report_score_with_the_metrics_dice(monkeypatch):
+    import buseg.metrics
+    from buseg import report, review
+
+    calls = []
+    real = buseg.metrics.dice
+    monkeypatch.setattr(buseg.metrics, "dice", lambda p, t, **kw: calls.append(1) or real(p, t, **kw))
+    truth = np.array([[0, 1, 1], [2, 2, 0]])
+    prediction = np.array([[0, 1, 0], [2, 0, 0]])
+    assert review.mean_foreground_dice(prediction, truth, 4) == pytest.approx((2 / 3 + 2 / 3 + 1.0) / 3)
+    assert report._dice(prediction, truth, [1, 2]) == pytest.approx(2 / 3)
+    assert len(calls) == 5  # three foreground classes, then two values
+
+
 def test_summary_averages_over_cases_then_classes_and_leaves_out_undefined_values():
     from buseg.metrics import ClassResult
 

@@ -31,7 +31,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,26 @@ def _surface_distances(
     return np.asarray(forward, dtype=np.float64), np.asarray(backward, dtype=np.float64)
 
 
+def dice(prediction: np.ndarray, truth: np.ndarray, *, both_empty: float = 1.0) -> float:
+    """Dice coefficient 2|P & T| / (|P| + |T|) of two masks (boolean, or anything ``!= 0`` marks).
+
+    ``both_empty``: the score when neither mask has a voxel - 1.0 (nothing to find, nothing
+    found) as training's validation, the review figures and the demo's report count it;
+    :func:`binary_metrics` reports NaN there before asking. The engine's one Dice formula.
+    """
+    prediction = np.asarray(prediction, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    denominator = int(prediction.sum()) + int(truth.sum())
+    if denominator == 0:
+        return both_empty
+    return 2.0 * int(np.logical_and(prediction, truth).sum()) / denominator
+
+
+def dice_per_class(prediction: np.ndarray, truth: np.ndarray, class_values: Iterable[int]) -> list[float]:
+    """:func:`dice` of each label value in ``class_values`` (1.0 where a class is absent from both)."""
+    return [dice(prediction == value, truth == value) for value in class_values]
+
+
 def binary_metrics(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float]) -> dict[str, Any]:
     """Dice, Jaccard, HD95 and ASD (mm and voxels) of two boolean masks, with the empty-mask rules above.
 
@@ -98,7 +118,7 @@ def binary_metrics(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[fl
     if n_pred == 0:
         return {**result, "empty": "prediction", **dict.fromkeys(METRICS, 0.0)}
     intersection = int(np.logical_and(pred, truth).sum())
-    dice = 2.0 * intersection / (n_pred + n_truth)
+    dice_score = dice(pred, truth)
     jaccard = intersection / (n_pred + n_truth - intersection)
     if n_truth == 0:
         return {
@@ -111,7 +131,7 @@ def binary_metrics(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[fl
             "hd95_voxels": nan,
             "asd_voxels": nan,
         }
-    out = {**result, "empty": "none", "dice": dice, "jaccard": jaccard}
+    out = {**result, "empty": "none", "dice": dice_score, "jaccard": jaccard}
     for unit, spacing in (("mm", [float(s) for s in spacing_zyx]), ("voxels", None)):
         forward, backward = _surface_distances(pred, truth, spacing)
         out[f"hd95_{unit}"] = float(np.percentile(np.concatenate([forward, backward]), 95))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .io import atomic_path
+from .metrics import dice_per_class
 
 # Colors of the two methods in curves and table headers (ours stands out).
 METHOD_COLORS = {"supervised": "#5b7fa6", "buarl": "#e0663a"}
@@ -179,12 +180,8 @@ def _overlay(
 
 
 def _dice(prediction: np.ndarray, truth: np.ndarray, values: list[int]) -> float:
-    scores = []
-    for v in values:
-        p, t = prediction == v, truth == v
-        denominator = int(p.sum() + t.sum())
-        scores.append(1.0 if denominator == 0 else 2.0 * int((p & t).sum()) / denominator)
-    return float(np.mean(scores))
+    """Mean Dice over the label ``values`` (a class absent from both counts as 1)."""
+    return float(np.mean(dice_per_class(prediction, truth, values)))
 
 
 # --------------------------------------------------------------------------------------

@@ -18,15 +18,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .metrics import dice_per_class
+
 
 def mean_foreground_dice(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
     """Mean Dice over foreground classes (a class absent from both counts as 1)."""
-    scores = []
-    for cls in range(1, num_classes):
-        p, t = prediction == cls, truth == cls
-        denominator = int(p.sum()) + int(t.sum())
-        scores.append(1.0 if denominator == 0 else 2.0 * int((p & t).sum()) / denominator)
-    return float(np.mean(scores))
+    return float(np.mean(dice_per_class(prediction, truth, range(1, num_classes))))
 
 
 def error_auroc(uncertainty: np.ndarray, errors: np.ndarray) -> float:

@@ -49,6 +49,7 @@ from .events import EventSink, split_logs
 from .inference import is_out_of_memory, predict_probabilities
 from .io import TEMPORARY_PREFIX, FolderLock, file_in_the_way, read_json, resolved_path, write_json_atomic
 from .methods import Batch, Method, StepContext, build_method
+from .metrics import dice_per_class
 from .networks import build_network, channels_last_format, to_channels_last
 from .sampling import PatchSampler, SliceSampler
 from .uncertainty import class_argmax
@@ -176,16 +177,6 @@ def learning_rate(config: TrainConfig, stage: str, stage_iteration: int, stage_l
     return base
 
 
-def dice_per_class(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
-    """Dice of each foreground class (1.0 where a class is absent from both)."""
-    scores = []
-    for cls in range(1, num_classes):
-        p, t = prediction == cls, truth == cls
-        denominator = int(p.sum()) + int(t.sum())
-        scores.append(1.0 if denominator == 0 else 2.0 * int((p & t).sum()) / denominator)
-    return scores
-
-
 def evaluate(
     network: nn.Module,
     data: TrainingData,
@@ -215,7 +206,7 @@ def evaluate(
                 device=device,
             )
             prediction = class_argmax(case.to_case_grid(probabilities)[None], torch.int64)[0].numpy()
-            per_class.append(dice_per_class(prediction, case.labels, data.num_classes))
+            per_class.append(dice_per_class(prediction, case.labels, range(1, data.num_classes)))
     finally:
         network.train(was_training)
     scores = np.array(per_class)
