@@ -1,8 +1,9 @@
 """The installed package: entry point, ``--help``/``--version``, package data, metadata, and an engine
-that never imports Slicer, Qt or VTK."""
+that never imports Slicer, Qt or VTK and has no import circles."""
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
@@ -137,3 +138,86 @@ print(json.dumps({{"modules": names, "gui": gui}}))
         report["modules"]
     )
     assert report["gui"] == []
+
+
+def _engine_modules(package_root: Path) -> dict[str, Path]:
+    """Module name -> file of every module of the package at ``package_root`` (named ``buseg...``)."""
+    modules = {}
+    for path in sorted(package_root.rglob("*.py")):
+        parts = list(path.relative_to(package_root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(["buseg", *parts])] = path
+    return modules
+
+
+def _imported_engine_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The engine modules ``name`` imports anywhere in its file: at module level, inside functions and
+    under ``if TYPE_CHECKING`` alike (a lazy import hides a circle, it does not remove it)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: up level - 1 packages from this module's own
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{base}.{node.module}" if node.module else base
+            # 'from .x import y': x, and y where y is a module itself
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {target for target in targets if target in modules and target != name}
+    return found
+
+
+def engine_import_cycles(package_root: Path) -> list[list[str]]:
+    """The import circles among the modules under ``package_root``: each strongly connected component
+    of more than one module of the graph 'imports', sorted."""
+    modules = _engine_modules(package_root)
+    graph = {name: _imported_engine_modules(name, path, modules) for name, path in modules.items()}
+    order: dict[str, int] = {}
+    lowest: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm; the graph is a few dozen modules deep at most
+        order[module] = lowest[module] = len(order)
+        stack.append(module)
+        for imported in sorted(graph[module]):
+            if imported not in order:
+                visit(imported)
+                lowest[module] = min(lowest[module], lowest[imported])
+            elif imported in stack:
+                lowest[module] = min(lowest[module], order[imported])
+        if lowest[module] == order[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in order:
+            visit(module)
+    return sorted(cycles)
+
+
+def test_engine_modules_import_no_module_that_imports_them_back(tmp_path):
+    """No engine module imports (at module level or lazily) one that imports it back, directly or
+    through others: the pipeline's layers depend one way."""
+    (tmp_path / "buseg" / "sub").mkdir(parents=True)
+    for name, text in {
+        "__init__.py": "",
+        "a.py": "from .b import f\n",
+        "b.py": "def f():\n    from . import c\n",
+        "c.py": "from buseg.sub import d\nfrom .a import f\n",
+        "sub/__init__.py": "",
+        "sub/d.py": "from ..b import f\n",
+        "sub/e.py": "from .. import a\n",
+    }.items():
+        (tmp_path / "buseg" / name).write_text(text)
+    # The finder itself: a lazy import and a package-relative one close circles too.
+    assert engine_import_cycles(tmp_path / "buseg") == [["buseg.a", "buseg.b", "buseg.c", "buseg.sub.d"]]
+    assert engine_import_cycles(ROOT / "BidirUncertaintySeg" / "Logic" / "buseg") == []

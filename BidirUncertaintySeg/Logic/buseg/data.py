@@ -30,7 +30,7 @@ import numpy as np
 
 from .checkpoint import class_name_problem
 from .config import TrainConfig
-from .errors import ConfigError, InputError, ResourceError
+from .errors import ConfigError, InputError
 from .io import (
     DEFAULT_COLORS,
     MAX_LABEL_VALUE,
@@ -48,6 +48,7 @@ from .io import (
     regular_file_problem,
     resolved_path,
 )
+from .memory import check_memory
 from .preprocessing import normalize_intensity, resolve_normalization
 from .resample import (
     Grid,
@@ -452,18 +453,6 @@ def estimate_bytes(paths: Sequence[Path]) -> int:
         header = read_image_header(path)
         total += header.voxels * header.components * 4
     return total
-
-
-def check_memory(required_bytes: int, what: str, *, fraction: float = 0.7) -> None:
-    import psutil
-
-    available = psutil.virtual_memory().available
-    if required_bytes > fraction * available:
-        raise ResourceError(
-            f"{what} need about {required_bytes / 2**30:.1f} GiB in memory, more than "
-            f"{fraction:.0%} of the {available / 2**30:.1f} GiB available",
-            hint="use fewer or smaller (cropped, downsampled) images",
-        )
 
 
 def _check_image(volume: Volume, *, dimension: str) -> None:

@@ -25,6 +25,7 @@ import gzip
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -131,6 +132,13 @@ def _nifti1_field_problem(head: bytes, order: str) -> str | None:
     return None
 
 
+def is_orthogonal(direction: Sequence[float], *, tolerance: float = 1e-4) -> bool:
+    """Whether a direction matrix (flat, row-major) is a rotation or reflection (no shear)."""
+    d = round(len(direction) ** 0.5)
+    matrix = np.asarray(direction, dtype=float).reshape(d, d)
+    return bool(np.allclose(matrix.T @ matrix, np.eye(d), atol=tolerance, rtol=0))
+
+
 def _sform_problem(rows: tuple[float, ...]) -> str | None:
     """Why an sform (3 rows of 4) cannot be read as it is (non-finite or sheared), or None.
 
@@ -138,8 +146,6 @@ def _sform_problem(rows: tuple[float, ...]) -> str | None:
     warning only (another geometry than other tools show: voxels millimetres away), or fails
     with "no orthonormal definition".
     """
-    from .io import is_orthogonal
-
     matrix = np.asarray(rows, dtype=float).reshape(3, 4)[:, :3]
     lengths = np.linalg.norm(matrix, axis=0)
     if not np.all(np.isfinite(rows)) or np.any(lengths == 0):

@@ -69,9 +69,19 @@ from .io import (
     write_json_atomic,
     write_segmentation,
 )
+from .memory import check_memory
 from .onnx_engine import choose_engine, engine_description, load_session, session_forward
 from .preprocessing import normalize_intensity, resize_slices
 from .regions import RegionSet, find_regions, regions_document, review_slice_axis
+from .resample import (
+    Grid,
+    check_memory_for,
+    image_on_working_grid,
+    maps_on_grid,
+    model_working_spacing,
+    same_spacing,
+    working_grid,
+)
 from .shape_flags import parse_nesting_rules, shape_flag_map
 from .uncertainty import class_argmax, mc_dropout_probabilities, normalized_entropy
 
@@ -815,6 +825,41 @@ def _model_maps(
     return engine, maps
 
 
+def _network_input(model: LoadedModel, image: Volume, config: PredictConfig) -> Volume:
+    """The volume the network runs on: ``image`` itself, or ``image`` resampled to the working spacing
+    the model was trained at (its outputs are brought back to ``image``'s grid by :func:`_image_grid_maps`).
+
+    The working grid can be far larger than the image whose memory was estimated from its header: it
+    is refused, naming the model file, before anything of that size is allocated.
+    """
+    working_spacing = model_working_spacing(model.metadata)
+    if not working_spacing or same_spacing(image.spacing_mm, working_spacing):
+        return image
+    target = working_grid(Grid.of(image), working_spacing, path=model.path, whose="the model's")
+    check_memory_for(
+        prediction_memory_bytes(target.shape[::-1], model, config, network_device(model.network)),
+        f"predicting {Path(image.path or 'the image').name} at the model's working spacing "
+        f"({'x'.join(map(str, target.shape[::-1]))} voxels)",
+        path=model.path,
+    )
+    return image_on_working_grid(image, working_spacing)
+
+
+def _image_grid_maps(
+    maps: _CaseMaps, network_input: Volume, image: Volume, keep_probabilities: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Label map, uncertainty map and (with ``keep_probabilities``) probabilities on ``image``'s grid.
+
+    From a working grid the class probabilities are resampled and the label map and entropy computed
+    from them on ``image``'s grid (:func:`~buseg.resample.maps_on_grid`), not the labels resampled.
+    """
+    if network_input is image:
+        return maps.labels, maps.uncertainty, maps.probabilities
+    return maps_on_grid(
+        maps.probabilities, Grid.of(network_input), Grid.of(image), keep_probabilities=keep_probabilities
+    )
+
+
 def predict_case(
     model: LoadedModel,
     image: Volume,
@@ -827,30 +872,20 @@ def predict_case(
     """Segment ``image`` with ``model``: label map, uncertainty map and flagged regions.
 
     The image is normalised as in training (the model's normalisation over the whole volume).
-    ``config`` supplies the uncertainty method, regions, windows and post-processing (its
-    file and device fields are not used: the model is already on its device).
+    One path for every case: to the model's working grid (when it was trained at a working
+    spacing), the network's pass there, the maps back on ``image``'s grid, then the clean-up
+    and the regions to review on that grid. ``config`` supplies the uncertainty method,
+    regions, windows and post-processing (its file and device fields are not used: the model
+    is already on its device).
     """
     config = config or PredictConfig()
     check_model_settings(model, config)
     nesting = parse_nesting_rules(config.nesting, [c["name"] for c in model.classes])
     if image.array.ndim != 3:
         raise InputError(f"expected a 3D volume, got {image.array.ndim} dimensions", path=image.path)
-    from .resample import model_working_spacing, predict_at_working_spacing, same_spacing
-
-    working_spacing = model_working_spacing(model.metadata)
-    if working_spacing and not same_spacing(image.spacing_mm, working_spacing):
-        # A model trained at a working resolution predicts there; outputs come back to this grid.
-        return predict_at_working_spacing(
-            model,
-            image,
-            config,
-            working_spacing,
-            keep_probabilities=keep_probabilities,
-            should_stop=should_stop,
-            warn=warn,
-        )
     start = time.perf_counter()
-    notes = _input_notes(model, image)
+    network_input = _network_input(model, image, config)
+    notes = _input_notes(model, network_input)
     for message in notes if warn is not None else ():
         warn(message)
 
@@ -860,18 +895,20 @@ def predict_case(
             warn(message)
 
     model_start = time.perf_counter()
-    engine, maps = _model_maps(model, image, config, keep_probabilities, note, should_stop)
+    keep = keep_probabilities or network_input is not image  # resampled from the probabilities
+    engine, maps = _model_maps(model, network_input, config, keep, note, should_stop)
     model_seconds = time.perf_counter() - model_start
-    labels = maps.labels
+    labels, uncertainty, probabilities = _image_grid_maps(maps, network_input, image, keep_probabilities)
+    del maps, network_input
     if config.largest_component:
         labels = largest_component_per_class(labels, model.num_classes)
     reference = _geometry_only(image)
-    region_set = review_regions(model, labels, maps.uncertainty, reference, config, nesting)
+    region_set = review_regions(model, labels, uncertainty, reference, config, nesting)
     release_freed_memory()
     spatial_dims = 2 if model.dimension == "2d" else 3
     return Prediction(
         labels=labels,
-        uncertainty_map=maps.uncertainty,
+        uncertainty_map=uncertainty,
         regions=region_set,
         reference=reference,
         classes=model.classes,
@@ -879,7 +916,7 @@ def predict_case(
         passes=passes_per_input(config.uncertainty, config.samples, spatial_dims),
         model_seconds=model_seconds,
         seconds=time.perf_counter() - start,
-        probabilities=maps.probabilities,
+        probabilities=probabilities,
         warnings=notes,
         engine=engine,
     )
@@ -1115,8 +1152,6 @@ def iter_predictions(
     """Predict the images one by one; an unreadable image, or one too large for the memory, is
     reported (warning) and skipped, not fatal. The memory an image needs is estimated from its
     header before its voxels are read."""
-    from .data import check_memory
-
     device = network_device(model.network)
     for index, (case, path) in enumerate(images, start=1):
         _check_stop(should_stop)

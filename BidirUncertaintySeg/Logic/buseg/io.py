@@ -30,6 +30,7 @@ import SimpleITK as sitk
 
 from . import image_checks
 from .errors import BusegError, InputError, OutputError, ResourceError
+from .image_checks import is_orthogonal
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
@@ -364,13 +365,6 @@ class Volume:
 def format_numbers(values: Sequence[Any]) -> str:
     """Numbers as people read them, '(-40, 0.5, 1)': no numpy reprs, at most 5 decimals."""
     return "(" + ", ".join(_number(round(float(v), 5)) for v in np.asarray(values).ravel()) + ")"
-
-
-def is_orthogonal(direction: Sequence[float], *, tolerance: float = 1e-4) -> bool:
-    """Whether a direction matrix (flat, row-major) is a rotation or reflection (no shear)."""
-    d = round(len(direction) ** 0.5)
-    matrix = np.asarray(direction, dtype=float).reshape(d, d)
-    return bool(np.allclose(matrix.T @ matrix, np.eye(d), atol=tolerance, rtol=0))
 
 
 # Formats whose header stores only an orthogonal orientation (NIfTI's qform/sform as ITK writes them).

@@ -6,7 +6,8 @@ spacing (the grid is centred on the volume's centre, so nothing shifts when the 
 rounded). Training images are resampled linearly and label maps by majority (the class with
 the largest linearly interpolated one-hot share, which does not shift boundaries by half a voxel
 as nearest neighbour would on an even downsampling factor). Predictions are made on the
-working grid and brought back to the input's exact grid:
+working grid and brought back to the input's exact grid (:func:`buseg.inference.predict_case`
+uses this module, never the other way round):
 
 * class probabilities are resampled linearly, one slab of output slices at a time
   (:data:`OUTPUT_SLAB_SLICES`), and the label map and the normalised entropy are computed there,
@@ -19,23 +20,16 @@ SimpleITK does the resampling (ITK's linear interpolation, the geometry in physi
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import ResourceError
 from .io import LabelVolume, Volume, format_numbers
-
-if TYPE_CHECKING:
-    from .checkpoint import LoadedModel
-    from .config import PredictConfig
-    from .inference import Prediction
 
 # Output slices resampled together when predictions go back to the input grid: the slab's class
 # probabilities (C x 8 x 512 x 512 float32 = 8 MB per class) stay small next to the output maps.
@@ -252,78 +246,3 @@ def maps_on_grid(
         if kept is not None:
             kept[:, start:stop] = part
     return labels, uncertainty, kept
-
-
-def predict_at_working_spacing(
-    model: LoadedModel,
-    image: Volume,
-    config: PredictConfig,
-    working_spacing_mm: Sequence[float],
-    *,
-    keep_probabilities: bool = False,
-    should_stop: Callable[[], bool] | None = None,
-    warn: Callable[[str], None] | None = None,
-) -> Prediction:
-    """:func:`~buseg.inference.predict_case` of an image whose grid differs from the model's working
-    grid: predicted on the working grid, every output brought back to ``image``'s exact grid."""
-    from .inference import (
-        Prediction,
-        largest_component_per_class,
-        network_device,
-        predict_case,
-        prediction_memory_bytes,
-        review_regions,
-    )
-    from .shape_flags import parse_nesting_rules
-
-    start = time.perf_counter()
-    nesting = parse_nesting_rules(config.nesting, [c["name"] for c in model.classes])
-    # The model's spacing can make a grid far larger than the image (its memory was estimated from the
-    # image's header): refused, naming the model file, before anything of that size is allocated.
-    target = working_grid(Grid.of(image), working_spacing_mm, path=model.path, whose="the model's")
-    check_memory_for(
-        prediction_memory_bytes(target.shape[::-1], model, config, network_device(model.network)),
-        f"predicting {Path(image.path or 'the image').name} at the model's working spacing "
-        f"({'x'.join(map(str, target.shape[::-1]))} voxels)",
-        path=model.path,
-    )
-    working = image_on_working_grid(image, working_spacing_mm)
-    # Clean-up and shape flags belong to the output grid; on the working grid only probabilities.
-    coarse_config = dataclasses.replace(config, largest_component=False, shape_flags=False)
-    coarse = predict_case(
-        model, working, coarse_config, keep_probabilities=True, should_stop=should_stop, warn=warn
-    )
-    source, target = Grid.of(working), Grid.of(image)
-    del working
-    labels, uncertainty, probabilities = maps_on_grid(
-        coarse.probabilities, source, target, keep_probabilities=keep_probabilities
-    )
-    if config.largest_component:
-        labels = largest_component_per_class(labels, model.num_classes)
-    reference = dataclasses.replace(coarse.reference, **_geometry(image))
-    region_set = review_regions(model, labels, uncertainty, reference, config, nesting)
-    return Prediction(
-        labels=labels,
-        uncertainty_map=uncertainty,
-        regions=region_set,
-        reference=reference,
-        classes=model.classes,
-        method=coarse.method,
-        passes=coarse.passes,
-        model_seconds=coarse.model_seconds,
-        seconds=time.perf_counter() - start,
-        probabilities=probabilities,
-        warnings=coarse.warnings,
-        engine=coarse.engine,
-    )
-
-
-def _geometry(image: Volume) -> dict[str, Any]:
-    """The input's geometry and a zero-stride placeholder of its shape (the outputs' reference)."""
-    return {
-        "array": np.broadcast_to(np.zeros((), dtype=np.float32), image.array.shape),
-        "spacing_mm": image.spacing_mm,
-        "origin": image.origin,
-        "direction": image.direction,
-        "path": image.path,
-    }
