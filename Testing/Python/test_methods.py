@@ -382,3 +382,123 @@ def test_class_quantiles_equal_one_torch_quantile_per_class():
                 assert float(cuts[label]) == pytest.approx(float(torch.quantile(inside, q)), abs=1e-6)
             else:
                 assert torch.isnan(cuts[label])
+
+
+# --------------------------------------------------------------------------------------
+# The method catalog: one entry, and every list of methods has it
+
+
+@pytest.fixture()
+def throwaway_method():
+    """A method registered in the catalog for one test (its class: the supervised one), then removed."""
+    from buseg.methods import catalog
+
+    entry = catalog.register(
+        catalog.MethodEntry(
+            "throwaway",
+            "supervised",
+            "Supervised",
+            "Throw-away (a test's method)",
+            "a test's method",
+            uses_unlabeled=False,
+            has_pretraining_stage=True,
+        )
+    )
+    yield entry
+    catalog.unregister(entry.name)
+
+
+def _method_action(parser):
+    for action in parser._actions:
+        if "--method" in action.option_strings:
+            return action
+        if hasattr(action, "choices") and isinstance(action.choices, dict):  # sub-commands
+            for sub in action.choices.values():
+                found = _method_action(sub)
+                if found is not None:
+                    return found
+    return None
+
+
+def _panel_parameters():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "BidirUncertaintySeg"))
+    from BidirUncertaintySegLib import parameters
+
+    return parameters
+
+
+def test_a_method_registered_in_the_catalog_is_offered_everywhere(throwaway_method):
+    from buseg.cli import build_parser
+    from buseg.config import from_dict
+    from buseg.methods import Supervised, build_method
+
+    action = _method_action(build_parser())
+    assert "throwaway" in action.choices and "throwaway (a test's method)" in action.help
+    config = from_dict(TrainConfig, {"method": {"name": "throwaway"}, "data": {"labeled": "x"}}).validate()
+    assert type(build_method(config, 2)) is Supervised
+    method = _panel_parameters().parameter("method")
+    assert "throwaway" in method.choices and throwaway_method.label in method.choiceLabels
+    assert method.choiceLabels[method.choices.index("throwaway")] == throwaway_method.label
+
+
+def test_a_method_not_in_the_catalog_is_refused_by_the_config_and_the_panel():
+    from buseg.config import from_dict
+    from buseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"method\.name: 'throwaway' is not one of buarl, bcp"):
+        from_dict(TrainConfig, {"method": {"name": "throwaway"}})
+    config = TrainConfig()
+    config.method.name = "throwaway"
+    config.data.labeled = "x"
+    with pytest.raises(ConfigError, match="--method must be one of"):
+        config.validate()
+    assert "throwaway" not in _panel_parameters().parameter("method").choices
+
+
+def test_the_self_training_learning_rate_follows_the_catalog_entry(monkeypatch, throwaway_method):
+    import dataclasses
+
+    from buseg.methods import catalog
+    from buseg.train import learning_rate
+
+    config = TrainConfig()
+    config.optim.lr, config.optim.self_training_lr, config.optim.pretrain_iterations = 0.01, 0.001, 5
+    rates = {}
+    for name in catalog.method_names():
+        config.method.name = name
+        rates[name] = (learning_rate(config, "pretrain", 0, 5), learning_rate(config, "train", 0, 5))
+    assert rates == {
+        "buarl": (0.01, 0.001),
+        "bcp": (0.01, 0.001),
+        "mean-teacher": (0.01, 0.01),
+        "supervised": (0.01, 0.01),
+        "throwaway": (0.01, 0.001),  # the entry says it has a pre-training stage; nothing else does
+    }
+    bcp = catalog.CATALOG["bcp"]
+    monkeypatch.setitem(catalog.CATALOG, "bcp", dataclasses.replace(bcp, has_pretraining_stage=False))
+    config.method.name = "bcp"
+    assert learning_rate(config, "train", 0, 5) == 0.01
+
+
+def test_the_catalog_agrees_with_the_method_classes_and_loads_without_torch():
+    import subprocess
+    import sys
+
+    from buseg.methods import METHOD_CLASSES, catalog
+
+    config = TrainConfig()
+    config.optim.pretrain_iterations = 7
+    for name, cls in METHOD_CLASSES.items():
+        entry = catalog.method_entry(name)
+        method = cls(config, 2)
+        assert (method.name, method.uses_unlabeled) == (name, entry.uses_unlabeled)
+        assert (method.pretrain_iterations == 7) is entry.has_pretraining_stage
+    code = (
+        "import sys, buseg.config, buseg.methods.catalog, buseg.methods; "
+        "print(buseg.methods.catalog.method_names(), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "('buarl', 'bcp', 'mean-teacher', 'supervised') False"

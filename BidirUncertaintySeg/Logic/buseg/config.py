@@ -15,17 +15,27 @@ import argparse
 import dataclasses
 import json
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .methods.catalog import method_entry, method_help, method_names
 
-METHODS = ("supervised", "mean-teacher", "bcp", "buarl")
 
+def opt(
+    default: Any,
+    help: str | Callable[[], str],
+    *,
+    choices: tuple | Callable[[], tuple] | None = None,
+    flag: str | None = None,
+) -> Any:
+    """A dataclass field with its documentation (used for ``--help``).
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None) -> Any:
-    """A dataclass field with its documentation (used for ``--help``)."""
+    ``help`` and ``choices`` may be functions, asked when they are used: the methods' come
+    from :mod:`buseg.methods.catalog`, which may gain a method after this module is loaded.
+    """
     metadata = {"help": help}
     if choices is not None:
         metadata["choices"] = choices
@@ -160,14 +170,7 @@ class OptimConfig:
 class MethodConfig:
     """The semi-supervised method and its own parameters."""
 
-    name: Literal["supervised", "mean-teacher", "bcp", "buarl"] = opt(
-        "buarl",
-        "supervised (labeled only), mean-teacher, bcp (bidirectional copy-paste), buarl (ours: bcp + "
-        "uncertainty-aware region learning on labeled pixels + certainty-aware region learning on "
-        "pseudo-labeled pixels).",
-        choices=METHODS,
-        flag="--method",
-    )
+    name: str = opt("buarl", method_help, choices=method_names, flag="--method")
     ema_decay: float = opt(0.99, "Teacher = exponential moving average of the student with this decay.")
     teacher_mode: Literal["eval", "train"] = opt(
         "eval",
@@ -347,8 +350,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check values and combinations; raise :class:`ConfigError` naming the option."""
         m, o = self.model, self.optim
-        if self.method.name not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not {self.method.name!r}")
+        if self.method.name not in method_names():
+            raise ConfigError(
+                f"--method must be one of {', '.join(method_names())}, not {self.method.name!r}"
+            )
         expected = 2 if m.dimension == "2d" else 3
         if len(m.patch_size) != expected:
             raise ConfigError(
@@ -374,7 +379,7 @@ class TrainConfig:
             raise ConfigError("--working-spacing-mm: the ACDC slices carry no voxel spacing to resample from")
         if o.iterations < 0 or o.pretrain_iterations < 0:
             raise ConfigError("--iterations and --pretrain-iterations must not be negative")
-        semi = self.method.name != "supervised"
+        semi = method_entry(self.method.name).uses_unlabeled
         min_batch = 4 if semi else 1
         if o.batch_size < min_batch or (semi and o.batch_size % 4):
             raise ConfigError(
@@ -598,7 +603,17 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
             kwargs[name] = from_dict(hint, value, where=f"{where}.{name}")
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}")
+            choices = _asked(known[name].metadata.get("choices"))
+            if choices is not None and kwargs[name] is not None and kwargs[name] not in choices:
+                raise ConfigError(
+                    f"{where}.{name}: {kwargs[name]!r} is not one of {', '.join(map(str, choices))}"
+                )
     return cls(**kwargs)
+
+
+def _asked(value: Any) -> Any:
+    """A field's help or choices: the function's answer where it is a function (see :func:`opt`)."""
+    return value() if callable(value) else value
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -719,7 +734,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
         flag = _flag_for(prefix, f)
         dest = f"{prefix}.{f.name}" if prefix else f.name
         default = getattr(defaults, f.name)
-        help_text = f.metadata.get("help", "")
+        help_text = _asked(f.metadata.get("help", ""))
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         base_hint = base[0] if typing.get_origin(hint) is not list else hint
         if base_hint is bool:
@@ -742,7 +757,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
                 help=f"{help_text} (default: {' '.join(map(str, default)) if default else 'none'})",
             )
         else:
-            choices = f.metadata.get("choices")
+            choices = _asked(f.metadata.get("choices"))
             typ = (
                 typing.get_args(base_hint)[0].__class__
                 if typing.get_origin(base_hint) is Literal

@@ -48,7 +48,7 @@ from .errors import BusegError, Cancelled, ConfigError, OutputError, ResourceErr
 from .events import EventSink, split_logs
 from .inference import is_out_of_memory, predict_probabilities
 from .io import TEMPORARY_PREFIX, FolderLock, file_in_the_way, read_json, resolved_path, write_json_atomic
-from .methods import Batch, Method, StepContext, build_method
+from .methods import Batch, Method, StepContext, build_method, method_entry
 from .metrics import dice_per_class
 from .networks import build_network, channels_last_format, to_channels_last
 from .sampling import PatchSampler, SliceSampler
@@ -166,7 +166,7 @@ def learning_rate(config: TrainConfig, stage: str, stage_iteration: int, stage_l
             stage == "train"
             and o.self_training_lr is not None
             and o.pretrain_iterations
-            and config.method.name in ("bcp", "buarl")
+            and method_entry(config.method.name).has_pretraining_stage
         )
         else o.lr
     )
