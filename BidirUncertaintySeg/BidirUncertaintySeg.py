@@ -39,6 +39,7 @@ from BidirUncertaintySegLib.parameters import (
     PARAMETERS,
     WIDGET_BINDINGS,
     ParameterStore,
+    fillChoiceItems,
     parameter,
     settingsEnabled,
     setWidgetValue,
@@ -180,6 +181,8 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for p in PARAMETERS:
             if p.widget:
                 _, signal = WIDGET_BINDINGS[p.widgetClass]
+                if p.widgetClass == "QComboBox":
+                    fillChoiceItems(getattr(self.ui, p.widget), p)
                 getattr(self.ui, p.widget).connect(
                     signal, lambda value=None, name=p.name: self.onSettingEdited(name)
                 )

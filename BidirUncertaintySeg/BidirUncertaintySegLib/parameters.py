@@ -49,7 +49,8 @@ class Parameter:
 
     ``config``: dotted field of TrainConfig ("optim.iterations") or, prefixed "predict.", of
     PredictConfig; None for display-only settings. ``choices`` are the stored values of a
-    combo box, in the order of its items; ``choiceLabels`` are the item texts of the .ui.
+    combo box, in the order of its items; ``choiceLabels`` are the item texts (as the .ui lists
+    them; the method's come from the engine's catalog and :func:`fillChoiceItems` adds them).
     """
 
     name: str
@@ -65,13 +66,38 @@ class Parameter:
         return type(self.default)
 
 
-METHOD_CHOICES = ("buarl", "bcp", "mean-teacher", "supervised")
-METHOD_LABELS = (
-    "BUARL (ours): copy-paste + uncertainty-aware region learning",
-    "BCP: bidirectional copy-paste",
-    "Mean teacher",
-    "Supervised (labeled cases only)",
-)
+def _methodCatalog() -> Any:
+    """The engine's method catalog (:mod:`buseg.methods.catalog`: torch-free)."""
+    from .engine import ensureEngineImportable
+
+    ensureEngineImportable()
+    from buseg.methods import catalog
+
+    return catalog
+
+
+class _CatalogColumn(Sequence):
+    """One attribute of every method of the engine's catalog ("name", "label"), read when asked:
+    the method combo box lists what the catalog holds then, a method registered later included."""
+
+    def __init__(self, attribute: str):
+        self.attribute = attribute
+
+    def _values(self) -> tuple[str, ...]:
+        return tuple(getattr(entry, self.attribute) for entry in _methodCatalog().CATALOG.values())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._values()[index]
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+    def __repr__(self) -> str:
+        return repr(self._values())
+
+
+METHOD_CHOICES = _CatalogColumn("name")
+METHOD_LABELS = _CatalogColumn("label")
 CRL_WEIGHTING_CHOICES = ("discard", "concentration", "foreground", "negative")
 CRL_WEIGHTING_LABELS = (
     "Discard uncertain pseudo-labels",
@@ -197,8 +223,8 @@ LEGACY_LABELED_SEGMENTATIONS = "LabeledSegmentation"
 _BY_NAME = {p.name: p for p in PARAMETERS}
 
 
-# Settings that only some methods read: the panel greys them out where they would do nothing.
-_COPY_PASTE_METHODS = ("bcp", "buarl")
+# Settings that only some methods read (each method's catalog entry says which it reads): the
+# panel greys them out where they would do nothing.
 METHOD_DEPENDENT_PARAMETERS = (
     "urlEnabled",
     "urlWeight",
@@ -214,23 +240,25 @@ METHOD_DEPENDENT_PARAMETERS = (
 def inactiveParameters(values: dict[str, Any]) -> set[str]:
     """Which of :data:`METHOD_DEPENDENT_PARAMETERS` the chosen method and switches ignore.
 
-    ``values``: parameter name -> value (:meth:`ParameterStore.values`). URL and CRL belong to
-    ours (``buarl``); each part's own settings also to its switch; the pseudo-label weight to
-    the copy-paste methods.
+    ``values``: parameter name -> value (:meth:`ParameterStore.values`). A setting belongs to
+    the methods whose catalog entry reads its config option (URL and CRL: ours, ``buarl``;
+    the pseudo-label weight: the copy-paste methods); each part's own settings also to its switch.
     """
-    ours = values.get("method") == "buarl"
-    urlOn = ours and bool(values.get("urlEnabled"))
-    crlOn = ours and bool(values.get("crlEnabled"))
-    inactive: set[str] = set()
-    if not ours:
-        inactive |= {"urlEnabled", "crlEnabled"}
+    entry = _methodCatalog().CATALOG.get(values.get("method"))
+
+    def read(name: str) -> bool:
+        return entry is not None and entry.reads(parameter(name).config)
+
+    urlOn = read("urlEnabled") and bool(values.get("urlEnabled"))
+    crlOn = read("crlEnabled") and bool(values.get("crlEnabled"))
+    inactive = {name for name in ("urlEnabled", "crlEnabled") if not read(name)}
     if not urlOn:
         inactive |= {"urlWeight", "urlQuantile"}
     if not crlOn:
         inactive |= {"crlWeighting", "crlQuantile"}
     if not (urlOn or crlOn):
         inactive.add("trainUncertainty")
-    if values.get("method") not in _COPY_PASTE_METHODS:
+    if not read("unlabeledWeight"):
         inactive.add("unlabeledWeight")
     return inactive
 
@@ -249,6 +277,17 @@ def setWidgetValue(widget: Any, p: Parameter, value: Any) -> None:
         widget.currentIndex = p.choices.index(value)
     else:
         setattr(widget, WIDGET_BINDINGS[p.widgetClass][0], value)
+
+
+def fillChoiceItems(widget: Any, p: Parameter) -> None:
+    """Give a combo box that the .ui leaves empty the items of ``p``, showing its default.
+
+    The method combo box is empty in the .ui: its items come from the engine's method
+    catalog, so a new method needs no .ui edit. Other combo boxes list their items in the .ui."""
+    if p.choices and widget.count == 0:
+        for label in p.choiceLabels:
+            widget.addItem(label)
+        widget.currentIndex = p.choices.index(p.default)
 
 
 def writeEditedSetting(store: ParameterStore, name: str, widget: Any) -> None:
@@ -509,13 +548,17 @@ class ParameterStore:
 
     # -- readiness (what each job's button needs) ---------------------------------
 
+    def _methodUsesUnlabeled(self) -> bool:
+        entry = _methodCatalog().CATALOG.get(self.get("method"))
+        return entry is None or entry.uses_unlabeled
+
     def trainProblem(self, fileCaseCount: int = 0) -> str | None:
         """None if a training can start, else what is missing (shown in the button's tooltip).
         ``fileCaseCount``: labeled cases of the labels folder that are not in the scene."""
         cases = self.labeledCases()
         if not cases and not fileCaseCount:
             return "Add at least one labeled case (a volume and its segmentation)."
-        if self.get("method") != "supervised" and not self.unlabeledVolumes():
+        if self._methodUsesUnlabeled() and not self.unlabeledVolumes():
             return "Add unlabeled volumes, or choose the supervised method."
         if self.get("holdOutValidation") and len(cases) < 2:
             return "Holding out a validation case needs at least two labeled cases."

@@ -375,11 +375,16 @@ def test_the_ui_opens_with_the_parameter_defaults():
 
 def test_combo_box_items_match_the_stored_choices_and_mrml_widgets_get_the_scene():
     widgets = ui_widgets()
+    filledByTheModule = re.search(
+        r"fillChoiceItems\(getattr\(self\.ui, p\.widget\), p\)", MODULE_FILE.read_text()
+    )
     for p in parameters.PARAMETERS:
         if p.choices:
             items = [item.find("property/string").text for item in widgets[p.widget].findall("item")]
-            assert items == list(p.choiceLabels), p.name
+            # The method combo box is empty in the .ui; the module fills it from the engine's catalog.
+            assert items == list(p.choiceLabels) or (not items and filledByTheModule), p.name
             assert len(p.choices) == len(p.choiceLabels)
+    assert not widgets["methodComboBox"].findall("item") and filledByTheModule
     receivers = {
         c.findtext("receiver")
         for c in ET.parse(UI_FILE).getroot().iter("connection")
@@ -479,6 +484,47 @@ def test_the_panel_greys_out_the_settings_the_chosen_method_ignores():
     assert inactive(ours | {"method": "bcp"}) == dependent - {"unlabeledWeight"}
     assert inactive(ours | {"method": "mean-teacher"}) == dependent
     assert inactive(ours | {"method": "supervised"}) == dependent
+
+
+class _ComboBox:
+    """What fillChoiceItems uses of a QComboBox."""
+
+    def __init__(self, items=()):
+        self.items, self.currentIndex = list(items), 0
+
+    @property
+    def count(self):
+        return len(self.items)
+
+    def addItem(self, text):
+        self.items.append(text)
+
+
+def test_the_method_combo_box_lists_the_catalog_and_a_registered_method_needs_no_ui_edit():
+    from buseg.methods import catalog
+
+    method = parameters.parameter("method")
+    combo = _ComboBox()
+    parameters.fillChoiceItems(combo, method)
+    assert combo.items == [entry.label for entry in catalog.CATALOG.values()]
+    assert method.choices[combo.currentIndex] == method.default == "buarl"
+    listed = _ComboBox(["as the .ui lists it"])
+    parameters.fillChoiceItems(listed, parameters.parameter("device"))
+    assert listed.items == ["as the .ui lists it"]  # a combo box with .ui items is left alone
+    entry = catalog.register(
+        catalog.MethodEntry(
+            "throwaway", "supervised", "Supervised", "Throw-away", "a test's", uses_unlabeled=False
+        )
+    )
+    try:
+        combo = _ComboBox()
+        parameters.fillChoiceItems(combo, method)
+        assert combo.items[-1] == "Throw-away" and method.choices[-1] == "throwaway"
+        ours = {p.name: p.default for p in parameters.PARAMETERS} | {"method": "throwaway"}
+        assert parameters.inactiveParameters(ours) == set(parameters.METHOD_DEPENDENT_PARAMETERS)
+    finally:
+        catalog.unregister(entry.name)
+    assert "throwaway" not in method.choices
 
 
 def test_a_parameter_change_during_a_job_leaves_every_job_setting_locked():
