@@ -77,10 +77,12 @@ from buseg.config import TrainConfig, to_dict  # noqa: E402
 from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa: E402
 from buseg.events import EventSink, MultiSink  # noqa: E402
 from buseg.io import write_bytes_atomic  # noqa: E402
+from buseg.methods.catalog import method_entry, method_names  # noqa: E402
 from buseg.train import train  # noqa: E402
 
 METHODS: dict[str, tuple[str, bool | None, bool | None, dict]] = {
-    # name: (method, url, crl, other settings "section.field": value); None: the engine's default
+    # name: (method, url, crl, other settings "section.field": value); None: the engine's default.
+    # The methods are the engine's catalog's (buseg.methods.catalog); checked below.
     "supervised": ("supervised", False, False, {}),
     "mean-teacher": ("mean-teacher", False, False, {}),
     "cp-pretrain-only": ("bcp", False, False, {}),  # the shared copy-paste pre-training, scored as is
@@ -110,7 +112,14 @@ METHODS: dict[str, tuple[str, bool | None, bool | None, dict]] = {
 # (the tables mark that one).
 PROTOCOL = [key for key in METHODS if key != "ours"]
 PRETRAINING_ONLY = "cp-pretrain-only"
-SHARED_PRETRAINING = {key for key, (method, *_) in METHODS.items() if method != "supervised"}
+_NOT_IN_CATALOG = sorted({method for method, *_ in METHODS.values()} - set(method_names()))
+if _NOT_IN_CATALOG:
+    raise ValueError(
+        f"quality.METHODS names {', '.join(_NOT_IN_CATALOG)}, which the engine's method catalog "
+        f"(buseg/methods/catalog.py) does not have; its methods: {', '.join(method_names())}"
+    )
+# Every semi-supervised configuration starts from the seed's shared copy-paste pre-training.
+SHARED_PRETRAINING = {key for key, (method, *_) in METHODS.items() if method_entry(method).uses_unlabeled}
 DEFAULT_SEEDS = [1337, 2, 3]
 MIN_SEEDS_FOR_VERDICT = 3
 # Rows written by an older protocol are re-scored: 2 scored the last checkpoint on all held-out volumes

@@ -791,3 +791,17 @@ def test_score_every_follows_each_self_training_run_and_marks_its_curve_finished
     assert seen == [(0, 0), (4000, 1)]  # the first stage has no teacher to score; the run has one scorer
     record = json.loads((args.out / "runs" / "t" / "bcp_seed1.teacher.json").read_text())
     assert record["finished"] is True and record["every"] == 1000 and record["configuration"] == "bcp"
+
+
+def test_the_configurations_name_methods_of_the_engines_catalog(monkeypatch, quality):
+    from buseg.methods import catalog
+
+    assert {method for method, *_ in quality.METHODS.values()} <= set(catalog.method_names())
+    semi_supervised = set(quality.METHODS) - {"supervised"}
+    assert semi_supervised == quality.SHARED_PRETRAINING
+    monkeypatch.delitem(catalog.CATALOG, "bcp")  # a method the catalog no longer has
+    spec = importlib.util.spec_from_file_location("quality_without_bcp", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    with pytest.raises(ValueError, match=r"quality\.METHODS names bcp, which the engine's method catalog"):
+        spec.loader.exec_module(module)
