@@ -51,7 +51,7 @@ from buseg.device import cpu_native_bf16
 from buseg.inference import predict_case
 from buseg.io import Volume, write_image
 from buseg.networks import build_network
-from buseg.onnx_engine import ONNX_UNCERTAINTY, onnxruntime_version
+from buseg.onnx_engine import onnx_measure_names, onnxruntime_version
 
 HERE = Path(__file__).resolve().parent
 ACDC_CLASSES = ("right ventricle", "myocardium", "left ventricle")
@@ -130,7 +130,7 @@ def engine_config(column: str, **settings) -> PredictConfig | None:
         return PredictConfig(amp=False, engine="torch", **settings)
     if column == "bf16":
         return PredictConfig(amp=True, engine="torch", **settings)
-    if settings.get("uncertainty", "entropy") not in ONNX_UNCERTAINTY:
+    if settings.get("uncertainty", "entropy") not in onnx_measure_names():
         return None  # mc-dropout: the exported inference graph has no dropout (docs/inference.md)
     return PredictConfig(engine="onnx", **settings)
 

@@ -14,7 +14,6 @@ from buseg.checkpoint import LoadedModel, load_model
 from buseg.config import PredictConfig, TrainConfig
 from buseg.errors import Cancelled, ConfigError, ResourceError
 from buseg.inference import (
-    flip_sets,
     largest_component_per_class,
     predict_case,
     predict_probabilities,
@@ -25,7 +24,7 @@ from buseg.networks import build_network
 from buseg.preprocessing import normalize_intensity
 from buseg.synthetic import rotation_direction, write_dataset
 from buseg.train import train
-from buseg.uncertainty import normalized_entropy
+from buseg.uncertainty import flip_sets, normalized_entropy
 
 
 def _untrained(tmp_path, dimension="2d", *, dropout=True, patch=None, classes=3, seed=0) -> LoadedModel:

@@ -21,7 +21,7 @@ from buseg.config import PredictConfig
 from buseg.errors import ConfigError, ModelFileError, OutputError
 from buseg.inference import predict_case, predict_files
 from buseg.io import Volume, write_image
-from buseg.onnx_engine import ONNX_UNCERTAINTY, choose_engine
+from buseg.onnx_engine import choose_engine, onnx_measure_names
 
 CPU = torch.device("cpu")
 needs_onnxruntime = pytest.mark.skipif(
@@ -77,38 +77,85 @@ def test_auto_picks_onnx_only_on_a_cpu_without_bf16_with_amp_and_a_supported_met
     monkeypatch.setattr(onnx_engine, "onnxruntime_version", lambda: "1.0")
     monkeypatch.setenv("BUSEG_ONNX", "1")
     monkeypatch.setenv("BUSEG_CPU_BF16", "0")
-    for method in ONNX_UNCERTAINTY:
-        assert choose_engine("auto", CPU, method, True)[0] == "onnx"
-    engine, reason = choose_engine("auto", CPU, "mc-dropout", True)
+    for method in onnx_measure_names():
+        assert choose_engine("auto", CPU, method, True, "3d")[0] == "onnx"
+    engine, reason = choose_engine("auto", CPU, "mc-dropout", True, "3d")
     assert engine == "torch" and "dropout" in reason
-    assert choose_engine("auto", CPU, "entropy", False) == (
+    assert choose_engine("auto", CPU, "entropy", False, "3d") == (
         "torch",
         "auto: --no-amp runs the float32 torch reference",
     )
-    assert choose_engine("auto", torch.device("cuda"), "entropy", True)[0] == "torch"
+    assert choose_engine("auto", torch.device("cuda"), "entropy", True, "3d")[0] == "torch"
     monkeypatch.setenv("BUSEG_ONNX", "0")
-    assert choose_engine("auto", CPU, "entropy", True)[0] == "torch"
+    assert choose_engine("auto", CPU, "entropy", True, "3d")[0] == "torch"
     monkeypatch.setenv("BUSEG_ONNX", "1")
     monkeypatch.setenv("BUSEG_CPU_BF16", "1")
-    engine, reason = choose_engine("auto", CPU, "entropy", True)
+    engine, reason = choose_engine("auto", CPU, "entropy", True, "3d")
     assert engine == "torch" and "BUSEG_CPU_BF16=1" in reason
     monkeypatch.setenv("BUSEG_CPU_BF16", "0")
     monkeypatch.setattr(onnx_engine, "onnxruntime_version", lambda: None)
-    engine, reason = choose_engine("auto", CPU, "entropy", True)
+    engine, reason = choose_engine("auto", CPU, "entropy", True, "3d")
     assert engine == "torch" and "not installed" in reason
-    assert choose_engine("torch", CPU, "entropy", True)[0] == "torch"
+    assert choose_engine("torch", CPU, "entropy", True, "3d")[0] == "torch"
+
+
+# CPU flag sets: AVX-512 without BF16 (where ONNX Runtime was measured against torch), with AVX512-BF16,
+# with AMX-BF16, an ARM CPU with BF16, an older AVX2 laptop, and a system whose flags are unknown.
+CPU_FLAGS = {
+    "avx512 without bf16": frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni"}),
+    "avx512-bf16": frozenset({"avx2", "avx512f", "avx512_bf16"}),
+    "amx-bf16": frozenset({"avx512f", "amx_bf16", "amx_tile"}),
+    "arm bf16": frozenset({"asimd", "bf16"}),
+    "avx2": frozenset({"avx", "avx2", "fma"}),
+    "unknown": None,
+}
+
+
+@pytest.mark.parametrize("cpu", CPU_FLAGS)
+@pytest.mark.parametrize("dimension", ["2d", "3d"])
+def test_auto_on_the_cpu_runs_onnx_only_for_3d_networks_on_cpus_without_bf16(cpu, dimension):
+    """ONNX Runtime float32 was measured faster than torch float32 for the 3D V-Net only (the 2D U-Net:
+    0.85-1.01x on AVX-512 without BF16); where the CPU has bfloat16, bfloat16 torch beats both."""
+    from buseg.device import native_bf16_from_flags
+
+    native = native_bf16_from_flags(CPU_FLAGS[cpu])
+    engine, reason = onnx_engine.auto_cpu_engine(native, dimension, "entropy", "1.31.1")
+    has_bf16 = cpu in ("avx512-bf16", "amx-bf16", "arm bf16")
+    assert engine == ("onnx" if dimension == "3d" and not has_bf16 else "torch")
+    assert reason.startswith(f"auto: {native[1]}")  # why: the CPU's bfloat16, then the network
+    if has_bf16:
+        assert "bfloat16 torch is the fastest" in reason
+    elif dimension == "2d":
+        assert "no faster than torch float32 for 2D networks" in reason and "0.85-1.01x" in reason
+    else:
+        assert "3D V-Net 1.1-2.2x faster" in reason and "ONNX Runtime 1.31.1 runs it" in reason
+    # Without onnxruntime, or with a measure it cannot run, torch runs every case, saying why.
+    engine, reason = onnx_engine.auto_cpu_engine(native, dimension, "entropy", None)
+    assert engine == "torch" and ("not installed" in reason or has_bf16 or dimension == "2d")
+    assert onnx_engine.auto_cpu_engine(native, dimension, "mc-dropout", "1.31.1")[0] == "torch"
+
+
+def test_the_run_says_why_auto_kept_torch_for_a_2d_network(tmp_path, monkeypatch):
+    from buseg.inference import engine_info
+
+    monkeypatch.setattr(onnx_engine, "onnxruntime_version", lambda: "1.0")
+    monkeypatch.setenv("BUSEG_ONNX", "1")
+    monkeypatch.setenv("BUSEG_CPU_BF16", "0")
+    model = _model(tmp_path / "m", "2d")
+    info = engine_info(model, PredictConfig(model_path="m.pt", engine="auto"), CPU)
+    assert info["engine"] == "torch" and "no faster than torch float32 for 2D networks" in info["precision"]
 
 
 def test_engine_onnx_refuses_what_it_cannot_run_in_one_line(monkeypatch):
     monkeypatch.setattr(onnx_engine, "onnxruntime_version", lambda: "1.0")
-    assert choose_engine("onnx", CPU, "tta", True)[0] == "onnx"
+    assert choose_engine("onnx", CPU, "tta", True, "3d")[0] == "onnx"
     with pytest.raises(ConfigError, match="cannot run --uncertainty mc-dropout"):
-        choose_engine("onnx", CPU, "mc-dropout", True)
+        choose_engine("onnx", CPU, "mc-dropout", True, "3d")
     with pytest.raises(ConfigError, match="CPU only"):
-        choose_engine("onnx", torch.device("cuda"), "entropy", True)
+        choose_engine("onnx", torch.device("cuda"), "entropy", True, "3d")
     monkeypatch.setattr(onnx_engine, "onnxruntime_version", lambda: None)
     with pytest.raises(ConfigError, match="onnxruntime is not installed") as caught:
-        choose_engine("onnx", CPU, "entropy", True)
+        choose_engine("onnx", CPU, "entropy", True, "3d")
     assert "\n" not in caught.value.message
     with pytest.raises(ConfigError, match="--engine must be"):
         PredictConfig(model_path="m.pt", engine="tensorrt").validate()
@@ -120,7 +167,7 @@ def test_engine_onnx_refuses_what_it_cannot_run_in_one_line(monkeypatch):
 
 @needs_onnxruntime
 @pytest.mark.parametrize("dimension", ["2d", "3d"])
-@pytest.mark.parametrize("method", ONNX_UNCERTAINTY)
+@pytest.mark.parametrize("method", onnx_measure_names())
 def test_onnx_runtime_equals_torch(tmp_path, dimension, method):
     """Probabilities within 1e-4 (float32 both; measured ~2e-7), labels equal, uncertainty within 1e-4."""
     model = _model(tmp_path / "m", dimension)

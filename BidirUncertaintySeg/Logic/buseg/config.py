@@ -543,8 +543,9 @@ class PredictConfig:
         "auto",
         "What runs the network: 'torch', or 'onnx' (ONNX Runtime, float32, CPU only; entropy and tta, not "
         "mc-dropout; the network is exported once to <model>.onnx beside the model file). 'auto': ONNX "
-        "Runtime on a CPU without native bfloat16 when it is installed (pip install 'buseg[onnx]') and "
-        "--amp is on, else torch. Speeds per engine: docs/inference.md.",
+        "Runtime for a 3D model on a CPU without native bfloat16 when it is installed (pip install "
+        "'buseg[onnx]') and --amp is on, else torch (for 2D models ONNX Runtime was measured no faster). "
+        "Speeds per engine: docs/inference.md.",
         choices=("auto", "torch", "onnx"),
     )
     overwrite: bool = opt(False, "Replace existing outputs of the same case (never done silently).")

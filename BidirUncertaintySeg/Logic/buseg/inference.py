@@ -34,7 +34,6 @@ import contextlib
 import copy
 import ctypes
 import functools
-import itertools
 import logging
 import math
 import sys
@@ -69,6 +68,7 @@ from .io import (
     write_json_atomic,
     write_segmentation,
 )
+from .measures import measure, measure_names
 from .memory import check_memory
 from .onnx_engine import choose_engine, engine_description, load_session, session_forward
 from .preprocessing import normalize_intensity, resize_slices
@@ -83,14 +83,13 @@ from .resample import (
     working_grid,
 )
 from .shape_flags import parse_nesting_rules, shape_flag_map
-from .uncertainty import class_argmax, mc_dropout_probabilities, normalized_entropy
+from .uncertainty import class_argmax, normalized_entropy
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
 Warn = Callable[[str], None]
 logger = logging.getLogger("buseg")
 
-UNCERTAINTY_METHODS = ("entropy", "mc-dropout", "tta")
 SUMMARY_SCHEMA = "buseg-predict-summary"
 FINISH_SLICES = 16  # slices per argmax/entropy step when a slab of probabilities is finished
 # Output format for each input format (.mhd/.nhdr would need a second data file: not atomic).
@@ -108,48 +107,25 @@ OUTPUT_SUFFIX = {
 # Probabilities of one batch: one pass, MC-dropout, or flips
 
 
-def flip_sets(spatial_dims: int, count: int) -> list[tuple[int, ...]]:
-    """The first ``count`` flip combinations of a (N, C, *spatial) batch: identity, single axes, pairs..."""
-    dims = range(2, 2 + spatial_dims)
-    combos = [c for r in range(spatial_dims + 1) for c in itertools.combinations(dims, r)]
-    return combos[: max(1, count)]
-
-
 def probability_function(
     network: nn.Module, method: str, samples: int = 1, forward: Forward | None = None
 ) -> ProbabilityFn:
-    """A function batch -> mean softmax probabilities for an uncertainty ``method``.
+    """A function batch -> mean softmax probabilities for the uncertainty measure ``method``
+    (:mod:`buseg.measures`).
 
     ``forward`` may wrap the network call (autocast); the network must be in eval mode
     (mc-dropout switches only its dropout layers on, and back off afterwards).
     """
-    call = forward or network
-    if method == "entropy":
-        return lambda x: torch.softmax(call(x).float(), dim=1)
-    if method == "mc-dropout":
-        return lambda x: mc_dropout_probabilities(network, x, samples, forward=call)
-    if method == "tta":
-
-        def mean_over_flips(x: torch.Tensor) -> torch.Tensor:
-            flips = flip_sets(x.ndim - 2, samples)
-            total = None
-            for dims in flips:
-                p = torch.softmax(call(torch.flip(x, dims) if dims else x).float(), dim=1)
-                p = torch.flip(p, dims) if dims else p
-                total = p if total is None else total.add_(p)
-            return total / len(flips)
-
-        return mean_over_flips
-    raise ConfigError(f"unknown uncertainty method {method!r} (choose {', '.join(UNCERTAINTY_METHODS)})")
+    try:
+        entry = measure(method)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    return entry.probabilities(network, forward or network, samples)
 
 
 def passes_per_input(method: str, samples: int, spatial_dims: int) -> int:
-    """Forward passes each slice/window costs with ``method``."""
-    if method == "mc-dropout":
-        return samples
-    if method == "tta":
-        return len(flip_sets(spatial_dims, samples))
-    return 1
+    """Forward passes each slice/window costs with the uncertainty measure ``method``."""
+    return measure(method).passes(samples, spatial_dims)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -639,13 +615,16 @@ def window_batch_size(config: PredictConfig, device: torch.device) -> int:
 
 
 def check_model_settings(model: LoadedModel, config: PredictConfig) -> None:
-    """Refuse settings the model cannot honour (MC-dropout without dropout layers)."""
+    """Refuse settings the model cannot honour (a measure that needs dropout, such as MC-dropout,
+    without dropout layers)."""
     from .networks import has_dropout
 
-    if config.uncertainty == "mc-dropout" and not has_dropout(model.network):
+    if measure(config.uncertainty).needs_dropout and not has_dropout(model.network):
+        others = " or ".join(name for name in measure_names() if not measure(name).needs_dropout)
         raise ConfigError(
-            "--uncertainty mc-dropout needs a model with dropout layers; this model was trained without dropout",
-            hint="use --uncertainty entropy or tta",
+            f"--uncertainty {config.uncertainty} needs a model with dropout layers; this model was trained "
+            "without dropout",
+            hint=f"use --uncertainty {others}",
         )
 
 
@@ -741,7 +720,7 @@ def _engine_forward(
     model: LoadedModel, network: nn.Module, device: torch.device, config: PredictConfig
 ) -> tuple[str, Forward]:
     """The engine that runs this prediction and its batch -> float32 logits function."""
-    engine, _ = choose_engine(config.engine, device, config.uncertainty, config.amp)
+    engine, _ = choose_engine(config.engine, device, config.uncertainty, config.amp, model.dimension)
     if engine == "onnx":  # the same network exported once (cached), run by ONNX Runtime in float32
         session = load_session(model.network, lambda: network, model.dimension, model.path)[0]
         return engine, session_forward(session)
@@ -1074,7 +1053,8 @@ def load_for_prediction(config: PredictConfig) -> tuple[LoadedModel, torch.devic
     device, reason = resolve_device(config.device)
     model = load_model(config.model_path, device=device)
     check_model_settings(model, config)
-    choose_engine(config.engine, device, config.uncertainty, config.amp)  # refuse impossible ones first
+    # Refuse impossible settings before the first case.
+    choose_engine(config.engine, device, config.uncertainty, config.amp, model.dimension)
     return model, device, reason
 
 
@@ -1084,7 +1064,7 @@ def engine_info(model: LoadedModel, config: PredictConfig, device: torch.device)
     With ONNX Runtime the network is exported (or its cached export loaded) here, so that an export
     failure stops the run before its first case.
     """
-    engine, reason = choose_engine(config.engine, device, config.uncertainty, config.amp)
+    engine, reason = choose_engine(config.engine, device, config.uncertainty, config.amp, model.dimension)
     info = {"engine": engine, "precision": engine_description(engine, reason, device, config.amp)}
     if engine == "onnx":
         inference_form = functools.partial(inference_network, model.network, model.dimension)

@@ -2,17 +2,21 @@
 
 On such a CPU torch runs float32, and ONNX Runtime runs the same float32 network - measured on a
 shared CPU: 1.1-2.2x faster for the 3D V-Net, but 0.7-1.2x for the 2D U-Net, whose torch path
-already folds BatchNorm and runs channels-last (benchmarks/results/inference_speed.md). Where the
-CPU has bfloat16, torch's bfloat16 autocast is faster (1.6-2.9x), so ONNX Runtime is only chosen
-automatically on the others.
+already folds BatchNorm and runs channels-last (benchmarks/results/inference_speed.md), and on a
+CPU with AVX-512 but no BF16 (side by side, 1 thread) 1.01x at 128x128 and 0.85x at 256x256.
+Where the CPU has bfloat16, torch's bfloat16 autocast is faster (1.6-2.9x), so ONNX Runtime is
+only chosen automatically on the others, and there only for the networks it was measured to
+run faster (:data:`ONNX_FASTER_THAN_TORCH`: the 3D ones).
 
 * **Which engine** (:func:`choose_engine`): ``--engine torch`` or ``onnx`` as asked;
-  ``auto`` takes ONNX Runtime when it is installed, the device is the CPU, the CPU has no
-  native bfloat16, mixed precision is on (``--no-amp`` means the float32 torch reference)
-  and the uncertainty method is one ONNX Runtime runs (:data:`ONNX_UNCERTAINTY`).
-* **Uncertainty modes**: ``entropy`` and ``tta`` (flips are applied around the exported
-  network). ``mc-dropout`` needs random dropout at inference, which the exported inference
-  graph does not have: it runs on the torch engine only.
+  ``auto`` takes ONNX Runtime when it is installed, the device is the CPU, mixed precision is
+  on (``--no-amp`` means the float32 torch reference), and :func:`auto_cpu_engine` finds that
+  the CPU has no native bfloat16, the network is one ONNX Runtime runs faster than torch
+  float32 (3D) and the uncertainty measure is one ONNX Runtime runs (its entry in
+  :mod:`buseg.measures`). The reason goes to the run's device line and summary.
+* **Uncertainty measures**: those whose catalog entry says ``onnx``: ``entropy`` and ``tta``
+  (flips are applied around the exported network). ``mc-dropout`` needs random dropout at
+  inference, which the exported inference graph does not have: it runs on the torch engine only.
 * **Export** (:func:`onnx_forward`): the inference form of the network (BatchNorm folded
   into the convolutions, dropout off) with dynamic batch and spatial axes, through torch's
   TorchScript exporter (``dynamo=False``: it needs the ``onnx`` package but not
@@ -49,9 +53,9 @@ import torch
 from torch import nn
 
 from .errors import BusegError, ConfigError, ModelFileError
+from .measures import measure, measure_names
 
 ENGINES = ("auto", "torch", "onnx")
-ONNX_UNCERTAINTY = ("entropy", "tta")  # mc-dropout: torch only (see the module docstring)
 EXPORT_SCHEMA = "buseg-onnx-export"
 # Raise when the exported graph or the sidecar changes (folding, opset, names, the export's own SHA-256
 # in the sidecar since format 2): older caches are then re-exported.
@@ -71,8 +75,29 @@ def onnxruntime_version() -> str | None:
     return str(onnxruntime.__version__)
 
 
-def choose_engine(requested: str, device: torch.device, uncertainty: str, amp: bool) -> tuple[str, str]:
-    """The engine ('torch' or 'onnx') for a run and why, in words; an impossible request is a ConfigError."""
+def onnx_measure_names() -> tuple[str, ...]:
+    """The uncertainty measures the ONNX Runtime backend runs (their catalog entries say ``onnx``)."""
+    return tuple(name for name in measure_names() if measure(name).onnx)
+
+
+# Whether ONNX Runtime float32 runs the network of a dimension faster than torch float32 on a CPU
+# without native bfloat16, and the measurement that says so (docs/inference.md, benchmarks/results/
+# inference_speed*.md): only where it does, ``auto`` picks it.
+ONNX_FASTER_THAN_TORCH: dict[str, tuple[bool, str]] = {
+    "2d": (
+        False,
+        "ONNX Runtime is no faster than torch float32 for 2D networks (U-Net measured at 0.85-1.01x "
+        "on AVX-512 without BF16, 0.73-1.22x elsewhere: torch's 2D path folds BatchNorm and runs channels-last)",
+    ),
+    "3d": (True, "ONNX Runtime float32 ran the 3D V-Net 1.1-2.2x faster than torch float32"),
+}
+
+
+def choose_engine(
+    requested: str, device: torch.device, uncertainty: str, amp: bool, dimension: str
+) -> tuple[str, str]:
+    """The engine ('torch' or 'onnx') for a run of a ``dimension`` ('2d'/'3d') network and why, in words;
+    an impossible request is a ConfigError."""
     from .device import cpu_native_bf16
 
     if requested == "torch":
@@ -85,11 +110,11 @@ def choose_engine(requested: str, device: torch.device, uncertainty: str, amp: b
                 f"--engine onnx runs on the CPU only, not on {device}",
                 hint="use --device cpu or --engine torch",
             )
-        if uncertainty not in ONNX_UNCERTAINTY:
+        if not measure(uncertainty).onnx:
             raise ConfigError(
                 f"--engine onnx cannot run --uncertainty {uncertainty}: the exported network has no dropout "
                 "at inference",
-                hint="use --engine torch, or --uncertainty entropy or tta",
+                hint=f"use --engine torch, or --uncertainty {' or '.join(onnx_measure_names())}",
             )
         return "onnx", "--engine onnx"
     if requested != "auto":
@@ -98,17 +123,29 @@ def choose_engine(requested: str, device: torch.device, uncertainty: str, amp: b
         return "torch", f"auto: ONNX Runtime is used on the CPU only, this run is on {device.type}"
     if not amp:
         return "torch", "auto: --no-amp runs the float32 torch reference"
-    native, why = cpu_native_bf16()
-    if native:
-        return "torch", f"auto: {why}, where bfloat16 torch is the fastest"
-    if os.environ.get("BUSEG_ONNX", "").strip() == "0":
+    native_bf16 = cpu_native_bf16()
+    if not native_bf16[0] and os.environ.get("BUSEG_ONNX", "").strip() == "0":
         return "torch", "auto: BUSEG_ONNX=0"
-    version = onnxruntime_version()
-    if version is None:
-        return "torch", f"auto: {why}; onnxruntime is not installed (pip install 'buseg[onnx]': ~1.9x faster)"
-    if uncertainty not in ONNX_UNCERTAINTY:
+    return auto_cpu_engine(native_bf16, dimension, uncertainty, onnxruntime_version())
+
+
+def auto_cpu_engine(
+    native_bf16: tuple[bool, str], dimension: str, uncertainty: str, onnx_version: str | None
+) -> tuple[str, str]:
+    """``--engine auto`` on the CPU with mixed precision on: the engine and why, from whether the CPU
+    has native bfloat16 (:func:`buseg.device.cpu_native_bf16`: the answer and its reason), the
+    network's dimension, the uncertainty measure and the installed onnxruntime's version (None: none)."""
+    native, cpu = native_bf16
+    if native:
+        return "torch", f"auto: {cpu}, where bfloat16 torch is the fastest"
+    faster, measured = ONNX_FASTER_THAN_TORCH[dimension]
+    if not faster:
+        return "torch", f"auto: {cpu}; {measured}, so torch float32 runs it"
+    if onnx_version is None:
+        return "torch", f"auto: {cpu}; onnxruntime is not installed (pip install 'buseg[onnx]': {measured})"
+    if not measure(uncertainty).onnx:
         return "torch", f"auto: {uncertainty} needs dropout at inference, which only the torch engine runs"
-    return "onnx", f"auto: {why}; ONNX Runtime {version} float32 is faster than torch float32 there"
+    return "onnx", f"auto: {cpu}; {measured}, so ONNX Runtime {onnx_version} runs it"
 
 
 def engine_description(engine: str, reason: str, device: torch.device, amp: bool) -> str:

@@ -11,10 +11,15 @@ are equally likely. What differs between methods is which probability vector:
   With T = 1 it is the entropy of a single dropout-perturbed pass, *not* of the
   deterministic pass - use ``entropy`` for that.
 * ``tta`` (inference only): the mean softmax over flips of the input, then its entropy.
+
+Which measures exist, and what each costs and needs, is the catalog :mod:`buseg.measures`; the
+probability functions it names are here (``*_probabilities``/``*_function`` taking the network,
+the backend's forward call and the number of samples).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -87,3 +92,42 @@ def mc_dropout_probabilities(
     finally:
         set_dropout(model, False)
         model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------
+# The probability functions of the measures in :mod:`buseg.measures`: (network, forward, samples) ->
+# a function batch -> mean probabilities. ``forward`` runs the network (autocast, ONNX Runtime).
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def one_pass_probabilities(network: nn.Module, forward: Forward, samples: int) -> Forward:
+    """``entropy``: the softmax of one deterministic pass (``samples`` is not used)."""
+    return lambda x: torch.softmax(forward(x).float(), dim=1)
+
+
+def mc_dropout_function(network: nn.Module, forward: Forward, samples: int) -> Forward:
+    """``mc-dropout``: the mean softmax of ``samples`` passes with ``network``'s dropout on."""
+    return lambda x: mc_dropout_probabilities(network, x, samples, forward=forward)
+
+
+def flip_sets(spatial_dims: int, count: int) -> list[tuple[int, ...]]:
+    """The first ``count`` flip combinations of a (N, C, *spatial) batch: identity, single axes, pairs..."""
+    dims = range(2, 2 + spatial_dims)
+    combos = [c for r in range(spatial_dims + 1) for c in itertools.combinations(dims, r)]
+    return combos[: max(1, count)]
+
+
+def flip_mean_probabilities(network: nn.Module, forward: Forward, samples: int) -> Forward:
+    """``tta``: the mean softmax over the first ``samples`` flip combinations of the input."""
+
+    def mean_over_flips(x: torch.Tensor) -> torch.Tensor:
+        flips = flip_sets(x.ndim - 2, samples)
+        total = None
+        for dims in flips:
+            p = torch.softmax(forward(torch.flip(x, dims) if dims else x).float(), dim=1)
+            p = torch.flip(p, dims) if dims else p
+            total = p if total is None else total.add_(p)
+        return total / len(flips)
+
+    return mean_over_flips
