@@ -444,6 +444,28 @@ def test_a_method_registered_in_the_catalog_is_offered_everywhere(throwaway_meth
     assert method.choiceLabels[method.choices.index("throwaway")] == throwaway_method.label
 
 
+def test_whether_a_method_needs_unlabeled_data_follows_its_catalog_entry(
+    monkeypatch, throwaway_method, tiny_dataset
+):
+    import dataclasses
+
+    from buseg.data import load_training_data
+    from buseg.errors import ConfigError, InputError
+    from buseg.methods import catalog
+
+    config = TrainConfig()
+    config.method.name, config.optim.batch_size = "throwaway", 2
+    config.data.labeled = str(tiny_dataset["labeled"])  # no unlabeled images
+    config.validate()
+    assert load_training_data(config, log=lambda message: None).unlabeled_images == []
+    semi = dataclasses.replace(throwaway_method, uses_unlabeled=True)
+    monkeypatch.setitem(catalog.CATALOG, "throwaway", semi)
+    with pytest.raises(ConfigError, match="semi-supervised methods need a multiple of 4"):
+        config.validate()
+    with pytest.raises(InputError, match="method throwaway is semi-supervised but no unlabeled images"):
+        load_training_data(config, log=lambda message: None)
+
+
 def test_a_method_not_in_the_catalog_is_refused_by_the_config_and_the_panel():
     from buseg.config import from_dict
     from buseg.errors import ConfigError

@@ -49,6 +49,7 @@ from .io import (
     resolved_path,
 )
 from .memory import check_memory
+from .methods.catalog import method_entry
 from .preprocessing import normalize_intensity, resolve_normalization
 from .resample import (
     Grid,
@@ -616,7 +617,7 @@ def load_files(config: TrainConfig, log: Log = print) -> TrainingData:
         unlabeled_case_names=unlabeled_names,
         warnings=loader.warnings,
     )
-    if config.method.name != "supervised" and not unlabeled_images:
+    if method_entry(config.method.name).uses_unlabeled and not unlabeled_images:
         raise InputError(
             f"method {config.method.name} is semi-supervised but no unlabeled images were given",
             path=config.data.labeled,
@@ -802,7 +803,7 @@ def acdc_split(root: Path, labeled_patients: int) -> tuple[list[str], list[str]]
 def load_acdc(config: TrainConfig, log: Log = print) -> TrainingData:
     root = Path(config.data.data_root)
     labeled_names, unlabeled_names = acdc_split(root, config.data.labeled_count)
-    if config.method.name == "supervised":
+    if not method_entry(config.method.name).uses_unlabeled:
         unlabeled_names = []
     excluded = set(config.data.exclude_cases)
     labeled_images, labeled_labels = [], []
@@ -919,7 +920,7 @@ def load_la(config: TrainConfig, log: Log = print) -> TrainingData:
     if overlap:
         raise ConfigError(f"LA cases {', '.join(sorted(overlap))} are labeled and also held out")
     unlabeled = [c for c in cases[count:] if c not in excluded and c not in validation_names]
-    if config.method.name == "supervised":
+    if not method_entry(config.method.name).uses_unlabeled:
         unlabeled = []
     elif not unlabeled:
         raise InputError(
