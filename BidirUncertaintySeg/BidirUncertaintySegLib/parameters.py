@@ -96,6 +96,30 @@ class _CatalogColumn(Sequence):
         return repr(self._values())
 
 
+def _measureCatalog() -> Any:
+    """The engine's catalog of uncertainty measures (:mod:`buseg.measures`: torch-free)."""
+    from .engine import ensureEngineImportable
+
+    ensureEngineImportable()
+    from buseg import measures
+
+    return measures
+
+
+class _MeasureColumn(_CatalogColumn):
+    """One attribute ("name", "label") of every uncertainty measure of the engine's catalog, read when
+    asked; with ``training``, of those training offers (the training combo box)."""
+
+    def __init__(self, attribute: str, *, training: bool = False):
+        super().__init__(attribute)
+        self.training = training
+
+    def _values(self) -> tuple[str, ...]:
+        measures = _measureCatalog()
+        names = measures.measure_names(training=self.training)
+        return tuple(getattr(measures.MEASURES[name], self.attribute) for name in names)
+
+
 METHOD_CHOICES = _CatalogColumn("name")
 METHOD_LABELS = _CatalogColumn("label")
 CRL_WEIGHTING_CHOICES = ("discard", "concentration", "foreground", "negative")
@@ -136,8 +160,8 @@ PARAMETERS: tuple[Parameter, ...] = (
         "trainUncertaintyComboBox",
         "QComboBox",
         "uncertainty.method",
-        ("entropy", "mc-dropout"),
-        ("Entropy", "MC dropout"),
+        _MeasureColumn("name", training=True),
+        _MeasureColumn("label", training=True),
     ),
     # Ours' two parts, each switchable (the ablation's `--no-url` / `--no-crl`), and what CRL does.
     Parameter("urlEnabled", True, "urlEnabledCheckBox", "QCheckBox", "url.enabled"),
@@ -169,8 +193,8 @@ PARAMETERS: tuple[Parameter, ...] = (
         "segmentUncertaintyComboBox",
         "QComboBox",
         "predict.uncertainty",
-        ("entropy", "mc-dropout", "tta"),
-        ("Entropy (one pass)", "MC dropout", "Test-time augmentation"),
+        _MeasureColumn("name"),
+        _MeasureColumn("label"),
     ),
     Parameter("regionThreshold", 0.5, "regionThresholdSpinBox", "QDoubleSpinBox", "predict.region_threshold"),
     Parameter("minRegionMm3", 10.0, "minRegionSpinBox", "QDoubleSpinBox", "predict.min_region_mm3"),

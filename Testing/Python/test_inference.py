@@ -400,3 +400,89 @@ def test_class_argmax_equals_torch_argmax_with_the_first_maximum_winning_ties():
     assert torch.equal(class_argmax(probabilities, torch.int64), probabilities.argmax(1))
     volume = probabilities[0]  # (C, z, y) as validation passes it, with a leading batch of one
     assert torch.equal(class_argmax(volume[None], torch.int64)[0], volume.argmax(0))
+
+
+# --------------------------------------------------------------------------------------
+# The catalog of uncertainty measures: one entry, and every list of measures has it
+
+
+@pytest.fixture()
+def throwaway_measure():
+    """A measure registered in the catalog for one test, then removed: the entropy of the softmax of
+    the logits halved (a 'temperature' of 2), two passes per input; it counts the batches it sees."""
+    from buseg import measures
+
+    batches = []
+
+    def tempered(network, forward, samples):
+        def probabilities(x):
+            batches.append(x.shape[0])
+            return torch.softmax(forward(x).float() / 2, dim=1)
+
+        return probabilities
+
+    entry = measures.register(
+        measures.UncertaintyMeasure(
+            "throwaway",
+            "Throw-away (a test's measure)",
+            "a test's measure",
+            tempered,
+            passes=lambda samples, spatial_dims: 2,
+        )
+    )
+    yield entry, batches
+    measures.unregister(entry.name)
+
+
+def _uncertainty_actions(parser):
+    """The --uncertainty options of the parser's sub-commands, by command name."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(getattr(action, "choices", None), dict):  # the sub-commands
+            for command, sub in action.choices.items():
+                found.update((command, a) for a in sub._actions if "--uncertainty" in a.option_strings)
+    return found
+
+
+def test_a_measure_registered_in_the_catalog_is_offered_everywhere_and_predicts(tmp_path, throwaway_measure):
+    import sys
+    from pathlib import Path
+
+    from buseg.cli import build_parser
+    from buseg.config import from_dict
+
+    entry, batches = throwaway_measure
+    actions = _uncertainty_actions(build_parser())
+    assert "throwaway" in actions["predict"].choices and "a test's measure" in actions["predict"].help
+    assert "throwaway" not in actions["train"].choices  # not offered in training (in_training is off)
+    config = from_dict(PredictConfig, {"model_path": "m.pt", "uncertainty": "throwaway"}).validate()
+    train_config = TrainConfig()
+    train_config.data.labeled, train_config.uncertainty.method = "x", "throwaway"
+    with pytest.raises(ConfigError, match="--uncertainty must be one of entropy, mc-dropout in training"):
+        train_config.validate()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "BidirUncertaintySeg"))
+    from BidirUncertaintySegLib import parameters
+
+    segment = parameters.parameter("segmentUncertainty")
+    assert segment.choiceLabels[segment.choices.index("throwaway")] == entry.label
+    assert "throwaway" not in parameters.parameter("trainUncertainty").choices
+    # A prediction with it runs its probability function and says what it cost.
+    model, image = _untrained(tmp_path), _image()
+    config.slice_batch_size = 4
+    prediction = predict_case(model, image, config, keep_probabilities=True)
+    assert (prediction.method, prediction.passes) == ("throwaway", 2)
+    assert sum(batches) == image.array.shape[0]  # every slice, through the measure's function
+    expected = normalized_entropy(torch.from_numpy(prediction.probabilities)[None], dim=1)[0].numpy()
+    assert np.allclose(prediction.uncertainty_map, expected, atol=1e-6)
+    entropy = predict_case(model, image, PredictConfig(uncertainty="entropy", slice_batch_size=4))
+    assert np.all(prediction.uncertainty_map >= entropy.uncertainty_map - 1e-6)  # softer at temperature 2
+    assert (prediction.uncertainty_map > entropy.uncertainty_map + 1e-3).mean() > 0.5
+
+
+def test_a_measure_not_in_the_catalog_is_refused_by_the_config_and_the_panel():
+    from buseg.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"uncertainty: 'throwaway' is not one of entropy, mc-dropout, tta"):
+        from_dict(PredictConfig, {"model_path": "m.pt", "uncertainty": "throwaway"})
+    with pytest.raises(ConfigError, match="--uncertainty must be one of entropy, mc-dropout, tta"):
+        PredictConfig(model_path="m.pt", uncertainty="throwaway").validate()

@@ -381,10 +381,13 @@ def test_combo_box_items_match_the_stored_choices_and_mrml_widgets_get_the_scene
     for p in parameters.PARAMETERS:
         if p.choices:
             items = [item.find("property/string").text for item in widgets[p.widget].findall("item")]
-            # The method combo box is empty in the .ui; the module fills it from the engine's catalog.
+            # The method and uncertainty combo boxes are empty in the .ui; the module fills them from
+            # the engine's catalogs.
             assert items == list(p.choiceLabels) or (not items and filledByTheModule), p.name
             assert len(p.choices) == len(p.choiceLabels)
     assert not widgets["methodComboBox"].findall("item") and filledByTheModule
+    for measures in ("trainUncertaintyComboBox", "segmentUncertaintyComboBox"):
+        assert not widgets[measures].findall("item")
     receivers = {
         c.findtext("receiver")
         for c in ET.parse(UI_FILE).getroot().iter("connection")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import typing
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .measures import measure_help, measure_names
 from .methods.catalog import method_entry, method_help, method_names
 
 
@@ -207,11 +209,10 @@ class MethodConfig:
 class UncertaintyConfig:
     """How the voxel-wise uncertainty map is computed (training and inference alike)."""
 
-    method: Literal["entropy", "mc-dropout"] = opt(
+    method: str = opt(
         "entropy",
-        "'entropy': normalised entropy of the teacher's softmax (free: the teacher predicts anyway); "
-        "'mc-dropout': entropy of the mean of --uncertainty-samples teacher passes with dropout on.",
-        choices=("entropy", "mc-dropout"),
+        functools.partial(measure_help, training=True),
+        choices=functools.partial(measure_names, training=True),
         flag="--uncertainty",
     )
     samples: int = opt(4, "mc-dropout: number of stochastic teacher passes.", flag="--uncertainty-samples")
@@ -402,6 +403,11 @@ class TrainConfig:
             raise ConfigError(
                 "--crl-shrink-iterations and --consistency-rampup-iterations must not be negative"
             )
+        if self.uncertainty.method not in measure_names(training=True):
+            raise ConfigError(
+                f"--uncertainty must be one of {', '.join(measure_names(training=True))} in training, "
+                f"not {self.uncertainty.method!r}"
+            )
         if self.uncertainty.samples < 1:
             raise ConfigError("--uncertainty-samples must be at least 1")
         if self.validation_interval < 0 or self.checkpoint_interval < 0 or self.log_interval < 1:
@@ -479,12 +485,10 @@ class PredictConfig:
 
     model_path: str = opt("", "Model file written by `buseg train` (best.pt or final model).", flag="--model")
     out_dir: str = opt("predictions", "Output folder; one sub-folder per input case.", flag="--out")
-    uncertainty: Literal["entropy", "mc-dropout", "tta"] = opt(
+    uncertainty: str = opt(
         "entropy",
-        "'entropy': one pass, normalised entropy of the softmax; 'mc-dropout': mean of --samples passes "
-        "with dropout on, entropy of the mean; 'tta': mean over flips, entropy of the mean. "
-        "See docs/inference.md for what each means and costs.",
-        choices=("entropy", "mc-dropout", "tta"),
+        lambda: f"{measure_help()} See docs/inference.md for what each means and costs.",
+        choices=measure_names,
     )
     samples: int = opt(
         8, "Passes for mc-dropout; tta uses the first min(samples, 4 in 2D / 8 in 3D) flip combinations."
@@ -554,8 +558,10 @@ class PredictConfig:
         """Check values; raise :class:`ConfigError` naming the option."""
         if not self.model_path:
             raise ConfigError("--model is required (a model file written by `buseg train`)")
-        if self.uncertainty not in ("entropy", "mc-dropout", "tta"):
-            raise ConfigError(f"--uncertainty must be entropy, mc-dropout or tta, not {self.uncertainty!r}")
+        if self.uncertainty not in measure_names():
+            raise ConfigError(
+                f"--uncertainty must be one of {', '.join(measure_names())}, not {self.uncertainty!r}"
+            )
         if self.samples < 1:
             raise ConfigError(f"--samples must be at least 1, got {self.samples}")
         if not 0 <= self.region_threshold < 1:

@@ -96,7 +96,7 @@ register(
     UncertaintyMeasure(
         "entropy",
         "Entropy (one pass)",
-        "one pass, normalised entropy of the softmax (free: the prediction is computed anyway)",
+        "normalised entropy of one pass's softmax (free: the network predicts anyway)",
         _from_uncertainty("one_pass_probabilities"),
         passes=lambda samples, spatial_dims: 1,
         in_training=True,
@@ -106,8 +106,8 @@ register(
     UncertaintyMeasure(
         "mc-dropout",
         "MC dropout",
-        "mean of --samples passes with dropout on, entropy of the mean (in training: "
-        "--uncertainty-samples teacher passes)",
+        "entropy of the mean of several passes with dropout on (--samples in prediction, "
+        "--uncertainty-samples teacher passes in training)",
         _from_uncertainty("mc_dropout_function"),
         passes=lambda samples, spatial_dims: samples,
         needs_dropout=True,
@@ -119,7 +119,7 @@ register(
     UncertaintyMeasure(
         "tta",
         "Test-time augmentation",
-        "mean over flips of the input, entropy of the mean (prediction only)",
+        "entropy of the mean over flips of the input (prediction only)",
         _from_uncertainty("flip_mean_probabilities"),
         passes=lambda samples, spatial_dims: flip_count(samples, spatial_dims),
     )
