@@ -1588,35 +1588,53 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
 
     With a dozen configurations and three seeds a single panel repeats colours and hides curves
     under its legend; panels keep each seed's runs (which share a pre-training) together."""
+    points = {
+        key: ([c["iteration"] for c in curve], [c["dice"] for c in curve]) for key, curve in curves.items()
+    }
+    plot_seed_panels(
+        points,
+        path,
+        f"Validation Dice over iterations: {title}",
+        xlabel="iteration (pre-training + self-training)",
+        ylabel="mean Dice, selection split",
+    )
+
+
+def plot_seed_panels(
+    points: dict[tuple[str, int], tuple[list, list]],
+    path: Path,
+    title: str,
+    *,
+    xlabel: str,
+    ylabel: str,
+    marker: str | None = None,
+) -> None:
+    """Curves ``points[(configuration, seed)] = (xs, ys)``: one panel per seed, one colour per
+    configuration, one legend for all; nothing is written when no curve has a point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {key: curve for key, curve in curves.items() if curve}
-    if not curves:
+    points = {key: xy for key, xy in points.items() if len(xy[0])}
+    if not points:
         return
-    methods = list(dict.fromkeys(method for method, _ in curves))
-    seeds = list(dict.fromkeys(seed for _, seed in curves))
+    methods = list(dict.fromkeys(method for method, _ in points))
+    seeds = list(dict.fromkeys(seed for _, seed in points))
     styles = curve_styles(methods)
     fig, axes = plt.subplots(1, len(seeds), figsize=(2.0 + 4.2 * len(seeds), 4.6), sharey=True, squeeze=False)
     for ax, seed in zip(axes[0], seeds, strict=True):
         for method in methods:
-            curve = curves.get((method, seed))
-            if curve:
-                ax.plot(
-                    [c["iteration"] for c in curve],
-                    [c["dice"] for c in curve],
-                    **styles[method],
-                    label=method,
-                )
+            if (method, seed) in points:
+                xs, ys = points[(method, seed)]
+                ax.plot(xs, ys, **styles[method], marker=marker, markersize=3, label=method)
         ax.set_title(f"seed {seed}")
-        ax.set_xlabel("iteration (pre-training + self-training)")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean Dice, selection split")
+    axes[0][0].set_ylabel(ylabel)
     handles = [plt.Line2D([], [], **styles[method]) for method in methods]
     fig.legend(handles, methods, loc="center right", fontsize=8)
-    fig.suptitle(f"Validation Dice over iterations: {title}")
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1.0 - 2.0 / (2.0 + 4.2 * len(seeds)), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from paths import shown_command  # noqa: E402
-from quality import RECORDS_FOLDER, curve_styles, mean_and_standard_error, verdict  # noqa: E402
+from quality import RECORDS_FOLDER, mean_and_standard_error, plot_seed_panels, verdict  # noqa: E402
 
 TEACHER_SUFFIX = ".teacher.json"
 
@@ -220,34 +220,21 @@ def consistency_lines(runs: list[dict], args: argparse.Namespace) -> list[str]:
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
     """Teacher Dice over self-training iterations: one panel per seed, one colour per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    configurations = list(dict.fromkeys(r["configuration"] for r in runs))
-    seeds = list(dict.fromkeys(r["seed"] for r in runs))
-    styles = curve_styles(configurations)
-    fig, axes = plt.subplots(1, len(seeds), figsize=(2.0 + 4.2 * len(seeds), 4.4), sharey=True, squeeze=False)
-    for ax, seed in zip(axes[0], seeds, strict=True):
-        for run in (r for r in runs if r["seed"] == seed):
-            ax.plot(
-                [s["iteration"] for s in run["scores"]],
-                [100 * s["dice"] for s in run["scores"]],
-                marker="o",
-                markersize=3,
-                **styles[run["configuration"]],
-            )
-        ax.set_title(f"seed {seed}")
-        ax.set_xlabel("self-training iteration")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("teacher Dice %, all held-out volumes")
-    handles = [plt.Line2D([], [], **styles[c]) for c in configurations]
-    fig.legend(handles, configurations, loc="center right", fontsize=8)
-    fig.suptitle(f"EMA teacher over a long self-training: {title}")
-    fig.tight_layout(rect=(0, 0, 1.0 - 2.0 / (2.0 + 4.2 * len(seeds)), 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    points = {
+        (run["configuration"], run["seed"]): (
+            [s["iteration"] for s in run["scores"]],
+            [100 * s["dice"] for s in run["scores"]],
+        )
+        for run in runs
+    }
+    plot_seed_panels(
+        points,
+        path,
+        f"EMA teacher over a long self-training: {title}",
+        xlabel="self-training iteration",
+        ylabel="teacher Dice %, all held-out volumes",
+        marker="o",
+    )
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
