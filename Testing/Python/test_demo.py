@@ -215,3 +215,24 @@ def test_the_terminal_names_the_parts_of_ours_the_defaults_train(crl_default):
     assert demo_module.our_parts() == "URL"  # the default since the ACDC benchmark chose URL only
     crl_default(config_module, True)
     assert demo_module.our_parts() == "URL and CRL (concentration)"
+
+
+@pytest.mark.slow  # the module's demo run: ~15 s of CPU, more on a loaded machine
+def test_every_text_of_the_report_lies_inside_the_figure(demo):
+    """The heading once ran off the right edge (the precision made its first line longer)."""
+    from buseg.report import _CaseView, _ReportFigure
+
+    out, _, _ = demo
+    comparison = json.loads((out / "comparison.json").read_text())
+    case = sorted(c["case"] for c in comparison["cases"])[0]  # the case the demo's report shows
+    # The full plan's figures are longer than the quick run's: the layout must hold for them.
+    comparison["plan"], comparison["seed"] = "full", 12345
+    comparison["methods"]["buarl"]["training"].update(iterations=10000, batch_size=24)
+    comparison["shared"]["iterations"] = 6000
+    report = _ReportFigure(comparison, _CaseView.load(comparison, out, case), case)
+    report.draw()
+    renderer = report.figure.canvas.get_renderer()
+    width = report.figure.bbox.width
+    for text in report.figure.texts:
+        extent = text.get_window_extent(renderer)
+        assert extent.x0 >= 0 and extent.x1 <= width, (text.get_text()[:60], extent.x1, width)

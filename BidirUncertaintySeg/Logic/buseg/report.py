@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,16 +325,20 @@ class _ReportFigure:
             ha="left",
         )
         ours_training = comparison["methods"]["buarl"]["training"]
+        description = (
+            f"Synthetic 3D volumes with known truth; test volume {self.case} was never seen in training. Both "
+            f"models: 2D U-Net, {ours_training['iterations']} iterations of batch {ours_training['batch_size']} "
+            f"(plan '{comparison['plan']}', seed {comparison['seed']}, "
+            f"{comparison.get('precision', 'precision not recorded')}), the first "
+            f"{comparison['shared']['iterations']} shared. Then ours learns from the labeled and the unlabeled "
+            "volumes (copy-paste self-training with uncertainty-aware region learning); the supervised "
+            "baseline from the labeled volumes only."
+        )
+        # Wrapped to the figure's width: the precision made the first line run off the page.
         self.figure.text(
             0.045,
             0.937,
-            f"Synthetic 3D volumes with known truth; test volume {self.case} was never seen in training. Both "
-            f"models: 2D U-Net, {ours_training['iterations']} iterations of batch {ours_training['batch_size']} "
-            f"(plan '{comparison['plan']}', seed {comparison['seed']}, {comparison.get('precision', 'precision not recorded')}), "
-            "the first "
-            f"{comparison['shared']['iterations']} shared.\n"
-            "Then ours learns from the labeled and the unlabeled volumes (copy-paste self-training with "
-            "uncertainty-aware region learning); the supervised baseline from the labeled volumes only.",
+            textwrap.fill(description, width=165),
             fontsize=10.5,
             color="#333333",
             ha="left",
