@@ -543,7 +543,7 @@ def start_scores(loop: Loop, start: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Report: curves against cumulative cost, paired differences, the targets
+# Report: curves against cumulative cost, paired differences, the targets
 
 
 COST_FIELDS = ("slices_edited", "voxels_changed", "slices_shown")
@@ -733,8 +733,10 @@ def markdown_report(
         per_seed = gains(rows, arm, final)
         values = [100 * g for g in per_seed.values()]
         text = " / ".join(f"{s}: {100 * g:+.2f}" for s, g in per_seed.items()) or "-"
-        lines.append(f"- {arm}: {text} ({quality.verdict(values) if values else 'no seeds'} than the start)")
-    lines += ["", "## The issue's targets", "", "| target | status | detail |", "|---|---|---|"]
+        lines.append(
+            f"- {arm}: {text} (against the start: {quality.verdict(values) if values else 'no seeds'})"
+        )
+    lines += ["", "## The targets", "", "| target | status | detail |", "|---|---|---|"]
     targets = [target_regions_vs_full(rows, final), target_rank_beats_random(rows, final)]
     targets += [
         target_seven_labeled(rows, final, seven, arm) for arm in ("rank+regions", "rank+full") if arm in arms

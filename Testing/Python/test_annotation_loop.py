@@ -2,7 +2,7 @@
 
 The simulated person must correct only what the tool points at and count what it changed; the pool's
 truth must reach nothing but the annotator; the rounds must resume and be recorded as they finish;
-the report must apply the project's verdict rule and evaluate the issue's targets.
+the report must apply the project's verdict rule and evaluate the targets.
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def test_a_record_counts_only_for_its_settings_and_start_weights(loop, tiny_loop
 
 
 # --------------------------------------------------------------------------------------
-# The report: curves, paired differences, verdicts and the issue's targets
+# The report: curves, paired differences, verdicts and the targets
 
 
 def _record(arm: str, seed: int, dice: list[float], slices: int) -> dict:
