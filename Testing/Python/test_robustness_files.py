@@ -358,3 +358,37 @@ def test_predict_refuses_each_damaged_file_by_name_and_predicts_the_others(tmp_p
     ):
         assert f"{folder / name}: {message}" in warnings, name
     assert (tmp_path / "out" / "good").is_dir()
+
+
+def test_nifti_voxels_past_a_long_header_are_checked_where_they_lie(tmp_path):
+    """A NIfTI-1 file whose voxels start past the first 540 bytes (extensions, or padding before
+    vox_offset) is whole: its padding is not voxel data, and its last voxels are checked too."""
+    plain = tmp_path / "plain.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 6, 8), np.float32)), str(plain))
+    raw = plain.read_bytes()
+    offset = struct.unpack("<f", raw[108:112])[0]
+    gap = 1008
+    shifted = bytearray(raw[:348]) + b"\0\0\0\0" + b"\xff" * gap  # NaN-looking padding, not voxels
+    shifted[108:112] = struct.pack("<f", offset + gap)
+    whole = tmp_path / "long_header.nii"
+    whole.write_bytes(bytes(shifted) + raw[int(offset) :])
+    assert float(read_image(whole).array.mean()) == 1.0
+    voxels = bytearray(raw[int(offset) :])
+    voxels[-4:] = struct.pack("<f", float("nan"))  # the last voxel, which the old scan never reached
+    damaged = tmp_path / "long_header_nan.nii"
+    damaged.write_bytes(bytes(shifted) + bytes(voxels))
+    with pytest.raises(InputError, match=r"NaN or infinite") as raised:
+        read_image(damaged)
+    assert "long_header_nan.nii" in str(raised.value)
+
+
+@pytest.mark.parametrize("suffix", [".nhdr", ".mhd"])
+def test_a_header_whose_data_file_field_is_empty_is_named(tmp_path, suffix):
+    image = tmp_path / f"image{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 6, 8), np.float32)), str(image))
+    field = "data file:" if suffix == ".nhdr" else "ElementDataFile ="
+    lines = image.read_text().splitlines()
+    image.write_text("\n".join(f"{field} " if line.startswith(field) else line for line in lines) + "\n")
+    with pytest.raises(InputError, match="names no data file") as raised:
+        read_image(image)
+    assert image.name in str(raised.value)

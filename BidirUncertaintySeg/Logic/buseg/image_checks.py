@@ -66,7 +66,8 @@ def nifti_header(header: bytes) -> tuple[str, int, int, int, int] | None:
             break
     else:
         return None
-    voxels = int(np.prod([max(1, int(d)) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
+    # math.prod: Python integers, where int64 would wrap for crafted dimensions and let a short file pass.
+    voxels = math.prod(max(1, int(d)) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))])
     return order, voxels, max(1, int(bitpix)), int(datatype), max(int(offset), 348)
 
 
@@ -236,7 +237,9 @@ def _scan_nifti_data(
     while True:
         chunk = handle.read(1 << 22)
         if float_type is not None:
-            data = pending + chunk[: max(0, expected - size)]
+            # Only the bytes from the data offset to the data end: a header with extensions puts the
+            # voxels past the first chunk's start, and they end before any padding.
+            data = pending + chunk[max(0, offset - size) : max(0, expected - size)]
             usable = len(data) - len(data) % int(float_type[1])
             values = np.frombuffer(data[:usable], dtype=order + float_type)
             bad += int(values.size - np.count_nonzero(np.isfinite(values)))
@@ -293,7 +296,7 @@ def _nrrd_block(path: Path) -> _DataBlock | None:
     data_file = fields.get("data file", fields.get("datafile"))
     if data_file is None:
         block = _DataBlock(path, data_start, encoding)
-    elif _several_files(data_file):
+    elif _several_files(data_file, path):
         return None  # several data files: each is read by ITK, not checked here
     else:
         skip_lines = int(fields.get("line skip", fields.get("lineskip", "0")) or 0)
@@ -329,7 +332,7 @@ def _metaimage_block(path: Path) -> _DataBlock | None:
     data_file = fields["elementdatafile"]
     if data_file.upper() == "LOCAL":
         block = _DataBlock(path, data_start, encoding)
-    elif _several_files(data_file):
+    elif _several_files(data_file, path):
         return None  # several data files: each is read by ITK, not checked here
     else:
         header_size = int(fields.get("headersize", "0") or 0)
@@ -339,10 +342,12 @@ def _metaimage_block(path: Path) -> _DataBlock | None:
     return block
 
 
-def _several_files(data_file: str) -> bool:
+def _several_files(data_file: str, path: Path) -> bool:
     """Whether a header's data file names several files: 'LIST', or a pattern with a numeric range
     ('slice%03d.raw 1 40 1'), as NRRD and MetaImage write them."""
     words = data_file.split()
+    if not words:  # ITK would look for a data file named '' (a folder)
+        raise InputError("its header names no data file (the data-file field is empty)", path=path)
     return data_file.upper().startswith("LIST") or ("%" in words[0] and len(words) >= 4)
 
 
