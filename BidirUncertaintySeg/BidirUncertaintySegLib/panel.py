@@ -249,8 +249,12 @@ class PanelController:
             return True
         try:
             self.job.poll()
-        except Exception as exc:  # a listener failed: end the job's display rather than poll it forever
+        except Exception as exc:
+            # A listener failed, so the job can no longer be shown: end it for good (its worker
+            # stopped, the registry free) rather than leave it running where no tick follows it.
             message = unexpectedMessage(exc, "following the job")
+            self.then = None
+            self.job.abandon(message, SHUTDOWN_GRACE_SECONDS)
             if self.presenter.busy:
                 self.presenter.workerEnded("failed", message=message)
             return True

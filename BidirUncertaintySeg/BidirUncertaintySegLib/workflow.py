@@ -192,28 +192,49 @@ class Job:
         elif not self.worker.done:
             self.worker.close()
 
-    def shutdown(self, graceSeconds: float = 10.0) -> threading.Thread | None:
+    def shutdown(
+        self, graceSeconds: float = 10.0, afterwards: Callable[[], None] | None = None
+    ) -> threading.Thread | None:
         """Stop for good (the module is reloaded or closed, Slicer quits) without blocking the
         application: ask the worker to stop (a training writes its checkpoint), and a background
         thread kills what is left after ``graceSeconds``. Nobody polls after this, so the
         client's own deadline for the kill would never come. Returns that thread (None when no
-        worker runs). A worker whose Slicer has quit also stops on its own (it watches Slicer)."""
+        worker runs); ``afterwards`` runs once the worker is gone (at once when none ran). A
+        worker whose Slicer has quit also stops on its own (it watches Slicer)."""
         if self.done:
             return None
         self.cancel()
         if self.worker is None:
             if self.preparation is not None:
                 self.preparation.close()  # its temporary nodes go now
+            if afterwards is not None:
+                afterwards()
             return None
         worker = self.worker
 
         def stopForGood() -> None:
             if not worker.wait(graceSeconds):
                 worker.close()
+            if afterwards is not None:
+                afterwards()
 
         thread = threading.Thread(target=stopForGood, name="BidirUncertaintySeg-shutdown", daemon=True)
         thread.start()
         return thread
+
+    def abandon(self, message: str, graceSeconds: float = 10.0) -> threading.Thread | None:
+        """End the job as failed because nobody can follow it any more (a listener of its
+        events raised): its worker is stopped as :meth:`shutdown` stops it, and the job is done
+        at once, so that the registry takes the next job instead of refusing every start.
+        Nothing is imported; the work folder goes once the worker has. Returns the stopping
+        thread (None when no worker ran)."""
+        if self.done:
+            return None
+        self._ended = True
+        self.result = JobResult("failed", message=message)  # before the work folder's clean-up reads it
+        stopping = self.shutdown(graceSeconds, afterwards=self._removeWorkFolder)
+        self.done = True
+        return stopping
 
     @property
     def importsResults(self) -> bool:

@@ -305,6 +305,56 @@ def test_closing_the_module_kills_a_worker_that_ignores_the_cancel_without_block
     assert job.worker.done and job.worker.result.status in ("cancelled", "failed")
 
 
+def test_a_listener_that_raises_ends_the_job_for_good_and_the_next_start_is_taken(
+    app, store, tmp_path, monkeypatch
+):
+    pid_file = tmp_path / "pid"
+    flow = stub_flow(app, store, tmp_path, STUB_MODE="hang", STUB_PID_FILE=pid_file)
+    monkeypatch.setattr(panel, "SHUTDOWN_GRACE_SECONDS", 1.0)
+    controller = controller_for(flow)
+
+    def broken_listener(event):
+        raise RuntimeError("the plot could not be drawn")
+
+    def starter():
+        job = workflow.Job(
+            "train", flow._worker(["train", "--out", str(tmp_path)], tmp_path), outDir=tmp_path
+        )
+        job.eventListeners.append(broken_listener)
+        return job.start()
+
+    job = controller.start(presenter.TRAIN, starter)
+    run_until_done(controller, seconds=30)  # the timer stops, and the panel is not left busy
+    assert controller.presenter.state == presenter.FAILED
+    assert "RuntimeError: the plot could not be drawn" in controller.presenter.view.errorText
+    # The job is over for the registry too: it used to stay 'running', refusing every later start.
+    assert job.done and job.result.status == "failed" and controller.registry.running() is None
+    controller.registry.ensureIdle()
+    deadline = time.monotonic() + 30  # its worker (which ignores the cancel) is killed after the grace
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the worker of the abandoned job still runs"
+        time.sleep(0.1)
+
+    quick = stub_flow(app, store, tmp_path)  # a worker that finishes
+    again = controller.start(
+        presenter.SEGMENT,
+        lambda: workflow.Job(
+            "segment", quick._worker(["predict", "--out", str(tmp_path / "o")], tmp_path), outDir=tmp_path
+        ).start(),
+    )
+    assert again is not None and again is not job
+    run_until_done(controller)
+    assert again.succeeded and controller.presenter.state == presenter.IDLE
+
+
 def test_kill_while_cancelling_stops_the_worker_at_once(app, store, tmp_path):
     pid_file = tmp_path / "pid"
     flow = stub_flow(app, store, tmp_path, STUB_MODE="hang", STUB_PID_FILE=pid_file)
