@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import dependencies, engine, presenter, review
+from . import dependencies, engine, nodefiles, presenter, review
 from .errors import ModuleError, PreviousTrainingError
 from .workflow import INPUT_VOLUME_ROLE, Job, Workflow, readHistory, unexpectedMessage
 
@@ -323,9 +323,15 @@ class PanelController:
         segmentation, volume = self.resultNodes()
         workflow = self.workflow
         workflow.addCorrectedCase(volume, segmentation)
+        saved = workflow.savedCase
+        renamed = (
+            f" as '{saved.name}' (another volume of that name is saved there already)"
+            if saved.name != nodefiles.safeFileName(volume.GetName())
+            else ""
+        )
         return (
             f"'{volume.GetName()}' is now a labeled case ({len(self.store.labeledCases())} in all), saved in "
-            f"{workflow.context.labelsFolderPath}; train again to use it."
+            f"{workflow.context.labelsFolderPath}{renamed}; train again to use it."
         )
 
     def addAndSegmentNext(self) -> Job | None:

@@ -117,6 +117,7 @@ class TrainingPlan:
     # Labeled cases of the labels folder that are not in the scene's list: (image, label) files.
     fileCases: list[tuple[Path, Path]] = field(default_factory=list)
     fileClasses: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the user, shown as the job's warnings
 
 
 # --------------------------------------------------------------------------------------
@@ -164,6 +165,7 @@ class Job:
         self.value: Any = None
         self.importError: str | None = None
         self.done = False
+        self._notes: list[dict[str, Any]] = []
         self._cancelBeforeLaunch = False
         self._ended = False
 
@@ -247,10 +249,17 @@ class Job:
     def logTail(self, lines: int = 20) -> list[str]:
         return self.worker.logTail(lines) if self.worker is not None else []
 
+    def note(self, message: str) -> None:
+        """Tell the user something about the job: a ``warning`` event at the next :meth:`poll`
+        (when the panel or the console follows it already)."""
+        self._notes.append({"event": "warning", "message": message})
+
     def poll(self) -> bool:
         """Deliver new events; when the worker has ended, run the import once. True when all is over."""
         if self.done:
             return True
+        while self._notes:
+            self._deliver(self._notes.pop(0))
         if self.worker is None:
             self._prepareStep()
             return self.done
@@ -463,6 +472,7 @@ class Workflow:
     def __init__(self, context: SlicerContext, store: ParameterStore | None = None) -> None:
         self.context = context
         self.store = store
+        self.savedCase: labelsfolder.FileCase | None = None  # the labels folder's case of the last addition
 
     @property
     def scene(self) -> Any:
@@ -540,15 +550,19 @@ class Workflow:
             modelClasses(fineTuneFrom) if fineTuneFrom is not None else [],
             [(case.image, case.label) for case in onDisk.cases],
             onDisk.classes,
+            [
+                f"Labels folder case '{case.name}' is left out: the labeled volume '{volume}' of the "
+                "scene is the same image, and its segmentation in the scene is used."
+                for case, volume in onDisk.leftOut
+            ],
         )
 
     def fileCases(self, labeled: Sequence[tuple[Any, Any]] = ()) -> labelsfolder.LabelsFolder:
-        """The labels folder's cases that a training adds to ``labeled``: all but those of a
-        volume in ``labeled`` (the scene's version of a case is the one used)."""
+        """The labels folder's cases that a training adds to ``labeled``: all but those saved
+        from a volume in ``labeled`` (the scene's version of a case is the one used; they are
+        in ``leftOut``)."""
         onDisk = labelsfolder.read(self.context.labelsFolderPath)
-        inScene = {nodefiles.safeFileName(volume.GetName()) for volume, _ in labeled if volume is not None}
-        onDisk.cases = [case for case in onDisk.cases if case.name not in inScene]
-        return onDisk
+        return labelsfolder.casesBesideScene(onDisk, [volume for volume, _ in labeled])
 
     def _runFolder(
         self, outDir: str | Path | None, overwrite: bool, fineTuneFrom: Path | None
@@ -662,7 +676,10 @@ class Workflow:
             command = engine.trainCommand(plan.configPath, plan.outDir, overwrite=plan.overwrite)
             return self._worker(command, plan.outDir)
 
-        return self._trainingJob(plan.outDir, preparation=self.trainingSteps(plan), launch=launch).start()
+        job = self._trainingJob(plan.outDir, preparation=self.trainingSteps(plan), launch=launch)
+        for note in plan.notes:
+            job.note(note)
+        return job.start()
 
     def resumeTraining(self, outDir: str | Path | None = None) -> Job:
         """Continue the interrupted training in ``outDir`` (default: the last one of the parameter node)."""
@@ -951,7 +968,7 @@ class Workflow:
         changed = self.store.addLabeledCase(volumeNode, segmentationNode)
         if self.store.nodeReference("OutputSegmentation") is segmentationNode:
             self.store.setNodeReference("OutputSegmentation", None)
-        self.saveLabeledCase(volumeNode, segmentationNode)
+        self.savedCase = self.saveLabeledCase(volumeNode, segmentationNode)
         return changed
 
     def saveLabeledCase(self, volumeNode: Any, segmentationNode: Any) -> labelsfolder.FileCase:

@@ -933,6 +933,75 @@ def test_labeled_cases_that_are_only_files_are_trained_on_without_being_loaded(a
         flow.planTraining([])
 
 
+def test_a_different_volume_of_the_same_name_gets_its_own_case_and_loses_nobodys_correction(
+    app, store, tmp_path
+):
+    from buseg.data import cases_from_manifest
+    from buseg.io import read_label
+
+    cases = [synthetic(seed=i) for i in range(3)]
+    flow = stub_flow(app, store, tmp_path)
+    labels = flow.context.labelsFolderPath
+    first = add_volume(app.scene, cases[0].image, "Image")  # two series that Slicer names alike
+    second = add_volume(app.scene, cases[1].image, "Image")
+    for volume, case in ((first, cases[0]), (second, cases[1])):
+        result = add_segmentation(app.scene, case.label.array, volume, CLASS_NAMES)
+        result.SetNodeReferenceID(workflow.INPUT_VOLUME_ROLE, volume.GetID())
+        store.setNodeReference("OutputSegmentation", result)
+        message = controller_for(flow).addCorrectedCase()
+    assert "as 'Image_2' (another volume of that name is saved there already)" in message
+    saved = {c.name: c for c in labelsfolder.read(labels).cases}
+    assert sorted(saved) == ["Image", "Image_2"]
+    for name, case in (("Image", cases[0]), ("Image_2", cases[1])):  # the first one was overwritten
+        assert np.array_equal(read_label(saved[name].label).array, case.label.array)
+
+    # The same volume corrected again replaces its own case, not the other one's.
+    corrected = cases[0].label.array.copy()
+    corrected[corrected == 3] = 0
+    again = add_segmentation(app.scene, corrected, first, CLASS_NAMES)
+    assert flow.addCorrectedCase(first, again)
+    saved = {c.name: c for c in labelsfolder.read(labels).cases}
+    assert sorted(saved) == ["Image", "Image_2"] and flow.savedCase.name == "Image"
+    assert np.array_equal(read_label(saved["Image"].label).array, corrected)
+    assert np.array_equal(read_label(saved["Image_2"].label).array, cases[1].label.array)
+
+    # Files listed by path whose names are taken get names of their own; none is dropped.
+    study = tmp_path / "study"
+    study.mkdir()
+    image, label = study / "Image.nrrd", study / "Image_seg.nrrd"
+    for source, target in ((saved["Image_2"].image, image), (saved["Image_2"].label, label)):
+        target.write_bytes(source.read_bytes())
+    classes = [{"value": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
+    assert [c.name for c in labelsfolder.addFiles(labels, [(image, label)], classes)] == ["Image_3"]
+    assert [c.name for c in labelsfolder.addFiles(labels, [(image, label)], classes)] == ["Image_3"]
+    assert sorted(c.name for c in labelsfolder.read(labels).cases) == ["Image", "Image_2", "Image_3"]
+    with pytest.raises(ModuleError, match=r"listed twice.*Image.nrrd"):
+        labelsfolder.addFiles(labels, [(image, label), (image, label)], classes)
+
+    # A training with 'Image' (the first volume) labeled in the scene: that saved case is left
+    # out, and said; the other volume named 'Image' is not the same image, so it stays.
+    store.set("method", "supervised")
+    store.setLabeledCases([(first, again)])
+    plan = flow.planTraining(store.labeledCases())
+    assert sorted(p.name for p, _ in plan.fileCases) == ["Image.nrrd", "Image_2.nrrd"]
+    assert plan.fileCases[0][0].parent != plan.fileCases[1][0].parent  # the study's and the folder's
+    assert plan.notes == [
+        "Labels folder case 'Image' is left out: the labeled volume 'Image' of the scene is the "
+        "same image, and its segmentation in the scene is used."
+    ]
+    controller = controller_for(flow)
+    job = controller.start(
+        presenter.TRAIN, lambda: flow.startTraining(store.labeledCases(), outDir=tmp_path / "run")
+    )
+    controller.timer.tick()
+    assert plan.notes[0] in controller.presenter.warnings
+    controller.buttonClicked(presenter.TRAIN)  # cancel the export
+    run_until_done(controller)
+    assert job.done
+    training = cases_from_manifest(labels / nodefiles.MANIFEST_NAME)
+    assert len(training.labeled) == 3  # the folder itself lists every case for the engine
+
+
 # --------------------------------------------------------------------------------------
 # Add, then segment the next case
 
