@@ -102,6 +102,20 @@ SlicerMONAIAuto3DSeg, SlicerNNUnet and SlicerPyTorch extensions.
 #
 
 
+class _CloseEventFilter(qt.QWidget):
+    """An event filter on Slicer's main window: a close (quit) goes on only if ``mayClose()``."""
+
+    def __init__(self, mayClose):
+        super().__init__()
+        self.mayClose = mayClose
+
+    def eventFilter(self, watched, event):
+        if event.type() == qt.QEvent.Close and not self.mayClose():
+            event.ignore()
+            return True  # Slicer stays open, the job goes on
+        return False
+
+
 class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the .ui widgets to the parameter node and to the panel controller; decides nothing.
 
@@ -119,6 +133,7 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._timer = None
         self._jobButtons = {}
         self._shown = None  # panel.ShownModuleBindings, made in setup
+        self._quitFilter = None  # asks before Slicer quits while a job runs
         self._sceneCloseMessage = ""
 
     @property
@@ -238,6 +253,11 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             shortcut.connect("activated()", callback)
             return shortcut
 
+        # Slicer's module clean-up cannot be cancelled, so the question comes before it: on the
+        # main window's close event, as Slicer-based applications (GeoSlicer) ask theirs.
+        self._quitFilter = _CloseEventFilter(self.controller.mayQuit)
+        slicer.util.mainWindow().installEventFilter(self._quitFilter)
+
         self._shown = panel.ShownModuleBindings(
             self.ui.segmentEditorWidget,
             {
@@ -260,6 +280,8 @@ class BidirUncertaintySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             )
         if self._timer is not None:
             self._timer.stop()
+        if self._quitFilter is not None:
+            slicer.util.mainWindow().removeEventFilter(self._quitFilter)
         if self._shown is not None:
             self._shown.left()
         self.removeObservers()

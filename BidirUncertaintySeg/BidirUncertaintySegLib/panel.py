@@ -271,6 +271,22 @@ class PanelController:
         elif self.presenter.state == presenter.CANCELLING:  # nothing left to stop: never stuck cancelling
             self.presenter.workerEnded("cancelled")
 
+    def mayQuit(self) -> bool:
+        """The user closes Slicer's main window: True to let it close. While a job runs the user
+        is asked first (declining keeps Slicer open and the job running); what agreeing does is
+        :meth:`shutdown` (a training saves its checkpoint, so Resume continues it)."""
+        job = self.registry.running()
+        if job is None:
+            return True
+        if job.kind == presenter.TRAIN:
+            question = (
+                "A training is running. Quit anyway?\n\nIt stops after saving a checkpoint; "
+                "Resume (or Resume from folder...) continues it the next time."
+            )
+        else:
+            question = f"The {presenter.RUNNING_VERBS[job.kind].lower()} is still running. Quit anyway? It is stopped."
+        return bool(self.hooks.confirm(question))
+
     def shutdown(self) -> Any:
         """The module is reloaded or closed, or Slicer quits: stop the job (checkpoint first, then
         kill) without blocking; returns the thread that finishes it (None: nothing ran)."""

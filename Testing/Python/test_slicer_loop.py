@@ -355,6 +355,43 @@ def test_a_listener_that_raises_ends_the_job_for_good_and_the_next_start_is_take
     assert again.succeeded and controller.presenter.state == presenter.IDLE
 
 
+def test_quitting_slicer_while_a_job_runs_asks_first_and_declining_keeps_it_running(app, store, tmp_path):
+    pid_file = tmp_path / "pid"
+    flow = stub_flow(app, store, tmp_path, STUB_MODE="hang", STUB_PID_FILE=pid_file)
+    answers, questions = [], []
+
+    def confirm(text):
+        questions.append(text)
+        return answers.pop(0)
+
+    controller = controller_for(flow, confirm=confirm)
+    assert controller.mayQuit() and not questions  # nothing runs: nothing to ask
+    job = controller.start(
+        presenter.TRAIN,
+        lambda: workflow.Job(
+            "train", flow._worker(["train", "--out", str(tmp_path)], tmp_path), outDir=tmp_path
+        ).start(),
+    )
+    controller.timer.tick()
+    answers.append(False)
+    assert controller.mayQuit() is False  # the main window's close event is ignored
+    assert "A training is running. Quit anyway?" in questions[-1] and "checkpoint" in questions[-1]
+    controller.timer.tick()
+    assert not job.done and controller.presenter.busy and controller.timer.active
+    answers.append(True)
+    assert controller.mayQuit() is True  # then the module's clean-up stops it (tested above)
+    job.kill()
+    run_until_done(controller)
+
+    # The widget asks on the main window's close event, before Slicer's module clean-up.
+    widget = module_class_source("BidirUncertaintySegWidget")
+    assert "_CloseEventFilter(self.controller.mayQuit)" in widget
+    assert "installEventFilter(self._quitFilter)" in widget
+    assert "removeEventFilter(self._quitFilter)" in widget[widget.index("def cleanup(") :]
+    event_filter = module_class_source("_CloseEventFilter")
+    assert "qt.QEvent.Close" in event_filter and "event.ignore()" in event_filter
+
+
 def test_kill_while_cancelling_stops_the_worker_at_once(app, store, tmp_path):
     pid_file = tmp_path / "pid"
     flow = stub_flow(app, store, tmp_path, STUB_MODE="hang", STUB_PID_FILE=pid_file)
