@@ -318,6 +318,10 @@ def test_a_working_grid_beyond_the_memory_is_refused_before_it_is_allocated(tmp_
         f"{model}: resampling to the model's working spacing (0.001, 0.001, 0.001) mm makes a grid of"
         in caplog.text
     )
+    assert (
+        "hint: a working spacing closer to the images' own (--working-spacing-mm when training)"
+        in caplog.text
+    )
     case = _case(shape=(10, 24, 24))
     root = _labeled_folder(tmp_path / "train", case.image, case.label)
     config = _config(root, dimension="3d")
@@ -326,6 +330,32 @@ def test_a_working_grid_beyond_the_memory_is_refused_before_it_is_allocated(tmp_
     with pytest.raises(ResourceError, match="resampling to the working spacing") as error:
         train(config)
     assert error.value.path == str(root / "images" / "a.nrrd")
+
+
+def test_one_memory_check_names_the_file_and_says_what_to_do(tmp_path, monkeypatch):
+    """The single memory check (training images, prediction, working grids) puts the file that asks
+    for the memory and the caller's hint in its error, and the default hint where none is given."""
+    import psutil
+
+    from buseg.memory import SMALLER_IMAGES_HINT, check_memory
+    from buseg.resample import WORKING_GRID_MEMORY_HINT
+
+    class Memory:
+        available = 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", Memory)
+    model = tmp_path / "model.pt"
+    with pytest.raises(ResourceError) as error:
+        check_memory(2**31, "the resampled volumes", path=model, hint=WORKING_GRID_MEMORY_HINT)
+    assert error.value.path == str(model) and error.value.hint == WORKING_GRID_MEMORY_HINT
+    assert str(error.value) == (
+        f"{model}: the resampled volumes need about 2.0 GiB in memory, more than 70% of the 1.0 GiB "
+        f"available\n  hint: {WORKING_GRID_MEMORY_HINT}"
+    )
+    with pytest.raises(ResourceError) as error:
+        check_memory(2**31, "the 2 training images")
+    assert error.value.path is None and error.value.hint == SMALLER_IMAGES_HINT
+    check_memory(2**29, "half a GiB")  # under 70% of what is free: no error
 
 
 def test_predict_refuses_each_damaged_file_by_name_and_predicts_the_others(tmp_path, capsys):

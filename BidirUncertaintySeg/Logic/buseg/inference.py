@@ -74,8 +74,8 @@ from .onnx_engine import choose_engine, engine_description, load_session, sessio
 from .preprocessing import normalize_intensity, resize_slices
 from .regions import RegionSet, find_regions, regions_document, review_slice_axis
 from .resample import (
+    WORKING_GRID_MEMORY_HINT,
     Grid,
-    check_memory_for,
     image_on_working_grid,
     maps_on_grid,
     model_working_spacing,
@@ -815,11 +815,12 @@ def _network_input(model: LoadedModel, image: Volume, config: PredictConfig) -> 
     if not working_spacing or same_spacing(image.spacing_mm, working_spacing):
         return image
     target = working_grid(Grid.of(image), working_spacing, path=model.path, whose="the model's")
-    check_memory_for(
+    check_memory(
         prediction_memory_bytes(target.shape[::-1], model, config, network_device(model.network)),
         f"predicting {Path(image.path or 'the image').name} at the model's working spacing "
         f"({'x'.join(map(str, target.shape[::-1]))} voxels)",
         path=model.path,
+        hint=WORKING_GRID_MEMORY_HINT,
     )
     return image_on_working_grid(image, working_spacing)
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import ResourceError
 from .io import LabelVolume, Volume, format_numbers
+from .memory import check_memory
 
 # Output slices resampled together when predictions go back to the input grid: the slab's class
 # probabilities (C x 8 x 512 x 512 float32 = 8 MB per class) stay small next to the output maps.
@@ -98,11 +98,13 @@ def working_grid(
     if not (np.all(np.isfinite(working)) and np.all(working > 0)):
         raise ValueError(f"a working spacing is positive and finite, not {tuple(working_spacing_mm)}")
     exact_size = np.maximum(1.0, np.round(size_xyz * spacing / working))
-    check_memory_for(
+    check_memory(
         float(np.prod(exact_size)) * RESAMPLE_BYTES_PER_VOXEL,
         f"resampling to {whose} working spacing {format_numbers(working)} mm makes a grid of "
-        f"{'x'.join(f'{s:.0f}' for s in exact_size)} voxels (from {'x'.join(map(str, grid.shape[::-1]))})",
+        f"{'x'.join(f'{s:.0f}' for s in exact_size)} voxels (from {'x'.join(map(str, grid.shape[::-1]))}): "
+        "the resampled volumes",
         path=path,
+        hint=WORKING_GRID_MEMORY_HINT,
     )
     new_size = exact_size.astype(int)
     # Same centre: first voxel centre moved by half the difference of the two extents (centre to centre).
@@ -120,23 +122,11 @@ def working_grid(
 # Bytes per working-grid voxel while a volume is resampled to it: the float32 result and, for a label
 # map, each value's float32 share, the best share so far and the output (resample_label_array).
 RESAMPLE_BYTES_PER_VOXEL = 16
-MEMORY_FRACTION = 0.7
-
-
-def check_memory_for(needed_bytes: float, what: str, *, path: str | Path | None = None) -> None:
-    """A ResourceError saying ``what`` needs ``needed_bytes``, when that is more than 70% of the memory
-    available now."""
-    import psutil
-
-    available = psutil.virtual_memory().available
-    if needed_bytes > MEMORY_FRACTION * available:
-        raise ResourceError(
-            f"{what}: about {needed_bytes / 2**30:.1f} GiB in memory, more than {MEMORY_FRACTION:.0%} of the "
-            f"{available / 2**30:.1f} GiB available",
-            path=path,
-            hint="a working spacing closer to the images' own (--working-spacing-mm when training), or smaller "
-            "(cropped, downsampled) images",
-        )
+# What to do when a working grid does not fit (working_grid, and prediction at a model's spacing).
+WORKING_GRID_MEMORY_HINT = (
+    "a working spacing closer to the images' own (--working-spacing-mm when training), or smaller "
+    "(cropped, downsampled) images"
+)
 
 
 def _resample(image: sitk.Image, target: Grid, interpolator: int) -> np.ndarray:
