@@ -130,9 +130,11 @@ def rankCommand(
     *,
     score: str | None = None,
     savePredictions: bool = False,
+    saveFirstPrediction: bool = False,
 ) -> list[str]:
     """Rank unlabeled images by the model's uncertainty (most informative first): ranking.json in
-    ``outDir``. ``score``: one of the engine's ranking scores (default: the engine's default)."""
+    ``outDir``. ``score``: one of the engine's ranking scores (default: the engine's default).
+    ``saveFirstPrediction``: the first-ranked case's predict outputs too, in ``outDir/<case>/``."""
     args = ["rank", *[str(p) for p in inputs], "--model", str(modelPath), "--out", str(outDir), "--overwrite"]
     if score:
         args += ["--score", score]
@@ -140,6 +142,8 @@ def rankCommand(
         args += predictFlag(name, value)
     if savePredictions:
         args.append("--save-predictions")
+    if saveFirstPrediction:
+        args.append("--save-first-prediction")
     return args
 
 

@@ -319,9 +319,13 @@ class PanelController:
         if job.kind == presenter.SEGMENT and job.value is not None:
             return f"Segmented; {len(job.value.regions)} uncertain region(s) to review."
         if job.kind == presenter.RANK and job.value:
-            return (
-                f"Most informative volume: {job.value[0].volumeNode.GetName()} (now the volume to segment)."
-            )
+            first = job.value[0]
+            if first.segmentation is not None:
+                return (
+                    f"Most informative volume: {first.volumeNode.GetName()}, segmented; "
+                    f"{len(first.segmentation.regions)} uncertain region(s) to review."
+                )
+            return f"Most informative volume: {first.volumeNode.GetName()} (now the volume to segment)."
         if job.kind == presenter.TRAIN and job.value:
             return f"Model written: {job.value}"
         return ""
@@ -361,11 +365,13 @@ class PanelController:
         model = self.store.get("modelPath")
 
         def segmentFirst(rankJob: Job) -> None:
-            best = rankJob.value[0].volumeNode
-            self.start(presenter.SEGMENT, lambda: self.workflow.startSegmentation(best, model))
+            best = rankJob.value[0]
+            if best.segmentation is None:  # its score came from an earlier ranking: predict it now
+                self.start(presenter.SEGMENT, lambda: self.workflow.startSegmentation(best.volumeNode, model))
 
         job = self.start(
-            presenter.RANK, lambda: self.workflow.startRanking(self.store.unlabeledVolumes(), model)
+            presenter.RANK,
+            lambda: self.workflow.startRanking(self.store.unlabeledVolumes(), model, segmentFirst=True),
         )
         if job is not None:
             self.then = segmentFirst

@@ -400,6 +400,8 @@ class RankedVolume:
     score: float
     statistics: dict[str, Any]
     regions: int = 0
+    # The first-ranked volume's prediction, loaded when the ranking was asked to keep it.
+    segmentation: SegmentationResult | None = None
 
 
 class RankingCache:
@@ -869,8 +871,14 @@ class Workflow:
         *,
         uncertainty: str | None = None,
         options: dict[str, Any] | None = None,
+        segmentFirst: bool = False,
     ) -> Job:
         """Rank unlabeled volumes by uncertainty; the job's value is a list of :class:`RankedVolume`, best first.
+
+        ``segmentFirst``: the worker keeps the first-ranked volume's prediction and it is
+        loaded as a segmentation is (the first :class:`RankedVolume`'s ``segmentation``), so
+        "label the next case" needs no second prediction; None when the first volume's score
+        came from an earlier ranking (nothing was predicted for it).
 
         The volumes are exported one per :meth:`Job.poll` (a GUI timer never blocks for long),
         into a folder kept between rankings: a volume unchanged since the last ranking is not
@@ -906,7 +914,10 @@ class Workflow:
         def launch(_: Any) -> WorkerJob | None:
             if not toPredict:
                 return None
-            return self._worker(engine.rankCommand(toPredict, modelPath, outDir, predict), folder)
+            command = engine.rankCommand(
+                toPredict, modelPath, outDir, predict, saveFirstPrediction=segmentFirst
+            )
+            return self._worker(command, folder)
 
         def completed(result: JobResult) -> list[RankedVolume]:
             predicted = {engine.caseName(path) for path in toPredict}
@@ -917,6 +928,10 @@ class Workflow:
             )
             ranked = rankedVolumes(known.merged(fresh), byCase)
             self.showRanking(ranked)
+            first = next((e for e in fresh if e.get("outputs") and str(e.get("case")) in byCase), None)
+            if segmentFirst and first is not None and byCase[str(first["case"])] is ranked[0].volumeNode:
+                outputs = PredictOutputs.forCase(outDir, str(first["case"]), first["outputs"])
+                ranked[0].segmentation = self.importSegmentation(outputs, ranked[0].volumeNode)
             return ranked
 
         return Job(

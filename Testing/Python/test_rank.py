@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +99,22 @@ def test_cli_rank_prints_and_writes_the_ranking(setup, tmp_path, capsys):
     assert "exists already" in capsys.readouterr().err
     with pytest.raises(OutputError):
         rank_files([pool], PredictConfig(model_path=str(model), out_dir=str(out)))
+
+
+def test_save_first_prediction_keeps_the_outputs_of_the_first_ranked_case_only(setup, tmp_path):
+    # The images come in name order, each noisier (higher scored) than the one before: each
+    # new best replaces the outputs written before it, so one case's files are on disk at a time.
+    model, pool = setup
+    out = tmp_path / "out"
+    config = PredictConfig(model_path=str(model), out_dir=str(out))
+    result = rank_files([pool], config, save_first_prediction=True)
+    first, *others = result.entries
+    assert first["case"] == "c_very_noisy" and [e["case"] for e in others] == ["b_noisy", "a_clean"]
+    assert sorted(first["outputs"]) == ["label", "regions", "segmentation", "uncertainty"]
+    assert all(
+        Path(p).is_file() and Path(p).parent == out / "c_very_noisy" for p in first["outputs"].values()
+    )
+    assert all(e["outputs"] == {} for e in others)
+    assert sorted(p.name for p in out.iterdir()) == ["c_very_noisy", "ranking.csv", "ranking.json"]
+    written = json.loads((out / "ranking.json").read_text())["cases"]
+    assert written[0]["outputs"] == first["outputs"] and written[1]["outputs"] == {}

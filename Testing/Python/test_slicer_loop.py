@@ -50,6 +50,8 @@ import json, os, shutil, signal, sys, time
 
 args = sys.argv[1:]
 command, out = args[2], args[args.index("--out") + 1]
+if os.environ.get("STUB_ARGV_FILE"):
+    open(os.environ["STUB_ARGV_FILE"], "w").write("\\n".join(args))
 print(json.dumps({{"event": "started", "schema": 1, "job": command, "device": "cpu", "total": 1}}), flush=True)
 if os.environ.get("STUB_MODE") == "hang":  # ignores the cancel: only a kill stops it
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -1043,7 +1045,7 @@ def test_a_different_volume_of_the_same_name_gets_its_own_case_and_loses_nobodys
 # Add, then segment the next case
 
 
-def test_add_and_segment_next_ranks_then_segments_the_first_ranked_volume_on_one_timer(app, store, tmp_path):
+def test_add_and_segment_next_loads_the_rankings_own_prediction_of_the_first_volume(app, store, tmp_path):
     cases = [synthetic(seed=i) for i in range(3)]
     volumes = [add_volume(app.scene, c.image, f"Case {i}") for i, c in enumerate(cases)]
     result = add_segmentation(app.scene, cases[0].label.array, volumes[0], CLASS_NAMES)
@@ -1053,32 +1055,75 @@ def test_add_and_segment_next_ranks_then_segments_the_first_ranked_volume_on_one
     store.setNodeReference("OutputSegmentation", result)
     (tmp_path / "model.pt").write_bytes(b"m")
     store.set("modelPath", str(tmp_path / "model.pt"))
-    ranking = tmp_path / "ranking"
-    ranking.mkdir()
+    ranking = tmp_path / "ranking"  # what `buseg rank --save-first-prediction` writes
+    outputs = predict_outputs(ranking, "Case_2", cases[2])
+    (ranking / "summary.json").unlink()
+    relative = {
+        key: str(getattr(outputs, key).relative_to(ranking))
+        for key in ("label", "segmentation", "uncertainty", "regions")
+    }
+    entries = [
+        {"case": "Case_2", "rank": 1, "score": 0.9, "statistics": {}, "outputs": relative},
+        {"case": "Case_1", "rank": 2, "score": 0.4, "statistics": {}, "outputs": {}},
+    ]
     (ranking / "ranking.json").write_text(
-        json.dumps(
-            {
-                "schema": "buseg-ranking",
-                "schema_version": 1,
-                "cases": [
-                    {"case": "Case_2", "rank": 1, "score": 0.9, "statistics": {}},
-                    {"case": "Case_1", "rank": 2, "score": 0.4, "statistics": {}},
-                ],
-            }
-        )
+        json.dumps({"schema": "buseg-ranking", "schema_version": 1, "cases": entries})
     )
-    prepared = tmp_path / "prepared"
-    predict_outputs(prepared, "Case_2", cases[2])
-    flow = stub_flow(app, store, tmp_path, STUB_OUTPUTS_RANK=ranking, STUB_OUTPUTS_PREDICT=prepared)
+    argv_file = tmp_path / "argv"
+    flow = stub_flow(app, store, tmp_path, STUB_OUTPUTS_RANK=ranking, STUB_ARGV_FILE=argv_file)
     controller = controller_for(flow)
 
     rank = controller.addAndSegmentNext()
     assert store.labeledCases() == [(volumes[0], result)]
     assert store.unlabeledVolumes() == volumes[1:]
     assert rank is not None and rank.kind == presenter.RANK
-    # One run of the timer: the segmentation the ranking starts is polled by the same timer
-    # (the ranking's end used to stop it, leaving the panel 'starting' for good).
     run_until_done(controller)
+    # No second prediction: the ranking kept the first volume's and it is loaded.
+    assert controller.job is rank and rank.succeeded, rank.failureMessage()
+    assert "--save-first-prediction" in argv_file.read_text().split("\n")
+    first = rank.value[0]
+    assert first.volumeNode is volumes[2] and first.segmentation is not None
+    assert store.nodeReference("InputVolume") is volumes[2]
+    assert store.nodeReference("OutputSegmentation") is first.segmentation.segmentationNode
+    assert first.segmentation.segmentationNode.GetNodeReference(workflow.INPUT_VOLUME_ROLE) is volumes[2]
+    assert controller.presenter.state == presenter.IDLE
+    assert "Case 2, segmented" in controller.presenter.view.statusText
+
+
+def test_add_and_segment_next_predicts_the_first_volume_when_its_score_was_known(app, store, tmp_path):
+    # One timer for both jobs: the segmentation the ranking starts is polled by the same timer
+    # (the ranking's end used to stop it, leaving the panel 'starting' for good).
+    cases = [synthetic(seed=i) for i in range(3)]
+    volumes = [add_volume(app.scene, c.image, f"Case {i}") for i, c in enumerate(cases)]
+    for volume in volumes[1:]:
+        store.addUnlabeledVolume(volume)
+    (tmp_path / "model.pt").write_bytes(b"m")
+    store.set("modelPath", str(tmp_path / "model.pt"))
+    ranking = tmp_path / "ranking"
+    ranking.mkdir()
+    entries = [
+        {"case": "Case_2", "rank": 1, "score": 0.9, "statistics": {}, "outputs": {}},
+        {"case": "Case_1", "rank": 2, "score": 0.4, "statistics": {}, "outputs": {}},
+    ]
+    (ranking / "ranking.json").write_text(
+        json.dumps({"schema": "buseg-ranking", "schema_version": 1, "cases": entries})
+    )
+    prepared = tmp_path / "prepared"
+    predict_outputs(prepared, "Case_2", cases[2])
+    flow = stub_flow(app, store, tmp_path, STUB_OUTPUTS_RANK=ranking, STUB_OUTPUTS_PREDICT=prepared)
+    controller = controller_for(flow)
+    controller.start(
+        presenter.RANK, lambda: flow.startRanking(store.unlabeledVolumes(), tmp_path / "model.pt")
+    )
+    run_until_done(controller)  # a first ranking: every score is known now, no prediction kept
+
+    result = add_segmentation(app.scene, cases[0].label.array, volumes[0], CLASS_NAMES)
+    result.SetNodeReferenceID(workflow.INPUT_VOLUME_ROLE, volumes[0].GetID())
+    store.setNodeReference("OutputSegmentation", result)
+    rank = controller.addAndSegmentNext()
+    run_until_done(controller)
+    assert rank.succeeded and rank.worker is None  # nothing changed: no worker for the ranking
+    assert rank.value[0].segmentation is None
     segment = controller.job
     assert segment is not rank and segment.kind == presenter.SEGMENT
     assert segment.succeeded, segment.failureMessage()
@@ -1296,3 +1341,14 @@ def test_walk_through_segment_review_correct_add_fine_tune_resegment(app, store,
     again = run(presenter.SEGMENT, lambda: flow.startSegmentation(volumes[1], store.get("modelPath"))).value
     after = mean_dice(app, again.segmentationNode, volumes[1], cases[1].label.array)
     assert after > before + 0.1, (before, after)  # measured: 0.00 -> 0.39
+
+    # "Label the next case" through the real worker: the ranking keeps the first volume's
+    # prediction (--save-first-prediction) and it is loaded without a second prediction.
+    rank = run(
+        presenter.RANK, lambda: flow.startRanking([volumes[2]], store.get("modelPath"), segmentFirst=True)
+    )
+    first = rank.value[0]
+    assert first.volumeNode is volumes[2] and first.segmentation is not None
+    assert first.segmentation.segmentationNode.GetNodeReference(workflow.INPUT_VOLUME_ROLE) is volumes[2]
+    assert store.nodeReference("OutputSegmentation") is first.segmentation.segmentationNode
+    assert not rank.workFolder.exists()  # loaded, then the temporary files went

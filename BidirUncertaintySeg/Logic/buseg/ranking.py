@@ -28,6 +28,7 @@ dilute such a mean.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -131,13 +132,17 @@ def rank_files(
     score_name: str = "dice-risk",
     top_regions: int = 3,
     save_predictions: bool = False,
+    save_first_prediction: bool = False,
     events: EventSink | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RankResult:
     """Predict every image, score it, write ``ranking.csv``/``ranking.json`` in ``config.out_dir``.
 
     With ``save_predictions`` each case's outputs are written as ``buseg predict`` writes
-    them (``<out>/<case>/``), so the regions can be opened in Slicer.
+    them (``<out>/<case>/``), so the regions can be opened in Slicer. With
+    ``save_first_prediction`` only the first-ranked case's are (what "label the next case"
+    opens, without predicting it again): a case that scores higher than those before it
+    replaces their outputs, so the disk holds one case's outputs at a time.
     """
     if score_name not in SCORES:
         raise InputError(f"unknown score {score_name!r}; choose one of {', '.join(SCORES)}")
@@ -149,8 +154,9 @@ def rank_files(
     planned = {
         case: output_paths(out_dir, case, output_suffix(path, config.output_format)) for case, path in images
     }
+    saving = save_predictions or save_first_prediction
     if not config.overwrite:
-        _refuse_existing(csv_path, json_path, planned if save_predictions else {})
+        _refuse_existing(csv_path, json_path, planned if saving else {})
     model, device, reason = load_for_prediction(config)
     engine = engine_info(model, config, device)  # an ONNX export failure stops before any output
     ensure_output_folder(out_dir)  # before the first case is computed
@@ -166,7 +172,8 @@ def rank_files(
         classes=[c["name"] for c in model.classes],
         buseg_version=__version__,
     )
-    scorer = _ImageScorer(config, score_name, top_regions, planned if save_predictions else None, model_file)
+    scorer = _ImageScorer(config, score_name, top_regions, planned if saving else None, model_file)
+    scorer.first_only = save_first_prediction and not save_predictions
     for outcome in iter_predictions(images, model, config, sink=sink, should_stop=should_stop):
         scorer.add(outcome, sink, total=len(images))
     entries, failed = scorer.ranked(), scorer.failed
@@ -230,6 +237,8 @@ class _ImageScorer:
         self.model_file = model_file
         self.entries: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
+        self.first_only = False  # save the outputs of the best case so far only
+        self._saved: dict[str, Any] | None = None  # that case's entry
 
     def add(self, outcome: CaseOutcome, sink: EventSink, *, total: int) -> None:
         if outcome.prediction is None:
@@ -250,25 +259,43 @@ class _ImageScorer:
 
     def _entry(self, outcome: CaseOutcome, prediction: Prediction) -> dict[str, Any]:
         stats = case_statistics(prediction, self.config.region_threshold)
-        outputs: dict[str, str] = {}
         write_start = time.perf_counter()
-        if self.planned is not None:
-            outputs = write_prediction(
-                prediction,
-                self.planned[outcome.case],
-                overwrite=self.config.overwrite,
-                context={"case": outcome.case, "image": str(outcome.path), "model": self.model_file},
-            )
-        return {
+        entry = {
             "case": outcome.case,
             "image": str(outcome.path),
             "score": score(stats, self.score_name),
             "statistics": stats,
             "regions": len(prediction.regions.regions),
             "top_regions": [r.to_dict() for r in prediction.regions.regions[: self.top_regions]],
-            "outputs": outputs,
-            "seconds": outcome.seconds + (time.perf_counter() - write_start),
+            "outputs": {},
         }
+        if self.planned is not None and (not self.first_only or self._ranks_before(entry, self._saved)):
+            entry["outputs"] = write_prediction(
+                prediction,
+                self.planned[outcome.case],
+                overwrite=self.config.overwrite,
+                context={"case": outcome.case, "image": str(outcome.path), "model": self.model_file},
+            )
+            if self.first_only:
+                self._forget_saved()
+                self._saved = entry
+        entry["seconds"] = outcome.seconds + (time.perf_counter() - write_start)
+        return entry
+
+    @staticmethod
+    def _ranks_before(entry: dict[str, Any], other: dict[str, Any] | None) -> bool:
+        """Whether ``entry`` is ranked before ``other`` (the order of :meth:`ranked`)."""
+        return other is None or (-entry["score"], entry["case"]) < (-other["score"], other["case"])
+
+    def _forget_saved(self) -> None:
+        """Remove the outputs of the case saved so far (no longer the first): this run wrote them."""
+        if self._saved is None:
+            return
+        for path in self._saved["outputs"].values():
+            Path(path).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the case folder, when nothing else is in it
+            Path(next(iter(self._saved["outputs"].values()))).parent.rmdir()
+        self._saved["outputs"] = {}
 
     def ranked(self) -> list[dict[str, Any]]:
         """The entries, highest score first (ties by case name), each with its rank."""

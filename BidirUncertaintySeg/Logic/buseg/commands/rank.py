@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Also write each case's label map, .seg.nrrd, uncertainty map and regions.json "
         "into OUT/<case>/ (as buseg predict does).",
     )
+    parser.add_argument(
+        "--save-first-prediction",
+        action="store_true",
+        help="Write the outputs of the first-ranked case only, into OUT/<case>/ (what the next "
+        "case to label opens, without predicting it again; one case's files on disk at a time).",
+    )
     add_common_arguments(parser)
 
 
@@ -65,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
                 score_name=args.score,
                 top_regions=args.top_regions,
                 save_predictions=args.save_predictions,
+                save_first_prediction=args.save_first_prediction,
                 events=sink,
                 should_stop=stop,
             )
