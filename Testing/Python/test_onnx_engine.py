@@ -210,6 +210,31 @@ def test_export_is_cached_beside_the_model_and_redone_when_the_weights_change(tm
 
 
 @needs_onnxruntime
+def test_the_weights_are_hashed_once_per_model_not_once_per_case(tmp_path, monkeypatch):
+    """Finding a case's session hashed every weight again; the digest is now kept with the network and
+    hashed again only when its weights change in place (as load_state_dict does)."""
+    hashed = []
+    original = onnx_engine.weights_sha256
+
+    def counting(network):
+        hashed.append(1)
+        return original(network)
+
+    monkeypatch.setattr(onnx_engine, "weights_sha256", counting)
+    model = _model(tmp_path / "m")
+    config = PredictConfig(engine="onnx")
+    for _ in range(3):
+        predict_case(model, _image(), config)
+    assert len(hashed) == 1
+    other = _model(tmp_path / "other", seed=1).network.state_dict()
+    model.network.load_state_dict(other)  # the same network object, other weights
+    changed = predict_case(model, _image(), config)
+    assert len(hashed) == 2
+    reference = predict_case(model, _image(), PredictConfig(engine="torch"))
+    assert np.abs(changed.uncertainty_map - reference.uncertainty_map).max() < 1e-4
+
+
+@needs_onnxruntime
 def test_a_model_onnx_that_is_not_ours_is_never_replaced(tmp_path, monkeypatch):
     exports = _count_exports(monkeypatch)
     model = _model(tmp_path / "m")

@@ -43,8 +43,10 @@ import io
 import json
 import os
 import warnings
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,50 @@ def weights_sha256(network: nn.Module) -> str:
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _KnownDigest:
+    """A network's weights digest and the tensors it was computed from (detached, sharing their memory)."""
+
+    tensors: dict[str, torch.Tensor]
+    versions: dict[str, int]
+    digest: str
+
+    def still_fits(self, state: Mapping[str, torch.Tensor]) -> bool:
+        """Whether ``state`` holds the very tensors hashed, none changed in place since."""
+        return state.keys() == self.tensors.keys() and all(
+            _memory_layout(tensor) == _memory_layout(self.tensors[name])
+            and tensor._version == self.versions[name]
+            for name, tensor in state.items()
+        )
+
+
+def _memory_layout(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device
+
+
+# Hashing every weight (megabytes) was done for every predicted case, only to find the session: the
+# digest is kept per network and reused while the network holds the same tensors at the same version.
+# Torch bumps a tensor's version on each in-place change (optimizer step, load_state_dict, BatchNorm
+# statistics); a tensor replaced (``param.data = ...``) lies in other memory, since the tensors kept
+# here keep the hashed memory from being reused. Writes that bypass torch (a numpy view) are not seen.
+_DIGESTS: weakref.WeakKeyDictionary[nn.Module, _KnownDigest] = weakref.WeakKeyDictionary()
+
+
+def network_weights_sha256(network: nn.Module) -> str:
+    """:func:`weights_sha256` of ``network``, hashed again only when its weights changed since the last call."""
+    state = network.state_dict()
+    known = _DIGESTS.get(network)
+    if known is not None and known.still_fits(state):
+        return known.digest
+    # Versions read before hashing: a change made while hashing makes the next call hash again.
+    versions = {name: tensor._version for name, tensor in state.items()}
+    digest = weights_sha256(network)
+    # Inference tensors (made under torch.inference_mode) have no version counter: never reused.
+    if not any(tensor.is_inference() for tensor in state.values()):
+        _DIGESTS[network] = _KnownDigest(dict(state), versions, digest)
+    return digest
 
 
 def user_cache_folder() -> Path:
@@ -306,9 +352,10 @@ def load_session(
     """An ONNX Runtime session of ``network`` and where its export came from ('cached at ...', 'exported ...').
 
     ``inference_form`` makes the network to export (called only when no cached export fits).
-    Sessions of the last two models are kept in this process, so repeated cases reuse them.
+    Sessions of the last two models are kept in this process, so repeated cases reuse them (found by
+    the weights' digest, itself hashed once per network and weights).
     """
-    digest = weights_sha256(network)
+    digest = network_weights_sha256(network)
     threads = torch.get_num_threads()
     key = (digest, threads)
     if key in _SESSIONS:
