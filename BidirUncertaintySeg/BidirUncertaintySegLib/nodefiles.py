@@ -314,6 +314,17 @@ def segmentLabelArray(
         return np.array(slicer.util.arrayFromVolume(labelmap), copy=True)
 
 
+def segmentationFingerprint(scene: Any, segmentationNode: Any, referenceVolumeNode: Any) -> str:
+    """A digest of what a segmentation holds (its segments' names and voxels on the volume's
+    grid): it changes when the user edits the segmentation. Colors are left out: Slicer may
+    assign them when a segmentation is first displayed or exported."""
+    segments = segmentsOf(segmentationNode)
+    if not segments:
+        return arrayFingerprint(np.zeros(0, np.uint8))
+    labels = segmentLabelArray(scene, segmentationNode, referenceVolumeNode, [s[0] for s in segments])
+    return arrayFingerprint(labels, [name for _, name, _ in segments])
+
+
 def segmentationLabelValues(
     scene: Any, segmentationNode: Any, referenceVolumeNode: Any, classes: Sequence[dict[str, Any]]
 ) -> tuple[np.ndarray, dict[str, int]]:

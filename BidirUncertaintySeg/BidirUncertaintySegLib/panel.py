@@ -317,14 +317,14 @@ class PanelController:
     @staticmethod
     def _summary(job: Job) -> str:
         if job.kind == presenter.SEGMENT and job.value is not None:
-            return f"Segmented; {len(job.value.regions)} uncertain region(s) to review."
+            return f"Segmented; {len(job.value.regions)} uncertain region(s) to review." + keptText(job.value)
         if job.kind == presenter.RANK and job.value:
             first = job.value[0]
             if first.segmentation is not None:
                 return (
                     f"Most informative volume: {first.volumeNode.GetName()}, segmented; "
                     f"{len(first.segmentation.regions)} uncertain region(s) to review."
-                )
+                ) + keptText(first.segmentation)
             return f"Most informative volume: {first.volumeNode.GetName()} (now the volume to segment)."
         if job.kind == presenter.TRAIN and job.value:
             return f"Model written: {job.value}"
@@ -460,6 +460,16 @@ class PanelController:
         self.presenter.setInputsReady(presenter.SEGMENT, store.segmentProblem())
         self.presenter.setInputsReady(presenter.RANK, store.rankProblem())
         self.presenter.setResumable(engine.resumable(store.get("lastRunFolder")))
+
+
+def keptText(result: Any) -> str:
+    """What to add to a segmentation's summary when the previous, edited result was kept."""
+    if not result.keptEdited:
+        return ""
+    return (
+        f" Your edited '{result.keptEdited}' is kept as it was; the new result is "
+        f"'{result.segmentationNode.GetName()}'."
+    )
 
 
 class PollTimer(Protocol):

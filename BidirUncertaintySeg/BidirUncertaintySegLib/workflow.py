@@ -380,6 +380,10 @@ class Job:
             )
 
 
+# Set on a result's segmentation node: the digest of what the model gave (see _reusableResultNodes).
+RESULT_FINGERPRINT_ATTRIBUTE = "BidirUncertaintySeg.ResultFingerprint"
+
+
 @dataclass
 class SegmentationResult:
     """What a segmentation brings into the scene."""
@@ -391,6 +395,8 @@ class SegmentationResult:
     regionsMarkups: Any = None
     outputs: PredictOutputs | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    # The previous result of this volume, kept because the user had edited its segmentation.
+    keptEdited: str = ""
 
 
 @dataclass
@@ -764,8 +770,17 @@ class Workflow:
         missing = outputs.missing()
         if missing:
             raise ModuleError(f"the worker did not write {', '.join(str(p) for p in missing)}")
+        previous = self.store.nodeReference("OutputSegmentation") if self.store else None
         targetSegmentation, targetUncertainty, targetTable, targetMarkups = self._reusableResultNodes(
             volumeNode
+        )
+        keptEdited = (
+            previous.GetName()
+            if previous is not None
+            and targetSegmentation is None
+            and previous.GetNodeReference(INPUT_VOLUME_ROLE) is volumeNode
+            and not self._isLabeled(previous)
+            else ""
         )
         segmentation = nodefiles.loadSegmentation(
             self.scene,
@@ -773,6 +788,11 @@ class Workflow:
             outputs.segmentation,
             volumeNode,
             targetNode=targetSegmentation,
+        )
+        # What the model gave, to tell the user's edits apart from it when re-segmenting.
+        segmentation.SetAttribute(
+            RESULT_FINGERPRINT_ATTRIBUTE,
+            nodefiles.segmentationFingerprint(self.scene, segmentation, volumeNode),
         )
         uncertainty = nodefiles.loadUncertaintyVolume(
             self.scene, outputs.uncertainty, volumeNode, targetNode=targetUncertainty
@@ -815,25 +835,42 @@ class Workflow:
             store.setNodeReference("RegionsMarkups", markups)
             store.node.EndModify(wasModifying)
         return SegmentationResult(
-            segmentation, uncertainty, document.regions, table, markups, outputs, document.summary
+            segmentation, uncertainty, document.regions, table, markups, outputs, document.summary, keptEdited
         )
 
     def _reusableResultNodes(self, volumeNode: Any) -> tuple[Any, Any, Any, Any]:
         """The previous result nodes (segmentation, uncertainty map, regions table, points) when they
         belong to the same volume and are not a labeled case (re-segmenting replaces them; a
-        corrected, labeled segmentation is never overwritten, another volume's results stay)."""
+        corrected, labeled segmentation is never overwritten, another volume's results stay).
+
+        A segmentation the user has edited since the model gave it (not yet added as a labeled
+        case) is not overwritten either: the whole previous result stays, the new one gets new
+        nodes (the result's ``keptEdited`` says so)."""
         if self.store is None:
             return None, None, None, None
-        labeled = {s.GetID() for _, s in self.store.labeledCases()}
         nodes = []
         for role in ("OutputSegmentation", "UncertaintyVolume", "RegionsTable", "RegionsMarkups"):
             node = self.store.nodeReference(role)
             if node is not None and (
-                node.GetID() in labeled or node.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode
+                self._isLabeled(node) or node.GetNodeReference(INPUT_VOLUME_ROLE) is not volumeNode
             ):
                 node = None
             nodes.append(node)
+        segmentation = nodes[0]
+        if segmentation is not None and self._editedSinceSegmented(segmentation, volumeNode):
+            return None, None, None, None
         return tuple(nodes)
+
+    def _isLabeled(self, node: Any) -> bool:
+        return self.store is not None and any(s is node for _, s in self.store.labeledCases())
+
+    def _editedSinceSegmented(self, segmentationNode: Any, volumeNode: Any) -> bool:
+        """Whether the segmentation holds something else than the model's result (a node that
+        never held one counts as edited when it has segments: it may be the user's)."""
+        given = segmentationNode.GetAttribute(RESULT_FINGERPRINT_ATTRIBUTE)
+        if not given:
+            return segmentationNode.GetSegmentation().GetNumberOfSegments() > 0
+        return nodefiles.segmentationFingerprint(self.scene, segmentationNode, volumeNode) != given
 
     def segmentFiles(
         self,

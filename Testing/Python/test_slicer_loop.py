@@ -816,6 +816,22 @@ def test_each_segmented_case_keeps_its_own_regions_table_and_points(app, store, 
     assert second.regionsTable.GetName() == "Case B uncertain regions"
     assert store.nodeReference("RegionsTable") is second.regionsTable  # the panel shows the latest
 
+    # The user corrects B's segmentation in the Segment Editor, then segments B again (another
+    # model, a click too many): the edits are not overwritten; the new result gets new nodes.
+    edited = second.segmentationNode
+    truth = cases[1].label.array.copy()
+    truth[truth == 2] = 0  # a segment cleared by hand
+    correct(app, edited, volumes[1], truth)
+    before = nodefiles.segmentationFingerprint(app.scene, edited, volumes[1])
+    third = segment(volumes[1], cases[1])
+    assert third.segmentationNode is not edited and third.regionsTable is not second.regionsTable
+    assert nodefiles.segmentationFingerprint(app.scene, edited, volumes[1]) == before
+    assert third.keptEdited == edited.GetName()
+    assert f"Your edited '{edited.GetName()}' is kept as it was" in controller.presenter.view.statusText
+    assert store.nodeReference("OutputSegmentation") is third.segmentationNode
+    fourth = segment(volumes[1], cases[1])  # the new, unedited result is replaced as before
+    assert fourth.segmentationNode is third.segmentationNode and not fourth.keptEdited
+
 
 def test_cancelled_and_failed_work_folders_do_not_stay_in_the_temporary_folder(app, store, tmp_path):
     volume = add_volume(app.scene, synthetic().image, "Case")
