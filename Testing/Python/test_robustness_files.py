@@ -412,6 +412,78 @@ def test_nifti_voxels_past_a_long_header_are_checked_where_they_lie(tmp_path):
     assert "long_header_nan.nii" in str(raised.value)
 
 
+def _count_decompression(monkeypatch) -> tuple[list[int], list[bytes]]:
+    """Bytes decompressed by gzip.open readers, and the first two bytes of each file given to ITK."""
+    decompressed, given_to_itk = [], []
+    real_open, real_read = gzip.open, sitk.ReadImage
+
+    class Counting:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def read(self, size=-1):
+            data = self.stream.read(size)
+            decompressed.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+    def reading(name, *args, **kwargs):
+        given_to_itk.append(Path(name).read_bytes()[:2])
+        return real_read(name, *args, **kwargs)
+
+    monkeypatch.setattr(gzip, "open", lambda *args, **kwargs: Counting(real_open(*args, **kwargs)))
+    monkeypatch.setattr(sitk, "ReadImage", reading)
+    return decompressed, given_to_itk
+
+
+def test_a_nii_gz_is_decompressed_once_per_read(tmp_path, monkeypatch):
+    """The NIfTI checks decompress the whole .nii.gz (data cut short, NaN voxels that ITK reads as 0);
+    ITK reads the plain copy they wrote instead of decompressing the file a second time."""
+    path = _write(tmp_path / "a.nii.gz", VOXELS.astype(np.float32))
+    plain_bytes = len(gzip.decompress(path.read_bytes()))
+    decompressed, given_to_itk = _count_decompression(monkeypatch)
+    volume = read_image(path)
+    assert np.array_equal(volume.array, VOXELS) and np.allclose(volume.spacing_mm, (0.8, 0.9, 2.5))
+    assert len(given_to_itk) == 1 and given_to_itk[0] != b"\x1f\x8b"  # ITK decompressed nothing
+    assert sum(decompressed) <= plain_bytes + 540  # once, and the header check's first 540 bytes
+    assert np.array_equal(read_label(_write(tmp_path / "l.nii.gz")).array, VOXELS)
+    with_nan = VOXELS.astype(np.float32)
+    with_nan[2, 3, 4] = NAN
+    with pytest.raises(InputError, match=r"nan\.nii\.gz: contains 1 NaN or infinite voxel values"):
+        read_image(_write(tmp_path / "nan.nii.gz", with_nan))
+
+
+def test_a_nii_gz_is_read_where_no_decompressed_copy_can_be_written(tmp_path, monkeypatch):
+    """No temporary folder (or a full one): ITK decompresses the file itself, the checks stay."""
+    import tempfile
+
+    from buseg import image_checks
+
+    path = _write(tmp_path / "a.nii.gz", VOXELS.astype(np.float32))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker / "tmp"))
+    _, given_to_itk = _count_decompression(monkeypatch)
+    assert np.array_equal(read_image(path).array, VOXELS)
+    assert given_to_itk == [b"\x1f\x8b"]
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(InputError, match=r"cut\.nii\.gz: cannot be read: the compressed data are cut short"):
+        read_image(cut)
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(image_checks.CopyFailed):  # not said as damage of the user's file
+        image_checks.check_nifti_complete(path, copy_to=FullDisk())
+
+
 @pytest.mark.parametrize("suffix", [".nhdr", ".mhd"])
 def test_a_header_whose_data_file_field_is_empty_is_named(tmp_path, suffix):
     image = tmp_path / f"image{suffix}"

@@ -6,8 +6,9 @@ ITK reads some damaged files as if they were whole, giving voxels that look fine
   voxel spacing (``pixdim``) that is not a positive number, or an axis of size 0 or less are
   replaced by defaults (the identity direction, 1 mm, one slice); a sheared sform by the qform.
   NIfTI-2, which ITK cannot read, is named as such.
-* **NIfTI data** (:func:`check_nifti_complete`, after ITK): a truncated file is read with zeros
-  for the missing voxels and NaN/infinite voxels as 0.
+* **NIfTI data** (:func:`check_nifti_complete`): a truncated file is read with zeros for the
+  missing voxels and NaN/infinite voxels as 0. A ``.nii.gz`` is decompressed once: the check
+  writes the bytes it decompresses to a plain copy, which ITK reads (:func:`buseg.io.read_image`).
 * **Compressed data** of NRRD (``encoding: gzip``/``bzip2``) and MetaImage (``CompressedData``),
   attached or in a detached data file (:func:`check_data_stream`, before ITK): a stream with a
   bad checksum or garbage after its header is decoded to garbage. Each stream is decompressed to
@@ -45,9 +46,7 @@ _MAX_HEADER_BYTES = 16 << 20
 
 def _open_nifti(path: Path) -> BinaryIO:
     """The NIfTI file's uncompressed bytes (ITK reads a plain NIfTI named .nii.gz too)."""
-    with open(path, "rb") as handle:
-        compressed = handle.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if compressed else open(path, "rb")
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
 
 
 def nifti_header(header: bytes) -> tuple[str, int, int, int, int] | None:
@@ -189,26 +188,55 @@ def check_nifti_header(path: Path) -> None:
         raise InputError(problem, path=path)
 
 
-def check_nifti_complete(path: Path) -> None:
+class CopyFailed(Exception):  # noqa: N818 - a state: not an OSError, which says the file is damaged
+    """The decompressed copy of a file could not be written (a full or read-only temporary folder)."""
+
+
+class _Copying:
+    """A binary stream whose bytes read are also written to ``copy``."""
+
+    def __init__(self, source: BinaryIO, copy: BinaryIO) -> None:
+        self.source, self.copy = source, copy
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        try:
+            self.copy.write(data)
+        except OSError as exc:
+            raise CopyFailed(str(exc)) from exc
+        return data
+
+
+def is_gzip(path: Path) -> bool:
+    """Whether the file's content is gzip-compressed (its first bytes), whatever its name."""
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def check_nifti_complete(path: Path, *, copy_to: BinaryIO | None = None) -> None:
     """Refuse what ITK's NIfTI reader accepts without a word: a truncated file (the missing voxels
     become zeros) and NaN or infinite voxel values (they become zeros too).
 
     The voxel data must reach ``vox_offset + voxels x bitpix / 8`` bytes; a ``.nii.gz`` is
     decompressed to the end (a cut gzip stream has no end marker); float data are scanned for
-    NaN and infinity chunk by chunk.
+    NaN and infinity chunk by chunk. With ``copy_to``, every byte is also written there as it is
+    read (the decompressed NIfTI of a ``.nii.gz``, which ITK can read without decompressing the file
+    again); a write that fails raises :class:`CopyFailed`.
     """
     try:
-        with open(path, "rb") as handle:
-            compressed = handle.read(2) == b"\x1f\x8b"
-        with _open_nifti(path) as handle:
+        compressed = is_gzip(path)
+        with _open_nifti(path) as opened:
+            handle = opened if copy_to is None else _Copying(opened, copy_to)
             header = handle.read(540)
             info = nifti_header(header)
-            if info is None:
-                return  # not a header this check knows (ITK read it): nothing to compare with
+            if info is None:  # not a header this check knows (left to ITK): nothing to compare with
+                while copy_to is not None and handle.read(_OUTPUT_BYTES):
+                    pass  # the copy is the whole file all the same
+                return
             order, voxels, bitpix, datatype, offset = info
             expected = offset + voxels * bitpix // 8
             float_type = NIFTI_FLOAT_TYPES.get(datatype)
-            if float_type is None and not compressed:
+            if float_type is None and not compressed and copy_to is None:
                 size = path.stat().st_size
             else:
                 size, bad = _scan_nifti_data(handle, header, order, offset, expected, float_type)
@@ -230,7 +258,7 @@ def check_nifti_complete(path: Path) -> None:
 
 
 def _scan_nifti_data(
-    handle: BinaryIO, header: bytes, order: str, offset: int, expected: int, float_type: str | None
+    handle: BinaryIO | _Copying, header: bytes, order: str, offset: int, expected: int, float_type: str | None
 ) -> tuple[int, int]:
     """(bytes in the file, NaN or infinite float voxels) read from ``handle`` to its end, chunk by chunk."""
     size, pending, bad = len(header), header[offset:expected], 0

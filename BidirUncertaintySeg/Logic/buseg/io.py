@@ -589,19 +589,46 @@ def _read_sitk(path: Path) -> sitk.Image:
             path=path,
         )
     image_checks.check_data_stream(path, header.data_bytes)
+    if image_suffix(path) == ".nii.gz" and image_checks.is_gzip(path):
+        image = _read_gzip_nifti(path)
+        if image is not None:
+            return image
     with _unambiguous(path) as readable:
-        try:
-            image = sitk.ReadImage(str(readable))
-        except RuntimeError as exc:
-            raise InputError(
-                f"cannot be read as an image (corrupt, truncated or not a {image_suffix(path)} file): "
-                f"{_read_error(exc, readable, path)}",
-                path=path,
-                hint=format_hint(path),
-            ) from None
+        image = _itk_read(readable, path)
     if image_suffix(path) in (".nii", ".nii.gz"):
         image_checks.check_nifti_complete(path)
     return image
+
+
+def _itk_read(readable: Path, path: Path) -> sitk.Image:
+    """ITK's reading of ``readable``, the user's ``path`` or a file standing for it (named in errors as ``path``)."""
+    try:
+        return sitk.ReadImage(str(readable))
+    except RuntimeError as exc:
+        raise InputError(
+            f"cannot be read as an image (corrupt, truncated or not a {image_suffix(path)} file): "
+            f"{_read_error(exc, readable, path)}",
+            path=path,
+            hint=format_hint(path),
+        ) from None
+
+
+def _read_gzip_nifti(path: Path) -> sitk.Image | None:
+    """A gzip-compressed NIfTI read with one decompression; None where no temporary copy can be written.
+
+    Its checks (:func:`~buseg.image_checks.check_nifti_complete`: data cut short, NaN voxels, which ITK
+    reads as zeros) decompress the whole file: the bytes are written, as they are checked, to a plain
+    ``.nii`` in a temporary folder, and ITK reads that instead of decompressing the file again. The
+    copy also stands for a ``.nii.gz`` that ITK would confuse with a ``.nii`` beside it.
+    """
+    try:
+        with tempfile.TemporaryDirectory(prefix="buseg-read-") as folder:
+            plain = Path(folder) / "image.nii"
+            with open(plain, "wb") as copy:
+                image_checks.check_nifti_complete(path, copy_to=copy)
+            return _itk_read(plain, path)
+    except (OSError, image_checks.CopyFailed):
+        return None  # no room for the copy (a full or read-only temporary folder): ITK decompresses the file
 
 
 @dataclass
