@@ -412,10 +412,20 @@ def test_nifti_voxels_past_a_long_header_are_checked_where_they_lie(tmp_path):
     assert "long_header_nan.nii" in str(raised.value)
 
 
-def _count_decompression(monkeypatch) -> tuple[list[int], list[bytes]]:
-    """Bytes decompressed by gzip.open readers, and the first two bytes of each file given to ITK."""
-    decompressed, given_to_itk = [], []
-    real_open, real_read = gzip.open, sitk.ReadImage
+def _is_compressed(data: bytes) -> bool:
+    """Whether the start of an image file says its voxels are compressed (gzip, NRRD or MetaImage)."""
+    return data.startswith(b"\x1f\x8b") or any(
+        words in data for words in (b"encoding: gzip", b"encoding: bzip2", b"CompressedData = True")
+    )
+
+
+def _count_decompression(monkeypatch) -> tuple[list[int], list[bool]]:
+    """Bytes decompressed by gzip.open readers, and whether each file given to a reader (ITK,
+    slicerio) is compressed."""
+    import slicerio
+
+    decompressed, given_compressed = [], []
+    real_open, real_read, real_read_segmentation = gzip.open, sitk.ReadImage, slicerio.read_segmentation
 
     class Counting:
         def __init__(self, stream):
@@ -432,48 +442,72 @@ def _count_decompression(monkeypatch) -> tuple[list[int], list[bytes]]:
         def __exit__(self, *exc):
             self.stream.close()
 
-    def reading(name, *args, **kwargs):
-        given_to_itk.append(Path(name).read_bytes()[:2])
-        return real_read(name, *args, **kwargs)
+    def reading(read):
+        def read_and_note(name, *args, **kwargs):
+            given_compressed.append(_is_compressed(Path(name).read_bytes()[:4096]))
+            return read(name, *args, **kwargs)
+
+        return read_and_note
 
     monkeypatch.setattr(gzip, "open", lambda *args, **kwargs: Counting(real_open(*args, **kwargs)))
-    monkeypatch.setattr(sitk, "ReadImage", reading)
-    return decompressed, given_to_itk
+    monkeypatch.setattr(sitk, "ReadImage", reading(real_read))
+    monkeypatch.setattr(slicerio, "read_segmentation", reading(real_read_segmentation))
+    return decompressed, given_compressed
 
 
-def test_a_nii_gz_is_decompressed_once_per_read(tmp_path, monkeypatch):
-    """The NIfTI checks decompress the whole .nii.gz (data cut short, NaN voxels that ITK reads as 0);
-    ITK reads the plain copy they wrote instead of decompressing the file a second time."""
-    path = _write(tmp_path / "a.nii.gz", VOXELS.astype(np.float32))
-    plain_bytes = len(gzip.decompress(path.read_bytes()))
-    decompressed, given_to_itk = _count_decompression(monkeypatch)
-    volume = read_image(path)
-    assert np.array_equal(volume.array, VOXELS) and np.allclose(volume.spacing_mm, (0.8, 0.9, 2.5))
-    assert len(given_to_itk) == 1 and given_to_itk[0] != b"\x1f\x8b"  # ITK decompressed nothing
-    assert sum(decompressed) <= plain_bytes + 540  # once, and the header check's first 540 bytes
-    assert np.array_equal(read_label(_write(tmp_path / "l.nii.gz")).array, VOXELS)
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha", ".seg.nrrd"])
+def test_a_compressed_image_is_decompressed_once_per_read(tmp_path, suffix, monkeypatch):
+    """The checks decompress the whole file (NIfTI data cut short, NaN voxels that ITK reads as 0;
+    NRRD and MetaImage streams that decode to garbage): the reader gets the uncompressed copy they
+    wrote instead of decompressing the file a second time."""
+    path = tmp_path / f"a{suffix}"
+    if suffix == ".seg.nrrd":
+        volume = read_image(_write(tmp_path / "image.nrrd"))
+        write_segmentation((VOXELS % 3).astype(np.uint8), volume, [{"index": 1, "name": "x"}], path)
+        expected = (VOXELS % 3 == 1).astype(np.uint8)
+    else:
+        _write(path, VOXELS.astype(np.float32))
+        expected = VOXELS
+    assert _is_compressed(path.read_bytes()[:4096])
+    decompressed, given_compressed = _count_decompression(monkeypatch)
+    volume = read_label(path) if suffix == ".seg.nrrd" else read_image(path)
+    assert np.array_equal(volume.array, expected) and np.allclose(volume.spacing_mm, (0.8, 0.9, 2.5))
+    assert np.allclose(volume.origin, (-10.0, 4.0, 7.0))
+    assert given_compressed == [False]  # the reader decompressed nothing
+    if suffix == ".nii.gz":  # once, and the header check's first 540 bytes
+        assert sum(decompressed) <= len(gzip.decompress(path.read_bytes())) + 540
+
+
+def test_checks_of_a_decompressed_copy_name_the_users_file(tmp_path):
     with_nan = VOXELS.astype(np.float32)
     with_nan[2, 3, 4] = NAN
     with pytest.raises(InputError, match=r"nan\.nii\.gz: contains 1 NaN or infinite voxel values"):
         read_image(_write(tmp_path / "nan.nii.gz", with_nan))
+    for suffix in (".nrrd", ".mha"):
+        path = _damage(_write(tmp_path / f"flipped{suffix}"), "flipped")
+        with pytest.raises(InputError, match=re.escape(f"{path}: its voxel data")):
+            read_image(path)
+    odd = _write(tmp_path / "plain.nrrd").rename(tmp_path / "b\udce9.nrrd")  # not UTF-8: ITK aborts on it
+    assert np.array_equal(read_image(odd).array, VOXELS)
 
 
-def test_a_nii_gz_is_read_where_no_decompressed_copy_can_be_written(tmp_path, monkeypatch):
-    """No temporary folder (or a full one): ITK decompresses the file itself, the checks stay."""
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_a_compressed_image_is_read_where_no_decompressed_copy_can_be_written(tmp_path, suffix, monkeypatch):
+    """No temporary folder (or a full one): the reader decompresses the file itself, the checks stay."""
     import tempfile
 
     from buseg import image_checks
 
-    path = _write(tmp_path / "a.nii.gz", VOXELS.astype(np.float32))
+    path = _write(tmp_path / f"a{suffix}", VOXELS.astype(np.float32))
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setattr(tempfile, "tempdir", str(blocker / "tmp"))
-    _, given_to_itk = _count_decompression(monkeypatch)
+    _, given_compressed = _count_decompression(monkeypatch)
     assert np.array_equal(read_image(path).array, VOXELS)
-    assert given_to_itk == [b"\x1f\x8b"]
-    cut = tmp_path / "cut.nii.gz"
+    assert given_compressed == [True]
+    cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(path.read_bytes()[:-20])
-    with pytest.raises(InputError, match=r"cut\.nii\.gz: cannot be read: the compressed data are cut short"):
+    with pytest.raises(InputError, match=rf"cut{re.escape(suffix)}: .*cut short"):
         read_image(cut)
 
     class FullDisk:
@@ -481,7 +515,10 @@ def test_a_nii_gz_is_read_where_no_decompressed_copy_can_be_written(tmp_path, mo
             raise OSError(28, "No space left on device")
 
     with pytest.raises(image_checks.CopyFailed):  # not said as damage of the user's file
-        image_checks.check_nifti_complete(path, copy_to=FullDisk())
+        if suffix == ".nii.gz":
+            image_checks.check_nifti_complete(path, copy_to=FullDisk())
+        else:
+            image_checks.check_data_stream(path, None, copy_to=FullDisk())
 
 
 @pytest.mark.parametrize("suffix", [".nhdr", ".mhd"])

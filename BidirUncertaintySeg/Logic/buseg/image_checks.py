@@ -7,13 +7,16 @@ ITK reads some damaged files as if they were whole, giving voxels that look fine
   replaced by defaults (the identity direction, 1 mm, one slice); a sheared sform by the qform.
   NIfTI-2, which ITK cannot read, is named as such.
 * **NIfTI data** (:func:`check_nifti_complete`): a truncated file is read with zeros for the
-  missing voxels and NaN/infinite voxels as 0. A ``.nii.gz`` is decompressed once: the check
-  writes the bytes it decompresses to a plain copy, which ITK reads (:func:`buseg.io.read_image`).
+  missing voxels and NaN/infinite voxels as 0.
 * **Compressed data** of NRRD (``encoding: gzip``/``bzip2``) and MetaImage (``CompressedData``),
   attached or in a detached data file (:func:`check_data_stream`, before ITK): a stream with a
   bad checksum or garbage after its header is decoded to garbage. Each stream is decompressed to
   its end here, in chunks (memory stays small whatever the image size), and must end cleanly
   and hold all the voxels; an uncompressed detached data file must hold all its bytes.
+
+Both checks can write what they decompress to a copy (``copy_to``; for NRRD and MetaImage after
+:func:`uncompressed_header`), which the reader then reads instead of decompressing the file a second
+time (:func:`buseg.io.read_image`).
 
 Each problem is an :class:`~buseg.errors.InputError` naming the file (and the header field or
 data file). Headers this module does not understand are left to ITK.
@@ -26,7 +29,7 @@ import gzip
 import math
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -192,18 +195,32 @@ class CopyFailed(Exception):  # noqa: N818 - a state: not an OSError, which says
     """The decompressed copy of a file could not be written (a full or read-only temporary folder)."""
 
 
+Keep = Callable[[bytes], None]  # where decompressed bytes go as they are checked
+
+
+def _keeper(copy: BinaryIO | None) -> Keep:
+    """A function writing bytes to ``copy`` (a failed write raises CopyFailed), or ignoring them (None)."""
+    if copy is None:
+        return lambda data: None
+
+    def keep(data: bytes) -> None:
+        try:
+            copy.write(data)
+        except OSError as exc:
+            raise CopyFailed(str(exc)) from exc
+
+    return keep
+
+
 class _Copying:
     """A binary stream whose bytes read are also written to ``copy``."""
 
     def __init__(self, source: BinaryIO, copy: BinaryIO) -> None:
-        self.source, self.copy = source, copy
+        self.source, self.keep = source, _keeper(copy)
 
     def read(self, size: int = -1) -> bytes:
         data = self.source.read(size)
-        try:
-            self.copy.write(data)
-        except OSError as exc:
-            raise CopyFailed(str(exc)) from exc
+        self.keep(data)
         return data
 
 
@@ -399,10 +416,55 @@ def check_data_file_found(path: Path) -> None:
         raise InputError(f"its data file {block.file} was not found", path=path)
 
 
-def check_data_stream(path: Path, expected_bytes: int | None) -> None:
+def uncompressed_header(path: Path, encodings: Collection[str]) -> bytes | None:
+    """The header of a NRRD or MetaImage file whose voxel data are attached and compressed with one of
+    ``encodings`` ('gzip', 'bzip2', 'zlib'), rewritten for the same voxels stored uncompressed after it
+    (NRRD ``encoding: raw``, MetaImage ``CompressedData = False``); None for any other file (detached
+    or uncompressed data, a header this module does not know), which is read as it is."""
+    try:
+        block = _data_block(path)
+    except (OSError, ValueError, InputError):
+        return None
+    if block is None or block.file != path or block.encoding not in encodings:
+        return None
+    with open(path, "rb") as handle:
+        lines = handle.read(block.offset).splitlines(keepends=True)
+    if block.encoding == "zlib":
+        return _metaimage_uncompressed(lines)
+    return b"".join(
+        b"encoding: raw" + line[len(line.rstrip(b"\r\n")) :] if _nrrd_key(line) == b"encoding" else line
+        for line in lines
+    )
+
+
+def _nrrd_key(line: bytes) -> bytes | None:
+    if line.startswith(b"#") or b":=" in line or b":" not in line:
+        return None  # a comment, a key/value pair of the user (not a field), the magic or the blank line
+    return line.split(b":", 1)[0].strip().lower()
+
+
+def _metaimage_uncompressed(lines: list[bytes]) -> bytes | None:
+    kept = []
+    for line in lines:
+        key = line.split(b"=", 1)[0].strip().lower()
+        if key == b"headersize":
+            return None  # bytes skipped before the data: left to ITK's reader of the file itself
+        if key == b"compresseddata":
+            line = b"CompressedData = False" + line[len(line.rstrip(b"\r\n")) :]
+        if key != b"compresseddatasize":
+            kept.append(line)
+    return b"".join(kept)
+
+
+def check_data_stream(path: Path, expected_bytes: int | None, *, copy_to: BinaryIO | None = None) -> None:
     """Refuse a NRRD or MetaImage file whose compressed voxel data do not decompress cleanly to their
     end, or whose data hold fewer than ``expected_bytes`` (None: not known, only the stream is checked);
-    refuse a missing or short detached data file, naming it. See the module docstring."""
+    refuse a missing or short detached data file, naming it. See the module docstring.
+
+    With ``copy_to``, compressed voxel data are also written there as they are decompressed (after
+    :func:`uncompressed_header`: a file a reader reads without decompressing it again); a write that
+    fails raises :class:`CopyFailed`.
+    """
     try:
         block = _data_block(path)
     except (OSError, ValueError):
@@ -414,8 +476,10 @@ def check_data_stream(path: Path, expected_bytes: int | None) -> None:
     are, do = ("are", "do") if attached else ("is", "does")
     try:
         with open(block.file, "rb") as handle:
-            measure = _raw_size if block.encoding == "raw" else _decompressed_size
-            size = measure(handle, block)
+            if block.encoding == "raw":
+                size = _raw_size(handle, block)
+            else:
+                size = _decompressed_size(handle, block, _keeper(copy_to))
     except FileNotFoundError:
         raise InputError(f"its data file {block.file} was not found", path=path) from None
     except EOFError:
@@ -452,9 +516,10 @@ def _raw_size(handle: BinaryIO, block: _DataBlock) -> int:
     return handle.seek(0, 2) - start
 
 
-def _decompressed_size(handle: BinaryIO, block: _DataBlock) -> int:
+def _decompressed_size(handle: BinaryIO, block: _DataBlock, keep: Keep) -> int:
     """Bytes of voxel data the compressed stream decompresses to, decompressed here to its end, a chunk
-    at a time; a damaged or cut stream raises (OSError, EOFError or zlib.error)."""
+    at a time and each chunk given to ``keep``; a damaged or cut stream raises (OSError, EOFError or
+    zlib.error)."""
     _skip_lines(handle, block.skip_lines)
     handle.seek(max(0, block.offset), 1)
     if block.encoding in ("gzip", "bzip2"):
@@ -462,12 +527,13 @@ def _decompressed_size(handle: BinaryIO, block: _DataBlock) -> int:
         size = 0
         with stream:
             while chunk := stream.read(_OUTPUT_BYTES):
+                keep(chunk)
                 size += len(chunk)
         return size
-    return _zlib_size(handle, block.compressed_size)
+    return _zlib_size(handle, block.compressed_size, keep)
 
 
-def _zlib_size(handle: BinaryIO, compressed_size: int | None) -> int:
+def _zlib_size(handle: BinaryIO, compressed_size: int | None, keep: Keep) -> int:
     """MetaImage's compressed data: one zlib (or gzip) stream, ``compressed_size`` bytes if given, which
     must reach its end marker."""
     decompressor = zlib.decompressobj(47)  # 32 + 15: a zlib or a gzip header, as MetaIO reads them
@@ -479,12 +545,15 @@ def _zlib_size(handle: BinaryIO, compressed_size: int | None) -> int:
             break
         remaining -= len(data)
         while data and not decompressor.eof:
-            size += len(decompressor.decompress(data, _OUTPUT_BYTES))
+            output = decompressor.decompress(data, _OUTPUT_BYTES)
+            keep(output)
+            size += len(output)
             data = decompressor.unconsumed_tail
     while not decompressor.eof:  # output held back by the limit above, or a stream without its end
         output = decompressor.decompress(b"", _OUTPUT_BYTES)
         if not output:
             raise EOFError("the compressed stream ends before its end marker")
+        keep(output)
         size += len(output)
     return size
 

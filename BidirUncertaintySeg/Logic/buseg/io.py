@@ -20,10 +20,10 @@ import stat
 import tempfile
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import SimpleITK as sitk
@@ -588,11 +588,10 @@ def _read_sitk(path: Path) -> sitk.Image:
             "(save the magnitude or the real part)",
             path=path,
         )
+    with _checked_copy(path, header.data_bytes) as copy:
+        if copy is not None:
+            return _itk_read(copy, path)
     image_checks.check_data_stream(path, header.data_bytes)
-    if image_suffix(path) == ".nii.gz" and image_checks.is_gzip(path):
-        image = _read_gzip_nifti(path)
-        if image is not None:
-            return image
     with _unambiguous(path) as readable:
         image = _itk_read(readable, path)
     if image_suffix(path) in (".nii", ".nii.gz"):
@@ -613,22 +612,62 @@ def _itk_read(readable: Path, path: Path) -> sitk.Image:
         ) from None
 
 
-def _read_gzip_nifti(path: Path) -> sitk.Image | None:
-    """A gzip-compressed NIfTI read with one decompression; None where no temporary copy can be written.
+# The compressed encodings each reader decodes itself (ITK's NrrdIO has no bzip2): only those are copied
+# decompressed, so that a file is read, or refused, alike whether a copy can be written or not.
+ITK_ENCODINGS = ("gzip", "zlib")
+SLICERIO_ENCODINGS = ("gzip", "bzip2")
 
-    Its checks (:func:`~buseg.image_checks.check_nifti_complete`: data cut short, NaN voxels, which ITK
-    reads as zeros) decompress the whole file: the bytes are written, as they are checked, to a plain
-    ``.nii`` in a temporary folder, and ITK reads that instead of decompressing the file again. The
-    copy also stands for a ``.nii.gz`` that ITK would confuse with a ``.nii`` beside it.
+
+@contextlib.contextmanager
+def _checked_copy(path: Path, expected_bytes: int | None) -> Iterator[Path | None]:
+    """A compressed image file's checked, decompressed copy, for its reader; None where ``path`` is not
+    compressed or no copy can be written, and is read as it is.
+
+    The checks ITK's readers need (NIfTI data cut short, NaN voxels it reads as 0; NRRD and MetaImage
+    streams that decode to garbage, :mod:`buseg.image_checks`) decompress the whole file: its bytes
+    are written, as they are checked, to a file in a temporary folder that the reader reads without
+    decompressing the file again (as a copy, it also stands for a file whose name ITK cannot take).
     """
     try:
-        with tempfile.TemporaryDirectory(prefix="buseg-read-") as folder:
-            plain = Path(folder) / "image.nii"
-            with open(plain, "wb") as copy:
-                image_checks.check_nifti_complete(path, copy_to=copy)
-            return _itk_read(plain, path)
-    except (OSError, image_checks.CopyFailed):
-        return None  # no room for the copy (a full or read-only temporary folder): ITK decompresses the file
+        plan = _copy_plan(path, expected_bytes)
+    except OSError:  # the file's first bytes unreadable now: its reader says why
+        plan = None
+    if plan is None:
+        yield None
+        return
+    name, write_checked = plan
+    with contextlib.ExitStack() as stack:
+        copy = None
+        try:
+            folder = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="buseg-read-", ignore_cleanup_errors=True)
+            )
+            target = Path(folder) / name
+            with open(target, "wb") as handle:
+                write_checked(handle)
+            copy = target
+        except (OSError, image_checks.CopyFailed):
+            pass  # no room for a copy (a full or read-only temporary folder): the reader decompresses the file
+        yield copy
+
+
+def _copy_plan(path: Path, expected_bytes: int | None) -> tuple[str, Callable[[BinaryIO], None]] | None:
+    """The copy's name and what writes it, checked, for a compressed ``path``; None for any other file."""
+    suffix = image_suffix(path)
+    if suffix == ".nii.gz":
+        if not image_checks.is_gzip(path):
+            return None
+        return "image.nii", lambda handle: image_checks.check_nifti_complete(path, copy_to=handle)
+    encodings = SLICERIO_ENCODINGS if suffix == SEGMENTATION_SUFFIX else ITK_ENCODINGS
+    header = image_checks.uncompressed_header(path, encodings)
+    if header is None:
+        return None
+
+    def write_checked(handle: BinaryIO) -> None:
+        handle.write(header)
+        image_checks.check_data_stream(path, expected_bytes, copy_to=handle)
+
+    return f"image{suffix}", write_checked
 
 
 @dataclass
@@ -839,15 +878,19 @@ def _read_seg_nrrd(path: Path) -> LabelVolume:
     import slicerio
 
     check_regular_file(path)
-    image_checks.check_data_stream(path, None)  # slicerio's reader is given only whole gzip streams
-    try:
-        segmentation = slicerio.read_segmentation(str(path))
-    except Exception as exc:  # slicerio raises plain exceptions of many kinds for bad files
-        raise InputError(
-            f"cannot be read as a Slicer segmentation (corrupt or truncated?): {str(exc)[:200]}",
-            path=path,
-            hint=format_hint(path),
-        ) from None
+    with _checked_copy(path, None) as copy:
+        if copy is None:  # slicerio's reader is given only whole gzip streams
+            image_checks.check_data_stream(path, None)
+        readable = copy or path
+        try:
+            segmentation = slicerio.read_segmentation(str(readable))
+        except Exception as exc:  # slicerio raises plain exceptions of many kinds for bad files
+            said = str(exc).replace(str(readable), str(path))
+            raise InputError(
+                f"cannot be read as a Slicer segmentation (corrupt or truncated?): {said[:200]}",
+                path=path,
+                hint=format_hint(path),
+            ) from None
     voxels = np.asarray(segmentation["voxels"])
     segments = segmentation.get("segments", [])
     if not segments:
