@@ -283,6 +283,7 @@ def test_supervised_is_scored_with_an_ema_teacher_like_every_method(tiny_dataset
     config = TrainConfig()
     config.method.name = "supervised"
     config.method.model_weights = which
+    config.method.batchnorm_statistics = "running"  # the network exactly as trained
     config.data.labeled = str(tiny_dataset["labeled"])
     config.model.patch_size = [48, 48]
     config.optim.iterations, config.optim.batch_size = 3, 2

@@ -15,7 +15,7 @@ from buseg.config import TrainConfig
 from buseg.errors import ConfigError, OutputError
 from buseg.events import ListSink
 from buseg.synthetic import write_dataset
-from buseg.train import train
+from buseg.train import train, with_clean_batchnorm
 
 
 def _config(data, out, method, *, dimension="2d", iterations=30, pretrain=10) -> TrainConfig:
@@ -282,6 +282,7 @@ def test_model_file_crafted_to_run_code_is_rejected_without_running_it(tiny_data
 def test_model_files_hold_the_chosen_network(tiny_dataset, tmp_path, which):
     config = _config(tiny_dataset, tmp_path / "run", "bcp", iterations=3, pretrain=2)
     config.method.model_weights = which
+    config.method.batchnorm_statistics = "running"  # the network exactly as trained
     result = train(config)
     state = read_checkpoint(result.last_path)["training_state"]
     model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
@@ -322,3 +323,48 @@ def test_resume_refuses_a_last_pt_of_another_run_before_replacing_anything(tiny_
     model_before = (run / "model.pt").read_bytes()
     shutil.copy(other / "last.pt", run / "last.pt")
     assert "--dimension" in refused() and "config.json" in refused()
+
+
+def test_clean_batchnorm_statistics_are_plain_averages_over_the_batches_on_a_copy():
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1, bias=False), torch.nn.BatchNorm2d(3))
+    network.eval()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    batches = [torch.randn(4, 1, 5, 5) * scale + shift for scale, shift in ((1, 0), (2, 5), (0.5, -3))]
+    clean = with_clean_batchnorm(network, iter(batches))
+    features = [network[0](b).detach() for b in batches]
+    expected_mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in features]).mean(0)
+    expected_var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in features]).mean(0)
+    assert torch.allclose(clean[1].running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(clean[1].running_var, expected_var, atol=1e-4)
+    assert not clean.training and clean[1].momentum == network[1].momentum
+    for key, value in network.state_dict().items():  # the trained network is left as it was
+        assert torch.equal(value, before[key]), key
+
+
+def test_model_files_and_validation_use_clean_batchnorm_statistics(tiny_dataset, tmp_path):
+    # Copy-paste training: the teacher's running statistics are those of mixed images; the model
+    # files hold its weights with statistics re-estimated on un-mixed training images.
+    config = _config(tiny_dataset, tmp_path / "run", "bcp", iterations=4, pretrain=2)
+    config.validation_interval = 2
+    config.data.validation = str(tiny_dataset["test"])
+    assert config.method.batchnorm_statistics == "clean"  # the default
+    result = train(config)
+    teacher = read_checkpoint(result.last_path)["training_state"]["teacher"]
+    weights = torch.load(tmp_path / "run" / "final.pt", weights_only=True)["weights"]
+    statistics = [k for k in weights if k.endswith(("running_mean", "running_var"))]
+    assert statistics
+    for key, value in weights.items():
+        if key in statistics:
+            assert not torch.equal(value, teacher[key]), key
+        elif not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, teacher[key]), key
+    # What validation scored is what the model file holds.
+    from buseg.data import load_training_data
+    from buseg.train import evaluate
+
+    model = load_model(result.best_path)
+    data = load_training_data(config)
+    scored = evaluate(model.network, data, config, torch.device("cpu"), model.network)
+    recorded = next(v for v in result.history["validation"] if v["iteration"] == result.best_iteration)
+    assert scored["dice"] == pytest.approx(recorded["dice"], abs=1e-6)

@@ -203,6 +203,14 @@ class MethodConfig:
         "teacher too (one rule for every method). Copy-paste pre-training always uses the student.",
         choices=("teacher", "student"),
     )
+    batchnorm_statistics: Literal["clean", "running"] = opt(
+        "clean",
+        "BatchNorm statistics of the network that validation scores and the model files hold: "
+        "'clean' = re-estimated just before, on training images as the network meets them in use "
+        "(labeled and unlabeled, augmented, not copy-paste mixed); 'running' = the running averages "
+        "of training, which for copy-paste methods are statistics of mixed images (docs/method.md).",
+        choices=("clean", "running"),
+    )
 
 
 @dataclass

@@ -29,7 +29,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,28 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) 
                 t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
             else:
                 t.copy_(s)
+
+
+# Batches of clean training images that re-estimate BatchNorm statistics (method.batchnorm_statistics):
+# 16 x 24 slices (2D presets) settle the running means to within a few percent of 32 batches.
+BATCHNORM_BATCHES = 16
+
+
+def with_clean_batchnorm(network: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """A copy of ``network`` whose BatchNorm statistics are the plain averages over ``batches``
+    (torch's ``swa_utils.update_bn``: running statistics reset, cumulative averaging, train mode).
+
+    Copy-paste training normalises mixed images, so the running statistics a BCP-style student
+    accumulates - and its EMA teacher inherits - describe images the network never meets in use;
+    measured on the demo's data, the teacher scored 28 Dice with them and 51 with clean ones ten
+    iterations into self-training (docs/method.md). The network itself is left as it is."""
+    copy_ = copy.deepcopy(network)
+    torch.optim.swa_utils.update_bn(batches, copy_)
+    return copy_.eval()
+
+
+def has_batchnorm(network: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules())
 
 
 def learning_rate(config: TrainConfig, stage: str, stage_iteration: int, stage_length: int) -> float:
@@ -508,6 +530,7 @@ class Trainer:
         self.history: dict[str, Any] = {"losses": [], "validation": [], "lr": []}
         self.best_metric: float | None = None
         self.best_iteration: int | None = None
+        self._shipped: tuple[tuple[int, int], nn.Module] | None = None  # see shipped()
         if stored is not None:
             self._restore(stored["training_state"])
         self.amp_dtype = autocast_dtype(self.device) if config.optim.amp else None
@@ -622,6 +645,28 @@ class Trainer:
         ):
             return self.teacher
         return self.student_module
+
+    def shipped(self, iteration: int, stage: str) -> nn.Module:
+        """What validation scores and model files hold after ``iteration``: :meth:`exported`, with
+        clean BatchNorm statistics unless ``method.batchnorm_statistics`` is 'running' (made once
+        per iteration: the validation and the model file written after it share it)."""
+        network = self.exported(stage)
+        if self.config.method.batchnorm_statistics == "running" or not has_batchnorm(network):
+            return network
+        key = (iteration, id(network))
+        if self._shipped is None or self._shipped[0] != key:
+            self._shipped = (key, with_clean_batchnorm(network, self._clean_batches(iteration)))
+        return self._shipped[1]
+
+    def _clean_batches(self, iteration: int) -> Iterator[torch.Tensor]:
+        """Training batches as they come before mixing: labeled and unlabeled alternately, from a
+        generator of their own (the training's random stream is not touched, so a resumed run
+        draws the same)."""
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + iteration)
+        for index in range(BATCHNORM_BATCHES):
+            sampler = self.unlabeled if index % 2 and self.unlabeled is not None else self.labeled
+            images = sampler.sample(self.config.optim.batch_size, generator)[0]
+            yield self.layout(images.to(self.device))
 
     def _eval_forward(self, network: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -763,7 +808,7 @@ class Trainer:
         Returns None when a cancel interrupted it (the last validation is never interrupted).
         """
         start_seconds = time.perf_counter()
-        network = self.exported(stage)
+        network = self.shipped(done, stage)
         stop = self.should_stop if done < self.total else None
         metrics = evaluate(network, self.data, self.config, self.device, self._eval_forward(network), stop)
         if metrics is None:
@@ -812,8 +857,8 @@ class Trainer:
 
     def export(self, path: Path, iteration: int, stage: str, extra: dict | None = None) -> None:
         """Write a model file of the exported network (teacher or student, said in its metadata)."""
-        network = self.exported(stage)
-        weights_name = "teacher" if network is self.teacher else "student"
+        weights_name = "teacher" if self.exported(stage) is self.teacher else "student"
+        network = self.shipped(iteration, stage)
         metadata = self.metadata(iteration, {**(extra or {}), "weights": weights_name})
         save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
 
