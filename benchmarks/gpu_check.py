@@ -77,6 +77,7 @@ from buseg.errors import Cancelled  # noqa: E402
 from buseg.events import EventSink  # noqa: E402
 from buseg.inference import predict_case  # noqa: E402
 from buseg.io import Volume  # noqa: E402
+from buseg.methods.catalog import CATALOG  # noqa: E402
 from buseg.synthetic import write_dataset  # noqa: E402
 from buseg.train import train  # noqa: E402
 
@@ -91,13 +92,11 @@ PART_TITLES = {
 PART_SHARES = {"cuda_tests": 0.2, "training": 0.45, "inference": 0.2, "ddp": 0.15}
 # A part given less than this is not started (it could not measure anything useful).
 MIN_PART_SECONDS = 1.0
-METHODS = ("buarl", "bcp", "mean-teacher", "supervised")  # speed.CONFIGURATIONS names; ours first
-METHOD_LABELS = {
-    "buarl": "ours (BUARL)",
-    "bcp": "BCP",
-    "mean-teacher": "mean teacher",
-    "supervised": "supervised",
-}
+# Every method of the engine's catalog, ours first (the catalog's order); each is also a
+# configuration of speed.CONFIGURATIONS (a test checks it). The tables use the catalog's short
+# label, the part before its colon ("BUARL (ours)", "BCP", "Mean teacher", ...).
+METHODS = tuple(CATALOG)
+METHOD_LABELS = {name: entry.label.split(":")[0].split(" (labeled")[0] for name, entry in CATALOG.items()}
 PUBLISHED = {"acdc": quality.PRESETS[("acdc", "paper")], "la": quality.PRESETS[("la", "paper")]}
 # Targets of issue 17 (on one H100-class card).
 TARGET_ACDC_RUN_MINUTES = 60.0

@@ -343,3 +343,13 @@ def test_bad_arguments_are_refused_in_one_line_before_any_work(tmp_path, capsys)
     assert not any(
         (tmp_path / name).exists() and any((tmp_path / name).iterdir()) for name in ("o1", "o2", "o3")
     )
+
+
+def test_the_methods_timed_are_the_catalogs_each_a_speed_configuration():
+    import speed
+
+    from buseg.methods.catalog import CATALOG
+
+    assert tuple(CATALOG) == gpu_check.METHODS and gpu_check.METHODS[0] == "buarl"  # ours first
+    assert set(gpu_check.METHODS) <= set(speed.CONFIGURATIONS)
+    assert gpu_check.METHOD_LABELS["buarl"] == "BUARL (ours)"
