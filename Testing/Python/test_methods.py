@@ -522,3 +522,47 @@ def test_the_catalog_agrees_with_the_method_classes_and_loads_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "('buarl', 'bcp', 'mean-teacher', 'supervised') False"
+
+
+def test_the_teacher_probabilities_follow_the_measures_catalog_not_a_name(monkeypatch):
+    # A new training measure of several passes is used by URL/CRL with no change to the method.
+    from buseg import measures
+
+    calls = []
+
+    def factory(network, forward, samples):
+        def probabilities(x):
+            calls.append(samples)
+            return torch.full((x.shape[0], 2, *x.shape[2:]), 0.5)
+
+        return probabilities
+
+    measures.register(
+        measures.UncertaintyMeasure(
+            "three-looks", "Three looks", "test", factory, passes=lambda s, d: 3, in_training=True
+        )
+    )
+    try:
+        config = TrainConfig()
+        config.uncertainty.method, config.uncertainty.samples = "three-looks", 3
+        teacher = torch.nn.Conv2d(1, 2, 1)
+        ctx = StepContext(
+            student=teacher,
+            teacher=teacher,
+            teacher_forward=lambda x: teacher(x),
+            iteration=0,
+            stage="train",
+            stage_iteration=0,
+            generator=torch.Generator(),
+            device=torch.device("cpu"),
+        )
+        images = torch.zeros(2, 1, 4, 4)
+        assert torch.equal(
+            BUARL(config, num_classes=2).teacher_probabilities(ctx, images), torch.full((2, 2, 4, 4), 0.5)
+        )
+        assert calls == [3]
+        config.uncertainty.method = "entropy"  # one deterministic pass: the teacher's own softmax
+        one_pass = BUARL(config, num_classes=2).teacher_probabilities(ctx, images)
+        assert calls == [3] and torch.allclose(one_pass, torch.softmax(teacher(images), dim=1))
+    finally:
+        measures.unregister("three-looks")

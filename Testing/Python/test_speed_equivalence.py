@@ -202,12 +202,12 @@ def test_training_with_and_without_channels_last_agrees(tmp_path):
 
 def test_training_loop_teacher_keeps_mc_dropout_on(tmp_path, monkeypatch):
     """Each MC-dropout pass of the teacher must differ (the loop's teacher_forward once switched dropout off)."""
-    from buseg.methods import buarl
+    from buseg import uncertainty
     from buseg.synthetic import write_dataset
     from buseg.train import train
 
     passes_differ = []
-    real = buarl.mc_dropout_probabilities
+    real = uncertainty.mc_dropout_probabilities
 
     def spy(model, inputs, samples, forward=None):
         from buseg.networks import set_dropout
@@ -218,7 +218,7 @@ def test_training_loop_teacher_keeps_mc_dropout_on(tmp_path, monkeypatch):
         passes_differ.append(not torch.equal(first, second))
         return real(model, inputs, samples, forward=forward)
 
-    monkeypatch.setattr(buarl, "mc_dropout_probabilities", spy)
+    monkeypatch.setattr(uncertainty, "mc_dropout_probabilities", spy)
     folders = write_dataset(tmp_path / "data", labeled=2, unlabeled=2, test=0, shape_zyx=(6, 32, 32))
     config = TrainConfig()
     config.method.name = "buarl"

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..uncertainty import entropy_without_argmax, mc_dropout_probabilities, normalized_entropy
+from ..measures import measure
+from ..uncertainty import entropy_without_argmax, normalized_entropy
 from .base import StepContext, StepOutput
 from .bcp import BidirectionalCopyPaste, MixedBatch
 
@@ -263,9 +264,14 @@ class BUARL(BidirectionalCopyPaste):
         return self.config.url.source
 
     def teacher_probabilities(self, ctx: StepContext, images: torch.Tensor) -> torch.Tensor:
+        # A measure that is more than the teacher's own deterministic pass (MC dropout: several
+        # passes, dropout on) computes the probabilities whose entropy URL and CRL read; the
+        # measures' catalog says which, so a new measure needs no change here.
         u = self.config.uncertainty
-        if u.method == "mc-dropout" and (self.config.url.enabled or self.config.crl.enabled):
-            return mc_dropout_probabilities(ctx.teacher, images, u.samples, forward=ctx.teacher_forward)
+        chosen = measure(u.method)
+        more_than_one_pass = chosen.needs_dropout or chosen.passes(u.samples, images.ndim - 2) > 1
+        if more_than_one_pass and (self.config.url.enabled or self.config.crl.enabled):
+            return chosen.probabilities(ctx.teacher, ctx.teacher_forward, u.samples)(images)
         return super().teacher_probabilities(ctx, images)
 
     def weighted_loss(self, ctx: StepContext, logits: torch.Tensor, mixed: MixedBatch) -> StepOutput:
