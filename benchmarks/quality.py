@@ -301,7 +301,9 @@ class TeacherScores(EventSink):
         started = time.time()
         snapshot = Path(event["path"]).with_name("teacher_snapshot.pt")
         payload = read_checkpoint(event["path"])
-        teacher = payload["training_state"]["teacher"]
+        state = payload["training_state"]
+        # What a model file written now would hold: the teacher with clean BatchNorm statistics.
+        teacher = state.get("shipped") or state["teacher"]
         save_checkpoint(snapshot, weights=teacher, metadata={**payload["metadata"], "weights": "teacher"})
         device = self.args.device if self.args.device != "auto" else "cpu"
         evaluation = evaluate_model(

@@ -49,12 +49,19 @@ def scored(quality, monkeypatch):
     return calls
 
 
-def _last_checkpoint(folder: Path, iteration: int, teacher_marker: float, student_marker: float) -> Path:
+def _last_checkpoint(
+    folder: Path,
+    iteration: int,
+    teacher_marker: float,
+    student_marker: float,
+    shipped_marker: float | None = None,
+) -> Path:
     metadata = model_metadata(["background", "a"])
-    student, teacher = untrained_network(metadata), untrained_network(metadata)
+    student, teacher, shipped = (untrained_network(metadata) for _ in range(3))
     with torch.no_grad():
         student.head.bias.fill_(student_marker)
         teacher.head.bias.fill_(teacher_marker)
+        shipped.head.bias.fill_(shipped_marker if shipped_marker is not None else 0.0)
     path = folder / "last.pt"
     save_checkpoint(
         path,
@@ -63,6 +70,7 @@ def _last_checkpoint(folder: Path, iteration: int, teacher_marker: float, studen
         training_state={
             "student": student.state_dict(),
             "teacher": teacher.state_dict(),
+            "shipped": shipped.state_dict() if shipped_marker is not None else None,
             "iteration": iteration,
         },
     )
@@ -203,3 +211,12 @@ def test_the_long_runs_are_checked_against_the_shorter_table(teacher_curve, tmp_
 def test_no_teacher_records_is_an_error_that_names_the_folder(teacher_curve, tmp_path):
     with pytest.raises(SystemExit, match="no teacher-score records"):
         teacher_curve.read_runs(tmp_path)
+
+
+def test_what_is_scored_is_what_a_model_file_would_hold(quality, scored, tmp_path):
+    # The engine keeps the teacher with clean BatchNorm statistics in last.pt ("shipped"): that
+    # is scored; a last.pt without it (--batchnorm-statistics running) gives the teacher itself.
+    sink = _sink(quality, tmp_path / "teacher.json")
+    _checkpoint(sink, _last_checkpoint(tmp_path, 1000, 0.1, -1.0, shipped_marker=0.3), 1000)
+    _checkpoint(sink, _last_checkpoint(tmp_path, 2000, 0.2, -1.0), 2000)
+    assert scored == pytest.approx([0.3, 0.2])

@@ -368,3 +368,14 @@ def test_model_files_and_validation_use_clean_batchnorm_statistics(tiny_dataset,
     scored = evaluate(model.network, data, config, torch.device("cpu"), model.network)
     recorded = next(v for v in result.history["validation"] if v["iteration"] == result.best_iteration)
     assert scored["dice"] == pytest.approx(recorded["dice"], abs=1e-6)
+
+
+def test_last_pt_keeps_what_a_model_file_written_then_would_hold(tiny_dataset, tmp_path):
+    config = _config(tiny_dataset, tmp_path / "run", "bcp", iterations=3, pretrain=2)
+    result = train(config)
+    state = read_checkpoint(result.last_path)["training_state"]
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=True)["weights"]
+    assert all(torch.equal(final[k], v) for k, v in state["shipped"].items())
+    config.method.batchnorm_statistics = "running"
+    result = train(config, overwrite=True)
+    assert read_checkpoint(result.last_path)["training_state"]["shipped"] is None

@@ -863,11 +863,15 @@ class Trainer:
         save_checkpoint(path, weights=network.state_dict(), metadata=metadata)
 
     def save_last(self, iteration: int) -> Path:
-        """``last.pt`` with everything a resume needs, and ``history.json``."""
+        """``last.pt`` with everything a resume needs, and ``history.json``. Its ``shipped``
+        weights are what a model file written now would hold (clean BatchNorm statistics; None
+        when those are the exported network's own), for whoever scores a run as it goes."""
         path = self.out_dir / "last.pt"
         random_per_rank = self.dist.gather(_random_states(self.generator))
         if self.dist.is_main:
             student_weights = self.student_module.state_dict()
+            stage = self.method.stage(iteration - 1) if iteration else "train"
+            shipped = self.shipped(iteration, stage)
             save_checkpoint(
                 path,
                 weights=student_weights,
@@ -875,6 +879,7 @@ class Trainer:
                 training_state={
                     "student": student_weights,
                     "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                    "shipped": shipped.state_dict() if shipped is not self.exported(stage) else None,
                     "optimizer": self.optimizer.state_dict(),
                     "iteration": iteration,
                     "history": self.history,
