@@ -57,20 +57,19 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-## Benchmarks, CPU presets (results go to benchmarks/results/); a benchmark not written yet is skipped.
+## Benchmarks, CPU presets (results go to benchmarks/results/): modules of the benchmarks package,
+## run from the repository root (python -m benchmarks.<name>).
 bench: bench-speed bench-quality
 
 bench-speed: $(STAMP)
-	@if [ -f benchmarks/speed.py ]; then $(BIN)/python benchmarks/speed.py --preset cpu; \
-	else echo "benchmarks/speed.py does not exist yet: skipped"; fi
+	$(BIN)/python -m benchmarks.speed --preset cpu
 
 bench-quality: $(STAMP)
-	@if [ -f benchmarks/quality.py ]; then $(BIN)/python benchmarks/quality.py --preset cpu; \
-	else echo "benchmarks/quality.py does not exist yet: skipped"; fi
+	$(BIN)/python -m benchmarks.quality --preset cpu
 
 ## Every GPU figure in one command, within a time budget (docs/benchmarks.md, "GPU check").
 gpu-check: $(STAMP)
-	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+	$(BIN)/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(DEMO_OUT) build dist .pytest_cache .ruff_cache .hypothesis benchmarks/work

@@ -33,8 +33,8 @@ model (compared as weights) it was made with; ``--reuse-only`` assembles the rep
 
 Usage (one arm and seed per process; two processes share two cores)::
 
-    python benchmarks/annotation_loop.py --arms rank+full --seeds 1337 --threads 1
-    python benchmarks/annotation_loop.py --reuse-only                 # the report from the records
+    python -m benchmarks.annotation_loop --arms rank+full --seeds 1337 --threads 1
+    python -m benchmarks.annotation_loop --reuse-only                 # the report from the records
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import importlib
+import importlib.util
 import json
 import platform
 import re
@@ -50,22 +52,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 
+from benchmarks import loop_annotators as annotators
+from benchmarks import quality
+from benchmarks.paths import module_command, shown_command
+from buseg.config import PredictConfig, TrainConfig
+from buseg.data import TrainingData, ValidationCase
+from buseg.io import write_bytes_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
-sys.path.insert(0, str(ROOT / "BidirUncertaintySeg"))  # the panel's Qt-free library (its defaults)
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import loop_annotators as annotators  # noqa: E402
-import quality  # noqa: E402
-from paths import shown_command  # noqa: E402
-
-from buseg.config import PredictConfig, TrainConfig  # noqa: E402
-from buseg.data import TrainingData, ValidationCase  # noqa: E402
-from buseg.io import write_bytes_atomic  # noqa: E402
+COMMAND = module_command(__file__)
+# The Slicer panel's Qt-free library: it ships with the Slicer module, not in the engine's wheel.
+PANEL_LIBRARY = ROOT / "BidirUncertaintySeg" / "BidirUncertaintySegLib"
 
 METHOD = "ours-url-only"  # the quality protocol's default configuration
 START_LABELED = 3
@@ -85,12 +87,25 @@ PAIRS = [
 ]
 
 
+def panel_library_module(name: str) -> ModuleType:
+    """``BidirUncertaintySegLib.<name>``, the panel library's module. The library is not installed, so
+    its package is loaded from :data:`PANEL_LIBRARY` under its own name (once; an already imported
+    one is used) instead of adding its folder to the import path."""
+    package = PANEL_LIBRARY.name
+    if package not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            package, PANEL_LIBRARY / "__init__.py", submodule_search_locations=[str(PANEL_LIBRARY)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{package}.{name}")
+
+
 def panel_fine_tune_defaults() -> dict[str, float]:
     """The Slicer panel's default fine-tuning schedule (BidirUncertaintySegLib.parameters): its
     iterations and learning rate (buildTrainConfig: from the current model, no pre-training)."""
-    from BidirUncertaintySegLib.parameters import PARAMETERS
-
-    defaults = {p.name: p.default for p in PARAMETERS}
+    defaults = {p.name: p.default for p in panel_library_module("parameters").PARAMETERS}
     return {"iterations": int(defaults["fineTuneIterations"]), "lr": float(defaults["learningRate"])}
 
 
@@ -689,7 +704,7 @@ def markdown_report(
         f"# Annotation loop: {tag}",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
-        f"Command: `{shown_command('python benchmarks/annotation_loop.py', sys.argv[1:])}`",
+        f"Command: `{shown_command(COMMAND, sys.argv[1:])}`",
         "",
         "Round 0: the quality protocol's 3-labeled ours-url-only model; each round adds one pool patient "
         "(both frames), fine-tunes with the Slicer panel's default schedule and scores the model on the "
@@ -824,7 +839,7 @@ def plot_curves(rows: list[dict], path: Path, tag: str, seven: dict[int, float])
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     panel = panel_fine_tune_defaults()
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--arms", nargs="+", default=DEFAULT_ARMS, help="e.g. rank+full random+regions rank+regions10"
@@ -849,7 +864,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--volumes", type=int, help="Score on the first N held-out volumes only (smoke tests)."
     )
-    parser.add_argument("--set", nargs="*", metavar="SECTION.FIELD=JSON", help="As quality.py's --set.")
+    parser.add_argument(
+        "--set", nargs="*", metavar="SECTION.FIELD=JSON", help="As benchmarks.quality's --set."
+    )
     parser.add_argument("--review-budget", type=float, default=0.01)
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "ACDC")
     parser.add_argument("--threads", type=int, default=0)

@@ -21,9 +21,9 @@ Runs are reused: a branch whose saved row has the same configuration is not trai
 
 Usage::
 
-    python benchmarks/demo_variants.py --seeds 0 1 2 --threads 1
-    python benchmarks/demo_variants.py --seeds 0 1 2 --threads 1 --amp --tag demo_variants_bf16
-    python benchmarks/demo_variants.py --methods supervised bcp ours-url-only --seeds 0
+    python -m benchmarks.demo_variants --seeds 0 1 2 --threads 1
+    python -m benchmarks.demo_variants --seeds 0 1 2 --threads 1 --amp --tag demo_variants_bf16
+    python -m benchmarks.demo_variants --methods supervised bcp ours-url-only --seeds 0
 """
 
 from __future__ import annotations
@@ -39,12 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from paths import shown_command  # noqa: E402
-from quality import (  # noqa: E402
+from benchmarks.paths import module_command, shown_command
+from benchmarks.quality import (
     METHODS,
     PRETRAINING_ONLY,
     _file_sha256,
@@ -54,13 +50,15 @@ from quality import (  # noqa: E402
     spread,
     verdict,
 )
+from buseg import demo
+from buseg.config import PredictConfig, TrainConfig, to_dict
+from buseg.device import precision_description, resolve_device
+from buseg.inference import predict_files
+from buseg.metrics import evaluate_files
+from buseg.train import train
 
-from buseg import demo  # noqa: E402
-from buseg.config import PredictConfig, TrainConfig, to_dict  # noqa: E402
-from buseg.device import precision_description, resolve_device  # noqa: E402
-from buseg.inference import predict_files  # noqa: E402
-from buseg.metrics import evaluate_files  # noqa: E402
-from buseg.train import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = module_command(__file__)
 
 SHARED_START = "shared-start"  # the demo's shared supervised start, scored as is
 # "ours" repeats whichever variant is the engine's default: asked for by name only.
@@ -71,7 +69,7 @@ ROW_SCHEMA = 3  # 2: rows record their start weights' hash; 3: the demo's scan p
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_CONFIGURATIONS, choices=CONFIGURATIONS)
     parser.add_argument("--plan", choices=("full", "quick"), default="full", help="quick: a smoke test")
@@ -305,7 +303,7 @@ def markdown_report(rows: list[dict], plan: demo.DemoPlan, args: argparse.Namesp
         "",
         f"Machine: {platform.machine()}, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
         f"thread(s) per run, precision: {_precision(args)}. "
-        f"Command: `{shown_command('python benchmarks/demo_variants.py', sys.argv[1:])}`",
+        f"Command: `{shown_command(COMMAND, sys.argv[1:])}`",
         "",
         f"The demo's plan `{plan.name}`: {plan.labeled} labeled, {plan.unlabeled} unlabeled, {plan.validation} "
         f"validation, {plan.test} test volumes of the population `{plan.population}` (buseg.synthetic); a shared "

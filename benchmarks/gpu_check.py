@@ -31,8 +31,8 @@ same shapes are used and the report says so.
 
 Usage::
 
-    .venv/bin/python benchmarks/gpu_check.py                 # on a CUDA machine (make gpu-check)
-    .venv/bin/python benchmarks/gpu_check.py --tiny          # tiny sizes: checks the logic, CPU or GPU
+    .venv/bin/python -m benchmarks.gpu_check                 # on a CUDA machine (make gpu-check)
+    .venv/bin/python -m benchmarks.gpu_check --tiny          # tiny sizes: checks the logic, CPU or GPU
 
 Writes ``gpu_<card>.md`` and ``gpu_<card>.json`` (``gpu_<card>-tiny.*`` with ``--tiny``) to
 ``--out`` (default benchmarks/results) and prints a one-screen summary.
@@ -60,26 +60,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from benchmarks import inference_speed, quality, speed
+from benchmarks.paths import module_command
+from buseg.checkpoint import load_model
+from buseg.config import PredictConfig
+from buseg.data import _h5, _la_volume
+from buseg.errors import Cancelled
+from buseg.events import EventSink
+from buseg.inference import predict_case
+from buseg.io import Volume
+from buseg.methods.catalog import CATALOG
+from buseg.synthetic import write_dataset
+from buseg.train import train
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-import inference_speed  # noqa: E402
-import numpy as np  # noqa: E402
-import quality  # noqa: E402
-import speed  # noqa: E402  (puts the engine on sys.path)
-import torch  # noqa: E402
-
-from buseg.checkpoint import load_model  # noqa: E402
-from buseg.config import PredictConfig  # noqa: E402
-from buseg.data import _h5, _la_volume  # noqa: E402
-from buseg.errors import Cancelled  # noqa: E402
-from buseg.events import EventSink  # noqa: E402
-from buseg.inference import predict_case  # noqa: E402
-from buseg.io import Volume  # noqa: E402
-from buseg.methods.catalog import CATALOG  # noqa: E402
-from buseg.synthetic import write_dataset  # noqa: E402
-from buseg.train import train  # noqa: E402
+COMMAND = module_command(__file__)
 
 PARTS = ("cuda_tests", "training", "inference", "ddp")
 PART_TITLES = {
@@ -249,12 +248,11 @@ def kill_group(group: int) -> None:
 
 
 def clean_env() -> dict[str, str]:
+    """This process's environment without a distributed run's variables, for the subprocesses (which
+    find the engine installed, as this process does)."""
     env = dict(os.environ)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "BidirUncertaintySeg" / "Logic"), env.get("PYTHONPATH", "")) if p
-    )
     return env
 
 
@@ -1019,7 +1017,7 @@ def run_part(report: Report, name: str, limit_s: float, function: Callable[..., 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--budget-seconds", type=float, default=480.0, help="total wall time for all parts (default 8 min)"
     )
@@ -1095,9 +1093,9 @@ def main(argv: list[str] | None = None, *, watchdog_exit: Callable[[int], None] 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     profile = PROFILES["tiny" if args.tiny else "full"]
     machine = machine_facts(device)
-    command = [".venv/bin/python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]
+    arguments = sys.argv[1:] if argv is None else argv
     header = {
-        "command": " ".join(shlex.quote(a) for a in command),
+        "command": " ".join([COMMAND, *(shlex.quote(a) for a in arguments)]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "tiny": args.tiny,
         "budget_seconds": args.budget_seconds,

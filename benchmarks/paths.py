@@ -27,9 +27,15 @@ def shown_path(path: str | os.PathLike) -> str:
         return text
 
 
+def module_command(script_file: str | os.PathLike) -> str:
+    """How the benchmark script ``script_file`` (its ``__file__``) is run from the repository root:
+    ``python -m benchmarks.<name>`` - its argparse ``prog`` and the command its results record."""
+    return f"python -m benchmarks.{Path(script_file).stem}"
+
+
 def shown_command(script: str, argv: Sequence[str]) -> str:
-    """The command line that made a result (``script`` as given, e.g. "python benchmarks/x.py"), with absolute path arguments shown relative to the
-    repository (``--data-root /x/shared/data`` -> ``--data-root ../shared/data``)."""
+    """The command line that made a result (``script`` as given, e.g. "python -m benchmarks.x"), with absolute path
+    arguments shown relative to the repository (``--data-root /x/shared/data`` -> ``--data-root ../shared/data``)."""
     words = []
     for word in argv:
         option, equals, value = word.partition("=")

@@ -36,10 +36,10 @@ A record counts only for the configuration it recorded; nothing with a record is
 
 Usage::
 
-    python benchmarks/quality.py --dataset acdc --preset cpu               # the whole protocol
-    python benchmarks/quality.py --methods bcp ours-url-only --seeds 1337  # a part of it
-    python benchmarks/quality.py --reuse-only                              # tables from finished runs
-    python benchmarks/quality.py --dataset acdc --preset paper            (GPU)
+    python -m benchmarks.quality --dataset acdc --preset cpu               # the whole protocol
+    python -m benchmarks.quality --methods bcp ours-url-only --seeds 1337  # a part of it
+    python -m benchmarks.quality --reuse-only                              # tables from finished runs
+    python -m benchmarks.quality --dataset acdc --preset paper            (GPU)
 """
 
 from __future__ import annotations
@@ -66,19 +66,17 @@ try:
 except ImportError:  # Windows: run one benchmark process per --work folder there
     fcntl = None
 
+from benchmarks.paths import module_command, shown_command, shown_path
+from buseg.checkpoint import read_checkpoint, save_checkpoint
+from buseg.config import TrainConfig, to_dict
+from buseg.data import TrainingData, ValidationCase, load_training_data
+from buseg.events import EventSink, MultiSink
+from buseg.io import write_bytes_atomic
+from buseg.methods.catalog import method_entry, method_names
+from buseg.train import train
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # also when loaded by file path (tests)
-
-from paths import shown_command, shown_path  # noqa: E402
-
-from buseg.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
-from buseg.config import TrainConfig, to_dict  # noqa: E402
-from buseg.data import TrainingData, ValidationCase, load_training_data  # noqa: E402
-from buseg.events import EventSink, MultiSink  # noqa: E402
-from buseg.io import write_bytes_atomic  # noqa: E402
-from buseg.methods.catalog import method_entry, method_names  # noqa: E402
-from buseg.train import train  # noqa: E402
+COMMAND = module_command(__file__)
 
 METHODS: dict[str, tuple[str, bool | None, bool | None, dict]] = {
     # name: (method, url, crl, other settings "section.field": value); None: the engine's default.
@@ -463,7 +461,7 @@ def zero_dice_structures(evaluation: dict) -> int:
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dataset", choices=("acdc", "la"), default="acdc")
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
@@ -518,7 +516,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="Also score each run's EMA teacher on every held-out volume every ITERATIONS self-training "
         "iterations while it trains (a multiple of the preset's validation interval; 0: off). The scores "
         "are kept beside the results as they come (runs/<tag>/<configuration>_seed<seed>.teacher.json), "
-        "so a run cut short still leaves its curve; benchmarks/teacher_curve.py reports them.",
+        "so a run cut short still leaves its curve; python -m benchmarks.teacher_curve reports them.",
     )
     parser.add_argument(
         "--review-budget",
@@ -1459,7 +1457,7 @@ def markdown_report(
         f"# Quality benchmark: {tag}",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"device {args.device}. Command: `{shown_command('python benchmarks/quality.py', sys.argv[1:])}`",
+        f"device {args.device}. Command: `{shown_command(COMMAND, sys.argv[1:])}`",
         "",
         f"Preset: `{json.dumps(preset.__dict__)}`",
         "",

@@ -19,9 +19,9 @@ Regions, flags and the slice order come from the same code as ``buseg predict``
 (:func:`buseg.inference.review_regions` with a :class:`~buseg.config.PredictConfig`). It
 also measures, per shape flag reason, the share of flagged voxels that are wrong.
 
-Usage (models from benchmarks/quality.py, e.g. the copy-paste pre-training and BCP)::
+Usage (models from ``python -m benchmarks.quality``, e.g. the copy-paste pre-training and BCP)::
 
-    python benchmarks/review_benchmark.py --data-root ../shared/data/ACDC \\
+    python -m benchmarks.review_benchmark --data-root ../shared/data/ACDC \\
         --model pre-training=benchmarks/work/.../pretrain_seed1337/model.pt \\
         --model bcp=benchmarks/work/.../bcp_seed1337/final.pt --out benchmarks/results --tag acdc_cpu
 """
@@ -39,17 +39,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
+from benchmarks.paths import module_command, shown_command
+from buseg.checkpoint import LoadedModel, load_model
+from buseg.config import PredictConfig, TrainConfig
+from buseg.data import ValidationCase, load_training_data
+from buseg.inference import predict_probabilities, review_regions
+from buseg.io import Volume
+from buseg.review import flag_budget, mean_foreground_dice
+from buseg.shape_flags import REASONS, expected_error_map, parse_nesting_rules, shape_flag_map
+from buseg.uncertainty import normalized_entropy
 
-from buseg.checkpoint import LoadedModel, load_model  # noqa: E402
-from buseg.config import PredictConfig, TrainConfig  # noqa: E402
-from buseg.data import ValidationCase, load_training_data  # noqa: E402
-from buseg.inference import predict_probabilities, review_regions  # noqa: E402
-from buseg.io import Volume  # noqa: E402
-from buseg.review import flag_budget, mean_foreground_dice  # noqa: E402
-from buseg.shape_flags import REASONS, expected_error_map, parse_nesting_rules, shape_flag_map  # noqa: E402
-from buseg.uncertainty import normalized_entropy  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = module_command(__file__)
 
 SLICE_COUNTS = (1, 2, 3)
 REGION_COUNTS = (1, 3, 5)
@@ -305,7 +306,7 @@ def model_table(label: str, summary: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "ACDC")
     parser.add_argument(
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         results[label]["model"] = path
         lines += model_table(label, results[label]["summary"])
         print("\n".join(model_table(label, results[label]["summary"])), flush=True)
-    command = "python benchmarks/review_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shown_command(COMMAND, argv if argv is not None else sys.argv[1:])
     header = [
         f"# Review benchmark ({args.tag}): {len(cases)} validation volumes",
         "",

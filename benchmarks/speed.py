@@ -37,10 +37,10 @@ components slower than later in training, for both sides).
 
 Usage::
 
-    .venv/bin/python benchmarks/speed.py --preset cpu     # ~30 min on 2 (shared) CPU cores
-    .venv/bin/python benchmarks/speed.py --preset cpu-bf16  # each method bf16 vs float32, ~25 min
-    .venv/bin/python benchmarks/speed.py --preset gpu     # CUDA: more iterations, AMP as configured
-    .venv/bin/python benchmarks/speed.py --settings acdc-128 --configs bcp buarl reference --timed 5
+    .venv/bin/python -m benchmarks.speed --preset cpu     # ~30 min on 2 (shared) CPU cores
+    .venv/bin/python -m benchmarks.speed --preset cpu-bf16  # each method bf16 vs float32, ~25 min
+    .venv/bin/python -m benchmarks.speed --preset gpu     # CUDA: more iterations, AMP as configured
+    .venv/bin/python -m benchmarks.speed --settings acdc-128 --configs bcp buarl reference --timed 5
 
 Writes ``speed_<preset>.csv`` and ``speed_<preset>.md`` to ``--out`` (default benchmarks/results).
 """
@@ -95,15 +95,9 @@ def _one_malloc_arena() -> None:
 
 _one_malloc_arena()
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "BidirUncertaintySeg" / "Logic"))
-sys.path.insert(0, str(HERE))
-
-import reference_bcp  # noqa: E402
-from paths import shown_command, shown_path  # noqa: E402
-from reference_bcp import ReferenceBCP  # noqa: E402
-
+from benchmarks import reference_bcp  # noqa: E402
+from benchmarks.paths import module_command, shown_command, shown_path  # noqa: E402
+from benchmarks.reference_bcp import ReferenceBCP  # noqa: E402
 from buseg.config import TrainConfig  # noqa: E402
 from buseg.data import TrainingData, _h5, _la_volume, acdc_split  # noqa: E402
 from buseg.device import precision_description  # noqa: E402
@@ -111,6 +105,10 @@ from buseg.events import EventSink  # noqa: E402
 from buseg.networks import build_network  # noqa: E402
 from buseg.sampling import PatchSampler, SliceSampler  # noqa: E402
 from buseg.train import train  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+COMMAND = module_command(__file__)
 
 ACDC_CLASSES = ("right ventricle", "myocardium", "left ventricle")
 
@@ -716,12 +714,13 @@ def measure_memory(
     spec = {
         "setting": setting.name,
         "configuration": name,
-        "data_root": str(data_root) if data_root else "",
+        "data_root": str(Path(data_root).resolve()) if data_root else "",  # the child runs in ROOT
         "threads": threads,
         "seed": seed,
     }
     completed = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)],
+        [sys.executable, "-m", "benchmarks.speed", "--memory-child", json.dumps(spec)],
+        cwd=ROOT,  # where `-m` finds the benchmarks package
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(threads)},
@@ -1073,7 +1072,7 @@ def _configurations_section(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="default: the preset's")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGURATIONS), help="default: the preset's")
@@ -1190,7 +1189,7 @@ def _run_preset(args: argparse.Namespace, argv: list[str] | None) -> int:
         print("the gpu preset needs a CUDA GPU", file=sys.stderr)
         return 2
     run = _PresetRun(args, device)
-    command = shown_command(".venv/bin/python benchmarks/speed.py", argv or sys.argv[1:])
+    command = shown_command(COMMAND, argv or sys.argv[1:])
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     start = time.perf_counter()
     info = machine_info(device)

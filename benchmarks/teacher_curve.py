@@ -1,6 +1,6 @@
 """The long-run report: each run's EMA teacher scored every N iterations, compared seed by seed.
 
-``quality.py --score-every N`` scores the teacher of every self-training run on all held-out volumes
+``python -m benchmarks.quality --score-every N`` scores the teacher of every self-training run on all held-out volumes
 every N iterations and keeps the scores beside the results (``runs/<tag>/<configuration>_seed<seed>
 .teacher.json``). This script turns those records into the report of a long-run study:
 
@@ -20,7 +20,7 @@ A run that has not finished (its record says so) is shown up to its last score a
 
 Usage::
 
-    python benchmarks/teacher_curve.py --tag acdc_cpu_7labeled_long12000 --at 4000 8000 12000 \\
+    python -m benchmarks.teacher_curve --tag acdc_cpu_7labeled_long12000 --at 4000 8000 12000 \\
         --reference ours-url-only --short-tag acdc_cpu_7labeled
 """
 
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.paths import module_command, shown_command
+from benchmarks.quality import RECORDS_FOLDER, mean_and_standard_error, plot_seed_panels, verdict
 
-from paths import shown_command  # noqa: E402
-from quality import RECORDS_FOLDER, mean_and_standard_error, plot_seed_panels, verdict  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = module_command(__file__)
 
 TEACHER_SUFFIX = ".teacher.json"
 
@@ -58,7 +58,7 @@ def read_runs(records: Path) -> list[dict]:
         runs.append(run)
     if not runs:
         raise SystemExit(
-            f"{records}: no teacher-score records (*{TEACHER_SUFFIX}); run quality.py --score-every"
+            f"{records}: no teacher-score records (*{TEACHER_SUFFIX}); run python -m benchmarks.quality --score-every"
         )
     return runs
 
@@ -138,10 +138,10 @@ def report(runs: list[dict], args: argparse.Namespace, records: Path) -> list[st
     lines = [
         f"# Long-run teacher scores: {args.tag}",
         "",
-        f"Command: `{shown_command('python benchmarks/teacher_curve.py', args.argv)}`",
+        f"Command: `{shown_command(COMMAND, args.argv)}`",
         "",
         "Each run's EMA teacher (what its model files hold) scored on all held-out volumes every "
-        f"{runs[0].get('every', '?')} self-training iterations (`quality.py --score-every`). Dice in %, mean "
+        f"{runs[0].get('every', '?')} self-training iterations (`python -m benchmarks.quality --score-every`). Dice in %, mean "
         "± sample standard deviation over seeds. Verdicts on Dice paired by seed: 'better' only when ahead "
         "in every seed or the mean difference exceeds twice its standard error (at least 3 seeds).",
         "",
@@ -239,9 +239,9 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tag", required=True, help="The quality.py tag of the long runs.")
+    parser.add_argument("--tag", required=True, help="The benchmarks.quality tag of the long runs.")
     parser.add_argument("--at", nargs="+", type=int, default=[4000, 8000, 12000], help="Iterations compared.")
     parser.add_argument("--reference", default="ours-url-only", help="Configuration compared with.")
     parser.add_argument(

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from buseg.synthetic import write_dataset
+
+# The benchmarks are a package at the repository root, run from there as `python -m benchmarks.<name>`
+# and not installed: the tests import them as `benchmarks.<name>` from whichever folder pytest started in.
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+if str(REPOSITORY_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY_ROOT))
 
 # Two cores: one intra-op thread per test process keeps timings stable and avoids
 # oversubscription when a test launches worker subprocesses.

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks import annotation_loop
 from buseg.data import TrainingData, ValidationCase
 from buseg.synthetic import make_case
 
@@ -25,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def loop():
-    spec = importlib.util.spec_from_file_location(
-        "annotation_loop_benchmark", ROOT / "benchmarks" / "annotation_loop.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return annotation_loop
 
 
 # --------------------------------------------------------------------------------------
@@ -110,7 +103,8 @@ def test_arms_name_their_chooser_and_annotation(loop):
             loop.parse_arm(bad)
 
 
-def test_the_fine_tuning_is_the_panels_default_schedule(loop):
+def test_the_fine_tuning_is_the_panels_default_schedule(loop, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "BidirUncertaintySeg"))  # the panel library, not installed
     from BidirUncertaintySegLib.parameters import PARAMETERS
 
     panel = {p.name: p.default for p in PARAMETERS}

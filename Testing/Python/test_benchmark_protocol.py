@@ -17,16 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import quality as quality_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_protocol", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return quality_benchmark
 
 
 def _args(**extra) -> argparse.Namespace:

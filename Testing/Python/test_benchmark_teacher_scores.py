@@ -7,9 +7,7 @@ losing the scores of a run cut short, would each make that evidence say somethin
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,18 +16,14 @@ import pytest
 import torch
 from model_files import model_metadata, untrained_network
 
+from benchmarks import quality as quality_benchmark
+from benchmarks import teacher_curve as teacher_curve_report
 from buseg.checkpoint import save_checkpoint
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return quality_benchmark
 
 
 @pytest.fixture()
@@ -144,12 +138,8 @@ def test_score_every_must_be_a_multiple_of_the_checkpoint_interval(quality, tmp_
 
 
 @pytest.fixture(scope="module")
-def teacher_curve(quality):
-    spec = importlib.util.spec_from_file_location("teacher_curve", ROOT / "benchmarks" / "teacher_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def teacher_curve():
+    return teacher_curve_report
 
 
 def _teacher_record(folder: Path, key: str, seed: int, dice_by_iteration: dict[int, float], finished=True):

@@ -7,13 +7,13 @@ Every test here is marked ``cuda`` and skipped where torch sees no CUDA GPU; on 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks import inference_speed
 from buseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from buseg.config import PredictConfig, TrainConfig
 from buseg.device import resolve_device
@@ -22,9 +22,6 @@ from buseg.events import ListSink
 from buseg.inference import predict_case
 from buseg.io import Volume, read_image
 from buseg.train import train
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import inference_speed
 
 pytestmark = [
     pytest.mark.cuda,

@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks import demo_variants
 
 
 @pytest.fixture(scope="module")
 def variants():
-    spec = importlib.util.spec_from_file_location("demo_variants", ROOT / "benchmarks" / "demo_variants.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return demo_variants
 
 
 def _args(tmp_path: Path, **extra) -> argparse.Namespace:

@@ -14,14 +14,12 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import gpu_check
+from benchmarks import gpu_check
 
 FAKE_CUDA_TESTS = """
 import pytest
@@ -346,8 +344,7 @@ def test_bad_arguments_are_refused_in_one_line_before_any_work(tmp_path, capsys)
 
 
 def test_the_methods_timed_are_the_catalogs_each_a_speed_configuration():
-    import speed
-
+    from benchmarks import speed
     from buseg.methods.catalog import CATALOG
 
     assert tuple(CATALOG) == gpu_check.METHODS and gpu_check.METHODS[0] == "buarl"  # ours first

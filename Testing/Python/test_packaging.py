@@ -96,6 +96,9 @@ def test_wheel_contains_every_module_and_the_schemas(tmp_path):
         source_tree / "BidirUncertaintySeg" / "Logic" / "buseg",
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
+    # The benchmarks package sits at the root beside the sources: it must stay out of the wheel.
+    (source_tree / "benchmarks").mkdir()
+    shutil.copy(ROOT / "benchmarks" / "__init__.py", source_tree / "benchmarks" / "__init__.py")
     # No build isolation: the environment's setuptools (the Makefile installs >= 77), no download.
     result = _run(
         sys.executable,
@@ -117,7 +120,7 @@ def test_wheel_contains_every_module_and_the_schemas(tmp_path):
     expected = {str(p.relative_to(source).as_posix()) for p in (source / "buseg").rglob("*.py")}
     expected |= {str(p.relative_to(source).as_posix()) for p in (source / "buseg" / "schemas").glob("*.json")}
     assert expected <= names, sorted(expected - names)
-    assert not any(n.startswith(("BidirUncertaintySegLib/", "Testing/")) for n in names)
+    assert not any(n.startswith(("BidirUncertaintySegLib/", "Testing/", "benchmarks/")) for n in names)
 
 
 def test_engine_imports_no_slicer_qt_or_vtk():

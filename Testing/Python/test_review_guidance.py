@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from buseg.shape_flags import REASONS
 from buseg.synthetic import write_dataset
 
 NAMES = ["background", "wall", "cavity", "satellite"]
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
 def _model(folder: Path, slice_axis: int) -> Path:
@@ -81,7 +79,7 @@ def test_a_bad_nesting_rule_stops_before_any_output(tmp_path, data, caplog):
 
 
 def test_the_simulated_reviewer_fixes_what_it_is_pointed_to():
-    import review_benchmark as bench
+    from benchmarks import review_benchmark as bench
 
     truth = np.zeros((4, 6, 6), dtype=np.uint8)
     truth[:, 1:5, 1:5] = 1

@@ -13,24 +13,18 @@ from __future__ import annotations
 
 import copy
 import csv
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks import reference_bcp
 from buseg.config import TrainConfig
 from buseg.copy_paste import box_mask, largest_component_per_class, mix
 from buseg.methods import Batch, BidirectionalCopyPaste, StepContext
 from buseg.methods.bcp import MixedBatch
 from buseg.methods.buarl import _url_selection_per_image, url_selection
 from buseg.networks import build_network, to_channels_last
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import reference_bcp  # noqa: E402
 
 
 def _blobby_labels(rng: np.random.Generator, shape: tuple[int, ...], classes: int) -> torch.Tensor:
@@ -256,7 +250,7 @@ def test_reference_step_runs_and_learns(dimension, semantics):
 
 
 def test_speed_benchmark_runs_side_by_side(tmp_path):
-    import speed
+    from benchmarks import speed
 
     code = speed.main(
         [
