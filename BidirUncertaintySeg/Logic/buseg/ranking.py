@@ -21,7 +21,8 @@ region threshold):
 
 A model that finds nothing and doubts nothing gives 0 on every score. Ties are broken by
 case name. Measured with a tiny 2D model (Testing/Python/test_rank.py): images with more noise than
-the training images rank first with ``dice-risk`` and ``mean-uncertainty``; a plain mean of
+the training images rank before the clean one with ``dice-risk`` and ``mean-uncertainty``
+(between two very noisy images the model is unsure of almost everything); a plain mean of
 u over A (without the 2F) ranked them *last*, because many moderately uncertain voxels
 dilute such a mean.
 """
