@@ -62,7 +62,7 @@ from benchmarks import quality
 from benchmarks.paths import module_command, shown_command
 from buseg.config import PredictConfig, TrainConfig
 from buseg.data import TrainingData, ValidationCase
-from buseg.io import write_bytes_atomic
+from buseg.safe_files import write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = module_command(__file__)

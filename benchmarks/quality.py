@@ -71,8 +71,8 @@ from buseg.checkpoint import read_checkpoint, save_checkpoint
 from buseg.config import TrainConfig, to_dict
 from buseg.data import TrainingData, ValidationCase, load_training_data
 from buseg.events import EventSink, MultiSink
-from buseg.io import write_bytes_atomic
 from buseg.methods.catalog import method_entry, method_names
+from buseg.safe_files import write_bytes_atomic
 from buseg.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

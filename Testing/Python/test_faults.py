@@ -31,8 +31,9 @@ from buseg.cli import main
 from buseg.config import PredictConfig, TrainConfig
 from buseg.errors import OutputError, ResourceError
 from buseg.inference import predict_case, predict_files
-from buseg.io import TEMPORARY_PREFIX, read_image, read_label
+from buseg.io import read_image, read_label
 from buseg.networks import UNet2D, VNet, build_network
+from buseg.safe_files import TEMPORARY_PREFIX
 from buseg.synthetic import write_dataset
 from buseg.train import train
 
@@ -84,7 +85,7 @@ def _assert_final_files_complete(folder: Path) -> None:
             continue
         name = path.name
         if name.startswith(TEMPORARY_PREFIX):
-            continue  # io.atomic_path's temporary file: hidden, never under the final name
+            continue  # safe_files.atomic_path's temporary file: hidden, never under the final name
         if name.endswith(".pt"):
             read_checkpoint(path)
         elif name.endswith(".json"):

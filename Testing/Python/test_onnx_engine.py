@@ -336,12 +336,12 @@ except ResourceError as exc:
 
 @needs_onnxruntime
 def test_no_writable_cache_still_predicts(tmp_path, monkeypatch):
-    import buseg.io
+    import buseg.safe_files
 
     def refuse(path, data, *, overwrite=True):
         raise OutputError("cannot write here: read-only file system", path=path)
 
-    monkeypatch.setattr(buseg.io, "write_bytes_atomic", refuse)
+    monkeypatch.setattr(buseg.safe_files, "write_bytes_atomic", refuse)
     model = _model(tmp_path / "m")
     prediction = predict_case(model, _image(), PredictConfig(engine="onnx"))
     assert prediction.engine == "onnx"

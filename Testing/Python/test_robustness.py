@@ -737,7 +737,7 @@ def test_a_config_file_with_a_truthy_overwrite_replaces_nothing(tmp_path, model_
 
 def test_files_that_merely_look_temporary_are_never_deleted(tmp_path, model_2d):
     from buseg.cli import main
-    from buseg.io import atomic_path
+    from buseg.safe_files import atomic_path
     from buseg.train import prepare_output_folder
 
     image = tmp_path / "in" / "a.nrrd"
@@ -853,7 +853,7 @@ def test_a_lock_whose_process_id_now_belongs_to_another_process_is_taken_over(tm
     import psutil
 
     from buseg.errors import OutputError
-    from buseg.io import FolderLock
+    from buseg.safe_files import FolderLock
 
     lock = tmp_path / "buseg.lock"
     sleeper = subprocess.Popen(["sleep", "60"])  # alive, and no buseg job (pid 1 after a restart)

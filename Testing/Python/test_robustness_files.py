@@ -531,3 +531,24 @@ def test_a_header_whose_data_file_field_is_empty_is_named(tmp_path, suffix):
     with pytest.raises(InputError, match="names no data file") as raised:
         read_image(image)
     assert image.name in str(raised.value)
+
+
+def test_safe_writing_knows_the_image_suffix_of_two_parts_and_imports_no_format(tmp_path):
+    # A temporary file must end in the whole image suffix (writers choose the format from it);
+    # safe_files keeps its own copy of the one compound suffix so that it needs nothing of io.
+    import ast
+    import inspect
+
+    from buseg import safe_files
+    from buseg.io import IMAGE_SUFFIXES
+
+    assert [s for s in IMAGE_SUFFIXES if s.count(".") > 1] == [safe_files._COMPOUND_SUFFIX]
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(inspect.getsource(safe_files)))
+        if isinstance(node, ast.ImportFrom)
+    }
+    assert "io" not in imported and "buseg.io" not in imported
+    for name, suffix in (("case.NII.GZ", ".NII.GZ"), ("...nii.gz", ".nii.gz"), ("table.v2.csv", ".csv")):
+        with safe_files.atomic_path(tmp_path / name) as temp:
+            assert temp.name.startswith(safe_files.TEMPORARY_PREFIX) and temp.name.endswith(suffix), name

@@ -32,8 +32,9 @@ from torch import nn
 
 from . import __version__
 from .errors import ModelFileError
-from .io import atomic_path, regular_file_problem
+from .io import regular_file_problem
 from .networks import build_network
+from .safe_files import atomic_path
 
 FORMAT = "buseg-model"
 FORMAT_VERSION = 1

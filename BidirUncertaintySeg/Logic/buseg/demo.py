@@ -47,7 +47,7 @@ import numpy as np
 from . import __version__
 from .errors import Cancelled, OutputError
 from .events import EventSink, TerminalSink
-from .io import write_json_atomic
+from .safe_files import write_json_atomic
 
 MARKER = "demo.json"
 MARKER_SCHEMA = "buseg-demo"

@@ -55,9 +55,7 @@ from .events import EventSink
 from .io import (
     SEGMENTATION_SUFFIX,
     Volume,
-    atomic_path,
     case_name,
-    ensure_output_folder,
     image_suffix,
     is_image_file,
     read_image,
@@ -65,7 +63,6 @@ from .io import (
     resolved_path,
     safe_case_name,
     write_image,
-    write_json_atomic,
     write_segmentation,
 )
 from .measures import measure, measure_names
@@ -82,6 +79,7 @@ from .resample import (
     same_spacing,
     working_grid,
 )
+from .safe_files import atomic_path, ensure_output_folder, write_json_atomic
 from .shape_flags import parse_nesting_rules, shape_flag_map
 from .uncertainty import class_argmax, normalized_entropy
 

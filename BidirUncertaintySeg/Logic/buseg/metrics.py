@@ -40,17 +40,8 @@ import numpy as np
 
 from .errors import Cancelled, InputError, OutputError
 from .events import EventSink
-from .io import (
-    MAX_LABEL_VALUE,
-    LabelVolume,
-    atomic_path,
-    case_name,
-    ensure_output_folder,
-    image_suffix,
-    is_image_file,
-    read_json,
-    read_label,
-)
+from .io import MAX_LABEL_VALUE, LabelVolume, case_name, image_suffix, is_image_file, read_json, read_label
+from .safe_files import atomic_path, ensure_output_folder
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_voxels", "asd_voxels")
 # Suffixes that name a label map rather than a case ("case_label.nii.gz", "case_gt.nrrd", ...).

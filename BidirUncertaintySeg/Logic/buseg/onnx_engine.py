@@ -264,7 +264,7 @@ def _store_export(place: Path, data: bytes, digest: str, model_path: str | Path 
     A file beside the model without our sidecar is someone else's and is never replaced (in the user
     cache folder every file is ours: one left without its sidecar by an interrupted run is replaced).
     """
-    from .io import write_bytes_atomic, write_json_atomic
+    from .safe_files import write_bytes_atomic, write_json_atomic
 
     ours = place.parent == user_cache_folder() or _read_sidecar(place) is not None
     if place.exists() and not ours:

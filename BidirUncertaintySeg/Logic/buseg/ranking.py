@@ -57,7 +57,7 @@ from .inference import (
     output_suffix,
     write_prediction,
 )
-from .io import atomic_path, ensure_output_folder
+from .safe_files import atomic_path, ensure_output_folder
 
 SCORES = ("dice-risk", "mean-uncertainty", "flagged-volume")
 SCORE_FIELDS = {

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_path
 from .metrics import dice_per_class
+from .safe_files import atomic_path
 
 # Colors of the two methods in curves and table headers (ours stands out).
 METHOD_COLORS = {"supervised": "#5b7fa6", "buarl": "#e0663a"}

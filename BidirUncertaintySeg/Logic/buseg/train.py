@@ -47,10 +47,11 @@ from .distributed import DistributedContext, init_distributed
 from .errors import BusegError, Cancelled, ConfigError, OutputError, ResourceError
 from .events import EventSink, split_logs
 from .inference import is_out_of_memory, predict_probabilities
-from .io import TEMPORARY_PREFIX, FolderLock, file_in_the_way, read_json, resolved_path, write_json_atomic
+from .io import read_json, resolved_path
 from .methods import Batch, Method, StepContext, build_method, method_entry
 from .metrics import dice_per_class
 from .networks import build_network, channels_last_format, to_channels_last
+from .safe_files import TEMPORARY_PREFIX, FolderLock, file_in_the_way, write_json_atomic
 from .sampling import PatchSampler, SliceSampler
 from .uncertainty import class_argmax
 
@@ -110,7 +111,7 @@ def prepare_output_folder(
         if lock is not None:
             lock.release()
         raise
-    # Temporary files of io.atomic_path that a killed training left; only the lock holder may
+    # Temporary files of safe_files.atomic_path that a killed training left; only the lock holder may
     # remove them (another training could be writing its own).
     for stale in _stale_temporaries(out_dir):
         with contextlib.suppress(OSError):
@@ -959,7 +960,7 @@ def _optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.
 
 
 def _copy_atomic(source: Path, destination: Path) -> None:
-    from .io import atomic_path
+    from .safe_files import atomic_path
 
     with atomic_path(destination, overwrite=True) as temp:
         shutil.copyfile(source, temp)

@@ -359,7 +359,7 @@ def locked_output_folder(folder: str | Path, job: str) -> Iterator[Path]:
     refuses instead of silently replacing this one's files), and first remove the temporary
     files that an interrupted job left there. A folder created here and left empty (the job
     failed before writing) is removed again."""
-    from ..io import FolderLock, ensure_output_folder, remove_stale_temporaries
+    from ..safe_files import FolderLock, ensure_output_folder, remove_stale_temporaries
 
     folder = Path(folder)
     created = not folder.exists()
