@@ -30,14 +30,7 @@ from buseg.config import PredictConfig, TrainConfig
 from buseg.data import load_training_data
 from buseg.errors import InputError, ModelFileError, ResourceError
 from buseg.inference import predict_files
-from buseg.io import (
-    Volume,
-    read_image,
-    read_label,
-    safe_case_name,
-    write_image,
-    write_segmentation,
-)
+from buseg.io import Volume, read_image, read_label, safe_case_name, write_image, write_segmentation
 from buseg.networks import build_network
 from buseg.synthetic import make_case, rotation_direction
 

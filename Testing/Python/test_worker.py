@@ -21,13 +21,7 @@ import pytest
 import torch
 
 from buseg.checkpoint import load_model, read_checkpoint
-from buseg.commands.common import (
-    CANCEL_FILE_ENV,
-    EXIT_CANCELLED,
-    PARENT_PID_ENV,
-    StopFlag,
-    run_job,
-)
+from buseg.commands.common import CANCEL_FILE_ENV, EXIT_CANCELLED, PARENT_PID_ENV, StopFlag, run_job
 from buseg.config import TrainConfig
 from buseg.device import resolve_device
 from buseg.errors import Cancelled, InputError, ResourceError

@@ -30,11 +30,11 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import ModelFileError
-from .io import regular_file_problem
-from .networks import build_network
-from .safe_files import atomic_path
+from buseg import __version__
+from buseg.errors import ModelFileError
+from buseg.io import regular_file_problem
+from buseg.networks import build_network
+from buseg.safe_files import atomic_path
 
 FORMAT = "buseg-model"
 FORMAT_VERSION = 1

@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from buseg import __version__
 
 COMMANDS = {
     "train": "Train a segmentation model from labeled and unlabeled images.",

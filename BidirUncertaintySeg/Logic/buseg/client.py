@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .events import SCHEMA_VERSION, parse_event_line
+from buseg.events import SCHEMA_VERSION, parse_event_line
 
 IDLE = "idle"
 STARTING = "starting"

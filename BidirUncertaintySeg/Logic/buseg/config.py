@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError
-from .measures import measure_help, measure_names
-from .methods.catalog import method_entry, method_help, method_names
+from buseg.errors import ConfigError
+from buseg.measures import measure_help, measure_names
+from buseg.methods.catalog import method_entry, method_help, method_names
 
 
 def opt(

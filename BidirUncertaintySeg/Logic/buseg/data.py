@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .checkpoint import class_name_problem
-from .config import TrainConfig
-from .errors import ConfigError, InputError
-from .io import (
+from buseg.checkpoint import class_name_problem
+from buseg.config import TrainConfig
+from buseg.errors import ConfigError, InputError
+from buseg.io import (
     DEFAULT_COLORS,
     MAX_LABEL_VALUE,
     SEGMENTATION_SUFFIX,
@@ -48,10 +48,10 @@ from .io import (
     regular_file_problem,
     resolved_path,
 )
-from .memory import check_memory
-from .methods.catalog import method_entry
-from .preprocessing import normalize_intensity, resolve_normalization
-from .resample import (
+from buseg.memory import check_memory
+from buseg.methods.catalog import method_entry
+from buseg.preprocessing import normalize_intensity, resolve_normalization
+from buseg.resample import (
     Grid,
     image_on_working_grid,
     label_on_working_grid,

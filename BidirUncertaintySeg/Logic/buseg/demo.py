@@ -44,10 +44,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import __version__
-from .errors import Cancelled, OutputError
-from .events import EventSink, TerminalSink
-from .safe_files import write_json_atomic
+from buseg import __version__
+from buseg.errors import Cancelled, OutputError
+from buseg.events import EventSink, TerminalSink
+from buseg.safe_files import write_json_atomic
 
 MARKER = "demo.json"
 MARKER_SCHEMA = "buseg-demo"
@@ -205,7 +205,7 @@ def _is_demo_folder(out_dir: Path) -> bool:
 
 
 def make_data(out_dir: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
-    from .synthetic import POPULATIONS, write_population_dataset
+    from buseg.synthetic import POPULATIONS, write_population_dataset
 
     return write_population_dataset(
         out_dir / "data",
@@ -225,7 +225,7 @@ PRECISION = "float32"
 
 def our_parts() -> str:
     """Which of our method's parts the engine's defaults train, as the terminal and report say it."""
-    from .config import TrainConfig
+    from buseg.config import TrainConfig
 
     defaults = TrainConfig()
     parts = ["URL"] if defaults.url.enabled else []
@@ -244,7 +244,7 @@ def train_config(
     init_weights: Path | None = None,
 ):  # -> TrainConfig (imported lazily: torch)
     """One training: the shared start (``run = SHARED_RUN``) or a branch ("buarl", "supervised") from it."""
-    from .config import TrainConfig
+    from buseg.config import TrainConfig
 
     config = TrainConfig()
     config.method.name = "supervised" if run == SHARED_RUN else run
@@ -279,8 +279,8 @@ def review_figures(
     prediction_dir: Path, truth_dir: Path, cases: list[str], num_classes: int
 ) -> dict[str, float]:
     """Mean over the test volumes of :func:`buseg.review.simulate_review` at :data:`REVIEW_BUDGET`."""
-    from .io import read_image, read_label
-    from .review import simulate_review
+    from buseg.io import read_image, read_label
+    from buseg.review import simulate_review
 
     summary = json.loads((prediction_dir / "summary.json").read_text())
     outputs = {c["case"]: c["outputs"] for c in summary["cases"] if c.get("status") == "ok"}
@@ -451,7 +451,7 @@ class _DemoRun:
     def _train(
         self, step: int, run: str, what: str, folders: dict[str, Path], init: Path | None
     ) -> dict[str, Any]:
-        from .train import train
+        from buseg.train import train
 
         config = train_config(run, folders, self.out, self.plan, self.seed, self.device, init_weights=init)
         self._say(f"\n[{step}/6] Training {what}")
@@ -488,9 +488,9 @@ class _DemoRun:
         self, method: str, folders: dict[str, Path], model_path: Path
     ) -> tuple[Path, Any, dict[str, float]]:
         """(prediction folder, :func:`buseg.metrics.evaluate_files` result, review figures) of one method."""
-        from .config import PredictConfig
-        from .inference import predict_files
-        from .metrics import evaluate_files
+        from buseg.config import PredictConfig
+        from buseg.inference import predict_files
+        from buseg.metrics import evaluate_files
 
         predict = PredictConfig(
             model_path=str(model_path),
@@ -520,7 +520,7 @@ class _DemoRun:
 
     def _write_comparison(self, comparison: dict[str, Any]) -> str:
         """comparison.json and .md; returns the table for the terminal."""
-        from .report import format_comparison, write_comparison_markdown
+        from buseg.report import format_comparison, write_comparison_markdown
 
         write_json_atomic(self.out / "comparison.json", comparison)
         table = format_comparison(comparison)
@@ -529,7 +529,7 @@ class _DemoRun:
 
     def _write_report(self, comparison: dict[str, Any]) -> tuple[str, Path, Path]:
         """Step 6, for the first test volume; returns (that case, report.png, open_in_slicer.py)."""
-        from .report import write_report, write_slicer_script
+        from buseg.report import write_report, write_slicer_script
 
         self._say("\n[6/6] Writing the report")
         self._check_stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from buseg.errors import ConfigError
 
 
 def resolve_device(spec: str = "auto") -> tuple[torch.device, str]:

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .device import resolve_device
-from .errors import ConfigError
+from buseg.device import resolve_device
+from buseg.errors import ConfigError
 
 # Rank 0 validates while the others wait in the next collective: allow long validations.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)

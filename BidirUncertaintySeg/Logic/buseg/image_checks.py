@@ -35,7 +35,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import InputError
+from buseg.errors import InputError
 
 # Compressed bytes read at a time, and the most decompressed bytes held at once.
 _CHUNK_BYTES = 1 << 20

@@ -47,12 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import LoadedModel, load_model
-from .config import PredictConfig, to_dict
-from .errors import BusegError, Cancelled, ConfigError, InputError, OutputError, ResourceError
-from .events import EventSink
-from .io import (
+from buseg import __version__
+from buseg.checkpoint import LoadedModel, load_model
+from buseg.config import PredictConfig, to_dict
+from buseg.errors import BusegError, Cancelled, ConfigError, InputError, OutputError, ResourceError
+from buseg.events import EventSink
+from buseg.io import (
     SEGMENTATION_SUFFIX,
     Volume,
     case_name,
@@ -65,12 +65,12 @@ from .io import (
     write_image,
     write_segmentation,
 )
-from .measures import measure, measure_names
-from .memory import check_memory
-from .onnx_engine import choose_engine, engine_description, load_session, session_forward
-from .preprocessing import normalize_intensity, resize_slices
-from .regions import RegionSet, find_regions, regions_document, review_slice_axis
-from .resample import (
+from buseg.measures import measure, measure_names
+from buseg.memory import check_memory
+from buseg.onnx_engine import choose_engine, engine_description, load_session, session_forward
+from buseg.preprocessing import normalize_intensity, resize_slices
+from buseg.regions import RegionSet, find_regions, regions_document, review_slice_axis
+from buseg.resample import (
     WORKING_GRID_MEMORY_HINT,
     Grid,
     image_on_working_grid,
@@ -79,9 +79,9 @@ from .resample import (
     same_spacing,
     working_grid,
 )
-from .safe_files import atomic_path, ensure_output_folder, write_json_atomic
-from .shape_flags import parse_nesting_rules, shape_flag_map
-from .uncertainty import class_argmax, normalized_entropy
+from buseg.safe_files import atomic_path, ensure_output_folder, write_json_atomic
+from buseg.shape_flags import parse_nesting_rules, shape_flag_map
+from buseg.uncertainty import class_argmax, normalized_entropy
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
@@ -578,7 +578,7 @@ def network_device(network: nn.Module) -> torch.device:
 def _forward_for(network: nn.Module, device: torch.device, amp: bool, dimension: str) -> Forward:
     """The network call with the input in the network's memory layout, under autocast where the
     device runs mixed precision (:func:`buseg.device.autocast_dtype`); logits come back float32."""
-    from .device import autocast_dtype
+    from buseg.device import autocast_dtype
 
     dtype = autocast_dtype(device) if amp else None
     layout = torch.channels_last if dimension == "2d" else torch.contiguous_format
@@ -615,7 +615,7 @@ def window_batch_size(config: PredictConfig, device: torch.device) -> int:
 def check_model_settings(model: LoadedModel, config: PredictConfig) -> None:
     """Refuse settings the model cannot honour (a measure that needs dropout, such as MC-dropout,
     without dropout layers)."""
-    from .networks import has_dropout
+    from buseg.networks import has_dropout
 
     if measure(config.uncertainty).needs_dropout and not has_dropout(model.network):
         others = " or ".join(name for name in measure_names() if not measure(name).needs_dropout)
@@ -1046,7 +1046,7 @@ def json_safe(value: Any) -> Any:
 
 def load_for_prediction(config: PredictConfig) -> tuple[LoadedModel, torch.device, str]:
     """The model on the configured device (threads set), and why that device."""
-    from .device import configure_threads, resolve_device
+    from buseg.device import configure_threads, resolve_device
 
     configure_threads(config.num_threads)
     device, reason = resolve_device(config.device)

@@ -27,10 +27,10 @@ from typing import Any, BinaryIO
 import numpy as np
 import SimpleITK as sitk
 
-from . import image_checks
-from .errors import BusegError, InputError, OutputError, ResourceError
-from .image_checks import is_orthogonal
-from .safe_files import atomic_path, check_utf8_output, is_utf8
+from buseg import image_checks
+from buseg.errors import BusegError, InputError, OutputError, ResourceError
+from buseg.image_checks import is_orthogonal
+from buseg.safe_files import atomic_path, check_utf8_output, is_utf8
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEGMENTATION_SUFFIX = ".seg.nrrd"

@@ -79,7 +79,7 @@ def _from_uncertainty(function_name: str) -> ProbabilityFactory:
     (it needs torch, which this catalog must not import)."""
 
     def factory(network: Any, forward: Callable[[Any], Any], samples: int) -> Callable[[Any], Any]:
-        from . import uncertainty
+        from buseg import uncertainty
 
         return getattr(uncertainty, function_name)(network, forward, samples)
 

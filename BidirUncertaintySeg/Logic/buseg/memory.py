@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ResourceError
+from buseg.errors import ResourceError
 
 # The share of the memory available now that one allocation may take: the rest is left for the
 # process's other arrays and for the rest of the machine.

@@ -38,10 +38,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import Cancelled, InputError, OutputError
-from .events import EventSink
-from .io import MAX_LABEL_VALUE, LabelVolume, case_name, image_suffix, is_image_file, read_json, read_label
-from .safe_files import atomic_path, ensure_output_folder
+from buseg.errors import Cancelled, InputError, OutputError
+from buseg.events import EventSink
+from buseg.io import (
+    MAX_LABEL_VALUE,
+    LabelVolume,
+    case_name,
+    image_suffix,
+    is_image_file,
+    read_json,
+    read_label,
+)
+from buseg.safe_files import atomic_path, ensure_output_folder
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_voxels", "asd_voxels")
 # Suffixes that name a label map rather than a case ("case_label.nii.gz", "case_gt.nrrd", ...).
@@ -274,7 +282,7 @@ def collect_label_files(inputs: Sequence[str | Path], *, role: str) -> tuple[dic
 def _declared_class_names(folder: Path) -> dict[int, str]:
     """Label value -> name from the classes.json of a label folder (as training reads it: in the
     folder, or beside its ``labels/`` sub-folder), checked the same way; {} without one."""
-    from .data import classes_from_file
+    from buseg.data import classes_from_file
 
     for candidate in (
         folder / "classes.json",

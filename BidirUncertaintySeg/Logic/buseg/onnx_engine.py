@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import BusegError, ConfigError, ModelFileError
-from .measures import measure, measure_names
+from buseg.errors import BusegError, ConfigError, ModelFileError
+from buseg.measures import measure, measure_names
 
 ENGINES = ("auto", "torch", "onnx")
 EXPORT_SCHEMA = "buseg-onnx-export"
@@ -100,7 +100,7 @@ def choose_engine(
 ) -> tuple[str, str]:
     """The engine ('torch' or 'onnx') for a run of a ``dimension`` ('2d'/'3d') network and why, in words;
     an impossible request is a ConfigError."""
-    from .device import cpu_native_bf16
+    from buseg.device import cpu_native_bf16
 
     if requested == "torch":
         return "torch", "--engine torch"
@@ -152,7 +152,7 @@ def auto_cpu_engine(
 
 def engine_description(engine: str, reason: str, device: torch.device, amp: bool) -> str:
     """The engine and arithmetic of a prediction run, for its device line and summary."""
-    from .device import precision_description
+    from buseg.device import precision_description
 
     if engine == "onnx":
         return f"float32 ONNX Runtime {onnxruntime_version()} ({reason})"
@@ -264,7 +264,7 @@ def _store_export(place: Path, data: bytes, digest: str, model_path: str | Path 
     A file beside the model without our sidecar is someone else's and is never replaced (in the user
     cache folder every file is ours: one left without its sidecar by an interrupted run is replaced).
     """
-    from .safe_files import write_bytes_atomic, write_json_atomic
+    from buseg.safe_files import write_bytes_atomic, write_json_atomic
 
     ours = place.parent == user_cache_folder() or _read_sidecar(place) is not None
     if place.exists() and not ours:

@@ -41,11 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .config import PredictConfig, to_dict
-from .errors import InputError, OutputError
-from .events import EventSink
-from .inference import (
+from buseg import __version__
+from buseg.config import PredictConfig, to_dict
+from buseg.errors import InputError, OutputError
+from buseg.events import EventSink
+from buseg.inference import (
     CaseOutcome,
     Prediction,
     collect_images,
@@ -57,7 +57,7 @@ from .inference import (
     output_suffix,
     write_prediction,
 )
-from .safe_files import atomic_path, ensure_output_folder
+from buseg.safe_files import atomic_path, ensure_output_folder
 
 SCORES = ("dice-risk", "mean-uncertainty", "flagged-volume")
 SCORE_FIELDS = {

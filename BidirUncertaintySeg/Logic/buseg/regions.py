@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .io import Volume
+from buseg.io import Volume
 
 SCHEMA = "buseg-regions"
 SCHEMA_VERSION = 1
@@ -319,7 +319,7 @@ def _voxel_maps(
     """Per voxel, the chance that it is wrong (:func:`buseg.shape_flags.expected_error_map`) and why
     it is flagged: 0 none, 1 uncertainty, 1 + flag code for a shape flag (a flag takes precedence,
     so that a confident miss is listed with its own reason)."""
-    from .shape_flags import expected_error_map
+    from buseg.shape_flags import expected_error_map
 
     error_chance = expected_error_map(uncertainty, flags)
     keys = (uncertainty > threshold).astype(np.uint8)
@@ -405,7 +405,7 @@ class _Pieces:
         names: list[str] | None,
     ) -> Region:
         """One piece measured in physical space (``box``: its bounding box, numpy order)."""
-        from .shape_flags import reason_of_code
+        from buseg.shape_flags import reason_of_code
 
         voxel_mm3 = reference.voxel_volume_mm3
         centroid_ijk = [float(v) for v in self.centroids[:, label_id][::-1]]

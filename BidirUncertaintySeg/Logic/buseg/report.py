@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import dice_per_class
-from .safe_files import atomic_path
+from buseg.metrics import dice_per_class
+from buseg.safe_files import atomic_path
 
 # Colors of the two methods in curves and table headers (ours stands out).
 METHOD_COLORS = {"supervised": "#5b7fa6", "buarl": "#e0663a"}
@@ -190,7 +190,7 @@ def _dice(prediction: np.ndarray, truth: np.ndarray, values: list[int]) -> float
 
 
 def _load_case(out_dir: Path, method: str, case: str) -> dict[str, Any]:
-    from .io import read_image, read_label
+    from buseg.io import read_image, read_label
 
     folder = out_dir / "predictions" / method
     summary = json.loads((folder / "summary.json").read_text())
@@ -225,7 +225,7 @@ class _CaseView:
 
     @classmethod
     def load(cls, comparison: dict[str, Any], out_dir: Path, case: str) -> _CaseView:
-        from .io import read_image, read_label
+        from buseg.io import read_image, read_label
 
         image_volume = read_image(out_dir / "data" / "test" / "images" / f"{case}.nii.gz")
         image = image_volume.array

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .io import LabelVolume, Volume, format_numbers
-from .memory import check_memory
+from buseg.io import LabelVolume, Volume, format_numbers
+from buseg.memory import check_memory
 
 # Output slices resampled together when predictions go back to the input grid: the slab's class
 # probabilities (C x 8 x 512 x 512 float32 = 8 MB per class) stay small next to the output maps.
@@ -216,7 +216,7 @@ def maps_on_grid(
     slices at a time; the label map and entropy are computed on the slab."""
     import torch
 
-    from .uncertainty import class_argmax, normalized_entropy
+    from buseg.uncertainty import class_argmax, normalized_entropy
 
     num_classes = probabilities.shape[0]
     class_images = [source.image(p.astype(np.float32, copy=False)) for p in probabilities]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .metrics import dice_per_class
+from buseg.metrics import dice_per_class
 
 
 def mean_foreground_dice(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> float:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from buseg.errors import OutputError
 
 # Every temporary file buseg writes into a user's folder starts with this, and the clean-up of
 # what a killed run left removes nothing else (a user's '.backup.tmp' is the user's).

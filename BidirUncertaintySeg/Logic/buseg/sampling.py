@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .preprocessing import resize_slices
+from buseg.preprocessing import resize_slices
 
 
 def _randint(high: int, generator: torch.Generator, size: int = 1) -> torch.Tensor:

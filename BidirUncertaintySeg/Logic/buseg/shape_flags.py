@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import ConfigError
+from buseg.errors import ConfigError
 
 REASONS = ("nesting", "missing-on-slice", "extra-on-slice", "detached-fragment", "area-jump")
 # Chance that a flagged voxel is wrong, per reason: the share of flagged voxels that were wrong on

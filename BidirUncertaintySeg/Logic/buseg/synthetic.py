@@ -77,8 +77,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Volume, write_image
-from .safe_files import write_json_atomic
+from buseg.io import Volume, write_image
+from buseg.safe_files import write_json_atomic
 
 CLASS_NAMES = ("shell", "core", "satellite")
 # draw_case: sub-slices averaged per slice (partial volume across the slice); odd, so that the middle

@@ -38,22 +38,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import read_checkpoint, save_checkpoint
-from .config import TrainConfig, _flag_for, from_dict, to_dict
-from .data import TrainingData, load_training_data
-from .device import autocast_dtype, configure_threads, precision_description, resolve_device
-from .distributed import DistributedContext, init_distributed
-from .errors import BusegError, Cancelled, ConfigError, OutputError, ResourceError
-from .events import EventSink, split_logs
-from .inference import is_out_of_memory, predict_probabilities
-from .io import read_json, resolved_path
-from .methods import Batch, Method, StepContext, build_method, method_entry
-from .metrics import dice_per_class
-from .networks import build_network, channels_last_format, to_channels_last
-from .safe_files import TEMPORARY_PREFIX, FolderLock, file_in_the_way, write_json_atomic
-from .sampling import PatchSampler, SliceSampler
-from .uncertainty import class_argmax
+from buseg import __version__
+from buseg.checkpoint import read_checkpoint, save_checkpoint
+from buseg.config import TrainConfig, _flag_for, from_dict, to_dict
+from buseg.data import TrainingData, load_training_data
+from buseg.device import autocast_dtype, configure_threads, precision_description, resolve_device
+from buseg.distributed import DistributedContext, init_distributed
+from buseg.errors import BusegError, Cancelled, ConfigError, OutputError, ResourceError
+from buseg.events import EventSink, split_logs
+from buseg.inference import is_out_of_memory, predict_probabilities
+from buseg.io import read_json, resolved_path
+from buseg.methods import Batch, Method, StepContext, build_method, method_entry
+from buseg.metrics import dice_per_class
+from buseg.networks import build_network, channels_last_format, to_channels_last
+from buseg.safe_files import TEMPORARY_PREFIX, FolderLock, file_in_the_way, write_json_atomic
+from buseg.sampling import PatchSampler, SliceSampler
+from buseg.uncertainty import class_argmax
 
 logger = logging.getLogger("buseg")
 
@@ -960,7 +960,7 @@ def _optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.
 
 
 def _copy_atomic(source: Path, destination: Path) -> None:
-    from .safe_files import atomic_path
+    from buseg.safe_files import atomic_path
 
     with atomic_path(destination, overwrite=True) as temp:
         shutil.copyfile(source, temp)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .networks import set_dropout
+from buseg.networks import set_dropout
 
 
 def normalized_entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:

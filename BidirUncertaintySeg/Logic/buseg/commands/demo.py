@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import StopFlag, add_common_arguments, make_sink, non_negative_int, run_job, setup_logging
+from buseg.commands.common import (
+    StopFlag,
+    add_common_arguments,
+    make_sink,
+    non_negative_int,
+    run_job,
+    setup_logging,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     stream = sys.stderr if args.progress == "jsonl" else sys.stdout
 
     def job() -> dict:
-        from ..demo import run_demo
+        from buseg.demo import run_demo
 
         result = run_demo(
             args.out,

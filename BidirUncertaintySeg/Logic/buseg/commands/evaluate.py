@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (
+from buseg.commands.common import (
     StopFlag,
     add_common_arguments,
     label_value,
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag(immediate=True)  # outputs are atomic: a signal stops at once
 
     def job() -> dict:
-        from ..metrics import evaluate_files, format_summary
+        from buseg.metrics import evaluate_files, format_summary
 
         out = Path(args.out).resolve()
         with locked_output_folder(out, "evaluate"):

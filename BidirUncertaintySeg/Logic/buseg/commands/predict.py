@@ -10,10 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..config import PredictConfig, add_dataclass_arguments, apply_arguments, from_dict
-from ..errors import ConfigError
-from ..io import read_json
-from .common import (
+from buseg.commands.common import (
     StopFlag,
     add_common_arguments,
     check_numbers,
@@ -22,6 +19,9 @@ from .common import (
     run_job,
     setup_logging,
 )
+from buseg.config import PredictConfig, add_dataclass_arguments, apply_arguments, from_dict
+from buseg.errors import ConfigError
+from buseg.io import read_json
 
 logger = logging.getLogger("buseg")
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag(immediate=True)  # outputs are atomic: a signal stops at once
 
     def job() -> dict:
-        from ..inference import predict_files
+        from buseg.inference import predict_files
 
         config = config_from_args(args).validate()
         with locked_output_folder(config.out_dir, "predict"):

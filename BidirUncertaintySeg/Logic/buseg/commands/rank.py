@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (
+from buseg.commands.common import (
     StopFlag,
     add_common_arguments,
     locked_output_folder,
@@ -15,11 +15,11 @@ from .common import (
     run_job,
     setup_logging,
 )
-from .predict import add_prediction_arguments, config_from_args
+from buseg.commands.predict import add_prediction_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..ranking import SCORES
+    from buseg.ranking import SCORES
 
     add_prediction_arguments(parser)
     parser.add_argument(
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag(immediate=True)  # outputs are atomic: a signal stops at once
 
     def job() -> dict:
-        from ..ranking import format_ranking, rank_files
+        from buseg.ranking import format_ranking, rank_files
 
         config = config_from_args(args)
         if args.out_dir is None and not args.config:

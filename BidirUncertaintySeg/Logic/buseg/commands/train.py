@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import (
+from buseg.commands.common import (
+    StopFlag,
+    add_common_arguments,
+    check_numbers,
+    make_sink,
+    run_job,
+    setup_logging,
+)
+from buseg.config import (
     TRAIN_PRESETS,
     TrainConfig,
     add_dataclass_arguments,
@@ -18,8 +26,7 @@ from ..config import (
     apply_preset,
     from_dict,
 )
-from ..errors import ConfigError
-from .common import StopFlag, add_common_arguments, check_numbers, make_sink, run_job, setup_logging
+from buseg.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +70,7 @@ def config_and_given_fields(args: argparse.Namespace) -> tuple[TrainConfig, set[
     config = TrainConfig()
     given: set[str] = set()
     if args.config:
-        from ..io import read_json
+        from buseg.io import read_json
 
         path = Path(args.config)
         data = read_json(path, what="training config file", error=ConfigError)
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag()
 
     def job() -> dict:
-        from ..train import train  # torch is imported here, inside the reported job
+        from buseg.train import train  # torch is imported here, inside the reported job
 
         config, given = config_and_given_fields(args)
         # Absolute, so that the paths in events and outputs mean the same to the caller.

@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .catalog import CATALOG, MethodEntry, method_entry, method_names
+from buseg.methods.catalog import CATALOG, MethodEntry, method_entry, method_names
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
-    from .base import Method
+    from buseg.config import TrainConfig
+    from buseg.methods.base import Method
 
 # Names this package has always offered, and the module that defines each.
 _LAZY_NAMES = {

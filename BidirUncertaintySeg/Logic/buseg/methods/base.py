@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from buseg.config import TrainConfig
 
 
 @dataclass

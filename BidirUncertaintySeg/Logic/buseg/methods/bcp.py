@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from ..copy_paste import box_mask, largest_component_per_class, mix
-from ..losses import negative_loss, one_hot, region_loss
-from ..uncertainty import class_argmax
-from .base import Batch, Method, StepContext, StepOutput
+from buseg.copy_paste import box_mask, largest_component_per_class, mix
+from buseg.losses import negative_loss, one_hot, region_loss
+from buseg.methods.base import Batch, Method, StepContext, StepOutput
+from buseg.uncertainty import class_argmax
 
 
 @dataclass

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..measures import measure
-from ..uncertainty import entropy_without_argmax, normalized_entropy
-from .base import StepContext, StepOutput
-from .bcp import BidirectionalCopyPaste, MixedBatch
+from buseg.measures import measure
+from buseg.methods.base import StepContext, StepOutput
+from buseg.methods.bcp import BidirectionalCopyPaste, MixedBatch
+from buseg.uncertainty import entropy_without_argmax, normalized_entropy
 
 
 def crl_threshold(config, stage_iteration: int) -> float:

@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from ..losses import segmentation_loss
-from .base import Batch, Method, StepContext, StepOutput
+from buseg.losses import segmentation_loss
+from buseg.methods.base import Batch, Method, StepContext, StepOutput
 
 
 def sigmoid_rampup(current: float, length: float) -> float:

@@ -7,8 +7,8 @@ same rule as the semi-supervised methods (the teacher plays no part in its loss)
 
 from __future__ import annotations
 
-from ..losses import segmentation_loss
-from .base import Batch, Method, StepContext, StepOutput
+from buseg.losses import segmentation_loss
+from buseg.methods.base import Batch, Method, StepContext, StepOutput
 
 
 class Supervised(Method):
