@@ -899,7 +899,7 @@ class BidirUncertaintySegTest(ScriptedLoadableModuleTest):
             )
             return
         engine.ensureEngineImportable()
-        from buseg.synthetic import CLASS_NAMES, make_case, rotation_direction
+        from buseg.data.synthetic import CLASS_NAMES, make_case, rotation_direction
 
         self.delayDisplay("Generating small volumes")
         rng = np.random.default_rng(3)

@@ -8,7 +8,7 @@ what to fix, correct only that, add it, fine-tune, repeat. Here a simulated clin
   last checkpoint), per seed: reused from the quality benchmark's run folder (same ``--work``) or
   trained by its code, copy-paste first stage included;
 * each round adds one pool patient (both frames; the pool is every other training patient), chosen
-  by the tool's ``rank`` order (``buseg.ranking``'s dice-risk of each frame's prediction; a patient
+  by the tool's ``rank`` order (``buseg.prediction.ranking``'s dice-risk of each frame's prediction; a patient
   comes with its highest-ranked frame) or at random, and annotated by the simulated person
   (benchmarks/loop_annotators.py): ``full`` (the truth), ``regions`` (the prediction with the truth
   inside the boxes of the tool's first k flagged regions of each frame: ``regions`` k = 5,
@@ -61,8 +61,8 @@ from benchmarks import loop_annotators as annotators
 from benchmarks import quality
 from benchmarks.paths import module_command, shown_command
 from buseg.config import PredictConfig, TrainConfig
-from buseg.data import TrainingData, ValidationCase
-from buseg.safe_files import write_bytes_atomic
+from buseg.data.training_data import TrainingData, ValidationCase
+from buseg.files.safe_files import write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = module_command(__file__)
@@ -170,8 +170,8 @@ def _slice_number(name: str) -> int:
 def acdc_pool(root: Path, base: TrainingData, patient_limit: int | None = None) -> tuple[Pool, PoolTruth]:
     """The ACDC pool: the unlabeled training slices of the base data (same order as
     ``base.unlabeled_images``) stacked per frame in slice order; their truth read only on demand."""
-    from buseg.data import _class_indices, _h5
-    from buseg.data import acdc_split as labeled_split
+    from buseg.data.sources.acdc import acdc_split as labeled_split
+    from buseg.data.sources.hdf5 import class_indices, read_h5
 
     _, unlabeled_names = labeled_split(root, START_LABELED)
     if len(unlabeled_names) != len(base.unlabeled_images):
@@ -195,7 +195,7 @@ def acdc_pool(root: Path, base: TrainingData, patient_limit: int | None = None) 
 
     def read_truth(frame: str) -> np.ndarray:
         paths = [root / "data" / f"{name}.h5" for name in names[frame]]
-        return np.stack([_class_indices(_h5(path, "label")[0], 3, path) for path in paths])
+        return np.stack([class_indices(read_h5(path, "label")[0], 3, path) for path in paths])
 
     return Pool(frames, indices), PoolTruth(read_truth)
 
@@ -215,9 +215,9 @@ class ToolPredictor:
         self.config = PredictConfig(engine="torch", device=device)
 
     def __call__(self, model_path: Path, image: np.ndarray):
-        from buseg.checkpoint import load_model
-        from buseg.inference import predict_case
-        from buseg.io import Volume
+        from buseg.files.images import Volume
+        from buseg.model.checkpoint import load_model
+        from buseg.prediction.case import predict_case
 
         if self._loaded is None or self._loaded[0] != model_path:
             self._loaded = (model_path, load_model(model_path, device=self.device))
@@ -227,7 +227,7 @@ class ToolPredictor:
         return predict_case(self._loaded[1], volume, self.config)
 
     def rank_score(self, prediction) -> float:
-        from buseg.ranking import case_statistics, score
+        from buseg.prediction.ranking import case_statistics, score
 
         return score(case_statistics(prediction, self.config.region_threshold), RANK_SCORE)
 
@@ -923,7 +923,7 @@ def quality_tag(args) -> str:
 
 def listed_names(args) -> tuple[list[str], list[str]]:
     """The pool's patients and the scored volumes, from the data set's lists (no image read)."""
-    from buseg.data import acdc_split as labeled_split
+    from buseg.data.sources.acdc import acdc_split as labeled_split
 
     _, unlabeled = labeled_split(args.data_root, START_LABELED)
     patients = sorted({annotators.patient_of(name) for name in unlabeled})

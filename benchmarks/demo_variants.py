@@ -50,12 +50,12 @@ from benchmarks.quality import (
     spread,
     verdict,
 )
-from buseg import demo
 from buseg.config import PredictConfig, TrainConfig, to_dict
 from buseg.device import precision_description, resolve_device
-from buseg.inference import predict_files
-from buseg.metrics import evaluate_files
-from buseg.train import train
+from buseg.evaluation import demo
+from buseg.evaluation.evaluate import evaluate_files
+from buseg.prediction.predict_files import predict_files
+from buseg.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = module_command(__file__)
@@ -306,7 +306,7 @@ def markdown_report(rows: list[dict], plan: demo.DemoPlan, args: argparse.Namesp
         f"Command: `{shown_command(COMMAND, sys.argv[1:])}`",
         "",
         f"The demo's plan `{plan.name}`: {plan.labeled} labeled, {plan.unlabeled} unlabeled, {plan.validation} "
-        f"validation, {plan.test} test volumes of the population `{plan.population}` (buseg.synthetic); a shared "
+        f"validation, {plan.test} test volumes of the population `{plan.population}` (buseg.data.synthetic); a shared "
         f"supervised start of {plan.shared_iterations} iterations, then {plan.iterations} iterations per branch "
         f"(batch {plan.batch_size}) from its best weights on the validation volumes.",
         "",

@@ -8,7 +8,7 @@ network). In order, each part stopped at its own time limit:
    selection, autocast on/off, GPU -> CPU -> GPU checkpoints, OOM retry, MC-dropout, 3D
    sliding window, fp16 GradScaler), in a pytest subprocess;
 2. **training speed**: each method (ours, BCP, mean teacher, supervised) through
-   :func:`buseg.train.train` at the published setting (ACDC 256x256 batch 24, LA
+   :func:`buseg.training.loop.train` at the published setting (ACDC 256x256 batch 24, LA
    112x112x80 batch 8; ``benchmarks/quality.py``'s ``paper`` presets), 10 warm-up + 200
    timed iterations, and the projected time of the published run (s/it x 30 000 ACDC,
    x 15 000 LA self-training iterations);
@@ -65,16 +65,17 @@ import torch
 
 from benchmarks import inference_speed, quality, speed
 from benchmarks.paths import module_command
-from buseg.checkpoint import load_model
+from buseg.catalogs.methods import CATALOG
 from buseg.config import PredictConfig
-from buseg.data import _h5, _la_volume
+from buseg.data.sources.hdf5 import read_h5
+from buseg.data.sources.la import read_la_volume
+from buseg.data.synthetic import write_dataset
 from buseg.errors import Cancelled
 from buseg.events import EventSink
-from buseg.inference import predict_case
-from buseg.io import Volume
-from buseg.methods.catalog import CATALOG
-from buseg.synthetic import write_dataset
-from buseg.train import train
+from buseg.files.images import Volume
+from buseg.model.checkpoint import load_model
+from buseg.prediction.case import predict_case
+from buseg.training.loop import train
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -559,7 +560,7 @@ def acdc_volume(data_root: Path | None, profile: Profile) -> tuple[Volume, str]:
     root = data_root / "ACDC" if data_root else None
     if root is not None and (root / "val.list").is_file():
         case = (root / "val.list").read_text().split()[0]
-        image = _h5(root / "data" / f"{case}.h5", "image")[0].astype(np.float32)
+        image = read_h5(root / "data" / f"{case}.h5", "image")[0].astype(np.float32)
         return Volume(image, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY), f"ACDC {case}"
     rng = np.random.default_rng(0)
     image = rng.normal(0.3, 0.2, profile.acdc_generated_zyx).astype(np.float32)
@@ -570,7 +571,7 @@ def la_volume(data_root: Path | None, profile: Profile) -> tuple[Volume, str]:
     root = data_root / "LA" if data_root else None
     if root is not None and (root / "train.list").is_file():
         case = (root / "train.list").read_text().split()[0]
-        image = _la_volume(root, case)[0]
+        image = read_la_volume(root, case)[0]
         return Volume(image, (0.625,) * 3, (0.0, 0.0, 0.0), IDENTITY), f"LA {case}"
     image = speed._synthetic_volume(0, profile.la_generated_zyx)[0]
     return Volume(image, (0.625,) * 3, (0.0, 0.0, 0.0), IDENTITY), "generated (LA not found)"
@@ -893,7 +894,7 @@ def _md_tests(part: dict[str, Any]) -> list[str]:
 def _md_training(part: dict[str, Any]) -> list[str]:
     lines = [f"Data: {'; '.join(f'{k}: {v}' for k, v in part.get('data', {}).items()) or '-'}.", ""]
     lines += [
-        "Whole iterations through `buseg.train.train` (sampling, augmentation, the method's step, backward, "
+        "Whole iterations through `buseg.training.loop.train` (sampling, augmentation, the method's step, backward, "
         "SGD, EMA), self-training stage, no validation; the first iterations are warm-up, not timed. "
         "Projected = mean s/it x the published self-training iterations (pre-training not included).",
         "",

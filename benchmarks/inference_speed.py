@@ -46,13 +46,13 @@ import psutil
 import torch
 
 from benchmarks.paths import module_command, shown_command
-from buseg.checkpoint import load_model, save_checkpoint
 from buseg.config import PredictConfig
 from buseg.device import cpu_native_bf16
-from buseg.inference import predict_case
-from buseg.io import Volume, write_image
-from buseg.networks import build_network
-from buseg.onnx_engine import onnx_measure_names, onnxruntime_version
+from buseg.files.images import Volume, write_image
+from buseg.model.checkpoint import load_model, save_checkpoint
+from buseg.model.networks import build_network
+from buseg.prediction.case import predict_case
+from buseg.prediction.onnx_backend import onnx_measure_names, onnxruntime_version
 
 HERE = Path(__file__).resolve().parent
 COMMAND = module_command(__file__)
@@ -117,7 +117,7 @@ def run_cli(argv: list[str], threads: int) -> tuple[float, int, int]:
     return time.perf_counter() - start, process.returncode, peak
 
 
-ENGINES = (
+BACKENDS = (
     # (column, what it runs): fp32 = today's reference, bf16 = torch autocast, onnx = ONNX Runtime float32
     ("fp32", "torch float32 (--no-amp --engine torch)"),
     ("bf16", "torch bfloat16 autocast (--engine torch, BUSEG_CPU_BF16=1)"),
@@ -145,7 +145,7 @@ def side_by_side(
     Besides the wall-clock model time, an estimate of it on an idle machine: the model time times
     the share of the CPU the process got during the call (process CPU seconds / (wall x threads)).
     """
-    configs = {column: engine_config(column, **settings) for column, _ in ENGINES}
+    configs = {column: engine_config(column, **settings) for column, _ in BACKENDS}
     runnable = {column: config for column, config in configs.items() if config is not None}
     for column, config in runnable.items() if warm_up else ():  # first calls allocate
         engine_config(column, **settings)
@@ -166,7 +166,7 @@ def result_row(benchmark: str, targets: dict[str, float], seconds: dict[str, dic
     """One table row: per column the median and min wall model time, the median CPU-time estimate and the
     median of the paired wall-time ratios to fp32; targets judged on the CPU-time estimate."""
     row: dict = {"benchmark": benchmark}
-    for column, _ in ENGINES:
+    for column, _ in BACKENDS:
         values = seconds.get(column)
         row[f"{column}_median_s"] = statistics.median(values["wall"]) if values else None
         row[f"{column}_min_s"] = min(values["wall"]) if values else None
@@ -207,7 +207,7 @@ def acdc(root: Path, work: Path, threads: int, repeats: int, sizes: list[int], r
 def la(root: Path, work: Path, threads: int, repeats: int, rows: list[dict]) -> None:
     from monai.data.utils import dense_patch_slices
 
-    from buseg.inference import scan_interval
+    from buseg.prediction.windows import scan_interval
 
     case = (root / "LA" / "train.list").read_text().split()[0]
     with h5py.File(root / "LA" / "volumes" / case / "mri_norm2.h5", "r") as handle:
@@ -227,8 +227,8 @@ def la(root: Path, work: Path, threads: int, repeats: int, rows: list[dict]) -> 
 
 def export_seconds(work: Path, rows_info: list[str]) -> None:
     """The one-off ONNX export + session load per model file (cached afterwards)."""
-    from buseg import onnx_engine
-    from buseg.inference import inference_network
+    from buseg.prediction import onnx_backend
+    from buseg.prediction.case import inference_network
 
     for name, dimension, classes, patch in (
         ("unet256", "2d", 4, [256, 256]),
@@ -236,9 +236,9 @@ def export_seconds(work: Path, rows_info: list[str]) -> None:
     ):
         path = model_file(work / f"export_{name}.pt", dimension, classes, patch, "minmax")
         model = load_model(path)
-        onnx_engine._SESSIONS.clear()
+        onnx_backend._SESSIONS.clear()
         start = time.perf_counter()
-        onnx_engine.load_session(
+        onnx_backend.load_session(
             model.network,
             lambda model=model, dimension=dimension: inference_network(model.network, dimension),
             dimension,
@@ -319,7 +319,7 @@ def write_results(out: Path, rows: list[dict], memory_rows: list[dict], notes: l
     out.mkdir(parents=True, exist_ok=True)
     fields = ["benchmark", "target", "met"] + [
         f"{column}_{kind}"
-        for column, _ in ENGINES
+        for column, _ in BACKENDS
         for kind in ("median_s", "min_s", "cpu_s", "speedup")
         if not (column == "fp32" and kind == "speedup")
     ]
@@ -335,12 +335,12 @@ def write_results(out: Path, rows: list[dict], memory_rows: list[dict], notes: l
         text = f"{median:.2f} s (min {row[f'{column}_min_s']:.2f}; CPU {row[f'{column}_cpu_s']:.2f})"
         return text if column == "fp32" else f"{text}, {row[f'{column}_speedup']:.2f}x"
 
-    lines = [*notes, "", "| benchmark | " + " | ".join(label for _, label in ENGINES) + " | target | met |"]
-    lines.append("|---" * (len(ENGINES) + 3) + "|")
+    lines = [*notes, "", "| benchmark | " + " | ".join(label for _, label in BACKENDS) + " | target | met |"]
+    lines.append("|---" * (len(BACKENDS) + 3) + "|")
     for row in rows:
         lines.append(
             f"| {row['benchmark']} | "
-            + " | ".join(cell(row, c) for c, _ in ENGINES)
+            + " | ".join(cell(row, c) for c, _ in BACKENDS)
             + f" | {row['target']} | "
             f"{row['met']} |"
         )

@@ -67,20 +67,20 @@ except ImportError:  # Windows: run one benchmark process per --work folder ther
     fcntl = None
 
 from benchmarks.paths import module_command, shown_command, shown_path
-from buseg.checkpoint import read_checkpoint, save_checkpoint
+from buseg.catalogs.methods import method_entry, method_names
 from buseg.config import TrainConfig, to_dict
-from buseg.data import TrainingData, ValidationCase, load_training_data
+from buseg.data.training_data import TrainingData, ValidationCase, load_training_data
 from buseg.events import EventSink, MultiSink
-from buseg.methods.catalog import method_entry, method_names
-from buseg.safe_files import write_bytes_atomic
-from buseg.train import train
+from buseg.files.safe_files import write_bytes_atomic
+from buseg.model.checkpoint import read_checkpoint, save_checkpoint
+from buseg.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = module_command(__file__)
 
 METHODS: dict[str, tuple[str, bool | None, bool | None, dict]] = {
     # name: (method, url, crl, other settings "section.field": value); None: the engine's default.
-    # The methods are the engine's catalog's (buseg.methods.catalog); checked below.
+    # The methods are the engine's catalog's (buseg.catalogs.methods); checked below.
     "supervised": ("supervised", False, False, {}),
     "mean-teacher": ("mean-teacher", False, False, {}),
     "cp-pretrain-only": ("bcp", False, False, {}),  # the shared copy-paste pre-training, scored as is
@@ -114,7 +114,7 @@ _NOT_IN_CATALOG = sorted({method for method, *_ in METHODS.values()} - set(metho
 if _NOT_IN_CATALOG:
     raise ValueError(
         f"quality.METHODS names {', '.join(_NOT_IN_CATALOG)}, which the engine's method catalog "
-        f"(buseg/methods/catalog.py) does not have; its methods: {', '.join(method_names())}"
+        f"(buseg/catalogs/methods.py) does not have; its methods: {', '.join(method_names())}"
     )
 # Every semi-supervised configuration starts from the seed's shared copy-paste pre-training.
 SHARED_PRETRAINING = {key for key, (method, *_) in METHODS.items() if method_entry(method).uses_unlabeled}
@@ -372,9 +372,9 @@ def read_teacher_scores(path: Path, about: dict) -> list[dict]:
 
 def predict_case(model_path: Path, case: ValidationCase, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Argmax prediction and the normalised-entropy map of a model on a normalised volume."""
-    from buseg.checkpoint import load_model
-    from buseg.inference import predict_probabilities
-    from buseg.uncertainty import normalized_entropy
+    from buseg.model.checkpoint import load_model
+    from buseg.model.uncertainty import normalized_entropy
+    from buseg.prediction.windows import predict_probabilities
 
     model = load_model(model_path, device=device)
     probabilities = predict_probabilities(
@@ -398,9 +398,9 @@ def evaluate_model(
     largest_component: bool = False,
 ) -> dict:
     # Per class Dice, Jaccard, HD95, ASD (voxels and mm) with the published (medpy) rules.
-    from buseg.inference import largest_component_per_class
+    from buseg.evaluation.simulated_review import simulate_review
     from buseg.metrics import evaluate_arrays
-    from buseg.review import simulate_review
+    from buseg.prediction.case import largest_component_per_class
 
     per_case = []
     for case in cases:
@@ -1048,7 +1048,7 @@ def _same_computation(stored: dict, current: dict) -> bool:
 
 
 def _reads_self_training_lr(entry: dict) -> bool:
-    """Whether a run's training reads ``optim.self_training_lr`` (buseg.train.learning_rate: only a
+    """Whether a run's training reads ``optim.self_training_lr`` (buseg.training.loop.learning_rate: only a
     copy-paste method's self-training after its own pre-training in the same run)."""
     optim = entry.get("optim", {})
     return bool(
@@ -1532,7 +1532,7 @@ def plot_example(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from buseg.review import flag_budget
+    from buseg.evaluation.simulated_review import flag_budget
 
     if not models:
         return

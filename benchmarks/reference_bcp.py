@@ -25,8 +25,8 @@ engine with what a user of the public code would run:
 both mixed images): the like-for-like yardstick, whose difference from our engine is only
 how it is implemented, not what it computes. ``semantics="public"`` is the public code.
 
-The loss of one mixed image equals ours (:func:`buseg.losses.region_loss` summed as in
-:class:`buseg.methods.bcp.BidirectionalCopyPaste`) up to the Dice smoothing constant
+The loss of one mixed image equals ours (:func:`buseg.training.losses.region_loss` summed as in
+:class:`buseg.training.methods.bcp.BidirectionalCopyPaste`) up to the Dice smoothing constant
 (1e-10 here, as the public 2D code; 1e-5 in ours) in 2D; the public 3D Dice differs
 (union ``p + y`` per image instead of ``p^2 + y`` over the batch), which changes nothing
 in the cost. ``Testing/Python/test_speed_equivalence.py`` checks the 2D equality.

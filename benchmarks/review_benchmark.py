@@ -16,7 +16,7 @@ fix is compared with pointing them elsewhere:
   error from uncertainty and shape flags together: what the regions are ranked by).
 
 Regions, flags and the slice order come from the same code as ``buseg predict``
-(:func:`buseg.inference.review_regions` with a :class:`~buseg.config.PredictConfig`). It
+(:func:`buseg.prediction.case.review_regions` with a :class:`~buseg.config.PredictConfig`). It
 also measures, per shape flag reason, the share of flagged voxels that are wrong.
 
 Usage (models from ``python -m benchmarks.quality``, e.g. the copy-paste pre-training and BCP)::
@@ -40,14 +40,15 @@ import numpy as np
 import torch
 
 from benchmarks.paths import module_command, shown_command
-from buseg.checkpoint import LoadedModel, load_model
 from buseg.config import PredictConfig, TrainConfig
-from buseg.data import ValidationCase, load_training_data
-from buseg.inference import predict_probabilities, review_regions
-from buseg.io import Volume
-from buseg.review import flag_budget, mean_foreground_dice
-from buseg.shape_flags import REASONS, expected_error_map, parse_nesting_rules, shape_flag_map
-from buseg.uncertainty import normalized_entropy
+from buseg.data.training_data import ValidationCase, load_training_data
+from buseg.evaluation.simulated_review import flag_budget, mean_foreground_dice
+from buseg.files.images import Volume
+from buseg.model.checkpoint import LoadedModel, load_model
+from buseg.model.uncertainty import normalized_entropy
+from buseg.prediction.case import review_regions
+from buseg.prediction.shape_flags import REASONS, expected_error_map, parse_nesting_rules, shape_flag_map
+from buseg.prediction.windows import predict_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = module_command(__file__)

@@ -3,7 +3,7 @@
 What is measured, per *setting* (ACDC 2D: U-Net, batch 24, 128x128 and 256x256; LA 3D:
 V-Net, batch 4, 64x64x48 and the published 112x112x80):
 
-* our engine, unchanged: each method runs through :func:`buseg.train.train` itself (the one
+* our engine, unchanged: each method runs through :func:`buseg.training.loop.train` itself (the one
   loop: sampling with augmentation, the method's step, backward, SGD, EMA update, logging),
   self-training stage (no pre-training), no validation or checkpoints while timed;
 * ``reference (public)``: :class:`reference_bcp.ReferenceBCP` - the public BCP code's
@@ -99,12 +99,15 @@ from benchmarks import reference_bcp  # noqa: E402
 from benchmarks.paths import module_command, shown_command, shown_path  # noqa: E402
 from benchmarks.reference_bcp import ReferenceBCP  # noqa: E402
 from buseg.config import TrainConfig  # noqa: E402
-from buseg.data import TrainingData, _h5, _la_volume, acdc_split  # noqa: E402
+from buseg.data.sampling import PatchSampler, SliceSampler  # noqa: E402
+from buseg.data.sources.acdc import acdc_split  # noqa: E402
+from buseg.data.sources.hdf5 import read_h5  # noqa: E402
+from buseg.data.sources.la import read_la_volume  # noqa: E402
+from buseg.data.training_data import TrainingData  # noqa: E402
 from buseg.device import precision_description  # noqa: E402
 from buseg.events import EventSink  # noqa: E402
-from buseg.networks import build_network  # noqa: E402
-from buseg.sampling import PatchSampler, SliceSampler  # noqa: E402
-from buseg.train import train  # noqa: E402
+from buseg.model.networks import build_network  # noqa: E402
+from buseg.training.loop import train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -290,11 +293,11 @@ def load_data(setting: Setting, data_root: Path | None) -> tuple[TrainingData, s
             unlabeled_names = unlabeled_names[: len(labeled_names)]
             images, labels = [], []
             for name in labeled_names:
-                image, label = _h5(root / "data" / f"{name}.h5", "image", "label")
+                image, label = read_h5(root / "data" / f"{name}.h5", "image", "label")
                 images.append(image.astype(np.float32))
                 labels.append(label.astype(np.uint8))
             unlabeled = [
-                _h5(root / "data" / f"{n}.h5", "image")[0].astype(np.float32) for n in unlabeled_names
+                read_h5(root / "data" / f"{n}.h5", "image")[0].astype(np.float32) for n in unlabeled_names
             ]
             what = f"ACDC {shown_path(root)}: {len(images)} labeled slices (7 patients), {len(unlabeled)} unlabeled slices"
         else:
@@ -311,7 +314,7 @@ def load_data(setting: Setting, data_root: Path | None) -> tuple[TrainingData, s
     root = data_root / "LA" if data_root else None
     if root is not None and (root / "train.list").is_file():
         cases = [c for c in (root / "train.list").read_text().split() if c][:8]
-        volumes = [_la_volume(root, c) for c in cases]
+        volumes = [read_la_volume(root, c) for c in cases]
         images, labels = [v[0] for v in volumes[:4]], [v[1] for v in volumes[:4]]
         unlabeled = [v[0] for v in volumes[4:]]
         what = f"LA {shown_path(root)}: 4 labeled and 4 unlabeled volumes"
@@ -775,7 +778,7 @@ def clean_up_timings(setting: Setting, repeats: int = 5) -> dict[str, float]:
     """
     from scipy import ndimage
 
-    from buseg.copy_paste import largest_component_per_class
+    from buseg.training.copy_paste import largest_component_per_class
 
     rng = np.random.default_rng(0)
     classes = 4 if setting.dimension == "2d" else 2

@@ -36,7 +36,7 @@ MODULE_DIR = Path(__file__).resolve().parent.parent
 LOGIC_DIR = MODULE_DIR / "Logic"
 ENGINE_PACKAGE = "buseg"
 
-# Files of a training output folder (buseg.train): resumable state, the model to use.
+# Files of a training output folder (buseg.training.loop): resumable state, the model to use.
 LAST_CHECKPOINT = "last.pt"
 MODEL_FILE = "model.pt"
 RUN_CONFIG = "config.json"
@@ -256,7 +256,7 @@ def _readJson(path: Path, schema: str, what: str) -> dict[str, Any]:
 def caseName(path: str | Path) -> str:
     """The case name the engine gives an input file (its output folder's name)."""
     ensureEngineImportable()
-    from buseg.io import case_name, safe_case_name
+    from buseg.files.images import case_name, safe_case_name
 
     return safe_case_name(case_name(path))
 

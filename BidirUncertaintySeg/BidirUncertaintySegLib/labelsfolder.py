@@ -8,7 +8,7 @@ Two uses, as MONAI Label's users expect them:
 * **labeled cases that are only files**: cases of a study on disk (60 CTs need not sit in
   the scene) are listed here by their paths, not copied, and every training includes them.
 
-The folder is a manifest the engine reads as it is (``buseg.data.cases_from_manifest``)::
+The folder is a manifest the engine reads as it is (``buseg.data.cases.cases_from_manifest``)::
 
     labels/manifest.json        {"labeled": [{"image", "label", "name", "fingerprint"}], "classes": [...]}
     labels/images/<case>.nrrd   saved corrections (listed cases may point anywhere)

@@ -61,7 +61,7 @@ def safeFileName(name: str, fallback: str = "volume") -> str:
 
     Only letters, digits, '.', '_' and '-' remain (no path separators, no '..', no leading
     dot), at most 100 characters; Windows device names ('con', 'nul', 'com1' ...) get a '_'.
-    The engine names its outputs the same way (buseg.io.safe_case_name)."""
+    The engine names its outputs the same way (buseg.files.images.safe_case_name)."""
     text = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name or "")).strip("._-")[:100].strip("._-")
     if text.split(".")[0].lower() in WINDOWS_RESERVED:
         text = f"{text}_"
@@ -272,7 +272,7 @@ def classTable(segmentationNodes: Sequence[Any]) -> list[dict[str, Any]]:
     """The classes of a training set: segment names in order of first appearance, values 1..N.
 
     Each entry is ``{"value", "name", "color"}`` - the manifest's ``classes`` format, which
-    the engine reads (buseg.data.cases_from_manifest). The same name in two segmentations
+    the engine reads (buseg.data.cases.cases_from_manifest). The same name in two segmentations
     is the same class.
     """
     classes: list[dict[str, Any]] = []
@@ -640,7 +640,7 @@ def exportTrainingData(
     """Write labeled (volume, segmentation or label map) pairs and unlabeled volumes plus a manifest.
 
     Layout: ``folder/images/<case>.nrrd``, ``folder/labels/<case>_label.nrrd``,
-    ``folder/manifest.json`` (paths relative to it; format of buseg.data.cases_from_manifest).
+    ``folder/manifest.json`` (paths relative to it; format of buseg.data.cases.cases_from_manifest).
     The last ``validationCount`` labeled cases are listed as validation instead of training.
     Unchanged files are kept (see :func:`exportTrainingSteps`); ``written`` lists the cases written.
     """

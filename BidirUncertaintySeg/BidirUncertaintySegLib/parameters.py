@@ -67,11 +67,11 @@ class Parameter:
 
 
 def _methodCatalog() -> Any:
-    """The engine's method catalog (:mod:`buseg.methods.catalog`: torch-free)."""
+    """The engine's method catalog (:mod:`buseg.catalogs.methods`: torch-free)."""
     from .engine import ensureEngineImportable
 
     ensureEngineImportable()
-    from buseg.methods import catalog
+    from buseg.catalogs import methods as catalog
 
     return catalog
 
@@ -97,11 +97,11 @@ class _CatalogColumn(Sequence):
 
 
 def _measureCatalog() -> Any:
-    """The engine's catalog of uncertainty measures (:mod:`buseg.measures`: torch-free)."""
+    """The engine's catalog of uncertainty measures (:mod:`buseg.catalogs.measures`: torch-free)."""
     from .engine import ensureEngineImportable
 
     ensureEngineImportable()
-    from buseg import measures
+    from buseg.catalogs import measures
 
     return measures
 

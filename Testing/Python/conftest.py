@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from buseg.synthetic import write_dataset
+from buseg.data.synthetic import write_dataset
 
 # The benchmarks are a package at the repository root, run from there as `python -m benchmarks.<name>`
 # and not installed: the tests import them as `benchmarks.<name>` from whichever folder pytest started in.
@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 # bfloat16 itself (buseg.device.cpu_native_bf16 reads this, as do worker subprocesses).
 os.environ.setdefault("BUSEG_CPU_BF16", "0")
 # Likewise the engine must not depend on whether onnxruntime is installed: 'auto' stays torch
-# unless a test opts in (buseg.onnx_engine.choose_engine reads this).
+# unless a test opts in (buseg.prediction.onnx_backend.choose_backend reads this).
 os.environ.setdefault("BUSEG_ONNX", "0")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from buseg.checkpoint import network_from_metadata, save_checkpoint
+from buseg.model.checkpoint import network_from_metadata, save_checkpoint
 
 
 def model_metadata(

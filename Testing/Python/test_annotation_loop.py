@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from benchmarks import annotation_loop
-from buseg.data import TrainingData, ValidationCase
-from buseg.synthetic import make_case
+from buseg.data.synthetic import make_case
+from buseg.data.training_data import TrainingData, ValidationCase
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -378,8 +378,8 @@ def test_the_example_figure_of_a_working_resolution_model_shows_the_labels_grid(
     index the image with a label slice (IndexError after every LA benchmark)."""
     import numpy as np
 
-    from buseg.data import ValidationCase
-    from buseg.resample import Grid
+    from buseg.data.resample import Grid
+    from buseg.data.training_data import ValidationCase
 
     identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     label_grid = Grid((16, 12, 12), (0.625, 0.625, 0.625), (0.0, 0.0, 0.0), identity)
@@ -406,7 +406,7 @@ def test_la_scoring_keeps_the_largest_component_as_the_published_test(quality, m
     ACDC's do not. A stray blob far from the structure then costs no HD95."""
     import numpy as np
 
-    from buseg.data import ValidationCase
+    from buseg.data.training_data import ValidationCase
 
     assert (
         quality.PRESETS[("la", "cpu")].largest_component
@@ -720,7 +720,7 @@ def test_the_identity_of_start_weights_is_the_weights_not_the_file(quality, tmp_
     import torch
     from model_files import model_metadata
 
-    from buseg.checkpoint import save_checkpoint
+    from buseg.model.checkpoint import save_checkpoint
 
     metadata = model_metadata(["background", "a"], method="bcp")
     weights = {"b": torch.tensor([1.0, 2.0], dtype=torch.bfloat16), "a": torch.arange(3)}
@@ -792,7 +792,7 @@ def test_score_every_follows_each_self_training_run_and_marks_its_curve_finished
 
 
 def test_the_configurations_name_methods_of_the_engines_catalog(monkeypatch, quality):
-    from buseg.methods import catalog
+    from buseg.catalogs import methods as catalog
 
     assert {method for method, *_ in quality.METHODS.values()} <= set(catalog.method_names())
     semi_supervised = set(quality.METHODS) - {"supervised"}

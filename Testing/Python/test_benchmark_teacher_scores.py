@@ -18,7 +18,7 @@ from model_files import model_metadata, untrained_network
 
 from benchmarks import quality as quality_benchmark
 from benchmarks import teacher_curve as teacher_curve_report
-from buseg.checkpoint import save_checkpoint
+from buseg.model.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from buseg.checkpoint import load_model, read_checkpoint
 from buseg.client import (
     CANCELLED,
     CANCELLING,
@@ -23,6 +22,7 @@ from buseg.client import (
     WorkerStateMachine,
 )
 from buseg.events import validate_event
+from buseg.model.checkpoint import load_model, read_checkpoint
 
 # --------------------------------------------------------------------------------------
 # The state machine, driven by hand

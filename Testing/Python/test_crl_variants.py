@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from buseg.config import TrainConfig, add_dataclass_arguments, apply_arguments
-from buseg.losses import negative_loss
-from buseg.methods import BUARL, Batch, BidirectionalCopyPaste, StepContext, build_method
-from buseg.methods.bcp import MixedBatch
-from buseg.methods.buarl import crl_pseudo_weights, crl_shrink, random_selection_like, url_selection
-from buseg.uncertainty import entropy_without_argmax, normalized_entropy
+from buseg.model.uncertainty import entropy_without_argmax, normalized_entropy
+from buseg.training.losses import negative_loss
+from buseg.training.methods import BUARL, Batch, BidirectionalCopyPaste, StepContext, build_method
+from buseg.training.methods.bcp import MixedBatch
+from buseg.training.methods.buarl import crl_pseudo_weights, crl_shrink, random_selection_like, url_selection
 
 # One image of 1 x 10 pseudo-labeled pixels: 5 background, 5 foreground (class 1); uncertainty
 # rises along each half, the foreground more uncertain than the background.
@@ -277,8 +277,8 @@ def test_mean_teacher_ramps_over_the_run_by_default():
 
 @pytest.mark.parametrize("which", ["teacher", "student"])
 def test_supervised_is_scored_with_an_ema_teacher_like_every_method(tiny_dataset, tmp_path, which):
-    from buseg.checkpoint import read_checkpoint
-    from buseg.train import train
+    from buseg.model.checkpoint import read_checkpoint
+    from buseg.training.loop import train
 
     config = TrainConfig()
     config.method.name = "supervised"
@@ -312,7 +312,7 @@ def test_supervised_is_scored_with_an_ema_teacher_like_every_method(tiny_dataset
 )
 def test_each_variant_runs_in_the_training_loop(tiny_dataset, tmp_path, settings):
     from buseg.events import ListSink
-    from buseg.train import train
+    from buseg.training.loop import train
 
     config = TrainConfig()
     config.method.name, config.crl.enabled = "buarl", True

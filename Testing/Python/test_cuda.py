@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from benchmarks import inference_speed
-from buseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from buseg.config import PredictConfig, TrainConfig
 from buseg.device import resolve_device
 from buseg.errors import ConfigError
 from buseg.events import ListSink
-from buseg.inference import predict_case
-from buseg.io import Volume, read_image
-from buseg.train import train
+from buseg.files.images import Volume, read_image
+from buseg.model.checkpoint import load_model, read_checkpoint, save_checkpoint
+from buseg.prediction.case import predict_case
+from buseg.training.loop import train
 
 pytestmark = [
     pytest.mark.cuda,
@@ -193,13 +193,13 @@ def test_3d_sliding_window_on_the_gpu_matches_the_cpu(tmp_path):
 def test_float16_training_uses_the_grad_scaler(tiny_dataset, tmp_path, monkeypatch):
     """Cards without bfloat16 train in float16 with a GradScaler; force that path on this card."""
     import buseg.device
-    import buseg.train
+    import buseg.training.loop
 
     def float16(device: torch.device) -> torch.dtype | None:
         return torch.float16 if device.type == "cuda" else None
 
     monkeypatch.setattr(buseg.device, "autocast_dtype", float16)
-    monkeypatch.setattr(buseg.train, "autocast_dtype", float16, raising=False)
+    monkeypatch.setattr(buseg.training.loop, "autocast_dtype", float16, raising=False)
     steps = []
     original_step = torch.amp.GradScaler.step
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import h5py
 import numpy as np
@@ -10,11 +11,12 @@ import pytest
 import torch
 
 from buseg.config import TrainConfig
-from buseg.data import acdc_split, load_training_data
+from buseg.data.sampling import PatchSampler, SliceSampler
+from buseg.data.sources.acdc import acdc_split
+from buseg.data.synthetic import make_case, rotation_direction
+from buseg.data.training_data import load_training_data
 from buseg.errors import InputError
-from buseg.io import Volume, read_image, read_label, write_image, write_segmentation
-from buseg.sampling import PatchSampler, SliceSampler
-from buseg.synthetic import make_case, rotation_direction
+from buseg.files.images import Volume, read_image, read_label, write_image, write_segmentation
 
 
 def _config(labeled, unlabeled=None, dimension="2d") -> TrainConfig:
@@ -219,3 +221,43 @@ def test_samplers_keep_class_indices_above_255():
     ):
         _, targets = sampler.sample(2, generator)
         assert set(torch.unique(targets).tolist()) == {256, 300}
+
+
+def test_a_registered_data_source_is_offered_checked_and_read_with_no_other_edit(dataset_copy, monkeypatch):
+    """A data source is one catalog entry naming its reader: ``--source`` offers it, the config checks
+    what the entry says (``--data-root``, the dimension) and ``load_training_data`` calls its reader."""
+    from buseg.catalogs import data_sources
+    from buseg.cli import build_parser
+    from buseg.config import TrainConfig
+    from buseg.errors import ConfigError
+
+    calls = []
+
+    def reader(config, log):
+        calls.append(config.data.source)
+        return "the data"
+
+    monkeypatch.setattr(sys.modules[__name__], "throwaway_reader", reader, raising=False)
+    data_sources.register(
+        data_sources.DataSource(
+            "throwaway", f"{__name__}:throwaway_reader", "a test's", dimension="3d", needs_data_root=True
+        )
+    )
+    try:
+        train = build_parser()._subparsers._group_actions[0].choices["train"]
+        source = next(a for a in train._actions if a.dest == "data.source")
+        assert "throwaway" in source.choices and "'throwaway': a test's" in source.help
+        config = TrainConfig()
+        config.data.source = "throwaway"
+        with pytest.raises(ConfigError, match="--data-root is required with --source throwaway"):
+            config.validate()
+        config.data.data_root = str(dataset_copy["labeled"])
+        config.model.dimension, config.model.patch_size = "3d", [32, 32, 16]
+        config.validate()
+        assert load_training_data(config) == "the data" and calls == ["throwaway"]
+        config.model.dimension = "2d"
+        with pytest.raises(ConfigError, match="throwaway data are 3D training data: use --dimension 3d"):
+            load_training_data(config)
+    finally:
+        data_sources.unregister("throwaway")
+    assert "throwaway" not in data_sources.data_source_names()

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from buseg.cli import main
-from buseg.demo import MARKER, QUICK, prepare_folder
 from buseg.errors import OutputError
+from buseg.evaluation.demo import MARKER, QUICK, prepare_folder
 
 # Run the demo through the CLI, then list the modules a GUI would have needed.
 RUN_DEMO = """
@@ -108,7 +108,7 @@ def test_runs_in_float32_on_every_cpu_and_says_so(demo):
 
 @pytest.mark.slow  # the module's demo run: ~15 s of CPU, more on a loaded machine
 def test_data_are_a_population_of_scans_and_branches_start_from_the_best_shared_weights(demo):
-    from buseg.io import read_image
+    from buseg.files.images import read_image
 
     out, _, _ = demo
     images = sorted((out / "data").rglob("*.nii.gz"))
@@ -210,7 +210,7 @@ def test_refuses_a_file_as_output_folder(tmp_path):
 
 def test_the_terminal_names_the_parts_of_ours_the_defaults_train(crl_default):
     from buseg import config as config_module
-    from buseg import demo as demo_module
+    from buseg.evaluation import demo as demo_module
 
     assert demo_module.our_parts() == "URL"  # the default since the ACDC benchmark chose URL only
     crl_default(config_module, True)
@@ -220,7 +220,7 @@ def test_the_terminal_names_the_parts_of_ours_the_defaults_train(crl_default):
 @pytest.mark.slow  # the module's demo run: ~15 s of CPU, more on a loaded machine
 def test_every_text_of_the_report_lies_inside_the_figure(demo):
     """The heading once ran off the right edge (the precision made its first line longer)."""
-    from buseg.report import _CaseView, _ReportFigure
+    from buseg.evaluation.report import _CaseView, _ReportFigure
 
     out, _, _ = demo
     comparison = json.loads((out / "comparison.json").read_text())

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from buseg.checkpoint import load_model, read_checkpoint
 from buseg.client import CANCELLED, FINISHED, WorkerClient
-from buseg.distributed import DistributedContext, init_distributed
 from buseg.events import validate_event
+from buseg.model.checkpoint import load_model, read_checkpoint
+from buseg.training.distributed import DistributedContext, init_distributed
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun + POSIX signals")
 

@@ -26,16 +26,17 @@ import pytest
 import torch
 from model_files import model_metadata, write_untrained_model
 
-from buseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from buseg.cli import main
 from buseg.config import PredictConfig, TrainConfig
+from buseg.data.synthetic import write_dataset
 from buseg.errors import OutputError, ResourceError
-from buseg.inference import predict_case, predict_files
-from buseg.io import read_image, read_label
-from buseg.networks import UNet2D, VNet, build_network
-from buseg.safe_files import TEMPORARY_PREFIX
-from buseg.synthetic import write_dataset
-from buseg.train import train
+from buseg.files.images import read_image, read_label
+from buseg.files.safe_files import TEMPORARY_PREFIX
+from buseg.model.checkpoint import load_model, read_checkpoint, save_checkpoint
+from buseg.model.networks import UNet2D, VNet, build_network
+from buseg.prediction.case import predict_case
+from buseg.prediction.predict_files import predict_files
+from buseg.training.loop import train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

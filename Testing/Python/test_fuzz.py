@@ -21,12 +21,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buseg.checkpoint import save_checkpoint
 from buseg.config import PredictConfig
 from buseg.errors import BusegError
-from buseg.inference import predict_files
-from buseg.io import Volume, read_image, read_label, write_segmentation
-from buseg.networks import build_network
+from buseg.files.images import Volume, read_image, read_label, write_segmentation
+from buseg.model.checkpoint import save_checkpoint
+from buseg.model.networks import build_network
+from buseg.prediction.predict_files import predict_files
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 FUZZ = settings(

@@ -345,7 +345,7 @@ def test_bad_arguments_are_refused_in_one_line_before_any_work(tmp_path, capsys)
 
 def test_the_methods_timed_are_the_catalogs_each_a_speed_configuration():
     from benchmarks import speed
-    from buseg.methods.catalog import CATALOG
+    from buseg.catalogs.methods import CATALOG
 
     assert tuple(CATALOG) == gpu_check.METHODS and gpu_check.METHODS[0] == "buarl"  # ours first
     assert set(gpu_check.METHODS) <= set(speed.CONFIGURATIONS)

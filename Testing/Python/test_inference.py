@@ -10,21 +10,17 @@ import pytest
 import torch
 from model_files import model_metadata, write_untrained_model
 
-from buseg.checkpoint import LoadedModel, load_model
 from buseg.config import PredictConfig, TrainConfig
+from buseg.data.preprocessing import normalize_intensity
+from buseg.data.synthetic import rotation_direction, write_dataset
 from buseg.errors import Cancelled, ConfigError, ResourceError
-from buseg.inference import (
-    largest_component_per_class,
-    predict_case,
-    predict_probabilities,
-    probability_chunks,
-)
-from buseg.io import Volume, read_image, read_label
-from buseg.networks import build_network
-from buseg.preprocessing import normalize_intensity
-from buseg.synthetic import rotation_direction, write_dataset
-from buseg.train import train
-from buseg.uncertainty import flip_sets, normalized_entropy
+from buseg.files.images import Volume, read_image, read_label
+from buseg.model.checkpoint import LoadedModel, load_model
+from buseg.model.networks import build_network
+from buseg.model.uncertainty import flip_sets, normalized_entropy
+from buseg.prediction.case import largest_component_per_class, predict_case
+from buseg.prediction.windows import predict_probabilities, probability_chunks
+from buseg.training.loop import train
 
 
 def _untrained(tmp_path, dimension="2d", *, dropout=True, patch=None, classes=3, seed=0) -> LoadedModel:
@@ -151,8 +147,8 @@ def test_normalisation_is_the_models_so_intensity_scale_does_not_matter(tmp_path
 
 @pytest.mark.parametrize("dimension", ["2d", "3d"])
 def test_inference_network_computes_the_same_and_keeps_dropout(dimension):
-    from buseg.inference import inference_network
-    from buseg.networks import has_dropout
+    from buseg.model.networks import has_dropout
+    from buseg.prediction.case import inference_network
 
     torch.manual_seed(0)
     network = build_network(
@@ -207,7 +203,7 @@ def test_out_of_memory_is_retried_with_smaller_batches(tmp_path, dimension, monk
 
 
 def test_window_batch_defaults_to_one_on_the_cpu_and_four_on_a_gpu():
-    from buseg.inference import window_batch_size
+    from buseg.prediction.case import window_batch_size
 
     assert window_batch_size(PredictConfig(), torch.device("cpu")) == 1
     assert window_batch_size(PredictConfig(), torch.device("cuda")) == 4
@@ -285,7 +281,7 @@ def test_uncertainty_is_higher_where_the_model_is_wrong(trained, method, samples
 
 
 def test_mc_dropout_t1_is_one_noisy_pass_and_more_passes_converge(trained):
-    """As documented in buseg.uncertainty: T=1 is a single dropout pass (not the deterministic map);
+    """As documented in buseg.model.uncertainty: T=1 is a single dropout pass (not the deterministic map);
     the map is reproducible for a seed, and the spread between seeds shrinks as T grows."""
     model, image, _ = trained
 
@@ -307,7 +303,7 @@ def test_mc_dropout_t1_is_one_noisy_pass_and_more_passes_converge(trained):
 
 def _forward_pair(dimension: str):
     """fp32 and bf16 logits of the full-width network (non-trivial BatchNorm statistics) on a fixed input."""
-    from buseg.inference import _forward_for, inference_network
+    from buseg.prediction.case import _forward_for, inference_network
 
     torch.manual_seed(0)
     network = build_network("unet2d" if dimension == "2d" else "vnet", in_channels=1, num_classes=4)
@@ -391,7 +387,7 @@ def test_class_argmax_equals_torch_argmax_with_the_first_maximum_winning_ties():
     the CPU); it must give torch's labels, ties to the lowest class included."""
     import torch
 
-    from buseg.uncertainty import class_argmax
+    from buseg.model.uncertainty import class_argmax
 
     generator = torch.Generator().manual_seed(0)
     probabilities = torch.softmax(torch.randn(3, 4, 17, 19, generator=generator), dim=1)
@@ -410,7 +406,7 @@ def test_class_argmax_equals_torch_argmax_with_the_first_maximum_winning_ties():
 def throwaway_measure():
     """A measure registered in the catalog for one test, then removed: the entropy of the softmax of
     the logits halved (a 'temperature' of 2), two passes per input; it counts the batches it sees."""
-    from buseg import measures
+    from buseg.catalogs import measures
 
     batches = []
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from buseg.config import TrainConfig
-from buseg.copy_paste import box_mask, largest_component_per_class, mix
-from buseg.losses import region_loss, segmentation_loss
-from buseg.methods import BUARL, Batch, BidirectionalCopyPaste, StepContext
-from buseg.methods.bcp import MixedBatch
-from buseg.methods.buarl import certainty_weights, crl_threshold, url_selection
-from buseg.train import ema_update
-from buseg.uncertainty import normalized_entropy
+from buseg.model.uncertainty import normalized_entropy
+from buseg.training.copy_paste import box_mask, largest_component_per_class, mix
+from buseg.training.loop import ema_update
+from buseg.training.losses import region_loss, segmentation_loss
+from buseg.training.methods import BUARL, Batch, BidirectionalCopyPaste, StepContext
+from buseg.training.methods.bcp import MixedBatch
+from buseg.training.methods.buarl import certainty_weights, crl_threshold, url_selection
 
 
 def _probs(confident: float, shape=(1, 8, 8), classes: int = 2) -> torch.Tensor:
@@ -368,7 +368,7 @@ def test_url_ce_term_moves_only_the_selected_pixels():
 
 
 def test_class_quantiles_equal_one_torch_quantile_per_class():
-    from buseg.methods.buarl import class_quantiles
+    from buseg.training.methods.buarl import class_quantiles
 
     generator = torch.Generator().manual_seed(3)
     for size, classes, q in ((1, 1, 0.8), (7, 3, 0.5), (5000, 4, 0.8), (999, 6, 0.93)):
@@ -391,7 +391,7 @@ def test_class_quantiles_equal_one_torch_quantile_per_class():
 @pytest.fixture()
 def throwaway_method():
     """A method registered in the catalog for one test (its class: the supervised one), then removed."""
-    from buseg.methods import catalog
+    from buseg.catalogs import methods as catalog
 
     entry = catalog.register(
         catalog.MethodEntry(
@@ -433,7 +433,7 @@ def _panel_parameters():
 def test_a_method_registered_in_the_catalog_is_offered_everywhere(throwaway_method):
     from buseg.cli import build_parser
     from buseg.config import from_dict
-    from buseg.methods import Supervised, build_method
+    from buseg.training.methods import Supervised, build_method
 
     action = _method_action(build_parser())
     assert "throwaway" in action.choices and "throwaway (a test's method)" in action.help
@@ -447,9 +447,9 @@ def test_a_method_registered_in_the_catalog_is_offered_everywhere(throwaway_meth
 def test_whether_a_method_needs_unlabeled_data_follows_its_catalog_entry(throwaway_method, tiny_dataset):
     import dataclasses
 
-    from buseg.data import load_training_data
+    from buseg.catalogs import methods as catalog
+    from buseg.data.training_data import load_training_data
     from buseg.errors import ConfigError, InputError
-    from buseg.methods import catalog
 
     config = TrainConfig()
     config.method.name, config.optim.batch_size = "throwaway", 2
@@ -481,8 +481,8 @@ def test_a_method_not_in_the_catalog_is_refused_by_the_config_and_the_panel():
 def test_the_self_training_learning_rate_follows_the_catalog_entry(monkeypatch, throwaway_method):
     import dataclasses
 
-    from buseg.methods import catalog
-    from buseg.train import learning_rate
+    from buseg.catalogs import methods as catalog
+    from buseg.training.loop import learning_rate
 
     config = TrainConfig()
     config.optim.lr, config.optim.self_training_lr, config.optim.pretrain_iterations = 0.01, 0.001, 5
@@ -507,7 +507,8 @@ def test_the_catalog_agrees_with_the_method_classes_and_loads_without_torch():
     import subprocess
     import sys
 
-    from buseg.methods import METHOD_CLASSES, catalog
+    from buseg.catalogs import methods as catalog
+    from buseg.training.methods import METHOD_CLASSES
 
     config = TrainConfig()
     config.optim.pretrain_iterations = 7
@@ -517,8 +518,8 @@ def test_the_catalog_agrees_with_the_method_classes_and_loads_without_torch():
         assert (method.name, method.uses_unlabeled) == (name, entry.uses_unlabeled)
         assert (method.pretrain_iterations == 7) is entry.has_pretraining_stage
     code = (
-        "import sys, buseg.config, buseg.methods.catalog, buseg.methods; "
-        "print(buseg.methods.catalog.method_names(), 'torch' in sys.modules)"
+        "import sys, buseg.config, buseg.catalogs.methods, buseg.training.methods; "
+        "print(buseg.catalogs.methods.method_names(), 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "('buarl', 'bcp', 'mean-teacher', 'supervised') False"
@@ -526,7 +527,7 @@ def test_the_catalog_agrees_with_the_method_classes_and_loads_without_torch():
 
 def test_the_teacher_probabilities_follow_the_measures_catalog_not_a_name(monkeypatch):
     # A new training measure of several passes is used by URL/CRL with no change to the method.
-    from buseg import measures
+    from buseg.catalogs import measures
 
     calls = []
 

@@ -10,8 +10,9 @@ import pytest
 from scipy import ndimage
 
 from buseg.errors import InputError, OutputError
-from buseg.io import Volume, write_image
-from buseg.metrics import binary_metrics, evaluate_files, format_summary, summarize
+from buseg.evaluation.evaluate import evaluate_files, format_summary
+from buseg.files.images import Volume, write_image
+from buseg.metrics import binary_metrics, summarize
 
 R_MM, D_MM, EXTENT_MM = 10.0, 4.0, 36.0
 SPACING = (0.4, 0.5, 0.75)  # x, y, z (anisotropic: mm and voxel distances differ by axis)
@@ -121,7 +122,8 @@ def test_one_dice_function_keeps_every_former_copys_values_and_empty_mask_rules(
 
 def test_review_and_report_score_with_the_metrics_dice(monkeypatch):
     import buseg.metrics
-    from buseg import report, review
+    from buseg.evaluation import report
+    from buseg.evaluation import simulated_review as review
 
     calls = []
     real = buseg.metrics.dice

@@ -137,9 +137,13 @@ print(json.dumps({{"modules": names, "gui": gui}}))
     result = _run(sys.executable, "-c", code, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"buseg.cli", "buseg.demo", "buseg.report", "buseg.commands.demo", "buseg.train"} <= set(
-        report["modules"]
-    )
+    assert {
+        "buseg.cli",
+        "buseg.evaluation.demo",
+        "buseg.evaluation.report",
+        "buseg.commands.demo",
+        "buseg.training.loop",
+    } <= set(report["modules"])
     assert report["gui"] == []
 
 

@@ -12,7 +12,6 @@ import hashlib
 import pytest
 import torch
 
-from buseg.checkpoint import read_checkpoint
 from buseg.config import TrainConfig
 from buseg.device import (
     autocast_dtype,
@@ -22,8 +21,9 @@ from buseg.device import (
     precision_description,
 )
 from buseg.events import ListSink
-from buseg.networks import Conv3dBf16Safe, build_network
-from buseg.train import train
+from buseg.model.checkpoint import read_checkpoint
+from buseg.model.networks import Conv3dBf16Safe, build_network
+from buseg.training.loop import train
 
 CPU = torch.device("cpu")
 

@@ -14,13 +14,14 @@ import slicerio
 from model_files import model_metadata, write_untrained_model
 
 from buseg import events as buseg_events
-from buseg.checkpoint import load_model
 from buseg.cli import main
 from buseg.config import PredictConfig
+from buseg.data.synthetic import write_dataset
 from buseg.errors import Cancelled
-from buseg.inference import predict_case, predict_files
-from buseg.io import Volume, read_image, read_label, write_image, write_segmentation
-from buseg.synthetic import write_dataset
+from buseg.files.images import Volume, read_image, read_label, write_image, write_segmentation
+from buseg.model.checkpoint import load_model
+from buseg.prediction.case import predict_case
+from buseg.prediction.predict_files import predict_files
 
 CLASSES = [
     ("background", 0),

@@ -11,12 +11,12 @@ import pytest
 
 from buseg.cli import main
 from buseg.config import PredictConfig, TrainConfig
+from buseg.data.synthetic import make_case, write_dataset
 from buseg.errors import OutputError
-from buseg.inference import predict_case
-from buseg.io import read_image, write_image
-from buseg.ranking import case_statistics, rank_files
-from buseg.synthetic import make_case, write_dataset
-from buseg.train import train
+from buseg.files.images import read_image, write_image
+from buseg.prediction.case import predict_case
+from buseg.prediction.ranking import case_statistics, rank_files
+from buseg.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_the_noisiest_images_rank_first_with_the_default_and_the_mean_score(setu
 
 
 def test_statistics_are_those_of_the_prediction(setup, tmp_path):
-    from buseg.checkpoint import load_model
+    from buseg.model.checkpoint import load_model
 
     model_path, pool = setup
     config = PredictConfig(model_path=str(model_path), out_dir=str(tmp_path / "r"))

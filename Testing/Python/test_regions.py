@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from buseg.io import Volume
-from buseg.regions import find_regions, regions_document
+from buseg.files.images import Volume
+from buseg.prediction.regions import find_regions, regions_document
 
 SPACING = (0.5, 1.0, 2.0)  # x, y, z: voxel = 1 mm^3
 ORIGIN = (10.0, -20.0, 5.0)
@@ -46,7 +46,7 @@ def _map(reference: Volume) -> np.ndarray:
 
 @pytest.mark.parametrize("slab_voxels", [4_000_000, 600, 1])  # one slab, a slice per slab, a row per slab
 def test_regions_are_counted_measured_and_ranked_by_review_value(reference, monkeypatch, slab_voxels):
-    monkeypatch.setattr("buseg.regions.SLAB_VOXELS", slab_voxels)
+    monkeypatch.setattr("buseg.prediction.regions.SLAB_VOXELS", slab_voxels)
     u = _map(reference)
     result = find_regions(u, reference, threshold=0.5, min_region_mm3=5.0, max_regions=10)
     assert result.found == 4  # A, B, speck, corner pair
@@ -67,7 +67,7 @@ def test_regions_are_counted_measured_and_ranked_by_review_value(reference, monk
 
 
 def test_centroids_and_boxes_are_in_ras_with_the_full_geometry(reference, monkeypatch):
-    monkeypatch.setattr("buseg.regions.SLAB_VOXELS", 600)  # statistics gathered over several slabs
+    monkeypatch.setattr("buseg.prediction.regions.SLAB_VOXELS", 600)  # statistics gathered over several slabs
     result = find_regions(_map(reference), reference, threshold=0.5, min_region_mm3=5.0)
     a = next(r for r in result.regions if r.voxel_count == 32)
     centre_ijk = (3.5, 4.5, 1.5)
@@ -173,7 +173,7 @@ def test_regions_wider_than_the_extent_are_cut_into_tiles_no_wider(reference):
 
 
 def test_shape_flags_become_regions_with_their_reason_ranked_by_expected_error(reference):
-    from buseg.shape_flags import FLAG_ERROR_PROBABILITY, REASONS
+    from buseg.prediction.shape_flags import FLAG_ERROR_PROBABILITY, REASONS
 
     u = np.zeros(reference.array.shape, dtype=np.float32)
     u[5, 2:5, 2:12] = 0.6  # 30 voxels of uncertainty: 18 expected errors
@@ -209,7 +209,7 @@ def test_the_slice_order_ranks_slices_by_expected_error_with_a_point_to_look_at(
 
 
 def test_the_review_axis_of_a_3d_image_is_its_coarsest():
-    from buseg.regions import review_slice_axis
+    from buseg.prediction.regions import review_slice_axis
 
     assert review_slice_axis((0.5, 1.0, 2.0)) == 2
     assert review_slice_axis((3.0, 1.0, 1.0)) == 0

@@ -13,8 +13,8 @@ import pytest
 from model_files import model_metadata, write_untrained_model
 
 from buseg.cli import main
-from buseg.shape_flags import REASONS
-from buseg.synthetic import write_dataset
+from buseg.data.synthetic import write_dataset
+from buseg.prediction.shape_flags import REASONS
 
 NAMES = ["background", "wall", "cavity", "satellite"]
 

@@ -25,14 +25,14 @@ import SimpleITK as sitk
 import torch
 from model_files import model_metadata, write_untrained_model
 
-from buseg.checkpoint import FORMAT, load_model
 from buseg.config import PredictConfig, TrainConfig
-from buseg.data import load_training_data
+from buseg.data.synthetic import make_case, rotation_direction
+from buseg.data.training_data import load_training_data
 from buseg.errors import InputError, ModelFileError, ResourceError
-from buseg.inference import predict_files
-from buseg.io import Volume, read_image, read_label, safe_case_name, write_image, write_segmentation
-from buseg.networks import build_network
-from buseg.synthetic import make_case, rotation_direction
+from buseg.files.images import Volume, read_image, read_label, safe_case_name, write_image, write_segmentation
+from buseg.model.checkpoint import FORMAT, load_model
+from buseg.model.networks import build_network
+from buseg.prediction.predict_files import predict_files
 
 ROOT = Path(__file__).resolve().parents[2]
 IDENTITY = tuple(np.eye(3).ravel())
@@ -341,7 +341,7 @@ def test_images_too_large_for_the_memory_are_refused_from_their_header(tmp_path,
 def test_prediction_memory_model_counts_the_window_slab_of_a_3d_model(tmp_path):
     """A 3D model's window-deep slab of probabilities is part of the estimate: a huge window makes a small image
     expensive (a model file cannot make prediction allocate what was not estimated)."""
-    from buseg.inference import BYTES_PER_VOXEL, prediction_memory_bytes
+    from buseg.prediction.case import BYTES_PER_VOXEL, prediction_memory_bytes
 
     small = load_model(_model_file(tmp_path / "small.pt", "3d"))
     wide = load_model(_model_file(tmp_path / "wide.pt", "3d", patch_size=[512, 512, 256]))
@@ -567,7 +567,7 @@ def test_safe_case_names():
 
 
 def test_inputs_and_class_names_cannot_make_predict_or_rank_write_outside_the_output_folder(tmp_path):
-    from buseg.ranking import rank_files
+    from buseg.prediction.ranking import rank_files
 
     # Class names from the model file end up in the .seg.nrrd and regions.json, never in paths.
     model = _model_file(
@@ -730,8 +730,8 @@ def test_a_config_file_with_a_truthy_overwrite_replaces_nothing(tmp_path, model_
 
 def test_files_that_merely_look_temporary_are_never_deleted(tmp_path, model_2d):
     from buseg.cli import main
-    from buseg.safe_files import atomic_path
-    from buseg.train import prepare_output_folder
+    from buseg.files.safe_files import atomic_path
+    from buseg.training.loop import prepare_output_folder
 
     image = tmp_path / "in" / "a.nrrd"
     write_image(_case().image, image)
@@ -789,7 +789,7 @@ def test_a_bad_classes_file_is_refused_when_read_before_any_training(tmp_path, k
 
 
 def test_case_names_of_the_tools_own_files_get_folders_that_cannot_collide(tmp_path, model_2d):
-    from buseg.ranking import rank_files
+    from buseg.prediction.ranking import rank_files
 
     inputs = tmp_path / "inputs"
     names = ["buseg.lock", "summary.json", "ranking.json", "ranking.csv"]
@@ -819,7 +819,7 @@ def test_folders_and_files_in_the_way_of_outputs_are_named(tmp_path, model_2d, c
     error = _error_event(capsys.readouterr().out)
     assert error["path"] == str(not_a_folder) and "is a file, but it must be a folder" in error["message"]
     from buseg.errors import OutputError
-    from buseg.train import prepare_output_folder
+    from buseg.training.loop import prepare_output_folder
 
     with pytest.raises(OutputError, match="is a file, but it must be a folder"):
         prepare_output_folder(not_a_folder / "run", resume=False, overwrite=False)
@@ -846,7 +846,7 @@ def test_a_lock_whose_process_id_now_belongs_to_another_process_is_taken_over(tm
     import psutil
 
     from buseg.errors import OutputError
-    from buseg.safe_files import FolderLock
+    from buseg.files.safe_files import FolderLock
 
     lock = tmp_path / "buseg.lock"
     sleeper = subprocess.Popen(["sleep", "60"])  # alive, and no buseg job (pid 1 after a restart)
@@ -948,7 +948,7 @@ def test_a_csv_manifest_with_a_byte_order_mark_is_read(tmp_path):
 def test_window_counts_are_estimated_before_the_windows_are_made():
     from monai.data.utils import dense_patch_slices
 
-    from buseg.inference import scan_interval, window_count
+    from buseg.prediction.windows import scan_interval, window_count
 
     for size, roi, overlap in [
         ((32, 64, 64), (16, 16, 16), 0.999),
@@ -975,7 +975,7 @@ class _Events:
 
 
 def test_dense_sliding_windows_are_announced_with_progress_or_refused(tmp_path, monkeypatch, caplog):
-    import buseg.inference as inference
+    from buseg.prediction import windows
 
     model = _model_file(tmp_path / "m" / "model3d.pt", "3d")  # 16x16x16 windows
     image = Volume(
@@ -993,8 +993,8 @@ def test_dense_sliding_windows_are_announced_with_progress_or_refused(tmp_path, 
         )
     assert error.value.path == str(tmp_path / "in" / "big.nrrd") and "lower --overlap" in error.value.hint
     # Fewer, but still many windows: said beforehand, with progress on the log while they run.
-    monkeypatch.setattr(inference, "MANY_WINDOWS", 20)
-    monkeypatch.setattr(inference, "WINDOW_PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(windows, "MANY_WINDOWS", 20)
+    monkeypatch.setattr(windows, "WINDOW_PROGRESS_SECONDS", 0.0)
     events = _Events()
     small = tmp_path / "in2" / "small.nrrd"
     write_image(Volume(image.array[:24, :40, :40].copy(), (1, 1, 1), (0, 0, 0), IDENTITY), small)
@@ -1009,7 +1009,7 @@ def test_dense_sliding_windows_are_announced_with_progress_or_refused(tmp_path, 
 def test_evaluate_warns_when_the_truths_classes_json_names_values_otherwise_than_the_model(
     tmp_path, model_2d
 ):
-    from buseg.metrics import evaluate_files
+    from buseg.evaluation.evaluate import evaluate_files
 
     case = _case()
     write_image(case.image, tmp_path / "in" / "a.nrrd")

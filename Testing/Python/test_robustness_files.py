@@ -23,12 +23,12 @@ import torch
 from model_files import model_metadata
 from test_robustness import _case, _config, _labeled_folder
 
-from buseg.checkpoint import FORMAT, load_model, network_from_metadata
 from buseg.cli import main
 from buseg.errors import InputError, ModelFileError, ResourceError
-from buseg.io import read_image, read_label, write_segmentation
-from buseg.metrics import evaluate_files
-from buseg.train import train
+from buseg.evaluation.evaluate import evaluate_files
+from buseg.files.images import read_image, read_label, write_segmentation
+from buseg.model.checkpoint import FORMAT, load_model, network_from_metadata
+from buseg.training.loop import train
 
 VOXELS = np.arange(6 * 12 * 10, dtype=np.int16).reshape(6, 12, 10) % 97
 
@@ -337,8 +337,8 @@ def test_one_memory_check_names_the_file_and_says_what_to_do(tmp_path, monkeypat
     for the memory and the caller's hint in its error, and the default hint where none is given."""
     import psutil
 
+    from buseg.data.resample import WORKING_GRID_MEMORY_HINT
     from buseg.memory import SMALLER_IMAGES_HINT, check_memory
-    from buseg.resample import WORKING_GRID_MEMORY_HINT
 
     class Memory:
         available = 2**30
@@ -496,7 +496,7 @@ def test_a_compressed_image_is_read_where_no_decompressed_copy_can_be_written(tm
     """No temporary folder (or a full one): the reader decompresses the file itself, the checks stay."""
     import tempfile
 
-    from buseg import image_checks
+    from buseg.files import image_checks
 
     path = _write(tmp_path / f"a{suffix}", VOXELS.astype(np.float32))
     blocker = tmp_path / "not-a-folder"
@@ -539,8 +539,8 @@ def test_safe_writing_knows_the_image_suffix_of_two_parts_and_imports_no_format(
     import ast
     import inspect
 
-    from buseg import safe_files
-    from buseg.io import IMAGE_SUFFIXES
+    from buseg.files import safe_files
+    from buseg.files.images import IMAGE_SUFFIXES
 
     assert [s for s in IMAGE_SUFFIXES if s.count(".") > 1] == [safe_files._COMPOUND_SUFFIX]
     imported = {
@@ -548,7 +548,7 @@ def test_safe_writing_knows_the_image_suffix_of_two_parts_and_imports_no_format(
         for node in ast.walk(ast.parse(inspect.getsource(safe_files)))
         if isinstance(node, ast.ImportFrom)
     }
-    assert "io" not in imported and "buseg.io" not in imported
+    assert "io" not in imported and "buseg.files.images" not in imported
     for name, suffix in (("case.NII.GZ", ".NII.GZ"), ("...nii.gz", ".nii.gz"), ("table.v2.csv", ".csv")):
         with safe_files.atomic_path(tmp_path / name) as temp:
             assert temp.name.startswith(safe_files.TEMPORARY_PREFIX) and temp.name.endswith(suffix), name

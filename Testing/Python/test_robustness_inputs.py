@@ -25,13 +25,13 @@ import SimpleITK as sitk
 import torch
 from test_robustness import _case, _config, _labeled_folder, _load, _model_file, _predict_config
 
-from buseg.checkpoint import check_metadata_shape, load_model, save_checkpoint
 from buseg.cli import main
+from buseg.data.preprocessing import normalize_intensity
 from buseg.errors import InputError, ModelFileError, OutputError
-from buseg.inference import collect_images, predict_files
-from buseg.io import read_image, read_label, safe_case_name, write_image
-from buseg.metrics import evaluate_files
-from buseg.preprocessing import normalize_intensity
+from buseg.evaluation.evaluate import evaluate_files
+from buseg.files.images import read_image, read_label, safe_case_name, write_image
+from buseg.model.checkpoint import check_metadata_shape, load_model, save_checkpoint
+from buseg.prediction.predict_files import collect_images, predict_files
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,15 +92,15 @@ def test_label_values_beyond_32_bits_are_refused_never_wrapped(tmp_path, kind):
 
 
 def test_benchmark_label_arrays_are_checked_in_their_own_type(tmp_path):
-    from buseg.data import _class_indices
+    from buseg.data.sources.hdf5 import class_indices
 
     label = np.zeros((2, 4, 4), dtype=np.int64)
     label[0, 0, 0] = 2**32 + 1  # 1 after a cast to uint8
     with pytest.raises(InputError, match=str(2**32 + 1)):
-        _class_indices(label, 3, tmp_path / "x.h5")
+        class_indices(label, 3, tmp_path / "x.h5")
     label[0, 0, 0] = 4
     with pytest.raises(InputError, match="label value 4 is not a class"):
-        _class_indices(label, 3, tmp_path / "x.h5")
+        class_indices(label, 3, tmp_path / "x.h5")
 
 
 def test_a_sheared_direction_is_never_written_as_nifti(tmp_path, model_2d):
@@ -438,7 +438,7 @@ def _unreadable_entries(folder: Path) -> list[str]:
 
 
 def test_unreadable_entries_of_a_folder_are_listed_never_skipped_silently(tmp_path, model_2d):
-    from buseg.ranking import rank_files
+    from buseg.prediction.ranking import rank_files
 
     folder = tmp_path / "in"
     write_image(_case().image, folder / "good.nrrd")

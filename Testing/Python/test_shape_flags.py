@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from buseg.errors import ConfigError
-from buseg.shape_flags import (
+from buseg.prediction.shape_flags import (
     FLAG_ERROR_PROBABILITY,
     REASONS,
     expected_error_map,

@@ -2,7 +2,7 @@
 
 MRML nodes, storage nodes and the segmentations logic come from PyPI ``slicer-core``, set up
 as the application sets them up (``slicer_app.py``). The files written here are read back
-with the engine's own readers (``buseg.io``, ``buseg.data``), so a geometry or class-name
+with the engine's own readers (``buseg.files.images``, ``buseg.data``), so a geometry or class-name
 mismatch between the module and the engine fails a test. The second part checks what the
 extension build needs: every widget the module uses is in the .ui with the right class,
 every file is listed in the CMakeLists, the icon is a 128x128 PNG.
@@ -30,8 +30,8 @@ from slicer_app import create_slicer_app  # noqa: E402
 
 from BidirUncertaintySegLib import engine, nodefiles, parameters  # noqa: E402
 from BidirUncertaintySegLib.errors import ModuleError  # noqa: E402
-from buseg.io import Volume, read_image, read_label, write_image, write_segmentation  # noqa: E402
-from buseg.synthetic import CLASS_NAMES, make_case, rotation_direction  # noqa: E402
+from buseg.data.synthetic import CLASS_NAMES, make_case, rotation_direction  # noqa: E402
+from buseg.files.images import Volume, read_image, read_label, write_image, write_segmentation  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
@@ -125,7 +125,8 @@ def test_labelmap_node_becomes_segments_named_by_its_color_table(app):
 
 def test_training_export_writes_a_manifest_the_engine_reads(app, tmp_path):
     from buseg.config import TrainConfig
-    from buseg.data import cases_from_manifest, load_files
+    from buseg.data.cases import cases_from_manifest
+    from buseg.data.sources.folders import load_files
 
     cases = [synthetic(seed=s, angle=10.0 * s) for s in range(4)]
     volumes = [
@@ -200,7 +201,7 @@ def write_predict_outputs(
     folder: Path, case_name: str, reference: Volume, labels: np.ndarray, uncertainty: np.ndarray, classes
 ) -> engine.PredictOutputs:
     """The four files of one case, written by the engine's own writers (as buseg predict does)."""
-    from buseg.regions import find_regions, regions_document
+    from buseg.prediction.regions import find_regions, regions_document
 
     outputs = engine.PredictOutputs.forCase(folder, case_name)
     outputs.folder.mkdir(parents=True)
@@ -504,7 +505,7 @@ class _ComboBox:
 
 
 def test_the_method_combo_box_lists_the_catalog_and_a_registered_method_needs_no_ui_edit():
-    from buseg.methods import catalog
+    from buseg.catalogs import methods as catalog
 
     method = parameters.parameter("method")
     combo = _ComboBox()
@@ -528,6 +529,29 @@ def test_the_method_combo_box_lists_the_catalog_and_a_registered_method_needs_no
     finally:
         catalog.unregister(entry.name)
     assert "throwaway" not in method.choices
+
+
+def test_the_panel_offers_no_research_option_and_the_help_lists_them_apart():
+    """A method owns its research options (catalog ``research_options``): the panel offers the
+    switches a user needs, and ``buseg train --help`` puts the ablations' variants in their own group."""
+    from buseg.catalogs import methods as catalog
+    from buseg.cli import build_parser
+    from buseg.config import TrainConfig, to_dict
+
+    research = {option for entry in catalog.CATALOG.values() for option in entry.research_options}
+    assert "crl.threshold_mode" in research
+    fields = set()
+    for section, values in to_dict(TrainConfig()).items():
+        if isinstance(values, dict):
+            fields |= {f"{section}.{name}" for name in values}
+    assert research <= fields  # every research option is a real configuration field
+    offered = {p.config for p in parameters.PARAMETERS}
+    assert not research & offered, sorted(research & offered)
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    groups = {group.title: {a.dest for a in group._group_actions} for group in train._action_groups}
+    assert groups["research options of buarl"] == research
+    assert not research & groups["crl options"] and "crl.enabled" in groups["crl options"]
 
 
 def test_a_parameter_change_during_a_job_leaves_every_job_setting_locked():

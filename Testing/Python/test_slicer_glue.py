@@ -27,7 +27,7 @@ from test_slicer_files import add_segmentation, add_volume, synthetic, write_pre
 
 from BidirUncertaintySegLib import engine, nodefiles, parameters, presenter, review, workflow  # noqa: E402
 from BidirUncertaintySegLib.errors import ModuleError, PreviousTrainingError  # noqa: E402
-from buseg.synthetic import CLASS_NAMES  # noqa: E402
+from buseg.data.synthetic import CLASS_NAMES  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 VIEWS = ("Red", "Yellow", "Green")
@@ -384,7 +384,7 @@ def test_training_refuses_a_folder_with_a_previous_training(app, store, tmp_path
 @pytest.mark.slow
 def test_train_segment_review_rank_through_the_worker(app, store, tmp_path):
     """What the module does, with the real worker (`python -m buseg`) on the CPU: a few iterations."""
-    from buseg.synthetic import make_case, rotation_direction
+    from buseg.data.synthetic import make_case, rotation_direction
 
     rng = np.random.default_rng(2)
     cases = [

@@ -38,7 +38,7 @@ from BidirUncertaintySegLib import (  # noqa: E402
     workflow,
 )
 from BidirUncertaintySegLib.errors import ModuleError  # noqa: E402
-from buseg.synthetic import CLASS_NAMES  # noqa: E402
+from buseg.data.synthetic import CLASS_NAMES  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 CLASSES = [{"index": i + 1, "name": n, "color": (0.5, 0.5, 0.5)} for i, n in enumerate(CLASS_NAMES)]
@@ -918,8 +918,8 @@ def test_slice_review_is_read_from_a_hand_written_regions_json(tmp_path):
 def test_an_added_correction_is_on_disk_at_once_and_the_next_training_reads_it_after_a_crash(
     app, store, tmp_path
 ):
-    from buseg.data import cases_from_manifest
-    from buseg.io import read_label
+    from buseg.data.cases import cases_from_manifest
+    from buseg.files.images import read_label
 
     cases = [synthetic(seed=i) for i in range(2)]
     volumes = [add_volume(app.scene, c.image, f"Case {n}") for n, c in zip("AB", cases, strict=True)]
@@ -955,8 +955,8 @@ def test_an_added_correction_is_on_disk_at_once_and_the_next_training_reads_it_a
 
 
 def test_labeled_cases_that_are_only_files_are_trained_on_without_being_loaded(app, store, tmp_path):
-    from buseg.data import cases_from_manifest
-    from buseg.io import write_image
+    from buseg.data.cases import cases_from_manifest
+    from buseg.files.images import write_image
 
     study = tmp_path / "study"
     pairs = []
@@ -991,8 +991,8 @@ def test_labeled_cases_that_are_only_files_are_trained_on_without_being_loaded(a
 def test_a_different_volume_of_the_same_name_gets_its_own_case_and_loses_nobodys_correction(
     app, store, tmp_path
 ):
-    from buseg.data import cases_from_manifest
-    from buseg.io import read_label
+    from buseg.data.cases import cases_from_manifest
+    from buseg.files.images import read_label
 
     cases = [synthetic(seed=i) for i in range(3)]
     flow = stub_flow(app, store, tmp_path)
@@ -1286,7 +1286,7 @@ def correct(app, segmentation, volume, truth: np.ndarray) -> None:
 def test_walk_through_segment_review_correct_add_fine_tune_resegment(app, store, tmp_path):
     """The clinician's loop on generated volumes: the corrected case is in the next training's
     labeled set, that training fine-tunes the current model, and the model's Dice on the case rose."""
-    from buseg.synthetic import make_case, rotation_direction
+    from buseg.data.synthetic import make_case, rotation_direction
 
     rng = np.random.default_rng(11)
     cases = [

@@ -236,9 +236,9 @@ def test_duration_and_error_formatting():
 def test_presenter_follows_the_events_of_a_real_training(tmp_path):
     """The engine's own event stream (in-process training, 12 iterations) drives the presenter."""
     from buseg.config import TrainConfig
+    from buseg.data.synthetic import write_dataset
     from buseg.events import ListSink
-    from buseg.synthetic import write_dataset
-    from buseg.train import train
+    from buseg.training.loop import train
 
     folders = write_dataset(tmp_path / "data", labeled=2, unlabeled=2, test=0, shape_zyx=(8, 32, 32), seed=1)
     config = TrainConfig()

@@ -20,11 +20,11 @@ import torch
 
 from benchmarks import reference_bcp
 from buseg.config import TrainConfig
-from buseg.copy_paste import box_mask, largest_component_per_class, mix
-from buseg.methods import Batch, BidirectionalCopyPaste, StepContext
-from buseg.methods.bcp import MixedBatch
-from buseg.methods.buarl import _url_selection_per_image, url_selection
-from buseg.networks import build_network, to_channels_last
+from buseg.model.networks import build_network, to_channels_last
+from buseg.training.copy_paste import box_mask, largest_component_per_class, mix
+from buseg.training.methods import Batch, BidirectionalCopyPaste, StepContext
+from buseg.training.methods.bcp import MixedBatch
+from buseg.training.methods.buarl import _url_selection_per_image, url_selection
 
 
 def _blobby_labels(rng: np.random.Generator, shape: tuple[int, ...], classes: int) -> torch.Tensor:
@@ -170,8 +170,8 @@ def test_channels_last_step_gives_the_same_loss_and_gradients():
 
 
 def test_training_with_and_without_channels_last_agrees(tmp_path):
-    from buseg.synthetic import write_dataset
-    from buseg.train import train
+    from buseg.data.synthetic import write_dataset
+    from buseg.training.loop import train
 
     folders = write_dataset(tmp_path / "data", labeled=2, unlabeled=2, test=0, shape_zyx=(6, 32, 32))
     losses = {}
@@ -196,15 +196,15 @@ def test_training_with_and_without_channels_last_agrees(tmp_path):
 
 def test_training_loop_teacher_keeps_mc_dropout_on(tmp_path, monkeypatch):
     """Each MC-dropout pass of the teacher must differ (the loop's teacher_forward once switched dropout off)."""
-    from buseg import uncertainty
-    from buseg.synthetic import write_dataset
-    from buseg.train import train
+    from buseg.data.synthetic import write_dataset
+    from buseg.model import uncertainty
+    from buseg.training.loop import train
 
     passes_differ = []
     real = uncertainty.mc_dropout_probabilities
 
     def spy(model, inputs, samples, forward=None):
-        from buseg.networks import set_dropout
+        from buseg.model.networks import set_dropout
 
         model.eval()
         set_dropout(model, True)

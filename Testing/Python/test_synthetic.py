@@ -1,4 +1,4 @@
-"""The demo's population of generated scans (buseg.synthetic.draw_case): it varies what real scans
+"""The demo's population of generated scans (buseg.data.synthetic.draw_case): it varies what real scans
 vary, within the ranges its docstring sources, the same seed gives the same cases, and a dataset of
 it is laid out as the narrow generator's."""
 
@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from buseg.io import read_image, read_label
-from buseg.synthetic import SCANNERS, TINY_SCANNERS, Population, draw_case, write_population_dataset
+from buseg.data.synthetic import SCANNERS, TINY_SCANNERS, Population, draw_case, write_population_dataset
+from buseg.files.images import read_image, read_label
 
 
 def _cases(count: int, population: Population = TINY_SCANNERS, seed: int = 0) -> list:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from buseg.checkpoint import load_model, read_checkpoint
 from buseg.cli import main
 from buseg.config import TrainConfig
+from buseg.data.synthetic import write_dataset
 from buseg.errors import ConfigError, OutputError
 from buseg.events import ListSink
-from buseg.synthetic import write_dataset
-from buseg.train import train, with_clean_batchnorm
+from buseg.model.checkpoint import load_model, read_checkpoint
+from buseg.training.loop import train, with_clean_batchnorm
 
 
 def _config(data, out, method, *, dimension="2d", iterations=30, pretrain=10) -> TrainConfig:
@@ -209,7 +209,7 @@ def test_buseg_train_reports_bad_input_and_exits_non_zero(tmp_path, capsys):
 
 
 def test_self_training_starts_from_the_best_pretraining_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-    import buseg.train as train_module
+    import buseg.training.loop as train_module
 
     scores = iter([0.9, 0.1, 0.2, 0.3])  # validation at iterations 3, 6 (pre-training), 9, 12
     monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: {"dice": next(scores)})
@@ -360,8 +360,8 @@ def test_model_files_and_validation_use_clean_batchnorm_statistics(tiny_dataset,
         elif not key.endswith("num_batches_tracked"):
             assert torch.equal(value, teacher[key]), key
     # What validation scored is what the model file holds.
-    from buseg.data import load_training_data
-    from buseg.train import evaluate
+    from buseg.data.training_data import load_training_data
+    from buseg.training.loop import evaluate
 
     model = load_model(result.best_path)
     data = load_training_data(config)

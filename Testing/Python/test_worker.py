@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from buseg.checkpoint import load_model, read_checkpoint
 from buseg.commands.common import CANCEL_FILE_ENV, EXIT_CANCELLED, PARENT_PID_ENV, StopFlag, run_job
 from buseg.config import TrainConfig
 from buseg.device import resolve_device
 from buseg.errors import Cancelled, InputError, ResourceError
 from buseg.events import ListSink, validate_event
-from buseg.train import train
+from buseg.model.checkpoint import load_model, read_checkpoint
+from buseg.training.loop import train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from buseg.checkpoint import load_model, save_checkpoint
 from buseg.cli import build_parser
 from buseg.commands.train import config_from_args
 from buseg.config import TRAIN_PRESETS, PredictConfig, TrainConfig, apply_preset
-from buseg.data import load_training_data
-from buseg.errors import ConfigError
-from buseg.inference import predict_case, predict_files
-from buseg.io import Volume, read_image, read_label
-from buseg.networks import build_network
-from buseg.resample import (
+from buseg.data.resample import (
     Grid,
     image_on_working_grid,
     maps_on_grid,
@@ -27,8 +21,15 @@ from buseg.resample import (
     resample_label_array,
     working_grid,
 )
-from buseg.synthetic import write_dataset
-from buseg.train import train
+from buseg.data.synthetic import write_dataset
+from buseg.data.training_data import load_training_data
+from buseg.errors import ConfigError
+from buseg.files.images import Volume, read_image, read_label
+from buseg.model.checkpoint import load_model, save_checkpoint
+from buseg.model.networks import build_network
+from buseg.prediction.case import predict_case
+from buseg.prediction.predict_files import predict_files
+from buseg.training.loop import train
 
 SPACING = (1.2, 1.2, 2.5)
 WORKING = [2.4, 2.4, 2.5]  # half the voxels along x and y, z unchanged

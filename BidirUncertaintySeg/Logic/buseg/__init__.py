@@ -3,8 +3,8 @@
 The engine of the BidirUncertaintySeg 3D Slicer extension, usable on its own from Python
 and from the ``buseg`` command line. It imports neither Slicer nor Qt.
 
-Entry points: :mod:`buseg.config` (the typed configuration), :func:`buseg.train.train`,
-:mod:`buseg.inference` (prediction with uncertainty), :mod:`buseg.regions`,
+Entry points: :mod:`buseg.config` (the typed configuration), :func:`buseg.training.loop.train`,
+:mod:`buseg.prediction.case` (prediction with uncertainty), :mod:`buseg.prediction.regions`,
 :mod:`buseg.metrics`, :mod:`buseg.client` (the background worker's client).
 """
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from buseg.catalogs.data_sources import data_source, data_source_help, data_source_names
+from buseg.catalogs.measures import measure_help, measure_names
+from buseg.catalogs.methods import method_entry, method_help, method_names, research_option_owner
 from buseg.errors import ConfigError
-from buseg.measures import measure_help, measure_names
-from buseg.methods.catalog import method_entry, method_help, method_names
 
 
 def opt(
@@ -36,7 +37,7 @@ def opt(
     """A dataclass field with its documentation (used for ``--help``).
 
     ``help`` and ``choices`` may be functions, asked when they are used: the methods' come
-    from :mod:`buseg.methods.catalog`, which may gain a method after this module is loaded.
+    from :mod:`buseg.catalogs.methods`, which may gain a method after this module is loaded.
     """
     metadata = {"help": help}
     if choices is not None:
@@ -52,11 +53,10 @@ def opt(
 class DataConfig:
     """Where the training images come from and how they are prepared."""
 
-    source: Literal["files", "acdc", "la"] = opt(
+    source: str = opt(
         "files",
-        "Data layout: 'files' (folders or a manifest of NIfTI/NRRD/MHA/.seg.nrrd), or the benchmark "
-        "layouts 'acdc' (HDF5 slices) and 'la' (HDF5 volumes) under --data-root.",
-        choices=("files", "acdc", "la"),
+        lambda: f"Where the training data come from: {data_source_help()}",
+        choices=data_source_names,
     )
     labeled: str | None = opt(
         None,
@@ -69,7 +69,9 @@ class DataConfig:
         "Validation image/label pairs for model selection (folder or manifest); optional. Benchmark "
         "layouts: a list file of validation volume/case names (ACDC default: val.list).",
     )
-    data_root: str | None = opt(None, "Root folder of a benchmark layout (with --source acdc|la).")
+    data_root: str | None = opt(
+        None, "Root folder of a benchmark layout (the --source values that read one: acdc, la)."
+    )
     labeled_count: int = opt(
         7,
         "Benchmark layouts only: number of labeled patients (ACDC: 3 or 7) or cases (LA: 4 or 8), "
@@ -384,8 +386,10 @@ class TrainConfig:
             raise ConfigError(
                 f"--working-spacing-mm needs three positive numbers (x y z), got {m.working_spacing_mm}"
             )
-        if m.working_spacing_mm and self.data.source == "acdc":
-            raise ConfigError("--working-spacing-mm: the ACDC slices carry no voxel spacing to resample from")
+        if m.working_spacing_mm and not data_source(self.data.source).has_spacing:
+            raise ConfigError(
+                f"--working-spacing-mm: the {self.data.source} images carry no voxel spacing to resample from"
+            )
         if o.iterations < 0 or o.pretrain_iterations < 0:
             raise ConfigError("--iterations and --pretrain-iterations must not be negative")
         semi = method_entry(self.method.name).uses_unlabeled
@@ -426,7 +430,7 @@ class TrainConfig:
         self._check_ranges()
         if self.data.source == "files" and not self.data.labeled:
             raise ConfigError("--labeled is required (a folder or a manifest of labeled images)")
-        if self.data.source in ("acdc", "la") and not self.data.data_root:
+        if data_source(self.data.source).needs_data_root and not self.data.data_root:
             raise ConfigError(f"--data-root is required with --source {self.data.source}")
         return self
 
@@ -732,11 +736,22 @@ def _flag_for(prefix: str, f: dataclasses.Field) -> str:
     return f"--{name}"
 
 
+def _research_group(parser: argparse.ArgumentParser, method: str) -> Any:
+    """The ``--help`` group of ``method``'s research options (created once per parser)."""
+    title = f"research options of {method}"
+    for group in parser._action_groups:
+        if group.title == title:
+            return group
+    return parser.add_argument_group(
+        title, "The ablations' variants and controls; the defaults are the measured choices (docs/method.md)."
+    )
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     """Add one ``--flag`` per (nested) field of ``cls``, with its help text and default."""
     hints = typing.get_type_hints(cls)
     defaults = cls()
-    group = (
+    section = (
         parser
         if not prefix
         else parser.add_argument_group(f"{prefix} options", (cls.__doc__ or "").strip().splitlines()[0])
@@ -748,6 +763,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
             continue
         flag = _flag_for(prefix, f)
         dest = f"{prefix}.{f.name}" if prefix else f.name
+        owner = research_option_owner(dest)
+        group = section if owner is None else _research_group(parser, owner)
         default = getattr(defaults, f.name)
         help_text = _asked(f.metadata.get("help", ""))
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]

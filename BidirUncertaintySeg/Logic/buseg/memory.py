@@ -1,7 +1,7 @@
 """The memory check made before a large allocation: training images, a prediction's maps, a working grid.
 
-It lives apart from the training data (:mod:`buseg.data`), prediction (:mod:`buseg.inference`) and
-resampling (:mod:`buseg.resample`) that all use it, so that none imports another for it.
+It lives apart from the training data (:mod:`buseg.data`), prediction (:mod:`buseg.prediction.case`) and
+resampling (:mod:`buseg.data.resample`) that all use it, so that none imports another for it.
 """
 
 from __future__ import annotations

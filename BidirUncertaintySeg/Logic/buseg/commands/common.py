@@ -82,7 +82,7 @@ def non_negative_int(text: str) -> int:
 
 def label_value(text: str) -> int:
     """argparse type: a foreground label value (1 .. 2**31 - 1, what a class can hold)."""
-    from buseg.io import MAX_LABEL_VALUE
+    from buseg.files.images import MAX_LABEL_VALUE
 
     try:
         value = int(text)
@@ -359,7 +359,7 @@ def locked_output_folder(folder: str | Path, job: str) -> Iterator[Path]:
     refuses instead of silently replacing this one's files), and first remove the temporary
     files that an interrupted job left there. A folder created here and left empty (the job
     failed before writing) is removed again."""
-    from buseg.safe_files import FolderLock, ensure_output_folder, remove_stale_temporaries
+    from buseg.files.safe_files import FolderLock, ensure_output_folder, remove_stale_temporaries
 
     folder = Path(folder)
     created = not folder.exists()
@@ -378,7 +378,7 @@ def locked_output_folder(folder: str | Path, job: str) -> Iterator[Path]:
 def _user_error_from(exc: Exception) -> BusegError | None:
     """An OS-level error on a file (a name too long, a FIFO, no space, a vanished file ...) as the
     usual one-line error naming the path: every such error on a user's path, wherever raised."""
-    from buseg.io import error_from_os_error
+    from buseg.files.images import error_from_os_error
 
     if isinstance(exc, OSError) and not _out_of_memory(exc):
         return error_from_os_error(exc)

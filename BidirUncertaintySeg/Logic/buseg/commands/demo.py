@@ -1,5 +1,5 @@
 """``buseg demo``: generated data -> training (ours and supervised) -> segmentation with uncertainty ->
-evaluation -> report (see :mod:`buseg.demo`)."""
+evaluation -> report (see :mod:`buseg.evaluation.demo`)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     stream = sys.stderr if args.progress == "jsonl" else sys.stdout
 
     def job() -> dict:
-        from buseg.demo import run_demo
+        from buseg.evaluation.demo import run_demo
 
         result = run_demo(
             args.out,

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag(immediate=True)  # outputs are atomic: a signal stops at once
 
     def job() -> dict:
-        from buseg.metrics import evaluate_files, format_summary
+        from buseg.evaluation.evaluate import evaluate_files, format_summary
 
         out = Path(args.out).resolve()
         with locked_output_folder(out, "evaluate"):

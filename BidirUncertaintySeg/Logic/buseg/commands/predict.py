@@ -21,7 +21,7 @@ from buseg.commands.common import (
 )
 from buseg.config import PredictConfig, add_dataclass_arguments, apply_arguments, from_dict
 from buseg.errors import ConfigError
-from buseg.io import read_json
+from buseg.files.images import read_json
 
 logger = logging.getLogger("buseg")
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag(immediate=True)  # outputs are atomic: a signal stops at once
 
     def job() -> dict:
-        from buseg.inference import predict_files
+        from buseg.prediction.predict_files import predict_files
 
         config = config_from_args(args).validate()
         with locked_output_folder(config.out_dir, "predict"):

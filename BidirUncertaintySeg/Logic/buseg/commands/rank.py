@@ -19,7 +19,7 @@ from buseg.commands.predict import add_prediction_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from buseg.ranking import SCORES
+    from buseg.prediction.ranking import SCORES
 
     add_prediction_arguments(parser)
     parser.add_argument(
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag(immediate=True)  # outputs are atomic: a signal stops at once
 
     def job() -> dict:
-        from buseg.ranking import format_ranking, rank_files
+        from buseg.prediction.ranking import format_ranking, rank_files
 
         config = config_from_args(args)
         if args.out_dir is None and not args.config:

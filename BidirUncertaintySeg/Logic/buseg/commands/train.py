@@ -70,7 +70,7 @@ def config_and_given_fields(args: argparse.Namespace) -> tuple[TrainConfig, set[
     config = TrainConfig()
     given: set[str] = set()
     if args.config:
-        from buseg.io import read_json
+        from buseg.files.images import read_json
 
         path = Path(args.config)
         data = read_json(path, what="training config file", error=ConfigError)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag()
 
     def job() -> dict:
-        from buseg.train import train  # torch is imported here, inside the reported job
+        from buseg.training.loop import train  # torch is imported here, inside the reported job
 
         config, given = config_and_given_fields(args)
         # Absolute, so that the paths in events and outputs mean the same to the caller.
