@@ -15,7 +15,7 @@ from buseg.data.sampling import PatchSampler, SliceSampler
 from buseg.data.sources.acdc import acdc_split
 from buseg.data.synthetic import make_case, rotation_direction
 from buseg.data.training_data import load_training_data
-from buseg.errors import InputError
+from buseg.errors import ConfigError, InputError
 from buseg.files.images import Volume, read_image, read_label, write_image, write_segmentation
 
 
@@ -228,8 +228,6 @@ def test_a_registered_data_source_is_offered_checked_and_read_with_no_other_edit
     what the entry says (``--data-root``, the dimension) and ``load_training_data`` calls its reader."""
     from buseg.catalogs import data_sources
     from buseg.cli import build_parser
-    from buseg.config import TrainConfig
-    from buseg.errors import ConfigError
 
     calls = []
 
@@ -240,7 +238,12 @@ def test_a_registered_data_source_is_offered_checked_and_read_with_no_other_edit
     monkeypatch.setattr(sys.modules[__name__], "throwaway_reader", reader, raising=False)
     data_sources.register(
         data_sources.DataSource(
-            "throwaway", f"{__name__}:throwaway_reader", "a test's", dimension="3d", needs_data_root=True
+            "throwaway",
+            f"{__name__}:throwaway_reader",
+            "a test's",
+            dimension="3d",
+            needs_data_root=True,
+            options=("data.data_root",),
         )
     )
     try:
@@ -261,3 +264,27 @@ def test_a_registered_data_source_is_offered_checked_and_read_with_no_other_edit
     finally:
         data_sources.unregister("throwaway")
     assert "throwaway" not in data_sources.data_source_names()
+
+
+def test_options_of_the_benchmark_layouts_are_grouped_apart_and_refused_elsewhere(dataset_copy):
+    """``--labeled-count`` and its kind belong to the data sources that read them: ``--help`` lists them
+    under those sources, and a run from the user's folders refuses them instead of ignoring them."""
+    from buseg.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    groups = {group.title: {a.dest for a in group._group_actions} for group in train._action_groups}
+    assert groups["options of --source acdc and la"] == {
+        "data.data_root",
+        "data.labeled_count",
+        "data.exclude_cases",
+    }
+    config = TrainConfig()
+    config.data.labeled = str(dataset_copy["labeled"])
+    config.validate()  # the defaults of those options are no request
+    config.data.labeled_count = 3
+    with pytest.raises(
+        ConfigError, match="--labeled-count is read only with --source acdc or la, not with --source files"
+    ):
+        config.validate()
+    config.data.source, config.data.data_root = "acdc", "/somewhere"
+    config.validate()

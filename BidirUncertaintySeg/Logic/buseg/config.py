@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from buseg.catalogs.data_sources import data_source, data_source_help, data_source_names
+from buseg.catalogs.data_sources import (
+    data_source,
+    data_source_help,
+    data_source_names,
+    data_source_option_owners,
+)
 from buseg.catalogs.measures import measure_help, measure_names
 from buseg.catalogs.methods import method_entry, method_help, method_names, research_option_owner
 from buseg.errors import ConfigError
@@ -432,7 +437,23 @@ class TrainConfig:
             raise ConfigError("--labeled is required (a folder or a manifest of labeled images)")
         if data_source(self.data.source).needs_data_root and not self.data.data_root:
             raise ConfigError(f"--data-root is required with --source {self.data.source}")
+        self._refuse_options_of_other_sources()
         return self
+
+    def _refuse_options_of_other_sources(self) -> None:
+        """An option that only other data sources read would be silently ignored: refused instead."""
+        defaults = DataConfig()
+        for f in dataclasses.fields(DataConfig):
+            owners = data_source_option_owners(f"data.{f.name}")
+            if (
+                owners
+                and self.data.source not in owners
+                and getattr(self.data, f.name) != getattr(defaults, f.name)
+            ):
+                raise ConfigError(
+                    f"{_flag_for('data', f)} is read only with --source {' or '.join(owners)}, "
+                    f"not with --source {self.data.source}"
+                )
 
     def _check_ranges(self) -> None:
         """Numbers outside what they can mean: a negative learning rate, a momentum of 5, a
@@ -736,15 +757,25 @@ def _flag_for(prefix: str, f: dataclasses.Field) -> str:
     return f"--{name}"
 
 
-def _research_group(parser: argparse.ArgumentParser, method: str) -> Any:
-    """The ``--help`` group of ``method``'s research options (created once per parser)."""
-    title = f"research options of {method}"
+def _owner_group(parser: argparse.ArgumentParser, dest: str) -> Any:
+    """The ``--help`` group of an option that belongs to some methods or data sources (the catalogs
+    say which: a method's research options, the benchmark layouts' options), or None."""
+    method = research_option_owner(dest)
+    sources = data_source_option_owners(dest)
+    if method is not None:
+        title = f"research options of {method}"
+        description = (
+            "The ablations' variants and controls; the defaults are the measured choices (docs/method.md)."
+        )
+    elif sources:
+        title = f"options of --source {' and '.join(sources)}"
+        description = "Read only by these data sources; another source refuses them."
+    else:
+        return None
     for group in parser._action_groups:
         if group.title == title:
             return group
-    return parser.add_argument_group(
-        title, "The ablations' variants and controls; the defaults are the measured choices (docs/method.md)."
-    )
+    return parser.add_argument_group(title, description)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
@@ -763,8 +794,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
             continue
         flag = _flag_for(prefix, f)
         dest = f"{prefix}.{f.name}" if prefix else f.name
-        owner = research_option_owner(dest)
-        group = section if owner is None else _research_group(parser, owner)
+        group = _owner_group(parser, dest) or section
         default = getattr(defaults, f.name)
         help_text = _asked(f.metadata.get("help", ""))
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]

@@ -31,6 +31,9 @@ class DataSource:
     dimension: str | None = None  # the only --dimension its data fit ("2d", "3d"), None: any
     needs_data_root: bool = False  # read from --data-root (a benchmark layout)
     has_spacing: bool = True  # its images carry a voxel spacing (--working-spacing-mm can resample)
+    # The dotted config fields that only the sources listing them read ("data.labeled_count"):
+    # --help groups them under these sources, and a run from another source refuses them.
+    options: tuple[str, ...] = ()
 
 
 DATA_SOURCES: Catalog[DataSource] = Catalog("data source")  # in the order the help lists them
@@ -45,11 +48,18 @@ def data_source_help() -> str:
     return "; ".join(f"'{s.name}': {s.summary}" for s in DATA_SOURCES.values()) + "."
 
 
+def data_source_option_owners(option: str) -> tuple[str, ...]:
+    """The sources that read the dotted config ``option``, when only some do (else empty)."""
+    return tuple(s.name for s in DATA_SOURCES.values() if option in s.options)
+
+
 def data_source_reader(source: DataSource) -> Callable[..., Any]:
     """The reader function of ``source``, imported now."""
     module_name, function_name = source.reader.split(":")
     return getattr(importlib.import_module(module_name), function_name)
 
+
+_BENCHMARK_LAYOUT_OPTIONS = ("data.data_root", "data.labeled_count", "data.exclude_cases")
 
 register(
     DataSource(
@@ -66,6 +76,7 @@ register(
         dimension="2d",
         needs_data_root=True,
         has_spacing=False,
+        options=_BENCHMARK_LAYOUT_OPTIONS,
     )
 )
 register(
@@ -75,5 +86,6 @@ register(
         "the LA benchmark layout under --data-root (HDF5 volumes)",
         dimension="3d",
         needs_data_root=True,
+        options=_BENCHMARK_LAYOUT_OPTIONS,
     )
 )
