@@ -3,9 +3,13 @@
 The engine of the BidirUncertaintySeg 3D Slicer extension, usable on its own from Python
 and from the ``buseg`` command line. It imports neither Slicer nor Qt.
 
-Entry points: :mod:`buseg.config` (the typed configuration), :func:`buseg.training.loop.train`,
-:mod:`buseg.prediction.case` (prediction with uncertainty), :mod:`buseg.prediction.regions`,
-:mod:`buseg.metrics`, :mod:`buseg.client` (the background worker's client).
+The engine is a package per pipeline stage (docs/architecture.md): :mod:`buseg.files`,
+:mod:`buseg.model`, :mod:`buseg.data`, :mod:`buseg.prediction`, :mod:`buseg.training`,
+:mod:`buseg.evaluation`, with :mod:`buseg.catalogs` the one place to register a method, an
+uncertainty measure or a data source. Entry points: :mod:`buseg.config` (the typed
+configuration), :func:`buseg.training.loop.train`, :func:`buseg.prediction.case.predict_case`
+and :func:`buseg.prediction.predict_files.predict_files` (prediction with uncertainty and
+regions), :mod:`buseg.metrics`, :mod:`buseg.client` (the background worker's client).
 """
 
 import os
