@@ -240,3 +240,42 @@ def test_what_is_scored_is_what_a_model_file_would_hold(quality, scored, tmp_pat
     _checkpoint(sink, _last_checkpoint(tmp_path, 1000, 0.1, -1.0, shipped_marker=0.3), 1000)
     _checkpoint(sink, _last_checkpoint(tmp_path, 2000, 0.2, -1.0), 2000)
     assert scored == pytest.approx([0.3, 0.2])
+
+
+# -- the teacher-averaging screen (benchmarks/teacher_average.py) ----------------------------------
+
+
+def test_teacher_weights_are_averaged_parameter_by_parameter():
+    from benchmarks.teacher_average import average_state
+
+    states = [
+        {"w": torch.tensor([1.0, 3.0]), "bn.num_batches_tracked": torch.tensor(5)},
+        {"w": torch.tensor([3.0, 5.0]), "bn.num_batches_tracked": torch.tensor(9)},
+    ]
+    averaged = average_state(states)
+    assert torch.equal(averaged["w"], torch.tensor([2.0, 4.0]))
+    assert averaged["bn.num_batches_tracked"].item() == 9  # a counter is not averaged: the last one's
+    with pytest.raises(ValueError, match="nothing to average"):
+        average_state([])
+
+
+def test_the_averaged_model_of_one_copy_is_that_copys_teacher(tmp_path):
+    """One copy averaged is the copy's teacher (BatchNorm statistics re-estimated), in a model file of
+    the run's own format: what the screen scores is the model a run with averaging would ship."""
+    from benchmarks.teacher_average import averaged_model
+
+    metadata = model_metadata(["background", "structure"])
+    network = untrained_network(metadata)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "best.pt", weights=network.state_dict(), metadata=metadata)
+    teacher = {k: v + 0.5 if torch.is_floating_point(v) else v for k, v in network.state_dict().items()}
+    batches = [torch.randn(2, 1, 32, 32) for _ in range(3)]
+    path = averaged_model(run, teacher, iter(batches), tmp_path / "averaged.pt")
+    from buseg.model.checkpoint import load_model
+
+    loaded = load_model(path).network.state_dict()
+    convolution = next(k for k, v in teacher.items() if v.ndim == 4)
+    assert torch.allclose(loaded[convolution], teacher[convolution])
+    running = next(k for k in loaded if k.endswith("running_mean"))
+    assert not torch.allclose(loaded[running], teacher[running])  # re-estimated on the batches
