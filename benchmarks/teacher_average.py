@@ -36,7 +36,7 @@ from benchmarks import quality
 from benchmarks.paths import module_command, shown_command
 from buseg.data.sampling import SliceSampler
 from buseg.model.checkpoint import load_model, read_checkpoint, save_checkpoint
-from buseg.training.loop import BATCHNORM_BATCHES, with_clean_batchnorm
+from buseg.training.loop import clean_batchnorm_batches, with_clean_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = module_command(__file__)
@@ -68,15 +68,11 @@ def snapshots_of(folder: Path, configuration: str, seed: int) -> dict[int, dict[
 
 
 def clean_batches(data, config, seed: int, iteration: int) -> Iterator[torch.Tensor]:
-    """The engine's clean BatchNorm batches (``Trainer._clean_batches``) for ``iteration``: labeled and
-    unlabeled training slices alternately, from a generator of their own."""
+    """The engine's clean BatchNorm batches of a model file written at ``iteration`` of the run."""
     size = config.model.patch_size[::-1]
     labeled = SliceSampler(data.labeled_images, data.labeled_labels, size, augment=config.data.augment)
     unlabeled = SliceSampler(data.unlabeled_images, None, size, augment=config.data.augment)
-    generator = torch.Generator().manual_seed(seed * 100_003 + iteration)
-    for index in range(BATCHNORM_BATCHES):
-        sampler = unlabeled if index % 2 else labeled
-        yield sampler.sample(config.optim.batch_size, generator)[0]
+    return clean_batchnorm_batches(labeled, unlabeled, config.optim.batch_size, seed, iteration)
 
 
 def averaged_model(run_folder: Path, teacher: dict, batches: Iterator[torch.Tensor], path: Path) -> Path:

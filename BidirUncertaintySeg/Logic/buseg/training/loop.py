@@ -177,6 +177,22 @@ def with_clean_batchnorm(network: nn.Module, batches: Iterable[torch.Tensor]) ->
     return copy_.eval()
 
 
+def clean_batchnorm_batches(
+    labeled: SliceSampler | PatchSampler,
+    unlabeled: SliceSampler | PatchSampler | None,
+    batch_size: int,
+    seed: int,
+    iteration: int,
+) -> Iterator[torch.Tensor]:
+    """The batches whose statistics a model file of ``iteration`` carries: training images as they
+    come before mixing, labeled and unlabeled alternately, from a generator of their own (the
+    training's random stream is not touched, so a resumed run draws the same)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + iteration)
+    for index in range(BATCHNORM_BATCHES):
+        sampler = unlabeled if index % 2 and unlabeled is not None else labeled
+        yield sampler.sample(batch_size, generator)[0]
+
+
 def has_batchnorm(network: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules())
 
@@ -660,13 +676,10 @@ class Trainer:
         return self._shipped[1]
 
     def _clean_batches(self, iteration: int) -> Iterator[torch.Tensor]:
-        """Training batches as they come before mixing: labeled and unlabeled alternately, from a
-        generator of their own (the training's random stream is not touched, so a resumed run
-        draws the same)."""
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + iteration)
-        for index in range(BATCHNORM_BATCHES):
-            sampler = self.unlabeled if index % 2 and self.unlabeled is not None else self.labeled
-            images = sampler.sample(self.config.optim.batch_size, generator)[0]
+        batches = clean_batchnorm_batches(
+            self.labeled, self.unlabeled, self.config.optim.batch_size, self.config.seed, iteration
+        )
+        for images in batches:
             yield self.layout(images.to(self.device))
 
     def _eval_forward(self, network: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
