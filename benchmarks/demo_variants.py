@@ -41,7 +41,6 @@ import torch
 
 from benchmarks.paths import module_command, shown_command
 from benchmarks.quality import (
-    LONG_RUN_REMEDIES,
     METHODS,
     PRETRAINING_ONLY,
     _file_sha256,
@@ -62,10 +61,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMAND = module_command(__file__)
 
 SHARED_START = "shared-start"  # the demo's shared supervised start, scored as is
-# "ours" repeats whichever variant is the engine's default, and the long-run remedies are for the
-# long ACDC runs: both are asked for by name only.
+# "ours" repeats whichever variant is the engine's default: asked for by name only.
 CONFIGURATIONS = [SHARED_START] + [key for key in METHODS if key != PRETRAINING_ONLY]
-DEFAULT_CONFIGURATIONS = [key for key in CONFIGURATIONS if key != "ours" and key not in LONG_RUN_REMEDIES]
+DEFAULT_CONFIGURATIONS = [key for key in CONFIGURATIONS if key != "ours"]
 REFERENCES = ("supervised", "bcp")
 ROW_SCHEMA = 3  # 2: rows record their start weights' hash; 3: the demo's scan population, best start
 

@@ -105,27 +105,10 @@ METHODS: dict[str, tuple[str, bool | None, bool | None, dict]] = {
         True,
         {"crl.weighting": "discard", "crl.uncertainty_after_cleanup": True},
     ),
-    # The long-run study's remedy for the model depending on where training stopped (docs/benchmarks.md,
-    # "Long self-training"): the self-training learning rate decays to zero over the run (poly, the
-    # SSL4MIS schedule), so the last checkpoints are taken at a vanishing step. The shared pre-training
-    # keeps its constant rate, so these pair with the configurations they modify.
-    "ours-url-only-lr-decay": ("buarl", True, False, {"optim.lr_schedule": "poly"}),
-    "ours-crl-concentration-lr-decay": (
-        "buarl",
-        True,
-        True,
-        {"crl.weighting": "concentration", "optim.lr_schedule": "poly"},
-    ),
-}
-# Configurations run only when asked for by name: the long-run study's remedies, each with the
-# configuration it modifies (benchmarks.teacher_curve compares the two seed by seed).
-LONG_RUN_REMEDIES = {
-    "ours-url-only-lr-decay": "ours-url-only",
-    "ours-crl-concentration-lr-decay": "ours-crl-concentration",
 }
 # The protocol's configurations: all but "ours", which repeats whichever variant is the default
-# (the tables mark that one), and the long-run remedies.
-PROTOCOL = [key for key in METHODS if key != "ours" and key not in LONG_RUN_REMEDIES]
+# (the tables mark that one).
+PROTOCOL = [key for key in METHODS if key != "ours"]
 PRETRAINING_ONLY = "cp-pretrain-only"
 _NOT_IN_CATALOG = sorted({method for method, *_ in METHODS.values()} - set(method_names()))
 if _NOT_IN_CATALOG:

@@ -14,9 +14,6 @@ every N iterations and keeps the scores beside the results (``runs/<tag>/<config
   at one of the ``--at`` iterations (``--short-tag``, the 4000-iteration table), its last-checkpoint
   Dice beside the long run's score at that iteration (training is deterministic here, and nothing in
   these configurations depends on the run's length, so the two should agree);
-* each remedy for that spread (``quality.LONG_RUN_REMEDIES``, e.g. a self-training learning rate that
-  decays to zero) against the configuration it modifies, paired by seed: kept only when it lowers the
-  spread by the rule without its Dice at the last ``--at`` iteration being worse by the rule;
 * the curves, one panel per seed.
 
 A run that has not finished (its record says so) is shown up to its last score and named.
@@ -37,13 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.paths import module_command, shown_command
-from benchmarks.quality import (
-    LONG_RUN_REMEDIES,
-    RECORDS_FOLDER,
-    mean_and_standard_error,
-    plot_seed_panels,
-    verdict,
-)
+from benchmarks.quality import RECORDS_FOLDER, mean_and_standard_error, plot_seed_panels, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = module_command(__file__)
@@ -191,55 +182,12 @@ def report(runs: list[dict], args: argparse.Namespace, records: Path) -> list[st
             f"{last['iteration'] if last else '-'} | {100 * last['dice'] if last else float('nan'):.2f} | "
             f"{_number(spread['sd'])} | {_number(spread['range'])} | {_number(training_minutes(run, records))} |"
         )
-    lines += remedy_lines(runs, args)
     if args.short_tag:
         lines += consistency_lines(runs, args)
     unfinished = [f"{r['configuration']} (seed {r['seed']})" for r in runs if not r.get("finished")]
     if unfinished:
         lines += ["", "Not finished (shown up to their last score): " + ", ".join(unfinished) + "."]
     lines += ["", f"Seeds: {', '.join(str(s) for s in seeds)}."]
-    return lines
-
-
-def remedy_lines(runs: list[dict], args: argparse.Namespace) -> list[str]:
-    """Each long-run remedy (``quality.LONG_RUN_REMEDIES``) against the configuration it modifies,
-    paired by seed: the spread of the last ``--last`` checkpoints (lower is better) and the Dice at
-    the last ``--at`` iteration. A remedy is kept only when it lowers the spread by the rule and its
-    Dice is not worse by the rule."""
-    final = args.at[-1]
-    lines: list[str] = []
-    for remedy, base in LONG_RUN_REMEDIES.items():
-        pairs = {
-            seed: (by_key[remedy], by_key[base])
-            for seed in dict.fromkeys(r["seed"] for r in runs)
-            if {remedy, base} <= set(by_key := {r["configuration"]: r for r in runs if r["seed"] == seed})
-        }
-        if not pairs:
-            continue
-        spread = {
-            seed: last_scores_spread(ours, args.last)["sd"] - last_scores_spread(theirs, args.last)["sd"]
-            for seed, (ours, theirs) in pairs.items()
-        }
-        spread = {seed: value for seed, value in spread.items() if np.isfinite(value)}
-        dice, dice_text = comparison(runs, remedy, base, final)
-        spread_verdict = verdict(list(spread.values()), higher_is_better=False)
-        dice_verdict = verdict(list(dice.values()))
-        if "too few seeds" in (spread_verdict, dice_verdict):
-            decision = "not decided (the rule needs 3 finished pairs)"
-        elif spread_verdict == "better" and dice_verdict != "worse":
-            decision = "kept: steadier at no cost in Dice"
-        else:
-            decision = f"not kept (spread: {spread_verdict}; Dice: {dice_verdict})"
-        per_seed = " / ".join(f"{seed}: {value:+.2f}" for seed, value in spread.items())
-        lines += [
-            "",
-            f"## Remedy {remedy} against {base}",
-            "",
-            f"- sd of the last {args.last} checkpoints, difference: {spread_verdict} ({per_seed or '-'})",
-            f"- Dice at {final}: {dice_text}"
-            + (f" ({' / '.join(f'{s}: {d:+.2f}' for s, d in dice.items())})" if dice else ""),
-            f"- Decision: {decision}.",
-        ]
     return lines
 
 

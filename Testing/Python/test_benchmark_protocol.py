@@ -214,33 +214,6 @@ def fake_train(quality, monkeypatch):
     return fake
 
 
-def test_long_run_remedies_decay_only_the_self_training_rate(quality):
-    """The remedies pair with the configurations they modify: same shared pre-training (constant
-    rate), a self-training rate that reaches zero at the run's end; not part of the default protocol."""
-    from buseg.training.loop import learning_rate
-
-    preset = quality.PRESETS[("acdc", "cpu")]
-    for remedy, base in [
-        ("ours-url-only-lr-decay", "ours-url-only"),
-        ("ours-crl-concentration-lr-decay", "ours-crl-concentration"),
-    ]:
-        assert remedy not in quality.PROTOCOL
-        config = quality.second_stage_config(
-            remedy, preset, _args(), 1, Path("x"), {"copy-paste": Path("p")}
-        )[0]
-        reference = quality.second_stage_config(
-            base, preset, _args(), 1, Path("x"), {"copy-paste": Path("p")}
-        )[0]
-        assert reference.optim.lr_schedule == "constant" and config.optim.lr_schedule == "poly"
-        assert (config.crl, config.url) == (reference.crl, reference.url)
-        length = config.optim.iterations
-        assert learning_rate(config, "train", 0, length) == pytest.approx(config.optim.lr)
-        assert learning_rate(config, "train", length // 2, length) < config.optim.lr
-        assert learning_rate(config, "train", length, length) == 0.0
-    first_stage = quality.first_stage_config("copy-paste", preset, _args(), 1, Path("x"))
-    assert first_stage.optim.lr_schedule == "constant"
-
-
 def test_supervised_has_the_same_schedule_as_the_copy_paste_methods(quality, fake_train, tmp_path):
     preset = quality.PRESETS[("acdc", "cpu")]
     args = _args()

@@ -183,36 +183,6 @@ def test_the_spread_of_the_last_checkpoints_is_that_of_a_finished_run_only(teach
     assert np.isnan(teacher_curve.last_scores_spread(run, 5)["sd"])
 
 
-def _remedy_runs(folder: Path, seeds, dice_change: float) -> None:
-    """URL only swinging over its last checkpoints; the remedy steady, ``dice_change`` off at the end."""
-    swinging = {1000: 0.70, 2000: 0.78, 3000: 0.74, 4000: 0.79, 5000: 0.75, 6000: 0.80}
-    for seed in seeds:
-        _teacher_record(folder, "ours-url-only", seed, swinging)
-        steady = {i: 0.77 + i / 1e6 for i in swinging}
-        steady[6000] = 0.80 + dice_change + seed / 1e5
-        _teacher_record(folder, "ours-url-only-lr-decay", seed, steady)
-
-
-@pytest.mark.parametrize(
-    "seeds, dice_change, decision",
-    [
-        ((1337, 2, 3), 0.0, "Decision: kept: steadier at no cost in Dice."),
-        ((1337, 2, 3), -0.02, "Decision: not kept (spread: better; Dice: worse)."),
-        ((1337, 2), 0.0, "Decision: not decided (the rule needs 3 finished pairs)."),
-    ],
-)
-def test_a_remedy_is_kept_only_when_steadier_at_no_cost_in_dice(
-    teacher_curve, tmp_path, seeds, dice_change, decision
-):
-    records = tmp_path / "runs" / "long"
-    _remedy_runs(records, seeds, dice_change)
-    args = teacher_curve.parse_arguments(["--tag", "long", "--at", "4000", "6000", "--out", str(tmp_path)])
-    text = "\n".join(teacher_curve.report(teacher_curve.read_runs(records), args, records))
-    assert "## Remedy ours-url-only-lr-decay against ours-url-only" in text
-    assert decision in text
-    assert "## Remedy ours-crl-concentration-lr-decay" not in text  # nothing to pair it with
-
-
 def test_the_long_runs_are_checked_against_the_shorter_table(teacher_curve, tmp_path):
     records = tmp_path / "runs" / "long"
     _long_runs(records)

@@ -62,12 +62,6 @@ def test_each_branch_trains_its_own_method_from_the_shared_start(variants, tmp_p
     assert mixed.optim.amp
 
 
-def test_the_default_run_leaves_out_what_is_asked_for_by_name(variants):
-    defaults = set(variants.DEFAULT_CONFIGURATIONS)
-    assert "ours" not in defaults and not defaults & set(variants.LONG_RUN_REMEDIES)
-    assert {"bcp", "ours-url-only", "ours-crl-concentration"} <= defaults
-
-
 def test_quick_run_writes_paired_tables_and_reuses_finished_branches(variants, tmp_path, monkeypatch):
     methods = ["shared-start", "supervised", "ours-url-only"]
     argv = ["--plan", "quick", "--seeds", "0", "--threads", "1", "--methods", *methods]
