@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = quality.PRESETS[("acdc", "cpu")]
     preset.labeled_count, preset.iterations = args.labeled, args.iterations
     work = args.work / args.tag
+    args.out.mkdir(parents=True, exist_ok=True)
     data, evaluation = quality.load_splits(preset, bench, work)
     scores_path = args.out / f"teacher_average_{args.tag}.json"
     scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
