@@ -153,7 +153,10 @@ class Screen:
 
 
 def _spread(values: dict[int, float]) -> tuple[float, float]:
+    """Sample sd and range of the scores over the stops (NaN for one stop: no spread to speak of)."""
     array = np.array(list(values.values()))
+    if len(array) < 2:
+        return float("nan"), float("nan")
     return float(np.std(array, ddof=1)), float(array.max() - array.min())
 
 
@@ -178,6 +181,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.stops = sorted(args.stops or [args.iterations - 500 * k for k in range(4, -1, -1)])
+    if len(args.stops) < 2 or args.stops[0] - args.window < 0:
+        parser.error("--stops: at least two stopping points, each at least --window iterations into the run")
     return args
 
 

@@ -249,3 +249,24 @@ def test_the_averaged_model_of_one_copy_is_that_copys_teacher(tmp_path):
     assert torch.allclose(loaded[convolution], teacher[convolution])
     running = next(k for k in loaded if k.endswith("running_mean"))
     assert not torch.allclose(loaded[running], teacher[running])  # re-estimated on the batches
+
+
+def test_the_averaging_screen_refuses_stops_that_give_no_spread():
+    from benchmarks.teacher_average import parse_arguments
+
+    base = [
+        "--snapshots",
+        "s",
+        "--seeds",
+        "3",
+        "--tag",
+        "t",
+        "--configurations",
+        "c",
+        "--iterations",
+        "12000",
+    ]
+    assert parse_arguments(base).stops == [10000, 10500, 11000, 11500, 12000]
+    for stops in (["12000"], ["1000", "12000"]):  # one stop; a window reaching before the run
+        with pytest.raises(SystemExit):
+            parse_arguments([*base, "--stops", *stops])
