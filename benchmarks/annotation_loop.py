@@ -17,7 +17,11 @@ what to fix, correct only that, add it, fine-tune, repeat. Here a simulated clin
 * the annotated patient joins the labeled set (its slices leave the unlabeled set) and the model is
   fine-tuned from the current one as the Slicer panel does by default (its ``fineTuneIterations``
   and ``learningRate``, from the current model's weights, no pre-training, no hold-out validation;
-  batch, patch and method settings are the preset's), then scored on all 20 held-out volumes.
+  batch, patch and method settings are the preset's), then scored on all 20 held-out volumes. An arm
+  whose name ends in ``-shown`` (``rank+regions-shown``, ``rank+slices-shown``) adds only the slices
+  the person was shown (those of the corrected boxes, or the review slices) to the labeled set; the
+  frame's other slices, the prediction nobody checked, stay unlabeled. Without it the whole frame is
+  labeled, the uncorrected prediction included (what the panel adds today).
 
 Pool truth reaches only the simulated person (:class:`PoolTruth`); the choice of the next patient
 and the training see the images and the annotations.
@@ -84,7 +88,13 @@ PAIRS = [
     ("rank+regions", "random+regions"),
     ("rank+slices", "rank+regions"),
     ("rank+regions10", "rank+regions"),
+    ("rank+regions-shown", "rank+regions"),
+    ("rank+regions-shown", "rank+full"),
+    ("rank+slices-shown", "rank+slices"),
 ]
+# How an annotated frame joins the labeled set: "whole" (every slice, the uncorrected prediction
+# included: the panel's way) or "shown" (only the slices the person was shown; the others stay unlabeled).
+LABELED_SLICES = ("whole", "shown")
 
 
 def panel_library_module(name: str) -> ModuleType:
@@ -117,17 +127,35 @@ class Arm:
     chooser: str
     annotation: str
     k: int = 0  # regions: how many of each frame's flagged regions are corrected
+    labeled_slices: str = "whole"  # one of LABELED_SLICES
+
+    def settings(self) -> dict:
+        """What the arm's records depend on. ``labeled_slices`` is left out when "whole": records made
+        before the option (the whole frame, always) stay valid."""
+        fields = dict(self.__dict__)
+        if fields["labeled_slices"] == "whole":
+            del fields["labeled_slices"]
+        return fields
 
 
 def parse_arm(name: str) -> Arm:
-    match = re.fullmatch(r"(rank|random)\+(full|slices|regions)(\d+)?", name)
-    if not match or (match.group(3) and match.group(2) != "regions"):
+    match = re.fullmatch(r"(rank|random)\+(full|slices|regions)(\d+)?(-shown)?", name)
+    if (
+        not match
+        or (match.group(3) and match.group(2) != "regions")
+        or (match.group(4) and match.group(2) == "full")
+    ):
         raise ValueError(
-            f"arm {name!r}: expected <rank|random>+<full|slices|regions[K]>, e.g. rank+regions or rank+regions10"
+            f"arm {name!r}: expected <rank|random>+<full|slices|regions[K]>[-shown] (-shown not with full), "
+            "e.g. rank+regions, rank+regions10 or rank+slices-shown"
         )
-    chooser, annotation, k = match.groups()
+    chooser, annotation, k, shown = match.groups()
     return Arm(
-        name, chooser, annotation, int(k) if k else DEFAULT_REGIONS_K if annotation == "regions" else 0
+        name,
+        chooser,
+        annotation,
+        int(k) if k else DEFAULT_REGIONS_K if annotation == "regions" else 0,
+        "shown" if shown else "whole",
     )
 
 
@@ -274,13 +302,16 @@ def choose_patient(loop: Loop, arm: Arm, model_path: Path, remaining: list[str],
     return {"patient": order[0], "rank_scores": {f: scores[f] for f in loop.pool.frames_of(order[0])}}
 
 
-def annotate_patient(loop: Loop, arm: Arm, model_path: Path, patient: str) -> tuple[dict, dict]:
-    """The simulated person's annotation of each frame of ``patient`` and its cost (summed)."""
-    annotations, costs = {}, []
+def annotate_patient(loop: Loop, arm: Arm, model_path: Path, patient: str) -> tuple[dict, dict, dict]:
+    """The simulated person's annotation of each frame of ``patient``, the slices of each they were
+    shown, and the cost (summed)."""
+    annotations, shown, costs = {}, {}, []
     for frame in loop.pool.frames_of(patient):
         prediction = loop.predictor(model_path, loop.pool.frames[frame])
         review = prediction.regions.slice_review or {"axis_ijk": 2, "slices": []}
         axis = 2 - int(review["axis_ijk"])
+        if axis != 0:  # the pool's frames are stacks of the data's 2D slices along numpy axis 0
+            raise SystemExit(f"{frame}: the tool reviews slices along numpy axis {axis}, not the stack's 0")
         truth = loop.truth.labels(frame)
         predicted = prediction.labels.astype(truth.dtype)
         if arm.annotation == "full":
@@ -292,22 +323,33 @@ def annotate_patient(loop: Loop, arm: Arm, model_path: Path, patient: str) -> tu
             order = [entry["index"] for entry in review["slices"]]
             done = annotators.annotate_slices(predicted, truth, order, SLICES_PER_FRAME, axis)
         annotations[frame] = done.labels
+        shown[frame] = [int(index) for index in done.shown_slices]
         costs.append(
             {**annotators.edit_cost(predicted, done.labels, axis), "slices_shown": done.slices_shown}
         )
-    return annotations, annotators.add_costs(costs)
+    return annotations, shown, annotators.add_costs(costs)
 
 
-def round_training_data(base: TrainingData, pool: Pool, annotations: dict[str, np.ndarray]) -> TrainingData:
+def round_training_data(
+    base: TrainingData,
+    pool: Pool,
+    annotations: dict[str, np.ndarray],
+    labeled_slices: dict[str, list[int]] | None = None,
+) -> TrainingData:
     """The base data with the annotated frames' slices labeled (from their annotations) and taken out
-    of the unlabeled set; no validation (the panel trains without a hold-out)."""
+    of the unlabeled set; no validation (the panel trains without a hold-out). ``labeled_slices``:
+    per frame, the only slices labeled (the frame's others stay unlabeled); None: every slice."""
     data = copy.copy(base)
     data.labeled_images = list(base.labeled_images)
     data.labeled_labels = list(base.labeled_labels)
+    taken: set[int] = set()
     for frame, labels in annotations.items():
-        data.labeled_images += list(pool.frames[frame])
-        data.labeled_labels += list(labels.astype(base.labeled_labels[0].dtype))
-    taken = {index for frame in annotations for index in pool.unlabeled_indices.get(frame, [])}
+        every = range(len(labels))
+        kept = every if labeled_slices is None else sorted(set(labeled_slices[frame]) & set(every))
+        data.labeled_images += [pool.frames[frame][index] for index in kept]
+        data.labeled_labels += [labels[index].astype(base.labeled_labels[0].dtype) for index in kept]
+        positions = pool.unlabeled_indices.get(frame, [])
+        taken.update(positions[index] for index in kept if index < len(positions))
     data.unlabeled_images = [image for i, image in enumerate(base.unlabeled_images) if i not in taken]
     added = {annotators.patient_of(frame) for frame in annotations}
     data.labeled_case_names = sorted({*base.labeled_case_names, *added})
@@ -354,6 +396,8 @@ def _saved_annotation(folder: Path, model_identity: str) -> tuple[dict, dict] | 
         choice = json.loads((folder / "choice.json").read_text())
         with np.load(folder / "annotation.npz") as stored:
             annotations = {frame: stored[frame] for frame in choice["frames"]}
+        if set(choice["shown_slices"]) != set(annotations):
+            raise KeyError("shown_slices")
     except (OSError, ValueError, KeyError):
         return None
     return (choice, annotations) if choice.get("model_weights_sha256") == model_identity else None
@@ -368,10 +412,11 @@ def prepare_round(loop: Loop, arm: Arm, folder: Path, model_path: Path, remainin
     started = time.time()
     choice = choose_patient(loop, arm, model_path, remaining, index)
     chosen = time.time()
-    annotations, cost = annotate_patient(loop, arm, model_path, choice["patient"])
+    annotations, shown, cost = annotate_patient(loop, arm, model_path, choice["patient"])
     choice.update(
         model_weights_sha256=identity,
         frames=sorted(annotations),
+        shown_slices=shown,
         cost=cost,
         choice_seconds=round(chosen - started, 1),
         annotation_seconds=round(time.time() - chosen, 1),
@@ -382,21 +427,36 @@ def prepare_round(loop: Loop, arm: Arm, folder: Path, model_path: Path, remainin
     return choice, annotations
 
 
+@dataclass
+class Annotations:
+    """Every frame annotated so far in an arm: its label map and the slices the person was shown."""
+
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    shown_slices: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, labels: dict[str, np.ndarray], shown_slices: dict[str, list[int]]) -> Annotations:
+        return Annotations({**self.labels, **labels}, {**self.shown_slices, **shown_slices})
+
+    def training_data(self, loop: Loop, arm: Arm) -> TrainingData:
+        labeled = self.shown_slices if arm.labeled_slices == "shown" else None
+        return round_training_data(loop.base, loop.pool, self.labels, labeled)
+
+
 def run_round(
-    loop: Loop, arm: Arm, index: int, model_path: Path, earlier: dict[str, np.ndarray]
-) -> tuple[dict, Path, dict[str, np.ndarray]]:
+    loop: Loop, arm: Arm, index: int, model_path: Path, earlier: Annotations
+) -> tuple[dict, Path, Annotations]:
     """Round ``index``: choose, annotate, fine-tune from ``model_path``, score. Returns the round's
     record, its model and every annotation so far."""
     folder = arm_folder(loop, arm) / f"round{index}"
-    remaining = sorted(set(loop.pool.patients()) - {annotators.patient_of(f) for f in earlier})
+    remaining = sorted(set(loop.pool.patients()) - {annotators.patient_of(f) for f in earlier.labels})
     choice, annotations = prepare_round(loop, arm, folder, model_path, remaining, index)
-    every = {**earlier, **annotations}
+    every = earlier.add(annotations, choice["shown_slices"])
     out = folder / "fine-tune"
     config = fine_tune_config(loop.preset, loop.args, loop.seed, out, model_path)
     if (out / "final.pt").exists() and quality._reusable(out, config):
         seconds = quality._seconds(out)
     else:
-        data = round_training_data(loop.base, loop.pool, every)
+        data = every.training_data(loop, arm)
         _, seconds = quality.train_or_resume(config, out, f"{arm.name} round {index}", loop.args, data)
     scoring_started = time.time()
     scores = score_model(loop, out / "final.pt")
@@ -404,6 +464,7 @@ def run_round(
         "round": index,
         "patient": choice["patient"],
         "frames": choice["frames"],
+        "shown_slices": choice["shown_slices"],
         "rank_scores": choice.get("rank_scores"),
         "cost": choice["cost"],
         "scores": scores,
@@ -431,7 +492,7 @@ def arm_settings(
     tune = fine_tune_config(preset, args, seed, Path("fine-tune"), Path("start.pt"))
     tune.init_weights = None  # the start of each round is its previous model, compared as weights
     return {
-        "arm": arm.__dict__,
+        "arm": arm.settings(),
         "slices_per_frame": SLICES_PER_FRAME,
         "rank_score": RANK_SCORE,
         "start": quality.planned_configs(METHOD, preset, args, seed, quality_work),
@@ -467,24 +528,27 @@ def write_loop_record(path: Path, record: dict) -> None:
     write_bytes_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def resumable_rounds(loop: Loop, arm: Arm, rounds: list[dict]) -> tuple[int, dict[str, np.ndarray]]:
+def resumable_rounds(loop: Loop, arm: Arm, rounds: list[dict]) -> tuple[int, Annotations]:
     """How many recorded rounds can be continued from (their annotations and the last one's model are
     in the work folder, the model the same weights as recorded), and their annotations."""
     for count in range(len(rounds), 0, -1):
         model = arm_folder(loop, arm) / f"round{count}" / "fine-tune" / "final.pt"
         if not model.exists() or quality.weights_sha256(model) != rounds[count - 1]["model_weights_sha256"]:
             continue
-        annotations: dict[str, np.ndarray] = {}
+        annotations = Annotations()
         for entry in rounds[:count]:
             folder = arm_folder(loop, arm) / f"round{entry['round']}"
             try:
                 with np.load(folder / "annotation.npz") as stored:
-                    annotations.update({frame: stored[frame] for frame in entry["frames"]})
+                    labels = {frame: stored[frame] for frame in entry["frames"]}
+                # Records made before shown slices were kept: whole-frame arms (all there was) use none.
+                every_slice = {frame: list(range(len(labels[frame]))) for frame in labels}
+                annotations = annotations.add(labels, entry.get("shown_slices", every_slice))
             except (OSError, KeyError, ValueError):
                 break
         else:
             return count, annotations
-    return 0, {}
+    return 0, Annotations()
 
 
 def run_arm(loop: Loop, arm: Arm, start: Path, start_scores: dict, record_path: Path, settings: dict) -> dict:
@@ -613,22 +677,22 @@ def compare(rows: list[dict], a: str, b: str, round_index: int, metric: str = "d
     }
 
 
-def target_regions_vs_full(rows: list[dict], final: int) -> dict:
-    """rank+regions reaches >= 90% of rank+full's Dice gain after the last round at <= 25% of its
-    edited slices (ratios of the means over paired seeds, at least 3)."""
-    name = "rank+regions >= 90% of rank+full's Dice gain at <= 25% of its edited slices"
-    regions, full = gains(rows, "rank+regions", final), gains(rows, "rank+full", final)
+def target_regions_vs_full(rows: list[dict], final: int, arm: str = "rank+regions") -> dict:
+    """``arm`` (a rank+regions arm) reaches >= 90% of rank+full's Dice gain after the last round at
+    <= 25% of its edited slices (ratios of the means over paired seeds, at least 3)."""
+    name = f"{arm} >= 90% of rank+full's Dice gain at <= 25% of its edited slices"
+    regions, full = gains(rows, arm, final), gains(rows, "rank+full", final)
     seeds = [s for s in full if s in regions]
     if len(seeds) < quality.MIN_SEEDS_FOR_VERDICT:
         return {"target": name, "status": "not evaluable yet", "detail": f"{len(seeds)} paired seeds"}
     slices = {
         (r["method"], r["seed"]): r["cumulative_slices_edited"]
         for r in at_round(rows, final)
-        if r["method"] in ("rank+regions", "rank+full")
+        if r["method"] in (arm, "rank+full")
     }
     gain_full = float(np.mean([full[s] for s in seeds]))
     gain_ratio = float(np.mean([regions[s] for s in seeds])) / gain_full if gain_full > 0 else float("nan")
-    slice_ratio = float(np.mean([slices[("rank+regions", s)] for s in seeds])) / max(
+    slice_ratio = float(np.mean([slices[(arm, s)] for s in seeds])) / max(
         1.0, float(np.mean([slices[("rank+full", s)] for s in seeds]))
     )
     detail = (
@@ -649,10 +713,11 @@ def target_rank_beats_random(rows: list[dict], final: int) -> dict:
     """rank beats random with the same annotation, by the project's rule (every annotation run)."""
     name = "rank beats random with the same annotation (by the rule)"
     results = []
-    for annotation in ("full", "regions"):
-        a, b = f"rank+{annotation}", f"random+{annotation}"
-        if any(r["method"] == a for r in rows) and any(r["method"] == b for r in rows):
-            results.append((annotation, compare(rows, a, b, final)))
+    arms = set(r["method"] for r in rows)
+    for a in sorted(arm for arm in arms if arm.startswith("rank+")):
+        b = "random+" + a.removeprefix("rank+")
+        if b in arms:
+            results.append((a.removeprefix("rank+"), compare(rows, a, b, final)))
     if not results or any(c["verdict"] in ("too few seeds", "no seeds") for _, c in results):
         return {"target": name, "status": "not evaluable yet", "detail": _comparisons_text(results)}
     met = all(c["verdict"] == "better" for _, c in results)
@@ -752,9 +817,13 @@ def markdown_report(
             f"- {arm}: {text} (against the start: {quality.verdict(values) if values else 'no seeds'})"
         )
     lines += ["", "## The targets", "", "| target | status | detail |", "|---|---|---|"]
-    targets = [target_regions_vs_full(rows, final), target_rank_beats_random(rows, final)]
+    regions_arms = [arm for arm in ("rank+regions", "rank+regions-shown") if arm in arms] or ["rank+regions"]
+    targets = [target_regions_vs_full(rows, final, arm) for arm in regions_arms]
+    targets.append(target_rank_beats_random(rows, final))
     targets += [
-        target_seven_labeled(rows, final, seven, arm) for arm in ("rank+regions", "rank+full") if arm in arms
+        target_seven_labeled(rows, final, seven, arm)
+        for arm in ("rank+regions", "rank+regions-shown", "rank+full")
+        if arm in arms
     ]
     lines += [f"| {t['target']} | {t['status']} | {t['detail']} |" for t in targets]
     lines += ["", "## What a round costs in compute (mean seconds per round)", ""]

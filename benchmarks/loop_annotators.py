@@ -36,10 +36,15 @@ CHOOSERS = ("rank", "random")
 
 @dataclass
 class Annotation:
-    """The label map a simulated person hands back, and how many slices they were shown."""
+    """The label map a simulated person hands back, and the slices they were shown (indices along
+    the slice axis, ascending)."""
 
     labels: np.ndarray
-    slices_shown: int
+    shown_slices: tuple[int, ...]
+
+    @property
+    def slices_shown(self) -> int:
+        return len(self.shown_slices)
 
 
 def _checked(prediction: np.ndarray, truth: np.ndarray) -> None:
@@ -50,7 +55,7 @@ def _checked(prediction: np.ndarray, truth: np.ndarray) -> None:
 def annotate_full(prediction: np.ndarray, truth: np.ndarray, slice_axis: int = 0) -> Annotation:
     """Every slice labeled from the truth."""
     _checked(prediction, truth)
-    return Annotation(truth.copy(), int(truth.shape[slice_axis]))
+    return Annotation(truth.copy(), tuple(range(truth.shape[slice_axis])))
 
 
 def box_slices(bbox_ijk_min: Sequence[int], bbox_ijk_max: Sequence[int]) -> tuple[slice, ...]:
@@ -76,7 +81,7 @@ def annotate_regions(
         box = box_slices(low, high)
         labels[box] = truth[box]
         shown.update(range(box[slice_axis].start, box[slice_axis].stop))
-    return Annotation(labels, len(shown))
+    return Annotation(labels, tuple(sorted(shown)))
 
 
 def annotate_slices(
@@ -94,7 +99,7 @@ def annotate_slices(
     moved_labels, moved_truth = np.moveaxis(labels, slice_axis, 0), np.moveaxis(truth, slice_axis, 0)
     for index in chosen:
         moved_labels[index] = moved_truth[index]
-    return Annotation(labels, len(chosen))
+    return Annotation(labels, tuple(sorted(chosen)))
 
 
 def edit_cost(prediction: np.ndarray, annotation: np.ndarray, slice_axis: int = 0) -> dict[str, int]:

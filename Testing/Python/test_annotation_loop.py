@@ -98,7 +98,13 @@ def test_patients_come_in_the_order_of_their_highest_ranked_frame(loop):
 def test_arms_name_their_chooser_and_annotation(loop):
     assert loop.parse_arm("rank+regions10") == loop.Arm("rank+regions10", "rank", "regions", 10)
     assert loop.parse_arm("random+regions").k == loop.DEFAULT_REGIONS_K
-    for bad in ("rank+full3", "best+full", "rank+boxes"):
+    shown = loop.parse_arm("rank+regions-shown")
+    assert (shown.k, shown.labeled_slices) == (loop.DEFAULT_REGIONS_K, "shown")
+    assert loop.parse_arm("rank+slices").labeled_slices == "whole"
+    # Records made before the option (always the whole frame) keep their settings.
+    assert "labeled_slices" not in loop.parse_arm("rank+slices").settings()
+    assert shown.settings()["labeled_slices"] == "shown"
+    for bad in ("rank+full3", "best+full", "rank+boxes", "rank+full-shown"):
         with pytest.raises(ValueError, match=bad.replace("+", r"\+")):
             loop.parse_arm(bad)
 
@@ -258,7 +264,7 @@ def test_pool_truth_reaches_only_the_annotator(loop, tiny_loop):
     choice = loop.choose_patient(tiny_loop, arm, tiny_loop.start, tiny_loop.pool.patients(), 1)
     assert choice["patient"] in tiny_loop.pool.patients() and len(choice["rank_scores"]) == 2
     tiny_loop.spy.refuse = False
-    annotations, cost = loop.annotate_patient(tiny_loop, arm, tiny_loop.start, choice["patient"])
+    annotations, shown, cost = loop.annotate_patient(tiny_loop, arm, tiny_loop.start, choice["patient"])
     assert tiny_loop.truth.read == tiny_loop.pool.frames_of(choice["patient"])  # its own frames, once each
     data = loop.round_training_data(tiny_loop.base, tiny_loop.pool, annotations)
     added = [label for frame in sorted(annotations) for label in annotations[frame]]
@@ -269,6 +275,32 @@ def test_pool_truth_reaches_only_the_annotator(loop, tiny_loop):
     assert (np.stack(added) != truth).any(), "one region leaves errors: the test must tell the two apart"
     assert len(data.unlabeled_images) == len(tiny_loop.base.unlabeled_images) - len(added)
     assert data.validation == [] and cost["slices_shown"] <= 2
+    assert cost["slices_shown"] == sum(len(indices) for indices in shown.values())
+
+
+def test_a_shown_arm_labels_only_the_slices_the_person_was_shown(loop, tiny_loop):
+    frames = tiny_loop.pool.frames_of(tiny_loop.pool.patients()[0])
+    annotations = {frame: tiny_loop.spy.labels_by_frame[frame] for frame in frames}
+    shown = {frames[0]: [0, 2], frames[1]: []}
+    data = loop.round_training_data(tiny_loop.base, tiny_loop.pool, annotations, shown)
+    assert len(data.labeled_labels) == len(tiny_loop.base.labeled_labels) + 2
+    for trained, index in zip(data.labeled_labels[-2:], [0, 2], strict=True):
+        assert (trained == annotations[frames[0]][index]).all()
+    for image, index in zip(data.labeled_images[-2:], [0, 2], strict=True):
+        assert (image == tiny_loop.pool.frames[frames[0]][index]).all()
+    # The slices nobody was shown stay in the unlabeled set; the shown ones leave it.
+    positions = tiny_loop.pool.unlabeled_indices[frames[0]]
+    left = [
+        image
+        for i, image in enumerate(tiny_loop.base.unlabeled_images)
+        if i not in (positions[0], positions[2])
+    ]
+    assert len(data.unlabeled_images) == len(left)
+    assert all(a is b for a, b in zip(data.unlabeled_images, left, strict=True))
+    whole = loop.round_training_data(tiny_loop.base, tiny_loop.pool, annotations)
+    assert len(whole.labeled_labels) == len(tiny_loop.base.labeled_labels) + sum(
+        len(a) for a in annotations.values()
+    )
 
 
 def test_rounds_are_recorded_as_they_finish_and_resumed(loop, tiny_loop, tmp_path, monkeypatch):
@@ -305,6 +337,19 @@ def test_rounds_are_recorded_as_they_finish_and_resumed(loop, tiny_loop, tmp_pat
     tiny_loop.args.rounds = 4
     with pytest.raises(SystemExit, match="every pool patient is labeled already"):
         _run(loop, tiny_loop, arm, record_path)
+
+
+def test_a_shown_arm_trains_on_the_review_slices_only(loop, tiny_loop, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "score_model", lambda state, model: {"dice": 0.5})
+    arm = loop.parse_arm("random+slices-shown")
+    tiny_loop.args.rounds = 1
+    record = _run(loop, tiny_loop, arm, tmp_path / "records" / "random+slices-shown_seed3.json")
+    shown = record["rounds"][0]["shown_slices"]
+    assert sorted(shown) == record["rounds"][0]["frames"]
+    assert all(len(indices) == loop.SLICES_PER_FRAME for indices in shown.values())
+    trained = tiny_loop.train_calls[0]
+    assert len(trained.labeled_labels) == len(tiny_loop.base.labeled_labels) + 2 * loop.SLICES_PER_FRAME
+    assert len(trained.unlabeled_images) == len(tiny_loop.base.unlabeled_images) - 2 * loop.SLICES_PER_FRAME
 
 
 def test_a_record_counts_only_for_its_settings_and_start_weights(loop, tiny_loop, tmp_path):
