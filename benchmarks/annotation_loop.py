@@ -325,7 +325,13 @@ def annotate_patient(loop: Loop, arm: Arm, model_path: Path, patient: str) -> tu
         annotations[frame] = done.labels
         shown[frame] = [int(index) for index in done.shown_slices]
         costs.append(
-            {**annotators.edit_cost(predicted, done.labels, axis), "slices_shown": done.slices_shown}
+            {
+                **annotators.edit_cost(predicted, done.labels, axis),
+                "slices_shown": done.slices_shown,
+                # What there was to fix: every annotator only replaces predicted voxels by the truth,
+                # so voxels changed / error voxels is the share of the prediction's errors fixed.
+                "error_voxels": int((predicted != truth).sum()),
+            }
         )
     return annotations, shown, annotators.add_costs(costs)
 
@@ -625,7 +631,7 @@ def start_scores(loop: Loop, start: Path) -> dict:
 # Report: curves against cumulative cost, paired differences, the targets
 
 
-COST_FIELDS = ("slices_edited", "voxels_changed", "slices_shown")
+COST_FIELDS = ("slices_edited", "voxels_changed", "slices_shown", "error_voxels")
 PHASES = ("choice", "annotation", "fine_tune", "scoring")
 
 
@@ -761,6 +767,17 @@ def seven_labeled_dice(records: Path) -> dict[int, float]:
     return dice
 
 
+def errors_fixed_text(rows: list[dict]) -> str:
+    """The share of the added patients' prediction errors the annotations fixed (cumulative, mean
+    over the rows' seeds); '-' at round 0 or for records made before error voxels were counted."""
+    shares = [
+        r["cumulative_voxels_changed"] / r["cumulative_error_voxels"]
+        for r in rows
+        if r["cumulative_error_voxels"]
+    ]
+    return f"{100 * np.mean(shares):.0f}%" if shares else "-"
+
+
 def markdown_report(
     rows: list[dict], tag: str, final: int, seven: dict[int, float], missing: list[str]
 ) -> list[str]:
@@ -775,13 +792,15 @@ def markdown_report(
         "(both frames), fine-tunes with the Slicer panel's default schedule and scores the model on the "
         "held-out volumes. Dice in %, HD95 in voxels, mean ± sample standard deviation over seeds. "
         "Cost (cumulative, mean over seeds): slices edited and voxels changed against the prediction the "
-        "simulated person started from. Verdicts: A is better than B only when ahead in every seed or "
+        "simulated person started from; errors fixed: the share of the added patients' prediction errors "
+        "(voxels) that the annotations corrected. An arm ending in -shown labels only the slices the person "
+        "was shown, the rest of the patient stays unlabeled; the others label the whole patient. Verdicts: A is better than B only when ahead in every seed or "
         f"the mean paired difference exceeds twice its standard error (at least {quality.MIN_SEEDS_FOR_VERDICT} seeds).",
         "",
         "## Dice and HD95 after each round against cumulative cost",
         "",
-        "| arm | round | seeds | Dice | HD95 | slices edited | voxels changed | slices shown |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | round | seeds | Dice | HD95 | slices edited | voxels changed | slices shown | errors fixed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
         for index in sorted({r["round"] for r in rows if r["method"] == arm}):
@@ -789,8 +808,8 @@ def markdown_report(
             lines.append(
                 f"| {arm} | {index} | {len(group)} | {quality.spread([r['dice'] for r in group], 100)} | "
                 f"{quality.spread([r['hd95_voxels'] for r in group])} | "
-                + " | ".join(f"{np.mean([r[f'cumulative_{n}'] for r in group]):.0f}" for n in COST_FIELDS)
-                + " |"
+                + " | ".join(f"{np.mean([r[f'cumulative_{n}'] for r in group]):.0f}" for n in COST_FIELDS[:3])
+                + f" | {errors_fixed_text(group)} |"
             )
     lines += ["", f"## Paired differences after round {final} (A − B, per seed)", ""]
     lines += ["| A | B | Dice per seed | Dice mean | verdict | HD95 verdict |", "|---|---|---|---|---|---|"]

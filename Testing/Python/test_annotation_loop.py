@@ -275,6 +275,12 @@ def test_pool_truth_reaches_only_the_annotator(loop, tiny_loop):
     assert (np.stack(added) != truth).any(), "one region leaves errors: the test must tell the two apart"
     assert len(data.unlabeled_images) == len(tiny_loop.base.unlabeled_images) - len(added)
     assert data.validation == [] and cost["slices_shown"] <= 2
+    assert (
+        0
+        < cost["voxels_changed"]
+        < cost["error_voxels"]
+        == (np.stack(added) != truth).sum() + cost["voxels_changed"]
+    )
     assert cost["slices_shown"] == sum(len(indices) for indices in shown.values())
 
 
@@ -430,6 +436,8 @@ def test_the_targets_are_evaluated_by_the_rule(loop):
         loop.target_seven_labeled(rows, 4, {s: d + 0.1 for s, d in seven.items()}, "rank+full")["status"]
         == "not met"
     )
+    shown = [{**r, "method": "rank+regions-shown"} for r in rows if r["method"] == "rank+regions"]
+    assert loop.target_regions_vs_full(rows + shown, 4, "rank+regions-shown")["status"] == "met"
     two_seeds = [r for r in rows if r["seed"] != 3]
     assert loop.target_regions_vs_full(two_seeds, 4)["status"] == "not evaluable yet"
     assert loop.target_rank_beats_random(two_seeds, 4)["status"] == "not evaluable yet"
@@ -449,6 +457,11 @@ def test_costs_accumulate_over_rounds_and_the_report_is_written(loop, tmp_path):
     assert "| rank+regions | 4 | 3 |" in report and "rank+slices (seed 3)" in report
     assert "| rank+full | 12 | 60 | 2 | 200 | 30 | 292 |" in report
     assert (tmp_path / "annotation_loop_test.png").stat().st_size > 0
+    assert "| rank+full | 4 | 3 |" in report and report.count("| - |") >= 4  # no error voxels recorded
+    for record in _records(regions_gain=0.95)[:1]:
+        for entry in record["rounds"]:
+            entry["cost"]["error_voxels"] = 4 * entry["cost"]["voxels_changed"]
+        assert loop.errors_fixed_text(loop.at_round(loop.report_rows([record]), 4)) == "25%"
     assert len((tmp_path / "annotation_loop_test.csv").read_text().splitlines()) == 1 + len(rows)
 
 
