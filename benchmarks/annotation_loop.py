@@ -21,7 +21,8 @@ what to fix, correct only that, add it, fine-tune, repeat. Here a simulated clin
   whose name ends in ``-shown`` (``rank+regions-shown``, ``rank+slices-shown``) adds only the slices
   the person was shown (those of the corrected boxes, or the review slices) to the labeled set; the
   frame's other slices, the prediction nobody checked, stay unlabeled. Without it the whole frame is
-  labeled, the uncorrected prediction included (what the panel adds today).
+  labeled, the uncorrected prediction included (what the panel adds today). ``random+none-shown`` is
+  the control: nothing is annotated or labeled, so its rounds measure what the fine-tuning alone does.
 
 Pool truth reaches only the simulated person (:class:`PoolTruth`); the choice of the next patient
 and the training see the images and the annotations.
@@ -91,6 +92,7 @@ PAIRS = [
     ("rank+regions-shown", "rank+regions"),
     ("rank+regions-shown", "rank+full"),
     ("rank+slices-shown", "rank+slices"),
+    ("rank+regions-shown", "random+none-shown"),
 ]
 # How an annotated frame joins the labeled set: "whole" (every slice, the uncorrected prediction
 # included: the panel's way) or "shown" (only the slices the person was shown; the others stay unlabeled).
@@ -139,15 +141,16 @@ class Arm:
 
 
 def parse_arm(name: str) -> Arm:
-    match = re.fullmatch(r"(rank|random)\+(full|slices|regions)(\d+)?(-shown)?", name)
+    match = re.fullmatch(r"(rank|random)\+(full|slices|regions|none)(\d+)?(-shown)?", name)
     if (
         not match
         or (match.group(3) and match.group(2) != "regions")
         or (match.group(4) and match.group(2) == "full")
+        or (not match.group(4) and match.group(2) == "none")
     ):
         raise ValueError(
-            f"arm {name!r}: expected <rank|random>+<full|slices|regions[K]>[-shown] (-shown not with full), "
-            "e.g. rank+regions, rank+regions10 or rank+slices-shown"
+            f"arm {name!r}: expected <rank|random>+<full|slices|regions[K]>[-shown] (-shown not with full) "
+            "or <rank|random>+none-shown, e.g. rank+regions, rank+regions10 or rank+slices-shown"
         )
     chooser, annotation, k, shown = match.groups()
     return Arm(
@@ -316,6 +319,8 @@ def annotate_patient(loop: Loop, arm: Arm, model_path: Path, patient: str) -> tu
         predicted = prediction.labels.astype(truth.dtype)
         if arm.annotation == "full":
             done = annotators.annotate_full(predicted, truth, axis)
+        elif arm.annotation == "none":
+            done = annotators.annotate_none(predicted)
         elif arm.annotation == "regions":
             boxes = [(r.bbox_ijk_min, r.bbox_ijk_max) for r in prediction.regions.regions]
             done = annotators.annotate_regions(predicted, truth, boxes, arm.k, axis)

@@ -9,7 +9,9 @@ would add to the labeled set:
 * ``regions``: the prediction with the truth pasted inside the bounding boxes of the tool's first
   ``k`` flagged regions (a person who corrects what the tool points at, and nothing else);
 * ``slices``: the prediction with the truth on the first ``count`` slices of the tool's slice
-  review order.
+  review order;
+* ``none``: nothing checked (the prediction, no slice shown): the control that measures what the
+  fine-tuning alone does.
 
 The cost of an annotation is counted against the prediction it started from: the *slices
 edited* (slices where anything changed) and the *voxels changed*; beside them the *slices shown*,
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ANNOTATIONS = ("full", "regions", "slices")
+ANNOTATIONS = ("full", "regions", "slices", "none")
 CHOOSERS = ("rank", "random")
 
 
@@ -82,6 +84,11 @@ def annotate_regions(
         labels[box] = truth[box]
         shown.update(range(box[slice_axis].start, box[slice_axis].stop))
     return Annotation(labels, tuple(sorted(shown)))
+
+
+def annotate_none(prediction: np.ndarray) -> Annotation:
+    """Nothing looked at or changed: the prediction, no slice shown."""
+    return Annotation(prediction.copy(), ())
 
 
 def annotate_slices(

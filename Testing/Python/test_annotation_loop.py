@@ -104,7 +104,8 @@ def test_arms_name_their_chooser_and_annotation(loop):
     # Records made before the option (always the whole frame) keep their settings.
     assert "labeled_slices" not in loop.parse_arm("rank+slices").settings()
     assert shown.settings()["labeled_slices"] == "shown"
-    for bad in ("rank+full3", "best+full", "rank+boxes", "rank+full-shown"):
+    assert loop.parse_arm("random+none-shown").annotation == "none"
+    for bad in ("rank+full3", "best+full", "rank+boxes", "rank+full-shown", "random+none"):
         with pytest.raises(ValueError, match=bad.replace("+", r"\+")):
             loop.parse_arm(bad)
 
@@ -356,6 +357,17 @@ def test_a_shown_arm_trains_on_the_review_slices_only(loop, tiny_loop, tmp_path,
     trained = tiny_loop.train_calls[0]
     assert len(trained.labeled_labels) == len(tiny_loop.base.labeled_labels) + 2 * loop.SLICES_PER_FRAME
     assert len(trained.unlabeled_images) == len(tiny_loop.base.unlabeled_images) - 2 * loop.SLICES_PER_FRAME
+
+
+def test_the_control_arm_fine_tunes_on_the_unchanged_data(loop, tiny_loop, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "score_model", lambda state, model: {"dice": 0.5})
+    arm = loop.parse_arm("random+none-shown")
+    tiny_loop.args.rounds = 1
+    record = _run(loop, tiny_loop, arm, tmp_path / "records" / "random+none-shown_seed3.json")
+    assert record["rounds"][0]["cost"]["slices_edited"] == 0 and len(tiny_loop.train_calls) == 1
+    trained = tiny_loop.train_calls[0]
+    assert len(trained.labeled_labels) == len(tiny_loop.base.labeled_labels)
+    assert len(trained.unlabeled_images) == len(tiny_loop.base.unlabeled_images)
 
 
 def test_a_record_counts_only_for_its_settings_and_start_weights(loop, tiny_loop, tmp_path):
