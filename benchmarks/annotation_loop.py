@@ -1076,6 +1076,24 @@ def prepare_seed(
     return loop, start
 
 
+def check_one_start_per_seed(records: list[dict], folder: Path) -> None:
+    """Arms are compared paired by seed, so every record of a seed must start from the same model
+    (a start model trained again, on another machine or engine, makes another one)."""
+    by_seed: dict[int, dict[str, list[str]]] = {}
+    for record in records:
+        identity = str(record["start"].get("model_weights_sha256"))
+        by_seed.setdefault(record["seed"], {}).setdefault(identity, []).append(record["arm"])
+    for seed, starts in sorted(by_seed.items()):
+        if len(starts) > 1:
+            listing = "; ".join(
+                f"{', '.join(arms)} from {identity[:12]}" for identity, arms in starts.items()
+            )
+            raise SystemExit(
+                f"{folder}: the records of seed {seed} start from different models ({listing}); "
+                "re-run or remove the older ones; nothing written"
+            )
+
+
 def assemble(args, preset, quality_work: Path, records: Path, pool: list[str], volumes: list[str]) -> None:
     """The report from every record of the asked arms and seeds made with these settings."""
     found, missing = [], []
@@ -1093,6 +1111,7 @@ def assemble(args, preset, quality_work: Path, records: Path, pool: list[str], v
                     )
     if not found:  # a mistyped --tag must not replace a report with an empty one
         raise SystemExit(f"no loop record in {records} for these arms, seeds and settings; nothing written")
+    check_one_start_per_seed(found, records)
     seven = seven_labeled_dice(args.out / RECORDS_FOLDER / "acdc_cpu_7labeled")
     write_report(report_rows(found), args.out, args.tag, args.rounds, seven, missing)
     print(f"report: {args.out / f'annotation_loop_{args.tag}.md'}", flush=True)

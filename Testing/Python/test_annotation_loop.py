@@ -404,7 +404,10 @@ def _record(arm: str, seed: int, dice: list[float], slices: int) -> dict:
     return {
         "arm": arm,
         "seed": seed,
-        "start": {"scores": {"dice": dice[0], "hd95_voxels": 9.0}},
+        "start": {
+            "model_weights_sha256": f"start of seed {seed}",
+            "scores": {"dice": dice[0], "hd95_voxels": 9.0},
+        },
         "rounds": rounds,
     }
 
@@ -532,6 +535,15 @@ def test_reuse_only_assembles_the_report_from_records_without_training(loop, tmp
         "| random+full | 1 | 2 |" in report and "random+full (seed 3)" in report.split("Not recorded yet")[1]
     )
     assert "| rank+full | random+full | 1337: +1.00 / 2: +2.00 | +1.50 ± 0.50 | too few seeds |" in report
+    # A record of a seed made from another start model (trained again) is not paired with the others.
+    path = out / "runs" / "annotation_loop_acdc_cpu" / "rank+full_seed2.json"
+    record = json.loads(path.read_text())
+    record["start"]["model_weights_sha256"] = "a start trained again"
+    loop.write_loop_record(path, record)
+    report_before = (out / "annotation_loop_acdc_cpu.md").read_text()
+    with pytest.raises(SystemExit, match="records of seed 2 start from different models"):
+        loop.main(argv)
+    assert (out / "annotation_loop_acdc_cpu.md").read_text() == report_before
 
 
 def test_the_start_model_is_the_quality_protocols_run_trained_once(loop, tmp_path, monkeypatch):
