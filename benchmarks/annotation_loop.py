@@ -1105,10 +1105,11 @@ def assemble(args, preset, quality_work: Path, records: Path, pool: list[str], v
                 missing.append(f"{arm.name} (seed {seed})")
             else:
                 found.append(record)
-                if len(record["rounds"]) < args.rounds:
-                    missing.append(
-                        f"{arm.name} (seed {seed}) rounds {len(record['rounds']) + 1}-{args.rounds}"
-                    )
+                first = len(record["rounds"]) + 1
+                if first < args.rounds:
+                    missing.append(f"{arm.name} (seed {seed}) rounds {first}-{args.rounds}")
+                elif first == args.rounds:
+                    missing.append(f"{arm.name} (seed {seed}) round {first}")
     if not found:  # a mistyped --tag must not replace a report with an empty one
         raise SystemExit(f"no loop record in {records} for these arms, seeds and settings; nothing written")
     check_one_start_per_seed(found, records)

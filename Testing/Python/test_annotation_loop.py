@@ -535,6 +535,9 @@ def test_reuse_only_assembles_the_report_from_records_without_training(loop, tmp
         "| random+full | 1 | 2 |" in report and "random+full (seed 3)" in report.split("Not recorded yet")[1]
     )
     assert "| rank+full | random+full | 1337: +1.00 / 2: +2.00 | +1.50 ± 0.50 | too few seeds |" in report
+    loop.main([*argv[:-1], "2"])  # one more round asked for than recorded
+    assert "rank+full (seed 1337) round 2," in (out / "annotation_loop_acdc_cpu.md").read_text()
+    loop.main(argv)
     # A record of a seed made from another start model (trained again) is not paired with the others.
     path = out / "runs" / "annotation_loop_acdc_cpu" / "rank+full_seed2.json"
     record = json.loads(path.read_text())
