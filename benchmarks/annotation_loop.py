@@ -879,12 +879,12 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"annotation_loop_{tag}"
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(stem.with_suffix(".csv"), "w", newline="") as handle:
+    with open(f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    stem.with_suffix(".md").write_text("\n".join(markdown_report(rows, tag, final, seven, missing)) + "\n")
-    plot_curves(rows, stem.with_suffix(".png"), tag, seven)
+    Path(f"{stem}.md").write_text("\n".join(markdown_report(rows, tag, final, seven, missing)) + "\n")
+    plot_curves(rows, Path(f"{stem}.png"), tag, seven)  # (not with_suffix: a tag may hold a dot)
 
 
 def plot_curves(rows: list[dict], path: Path, tag: str, seven: dict[int, float]) -> None:
@@ -903,10 +903,12 @@ def plot_curves(rows: list[dict], path: Path, tag: str, seven: dict[int, float])
             key: [np.mean([r[key] for r in rows if r["method"] == arm and r["round"] == i]) for i in rounds]
             for key in ("dice", "hd95_voxels", "cumulative_slices_edited", "cumulative_voxels_changed")
         }
+        seeds = len({r["seed"] for r in rows if r["method"] == arm})
+        label = f"{arm} ({seeds} seed{'s' if seeds > 1 else ''})"  # arms of fewer seeds start elsewhere
         for row, metric, scale in ((0, "dice", 100), (1, "hd95_voxels", 1)):
             for col, cost in enumerate(("cumulative_slices_edited", "cumulative_voxels_changed")):
                 values = [scale * v for v in means[metric]]
-                axes[row][col].plot(means[cost], values, marker="o", label=arm, **styles[arm])
+                axes[row][col].plot(means[cost], values, marker="o", label=label, **styles[arm])
     if seven:
         for col in (0, 1):
             axes[0][col].axhline(

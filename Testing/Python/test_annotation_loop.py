@@ -466,6 +466,10 @@ def test_costs_accumulate_over_rounds_and_the_report_is_written(loop, tmp_path):
     difference = loop.compare(rows, "rank+full", "random+full", 4)
     assert difference["per_seed"] == pytest.approx({1337: 1.0, 2: 2.0, 3: 1.5})
     assert difference["verdict"] == "better"
+    loop.write_report(rows, tmp_path, "lr0.001", 4, {}, [])  # a tag with a dot keeps its whole name
+    assert {p.name for p in tmp_path.iterdir()} == {
+        f"annotation_loop_lr0.001.{x}" for x in ("md", "csv", "png")
+    }
     loop.write_report(rows, tmp_path, "test", 4, {1337: 0.78, 2: 0.79, 3: 0.78}, ["rank+slices (seed 3)"])
     report = (tmp_path / "annotation_loop_test.md").read_text()
     assert "| rank+full | random+full | 1337: +1.00 / 2: +2.00 / 3: +1.50 |" in report
