@@ -93,6 +93,8 @@ PAIRS = [
     ("rank+regions-shown", "rank+full"),
     ("rank+slices-shown", "rank+slices"),
     ("rank+regions-shown", "random+none-shown"),
+    ("rank+regions", "random+none-shown"),
+    ("rank+full", "random+none-shown"),
 ]
 # How an annotated frame joins the labeled set: "whole" (every slice, the uncorrected prediction
 # included: the panel's way) or "shown" (only the slices the person was shown; the others stay unlabeled).
